@@ -1,0 +1,136 @@
+//! Drivers: layout, block split and threads. They never touch a SIMD type; every piece of
+//! arithmetic goes through a kernel dispatched on the configured [`Backend`].
+//!
+//! The split of the tensor into pieces (NCHW) or row blocks (NHWC) depends only on the shape, and
+//! partial results are combined in a fixed order, so results are bit-identical for any thread
+//! count and for sequential execution.
+
+mod nchw;
+mod nhwc;
+
+use crate::kernels::{DxParams, GradSums};
+use crate::par::SharedMut;
+use crate::simd::Backend;
+use crate::{ChannelStats, Layout, Parallelism, Shape};
+
+/// Elements per unit of work: an NCHW piece of a run, or the target size of an NHWC row block.
+/// Large enough to amortize task and fold overheads, small enough to stay in L2 with its output.
+pub(crate) const BLOCK: usize = 16 * 1024;
+
+/// What a driver needs to know about a call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ctx {
+    pub shape: Shape,
+    pub layout: Layout,
+    pub par: Parallelism,
+    pub backend: Backend,
+}
+
+impl Ctx {
+    /// NCHW with HW = 1 is the same memory as NHWC: use the row driver, which vectorizes it.
+    fn effective_layout(&self) -> Layout {
+        if self.shape.hw() == 1 {
+            Layout::Nhwc
+        } else {
+            self.layout
+        }
+    }
+}
+
+/// `y = scale·(x − shift) + bias` for one channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct ChannelAffine {
+    pub shift: f32,
+    pub scale: f32,
+    pub bias: f32,
+}
+
+/// Per-channel normalization parameters from the channel's statistics.
+pub(crate) type MakeAffine<'a> = &'a (dyn Fn(usize, &ChannelStats) -> ChannelAffine + Sync);
+/// Per-channel dx parameters from the channel's backward sums.
+pub(crate) type MakeDx<'a> = &'a (dyn Fn(usize, &GradSums) -> DxParams + Sync);
+
+/// Where a streaming op reads from: a separate slice, or the output buffer itself (in place).
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    Separate(&'a [f32]),
+    InPlace,
+}
+
+impl<'a> Src<'a> {
+    /// The input elements `start..start + len`.
+    ///
+    /// # Safety
+    /// For `InPlace`, no mutable slice of `out` overlapping the range may be alive.
+    unsafe fn view(self, out: &SharedMut<'a>, start: usize, len: usize) -> &'a [f32] {
+        match self {
+            Src::Separate(x) => &x[start..start + len],
+            // SAFETY: forwarded to the caller.
+            Src::InPlace => unsafe { out.slice(start, len) },
+        }
+    }
+}
+
+/// Per-channel pivot: the channel's first value if finite, else 0. Accumulating `x − pivot` keeps
+/// f32 lanes at the scale of the spread (see NUMERICS.md).
+fn pivot(v: f32) -> f32 {
+    if v.is_finite() { v } else { 0.0 }
+}
+
+/// Turns pivot-relative statistics into absolute ones; a non-finite result (overflow of the f32
+/// lanes, or NaN/Inf data) is recomputed from the values in f64 by `exact`.
+fn absolute(d: ChannelStats, pivot: f32, exact: impl FnOnce() -> ChannelStats) -> ChannelStats {
+    let s = ChannelStats::new(d.count(), pivot as f64 + d.mean(), d.m2());
+    if s.mean().is_finite() && s.m2().is_finite() {
+        s
+    } else {
+        exact()
+    }
+}
+
+/// Per-channel statistics of `x`.
+pub(crate) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
+    match ctx.effective_layout() {
+        Layout::Nchw => nchw::statistics(ctx, x),
+        Layout::Nhwc => nhwc::statistics(ctx, x),
+    }
+}
+
+/// Applies one affine map per channel (inference, or the frozen-statistics dx).
+pub(crate) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
+    match ctx.effective_layout() {
+        Layout::Nchw => nchw::normalize(ctx, src, dst, params),
+        Layout::Nhwc => nhwc::normalize(ctx, src, dst, params),
+    }
+}
+
+/// Training forward: statistics, then `make(c, stats)` per channel, then normalize.
+/// Returns the statistics.
+pub(crate) fn training(
+    ctx: &Ctx,
+    x: &[f32],
+    y: &mut [f32],
+    make: MakeAffine<'_>,
+) -> Vec<ChannelStats> {
+    match ctx.effective_layout() {
+        Layout::Nchw => nchw::training(ctx, x, y, make),
+        Layout::Nhwc => nhwc::training(ctx, x, y, make),
+    }
+}
+
+/// Backward: per-channel sums of dy, (x − pivot)·dy and (x − pivot), then `make(c, sums)`, then
+/// `dx = a·dy + b·(x − shift) + c`. With `make = None` only the sums are computed.
+/// Returns the sums.
+pub(crate) fn backward(
+    ctx: &Ctx,
+    x: &[f32],
+    dy: Src<'_>,
+    dx: &mut [f32],
+    pivots: &[f32],
+    make: Option<MakeDx<'_>>,
+) -> Vec<GradSums> {
+    match ctx.effective_layout() {
+        Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make),
+        Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make),
+    }
+}

@@ -1,0 +1,239 @@
+//! NCHW driver: each channel is N contiguous runs of HW values, split into fixed pieces of at most
+//! `BLOCK` elements. Reductions fold the pieces of a channel in (n, piece) order.
+//!
+//! Two schedules give bit-identical results: *fused* (one task per channel: reduce its pieces,
+//! then normalize them while they are still in L2) when there are enough channels to keep the
+//! threads busy, and *two-phase* (all pieces reduced in parallel, folded per channel, then all
+//! pieces normalized in parallel) when there are few channels.
+
+use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
+use crate::ChannelStats;
+use crate::kernels::{
+    AffineRun, DxParams, DxRun, GradSums, GradSumsRun, InPlace, MomentsRun, OutOfPlace,
+};
+use crate::par::{Parallelism, SharedMut};
+
+/// Applies per-channel parameters to one piece.
+type Apply<'a, P> = &'a (dyn Fn(Piece, &P) + Sync);
+
+/// One piece: channel, flat offset, length.
+#[derive(Clone, Copy)]
+struct Piece {
+    c: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// The fixed split of the tensor into pieces, channel by channel.
+#[derive(Clone, Copy)]
+struct Pieces {
+    n: usize,
+    c: usize,
+    hw: usize,
+    per_run: usize,
+}
+
+impl Pieces {
+    fn new(ctx: &Ctx) -> Pieces {
+        let s = ctx.shape;
+        Pieces {
+            n: s.n(),
+            c: s.c(),
+            hw: s.hw(),
+            per_run: s.hw().div_ceil(BLOCK),
+        }
+    }
+    fn per_channel(&self) -> usize {
+        self.n * self.per_run
+    }
+    /// The `i`-th piece of channel `c`, in fold order (n-major).
+    fn get(&self, c: usize, i: usize) -> Piece {
+        let (n, p) = (i / self.per_run, i % self.per_run);
+        let start = p * BLOCK;
+        Piece {
+            c,
+            offset: (n * self.c + c) * self.hw + start,
+            len: BLOCK.min(self.hw - start),
+        }
+    }
+    fn of_channel(&self, c: usize) -> impl Iterator<Item = Piece> + '_ {
+        (0..self.per_channel()).map(move |i| self.get(c, i))
+    }
+}
+
+/// Reduce every piece, fold per channel, derive per-channel parameters, then apply them to every
+/// piece. Returns the folded reductions.
+fn pipeline<R, P>(
+    ctx: &Ctx,
+    reduce: impl Fn(Piece) -> R + Sync,
+    fold: impl Fn(R, R) -> R + Sync,
+    make: impl Fn(usize, &R) -> P + Sync,
+    apply: Option<Apply<'_, P>>,
+) -> Vec<R>
+where
+    R: Copy + Default + Send + Sync,
+    P: Send + Sync,
+{
+    let pieces = Pieces::new(ctx);
+    let threads = match ctx.par {
+        Parallelism::Sequential => 1,
+        Parallelism::Rayon => rayon::current_num_threads(),
+    };
+    let fold_channel = |part: &dyn Fn(usize) -> R| {
+        (0..pieces.per_channel()).fold(R::default(), |acc, i| fold(acc, part(i)))
+    };
+    if threads == 1 || pieces.c >= 4 * threads {
+        // Fused: one task per channel; its data is re-read from cache by `apply`.
+        let elems = ctx.shape.per_channel();
+        return ctx.par.map(pieces.c, (2 * BLOCK).div_ceil(elems), |c| {
+            let r = fold_channel(&|i| reduce(pieces.get(c, i)));
+            if let Some(apply) = apply {
+                let p = make(c, &r);
+                pieces.of_channel(c).for_each(|piece| apply(piece, &p));
+            }
+            r
+        });
+    }
+    // Two-phase: parallel over all pieces, then fold in the same order as the fused schedule.
+    let per = pieces.per_channel();
+    let parts = ctx
+        .par
+        .map(pieces.c * per, 1, |u| reduce(pieces.get(u / per, u % per)));
+    let folded: Vec<R> = (0..pieces.c)
+        .map(|c| fold_channel(&|i| parts[c * per + i]))
+        .collect();
+    if let Some(apply) = apply {
+        let params: Vec<P> = (0..pieces.c).map(|c| make(c, &folded[c])).collect();
+        ctx.par.for_each(pieces.c * per, 1, |u| {
+            let c = u / per;
+            apply(pieces.get(c, u % per), &params[c]);
+        });
+    }
+    folded
+}
+
+fn pivots(ctx: &Ctx, x: &[f32]) -> Vec<f32> {
+    (0..ctx.shape.c())
+        .map(|c| pivot(x[c * ctx.shape.hw()]))
+        .collect()
+}
+
+fn piece_stats(ctx: &Ctx, x: &[f32], piv: &[f32], p: Piece) -> ChannelStats {
+    let run = &x[p.offset..p.offset + p.len];
+    let d = ctx.backend.dispatch(MomentsRun {
+        x: run,
+        pivot: piv[p.c],
+    });
+    absolute(d, piv[p.c], || ChannelStats::from_values(run))
+}
+
+fn merge(a: ChannelStats, b: ChannelStats) -> ChannelStats {
+    a.merge(&b)
+}
+
+pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
+    let piv = pivots(ctx, x);
+    pipeline(
+        ctx,
+        |p| piece_stats(ctx, x, &piv, p),
+        merge,
+        |_, _| (),
+        None,
+    )
+}
+
+/// Affine map of one piece, reading from `src`, writing into `out`.
+fn affine_piece(ctx: &Ctx, src: Src<'_>, out: &SharedMut<'_>, p: Piece, a: &ChannelAffine) {
+    // SAFETY: every piece is applied exactly once and pieces are disjoint, so no other live slice
+    // overlaps this one.
+    let dst = unsafe { out.slice(p.offset, p.len) };
+    let (shift, scale, bias) = (a.shift, a.scale, a.bias);
+    match src {
+        Src::Separate(x) => {
+            let io = OutOfPlace {
+                src: &x[p.offset..p.offset + p.len],
+                dst,
+            };
+            ctx.backend.dispatch(AffineRun {
+                io,
+                shift,
+                scale,
+                bias,
+            })
+        }
+        Src::InPlace => ctx.backend.dispatch(AffineRun {
+            io: InPlace(dst),
+            shift,
+            scale,
+            bias,
+        }),
+    }
+}
+
+pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
+    let out = SharedMut::new(dst);
+    let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
+    pipeline(ctx, |_| (), |_, _| (), |c, _| params[c], Some(&apply));
+}
+
+pub(super) fn training(
+    ctx: &Ctx,
+    x: &[f32],
+    y: &mut [f32],
+    make: MakeAffine<'_>,
+) -> Vec<ChannelStats> {
+    let piv = pivots(ctx, x);
+    let out = SharedMut::new(y);
+    let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, Src::Separate(x), &out, p, a);
+    pipeline(
+        ctx,
+        |p| piece_stats(ctx, x, &piv, p),
+        merge,
+        make,
+        Some(&apply),
+    )
+}
+
+pub(super) fn backward(
+    ctx: &Ctx,
+    x: &[f32],
+    dy: Src<'_>,
+    dx: &mut [f32],
+    pivots: &[f32],
+    make: Option<MakeDx<'_>>,
+) -> Vec<GradSums> {
+    let out = SharedMut::new(dx);
+    let reduce = |p: Piece| {
+        // SAFETY: reductions only read; in the fused schedule this channel's pieces are written
+        // after all of its reads, in the two-phase schedule after all reads of every channel.
+        let g = unsafe { dy.view(&out, p.offset, p.len) };
+        let run = &x[p.offset..p.offset + p.len];
+        ctx.backend.dispatch(GradSumsRun {
+            x: run,
+            dy: g,
+            pivot: pivots[p.c],
+        })
+    };
+    let apply = |p: Piece, dp: &DxParams| {
+        // SAFETY: every piece is applied exactly once and pieces are disjoint.
+        let dst = unsafe { out.slice(p.offset, p.len) };
+        let run = &x[p.offset..p.offset + p.len];
+        match dy {
+            Src::Separate(g) => {
+                let io = OutOfPlace {
+                    src: &g[p.offset..p.offset + p.len],
+                    dst,
+                };
+                ctx.backend.dispatch(DxRun { x: run, io, p: *dp })
+            }
+            Src::InPlace => ctx.backend.dispatch(DxRun {
+                x: run,
+                io: InPlace(dst),
+                p: *dp,
+            }),
+        }
+    };
+    let apply: Option<Apply<'_, DxParams>> = make.map(|_| &apply as _);
+    let make = |c: usize, g: &GradSums| make.map_or(DxParams::default(), |m| m(c, g));
+    pipeline(ctx, reduce, GradSums::add, make, apply)
+}

@@ -1,0 +1,136 @@
+//! The error type of every public operation.
+
+use std::fmt;
+
+/// Everything the public API rejects. Each variant names the argument and, where it applies,
+/// the expected and the actual value.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A dimension (`"N"`, `"C"` or `"spatial"`) is zero.
+    ZeroDimension {
+        /// Which dimension.
+        dim: &'static str,
+    },
+    /// N·C·HW (or its size in bytes) does not fit in `usize`/`isize`.
+    ShapeOverflow {
+        /// Batch size.
+        n: usize,
+        /// Channels.
+        c: usize,
+        /// Spatial extent, or the spatial dimension that overflowed.
+        hw: usize,
+    },
+    /// A slice has the wrong length for the shape.
+    LengthMismatch {
+        /// The argument, e.g. `"x"`, `"gamma"`, `"running_var"`.
+        arg: &'static str,
+        /// The length the shape requires.
+        expected: usize,
+        /// The length given.
+        actual: usize,
+    },
+    /// ε is negative, NaN or infinite.
+    InvalidEpsilon {
+        /// The value given.
+        eps: f32,
+    },
+    /// Momentum is outside `[0, 1]` or NaN.
+    InvalidMomentum {
+        /// The value given.
+        momentum: f32,
+    },
+    /// The cumulative-average running update was given `batches_tracked == 0`.
+    ZeroBatchesTracked,
+    /// The unbiased variance needs at least two values per channel.
+    TooFewValues {
+        /// Values per channel (N·HW) in the batch.
+        per_channel: u64,
+    },
+    /// Two statistics with different channel counts were merged.
+    ChannelMismatch {
+        /// Channels of the receiver.
+        expected: usize,
+        /// Channels of the argument.
+        actual: usize,
+    },
+    /// A backend was requested that this CPU cannot run.
+    BackendUnavailable {
+        /// The backend's name.
+        backend: &'static str,
+    },
+    /// `BATCHNORM_BACKEND` names no known backend.
+    UnknownBackend {
+        /// The value of the variable.
+        name: String,
+    },
+}
+
+impl fmt::Display for Error {
+    #[cold]
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ZeroDimension { dim } => {
+                write!(f, "dimension {dim} is zero; it must be at least 1")
+            }
+            Error::ShapeOverflow { n, c, hw } => {
+                write!(f, "shape N={n}, C={c}, HW={hw} overflows the address space")
+            }
+            Error::LengthMismatch {
+                arg,
+                expected,
+                actual,
+            } => {
+                write!(f, "`{arg}` has length {actual}, expected {expected}")
+            }
+            Error::InvalidEpsilon { eps } => {
+                write!(f, "eps must be finite and >= 0, got {eps}")
+            }
+            Error::InvalidMomentum { momentum } => {
+                write!(f, "momentum must be in [0, 1], got {momentum}")
+            }
+            Error::ZeroBatchesTracked => {
+                write!(
+                    f,
+                    "cumulative running average needs batches_tracked >= 1, got 0"
+                )
+            }
+            Error::TooFewValues { per_channel } => write!(
+                f,
+                "the unbiased variance needs at least 2 values per channel, got {per_channel}"
+            ),
+            Error::ChannelMismatch { expected, actual } => {
+                write!(f, "statistics have {actual} channels, expected {expected}")
+            }
+            Error::BackendUnavailable { backend } => {
+                write!(f, "backend `{backend}` is not supported by this CPU")
+            }
+            Error::UnknownBackend { name } => write!(
+                f,
+                "unknown backend `{name}`; expected one of `portable`, `avx2`, `avx512`"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Checks a slice length against the shape; cold path out of line.
+#[inline]
+pub(crate) fn check_len(arg: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(length_mismatch(arg, expected, actual))
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn length_mismatch(arg: &'static str, expected: usize, actual: usize) -> Error {
+    Error::LengthMismatch {
+        arg,
+        expected,
+        actual,
+    }
+}

@@ -1,0 +1,235 @@
+//! Backward kernels: one fused reduction reading x and dy once (Σdy, Σ(x−K)·dy, Σ(x−K)), and one
+//! fused pass writing `dx = a·dy + b·(x − K) + c`.
+
+use super::normalize::InOut;
+use super::{ACCUMULATORS, KMAX, expand_periodic, period, reduce_f64};
+use crate::simd::{Kernel, MAX_LANES, Simd};
+
+/// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct GradSums {
+    /// Σ dy
+    pub dy: f64,
+    /// Σ (x − K)·dy
+    pub xdy: f64,
+    /// Σ (x − K)
+    pub x: f64,
+}
+
+impl GradSums {
+    #[inline]
+    pub(crate) fn add(self, o: GradSums) -> GradSums {
+        GradSums {
+            dy: self.dy + o.dy,
+            xdy: self.xdy + o.xdy,
+            x: self.x + o.x,
+        }
+    }
+}
+
+/// Reduction over one contiguous run of one channel.
+pub(crate) struct GradSumsRun<'a> {
+    pub x: &'a [f32],
+    pub dy: &'a [f32],
+    pub pivot: f32,
+}
+
+impl Kernel for GradSumsRun<'_> {
+    type Output = GradSums;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> GradSums {
+        const A: usize = ACCUMULATORS;
+        let l = S::LANES;
+        let w = A * l;
+        let n = self.x.len().min(self.dy.len());
+        let (x, dy) = (&self.x[..n], &self.dy[..n]);
+        let p = s.splat(self.pivot);
+        let zero = s.splat(0.0);
+        let mut total = GradSums::default();
+        for (xc, dc) in x.chunks(KMAX * w).zip(dy.chunks(KMAX * w)) {
+            let mut acc = [[zero; 3]; A];
+            let mut i = 0;
+            while i + w <= xc.len() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = i + j * l;
+                    let (xd, g) = (s.sub(s.load(&xc[o..]), p), s.load(&dc[o..]));
+                    a[0] = s.add(a[0], g);
+                    a[1] = s.mul_add(xd, g, a[1]);
+                    a[2] = s.add(a[2], xd);
+                }
+                i += w;
+            }
+            // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0).
+            while i < xc.len() {
+                let end = (i + l).min(xc.len());
+                let xd = s.sub(s.load_partial(&xc[i..end], self.pivot), p);
+                let g = s.load_partial(&dc[i..end], 0.0);
+                let a = &mut acc[0];
+                a[0] = s.add(a[0], g);
+                a[1] = s.mul_add(xd, g, a[1]);
+                a[2] = s.add(a[2], xd);
+                i = end;
+            }
+            let sum = |k: usize| {
+                let v = (1..A).fold(acc[0][k], |v, j| s.add(v, acc[j][k]));
+                reduce_f64(s, v)
+            };
+            total = total.add(GradSums {
+                dy: sum(0),
+                xdy: sum(1),
+                x: sum(2),
+            });
+        }
+        total
+    }
+}
+
+/// Reduction over whole rows of `pivots.len()` interleaved channels; adds into `out[c]`.
+pub(crate) struct GradSumsPeriodic<'a> {
+    pub x: &'a [f32],
+    pub dy: &'a [f32],
+    pub pivots: &'a [f32],
+    pub out: &'a mut [GradSums],
+}
+
+impl Kernel for GradSumsPeriodic<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let c = self.pivots.len();
+        if c == 0 {
+            return;
+        }
+        let l = S::LANES;
+        let per = period(c, l);
+        let piv = expand_periodic(self.pivots, per);
+        let mut acc = vec![0.0f32; 3 * per];
+        let n = self.x.len().min(self.dy.len());
+        let (x, dy) = (&self.x[..n], &self.dy[..n]);
+        for (xc, dc) in x.chunks(KMAX * per).zip(dy.chunks(KMAX * per)) {
+            acc.fill(0.0);
+            let (sdy, rest) = acc.split_at_mut(per);
+            let (sxdy, sx) = rest.split_at_mut(per);
+            let mut i = 0;
+            while i < xc.len() {
+                let end = (i + per).min(xc.len());
+                for o in (0..end - i).step_by(l) {
+                    let keep = s.mask(end - i - o);
+                    let xd = s.mul(s.sub(s.load(&xc[i + o..end]), s.load(&piv[o..])), keep);
+                    let g = s.load(&dc[i + o..end]);
+                    let (a0, a1, a2) = (s.load(&sdy[o..]), s.load(&sxdy[o..]), s.load(&sx[o..]));
+                    s.store(&mut sdy[o..], s.add(a0, g));
+                    s.store(&mut sxdy[o..], s.mul_add(xd, g, a1));
+                    s.store(&mut sx[o..], s.add(a2, xd));
+                }
+                i = end;
+            }
+            for q in 0..per {
+                if let Some(slot) = self.out.get_mut(q % c) {
+                    let part = GradSums {
+                        dy: sdy[q] as f64,
+                        xdy: sxdy[q] as f64,
+                        x: sx[q] as f64,
+                    };
+                    *slot = slot.add(part);
+                }
+            }
+        }
+    }
+}
+
+/// Parameters of `dx = a·dy + b·(x − shift) + c`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct DxParams {
+    pub shift: f32,
+    pub a: f32,
+    pub b: f32,
+    pub c: f32,
+}
+
+#[inline(always)]
+fn dx_stream<S: Simd, IO: InOut>(
+    s: S,
+    x: &[f32],
+    mut io: IO,
+    period: usize,
+    f: impl Fn(usize, S::V, S::V) -> S::V,
+) {
+    let (n, l) = (io.len().min(x.len()), S::LANES);
+    let (mut i, mut phase) = (0, 0);
+    while i + l <= n {
+        let (xv, g) = (s.load(&x[i..]), s.load(&io.src()[i..]));
+        s.store(&mut io.dst()[i..], f(phase, xv, g));
+        i += l;
+        phase += l;
+        if phase >= period {
+            phase = 0;
+        }
+    }
+    if i < n {
+        let xv = s.load_partial(&x[i..n], 0.0);
+        let g = s.load_partial(&io.src()[i..n], 0.0);
+        s.store_partial(&mut io.dst()[i..n], f(phase, xv, g));
+    }
+}
+
+/// `dx = a·dy + b·(x − shift) + c` on one contiguous run (`io` carries dy → dx).
+pub(crate) struct DxRun<'a, IO> {
+    pub x: &'a [f32],
+    pub io: IO,
+    pub p: DxParams,
+}
+
+impl<IO: InOut> Kernel for DxRun<'_, IO> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let p = self.p;
+        let (k, a, b, c) = (s.splat(p.shift), s.splat(p.a), s.splat(p.b), s.splat(p.c));
+        dx_stream(s, self.x, self.io, S::LANES, |_, x, g| {
+            s.mul_add(b, s.sub(x, k), s.mul_add(a, g, c))
+        });
+    }
+}
+
+/// `dx = a[c]·dy + b[c]·(x − shift[c]) + c[c]` over whole rows of `params.len()` channels.
+pub(crate) struct DxPeriodic<'a, IO> {
+    pub x: &'a [f32],
+    pub io: IO,
+    pub params: &'a [DxParams],
+}
+
+impl<IO: InOut> Kernel for DxPeriodic<'_, IO> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let ch = self.params.len();
+        if ch == 0 {
+            return;
+        }
+        let per = period(ch, S::LANES);
+        let field = |f: fn(&DxParams) -> f32| {
+            let v: Vec<f32> = self.params.iter().map(f).collect();
+            expand_periodic(&v, per)
+        };
+        let (k, a, b, c) = (
+            field(|p| p.shift),
+            field(|p| p.a),
+            field(|p| p.b),
+            field(|p| p.c),
+        );
+        debug_assert!(per.is_multiple_of(S::LANES) && per <= k.len() && S::LANES <= MAX_LANES);
+        dx_stream(s, self.x, self.io, per, |o, x, g| {
+            let xd = s.sub(x, s.load(&k[o..]));
+            s.mul_add(
+                s.load(&b[o..]),
+                xd,
+                s.mul_add(s.load(&a[o..]), g, s.load(&c[o..])),
+            )
+        });
+    }
+}

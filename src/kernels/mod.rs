@@ -1,0 +1,53 @@
+//! Arithmetic on one contiguous run or one block of rows, generic over the SIMD backend.
+//!
+//! Kernels know nothing about N, C, H, W: a *run* is a contiguous slice of one channel (NCHW), a
+//! *periodic block* is whole rows of `c` interleaved channels (NHWC). Drivers (`crate::driver`)
+//! own the layout, the block split and the threads. Every kernel handles any length, including
+//! ragged tails (masked or partial vectors), and never indexes out of bounds.
+
+mod backward;
+mod normalize;
+mod stats;
+
+pub(crate) use backward::{DxParams, DxPeriodic, DxRun, GradSums, GradSumsPeriodic, GradSumsRun};
+pub(crate) use normalize::{AffinePeriodic, AffineRun, InPlace, OutOfPlace};
+pub(crate) use stats::{MomentsPeriodic, MomentsRun};
+
+use crate::simd::Simd;
+
+/// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
+/// accumulation length (and so its rounding error) independently of the tensor size.
+pub(crate) const KMAX: usize = 128;
+
+/// Independent accumulators per contiguous run, for instruction-level parallelism.
+pub(crate) const ACCUMULATORS: usize = 4;
+
+/// Period (in elements) of a periodic block of `c` channels on `lanes`-wide vectors: a multiple of
+/// both `c` and `lanes`, at least `ACCUMULATORS` vectors long so the lane state updates are
+/// independent chains.
+pub(crate) fn period(c: usize, lanes: usize) -> usize {
+    let base = lcm(c, lanes);
+    let min = ACCUMULATORS * lanes;
+    base * min.div_ceil(base).max(1)
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
+}
+
+/// Expands per-channel values to one value per position of a period (`pos mod c`).
+pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Vec<f32> {
+    per_channel.iter().copied().cycle().take(period).collect()
+}
+
+/// Sum of the low `lanes` lanes of `v`, in f64.
+#[inline(always)]
+pub(crate) fn reduce_f64<S: Simd>(s: S, v: S::V) -> f64 {
+    let mut buf = [0.0; crate::simd::MAX_LANES];
+    s.to_lanes(v, &mut buf);
+    buf[..S::LANES].iter().map(|&x| x as f64).sum()
+}

@@ -1,0 +1,176 @@
+//! Vectorized Welford statistics: per-lane running mean and M2 with a precomputed `1/k` per step,
+//! lanes merged with Chan's formula (equal counts in f32 vectors, the rest in f64).
+//!
+//! Values are shifted by a per-channel pivot before accumulation (`d = x − pivot`), so the f32
+//! lanes only see numbers of the size of the spread. Results are the statistics of `d`; the
+//! driver adds the pivot back in f64.
+
+use super::{ACCUMULATORS, KMAX, expand_periodic, period};
+use crate::ChannelStats;
+use crate::simd::{Kernel, MAX_LANES, Simd};
+
+/// `RECIP[k] = 1/k` (RECIP[0] unused): the Welford weights, computed at compile time.
+const RECIP_LEN: usize = ACCUMULATORS * KMAX + ACCUMULATORS + 2;
+static RECIP: [f32; RECIP_LEN] = {
+    let mut t = [0.0f32; RECIP_LEN];
+    let mut k = 1;
+    while k < RECIP_LEN {
+        t[k] = 1.0 / k as f32;
+        k += 1;
+    }
+    t
+};
+
+/// One Welford update of every lane: `mean += (d − mean)/k`, `m2 += (d − mean_old)(d − mean_new)`.
+/// `rk` holds `1/k` (or 0 in lanes that take no value, with `keep` = 0 there as well).
+#[inline(always)]
+fn welford_step<S: Simd>(s: S, d: S::V, rk: S::V, keep: S::V, mean: &mut S::V, m2: &mut S::V) {
+    let delta = s.sub(d, *mean);
+    *mean = s.mul_add(delta, rk, *mean);
+    *m2 = s.mul_add(s.mul(delta, keep), s.sub(d, *mean), *m2);
+}
+
+/// Merges two lane states of equal count `k` into one of count `2k` (Chan, equal weights).
+#[inline(always)]
+fn merge_equal<S: Simd>(s: S, a: (S::V, S::V), b: (S::V, S::V), k: usize) -> (S::V, S::V) {
+    let delta = s.sub(b.0, a.0);
+    let mean = s.mul_add(delta, s.splat(0.5), a.0);
+    let m2 = s.mul_add(
+        s.mul(delta, delta),
+        s.splat(k as f32 * 0.5),
+        s.add(a.1, b.1),
+    );
+    (mean, m2)
+}
+
+/// Folds lanes into f64 statistics: lanes `< r` hold `count + 1` values, the others `count`.
+#[inline(always)]
+fn fold_lanes<S: Simd>(s: S, mean: S::V, m2: S::V, count: usize, r: usize) -> ChannelStats {
+    let (mut mb, mut qb) = ([0.0; MAX_LANES], [0.0; MAX_LANES]);
+    s.to_lanes(mean, &mut mb);
+    s.to_lanes(m2, &mut qb);
+    let group = |lanes: std::ops::Range<usize>, k: usize| {
+        if k == 0 || lanes.is_empty() {
+            return ChannelStats::default();
+        }
+        let g = lanes.len() as f64;
+        let mu = mb[lanes.clone()].iter().map(|&m| m as f64).sum::<f64>() / g;
+        let spread: f64 = mb[lanes.clone()]
+            .iter()
+            .map(|&m| (m as f64 - mu).powi(2))
+            .sum();
+        let q: f64 = qb[lanes.clone()].iter().map(|&q| q as f64).sum();
+        ChannelStats::new((k * lanes.len()) as u64, mu, q + spread * k as f64)
+    };
+    group(0..r, count + 1).merge(&group(r..S::LANES, count))
+}
+
+/// Statistics of `x − pivot` over one contiguous run.
+pub(crate) struct MomentsRun<'a> {
+    pub x: &'a [f32],
+    pub pivot: f32,
+}
+
+impl Kernel for MomentsRun<'_> {
+    type Output = ChannelStats;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> ChannelStats {
+        const A: usize = ACCUMULATORS;
+        let l = S::LANES;
+        let w = A * l;
+        let p = s.splat(self.pivot);
+        let (zero, one) = (s.splat(0.0), s.splat(1.0));
+        let mut total = ChannelStats::default();
+        for chunk in self.x.chunks(KMAX * w) {
+            let steps = chunk.len() / w;
+            let mut acc = [(zero, zero); A];
+            for (k, step) in chunk.chunks_exact(w).enumerate() {
+                let rk = s.splat(RECIP[k + 1]);
+                for (j, (mean, m2)) in acc.iter_mut().enumerate() {
+                    let d = s.sub(s.load(&step[j * l..]), p);
+                    welford_step(s, d, rk, one, mean, m2);
+                }
+            }
+            // All lanes of all accumulators hold `steps` values: merge them pairwise.
+            let lo = merge_equal(s, acc[0], acc[1], steps);
+            let hi = merge_equal(s, acc[2], acc[3], steps);
+            let (mut mean, mut m2) = merge_equal(s, lo, hi, 2 * steps);
+            let mut count = A * steps;
+            // Leftover whole vectors, then a masked partial one.
+            let tail = &chunk[steps * w..];
+            let mut vectors = tail.chunks_exact(l);
+            for v in &mut vectors {
+                count += 1;
+                let d = s.sub(s.load(v), p);
+                welford_step(s, d, s.splat(RECIP[count]), one, &mut mean, &mut m2);
+            }
+            let rest = vectors.remainder();
+            if !rest.is_empty() {
+                let keep = s.mask(rest.len());
+                let d = s.sub(s.load_partial(rest, self.pivot), p);
+                let rk = s.mul(s.splat(RECIP[count + 1]), keep);
+                welford_step(s, d, rk, keep, &mut mean, &mut m2);
+            }
+            total = total.merge(&fold_lanes(s, mean, m2, count, rest.len()));
+        }
+        total
+    }
+}
+
+/// Statistics of `x − pivot[c]` per channel over a block of whole rows of `pivots.len()`
+/// interleaved channels. Each channel's result is merged into `out[c]` (which must have one entry
+/// per channel; extra rows or entries are ignored, never indexed out of bounds).
+pub(crate) struct MomentsPeriodic<'a> {
+    pub x: &'a [f32],
+    pub pivots: &'a [f32],
+    pub out: &'a mut [ChannelStats],
+}
+
+impl Kernel for MomentsPeriodic<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let c = self.pivots.len();
+        if c == 0 {
+            return;
+        }
+        let l = S::LANES;
+        let per = period(c, l);
+        let piv = expand_periodic(self.pivots, per);
+        let (mut mean, mut m2) = (vec![0.0f32; per], vec![0.0f32; per]);
+        let one = s.splat(1.0);
+        for chunk in self.x.chunks(KMAX * per) {
+            mean.fill(0.0);
+            m2.fill(0.0);
+            let steps = chunk.len() / per;
+            for (k, step) in chunk.chunks_exact(per).enumerate() {
+                let rk = s.splat(RECIP[k + 1]);
+                for o in (0..per).step_by(l) {
+                    let d = s.sub(s.load(&step[o..]), s.load(&piv[o..]));
+                    let (mut mv, mut qv) = (s.load(&mean[o..]), s.load(&m2[o..]));
+                    welford_step(s, d, rk, one, &mut mv, &mut qv);
+                    s.store(&mut mean[o..], mv);
+                    s.store(&mut m2[o..], qv);
+                }
+            }
+            let rest = &chunk[steps * per..];
+            let rk1 = RECIP[steps + 1];
+            for o in (0..rest.len()).step_by(l) {
+                let keep = s.mask(rest.len() - o);
+                let d = s.mul(s.sub(s.load(&rest[o..]), s.load(&piv[o..])), keep);
+                let (mut mv, mut qv) = (s.load(&mean[o..]), s.load(&m2[o..]));
+                welford_step(s, d, s.mul(s.splat(rk1), keep), keep, &mut mv, &mut qv);
+                s.store(&mut mean[o..], mv);
+                s.store(&mut m2[o..], qv);
+            }
+            for (q, (&mv, &qv)) in mean.iter().zip(&m2).enumerate() {
+                let count = steps + usize::from(q < rest.len());
+                if let (true, Some(slot)) = (count > 0, self.out.get_mut(q % c)) {
+                    *slot = slot.merge(&ChannelStats::new(count as u64, mv as f64, qv as f64));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Explicit parallelism: sequential, or rayon's current pool. Work is always split the same way,
+//! whatever the thread count, so results are bit-identical.
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+/// How an operation uses threads.
+///
+/// The split of work into blocks never depends on this choice or on the number of threads, so
+/// results are bit-identical for every setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Parallelism {
+    /// Run on the calling thread only (for engines that own their threads).
+    Sequential,
+    /// Run on the current rayon pool: the global pool, or the caller's pool when called inside
+    /// `ThreadPool::install` or from one of its tasks.
+    #[default]
+    Rayon,
+}
+
+impl Parallelism {
+    /// Calls `f(i)` for every `i in 0..n`, each task taking at least `min_len` indices.
+    pub(crate) fn for_each(self, n: usize, min_len: usize, f: impl Fn(usize) + Send + Sync) {
+        match self {
+            Parallelism::Rayon if n > 1 && rayon::current_num_threads() > 1 => (0..n)
+                .into_par_iter()
+                .with_min_len(min_len.max(1))
+                .for_each(f),
+            _ => (0..n).for_each(f),
+        }
+    }
+
+    /// `(0..n).map(f).collect()`, in index order whatever the scheduling.
+    pub(crate) fn map<T: Send>(
+        self,
+        n: usize,
+        min_len: usize,
+        f: impl Fn(usize) -> T + Send + Sync,
+    ) -> Vec<T> {
+        match self {
+            Parallelism::Rayon if n > 1 && rayon::current_num_threads() > 1 => (0..n)
+                .into_par_iter()
+                .with_min_len(min_len.max(1))
+                .map(f)
+                .collect(),
+            _ => (0..n).map(f).collect(),
+        }
+    }
+}
+
+/// A mutable slice shared by parallel tasks that each write a disjoint part of it.
+pub(crate) struct SharedMut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: `SharedMut` only hands out sub-slices through the unsafe `slice`, whose callers
+// guarantee that concurrently used ranges are disjoint; f32 is Send + Sync.
+unsafe impl Send for SharedMut<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut<'_> {}
+
+impl<'a> SharedMut<'a> {
+    pub(crate) fn new(s: &'a mut [f32]) -> Self {
+        SharedMut {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The sub-slice `start..start + len` (clamped to the buffer, so never out of bounds).
+    ///
+    /// # Safety
+    /// While the returned slice lives, no other slice returned by this method may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &'a mut [f32] {
+        let start = start.min(self.len);
+        let len = len.min(self.len - start);
+        // SAFETY: `start..start + len` lies inside the original `&'a mut [f32]` (clamped above);
+        // the caller guarantees no overlapping slice is alive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}

@@ -1,0 +1,147 @@
+//! Named argument bundles for the operations, so per-channel slices cannot be swapped by position.
+
+use crate::Error;
+use crate::stats::Variance;
+
+/// Learned per-channel scale γ and shift β (`y = γ·x̂ + β`), each of length C.
+#[derive(Clone, Copy, Debug)]
+pub struct Affine<'a> {
+    /// γ, one per channel.
+    pub gamma: &'a [f32],
+    /// β, one per channel.
+    pub beta: &'a [f32],
+}
+
+/// Running (inference-time) statistics, each of length C.
+#[derive(Clone, Copy, Debug)]
+pub struct RunningStats<'a> {
+    /// Running mean per channel.
+    pub mean: &'a [f32],
+    /// Running variance per channel.
+    pub var: &'a [f32],
+}
+
+/// How the running statistics follow the batch statistics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Momentum {
+    /// `running = (1 − m)·running + m·batch`: m weighs the **new** batch value (PyTorch; default 0.1).
+    NewWeight(f32),
+    /// `running = m·running + (1 − m)·batch`: m weighs the **old** running value (ONNX 0.9, Keras 0.99).
+    OldWeight(f32),
+    /// Cumulative moving average (PyTorch's `momentum=None`): `running += (batch − running)/t`,
+    /// where `batches_tracked = t ≥ 1` counts the batches seen, this one included.
+    CumulativeAverage {
+        /// Batches seen so far, including the current one.
+        batches_tracked: u64,
+    },
+}
+
+impl Momentum {
+    /// The weight of the new batch value, after validation.
+    pub(crate) fn new_weight(self) -> Result<f64, Error> {
+        let check = |m: f32| {
+            if (0.0..=1.0).contains(&m) {
+                Ok(m as f64)
+            } else {
+                Err(Error::InvalidMomentum { momentum: m })
+            }
+        };
+        match self {
+            Momentum::NewWeight(m) => check(m),
+            Momentum::OldWeight(m) => check(m).map(|m| 1.0 - m),
+            Momentum::CumulativeAverage { batches_tracked: 0 } => Err(Error::ZeroBatchesTracked),
+            Momentum::CumulativeAverage { batches_tracked } => Ok(1.0 / batches_tracked as f64),
+        }
+    }
+}
+
+/// Running statistics to update during a training forward pass, with the update convention.
+#[derive(Debug)]
+pub struct RunningUpdate<'a> {
+    /// Running mean per channel (read and overwritten).
+    pub mean: &'a mut [f32],
+    /// Running variance per channel (read and overwritten).
+    pub var: &'a mut [f32],
+    /// Update rule.
+    pub momentum: Momentum,
+    /// Which batch variance feeds the running variance.
+    pub var_estimator: Variance,
+}
+
+impl<'a> RunningUpdate<'a> {
+    /// PyTorch's convention: new-value weight 0.1, unbiased running variance.
+    pub fn pytorch(mean: &'a mut [f32], var: &'a mut [f32]) -> Self {
+        RunningUpdate {
+            mean,
+            var,
+            momentum: Momentum::NewWeight(0.1),
+            var_estimator: Variance::Unbiased,
+        }
+    }
+    /// ONNX `BatchNormalization` (training mode): old-value weight 0.9, population variance.
+    pub fn onnx(mean: &'a mut [f32], var: &'a mut [f32]) -> Self {
+        RunningUpdate {
+            mean,
+            var,
+            momentum: Momentum::OldWeight(0.9),
+            var_estimator: Variance::Biased,
+        }
+    }
+    /// Keras `BatchNormalization`: old-value weight 0.99, population variance.
+    pub fn keras(mean: &'a mut [f32], var: &'a mut [f32]) -> Self {
+        RunningUpdate {
+            mean,
+            var,
+            momentum: Momentum::OldWeight(0.99),
+            var_estimator: Variance::Biased,
+        }
+    }
+}
+
+/// Where a training forward pass stores what backward needs, each of length C.
+#[derive(Debug)]
+pub struct SavedStatsMut<'a> {
+    /// Batch mean per channel (rounded to f32).
+    pub mean: &'a mut [f32],
+    /// `1/sqrt(var + ε)` per channel, with the biased batch variance.
+    pub inv_std: &'a mut [f32],
+}
+
+/// The saved batch statistics of a training forward pass, as input to backward.
+#[derive(Clone, Copy, Debug)]
+pub struct SavedStats<'a> {
+    /// Batch mean per channel, as saved by [`crate::BatchNorm::training`].
+    pub mean: &'a [f32],
+    /// Inverse standard deviation per channel, as saved.
+    pub inv_std: &'a [f32],
+}
+
+/// Which statistics the forward pass normalized with, and so which gradient backward computes.
+#[derive(Clone, Copy, Debug)]
+pub enum BackwardMode<'a> {
+    /// Batch statistics (training mode): gradients flow through the mean and variance.
+    Training(SavedStats<'a>),
+    /// Fixed running statistics (frozen batch norm): `dx = γ·dy/sqrt(var + ε)`.
+    Frozen(RunningStats<'a>),
+}
+
+/// Whether parameter gradients overwrite or accumulate into the caller's buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradMode {
+    /// `dgamma = …` (the buffers' previous contents are ignored).
+    #[default]
+    Overwrite,
+    /// `dgamma += …`, as frameworks accumulate gradients across calls.
+    Accumulate,
+}
+
+/// Outputs for the gradients of γ and β, each of length C.
+#[derive(Debug)]
+pub struct ParamGrads<'a> {
+    /// dL/dγ per channel.
+    pub dgamma: &'a mut [f32],
+    /// dL/dβ per channel.
+    pub dbeta: &'a mut [f32],
+    /// Overwrite or accumulate.
+    pub mode: GradMode,
+}

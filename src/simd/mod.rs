@@ -1,0 +1,182 @@
+//! The crate-private SIMD lane trait, its backends and the runtime dispatch between them.
+//!
+//! Kernels are written once, generic over [`Simd`]. A backend value (a zero-sized token) can only
+//! be obtained once the CPU is known to support its instructions, so every intrinsic call inside a
+//! backend is justified by the token's existence. [`Kernel`] bodies are monomorphized inside
+//! `#[target_feature]` entry points ([`Backend::dispatch`]) so the whole hot loop is compiled for
+//! the selected instruction set, not one vector op at a time.
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+use crate::Error;
+
+pub(crate) use portable::Portable;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2Fma, Avx512};
+
+/// Largest lane count of any backend (AVX-512: 16 × f32).
+pub(crate) const MAX_LANES: usize = 16;
+
+/// A SIMD instruction set as seen by the kernels: a vector of `LANES` f32 values and the handful of
+/// operations batch normalization needs.
+///
+/// Implementations must be `#[inline(always)]` so that they inline into the target-feature entry
+/// point that runs the kernel.
+pub(crate) trait Simd: Copy + Send + Sync + 'static {
+    /// Number of f32 lanes in [`Simd::V`].
+    const LANES: usize;
+    /// The vector type.
+    type V: Copy;
+
+    fn splat(self, x: f32) -> Self::V;
+    /// Loads the first `LANES` elements of `s`. A shorter slice is read as with
+    /// [`Simd::load_partial`] with fill 0 (never out of bounds, never a panic).
+    fn load(self, s: &[f32]) -> Self::V;
+    /// Stores into the first `LANES` elements of `s`; a shorter slice receives a prefix.
+    fn store(self, s: &mut [f32], v: Self::V);
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, fused where the backend has FMA.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+
+    /// Loads `s.len() < LANES` elements into the low lanes, the others set to `fill`.
+    #[inline(always)]
+    fn load_partial(self, s: &[f32], fill: f32) -> Self::V {
+        let mut buf = [fill; MAX_LANES];
+        let n = s.len().min(Self::LANES);
+        buf[..n].copy_from_slice(&s[..n]);
+        self.load(&buf[..Self::LANES])
+    }
+
+    /// Stores the low `s.len() < LANES` lanes of `v` into `s`.
+    #[inline(always)]
+    fn store_partial(self, s: &mut [f32], v: Self::V) {
+        let mut buf = [0.0; MAX_LANES];
+        self.store(&mut buf[..Self::LANES], v);
+        let n = s.len().min(Self::LANES);
+        s[..n].copy_from_slice(&buf[..n]);
+    }
+
+    /// Mask vector: 1.0 in lanes `< valid`, 0.0 elsewhere.
+    #[inline(always)]
+    fn mask(self, valid: usize) -> Self::V {
+        const ONES: [f32; MAX_LANES] = [1.0; MAX_LANES];
+        self.load_partial(&ONES[..valid.min(Self::LANES)], 0.0)
+    }
+
+    /// Writes the lanes of `v` to `out[..LANES]`.
+    #[inline(always)]
+    fn to_lanes(self, v: Self::V, out: &mut [f32; MAX_LANES]) {
+        self.store(&mut out[..Self::LANES], v);
+    }
+}
+
+/// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic
+/// over the SIMD type. `run` must be `#[inline(always)]`.
+pub(crate) trait Kernel {
+    type Output;
+    fn run<S: Simd>(self, s: S) -> Self::Output;
+}
+
+/// The SIMD instruction set the kernels run on.
+///
+/// [`Backend::detect`] picks the best one this CPU supports, once per process; set the environment
+/// variable `BATCHNORM_BACKEND` to `portable`, `avx2` or `avx512` to force one (read once; a backend
+/// the CPU lacks is reported by [`Backend::forced`] and ignored by `detect`, never executed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// `wide::f32x8`, compiled for whatever target features the crate was built with
+    /// (SSE2 pairs in a default x86-64 build; AVX with `-C target-cpu=...`; NEON on aarch64).
+    Portable,
+    /// 256-bit AVX2 with fused multiply-add (x86-64, runtime-detected).
+    Avx2Fma,
+    /// 512-bit AVX-512F (x86-64, runtime-detected).
+    Avx512,
+}
+
+impl Backend {
+    /// Every backend, best first.
+    pub const ALL: [Backend; 3] = [Backend::Avx512, Backend::Avx2Fma, Backend::Portable];
+
+    /// Whether this CPU can run the backend.
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2Fma => Avx2Fma::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => Avx512::try_new().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The backends this CPU can run, best first.
+    pub fn available() -> Vec<Backend> {
+        Self::ALL.into_iter().filter(|b| b.is_available()).collect()
+    }
+
+    /// Short lowercase name, as accepted by `BATCHNORM_BACKEND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Portable => "portable",
+            Backend::Avx2Fma => "avx2",
+            Backend::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a name as accepted by `BATCHNORM_BACKEND`.
+    pub fn from_name(name: &str) -> Option<Backend> {
+        Self::ALL.into_iter().find(|b| b.name() == name.trim())
+    }
+
+    /// The backend forced by the `BATCHNORM_BACKEND` environment variable (read once):
+    /// `None` when unset, `Some(Err(..))` when it names an unknown or unavailable backend.
+    pub fn forced() -> Option<Result<Backend, Error>> {
+        static FORCED: OnceLock<Option<Result<Backend, Error>>> = OnceLock::new();
+        FORCED
+            .get_or_init(|| {
+                let value = std::env::var("BATCHNORM_BACKEND").ok()?;
+                Some(match Backend::from_name(&value) {
+                    Some(b) if b.is_available() => Ok(b),
+                    Some(b) => Err(Error::BackendUnavailable { backend: b.name() }),
+                    None => Err(Error::UnknownBackend { name: value }),
+                })
+            })
+            .clone()
+    }
+
+    /// The backend used by default: the one forced by `BATCHNORM_BACKEND` if valid, else the best
+    /// available. Detected once per process.
+    pub fn detect() -> Backend {
+        static DETECTED: OnceLock<Backend> = OnceLock::new();
+        *DETECTED.get_or_init(|| match Backend::forced() {
+            Some(Ok(b)) => b,
+            _ => Self::available()[0],
+        })
+    }
+
+    /// Runs `k` on this backend. Callers only hold a `Backend` that passed [`is_available`]
+    /// (checked when a [`crate::BatchNorm`] is configured), and the token constructors re-check.
+    #[inline]
+    pub(crate) fn dispatch<K: Kernel>(self, k: K) -> K::Output {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2Fma => match Avx2Fma::try_new() {
+                Some(t) => t.vectorize(k),
+                None => k.run(Portable),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => match Avx512::try_new() {
+                Some(t) => t.vectorize(k),
+                None => k.run(Portable),
+            },
+            _ => k.run(Portable),
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Shared test helpers: deterministic data, backends under test, tolerances, error metrics.
+#![allow(dead_code)]
+
+use batchnorm::{Backend, BatchNorm, Layout, Parallelism, Shape};
+
+/// f32 unit roundoff.
+pub const EPS32: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Tolerance on forward outputs and saved statistics, as a multiple of f32's unit roundoff,
+/// relative to the size of the terms of `y = γ·x̂ + β` (see `fwd_scale`).
+///
+/// Why this size: the kernel's own rounding is a handful of roundings per element (x − K, the
+/// f32 scale and bias, one FMA: ≤ 4u), plus the error of the f32 statistics. The f32 lanes
+/// accumulate at most `KMAX + ACCUMULATORS` Welford steps (the kernel folds them into f64
+/// after that), each adding ~u relative to the spread, and Welford's error grows like the square
+/// root of the steps for ordinary data: sqrt(132) ≈ 12u, with a margin of 2× on top. Everything
+/// beyond one block is merged in f64 and adds nothing measurable, so the bound depends on the
+/// reduction length only through `min(M, KMAX)` (see `fwd_tol`).
+pub fn fwd_tol(per_channel: usize) -> f64 {
+    let steps = per_channel.min(132) as f64;
+    (8.0 + 2.0 * steps.sqrt()) * EPS32
+}
+
+/// Tolerance on statistics: mean error relative to the standard deviation (or the mean's
+/// magnitude times u, whichever is larger: the f32 input itself carries that much), variance
+/// error relative to the variance. Same reasoning as `fwd_tol`.
+pub fn stats_tol(per_channel: usize) -> f64 {
+    fwd_tol(per_channel)
+}
+
+/// Backends under test: the one forced by `BATCHNORM_BACKEND` (the test fails if this CPU
+/// cannot run it), else every backend this CPU has.
+pub fn backends() -> Vec<Backend> {
+    match std::env::var("BATCHNORM_BACKEND") {
+        Ok(name) => {
+            let b = Backend::from_name(&name).unwrap_or_else(|| panic!("unknown backend {name}"));
+            assert!(
+                b.is_available(),
+                "BATCHNORM_BACKEND={name} but this CPU cannot run it"
+            );
+            vec![b]
+        }
+        Err(_) => Backend::available(),
+    }
+}
+
+/// Operators for `shape`/`layout` on every backend under test, sequential and on rayon.
+pub fn operators(shape: Shape, layout: Layout, eps: f32) -> Vec<BatchNorm> {
+    let mut ops = Vec::new();
+    for b in backends() {
+        for par in [Parallelism::Sequential, Parallelism::Rayon] {
+            let bn = BatchNorm::new(shape, layout).with_eps(eps).unwrap();
+            ops.push(bn.with_backend(b).unwrap().with_parallelism(par));
+        }
+    }
+    ops
+}
+
+/// SplitMix64: small, deterministic, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = self.uniform().max(1e-300);
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// `len` values `mean + std·N(0,1)`, rounded to f32.
+    pub fn normals(&mut self, len: usize, mean: f64, std: f64) -> Vec<f32> {
+        (0..len)
+            .map(|_| (mean + std * self.normal()) as f32)
+            .collect()
+    }
+}
+
+/// A tensor whose channel `c` is `means[c] + stds[c]·N(0,1)`, in `layout`.
+pub fn tensor(
+    rng: &mut Rng,
+    shape: Shape,
+    layout: Layout,
+    means: &[f64],
+    stds: &[f64],
+) -> Vec<f32> {
+    let mut x = vec![0.0; shape.len()];
+    for n in 0..shape.n() {
+        for c in 0..shape.c() {
+            for s in 0..shape.hw() {
+                x[shape.index(layout, n, c, s)] = (means[c] + stds[c] * rng.normal()) as f32;
+            }
+        }
+    }
+    x
+}
+
+/// Per-channel means and stds of ordinary data: means in [-2, 2], stds in [0.5, 2].
+pub fn ordinary(rng: &mut Rng, c: usize) -> (Vec<f64>, Vec<f64>) {
+    let means = (0..c).map(|_| 4.0 * rng.uniform() - 2.0).collect();
+    let stds = (0..c).map(|_| 0.5 + 1.5 * rng.uniform()).collect();
+    (means, stds)
+}
+
+/// The same logical tensor converted between layouts.
+pub fn relayout(x: &[f32], shape: Shape, from: Layout, to: Layout) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for n in 0..shape.n() {
+        for c in 0..shape.c() {
+            for s in 0..shape.hw() {
+                y[shape.index(to, n, c, s)] = x[shape.index(from, n, c, s)];
+            }
+        }
+    }
+    y
+}
+
+/// The sweep of shapes the issue asks for.
+pub const SWEEP_C: &[usize] = &[
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 31, 64, 67,
+];
+pub const SWEEP_HW: &[usize] = &[1, 2, 3, 7, 8, 9, 63, 64, 65, 1000];
+pub const SWEEP_N: &[usize] = &[1, 2, 5];
+
+pub fn sweep_shapes() -> Vec<Shape> {
+    let mut v = Vec::new();
+    for &n in SWEEP_N {
+        for &c in SWEEP_C {
+            for &hw in SWEEP_HW {
+                v.push(Shape::new(n, c, hw).unwrap());
+            }
+        }
+    }
+    v
+}
+
+/// Largest `|got − want| / scale` over all elements; NaN anywhere counts as infinite.
+pub fn max_rel_err(got: &[f32], want: &[f64], scale: impl Fn(usize) -> f64) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut worst: f64 = 0.0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = (g as f64 - w).abs() / scale(i);
+        if e.is_nan() {
+            return f64::INFINITY;
+        }
+        worst = worst.max(e);
+    }
+    worst
+}
+
+/// Records the worst error seen for a label and prints it at the end of a test (for the notes).
+#[derive(Default)]
+pub struct Worst(pub Vec<(String, f64)>);
+
+impl Worst {
+    pub fn note(&mut self, label: &str, e: f64) {
+        match self.0.iter_mut().find(|(l, _)| l == label) {
+            Some((_, w)) => *w = w.max(e),
+            None => self.0.push((label.to_string(), e)),
+        }
+    }
+}
+
+impl Drop for Worst {
+    fn drop(&mut self) {
+        for (l, e) in &self.0 {
+            println!(
+                "worst error {l}: {e:.3e} (in units of f32 roundoff: {:.1})",
+                e / EPS32
+            );
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! Forward operations and statistics against the f64 reference, on both layouts and every backend.
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use batchnorm::{
+    Affine, BatchNorm, ChannelStats, Layout, Momentum, RunningStats, RunningUpdate, SavedStatsMut,
+    Shape, Variance, reference,
+};
+use common::*;
+
+const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+/// Random γ (sign included) and β, one per channel.
+fn affine_params(rng: &mut Rng, c: usize) -> (Vec<f32>, Vec<f32>) {
+    (rng.normals(c, 0.0, 1.0), rng.normals(c, 0.0, 1.0))
+}
+
+/// Scale of the terms of `y = γ·x̂ + β` for element `i` of channel `c`.
+fn y_scale(gamma: &[f32], beta: &[f32], xhat: f64, c: usize) -> f64 {
+    (gamma[c] as f64).abs() * (1.0 + xhat.abs()) + (beta[c] as f64).abs()
+}
+
+/// Channel of flat index `i`.
+fn channel_of(shape: Shape, layout: Layout, i: usize) -> usize {
+    match layout {
+        Layout::Nchw => (i / shape.hw()) % shape.c(),
+        Layout::Nhwc => i % shape.c(),
+    }
+}
+
+#[test]
+fn inference_matches_reference_on_sweep() {
+    let mut worst = Worst::default();
+    let mut rng = Rng::new(1);
+    for shape in sweep_shapes() {
+        for layout in LAYOUTS {
+            let c = shape.c();
+            let (means, stds) = ordinary(&mut rng, c);
+            let x = tensor(&mut rng, shape, layout, &means, &stds);
+            let (gamma, beta) = affine_params(&mut rng, c);
+            let rmean: Vec<f32> = means.iter().map(|&m| m as f32 + 0.1).collect();
+            let rvar: Vec<f32> = stds.iter().map(|&s| (s * s) as f32).collect();
+            let want = reference::inference(
+                &x,
+                shape,
+                layout,
+                &rmean,
+                &rvar,
+                Some(&gamma),
+                Some(&beta),
+                1e-5,
+            );
+            let scale = |i: usize| {
+                let ch = channel_of(shape, layout, i);
+                let xhat = (x[i] as f64 - rmean[ch] as f64) / (rvar[ch] as f64 + 1e-5).sqrt();
+                y_scale(&gamma, &beta, xhat, ch)
+            };
+            for bn in operators(shape, layout, 1e-5) {
+                let running = RunningStats {
+                    mean: &rmean,
+                    var: &rvar,
+                };
+                let affine = Affine {
+                    gamma: &gamma,
+                    beta: &beta,
+                };
+                let mut y = vec![f32::NAN; x.len()];
+                bn.inference(&x, &mut y, running, Some(affine)).unwrap();
+                let e = max_rel_err(&y, &want, scale);
+                worst.note(&format!("inference {layout:?}"), e);
+                assert!(
+                    e <= fwd_tol(1),
+                    "{shape:?} {layout:?} {:?}: error {e:e}",
+                    bn.backend()
+                );
+                let mut inplace = x.clone();
+                bn.inference_in_place(&mut inplace, running, Some(affine))
+                    .unwrap();
+                assert_eq!(inplace, y, "in-place differs from out-of-place");
+            }
+        }
+    }
+}
+
+#[test]
+fn inference_without_affine() {
+    let mut rng = Rng::new(2);
+    let shape = Shape::new(3, 5, 17).unwrap();
+    for layout in LAYOUTS {
+        let x = rng.normals(shape.len(), 1.0, 2.0);
+        let (rmean, rvar) = (rng.normals(5, 1.0, 0.1), vec![4.0f32; 5]);
+        let want = reference::inference(&x, shape, layout, &rmean, &rvar, None, None, 1e-3);
+        for bn in operators(shape, layout, 1e-3) {
+            let mut y = vec![f32::NAN; x.len()];
+            bn.inference(
+                &x,
+                &mut y,
+                RunningStats {
+                    mean: &rmean,
+                    var: &rvar,
+                },
+                None,
+            )
+            .unwrap();
+            let e = max_rel_err(&y, &want, |i| 1.0 + want[i].abs());
+            assert!(e <= fwd_tol(1), "{layout:?}: {e:e}");
+        }
+    }
+}
+
+/// Runs a training forward and checks y, the saved statistics, the returned statistics and a
+/// PyTorch-convention running update against the reference. Returns the worst y error.
+fn check_training(
+    bn: &BatchNorm,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    want: &reference::Training,
+) -> f64 {
+    let shape = bn.shape();
+    let (c, m) = (shape.c(), shape.per_channel());
+    let tol = fwd_tol(m);
+    let mut y = vec![f32::NAN; x.len()];
+    let (mut mean, mut inv_std) = (vec![f32::NAN; c], vec![f32::NAN; c]);
+    let (mut rmean, mut rvar) = (vec![0.5f32; c], vec![2.0f32; c]);
+    let update = (m > 1).then(|| RunningUpdate::pytorch(&mut rmean, &mut rvar));
+    let stats = bn
+        .training(
+            x,
+            &mut y,
+            Some(Affine { gamma, beta }),
+            SavedStatsMut {
+                mean: &mut mean,
+                inv_std: &mut inv_std,
+            },
+            update,
+        )
+        .unwrap();
+    let layout = bn.layout();
+    let ctx = format!(
+        "{shape:?} {layout:?} {:?} {:?}",
+        bn.backend(),
+        bn.parallelism()
+    );
+    let e = max_rel_err(&y, &want.y, |i| {
+        let ch = channel_of(shape, layout, i);
+        let xhat = (x[i] as f64 - want.mean[ch]) * want.inv_std[ch];
+        y_scale(gamma, beta, xhat, ch)
+    });
+    assert!(e <= tol, "y: {ctx}: error {e:e} > {tol:e}");
+    for ch in 0..c {
+        let std = want.var[ch].sqrt();
+        // The saved mean is the batch mean rounded to f32: within half an ulp plus the statistics error.
+        let mean_scale = std + want.mean[ch].abs();
+        let em = (mean[ch] as f64 - want.mean[ch]).abs() / mean_scale;
+        assert!(em <= tol, "saved mean {ctx} ch {ch}: {em:e}");
+        let ei = (inv_std[ch] as f64 / want.inv_std[ch] - 1.0).abs();
+        assert!(ei <= tol, "saved inv_std {ctx} ch {ch}: {ei:e}");
+        let s = stats.channels()[ch];
+        assert_eq!(s.count(), m as u64);
+        let es = (s.mean() - want.mean[ch]).abs() / (std + f64::MIN_POSITIVE);
+        assert!(
+            es <= tol || (s.mean() - want.mean[ch]).abs() <= EPS32 * want.mean[ch].abs(),
+            "stats mean {ctx} ch {ch}: {es:e}"
+        );
+        let ev = (s.m2() / m as f64 - want.var[ch]).abs();
+        assert!(
+            ev <= tol * want.var[ch] + 1e-300,
+            "stats var {ctx} ch {ch}: {ev:e} vs {}",
+            want.var[ch]
+        );
+    }
+    // The running variance is stored in f32: skip data whose variance does not fit.
+    if m > 1 && want.var.iter().all(|&v| v < f32::MAX as f64 / 2.0) {
+        let (rm, rv) = reference::running_update(
+            &[0.5; 1].repeat(c),
+            &[2.0; 1].repeat(c),
+            want,
+            Momentum::NewWeight(0.1),
+            Variance::Unbiased,
+        );
+        for ch in 0..c {
+            assert!(
+                (rmean[ch] as f64 - rm[ch]).abs() <= tol * (rm[ch].abs() + want.var[ch].sqrt()),
+                "running mean {ctx}"
+            );
+            assert!(
+                (rvar[ch] as f64 / rv[ch] - 1.0).abs() <= tol,
+                "running var {ctx}"
+            );
+        }
+    }
+    e
+}
+
+#[test]
+fn training_matches_reference_on_sweep() {
+    let mut worst = Worst::default();
+    let mut rng = Rng::new(3);
+    for shape in sweep_shapes() {
+        for layout in LAYOUTS {
+            let (means, stds) = ordinary(&mut rng, shape.c());
+            let x = tensor(&mut rng, shape, layout, &means, &stds);
+            let (gamma, beta) = affine_params(&mut rng, shape.c());
+            let want = reference::training(&x, shape, layout, Some(&gamma), Some(&beta), 1e-5);
+            for bn in operators(shape, layout, 1e-5) {
+                let e = check_training(&bn, &x, &gamma, &beta, &want);
+                worst.note(&format!("training y {layout:?}"), e);
+            }
+        }
+    }
+}
+
+#[test]
+fn statistics_match_reference_on_sweep() {
+    let mut rng = Rng::new(4);
+    for shape in sweep_shapes() {
+        for layout in LAYOUTS {
+            let (means, stds) = ordinary(&mut rng, shape.c());
+            let x = tensor(&mut rng, shape, layout, &means, &stds);
+            let want = reference::statistics(&x, shape, layout);
+            let tol = stats_tol(shape.per_channel());
+            for bn in operators(shape, layout, 1e-5) {
+                let got = bn.statistics(&x).unwrap();
+                for (g, w) in got.channels().iter().zip(&want) {
+                    assert_eq!(g.count(), w.count());
+                    let std = (w.m2() / w.count() as f64).sqrt();
+                    assert!((g.mean() - w.mean()).abs() <= tol * (std + EPS32 * w.mean().abs()));
+                    assert!(
+                        (g.m2() - w.m2()).abs() <= tol * w.m2() + 1e-300,
+                        "{shape:?} {layout:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Data whose mean is large compared with its spread: where naive f32 batch norm loses digits.
+fn offset_data(rng: &mut Rng, shape: Shape, layout: Layout, mean: f64, std: f64) -> Vec<f32> {
+    let c = shape.c();
+    let means: Vec<f64> = (0..c).map(|i| mean * (1.0 + 0.1 * i as f64)).collect();
+    tensor(rng, shape, layout, &means, &vec![std; c])
+}
+
+/// The naive one-pass variance in f32, `E[x²] − E[x]²`, as a counter-example.
+fn naive_f32_variance(values: &[f32]) -> f64 {
+    let n = values.len() as f32;
+    let (s, q) = values
+        .iter()
+        .fold((0.0f32, 0.0f32), |(s, q), &v| (s + v, q + v * v));
+    ((q / n) - (s / n) * (s / n)) as f64
+}
+
+#[test]
+fn large_offsets_keep_ordinary_accuracy_and_naive_does_not() {
+    let mut worst = Worst::default();
+    let mut rng = Rng::new(5);
+    for (mean, std) in [(1e4, 1e-2), (3e6, 4.0)] {
+        for shape in [
+            Shape::new(4, 3, 1000).unwrap(),
+            Shape::new(2, 67, 65).unwrap(),
+            Shape::new(64, 17, 1).unwrap(),
+        ] {
+            for layout in LAYOUTS {
+                let x = offset_data(&mut rng, shape, layout, mean, std);
+                let (gamma, beta) = affine_params(&mut rng, shape.c());
+                let want = reference::training(&x, shape, layout, Some(&gamma), Some(&beta), 1e-5);
+                for bn in operators(shape, layout, 1e-5) {
+                    let e = check_training(&bn, &x, &gamma, &beta, &want);
+                    worst.note(&format!("offset {mean:e} y {layout:?}"), e);
+                }
+                // The naive formula on the same data misses the variance by far more than our tolerance.
+                let ch0 = reference::channel(&x, shape, layout, 0);
+                let naive = naive_f32_variance(&ch0);
+                let rel = (naive - want.var[0]).abs() / want.var[0];
+                assert!(
+                    rel > 100.0 * fwd_tol(shape.per_channel()),
+                    "naive variance unexpectedly accurate: {rel:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn constant_channels_give_exactly_beta() {
+    let shape = Shape::new(3, 9, 37).unwrap();
+    for layout in LAYOUTS {
+        let consts: Vec<f64> = (0..9).map(|c| 123.456 * (c as f64 + 1.0) - 300.0).collect();
+        let x = tensor(&mut Rng::new(6), shape, layout, &consts, &[0.0; 9]);
+        let (gamma, beta) = affine_params(&mut Rng::new(7), 9);
+        for bn in operators(shape, layout, 1e-5) {
+            let mut y = vec![f32::NAN; x.len()];
+            let (mut mean, mut inv_std) = (vec![0.0; 9], vec![0.0; 9]);
+            let affine = Some(Affine {
+                gamma: &gamma,
+                beta: &beta,
+            });
+            bn.training(
+                &x,
+                &mut y,
+                affine,
+                SavedStatsMut {
+                    mean: &mut mean,
+                    inv_std: &mut inv_std,
+                },
+                None,
+            )
+            .unwrap();
+            for (i, &v) in y.iter().enumerate() {
+                assert_eq!(
+                    v,
+                    beta[channel_of(shape, layout, i)],
+                    "{layout:?} element {i}"
+                );
+            }
+            for c in 0..9 {
+                assert_eq!(mean[c], consts[c] as f32);
+                assert_eq!(inv_std[c], (1.0 / (1e-5f32 as f64).sqrt()) as f32);
+            }
+        }
+    }
+}
+
+#[test]
+fn huge_values_do_not_overflow() {
+    let mut rng = Rng::new(8);
+    let shape = Shape::new(2, 5, 129).unwrap();
+    for layout in LAYOUTS {
+        // Values near 1e18 with a spread of 1e16, and values spread over ±1e38 (whose squares
+        // overflow f32: the statistics must still be right).
+        for (mean, std) in [(1e18, 1e16), (0.0, 1e37)] {
+            let x = tensor(&mut rng, shape, layout, &[mean; 5], &[std; 5]);
+            let (gamma, beta) = affine_params(&mut rng, 5);
+            let want = reference::training(&x, shape, layout, Some(&gamma), Some(&beta), 1e-5);
+            for bn in operators(shape, layout, 1e-5) {
+                check_training(&bn, &x, &gamma, &beta, &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn symmetric_pairs_give_exact_statistics() {
+    // Pairs m ± d with dyadic d: mean exactly m, biased variance exactly Σd²/count.
+    let shape = Shape::new(2, 6, 50).unwrap();
+    for layout in LAYOUTS {
+        let mut x = vec![0.0f32; shape.len()];
+        let mut sum_d2 = [0.0f64; 6];
+        for c in 0..6 {
+            let m = 1000.0 * c as f64 - 2500.0;
+            for k in 0..50 {
+                let d = (k as f64 + 1.0) / 8.0 * (c as f64 + 1.0);
+                x[shape.index(layout, 0, c, k)] = (m + d) as f32;
+                x[shape.index(layout, 1, c, k)] = (m - d) as f32;
+                sum_d2[c] += 2.0 * d * d;
+            }
+        }
+        for bn in operators(shape, layout, 1e-5) {
+            let stats = bn.statistics(&x).unwrap();
+            for c in 0..6 {
+                let s = stats.channels()[c];
+                let (m, var) = (1000.0 * c as f64 - 2500.0, sum_d2[c] / 100.0);
+                assert!(
+                    (s.mean() - m).abs() <= 1e-6 * var.sqrt(),
+                    "{layout:?} mean {}",
+                    s.mean()
+                );
+                let v = s.variance(Variance::Biased).unwrap();
+                assert!(
+                    (v / var - 1.0).abs() <= stats_tol(100),
+                    "{layout:?} var {v} vs {var}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn nan_and_inf_stay_in_their_channel() {
+    let mut rng = Rng::new(9);
+    for shape in [
+        Shape::new(2, 11, 40).unwrap(),
+        Shape::new(3, 70, 1).unwrap(),
+    ] {
+        for layout in LAYOUTS {
+            let c = shape.c();
+            let (means, stds) = ordinary(&mut rng, c);
+            let mut x = tensor(&mut rng, shape, layout, &means, &stds);
+            x[shape.index(layout, 1, 2, 0)] = f32::NAN;
+            x[shape.index(layout, 0, 5, shape.hw() - 1)] = f32::INFINITY;
+            x[shape.index(layout, 0, 7, 0)] = f32::NEG_INFINITY; // the pivot itself
+            let bad = [2, 5, 7];
+            let (gamma, beta) = affine_params(&mut rng, c);
+            for bn in operators(shape, layout, 1e-5) {
+                let mut y = vec![f32::NAN; x.len()];
+                let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
+                let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+                let stats = bn
+                    .training(
+                        &x,
+                        &mut y,
+                        Some(Affine {
+                            gamma: &gamma,
+                            beta: &beta,
+                        }),
+                        SavedStatsMut {
+                            mean: &mut mean,
+                            inv_std: &mut inv_std,
+                        },
+                        Some(RunningUpdate::pytorch(&mut rm, &mut rv)),
+                    )
+                    .unwrap();
+                for (i, &v) in y.iter().enumerate() {
+                    let ch = channel_of(shape, layout, i);
+                    assert_eq!(
+                        v.is_finite(),
+                        !bad.contains(&ch),
+                        "{layout:?} y[{i}] channel {ch}"
+                    );
+                }
+                for ch in 0..c {
+                    let finite = !bad.contains(&ch);
+                    assert_eq!(stats.channels()[ch].mean().is_finite(), finite);
+                    assert_eq!(rv[ch].is_finite() && rm[ch].is_finite(), finite);
+                    let saved_finite = mean[ch].is_finite() && inv_std[ch].is_finite();
+                    assert!(saved_finite || !finite, "saved statistics of channel {ch}");
+                }
+                let mut yi = vec![f32::NAN; x.len()];
+                bn.inference(
+                    &x,
+                    &mut yi,
+                    RunningStats {
+                        mean: &means.iter().map(|&m| m as f32).collect::<Vec<_>>(),
+                        var: &vec![1.0; c],
+                    },
+                    None,
+                )
+                .unwrap();
+                for (i, &v) in yi.iter().enumerate() {
+                    let ch = channel_of(shape, layout, i);
+                    if !bad.contains(&ch) {
+                        assert!(v.is_finite());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nchw_and_nhwc_agree() {
+    let mut rng = Rng::new(10);
+    for shape in [
+        Shape::new(2, 13, 65).unwrap(),
+        Shape::new(5, 64, 9).unwrap(),
+        Shape::new(1, 3, 1000).unwrap(),
+    ] {
+        let (means, stds) = ordinary(&mut rng, shape.c());
+        let x = tensor(&mut rng, shape, Layout::Nchw, &means, &stds);
+        let xt = relayout(&x, shape, Layout::Nchw, Layout::Nhwc);
+        let (gamma, beta) = affine_params(&mut rng, shape.c());
+        let run = |layout: Layout, x: &[f32]| {
+            let bn = BatchNorm::new(shape, layout);
+            let mut y = vec![f32::NAN; x.len()];
+            let (mut m, mut r) = (vec![0.0; shape.c()], vec![0.0; shape.c()]);
+            bn.training(
+                x,
+                &mut y,
+                Some(Affine {
+                    gamma: &gamma,
+                    beta: &beta,
+                }),
+                SavedStatsMut {
+                    mean: &mut m,
+                    inv_std: &mut r,
+                },
+                None,
+            )
+            .unwrap();
+            (y, m, r)
+        };
+        let (y1, m1, r1) = run(Layout::Nchw, &x);
+        let (y2, m2, r2) = run(Layout::Nhwc, &xt);
+        let y2 = relayout(&y2, shape, Layout::Nhwc, Layout::Nchw);
+        let want = reference::training(&x, shape, Layout::Nchw, Some(&gamma), Some(&beta), 1e-5);
+        let tol = 2.0 * fwd_tol(shape.per_channel());
+        let y2f: Vec<f64> = y2.iter().map(|&v| v as f64).collect();
+        assert!(max_rel_err(&y1, &y2f, |i| 1.0 + want.y[i].abs()) <= tol);
+        for c in 0..shape.c() {
+            assert!((m1[c] - m2[c]).abs() as f64 <= tol * (1.0 + m1[c].abs() as f64));
+            assert!((r1[c] / r2[c] - 1.0).abs() as f64 <= tol);
+        }
+    }
+}
+
+#[test]
+fn merged_partial_statistics_equal_whole_batch() {
+    let mut rng = Rng::new(11);
+    for layout in LAYOUTS {
+        let whole_shape = Shape::new(12, 7, 33).unwrap();
+        let x = offset_data(&mut rng, whole_shape, layout, 1e4, 1.0);
+        let whole = BatchNorm::new(whole_shape, layout).statistics(&x).unwrap();
+        // Samples are contiguous in both layouts: split the batch 5 + 4 + 3.
+        let per_sample = 7 * 33;
+        let mut merged: Option<batchnorm::BatchStats> = None;
+        let mut start = 0;
+        for n in [5, 4, 3] {
+            let part = BatchNorm::new(Shape::new(n, 7, 33).unwrap(), layout);
+            let s = part
+                .statistics(&x[start * per_sample..(start + n) * per_sample])
+                .unwrap();
+            match merged.as_mut() {
+                None => merged = Some(s),
+                Some(m) => m.merge(&s).unwrap(),
+            }
+            start += n;
+        }
+        let merged = merged.unwrap();
+        let tol = stats_tol(12 * 33);
+        for (a, b) in merged.channels().iter().zip(whole.channels()) {
+            assert_eq!(a.count(), b.count());
+            let std = (b.m2() / b.count() as f64).sqrt();
+            assert!((a.mean() - b.mean()).abs() <= tol * std);
+            assert!((a.m2() / b.m2() - 1.0).abs() <= tol);
+        }
+        // Merging is order-independent up to rounding, and merging with empty is the identity.
+        let s = ChannelStats::new(4, 2.0, 3.0);
+        assert_eq!(s.merge(&ChannelStats::default()), s);
+        assert_eq!(ChannelStats::default().merge(&s), s);
+    }
+}
+
+#[test]
+fn running_update_conventions_match_hand_computed_values() {
+    // One channel with values 1, 2, 3, 4: mean 2.5, biased var 1.25, unbiased var 5/3.
+    let shape = Shape::new(2, 1, 2).unwrap();
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let cases = [
+        // (momentum, estimator, expected running mean, expected running var) from (0, 1)
+        (
+            Momentum::NewWeight(0.1),
+            Variance::Unbiased,
+            0.25,
+            0.9 + 0.1 * 5.0 / 3.0,
+        ), // PyTorch
+        (
+            Momentum::OldWeight(0.9),
+            Variance::Biased,
+            0.25,
+            0.9 + 0.1 * 1.25,
+        ), // ONNX
+        (
+            Momentum::OldWeight(0.99),
+            Variance::Biased,
+            0.025,
+            0.99 + 0.01 * 1.25,
+        ), // Keras
+        (
+            Momentum::CumulativeAverage { batches_tracked: 4 },
+            Variance::Unbiased,
+            0.625,
+            1.0 + (5.0 / 3.0 - 1.0) / 4.0,
+        ),
+        (Momentum::NewWeight(1.0), Variance::Biased, 2.5, 1.25),
+        (Momentum::NewWeight(0.0), Variance::Biased, 0.0, 1.0),
+    ];
+    for layout in LAYOUTS {
+        for (momentum, est, want_mean, want_var) in cases {
+            let bn = BatchNorm::new(shape, layout);
+            let (mut rm, mut rv) = ([0.0f32], [1.0f32]);
+            let (mut m, mut r) = ([0.0f32], [0.0f32]);
+            let mut y = [0.0f32; 4];
+            let update = RunningUpdate {
+                mean: &mut rm,
+                var: &mut rv,
+                momentum,
+                var_estimator: est,
+            };
+            bn.training(
+                &x,
+                &mut y,
+                None,
+                SavedStatsMut {
+                    mean: &mut m,
+                    inv_std: &mut r,
+                },
+                Some(update),
+            )
+            .unwrap();
+            assert!(
+                (rm[0] as f64 - want_mean).abs() < 1e-7,
+                "{momentum:?}: {}",
+                rm[0]
+            );
+            assert!(
+                (rv[0] as f64 - want_var).abs() < 1e-6,
+                "{momentum:?}: {}",
+                rv[0]
+            );
+            assert_eq!(m[0], 2.5);
+        }
+    }
+    // The presets name the same conventions.
+    let (mut a, mut b) = ([0.0f32], [0.0f32]);
+    let p = RunningUpdate::pytorch(&mut a, &mut b);
+    assert_eq!(
+        (p.momentum, p.var_estimator),
+        (Momentum::NewWeight(0.1), Variance::Unbiased)
+    );
+    let o = RunningUpdate::onnx(&mut a, &mut b);
+    assert_eq!(
+        (o.momentum, o.var_estimator),
+        (Momentum::OldWeight(0.9), Variance::Biased)
+    );
+    let k = RunningUpdate::keras(&mut a, &mut b);
+    assert_eq!(
+        (k.momentum, k.var_estimator),
+        (Momentum::OldWeight(0.99), Variance::Biased)
+    );
+}
+
+#[test]
+fn one_value_per_channel() {
+    let shape = Shape::new(1, 4, 1).unwrap();
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let beta = [0.5f32, -1.0, 2.0, 0.0];
+    let gamma = [1.0f32; 4];
+    for layout in LAYOUTS {
+        let bn = BatchNorm::new(shape, layout);
+        let (mut rm, mut rv) = ([0.0f32; 4], [1.0f32; 4]);
+        let (mut m, mut r) = ([0.0f32; 4], [0.0f32; 4]);
+        let mut y = [f32::NAN; 4];
+        let err = bn
+            .training(
+                &x,
+                &mut y,
+                None,
+                SavedStatsMut {
+                    mean: &mut m,
+                    inv_std: &mut r,
+                },
+                Some(RunningUpdate::pytorch(&mut rm, &mut rv)),
+            )
+            .unwrap_err();
+        assert_eq!(err, batchnorm::Error::TooFewValues { per_channel: 1 });
+        assert!(y.iter().all(|v| v.is_nan()), "nothing written on error");
+        // With the biased estimator it is well defined: x̂ = 0, y = β.
+        let update = RunningUpdate::onnx(&mut rm, &mut rv);
+        bn.training(
+            &x,
+            &mut y,
+            Some(Affine {
+                gamma: &gamma,
+                beta: &beta,
+            }),
+            SavedStatsMut {
+                mean: &mut m,
+                inv_std: &mut r,
+            },
+            Some(update),
+        )
+        .unwrap();
+        assert_eq!(y, beta);
+    }
+}
