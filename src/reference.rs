@@ -1,11 +1,13 @@
 //! Plain f64 reference implementations: scalar loops, easy to read, used by the tests, the fuzz
 //! targets and the benchmarks' scalar baseline. Inputs are the same f32 slices as the fast path;
-//! every intermediate is f64, statistics are two-pass.
+//! every intermediate is f64, statistics are two-pass. Functions are generic over the element type
+//! (`f32` or `f64`), so the same code serves as the reference for the f32 kernels and, in f64, for
+//! finite-difference gradient checks.
 
 use crate::{ChannelStats, Layout, Momentum, Shape, Variance};
 
 /// The values of channel `c`, in (n, spatial) order.
-pub fn channel(x: &[f32], shape: Shape, layout: Layout, c: usize) -> Vec<f32> {
+pub fn channel<T: Copy>(x: &[T], shape: Shape, layout: Layout, c: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(shape.per_channel());
     for n in 0..shape.n() {
         for s in 0..shape.hw() {
@@ -16,19 +18,19 @@ pub fn channel(x: &[f32], shape: Shape, layout: Layout, c: usize) -> Vec<f32> {
 }
 
 /// Exact (two-pass, f64) per-channel statistics.
-pub fn statistics(x: &[f32], shape: Shape, layout: Layout) -> Vec<ChannelStats> {
+pub fn statistics<T: Copy + Into<f64>>(x: &[T], shape: Shape, layout: Layout) -> Vec<ChannelStats> {
     (0..shape.c())
         .map(|c| ChannelStats::from_values(&channel(x, shape, layout, c)))
         .collect()
 }
 
-fn param(p: Option<&[f32]>, c: usize, default: f64) -> f64 {
-    p.map_or(default, |p| p[c] as f64)
+fn param<T: Copy + Into<f64>>(p: Option<&[T]>, c: usize, default: f64) -> f64 {
+    p.map_or(default, |p| p[c].into())
 }
 
 /// Applies `f(c, x)` to every element, in the tensor's own order.
-fn map_elements(
-    x: &[f32],
+fn map_elements<T: Copy + Into<f64>>(
+    x: &[T],
     shape: Shape,
     layout: Layout,
     f: impl Fn(usize, f64) -> f64,
@@ -38,7 +40,7 @@ fn map_elements(
         for c in 0..shape.c() {
             for s in 0..shape.hw() {
                 let i = shape.index(layout, n, c, s);
-                y[i] = f(c, x[i] as f64);
+                y[i] = f(c, x[i].into());
             }
         }
     }
@@ -79,20 +81,21 @@ pub struct Training {
 }
 
 /// Training forward with batch statistics.
-pub fn training(
-    x: &[f32],
+pub fn training<T: Copy + Into<f64>>(
+    x: &[T],
     shape: Shape,
     layout: Layout,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    eps: f32,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: T,
 ) -> Training {
+    let eps: f64 = eps.into();
     let stats = statistics(x, shape, layout);
     let m = shape.per_channel() as f64;
     let mean: Vec<f64> = stats.iter().map(|s| s.mean()).collect();
     let var: Vec<f64> = stats.iter().map(|s| s.m2() / m).collect();
     let var_unbiased = stats.iter().map(|s| s.m2() / (m - 1.0)).collect();
-    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let y = map_elements(x, shape, layout, |c, v| {
         param(gamma, c, 1.0) * (v - mean[c]) * inv_std[c] + param(beta, c, 0.0)
     });
@@ -146,13 +149,13 @@ pub struct Grads {
 }
 
 /// Training-mode backward, with the batch statistics of `x` computed in f64.
-pub fn backward_training(
-    x: &[f32],
-    dy: &[f32],
+pub fn backward_training<T: Copy + Into<f64>>(
+    x: &[T],
+    dy: &[T],
     shape: Shape,
     layout: Layout,
-    gamma: Option<&[f32]>,
-    eps: f32,
+    gamma: Option<&[T]>,
+    eps: T,
 ) -> Grads {
     let t = training(x, shape, layout, None, None, eps);
     let m = shape.per_channel() as f64;
@@ -161,8 +164,8 @@ pub fn backward_training(
         let xs = channel(x, shape, layout, c);
         let gs = channel(dy, shape, layout, c);
         for (&xv, &g) in xs.iter().zip(&gs) {
-            dbeta[c] += g as f64;
-            dgamma[c] += (xv as f64 - t.mean[c]) * t.inv_std[c] * g as f64;
+            dbeta[c] += g.into();
+            dgamma[c] += (xv.into() - t.mean[c]) * t.inv_std[c] * g.into();
         }
     }
     let mut dx = vec![0.0; x.len()];
@@ -170,10 +173,10 @@ pub fn backward_training(
         for c in 0..shape.c() {
             for s in 0..shape.hw() {
                 let i = shape.index(layout, n, c, s);
-                let xhat = (x[i] as f64 - t.mean[c]) * t.inv_std[c];
+                let xhat = (x[i].into() - t.mean[c]) * t.inv_std[c];
                 dx[i] = param(gamma, c, 1.0)
                     * t.inv_std[c]
-                    * (dy[i] as f64 - dbeta[c] / m - xhat * dgamma[c] / m);
+                    * (dy[i].into() - dbeta[c] / m - xhat * dgamma[c] / m);
             }
         }
     }

@@ -43,14 +43,14 @@ impl ChannelStats {
 
     /// Statistics of a slice of values, computed in f64 with two passes (a reference-quality
     /// helper for small inputs; tensors go through [`crate::BatchNorm::statistics`]).
-    pub fn from_values(values: &[f32]) -> ChannelStats {
+    pub fn from_values<T: Copy + Into<f64>>(values: &[T]) -> ChannelStats {
         if values.is_empty() {
             return ChannelStats::default();
         }
         let n = values.len() as f64;
-        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let mean = values.iter().map(|&v| v.into()).sum::<f64>() / n;
         let (dev, m2) = values.iter().fold((0.0, 0.0), |(s, q), &v| {
-            let d = v as f64 - mean;
+            let d = v.into() - mean;
             (s + d, q + d * d)
         });
         // Corrected two-pass (Chan, Golub & LeVeque): removes the rounding left in `mean`.

@@ -1,0 +1,305 @@
+//! Every kind of bad input returns its documented error, and nothing is written.
+
+use batchnorm::{
+    Affine, Backend, BackwardMode, BatchNorm, BatchStats, ChannelStats, Error, GradMode, Layout,
+    Momentum, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, Variance,
+};
+
+#[test]
+fn shapes() {
+    assert_eq!(Shape::new(0, 3, 4), Err(Error::ZeroDimension { dim: "N" }));
+    assert_eq!(Shape::new(2, 0, 4), Err(Error::ZeroDimension { dim: "C" }));
+    assert_eq!(
+        Shape::new(2, 3, 0),
+        Err(Error::ZeroDimension { dim: "spatial" })
+    );
+    assert_eq!(
+        Shape::with_spatial(2, 3, &[4, 0]),
+        Err(Error::ZeroDimension { dim: "spatial" })
+    );
+    assert!(matches!(
+        Shape::new(usize::MAX, 2, 2),
+        Err(Error::ShapeOverflow { .. })
+    ));
+    assert!(matches!(
+        Shape::new(1 << 40, 1 << 20, 1 << 3),
+        Err(Error::ShapeOverflow { .. })
+    ));
+    assert!(matches!(
+        Shape::with_spatial(1, 1, &[1 << 40, 1 << 40]),
+        Err(Error::ShapeOverflow { .. })
+    ));
+    assert_eq!(Shape::with_spatial(2, 3, &[]).unwrap().hw(), 1);
+}
+
+#[test]
+fn epsilon_and_momentum() {
+    let bn = BatchNorm::new(Shape::new(2, 1, 2).unwrap(), Layout::Nchw);
+    for eps in [-1e-5, f32::NAN, f32::INFINITY, (-0.0f32).next_down()] {
+        assert!(
+            matches!(bn.with_eps(eps), Err(Error::InvalidEpsilon { .. })),
+            "{eps}"
+        );
+    }
+    assert!(bn.with_eps(0.0).is_ok());
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    for (momentum, want) in [
+        (
+            Momentum::NewWeight(1.5),
+            Error::InvalidMomentum { momentum: 1.5 },
+        ),
+        (
+            Momentum::NewWeight(-0.1),
+            Error::InvalidMomentum { momentum: -0.1 },
+        ),
+        (
+            Momentum::OldWeight(f32::NAN),
+            Error::InvalidMomentum { momentum: f32::NAN },
+        ),
+        (
+            Momentum::CumulativeAverage { batches_tracked: 0 },
+            Error::ZeroBatchesTracked,
+        ),
+    ] {
+        let (mut rm, mut rv) = ([7.0f32], [7.0f32]);
+        let (mut m, mut r) = ([7.0f32], [7.0f32]);
+        let mut y = [7.0f32; 4];
+        let update = RunningUpdate {
+            mean: &mut rm,
+            var: &mut rv,
+            momentum,
+            var_estimator: Variance::Biased,
+        };
+        let err = bn
+            .training(
+                &x,
+                &mut y,
+                None,
+                SavedStatsMut {
+                    mean: &mut m,
+                    inv_std: &mut r,
+                },
+                Some(update),
+            )
+            .unwrap_err();
+        match (&err, &want) {
+            (Error::InvalidMomentum { momentum: a }, Error::InvalidMomentum { momentum: b }) => {
+                assert!(a == b || (a.is_nan() && b.is_nan()))
+            }
+            _ => assert_eq!(err, want),
+        }
+        assert_eq!(
+            (y, m, r, rm, rv),
+            ([7.0; 4], [7.0], [7.0], [7.0], [7.0]),
+            "nothing written"
+        );
+    }
+}
+
+#[test]
+fn lengths_are_named() {
+    let shape = Shape::new(2, 3, 4).unwrap();
+    let bn = BatchNorm::new(shape, Layout::Nhwc);
+    let (x, short) = (vec![1.0f32; 24], vec![1.0f32; 23]);
+    let mut y = vec![7.0f32; 24];
+    let (c3, c2) = ([1.0f32; 3], [1.0f32; 2]);
+    let running = RunningStats {
+        mean: &c3,
+        var: &c3,
+    };
+    let mismatch = |arg, expected, actual| Error::LengthMismatch {
+        arg,
+        expected,
+        actual,
+    };
+
+    assert_eq!(bn.statistics(&short).unwrap_err(), mismatch("x", 24, 23));
+    assert_eq!(
+        bn.inference(&short, &mut y, running, None).unwrap_err(),
+        mismatch("x", 24, 23)
+    );
+    assert_eq!(
+        bn.inference(&x, &mut y[..20], running, None).unwrap_err(),
+        mismatch("y", 24, 20)
+    );
+    let bad = RunningStats {
+        mean: &c2,
+        var: &c3,
+    };
+    assert_eq!(
+        bn.inference(&x, &mut y, bad, None).unwrap_err(),
+        mismatch("running_mean", 3, 2)
+    );
+    let bad = RunningStats {
+        mean: &c3,
+        var: &c2,
+    };
+    assert_eq!(
+        bn.inference(&x, &mut y, bad, None).unwrap_err(),
+        mismatch("running_var", 3, 2)
+    );
+    let affine = Some(Affine {
+        gamma: &c2,
+        beta: &c3,
+    });
+    assert_eq!(
+        bn.inference(&x, &mut y, running, affine).unwrap_err(),
+        mismatch("gamma", 3, 2)
+    );
+    let affine = Some(Affine {
+        gamma: &c3,
+        beta: &c2,
+    });
+    assert_eq!(
+        bn.inference(&x, &mut y, running, affine).unwrap_err(),
+        mismatch("beta", 3, 2)
+    );
+    let mut xs = short.clone();
+    assert_eq!(
+        bn.inference_in_place(&mut xs, running, None).unwrap_err(),
+        mismatch("x", 24, 23)
+    );
+    assert!(y.iter().all(|&v| v == 7.0), "nothing written on error");
+
+    let (mut m3, mut r3, mut m2) = ([0.0f32; 3], [0.0f32; 3], [0.0f32; 2]);
+    let saved = SavedStatsMut {
+        mean: &mut m2,
+        inv_std: &mut r3,
+    };
+    assert_eq!(
+        bn.training(&x, &mut y, None, saved, None).unwrap_err(),
+        mismatch("saved_mean", 3, 2)
+    );
+    let saved = SavedStatsMut {
+        mean: &mut m3,
+        inv_std: &mut m2,
+    };
+    assert_eq!(
+        bn.training(&x, &mut y, None, saved, None).unwrap_err(),
+        mismatch("saved_inv_std", 3, 2)
+    );
+    let (mut rm, mut rv2) = ([0.0f32; 3], [0.0f32; 2]);
+    let saved = SavedStatsMut {
+        mean: &mut m3,
+        inv_std: &mut r3,
+    };
+    let update = Some(RunningUpdate::pytorch(&mut rm, &mut rv2));
+    assert_eq!(
+        bn.training(&x, &mut y, None, saved, update).unwrap_err(),
+        mismatch("running_var", 3, 2)
+    );
+
+    let saved = SavedStats {
+        mean: &c3,
+        inv_std: &c3,
+    };
+    let mode = BackwardMode::Training(saved);
+    let mut dx = vec![7.0f32; 24];
+    assert_eq!(
+        bn.backward(&x, &short, &mut dx, mode, None, None)
+            .unwrap_err(),
+        mismatch("dy", 24, 23)
+    );
+    assert_eq!(
+        bn.backward(&short, &x, &mut dx, mode, None, None)
+            .unwrap_err(),
+        mismatch("x", 24, 23)
+    );
+    assert_eq!(
+        bn.backward(&x, &x, &mut dx[..1], mode, None, None)
+            .unwrap_err(),
+        mismatch("dx", 24, 1)
+    );
+    assert_eq!(
+        bn.backward(&x, &x, &mut dx, mode, Some(&c2), None)
+            .unwrap_err(),
+        mismatch("gamma", 3, 2)
+    );
+    let bad = BackwardMode::Training(SavedStats {
+        mean: &c3,
+        inv_std: &c2,
+    });
+    assert_eq!(
+        bn.backward(&x, &x, &mut dx, bad, None, None).unwrap_err(),
+        mismatch("saved_inv_std", 3, 2)
+    );
+    let bad = BackwardMode::Frozen(RunningStats {
+        mean: &c2,
+        var: &c3,
+    });
+    assert_eq!(
+        bn.backward(&x, &x, &mut dx, bad, None, None).unwrap_err(),
+        mismatch("running_mean", 3, 2)
+    );
+    let (mut dg, mut db) = ([0.0f32; 2], [0.0f32; 3]);
+    let grads = Some(ParamGrads {
+        dgamma: &mut dg,
+        dbeta: &mut db,
+        mode: GradMode::Overwrite,
+    });
+    assert_eq!(
+        bn.backward(&x, &x, &mut dx, mode, None, grads).unwrap_err(),
+        mismatch("dgamma", 3, 2)
+    );
+    let mut g = short.clone();
+    assert_eq!(
+        bn.backward_in_place(&x, &mut g, mode, None, None)
+            .unwrap_err(),
+        mismatch("dy_dx", 24, 23)
+    );
+    assert!(dx.iter().all(|&v| v == 7.0), "nothing written on error");
+}
+
+#[test]
+fn statistics_errors() {
+    let mut a = BatchStats::from_channels(vec![ChannelStats::default(); 3]);
+    let b = BatchStats::from_channels(vec![ChannelStats::default(); 2]);
+    assert_eq!(
+        a.merge(&b),
+        Err(Error::ChannelMismatch {
+            expected: 3,
+            actual: 2
+        })
+    );
+    let one = ChannelStats::new(1, 2.0, 0.0);
+    assert_eq!(
+        one.variance(Variance::Unbiased),
+        Err(Error::TooFewValues { per_channel: 1 })
+    );
+    assert_eq!(one.variance(Variance::Biased), Ok(0.0));
+    assert_eq!(
+        ChannelStats::default().variance(Variance::Biased),
+        Err(Error::TooFewValues { per_channel: 0 })
+    );
+}
+
+#[test]
+fn backends() {
+    assert_eq!(Backend::from_name("avx2"), Some(Backend::Avx2Fma));
+    assert_eq!(Backend::from_name("nope"), None);
+    assert!(Backend::Portable.is_available());
+    let bn = BatchNorm::new(Shape::new(1, 1, 1).unwrap(), Layout::Nchw);
+    for b in Backend::ALL {
+        match bn.with_backend(b) {
+            Ok(op) => assert!(b.is_available() && op.backend() == b),
+            Err(e) => assert_eq!(e, Error::BackendUnavailable { backend: b.name() }),
+        }
+    }
+    // The default backend is the forced one when BATCHNORM_BACKEND is set, else the best.
+    match std::env::var("BATCHNORM_BACKEND") {
+        Ok(name) => assert_eq!(
+            Backend::detect().name(),
+            name,
+            "forced backend was not used"
+        ),
+        Err(_) => assert_eq!(Backend::detect(), Backend::available()[0]),
+    }
+    // Messages name the argument and both values.
+    let msg = Error::LengthMismatch {
+        arg: "gamma",
+        expected: 3,
+        actual: 2,
+    }
+    .to_string();
+    assert_eq!(msg, "`gamma` has length 2, expected 3");
+}
