@@ -56,3 +56,8 @@ pub use params::{
 pub use shape::{Layout, Shape};
 pub use simd::Backend;
 pub use stats::{BatchStats, ChannelStats, Variance};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
