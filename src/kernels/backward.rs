@@ -3,7 +3,7 @@
 
 use super::normalize::InOut;
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, reduce_f64};
-use crate::simd::{Kernel, MAX_LANES, Simd};
+use crate::simd::{Kernel, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -149,19 +149,19 @@ pub(crate) struct DxParams {
     pub c: f32,
 }
 
+/// A lane-wise map of (x, dy) for [`dx_stream`] (a trait, not a closure: see `VectorMap`).
+trait DxMap<S: Simd> {
+    fn apply(&self, s: S, phase: usize, x: S::V, dy: S::V) -> S::V;
+}
+
+/// Applies `op` to every vector of x and of the dy → dx stream, passing the offset modulo `period`.
 #[inline(always)]
-fn dx_stream<S: Simd, IO: InOut>(
-    s: S,
-    x: &[f32],
-    mut io: IO,
-    period: usize,
-    f: impl Fn(usize, S::V, S::V) -> S::V,
-) {
+fn dx_stream<S: Simd, IO: InOut>(s: S, x: &[f32], mut io: IO, period: usize, op: &impl DxMap<S>) {
     let (n, l) = (io.len().min(x.len()), S::LANES);
     let (mut i, mut phase) = (0, 0);
     while i + l <= n {
         let (xv, g) = (s.load(&x[i..]), s.load(&io.src()[i..]));
-        s.store(&mut io.dst()[i..], f(phase, xv, g));
+        s.store(&mut io.dst()[i..], op.apply(s, phase, xv, g));
         i += l;
         phase += l;
         if phase >= period {
@@ -171,7 +171,39 @@ fn dx_stream<S: Simd, IO: InOut>(
     if i < n {
         let xv = s.load_partial(&x[i..n], 0.0);
         let g = s.load_partial(&io.src()[i..n], 0.0);
-        s.store_partial(&mut io.dst()[i..n], f(phase, xv, g));
+        s.store_partial(&mut io.dst()[i..n], op.apply(s, phase, xv, g));
+    }
+}
+
+/// `a·dy + b·(x − shift) + c` with the same parameters in every lane.
+struct SplatDx<V> {
+    shift: V,
+    a: V,
+    b: V,
+    c: V,
+}
+
+impl<S: Simd> DxMap<S> for SplatDx<S::V> {
+    #[inline(always)]
+    fn apply(&self, s: S, _: usize, x: S::V, g: S::V) -> S::V {
+        s.mul_add(self.b, s.sub(x, self.shift), s.mul_add(self.a, g, self.c))
+    }
+}
+
+/// `a[p]·dy + b[p]·(x − shift[p]) + c[p]` with parameters per position of the period.
+struct PeriodicDx {
+    shift: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl<S: Simd> DxMap<S> for PeriodicDx {
+    #[inline(always)]
+    fn apply(&self, s: S, p: usize, x: S::V, g: S::V) -> S::V {
+        let xd = s.sub(x, s.load(&self.shift[p..]));
+        let ag = s.mul_add(s.load(&self.a[p..]), g, s.load(&self.c[p..]));
+        s.mul_add(s.load(&self.b[p..]), xd, ag)
     }
 }
 
@@ -188,10 +220,13 @@ impl<IO: InOut> Kernel for DxRun<'_, IO> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         let p = self.p;
-        let (k, a, b, c) = (s.splat(p.shift), s.splat(p.a), s.splat(p.b), s.splat(p.c));
-        dx_stream(s, self.x, self.io, S::LANES, |_, x, g| {
-            s.mul_add(b, s.sub(x, k), s.mul_add(a, g, c))
-        });
+        let op = SplatDx {
+            shift: s.splat(p.shift),
+            a: s.splat(p.a),
+            b: s.splat(p.b),
+            c: s.splat(p.c),
+        };
+        dx_stream(s, self.x, self.io, S::LANES, &op);
     }
 }
 
@@ -207,29 +242,20 @@ impl<IO: InOut> Kernel for DxPeriodic<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let ch = self.params.len();
-        if ch == 0 {
+        if self.params.is_empty() {
             return;
         }
-        let per = period(ch, S::LANES);
+        let per = period(self.params.len(), S::LANES);
         let field = |f: fn(&DxParams) -> f32| {
             let v: Vec<f32> = self.params.iter().map(f).collect();
             expand_periodic(&v, per)
         };
-        let (k, a, b, c) = (
-            field(|p| p.shift),
-            field(|p| p.a),
-            field(|p| p.b),
-            field(|p| p.c),
-        );
-        debug_assert!(per.is_multiple_of(S::LANES) && per <= k.len() && S::LANES <= MAX_LANES);
-        dx_stream(s, self.x, self.io, per, |o, x, g| {
-            let xd = s.sub(x, s.load(&k[o..]));
-            s.mul_add(
-                s.load(&b[o..]),
-                xd,
-                s.mul_add(s.load(&a[o..]), g, s.load(&c[o..])),
-            )
-        });
+        let op = PeriodicDx {
+            shift: field(|p| p.shift),
+            a: field(|p| p.a),
+            b: field(|p| p.b),
+            c: field(|p| p.c),
+        };
+        dx_stream(s, self.x, self.io, per, &op);
     }
 }

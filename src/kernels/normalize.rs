@@ -53,20 +53,23 @@ impl InOut for InPlace<'_> {
     }
 }
 
-/// Applies `f(phase, v)` to every vector of the stream (whole vectors, then one partial vector),
-/// where `phase` is the vector's offset modulo `period` (a multiple of the lane count).
+/// A lane-wise map applied by [`stream`]. A trait with `#[inline(always)]` methods rather than a
+/// closure: a closure may be compiled out of line, outside the target-feature entry point, where its
+/// intrinsics would become calls.
+pub(crate) trait VectorMap<S: Simd> {
+    /// The output vector for input `x` at `phase` (offset modulo the period).
+    fn apply(&self, s: S, phase: usize, x: S::V) -> S::V;
+}
+
+/// Applies `op` to every vector of the stream (whole vectors, then one partial vector), passing
+/// each vector's offset modulo `period` (a multiple of the lane count).
 #[inline(always)]
-pub(crate) fn stream<S: Simd, IO: InOut>(
-    s: S,
-    mut io: IO,
-    period: usize,
-    f: impl Fn(usize, S::V) -> S::V,
-) {
+pub(crate) fn stream<S: Simd, IO: InOut>(s: S, mut io: IO, period: usize, op: &impl VectorMap<S>) {
     let (n, l) = (io.len(), S::LANES);
     let (mut i, mut phase) = (0, 0);
     while i + l <= n {
         let v = s.load(&io.src()[i..]);
-        s.store(&mut io.dst()[i..], f(phase, v));
+        s.store(&mut io.dst()[i..], op.apply(s, phase, v));
         i += l;
         phase += l;
         if phase >= period {
@@ -75,7 +78,40 @@ pub(crate) fn stream<S: Simd, IO: InOut>(
     }
     if i < n {
         let v = s.load_partial(&io.src()[i..n], 0.0);
-        s.store_partial(&mut io.dst()[i..n], f(phase, v));
+        s.store_partial(&mut io.dst()[i..n], op.apply(s, phase, v));
+    }
+}
+
+/// `scale·(x − shift) + bias` with the same parameters in every lane.
+struct Splat<V> {
+    shift: V,
+    scale: V,
+    bias: V,
+}
+
+impl<S: Simd> VectorMap<S> for Splat<S::V> {
+    #[inline(always)]
+    fn apply(&self, s: S, _: usize, x: S::V) -> S::V {
+        s.mul_add(s.sub(x, self.shift), self.scale, self.bias)
+    }
+}
+
+/// `scale[p]·(x − shift[p]) + bias[p]` with parameters per position of the period.
+struct Periodic {
+    shift: Vec<f32>,
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl<S: Simd> VectorMap<S> for Periodic {
+    #[inline(always)]
+    fn apply(&self, s: S, p: usize, x: S::V) -> S::V {
+        let k = s.load(&self.shift[p..]);
+        s.mul_add(
+            s.sub(x, k),
+            s.load(&self.scale[p..]),
+            s.load(&self.bias[p..]),
+        )
     }
 }
 
@@ -92,8 +128,12 @@ impl<IO: InOut> Kernel for AffineRun<IO> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let (k, a, b) = (s.splat(self.shift), s.splat(self.scale), s.splat(self.bias));
-        stream(s, self.io, S::LANES, |_, x| s.mul_add(s.sub(x, k), a, b));
+        let op = Splat {
+            shift: s.splat(self.shift),
+            scale: s.splat(self.scale),
+            bias: s.splat(self.bias),
+        };
+        stream(s, self.io, S::LANES, &op);
     }
 }
 
@@ -115,13 +155,11 @@ impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
             return;
         }
         let per = super::period(c, S::LANES);
-        let (k, a, b) = (
-            expand_periodic(&self.shift[..c], per),
-            expand_periodic(&self.scale[..c], per),
-            expand_periodic(&self.bias[..c], per),
-        );
-        stream(s, self.io, per, |o, x| {
-            s.mul_add(s.sub(x, s.load(&k[o..])), s.load(&a[o..]), s.load(&b[o..]))
-        });
+        let op = Periodic {
+            shift: expand_periodic(&self.shift[..c], per),
+            scale: expand_periodic(&self.scale[..c], per),
+            bias: expand_periodic(&self.bias[..c], per),
+        };
+        stream(s, self.io, per, &op);
     }
 }
