@@ -1,0 +1,587 @@
+//! Criterion benchmarks of the crate's operations, with in-run baselines.
+//!
+//! Groups `inference`, `training`, `backward` and `statistics` time each operation on both
+//! layouts, a set of CNN shapes and 1 and all threads, with ids `layout/NxCxHxW/tT/impl` where
+//! `impl` is `batchnorm` (the crate), `copy` (copy x into y with as many threads: the memory-bound
+//! floor) or `scalar` (a plain scalar implementation in this file, single-threaded, run at t1
+//! only). Group `backends` compares the SIMD backends this CPU has on in-cache shapes, single
+//! thread. `Throughput::Bytes` is the op's minimal traffic: inference and training forward
+//! 8 B/element (read x, write y), backward 12 (read x and dy, write dx), statistics 4; copy 8.
+//!
+//! `cargo bench --bench batchnorm` runs everything (about 12 minutes on 2 cores);
+//! `BATCHNORM_BENCH_QUICK=1 cargo bench --bench batchnorm` runs 3 shapes with shorter times.
+//! A Markdown summary is printed at the end (also `cargo run --release --example bench_summary`).
+
+#[path = "support/summary.rs"]
+mod summary;
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use batchnorm::{
+    Affine, Backend, BackwardMode, BatchNorm, GradMode, Layout, Parallelism, ParamGrads,
+    RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
+use rayon::prelude::*;
+
+/// (N, C, H, W) of the main groups.
+const SHAPES: [[usize; 4]; 8] = [
+    [1, 64, 112, 112],
+    [1, 256, 56, 56],
+    [1, 1024, 7, 7],
+    [8, 64, 56, 56],
+    [32, 64, 56, 56],
+    [32, 256, 14, 14],
+    [256, 2048, 1, 1],
+    [1, 3, 224, 224],
+];
+
+/// Shapes of the quick mode: large HW, small HW with many channels, HW = 1.
+const QUICK_SHAPES: [[usize; 4]; 3] = [[1, 64, 112, 112], [1, 1024, 7, 7], [256, 2048, 1, 1]];
+
+/// In-cache shapes of the `backends` group.
+const BACKEND_SHAPES: [[usize; 4]; 2] = [[1, 64, 28, 28], [8, 64, 14, 14]];
+
+const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+/// Run settings: the full suite or the quick mode (`BATCHNORM_BENCH_QUICK` set, not `0`).
+struct Config {
+    shapes: Vec<[usize; 4]>,
+    threads: Vec<usize>,
+    warm_up: Duration,
+    measurement: Duration,
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let quick = std::env::var("BATCHNORM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut threads = vec![1, cores];
+        threads.dedup();
+        if quick {
+            Config {
+                shapes: QUICK_SHAPES.to_vec(),
+                threads,
+                warm_up: Duration::from_millis(100),
+                measurement: Duration::from_millis(300),
+            }
+        } else {
+            Config {
+                shapes: SHAPES.to_vec(),
+                threads,
+                warm_up: Duration::from_millis(300),
+                measurement: Duration::from_millis(1000),
+            }
+        }
+    }
+
+    fn group<'a>(&self, c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+        let mut g = c.benchmark_group(name);
+        g.sample_size(10)
+            .warm_up_time(self.warm_up)
+            .measurement_time(self.measurement)
+            // Flat: every sample runs the same number of iterations, so a slow case (the scalar
+            // baseline on a 25 MB tensor) takes 10 iterations, not 55 as with linear sampling.
+            .sampling_mode(SamplingMode::Flat);
+        g
+    }
+}
+
+fn shape_name([n, c, h, w]: [usize; 4]) -> String {
+    format!("{n}x{c}x{h}x{w}")
+}
+
+fn layout_name(layout: Layout) -> &'static str {
+    match layout {
+        Layout::Nchw => "nchw",
+        Layout::Nhwc => "nhwc",
+    }
+}
+
+fn make_shape([n, c, h, w]: [usize; 4]) -> Shape {
+    Shape::with_spatial(n, c, &[h, w]).expect("benchmark shape")
+}
+
+/// Deterministic values in [lo, hi) (xorshift64*).
+fn fill(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        })
+        .collect()
+}
+
+/// Every buffer one shape needs, allocated once, outside the timed loops.
+struct Buffers {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    dy: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    running_mean: Vec<f32>,
+    running_var: Vec<f32>,
+    saved_mean: Vec<f32>,
+    saved_inv_std: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+    scratch: Scratch,
+}
+
+impl Buffers {
+    fn new(shape: Shape) -> Buffers {
+        let (len, c) = (shape.len(), shape.c());
+        Buffers {
+            x: fill(len, 1, -1.0, 3.0),
+            y: vec![0.0; len],
+            dy: fill(len, 2, -1.0, 1.0),
+            gamma: fill(c, 3, 0.5, 1.5),
+            beta: fill(c, 4, -0.5, 0.5),
+            running_mean: fill(c, 5, 0.5, 1.5),
+            running_var: fill(c, 6, 1.0, 2.0),
+            saved_mean: vec![0.0; c],
+            saved_inv_std: vec![0.0; c],
+            dgamma: vec![0.0; c],
+            dbeta: vec![0.0; c],
+            scratch: Scratch::new(c),
+        }
+    }
+}
+
+/// `dst = src` on the current rayon pool: the memory-bound floor for an op that reads one tensor
+/// and writes one (a plain `copy_from_slice` when the pool has one thread).
+fn copy(src: &[f32], dst: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 {
+        dst.copy_from_slice(src);
+    } else {
+        let chunk = src.len().div_ceil(threads).max(4096);
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar baseline: what one writes without thinking about SIMD. Two-pass statistics per channel
+// (sum, then sum of squared deviations, in f32), then a separate normalize loop. The loops walk
+// memory in order, keeping per-channel accumulators in `Scratch`.
+
+/// Per-channel scratch of the scalar baseline, preallocated.
+struct Scratch {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(c: usize) -> Scratch {
+        Scratch {
+            mean: vec![0.0; c],
+            var: vec![0.0; c],
+            scale: vec![0.0; c],
+            shift: vec![0.0; c],
+        }
+    }
+}
+
+/// Two-pass biased mean and variance per channel into `s.mean`, `s.var`.
+fn scalar_statistics(shape: Shape, layout: Layout, x: &[f32], s: &mut Scratch) {
+    let (c, hw, m) = (shape.c(), shape.hw(), shape.per_channel() as f32);
+    s.mean.fill(0.0);
+    s.var.fill(0.0);
+    match layout {
+        Layout::Nchw => {
+            for (i, run) in x.chunks_exact(hw).enumerate() {
+                let mut sum = 0.0f32;
+                for &v in run {
+                    sum += v;
+                }
+                s.mean[i % c] += sum;
+            }
+            s.mean.iter_mut().for_each(|v| *v /= m);
+            for (i, run) in x.chunks_exact(hw).enumerate() {
+                let mean = s.mean[i % c];
+                let mut sq = 0.0f32;
+                for &v in run {
+                    sq += (v - mean) * (v - mean);
+                }
+                s.var[i % c] += sq;
+            }
+        }
+        Layout::Nhwc => {
+            for px in x.chunks_exact(c) {
+                for (acc, &v) in s.mean.iter_mut().zip(px) {
+                    *acc += v;
+                }
+            }
+            s.mean.iter_mut().for_each(|v| *v /= m);
+            for px in x.chunks_exact(c) {
+                for ((acc, &v), &mean) in s.var.iter_mut().zip(px).zip(&s.mean) {
+                    *acc += (v - mean) * (v - mean);
+                }
+            }
+        }
+    }
+    s.var.iter_mut().for_each(|v| *v /= m);
+}
+
+/// `y = x·scale[c] + shift[c]`.
+fn scalar_apply(shape: Shape, layout: Layout, x: &[f32], y: &mut [f32], s: &Scratch) {
+    let (c, hw) = (shape.c(), shape.hw());
+    match layout {
+        Layout::Nchw => {
+            for (i, (xr, yr)) in x.chunks_exact(hw).zip(y.chunks_exact_mut(hw)).enumerate() {
+                let (a, b) = (s.scale[i % c], s.shift[i % c]);
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = v * a + b;
+                }
+            }
+        }
+        Layout::Nhwc => {
+            for (xp, yp) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+                for (((o, &v), &a), &b) in yp.iter_mut().zip(xp).zip(&s.scale).zip(&s.shift) {
+                    *o = v * a + b;
+                }
+            }
+        }
+    }
+}
+
+/// Per-channel `scale = γ/sqrt(var + ε)`, `shift = β − mean·scale` from `s.mean`, `s.var`.
+fn scalar_affine(gamma: &[f32], beta: &[f32], eps: f32, s: &mut Scratch) {
+    for ch in 0..gamma.len() {
+        let scale = gamma[ch] / (s.var[ch] + eps).sqrt();
+        s.scale[ch] = scale;
+        s.shift[ch] = beta[ch] - s.mean[ch] * scale;
+    }
+}
+
+fn scalar_inference(shape: Shape, layout: Layout, b: &mut Buffers) {
+    b.scratch.mean.copy_from_slice(&b.running_mean);
+    b.scratch.var.copy_from_slice(&b.running_var);
+    scalar_affine(&b.gamma, &b.beta, 1e-5, &mut b.scratch);
+    scalar_apply(shape, layout, &b.x, &mut b.y, &b.scratch);
+}
+
+fn scalar_training(shape: Shape, layout: Layout, b: &mut Buffers) {
+    scalar_statistics(shape, layout, &b.x, &mut b.scratch);
+    scalar_affine(&b.gamma, &b.beta, 1e-5, &mut b.scratch);
+    scalar_apply(shape, layout, &b.x, &mut b.y, &b.scratch);
+    let m = shape.per_channel() as f32;
+    for ch in 0..shape.c() {
+        let (mean, var) = (b.scratch.mean[ch], b.scratch.var[ch]);
+        b.saved_mean[ch] = mean;
+        b.saved_inv_std[ch] = 1.0 / (var + 1e-5).sqrt();
+        b.running_mean[ch] = 0.9 * b.running_mean[ch] + 0.1 * mean;
+        b.running_var[ch] = 0.9 * b.running_var[ch] + 0.1 * var * m / (m - 1.0);
+    }
+}
+
+/// Textbook training-mode backward, two passes: `dβ = Σdy`, `dγ = Σdy·x̂`, then
+/// `dx = γ·r/M·(M·dy − dβ − x̂·dγ)` with `x̂ = (x − μ)·r`.
+fn scalar_backward(shape: Shape, layout: Layout, b: &mut Buffers) {
+    let (c, hw, m) = (shape.c(), shape.hw(), shape.per_channel() as f32);
+    let (mean, inv_std) = (&b.saved_mean, &b.saved_inv_std);
+    let (x, dy, dx) = (&b.x, &b.dy, &mut b.y);
+    b.dbeta.fill(0.0);
+    b.dgamma.fill(0.0);
+    match layout {
+        Layout::Nchw => {
+            for (i, (xr, dyr)) in x.chunks_exact(hw).zip(dy.chunks_exact(hw)).enumerate() {
+                let ch = i % c;
+                let (mu, r) = (mean[ch], inv_std[ch]);
+                let (mut sdy, mut sdyx) = (0.0f32, 0.0f32);
+                for (&v, &g) in xr.iter().zip(dyr) {
+                    sdy += g;
+                    sdyx += g * (v - mu) * r;
+                }
+                b.dbeta[ch] += sdy;
+                b.dgamma[ch] += sdyx;
+            }
+            for (i, ((xr, dyr), dxr)) in x
+                .chunks_exact(hw)
+                .zip(dy.chunks_exact(hw))
+                .zip(dx.chunks_exact_mut(hw))
+                .enumerate()
+            {
+                let ch = i % c;
+                let (mu, r) = (mean[ch], inv_std[ch]);
+                let k = b.gamma[ch] * r / m;
+                let (db, dg) = (b.dbeta[ch], b.dgamma[ch]);
+                for ((o, &v), &g) in dxr.iter_mut().zip(xr).zip(dyr) {
+                    *o = k * (m * g - db - (v - mu) * r * dg);
+                }
+            }
+        }
+        Layout::Nhwc => {
+            for (xp, dyp) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+                for ch in 0..c {
+                    b.dbeta[ch] += dyp[ch];
+                    b.dgamma[ch] += dyp[ch] * (xp[ch] - mean[ch]) * inv_std[ch];
+                }
+            }
+            for ((xp, dyp), dxp) in x
+                .chunks_exact(c)
+                .zip(dy.chunks_exact(c))
+                .zip(dx.chunks_exact_mut(c))
+            {
+                for ch in 0..c {
+                    let r = inv_std[ch];
+                    let k = b.gamma[ch] * r / m;
+                    dxp[ch] =
+                        k * (m * dyp[ch] - b.dbeta[ch] - (xp[ch] - mean[ch]) * r * b.dgamma[ch]);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The crate's operations, called as a user would.
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Inference,
+    Training,
+    Backward,
+    Statistics,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Inference => "inference",
+            Op::Training => "training",
+            Op::Backward => "backward",
+            Op::Statistics => "statistics",
+        }
+    }
+
+    /// Minimal memory traffic, bytes per element.
+    fn bytes_per_element(self) -> u64 {
+        match self {
+            Op::Inference | Op::Training => 8,
+            Op::Backward => 12,
+            Op::Statistics => 4,
+        }
+    }
+
+    /// One call of the crate's operation.
+    fn run(self, bn: &BatchNorm, b: &mut Buffers) {
+        let affine = Affine {
+            gamma: &b.gamma,
+            beta: &b.beta,
+        };
+        match self {
+            Op::Inference => {
+                let running = RunningStats {
+                    mean: &b.running_mean,
+                    var: &b.running_var,
+                };
+                bn.inference(&b.x, &mut b.y, running, Some(affine))
+                    .expect("inference");
+            }
+            Op::Training => {
+                let saved = SavedStatsMut {
+                    mean: &mut b.saved_mean,
+                    inv_std: &mut b.saved_inv_std,
+                };
+                let update = RunningUpdate::pytorch(&mut b.running_mean, &mut b.running_var);
+                black_box(
+                    bn.training(&b.x, &mut b.y, Some(affine), saved, Some(update))
+                        .expect("training"),
+                );
+            }
+            Op::Backward => {
+                let saved = SavedStats {
+                    mean: &b.saved_mean,
+                    inv_std: &b.saved_inv_std,
+                };
+                let grads = ParamGrads {
+                    dgamma: &mut b.dgamma,
+                    dbeta: &mut b.dbeta,
+                    mode: GradMode::Overwrite,
+                };
+                bn.backward(
+                    &b.x,
+                    &b.dy,
+                    &mut b.y,
+                    BackwardMode::Training(saved),
+                    Some(&b.gamma),
+                    Some(grads),
+                )
+                .expect("backward");
+            }
+            Op::Statistics => {
+                black_box(bn.statistics(&b.x).expect("statistics"));
+            }
+        }
+    }
+
+    fn run_scalar(self, shape: Shape, layout: Layout, b: &mut Buffers) {
+        match self {
+            Op::Inference => scalar_inference(shape, layout, b),
+            Op::Training => scalar_training(shape, layout, b),
+            Op::Backward => scalar_backward(shape, layout, b),
+            Op::Statistics => {
+                scalar_statistics(shape, layout, &b.x, &mut b.scratch);
+                black_box(&b.scratch.var);
+            }
+        }
+    }
+
+    /// The copy baseline: x into y, or dy into dx (here `y`) for backward.
+    fn run_copy(self, b: &mut Buffers) {
+        let src = if self == Op::Backward { &b.dy } else { &b.x };
+        copy(src, &mut b.y);
+    }
+}
+
+/// Checks once, before timing, that the scalar baseline computes what the crate computes (loose
+/// tolerance: the baseline sums in f32), so a ratio never compares against a wrong baseline.
+fn check_scalar(op: Op, shape: Shape, layout: Layout, bn: &BatchNorm, b: &mut Buffers) {
+    let close = |got: f32, want: f32, scale: f32| (got - want).abs() <= 1e-3 * (1.0 + scale);
+    prepare(op, bn, b);
+    if op == Op::Statistics {
+        let stats = bn.statistics(&b.x).expect("statistics");
+        op.run_scalar(shape, layout, b);
+        for (ch, s) in stats.channels().iter().enumerate() {
+            let var = (s.m2() / s.count() as f64) as f32;
+            assert!(
+                close(b.scratch.mean[ch], s.mean() as f32, s.mean().abs() as f32)
+                    && close(b.scratch.var[ch], var, var),
+                "scalar statistics differ from the crate's: {shape:?} {layout:?} channel {ch}"
+            );
+        }
+    } else {
+        op.run(bn, b);
+        let want = b.y.clone();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        op.run_scalar(shape, layout, b);
+        let bad =
+            b.y.iter()
+                .zip(&want)
+                .position(|(&g, &w)| !close(g, w, scale));
+        assert!(
+            bad.is_none(),
+            "scalar {} differs from the crate's: {shape:?} {layout:?} at {bad:?}",
+            op.name()
+        );
+    }
+}
+
+/// Saved statistics from a real training call, as backward's input.
+fn prepare(op: Op, bn: &BatchNorm, b: &mut Buffers) {
+    if op == Op::Backward {
+        Op::Training.run(bn, b);
+    }
+}
+
+fn bench_op(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool], op: Op) {
+    let mut group = cfg.group(c, op.name());
+    for &dims in &cfg.shapes {
+        let shape = make_shape(dims);
+        let mut b = Buffers::new(shape);
+        let elements = shape.len() as u64;
+        for layout in LAYOUTS {
+            let bn = BatchNorm::new(shape, layout).with_parallelism(Parallelism::Rayon);
+            check_scalar(op, shape, layout, &bn, &mut b);
+            prepare(op, &bn, &mut b);
+            for (&t, pool) in cfg.threads.iter().zip(pools) {
+                let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
+                group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
+                group.bench_function(format!("{base}/batchnorm"), |bench| {
+                    pool.install(|| bench.iter(|| op.run(&bn, &mut b)))
+                });
+                group.throughput(Throughput::Bytes(8 * elements));
+                group.bench_function(format!("{base}/copy"), |bench| {
+                    pool.install(|| bench.iter(|| op.run_copy(&mut b)))
+                });
+                if t == 1 {
+                    group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
+                    group.bench_function(format!("{base}/scalar"), |bench| {
+                        bench.iter(|| op.run_scalar(shape, layout, &mut b))
+                    });
+                    // The scalar training baseline rewrites the saved statistics: restore them.
+                    prepare(op, &bn, &mut b);
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+/// Every available backend on in-cache shapes, single thread, with copy and scalar references.
+fn bench_backends(c: &mut Criterion, cfg: &Config) {
+    let mut group = cfg.group(c, "backends");
+    for dims in BACKEND_SHAPES {
+        let shape = make_shape(dims);
+        let mut b = Buffers::new(shape);
+        let elements = shape.len() as u64;
+        group.throughput(Throughput::Bytes(8 * elements));
+        group.bench_function(format!("copy/{}", shape_name(dims)), |bench| {
+            bench.iter(|| b.y.copy_from_slice(&b.x))
+        });
+        for op in [Op::Statistics, Op::Inference, Op::Training] {
+            group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
+            for layout in LAYOUTS {
+                let base = format!("{}/{}/{}", op.name(), layout_name(layout), shape_name(dims));
+                group.bench_function(format!("{base}/scalar"), |bench| {
+                    bench.iter(|| op.run_scalar(shape, layout, &mut b))
+                });
+                for backend in Backend::available() {
+                    let bn = BatchNorm::new(shape, layout)
+                        .with_parallelism(Parallelism::Sequential)
+                        .with_backend(backend)
+                        .expect("available backend");
+                    group.bench_function(format!("{base}/{}", backend.name()), |bench| {
+                        bench.iter(|| op.run(&bn, &mut b))
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+fn main() {
+    let cfg = Config::from_env();
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not and `--test` or `--list`
+    // measure nothing: only a measuring run leaves a marker and prints the summary.
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    let measuring = has("--bench") && !has("--test") && !has("--list");
+    if measuring && let Err(e) = summary::mark_run_start() {
+        eprintln!("cannot write the run marker: {e}");
+    }
+    let pools: Vec<rayon::ThreadPool> = cfg
+        .threads
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .expect("thread pool")
+        })
+        .collect();
+    let mut c = Criterion::default()
+        .without_plots()
+        .nresamples(10_000)
+        .configure_from_args();
+    for op in [Op::Inference, Op::Training, Op::Backward, Op::Statistics] {
+        bench_op(&mut c, &cfg, &pools, op);
+    }
+    bench_backends(&mut c, &cfg);
+    c.final_summary();
+    if measuring {
+        println!("\n{}", summary::report(&summary::criterion_home(), true));
+    }
+}
