@@ -10,6 +10,10 @@ use crate::kernels::{
 };
 use crate::par::SharedMut;
 
+/// Fewest rows per block: each block costs one f64 merge per lane and channel, which this many
+/// Welford steps amortize.
+const MIN_ROWS: usize = 64;
+
 /// The fixed split of the rows into blocks.
 #[derive(Clone, Copy)]
 struct Blocks {
@@ -24,7 +28,7 @@ impl Blocks {
         Blocks {
             c,
             rows: ctx.shape.per_channel(),
-            rows_per_block: (BLOCK / c).max(1),
+            rows_per_block: (BLOCK / c).max(MIN_ROWS),
         }
     }
     fn count(&self) -> usize {

@@ -1,7 +1,7 @@
 //! Backward kernels: one fused reduction reading x and dy once (Σdy, Σ(x−K)·dy, Σ(x−K)), and one
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
-use super::normalize::InOut;
+use super::normalize::{InOut, VectorMap, stream};
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, reduce_f64};
 use crate::simd::{Kernel, Simd};
 
@@ -149,32 +149,6 @@ pub(crate) struct DxParams {
     pub c: f32,
 }
 
-/// A lane-wise map of (x, dy) for [`dx_stream`] (a trait, not a closure: see `VectorMap`).
-trait DxMap<S: Simd> {
-    fn apply(&self, s: S, phase: usize, x: S::V, dy: S::V) -> S::V;
-}
-
-/// Applies `op` to every vector of x and of the dy → dx stream, passing the offset modulo `period`.
-#[inline(always)]
-fn dx_stream<S: Simd, IO: InOut>(s: S, x: &[f32], mut io: IO, period: usize, op: &impl DxMap<S>) {
-    let (n, l) = (io.len().min(x.len()), S::LANES);
-    let (mut i, mut phase) = (0, 0);
-    while i + l <= n {
-        let (xv, g) = (s.load(&x[i..]), s.load(&io.src()[i..]));
-        s.store(&mut io.dst()[i..], op.apply(s, phase, xv, g));
-        i += l;
-        phase += l;
-        if phase >= period {
-            phase = 0;
-        }
-    }
-    if i < n {
-        let xv = s.load_partial(&x[i..n], 0.0);
-        let g = s.load_partial(&io.src()[i..n], 0.0);
-        s.store_partial(&mut io.dst()[i..n], op.apply(s, phase, xv, g));
-    }
-}
-
 /// `a·dy + b·(x − shift) + c` with the same parameters in every lane.
 struct SplatDx<V> {
     shift: V,
@@ -183,9 +157,9 @@ struct SplatDx<V> {
     c: V,
 }
 
-impl<S: Simd> DxMap<S> for SplatDx<S::V> {
+impl<S: Simd> VectorMap<S> for SplatDx<S::V> {
     #[inline(always)]
-    fn apply(&self, s: S, _: usize, x: S::V, g: S::V) -> S::V {
+    fn apply(&self, s: S, _: usize, g: S::V, x: S::V) -> S::V {
         s.mul_add(self.b, s.sub(x, self.shift), s.mul_add(self.a, g, self.c))
     }
 }
@@ -198,12 +172,27 @@ struct PeriodicDx {
     c: Vec<f32>,
 }
 
-impl<S: Simd> DxMap<S> for PeriodicDx {
+impl<S: Simd> VectorMap<S> for PeriodicDx {
     #[inline(always)]
-    fn apply(&self, s: S, p: usize, x: S::V, g: S::V) -> S::V {
-        let xd = s.sub(x, s.load(&self.shift[p..]));
-        let ag = s.mul_add(s.load(&self.a[p..]), g, s.load(&self.c[p..]));
-        s.mul_add(s.load(&self.b[p..]), xd, ag)
+    fn apply(&self, s: S, p: usize, g: S::V, x: S::V) -> S::V {
+        let len = self
+            .shift
+            .len()
+            .min(self.a.len())
+            .min(self.b.len())
+            .min(self.c.len());
+        debug_assert!(p + S::LANES <= len);
+        // SAFETY: the phase `p` is a vector offset inside the period and every array holds one
+        // whole period (built by `expand_periodic(.., period)`).
+        unsafe {
+            let k = s.load_ptr(self.shift.as_ptr().add(p));
+            let (a, b) = (
+                s.load_ptr(self.a.as_ptr().add(p)),
+                s.load_ptr(self.b.as_ptr().add(p)),
+            );
+            let c = s.load_ptr(self.c.as_ptr().add(p));
+            s.mul_add(b, s.sub(x, k), s.mul_add(a, g, c))
+        }
     }
 }
 
@@ -226,7 +215,7 @@ impl<IO: InOut> Kernel for DxRun<'_, IO> {
             b: s.splat(p.b),
             c: s.splat(p.c),
         };
-        dx_stream(s, self.x, self.io, S::LANES, &op);
+        stream(s, self.io, Some(self.x), 4 * S::LANES, &op);
     }
 }
 
@@ -256,6 +245,6 @@ impl<IO: InOut> Kernel for DxPeriodic<'_, IO> {
             b: field(|p| p.b),
             c: field(|p| p.c),
         };
-        dx_stream(s, self.x, self.io, per, &op);
+        stream(s, self.io, Some(self.x), per, &op);
     }
 }

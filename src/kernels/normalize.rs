@@ -9,9 +9,11 @@ use crate::simd::{Kernel, Simd};
 
 /// Where a streaming kernel reads its input and writes its output: two slices, or one in place.
 pub(crate) trait InOut {
+    /// Elements to process.
     fn len(&self) -> usize;
-    fn src(&self) -> &[f32];
-    fn dst(&mut self) -> &mut [f32];
+    /// Read and write pointers, each valid for `len()` elements (equal when in place). They come
+    /// from one call so that, in place, both derive from the same `&mut`.
+    fn ptrs(&mut self) -> (*const f32, *mut f32);
 }
 
 /// Read `src`, write `dst` (the shorter length counts).
@@ -26,12 +28,8 @@ impl InOut for OutOfPlace<'_> {
         self.src.len().min(self.dst.len())
     }
     #[inline(always)]
-    fn src(&self) -> &[f32] {
-        self.src
-    }
-    #[inline(always)]
-    fn dst(&mut self) -> &mut [f32] {
-        self.dst
+    fn ptrs(&mut self) -> (*const f32, *mut f32) {
+        (self.src.as_ptr(), self.dst.as_mut_ptr())
     }
 }
 
@@ -44,12 +42,9 @@ impl InOut for InPlace<'_> {
         self.0.len()
     }
     #[inline(always)]
-    fn src(&self) -> &[f32] {
-        self.0
-    }
-    #[inline(always)]
-    fn dst(&mut self) -> &mut [f32] {
-        self.0
+    fn ptrs(&mut self) -> (*const f32, *mut f32) {
+        let p = self.0.as_mut_ptr();
+        (p as *const f32, p)
     }
 }
 
@@ -57,28 +52,78 @@ impl InOut for InPlace<'_> {
 /// closure: a closure may be compiled out of line, outside the target-feature entry point, where its
 /// intrinsics would become calls.
 pub(crate) trait VectorMap<S: Simd> {
-    /// The output vector for input `x` at `phase` (offset modulo the period).
-    fn apply(&self, s: S, phase: usize, x: S::V) -> S::V;
+    /// The output for input vectors `x` (and `x2` for two-input maps) at `phase`, the offset of the
+    /// vector in the period.
+    fn apply(&self, s: S, phase: usize, x: S::V, x2: S::V) -> S::V;
 }
 
-/// Applies `op` to every vector of the stream (whole vectors, then one partial vector), passing
-/// each vector's offset modulo `period` (a multiple of the lane count).
+/// One vector of [`stream`]: `dst[i..] = op(src[i..], x2[i..])`.
+///
+/// # Safety
+/// `src`, `x2` and `dst` must be valid for `i + LANES` elements. `src` may equal `dst` (each
+/// vector is read before it is written).
 #[inline(always)]
-pub(crate) fn stream<S: Simd, IO: InOut>(s: S, mut io: IO, period: usize, op: &impl VectorMap<S>) {
-    let (n, l) = (io.len(), S::LANES);
-    let (mut i, mut phase) = (0, 0);
-    while i + l <= n {
-        let v = s.load(&io.src()[i..]);
-        s.store(&mut io.dst()[i..], op.apply(s, phase, v));
-        i += l;
-        phase += l;
-        if phase >= period {
-            phase = 0;
-        }
+unsafe fn map_vector<S: Simd>(
+    s: S,
+    op: &impl VectorMap<S>,
+    (src, x2, dst): (*const f32, *const f32, *mut f32),
+    i: usize,
+    phase: usize,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let v = op.apply(s, phase, s.load_ptr(src.add(i)), s.load_ptr(x2.add(i)));
+        s.store_ptr(dst.add(i), v);
     }
-    if i < n {
-        let v = s.load_partial(&io.src()[i..n], 0.0);
-        s.store_partial(&mut io.dst()[i..n], op.apply(s, phase, v));
+}
+
+/// Applies `op` to every vector of `io` (paired with the same vector of `second`, if given):
+/// whole periods with the phase known, then whole vectors, then one partial vector.
+/// `period` is a multiple of the lane count.
+#[inline(always)]
+pub(crate) fn stream<S: Simd, IO: InOut>(
+    s: S,
+    mut io: IO,
+    second: Option<&[f32]>,
+    period: usize,
+    op: &impl VectorMap<S>,
+) {
+    let l = S::LANES;
+    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    let (src, dst) = io.ptrs();
+    let x2 = second.map_or(src, <[f32]>::as_ptr);
+    debug_assert!(period > 0 && period.is_multiple_of(l));
+    let mut i = 0;
+    while i + period <= n {
+        let mut o = 0;
+        while o < period {
+            // SAFETY: `i + o + LANES <= i + period <= n`.
+            unsafe { map_vector(s, op, (src, x2, dst), i + o, o) };
+            o += l;
+        }
+        i += period;
+    }
+    let mut o = 0;
+    while i + o + l <= n {
+        // SAFETY: `i + o + LANES <= n` (loop condition).
+        unsafe { map_vector(s, op, (src, x2, dst), i + o, o) };
+        o += l;
+    }
+    let rest = n - (i + o);
+    if rest > 0 {
+        // SAFETY: `i + o + rest == n`: the ranges lie inside the buffers. The input slices are
+        // dropped before the output slice is made, so in place no `&` and `&mut` overlap in time.
+        let (a, b) = unsafe {
+            let a = s.load_partial(std::slice::from_raw_parts(src.add(i + o), rest), 0.0);
+            let b = s.load_partial(std::slice::from_raw_parts(x2.add(i + o), rest), 0.0);
+            (a, b)
+        };
+        let v = op.apply(s, o, a, b);
+        // SAFETY: as above; no other slice of the buffer is alive.
+        s.store_partial(
+            unsafe { std::slice::from_raw_parts_mut(dst.add(i + o), rest) },
+            v,
+        );
     }
 }
 
@@ -91,7 +136,7 @@ struct Splat<V> {
 
 impl<S: Simd> VectorMap<S> for Splat<S::V> {
     #[inline(always)]
-    fn apply(&self, s: S, _: usize, x: S::V) -> S::V {
+    fn apply(&self, s: S, _: usize, x: S::V, _: S::V) -> S::V {
         s.mul_add(s.sub(x, self.shift), self.scale, self.bias)
     }
 }
@@ -105,13 +150,15 @@ struct Periodic {
 
 impl<S: Simd> VectorMap<S> for Periodic {
     #[inline(always)]
-    fn apply(&self, s: S, p: usize, x: S::V) -> S::V {
-        let k = s.load(&self.shift[p..]);
-        s.mul_add(
-            s.sub(x, k),
-            s.load(&self.scale[p..]),
-            s.load(&self.bias[p..]),
-        )
+    fn apply(&self, s: S, p: usize, x: S::V, _: S::V) -> S::V {
+        debug_assert!(p + S::LANES <= self.shift.len().min(self.scale.len()).min(self.bias.len()));
+        // SAFETY: the phase `p` is a vector offset inside the period and every array holds one
+        // whole period (built by `expand_periodic(.., period)`).
+        unsafe {
+            let k = s.load_ptr(self.shift.as_ptr().add(p));
+            let a = s.load_ptr(self.scale.as_ptr().add(p));
+            s.mul_add(s.sub(x, k), a, s.load_ptr(self.bias.as_ptr().add(p)))
+        }
     }
 }
 
@@ -133,7 +180,8 @@ impl<IO: InOut> Kernel for AffineRun<IO> {
             scale: s.splat(self.scale),
             bias: s.splat(self.bias),
         };
-        stream(s, self.io, S::LANES, &op);
+        // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
+        stream(s, self.io, None, 4 * S::LANES, &op);
     }
 }
 
@@ -160,6 +208,6 @@ impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
             scale: expand_periodic(&self.scale[..c], per),
             bias: expand_periodic(&self.bias[..c], per),
         };
-        stream(s, self.io, per, &op);
+        stream(s, self.io, None, per, &op);
     }
 }

@@ -33,33 +33,47 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     type V: Copy;
 
     fn splat(self, x: f32) -> Self::V;
-    /// Loads the first `LANES` elements of `s`. A shorter slice is read as with
-    /// [`Simd::load_partial`] with fill 0 (never out of bounds, never a panic).
-    fn load(self, s: &[f32]) -> Self::V;
-    /// Stores into the first `LANES` elements of `s`; a shorter slice receives a prefix.
-    fn store(self, s: &mut [f32], v: Self::V);
+    /// Loads `LANES` values from `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `f32`.
+    unsafe fn load_ptr(self, p: *const f32) -> Self::V;
+    /// Stores `LANES` values to `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive `f32`.
+    unsafe fn store_ptr(self, p: *mut f32, v: Self::V);
+    /// Loads `min(s.len(), LANES)` elements into the low lanes, the others set to `fill`.
+    fn load_partial(self, s: &[f32], fill: f32) -> Self::V;
+    /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.
+    fn store_partial(self, s: &mut [f32], v: Self::V);
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused where the backend has FMA.
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
 
-    /// Loads `s.len() < LANES` elements into the low lanes, the others set to `fill`.
+    /// Loads the first `LANES` elements of `s`; a shorter slice is read as with
+    /// [`Simd::load_partial`] with fill 0 (never out of bounds, never a panic).
     #[inline(always)]
-    fn load_partial(self, s: &[f32], fill: f32) -> Self::V {
-        let mut buf = [fill; MAX_LANES];
-        let n = s.len().min(Self::LANES);
-        buf[..n].copy_from_slice(&s[..n]);
-        self.load(&buf[..Self::LANES])
+    fn load(self, s: &[f32]) -> Self::V {
+        if s.len() >= Self::LANES {
+            // SAFETY: `s` holds at least LANES readable values (checked above).
+            unsafe { self.load_ptr(s.as_ptr()) }
+        } else {
+            self.load_partial(s, 0.0)
+        }
     }
 
-    /// Stores the low `s.len() < LANES` lanes of `v` into `s`.
+    /// Stores into the first `LANES` elements of `s`; a shorter slice receives a prefix.
     #[inline(always)]
-    fn store_partial(self, s: &mut [f32], v: Self::V) {
-        let mut buf = [0.0; MAX_LANES];
-        self.store(&mut buf[..Self::LANES], v);
-        let n = s.len().min(Self::LANES);
-        s[..n].copy_from_slice(&buf[..n]);
+    fn store(self, s: &mut [f32], v: Self::V) {
+        if s.len() >= Self::LANES {
+            // SAFETY: `s` holds at least LANES writable values (checked above).
+            unsafe { self.store_ptr(s.as_mut_ptr(), v) }
+        } else {
+            self.store_partial(s, v)
+        }
     }
 
     /// Mask vector: 1.0 in lanes `< valid`, 0.0 elsewhere.

@@ -17,18 +17,15 @@ impl Simd for Portable {
         f32x8::splat(x)
     }
     #[inline(always)]
-    fn load(self, s: &[f32]) -> f32x8 {
-        match s.first_chunk::<8>() {
-            Some(a) => f32x8::new(*a),
-            None => self.load_partial(s, 0.0),
-        }
+    unsafe fn load_ptr(self, p: *const f32) -> f32x8 {
+        // SAFETY: the caller guarantees 8 readable f32 at `p`; `[f32; 8]` has no alignment
+        // requirement beyond f32's, and `read_unaligned` needs none.
+        f32x8::new(unsafe { p.cast::<[f32; 8]>().read_unaligned() })
     }
     #[inline(always)]
-    fn store(self, s: &mut [f32], v: f32x8) {
-        match s.first_chunk_mut::<8>() {
-            Some(a) => *a = v.to_array(),
-            None => self.store_partial(s, v),
-        }
+    unsafe fn store_ptr(self, p: *mut f32, v: f32x8) {
+        // SAFETY: the caller guarantees 8 writable f32 at `p`.
+        unsafe { p.cast::<[f32; 8]>().write_unaligned(v.to_array()) }
     }
     #[inline(always)]
     fn add(self, a: f32x8, b: f32x8) -> f32x8 {

@@ -41,22 +41,14 @@ impl Simd for Avx2Fma {
         unsafe { _mm256_set1_ps(x) }
     }
     #[inline(always)]
-    fn load(self, s: &[f32]) -> __m256 {
-        if s.len() >= 8 {
-            // SAFETY: AVX available (token); `s` holds at least 8 readable f32 (checked above).
-            unsafe { _mm256_loadu_ps(s.as_ptr()) }
-        } else {
-            self.load_partial(s, 0.0)
-        }
+    unsafe fn load_ptr(self, p: *const f32) -> __m256 {
+        // SAFETY: AVX available (token); the caller guarantees 8 readable f32 at `p`.
+        unsafe { _mm256_loadu_ps(p) }
     }
     #[inline(always)]
-    fn store(self, s: &mut [f32], v: __m256) {
-        if s.len() >= 8 {
-            // SAFETY: AVX available (token); `s` holds at least 8 writable f32 (checked above).
-            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
-        } else {
-            self.store_partial(s, v)
-        }
+    unsafe fn store_ptr(self, p: *mut f32, v: __m256) {
+        // SAFETY: AVX available (token); the caller guarantees 8 writable f32 at `p`.
+        unsafe { _mm256_storeu_ps(p, v) }
     }
     #[inline(always)]
     fn add(self, a: __m256, b: __m256) -> __m256 {
@@ -78,6 +70,33 @@ impl Simd for Avx2Fma {
         // SAFETY: the token proves FMA is available.
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
+    #[inline(always)]
+    fn load_partial(self, s: &[f32], fill: f32) -> __m256 {
+        let mask = avx2_low_mask(s.len());
+        // SAFETY: AVX available (token); the mask enables only the first min(len, 8) lanes, all
+        // inside `s`, and masked-off lanes are not accessed.
+        unsafe {
+            let v = _mm256_maskload_ps(s.as_ptr(), mask);
+            _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(mask))
+        }
+    }
+    #[inline(always)]
+    fn store_partial(self, s: &mut [f32], v: __m256) {
+        let mask = avx2_low_mask(s.len());
+        // SAFETY: AVX available (token); the mask enables only the first min(len, 8) lanes, all
+        // inside `s`, and masked-off lanes are not written.
+        unsafe { _mm256_maskstore_ps(s.as_mut_ptr(), mask, v) }
+    }
+}
+
+/// Integer mask with the low `n` of 8 lanes set (all ones), for masked loads and stores.
+#[inline(always)]
+fn avx2_low_mask(n: usize) -> __m256i {
+    const WINDOW: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+    let start = 8 - n.min(8);
+    // SAFETY: AVX available (callers hold the token); `start + 8 <= 16`, so the 8 lanes read lie
+    // inside `WINDOW`.
+    unsafe { _mm256_loadu_si256(WINDOW[start..].as_ptr().cast()) }
 }
 
 /// Token proving the CPU supports AVX-512F.
@@ -123,22 +142,14 @@ impl Simd for Avx512 {
         unsafe { _mm512_set1_ps(x) }
     }
     #[inline(always)]
-    fn load(self, s: &[f32]) -> __m512 {
-        if s.len() >= 16 {
-            // SAFETY: AVX-512F available (token); `s` holds at least 16 readable f32 (checked above).
-            unsafe { _mm512_loadu_ps(s.as_ptr()) }
-        } else {
-            self.load_partial(s, 0.0)
-        }
+    unsafe fn load_ptr(self, p: *const f32) -> __m512 {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 readable f32 at `p`.
+        unsafe { _mm512_loadu_ps(p) }
     }
     #[inline(always)]
-    fn store(self, s: &mut [f32], v: __m512) {
-        if s.len() >= 16 {
-            // SAFETY: AVX-512F available (token); `s` holds at least 16 writable f32 (checked above).
-            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) }
-        } else {
-            self.store_partial(s, v)
-        }
+    unsafe fn store_ptr(self, p: *mut f32, v: __m512) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable f32 at `p`.
+        unsafe { _mm512_storeu_ps(p, v) }
     }
     #[inline(always)]
     fn add(self, a: __m512, b: __m512) -> __m512 {
