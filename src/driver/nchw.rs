@@ -49,6 +49,9 @@ impl Pieces {
     /// The `i`-th piece of channel `c`, in fold order (n-major).
     fn get(&self, c: usize, i: usize) -> Piece {
         let (n, p) = (i / self.per_run, i % self.per_run);
+        self.piece(c, n, p)
+    }
+    fn piece(&self, c: usize, n: usize, p: usize) -> Piece {
         let start = p * BLOCK;
         Piece {
             c,
@@ -56,8 +59,9 @@ impl Pieces {
             len: BLOCK.min(self.hw - start),
         }
     }
+    /// The pieces of channel `c` in fold order, without divisions.
     fn of_channel(&self, c: usize) -> impl Iterator<Item = Piece> + '_ {
-        (0..self.per_channel()).map(move |i| self.get(c, i))
+        (0..self.n).flat_map(move |n| (0..self.per_run).map(move |p| self.piece(c, n, p)))
     }
 }
 
@@ -79,14 +83,13 @@ where
         Parallelism::Sequential => 1,
         Parallelism::Rayon => rayon::current_num_threads(),
     };
-    let fold_channel = |part: &dyn Fn(usize) -> R| {
-        (0..pieces.per_channel()).fold(R::default(), |acc, i| fold(acc, part(i)))
-    };
     if threads == 1 || pieces.c >= 4 * threads {
         // Fused: one task per channel; its data is re-read from cache by `apply`.
         let elems = ctx.shape.per_channel();
         return ctx.par.map(pieces.c, (2 * BLOCK).div_ceil(elems), |c| {
-            let r = fold_channel(&|i| reduce(pieces.get(c, i)));
+            let r = pieces
+                .of_channel(c)
+                .fold(R::default(), |acc, p| fold(acc, reduce(p)));
             if let Some(apply) = apply {
                 let p = make(c, &r);
                 pieces.of_channel(c).for_each(|piece| apply(piece, &p));
@@ -100,7 +103,11 @@ where
         .par
         .map(pieces.c * per, 1, |u| reduce(pieces.get(u / per, u % per)));
     let folded: Vec<R> = (0..pieces.c)
-        .map(|c| fold_channel(&|i| parts[c * per + i]))
+        .map(|c| {
+            parts[c * per..(c + 1) * per]
+                .iter()
+                .fold(R::default(), |acc, &p| fold(acc, p))
+        })
         .collect();
     if let Some(apply) = apply {
         let params: Vec<P> = (0..pieces.c).map(|c| make(c, &folded[c])).collect();

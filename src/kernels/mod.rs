@@ -44,10 +44,8 @@ pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Vec<f32> {
     per_channel.iter().copied().cycle().take(period).collect()
 }
 
-/// Sum of the low `lanes` lanes of `v`, in f64.
+/// Sum of the lanes of `v`, widened to f64 for the f64 merges that follow.
 #[inline(always)]
 pub(crate) fn reduce_f64<S: Simd>(s: S, v: S::V) -> f64 {
-    let mut buf = [0.0; crate::simd::MAX_LANES];
-    s.to_lanes(v, &mut buf);
-    buf[..S::LANES].iter().map(|&x| x as f64).sum()
+    s.reduce_add(v) as f64
 }

@@ -52,6 +52,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused where the backend has FMA.
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Sum of the lanes (a tree of f32 additions).
+    fn reduce_add(self, v: Self::V) -> f32;
 
     /// Loads the first `LANES` elements of `s`; a shorter slice is read as with
     /// [`Simd::load_partial`] with fill 0 (never out of bounds, never a panic).

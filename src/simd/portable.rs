@@ -44,6 +44,10 @@ impl Simd for Portable {
         a.mul_add(b, c)
     }
     #[inline(always)]
+    fn reduce_add(self, v: f32x8) -> f32 {
+        v.reduce_add()
+    }
+    #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> f32x8 {
         let mut buf = [fill; 8];
         let n = s.len().min(8);

@@ -71,6 +71,16 @@ impl Simd for Avx2Fma {
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
+    fn reduce_add(self, v: __m256) -> f32 {
+        // SAFETY: the token proves AVX (and so SSE3) is available.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let odd = _mm_movehdup_ps(s);
+            let s = _mm_add_ps(s, odd);
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(odd, s)))
+        }
+    }
+    #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> __m256 {
         let mask = avx2_low_mask(s.len());
         // SAFETY: AVX available (token); the mask enables only the first min(len, 8) lanes, all
@@ -170,6 +180,11 @@ impl Simd for Avx512 {
     fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
         // SAFETY: the token proves AVX-512F is available.
         unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn reduce_add(self, v: __m512) -> f32 {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { _mm512_reduce_add_ps(v) }
     }
     #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> __m512 {
