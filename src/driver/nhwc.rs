@@ -5,8 +5,7 @@
 use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
 use crate::ChannelStats;
 use crate::kernels::{
-    AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsPeriodic, InPlace, MomentsPeriodic,
-    OutOfPlace,
+    AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, InPlace, MomentsRows, OutOfPlace,
 };
 use crate::par::SharedMut;
 
@@ -69,7 +68,7 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
     let block = |offset: usize, len: usize| {
         let data = &x[offset..offset + len];
         let mut out = vec![ChannelStats::default(); c];
-        ctx.backend.dispatch(MomentsPeriodic {
+        ctx.backend.dispatch(MomentsRows {
             x: data,
             pivots: &piv,
             out: &mut out,
@@ -146,7 +145,7 @@ pub(super) fn backward(
         let g = unsafe { dy.view(&out, offset, len) };
         let mut sums = vec![GradSums::default(); blocks.c];
         let xs = &x[offset..offset + len];
-        ctx.backend.dispatch(GradSumsPeriodic {
+        ctx.backend.dispatch(GradSumsRows {
             x: xs,
             dy: g,
             pivots,

@@ -3,7 +3,7 @@
 
 use super::normalize::{InOut, VectorMap, stream};
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, reduce_f64};
-use crate::simd::{Kernel, Simd};
+use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -86,14 +86,91 @@ impl Kernel for GradSumsRun<'_> {
 }
 
 /// Reduction over whole rows of `pivots.len()` interleaved channels; adds into `out[c]`.
-pub(crate) struct GradSumsPeriodic<'a> {
+pub(crate) struct GradSumsRows<'a> {
     pub x: &'a [f32],
     pub dy: &'a [f32],
     pub pivots: &'a [f32],
     pub out: &'a mut [GradSums],
 }
 
-impl Kernel for GradSumsPeriodic<'_> {
+/// Vectors of channels per register group in [`grad_sums_strided`] (3 sums each).
+const SUM_GROUP: usize = 2;
+
+/// Sums over the rows for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of
+/// `c` channels, accumulators in registers. Adds into `out[..width]`.
+#[inline(always)]
+fn grad_sums_strided<S: Simd, const G: usize>(
+    s: S,
+    (x, dy): (&[f32], &[f32]),
+    c: usize,
+    first: usize,
+    pivots: &[f32],
+    out: &mut [GradSums],
+) {
+    let l = S::LANES;
+    let width = (c - first).min(G * l).min(pivots.len()).min(out.len());
+    let (full, rem) = (width / l, width % l);
+    let rows = x.len().min(dy.len()) / c;
+    let zero = s.splat(0.0);
+    let mut piv = [zero; G];
+    for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
+        *p = s.load_partial(&pivots[g * l..width], 0.0);
+    }
+    let mut first_row = 0;
+    while first_row < rows {
+        let steps = KMAX.min(rows - first_row);
+        let mut acc = [[zero; 3]; G];
+        for k in 0..steps {
+            let start = (first_row + k) * c + first;
+            for g in 0..G {
+                let (xv, gv) = if g < full {
+                    debug_assert!(start + (g + 1) * l <= x.len().min(dy.len()));
+                    // SAFETY: `start + (g + 1)·LANES ≤ start + width ≤ row end ≤ rows·c`, and
+                    // both slices hold `rows·c` elements.
+                    unsafe {
+                        let o = start + g * l;
+                        (
+                            s.load_ptr(x.as_ptr().add(o)),
+                            s.load_ptr(dy.as_ptr().add(o)),
+                        )
+                    }
+                } else if g == full && rem > 0 {
+                    let r = start + g * l..start + width;
+                    (
+                        s.load_partial(&x[r.clone()], 0.0),
+                        s.load_partial(&dy[r], 0.0),
+                    )
+                } else {
+                    continue;
+                };
+                // Lanes past `width` see x = pivot = dy = 0 and are never read.
+                let xd = s.sub(xv, piv[g]);
+                let a = &mut acc[g];
+                a[0] = s.add(a[0], gv);
+                a[1] = s.mul_add(xd, gv, a[1]);
+                a[2] = s.add(a[2], xd);
+            }
+        }
+        let mut lanes = [[0.0; MAX_LANES]; 3];
+        for g in 0..width.div_ceil(l) {
+            for (k, buf) in lanes.iter_mut().enumerate() {
+                s.to_lanes(acc[g][k], buf);
+            }
+            let n = l.min(width - g * l);
+            for (lane, slot) in out[g * l..g * l + n].iter_mut().enumerate() {
+                let [sdy, sxdy, sx] = lanes.map(|b| b[lane] as f64);
+                *slot = slot.add(GradSums {
+                    dy: sdy,
+                    xdy: sxdy,
+                    x: sx,
+                });
+            }
+        }
+        first_row += steps;
+    }
+}
+
+impl Kernel for GradSumsRows<'_> {
     type Output = ();
 
     #[inline(always)]
@@ -103,6 +180,14 @@ impl Kernel for GradSumsPeriodic<'_> {
             return;
         }
         let l = S::LANES;
+        if c >= SUM_GROUP * l {
+            for first in (0..c).step_by(SUM_GROUP * l) {
+                let o = first.min(self.out.len());
+                let (xs, p) = ((self.x, self.dy), &self.pivots[first..]);
+                grad_sums_strided::<S, SUM_GROUP>(s, xs, c, first, p, &mut self.out[o..]);
+            }
+            return;
+        }
         let per = period(c, l);
         let piv = expand_periodic(self.pivots, per);
         let mut acc = vec![0.0f32; 3 * per];

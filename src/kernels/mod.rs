@@ -9,9 +9,9 @@ mod backward;
 mod normalize;
 mod stats;
 
-pub(crate) use backward::{DxParams, DxPeriodic, DxRun, GradSums, GradSumsPeriodic, GradSumsRun};
+pub(crate) use backward::{DxParams, DxPeriodic, DxRun, GradSums, GradSumsRows, GradSumsRun};
 pub(crate) use normalize::{AffinePeriodic, AffineRun, InPlace, OutOfPlace};
-pub(crate) use stats::{MomentsPeriodic, MomentsRun};
+pub(crate) use stats::{MomentsRows, MomentsRun};
 
 use crate::simd::Simd;
 

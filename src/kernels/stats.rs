@@ -192,13 +192,75 @@ impl Kernel for MomentsRun<'_> {
 /// Statistics of `x − pivot[c]` per channel over a block of whole rows of `pivots.len()`
 /// interleaved channels. Each channel's result is merged into `out[c]` (which must have one entry
 /// per channel; extra rows or entries are ignored, never indexed out of bounds).
-pub(crate) struct MomentsPeriodic<'a> {
+///
+/// With at least [`GROUP`] vectors of channels per row, groups of `GROUP` vectors walk down the rows
+/// with their Welford state in registers ([`moments_strided`]); narrower rows use lanes that
+/// follow the channel pattern of the flat data, with state in memory ([`moments_periodic`]).
+pub(crate) struct MomentsRows<'a> {
     pub x: &'a [f32],
     pub pivots: &'a [f32],
     pub out: &'a mut [ChannelStats],
 }
 
-impl Kernel for MomentsPeriodic<'_> {
+/// Vectors of channels per register group in [`moments_strided`].
+pub(crate) const GROUP: usize = 4;
+
+/// Welford statistics of channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of
+/// `c` channels, one row per step, state in registers. Merges into `out[..width]`.
+#[inline(always)]
+fn moments_strided<S: Simd, const G: usize>(
+    s: S,
+    x: &[f32],
+    c: usize,
+    first: usize,
+    pivots: &[f32],
+    out: &mut [ChannelStats],
+) {
+    let l = S::LANES;
+    let width = (c - first).min(G * l).min(pivots.len()).min(out.len());
+    let (full, rem) = (width / l, width % l);
+    let rows = x.len() / c;
+    let (zero, one) = (s.splat(0.0), s.splat(1.0));
+    let mut piv = [zero; G];
+    for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
+        *p = s.load_partial(&pivots[g * l..width], 0.0);
+    }
+    let mut first_row = 0;
+    while first_row < rows {
+        let steps = KMAX.min(rows - first_row);
+        let (mut mean, mut m2) = ([zero; G], [zero; G]);
+        for k in 0..steps {
+            let start = (first_row + k) * c + first;
+            let rk = s.splat(RECIP[k + 1]);
+            for g in 0..G {
+                let v = if g < full {
+                    debug_assert!(start + (g + 1) * l <= x.len());
+                    // SAFETY: `start + (g + 1)·LANES ≤ start + width ≤ row end ≤ rows·c ≤ x.len()`.
+                    unsafe { s.load_ptr(x.as_ptr().add(start + g * l)) }
+                } else if g == full && rem > 0 {
+                    s.load_partial(&x[start + g * l..start + width], 0.0)
+                } else {
+                    continue;
+                };
+                // Lanes past `width` load 0 with pivot 0: they accumulate zeros and are never read.
+                welford_step(s, s.sub(v, piv[g]), rk, one, &mut mean[g], &mut m2[g]);
+            }
+        }
+        let (mut mb, mut qb) = ([0.0; MAX_LANES], [0.0; MAX_LANES]);
+        for g in 0..width.div_ceil(l) {
+            s.to_lanes(mean[g], &mut mb);
+            s.to_lanes(m2[g], &mut qb);
+            let lanes = l.min(width - g * l);
+            for (lane, slot) in out[g * l..g * l + lanes].iter_mut().enumerate() {
+                let part = ChannelStats::new(steps as u64, mb[lane] as f64, qb[lane] as f64);
+                *slot = slot.merge(&part);
+            }
+        }
+        first_row += steps;
+    }
+}
+
+impl Kernel for MomentsRows<'_> {
     type Output = ();
 
     #[inline(always)]
@@ -207,12 +269,36 @@ impl Kernel for MomentsPeriodic<'_> {
         if c == 0 {
             return;
         }
+        if c >= GROUP * S::LANES {
+            for first in (0..c).step_by(GROUP * S::LANES) {
+                let o = first.min(self.out.len());
+                moments_strided::<S, GROUP>(
+                    s,
+                    self.x,
+                    c,
+                    first,
+                    &self.pivots[first..],
+                    &mut self.out[o..],
+                );
+            }
+            return;
+        }
+        moments_periodic(s, self.x, self.pivots, self.out);
+    }
+}
+
+/// [`MomentsRows`] for narrow rows: lane `q` of the flat data always holds channel `q mod c`
+/// (the period is a multiple of both `c` and the lane count), state in memory.
+#[inline(always)]
+fn moments_periodic<S: Simd>(s: S, x: &[f32], pivots: &[f32], out: &mut [ChannelStats]) {
+    {
+        let c = pivots.len();
         let l = S::LANES;
         let per = period(c, l);
-        let piv = expand_periodic(self.pivots, per);
+        let piv = expand_periodic(pivots, per);
         let (mut mean, mut m2) = (vec![0.0f32; per], vec![0.0f32; per]);
         let one = s.splat(1.0);
-        for chunk in self.x.chunks(KMAX * per) {
+        for chunk in x.chunks(KMAX * per) {
             mean.fill(0.0);
             m2.fill(0.0);
             let steps = chunk.len() / per;
@@ -238,7 +324,7 @@ impl Kernel for MomentsPeriodic<'_> {
             }
             for (q, (&mv, &qv)) in mean.iter().zip(&m2).enumerate() {
                 let count = steps + usize::from(q < rest.len());
-                if let (true, Some(slot)) = (count > 0, self.out.get_mut(q % c)) {
+                if let (true, Some(slot)) = (count > 0, out.get_mut(q % c)) {
                     *slot = slot.merge(&ChannelStats::new(count as u64, mv as f64, qv as f64));
                 }
             }
