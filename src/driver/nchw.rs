@@ -59,10 +59,6 @@ impl Pieces {
             len: BLOCK.min(self.hw - start),
         }
     }
-    /// The pieces of channel `c` in fold order, without divisions.
-    fn of_channel(&self, c: usize) -> impl Iterator<Item = Piece> + '_ {
-        (0..self.n).flat_map(move |n| (0..self.per_run).map(move |p| self.piece(c, n, p)))
-    }
 }
 
 /// Reduce every piece, fold per channel, derive per-channel parameters, then apply them to every
@@ -87,12 +83,19 @@ where
         // Fused: one task per channel; its data is re-read from cache by `apply`.
         let elems = ctx.shape.per_channel();
         return ctx.par.map(pieces.c, (2 * BLOCK).div_ceil(elems), |c| {
-            let r = pieces
-                .of_channel(c)
-                .fold(R::default(), |acc, p| fold(acc, reduce(p)));
+            let mut r = R::default();
+            for n in 0..pieces.n {
+                for p in 0..pieces.per_run {
+                    r = fold(r, reduce(pieces.piece(c, n, p)));
+                }
+            }
             if let Some(apply) = apply {
-                let p = make(c, &r);
-                pieces.of_channel(c).for_each(|piece| apply(piece, &p));
+                let params = make(c, &r);
+                for n in 0..pieces.n {
+                    for p in 0..pieces.per_run {
+                        apply(pieces.piece(c, n, p), &params);
+                    }
+                }
             }
             r
         });
