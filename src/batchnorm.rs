@@ -38,11 +38,17 @@ pub const DEFAULT_EPS: f32 = 1e-5;
 pub struct BatchNorm {
     ctx: Ctx,
     eps: f32,
+    /// Whether the backend was chosen with [`BatchNorm::with_backend`] (overriding the environment).
+    backend_chosen: bool,
 }
 
 impl BatchNorm {
     /// An operator for `shape` in `layout`, with ε = [`DEFAULT_EPS`], [`Parallelism::Rayon`] and
-    /// the best backend of this CPU ([`crate::Backend::detect`]).
+    /// the best backend of this CPU ([`crate::Backend::detect`]), or the one forced by the
+    /// environment variable `BATCHNORM_BACKEND`. If that variable names an unknown backend or one
+    /// this CPU lacks, every operation returns that error ([`Error::UnknownBackend`],
+    /// [`Error::BackendUnavailable`]) until [`BatchNorm::with_backend`] chooses one: a forced
+    /// backend is never silently replaced, and never executed where it cannot run.
     pub fn new(shape: Shape, layout: Layout) -> BatchNorm {
         let ctx = Ctx {
             shape,
@@ -53,6 +59,7 @@ impl BatchNorm {
         BatchNorm {
             ctx,
             eps: DEFAULT_EPS,
+            backend_chosen: false,
         }
     }
 
@@ -86,6 +93,7 @@ impl BatchNorm {
             });
         }
         self.ctx.backend = backend;
+        self.backend_chosen = true;
         Ok(self)
     }
 
@@ -110,6 +118,13 @@ impl BatchNorm {
         self.ctx.backend
     }
 
+    /// The environment's forced backend, if invalid, unless the API chose one.
+    fn check_backend(&self) -> Result<(), Error> {
+        match crate::Backend::forced() {
+            Some(Err(e)) if !self.backend_chosen => Err(e),
+            _ => Ok(()),
+        }
+    }
     fn check_tensor(&self, arg: &'static str, t: &[f32]) -> Result<(), Error> {
         check_len(arg, self.ctx.shape.len(), t.len())
     }
@@ -129,6 +144,7 @@ impl BatchNorm {
     /// # Errors
     /// [`Error::LengthMismatch`] if `x.len() != N·C·HW`.
     pub fn statistics(&self, x: &[f32]) -> Result<BatchStats, Error> {
+        self.check_backend()?;
         self.check_tensor("x", x)?;
         Ok(BatchStats::from_channels(driver::statistics(&self.ctx, x)))
     }
@@ -168,6 +184,7 @@ impl BatchNorm {
         running: RunningStats<'_>,
         affine: Option<Affine<'_>>,
     ) -> Result<(), Error> {
+        self.check_backend()?;
         self.check_tensor("x", x)?;
         self.check_tensor("y", y)?;
         let params = self.inference_params(&running, affine.as_ref())?;
@@ -185,6 +202,7 @@ impl BatchNorm {
         running: RunningStats<'_>,
         affine: Option<Affine<'_>>,
     ) -> Result<(), Error> {
+        self.check_backend()?;
         self.check_tensor("x", x)?;
         let params = self.inference_params(&running, affine.as_ref())?;
         driver::normalize(&self.ctx, Src::InPlace, x, &params);
@@ -213,6 +231,7 @@ impl BatchNorm {
         saved: SavedStatsMut<'_>,
         update: Option<RunningUpdate<'_>>,
     ) -> Result<BatchStats, Error> {
+        self.check_backend()?;
         self.check_tensor("x", x)?;
         self.check_tensor("y", y)?;
         self.check_affine(affine.as_ref())?;
@@ -264,6 +283,7 @@ impl BatchNorm {
         gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
+        self.check_backend()?;
         self.check_tensor("x", x)?;
         self.check_tensor(
             if matches!(dy, Src::InPlace) {

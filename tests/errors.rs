@@ -303,3 +303,41 @@ fn backends() {
     .to_string();
     assert_eq!(msg, "`gamma` has length 2, expected 3");
 }
+
+/// An invalid `BATCHNORM_BACKEND` is a clear error from every operation (never a silent
+/// substitute, never an illegal instruction), unless the API chooses a backend. The variable is
+/// read once per process, so the check runs in a child process of this test binary.
+#[test]
+fn invalid_forced_backend_is_an_error() {
+    if std::env::var_os("BATCHNORM_TEST_CHILD").is_some() {
+        let shape = Shape::new(1, 2, 3).unwrap();
+        let bn = BatchNorm::new(shape, Layout::Nchw);
+        let want = Error::UnknownBackend {
+            name: "bogus".into(),
+        };
+        assert_eq!(bn.statistics(&[0.0; 6]).unwrap_err(), want);
+        let mut x = [0.0f32; 6];
+        let running = RunningStats {
+            mean: &[0.0; 2],
+            var: &[1.0; 2],
+        };
+        assert_eq!(
+            bn.inference_in_place(&mut x, running, None).unwrap_err(),
+            want
+        );
+        let chosen = bn.with_backend(Backend::Portable).unwrap();
+        assert!(chosen.statistics(&[0.0; 6]).is_ok());
+        return;
+    }
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "invalid_forced_backend_is_an_error",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env("BATCHNORM_TEST_CHILD", "1")
+        .env("BATCHNORM_BACKEND", "bogus")
+        .status()
+        .unwrap();
+    assert!(status.success(), "child test failed");
+}
