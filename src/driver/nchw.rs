@@ -9,7 +9,7 @@
 use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineRun, DxParams, DxRun, GradSums, GradSumsRun, InPlace, MomentsRun, OutOfPlace,
+    AffineRun, AffineRuns, DxParams, DxRun, GradSums, GradSumsRun, InPlace, MomentsRun, OutOfPlace,
 };
 use crate::par::{Parallelism, SharedMut};
 
@@ -181,9 +181,54 @@ fn affine_piece(ctx: &Ctx, src: Src<'_>, out: &SharedMut<'_>, p: Piece, a: &Chan
 }
 
 pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
+    let hw = ctx.shape.hw();
     let out = SharedMut::new(dst);
-    let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
-    pipeline(ctx, |_| (), |_, _| (), |c, _| params[c], Some(&apply));
+    if hw > BLOCK {
+        let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
+        pipeline(ctx, |_| (), |_, _| (), |c, _| params[c], Some(&apply));
+        return;
+    }
+    // Short runs: tasks of whole consecutive runs (about BLOCK elements), one kernel call each.
+    let shift: Vec<f32> = params.iter().map(|p| p.shift).collect();
+    let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
+    let bias: Vec<f32> = params.iter().map(|p| p.bias).collect();
+    let (shift, scale, bias) = (&shift[..], &scale[..], &bias[..]);
+    let runs = ctx.shape.n() * ctx.shape.c();
+    let per_task = (BLOCK / hw).max(1);
+    ctx.par.for_each(runs.div_ceil(per_task), 1, |t| {
+        let first = t * per_task;
+        let (offset, len) = (first * hw, per_task.min(runs - first) * hw);
+        // SAFETY: tasks cover disjoint ranges of runs.
+        let dst = unsafe { out.slice(offset, len) };
+        let (run, first) = (hw, first % shift.len());
+        match src {
+            Src::Separate(x) => {
+                let io = OutOfPlace {
+                    src: &x[offset..offset + len],
+                    dst,
+                };
+                ctx.backend.dispatch(AffineRuns {
+                    io,
+                    run,
+                    first,
+                    shift,
+                    scale,
+                    bias,
+                })
+            }
+            Src::InPlace => {
+                let io = InPlace(dst);
+                ctx.backend.dispatch(AffineRuns {
+                    io,
+                    run,
+                    first,
+                    shift,
+                    scale,
+                    bias,
+                })
+            }
+        }
+    });
 }
 
 pub(super) fn training(

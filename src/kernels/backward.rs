@@ -243,6 +243,7 @@ struct SplatDx<V> {
 }
 
 impl<S: Simd> VectorMap<S> for SplatDx<S::V> {
+    const BINARY: bool = true;
     #[inline(always)]
     fn apply(&self, s: S, _: usize, g: S::V, x: S::V) -> S::V {
         s.mul_add(self.b, s.sub(x, self.shift), s.mul_add(self.a, g, self.c))
@@ -258,6 +259,7 @@ struct PeriodicDx {
 }
 
 impl<S: Simd> VectorMap<S> for PeriodicDx {
+    const BINARY: bool = true;
     #[inline(always)]
     fn apply(&self, s: S, p: usize, g: S::V, x: S::V) -> S::V {
         let len = self

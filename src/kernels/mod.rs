@@ -10,7 +10,7 @@ mod normalize;
 mod stats;
 
 pub(crate) use backward::{DxParams, DxPeriodic, DxRun, GradSums, GradSumsRows, GradSumsRun};
-pub(crate) use normalize::{AffinePeriodic, AffineRun, InPlace, OutOfPlace};
+pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, InPlace, OutOfPlace};
 pub(crate) use stats::{MomentsRows, MomentsRun};
 
 use crate::simd::Simd;

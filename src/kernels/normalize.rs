@@ -52,6 +52,8 @@ impl InOut for InPlace<'_> {
 /// closure: a closure may be compiled out of line, outside the target-feature entry point, where its
 /// intrinsics would become calls.
 pub(crate) trait VectorMap<S: Simd> {
+    /// Whether `apply` reads its second input (else the second load is skipped).
+    const BINARY: bool = false;
     /// The output for input vectors `x` (and `x2` for two-input maps) at `phase`, the offset of the
     /// vector in the period.
     fn apply(&self, s: S, phase: usize, x: S::V, x2: S::V) -> S::V;
@@ -63,17 +65,18 @@ pub(crate) trait VectorMap<S: Simd> {
 /// `src`, `x2` and `dst` must be valid for `i + LANES` elements. `src` may equal `dst` (each
 /// vector is read before it is written).
 #[inline(always)]
-unsafe fn map_vector<S: Simd>(
+unsafe fn map_vector<S: Simd, M: VectorMap<S>>(
     s: S,
-    op: &impl VectorMap<S>,
+    op: &M,
     (src, x2, dst): (*const f32, *const f32, *mut f32),
     i: usize,
     phase: usize,
 ) {
     // SAFETY: forwarded to the caller.
     unsafe {
-        let v = op.apply(s, phase, s.load_ptr(src.add(i)), s.load_ptr(x2.add(i)));
-        s.store_ptr(dst.add(i), v);
+        let a = s.load_ptr(src.add(i));
+        let b = if M::BINARY { s.load_ptr(x2.add(i)) } else { a };
+        s.store_ptr(dst.add(i), op.apply(s, phase, a, b));
     }
 }
 
@@ -88,10 +91,27 @@ pub(crate) fn stream<S: Simd, IO: InOut>(
     period: usize,
     op: &impl VectorMap<S>,
 ) {
-    let l = S::LANES;
     let n = second.map_or(io.len(), |x| x.len().min(io.len()));
     let (src, dst) = io.ptrs();
     let x2 = second.map_or(src, <[f32]>::as_ptr);
+    // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length.
+    unsafe { stream_raw(s, (src, x2, dst), n, period, op) };
+}
+
+/// [`stream`] on raw pointers.
+///
+/// # Safety
+/// `src`, `x2` and `dst` must be valid for `n` elements; `src` may equal `dst`, and `x2` may equal
+/// `src`; no other reference to the output range may be alive.
+#[inline(always)]
+unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
+    s: S,
+    (src, x2, dst): (*const f32, *const f32, *mut f32),
+    n: usize,
+    period: usize,
+    op: &M,
+) {
+    let l = S::LANES;
     debug_assert!(period > 0 && period.is_multiple_of(l));
     let mut i = 0;
     while i + period <= n {
@@ -115,7 +135,11 @@ pub(crate) fn stream<S: Simd, IO: InOut>(
         // dropped before the output slice is made, so in place no `&` and `&mut` overlap in time.
         let (a, b) = unsafe {
             let a = s.load_partial(std::slice::from_raw_parts(src.add(i + o), rest), 0.0);
-            let b = s.load_partial(std::slice::from_raw_parts(x2.add(i + o), rest), 0.0);
+            let b = if M::BINARY {
+                s.load_partial(std::slice::from_raw_parts(x2.add(i + o), rest), 0.0)
+            } else {
+                a
+            };
             (a, b)
         };
         let v = op.apply(s, o, a, b);
@@ -182,6 +206,48 @@ impl<IO: InOut> Kernel for AffineRun<IO> {
         };
         // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
         stream(s, self.io, None, 4 * S::LANES, &op);
+    }
+}
+
+/// `y = scale[c]·(x − shift[c]) + bias[c]` over consecutive runs of `run` elements, one channel per
+/// run, channels cycling through `0..shift.len()` starting at `first` (NCHW memory order). Short
+/// runs in one call avoid a dispatch per run.
+pub(crate) struct AffineRuns<'a, IO> {
+    pub io: IO,
+    pub run: usize,
+    pub first: usize,
+    pub shift: &'a [f32],
+    pub scale: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(mut self, s: S) {
+        let c = self.shift.len().min(self.scale.len()).min(self.bias.len());
+        if c == 0 || self.run == 0 {
+            return;
+        }
+        let n = self.io.len();
+        let (src, dst) = self.io.ptrs();
+        let (mut ch, mut start) = (self.first % c, 0);
+        while start < n {
+            let len = self.run.min(n - start);
+            let op = Splat {
+                shift: s.splat(self.shift[ch]),
+                scale: s.splat(self.scale[ch]),
+                bias: s.splat(self.bias[ch]),
+            };
+            // SAFETY: `start + len <= n`, the length `ptrs` are valid for.
+            unsafe {
+                let p = (src.add(start), src.add(start), dst.add(start));
+                stream_raw(s, p, len, 4 * S::LANES, &op);
+            }
+            start += len;
+            ch = if ch + 1 == c { 0 } else { ch + 1 };
+        }
     }
 }
 
