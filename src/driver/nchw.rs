@@ -9,7 +9,8 @@
 use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineRun, AffineRuns, DxParams, DxRun, GradSums, GradSumsRun, InPlace, MomentsRun, OutOfPlace,
+    AffineRun, AffineRuns, DxParams, DxRun, GradSums, GradSumsRun, InPlace, MomentsRun,
+    MomentsRuns, OutOfPlace,
 };
 use crate::par::{Parallelism, SharedMut};
 
@@ -143,6 +144,9 @@ fn merge(a: ChannelStats, b: ChannelStats) -> ChannelStats {
 
 pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
     let piv = pivots(ctx, x);
+    if short_runs_fused(ctx) {
+        return short_runs(ctx, x, &piv, None);
+    }
     pipeline(
         ctx,
         |p| piece_stats(ctx, x, &piv, p),
@@ -239,6 +243,9 @@ pub(super) fn training(
 ) -> Vec<ChannelStats> {
     let piv = pivots(ctx, x);
     let out = SharedMut::new(y);
+    if short_runs_fused(ctx) {
+        return short_runs(ctx, x, &piv, Some((&out, make)));
+    }
     let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, Src::Separate(x), &out, p, a);
     pipeline(
         ctx,
@@ -247,6 +254,82 @@ pub(super) fn training(
         make,
         Some(&apply),
     )
+}
+
+/// Whether [`short_runs`] applies: runs of at most `BLOCK` elements and enough channels for the
+/// threads (the condition of the fused schedule in [`pipeline`]).
+fn short_runs_fused(ctx: &Ctx) -> bool {
+    let threads = match ctx.par {
+        Parallelism::Sequential => 1,
+        Parallelism::Rayon => rayon::current_num_threads(),
+    };
+    ctx.shape.hw() <= BLOCK && (threads == 1 || ctx.shape.c() >= 4 * threads)
+}
+
+/// The fused schedule for runs of at most `BLOCK` elements, with one kernel call per sample and
+/// group of channels (not per run): each task takes a group of channels small enough to stay in
+/// L2, reduces their runs sample by sample, folds each channel's runs in sample order (the same
+/// fold as the per-piece schedules, so results are identical), and normalizes the group.
+/// Without `normalize`, only the statistics are computed.
+fn short_runs(
+    ctx: &Ctx,
+    x: &[f32],
+    piv: &[f32],
+    normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
+) -> Vec<ChannelStats> {
+    let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
+    let group = (2 * BLOCK / (n * hw)).clamp(1, c);
+    let parts = ctx.par.map(c.div_ceil(group), 1, |g| {
+        let first = g * group;
+        let k = group.min(c - first);
+        let mut stats = vec![ChannelStats::default(); k];
+        let mut runs = vec![ChannelStats::default(); k];
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            let seg = &x[offset..offset + k * hw];
+            let kernel = MomentsRuns {
+                x: seg,
+                run: hw,
+                first,
+                pivots: piv,
+                out: &mut runs,
+            };
+            ctx.backend.dispatch(kernel);
+            for (j, (acc, d)) in stats.iter_mut().zip(&runs).enumerate() {
+                let run = &seg[j * hw..(j + 1) * hw];
+                *acc = acc.merge(&absolute(*d, piv[first + j], || {
+                    ChannelStats::from_values(run)
+                }));
+            }
+        }
+        let Some((out, make)) = normalize else {
+            return stats;
+        };
+        let params: Vec<ChannelAffine> = (0..k).map(|j| make(first + j, &stats[j])).collect();
+        let shift: Vec<f32> = params.iter().map(|p| p.shift).collect();
+        let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
+        let bias: Vec<f32> = params.iter().map(|p| p.bias).collect();
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
+            let dst = unsafe { out.slice(offset, k * hw) };
+            let io = OutOfPlace {
+                src: &x[offset..offset + k * hw],
+                dst,
+            };
+            let (shift, scale, bias) = (&shift[..], &scale[..], &bias[..]);
+            ctx.backend.dispatch(AffineRuns {
+                io,
+                run: hw,
+                first: 0,
+                shift,
+                scale,
+                bias,
+            });
+        }
+        stats
+    });
+    parts.into_iter().flatten().collect()
 }
 
 pub(super) fn backward(

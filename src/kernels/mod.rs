@@ -11,7 +11,7 @@ mod stats;
 
 pub(crate) use backward::{DxParams, DxPeriodic, DxRun, GradSums, GradSumsRows, GradSumsRun};
 pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, InPlace, OutOfPlace};
-pub(crate) use stats::{MomentsRows, MomentsRun};
+pub(crate) use stats::{MomentsRows, MomentsRun, MomentsRuns};
 
 use crate::simd::Simd;
 

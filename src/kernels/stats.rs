@@ -140,53 +140,88 @@ impl Kernel for MomentsRun<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> ChannelStats {
-        if self.x.len() <= SHORT_RUN {
-            return if self.x.is_empty() {
-                ChannelStats::default()
-            } else {
-                two_pass(s, self.x, self.pivot)
-            };
-        }
-        const A: usize = ACCUMULATORS;
-        let l = S::LANES;
-        let w = A * l;
-        let p = s.splat(self.pivot);
-        let (zero, one) = (s.splat(0.0), s.splat(1.0));
-        let mut total = ChannelStats::default();
-        for chunk in self.x.chunks(KMAX * w) {
-            let steps = chunk.len() / w;
-            let mut acc = [(zero, zero); A];
-            for (k, step) in chunk.chunks_exact(w).enumerate() {
-                let rk = s.splat(RECIP[k + 1]);
-                for (j, (mean, m2)) in acc.iter_mut().enumerate() {
-                    let d = s.sub(s.load(&step[j * l..]), p);
-                    welford_step(s, d, rk, one, mean, m2);
-                }
-            }
-            // All lanes of all accumulators hold `steps` values: merge them pairwise.
-            let lo = merge_equal(s, acc[0], acc[1], steps);
-            let hi = merge_equal(s, acc[2], acc[3], steps);
-            let (mut mean, mut m2) = merge_equal(s, lo, hi, 2 * steps);
-            let mut count = A * steps;
-            // Leftover whole vectors, then a masked partial one.
-            let tail = &chunk[steps * w..];
-            let mut vectors = tail.chunks_exact(l);
-            for v in &mut vectors {
-                count += 1;
-                let d = s.sub(s.load(v), p);
-                welford_step(s, d, s.splat(RECIP[count]), one, &mut mean, &mut m2);
-            }
-            let rest = vectors.remainder();
-            if !rest.is_empty() {
-                let keep = s.mask(rest.len());
-                let d = s.sub(s.load_partial(rest, self.pivot), p);
-                let rk = s.mul(s.splat(RECIP[count + 1]), keep);
-                welford_step(s, d, rk, keep, &mut mean, &mut m2);
-            }
-            total = total.merge(&fold_lanes(s, mean, m2, count, rest.len()));
-        }
-        total
+        moments_run(s, self.x, self.pivot)
     }
+}
+
+/// Statistics of each of consecutive runs of `run` elements (the last may be shorter), run `i`
+/// shifted by `pivots[(first + i) mod pivots.len()]` (NCHW memory order), into `out[i]`.
+/// One call for many short runs avoids a dispatch per run.
+pub(crate) struct MomentsRuns<'a> {
+    pub x: &'a [f32],
+    pub run: usize,
+    pub first: usize,
+    pub pivots: &'a [f32],
+    pub out: &'a mut [ChannelStats],
+}
+
+impl Kernel for MomentsRuns<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let c = self.pivots.len();
+        if c == 0 || self.run == 0 {
+            return;
+        }
+        let mut ch = self.first % c;
+        for (slot, run) in self.out.iter_mut().zip(self.x.chunks(self.run)) {
+            *slot = moments_run(s, run, self.pivots[ch]);
+            ch = if ch + 1 == c { 0 } else { ch + 1 };
+        }
+    }
+}
+
+/// Statistics of `x − pivot` over one contiguous run: [`two_pass`] up to [`SHORT_RUN`] values,
+/// else Welford lanes.
+#[inline(always)]
+fn moments_run<S: Simd>(s: S, x: &[f32], pivot: f32) -> ChannelStats {
+    if x.len() <= SHORT_RUN {
+        return if x.is_empty() {
+            ChannelStats::default()
+        } else {
+            two_pass(s, x, pivot)
+        };
+    }
+    const A: usize = ACCUMULATORS;
+    let l = S::LANES;
+    let w = A * l;
+    let p = s.splat(pivot);
+    let (zero, one) = (s.splat(0.0), s.splat(1.0));
+    let mut total = ChannelStats::default();
+    for chunk in x.chunks(KMAX * w) {
+        let steps = chunk.len() / w;
+        let mut acc = [(zero, zero); A];
+        for (k, step) in chunk.chunks_exact(w).enumerate() {
+            let rk = s.splat(RECIP[k + 1]);
+            for (j, (mean, m2)) in acc.iter_mut().enumerate() {
+                let d = s.sub(s.load(&step[j * l..]), p);
+                welford_step(s, d, rk, one, mean, m2);
+            }
+        }
+        // All lanes of all accumulators hold `steps` values: merge them pairwise.
+        let lo = merge_equal(s, acc[0], acc[1], steps);
+        let hi = merge_equal(s, acc[2], acc[3], steps);
+        let (mut mean, mut m2) = merge_equal(s, lo, hi, 2 * steps);
+        let mut count = A * steps;
+        // Leftover whole vectors, then a masked partial one.
+        let tail = &chunk[steps * w..];
+        let mut vectors = tail.chunks_exact(l);
+        for v in &mut vectors {
+            count += 1;
+            let d = s.sub(s.load(v), p);
+            welford_step(s, d, s.splat(RECIP[count]), one, &mut mean, &mut m2);
+        }
+        let rest = vectors.remainder();
+        if !rest.is_empty() {
+            let keep = s.mask(rest.len());
+            let d = s.sub(s.load_partial(rest, pivot), p);
+            let rk = s.mul(s.splat(RECIP[count + 1]), keep);
+            welford_step(s, d, rk, keep, &mut mean, &mut m2);
+        }
+        total = total.merge(&fold_lanes(s, mean, m2, count, rest.len()));
+    }
+    total
 }
 
 /// Statistics of `x − pivot[c]` per channel over a block of whole rows of `pivots.len()`
