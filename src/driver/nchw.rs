@@ -9,8 +9,8 @@
 use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineRun, AffineRuns, DxParams, DxRun, GradSums, GradSumsRun, InPlace, MomentsRun,
-    MomentsRuns, OutOfPlace,
+    AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns, InPlace,
+    MomentsRun, MomentsRuns, OutOfPlace,
 };
 use crate::par::{Parallelism, SharedMut};
 
@@ -341,6 +341,9 @@ pub(super) fn backward(
     make: Option<MakeDx<'_>>,
 ) -> Vec<GradSums> {
     let out = SharedMut::new(dx);
+    if short_runs_fused(ctx) {
+        return backward_short_runs(ctx, x, dy, &out, pivots, make);
+    }
     let reduce = |p: Piece| {
         // SAFETY: reductions only read; in the fused schedule this channel's pieces are written
         // after all of its reads, in the two-phase schedule after all reads of every channel.
@@ -374,4 +377,75 @@ pub(super) fn backward(
     let apply: Option<Apply<'_, DxParams>> = make.map(|_| &apply as _);
     let make = |c: usize, g: &GradSums| make.map_or(DxParams::default(), |m| m(c, g));
     pipeline(ctx, reduce, GradSums::add, make, apply)
+}
+
+/// The backward counterpart of [`short_runs`]: per group of channels, the sums of its runs sample
+/// by sample (one kernel call per sample), folded in sample order, then dx.
+fn backward_short_runs(
+    ctx: &Ctx,
+    x: &[f32],
+    dy: Src<'_>,
+    out: &SharedMut<'_>,
+    pivots: &[f32],
+    make: Option<MakeDx<'_>>,
+) -> Vec<GradSums> {
+    let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
+    let group = (2 * BLOCK / (n * hw)).clamp(1, c);
+    let parts = ctx.par.map(c.div_ceil(group), 1, |g| {
+        let first = g * group;
+        let k = group.min(c - first);
+        let len = k * hw;
+        let mut sums = vec![GradSums::default(); k];
+        let mut runs = vec![GradSums::default(); k];
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            // SAFETY: only this task touches this group's ranges, and it writes them below,
+            // after all of its reads.
+            let gs = unsafe { dy.view(out, offset, len) };
+            let xs = &x[offset..offset + len];
+            let p = &pivots[first..first + k];
+            let kernel = GradSumsRuns {
+                x: xs,
+                dy: gs,
+                run: hw,
+                pivots: p,
+                out: &mut runs,
+            };
+            ctx.backend.dispatch(kernel);
+            for (s, r) in sums.iter_mut().zip(&runs) {
+                *s = s.add(*r);
+            }
+        }
+        let Some(make) = make else { return sums };
+        let params: Vec<DxParams> = (0..k).map(|j| make(first + j, &sums[j])).collect();
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            let xs = &x[offset..offset + len];
+            // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
+            let dst = unsafe { out.slice(offset, len) };
+            let params = &params[..];
+            match dy {
+                Src::Separate(g) => {
+                    let io = OutOfPlace {
+                        src: &g[offset..offset + len],
+                        dst,
+                    };
+                    ctx.backend.dispatch(DxRuns {
+                        x: xs,
+                        io,
+                        run: hw,
+                        params,
+                    })
+                }
+                Src::InPlace => ctx.backend.dispatch(DxRuns {
+                    x: xs,
+                    io: InPlace(dst),
+                    run: hw,
+                    params,
+                }),
+            }
+        }
+        sums
+    });
+    parts.into_iter().flatten().collect()
 }

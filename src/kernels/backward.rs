@@ -1,7 +1,7 @@
 //! Backward kernels: one fused reduction reading x and dy once (Σdy, Σ(x−K)·dy, Σ(x−K)), and one
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
-use super::normalize::{InOut, VectorMap, stream};
+use super::normalize::{InOut, VectorMap, stream, stream_raw};
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, reduce_f64};
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
@@ -39,50 +39,81 @@ impl Kernel for GradSumsRun<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> GradSums {
-        const A: usize = ACCUMULATORS;
-        let l = S::LANES;
-        let w = A * l;
-        let n = self.x.len().min(self.dy.len());
-        let (x, dy) = (&self.x[..n], &self.dy[..n]);
-        let p = s.splat(self.pivot);
-        let zero = s.splat(0.0);
-        let mut total = GradSums::default();
-        for (xc, dc) in x.chunks(KMAX * w).zip(dy.chunks(KMAX * w)) {
-            let mut acc = [[zero; 3]; A];
-            let mut i = 0;
-            while i + w <= xc.len() {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let o = i + j * l;
-                    let (xd, g) = (s.sub(s.load(&xc[o..]), p), s.load(&dc[o..]));
-                    a[0] = s.add(a[0], g);
-                    a[1] = s.mul_add(xd, g, a[1]);
-                    a[2] = s.add(a[2], xd);
-                }
-                i += w;
-            }
-            // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0).
-            while i < xc.len() {
-                let end = (i + l).min(xc.len());
-                let xd = s.sub(s.load_partial(&xc[i..end], self.pivot), p);
-                let g = s.load_partial(&dc[i..end], 0.0);
-                let a = &mut acc[0];
+        grad_sums_run(s, self.x, self.dy, self.pivot)
+    }
+}
+
+/// Sums of each of consecutive runs of `run` elements of x and dy, run `i` relative to
+/// `pivots[i]`, into `out[i]` (one call for many short runs).
+pub(crate) struct GradSumsRuns<'a> {
+    pub x: &'a [f32],
+    pub dy: &'a [f32],
+    pub run: usize,
+    pub pivots: &'a [f32],
+    pub out: &'a mut [GradSums],
+}
+
+impl Kernel for GradSumsRuns<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        if self.run == 0 {
+            return;
+        }
+        let runs = self.x.chunks(self.run).zip(self.dy.chunks(self.run));
+        for ((slot, &pivot), (x, dy)) in self.out.iter_mut().zip(self.pivots).zip(runs) {
+            *slot = grad_sums_run(s, x, dy, pivot);
+        }
+    }
+}
+
+/// Σdy, Σ(x − pivot)·dy and Σ(x − pivot) over one contiguous run.
+#[inline(always)]
+fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
+    const A: usize = ACCUMULATORS;
+    let l = S::LANES;
+    let w = A * l;
+    let n = x.len().min(dy.len());
+    let (x, dy) = (&x[..n], &dy[..n]);
+    let p = s.splat(pivot);
+    let zero = s.splat(0.0);
+    let mut total = GradSums::default();
+    for (xc, dc) in x.chunks(KMAX * w).zip(dy.chunks(KMAX * w)) {
+        let mut acc = [[zero; 3]; A];
+        let mut i = 0;
+        while i + w <= xc.len() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let o = i + j * l;
+                let (xd, g) = (s.sub(s.load(&xc[o..]), p), s.load(&dc[o..]));
                 a[0] = s.add(a[0], g);
                 a[1] = s.mul_add(xd, g, a[1]);
                 a[2] = s.add(a[2], xd);
-                i = end;
             }
-            let sum = |k: usize| {
-                let v = (1..A).fold(acc[0][k], |v, j| s.add(v, acc[j][k]));
-                reduce_f64(s, v)
-            };
-            total = total.add(GradSums {
-                dy: sum(0),
-                xdy: sum(1),
-                x: sum(2),
-            });
+            i += w;
         }
-        total
+        // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0).
+        while i < xc.len() {
+            let end = (i + l).min(xc.len());
+            let xd = s.sub(s.load_partial(&xc[i..end], pivot), p);
+            let g = s.load_partial(&dc[i..end], 0.0);
+            let a = &mut acc[0];
+            a[0] = s.add(a[0], g);
+            a[1] = s.mul_add(xd, g, a[1]);
+            a[2] = s.add(a[2], xd);
+            i = end;
+        }
+        let sum = |k: usize| {
+            let v = (1..A).fold(acc[0][k], |v, j| s.add(v, acc[j][k]));
+            reduce_f64(s, v)
+        };
+        total = total.add(GradSums {
+            dy: sum(0),
+            xdy: sum(1),
+            x: sum(2),
+        });
     }
+    total
 }
 
 /// Reduction over whole rows of `pivots.len()` interleaved channels; adds into `out[c]`.
@@ -303,6 +334,51 @@ impl<IO: InOut> Kernel for DxRun<'_, IO> {
             c: s.splat(p.c),
         };
         stream(s, self.io, Some(self.x), 4 * S::LANES, &op);
+    }
+}
+
+/// `dx = a·dy + b·(x − shift) + c` over consecutive runs of `run` elements, run `i` with
+/// `params[i]` (one call for many short runs; `io` carries dy → dx).
+pub(crate) struct DxRuns<'a, IO> {
+    pub x: &'a [f32],
+    pub io: IO,
+    pub run: usize,
+    pub params: &'a [DxParams],
+}
+
+impl<IO: InOut> Kernel for DxRuns<'_, IO> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(mut self, s: S) {
+        if self.run == 0 {
+            return;
+        }
+        let n = self
+            .io
+            .len()
+            .min(self.x.len())
+            .min(self.run * self.params.len());
+        let (src, dst) = self.io.ptrs();
+        for (i, p) in self.params.iter().enumerate() {
+            let start = i * self.run;
+            if start >= n {
+                break;
+            }
+            let len = self.run.min(n - start);
+            let op = SplatDx {
+                shift: s.splat(p.shift),
+                a: s.splat(p.a),
+                b: s.splat(p.b),
+                c: s.splat(p.c),
+            };
+            // SAFETY: `start + len <= n`, within `io` (its pointers are valid for `io.len()`) and
+            // within `x`.
+            unsafe {
+                let ptrs = (src.add(start), self.x.as_ptr().add(start), dst.add(start));
+                stream_raw(s, ptrs, len, 4 * S::LANES, &op);
+            }
+        }
     }
 }
 

@@ -9,7 +9,9 @@ mod backward;
 mod normalize;
 mod stats;
 
-pub(crate) use backward::{DxParams, DxPeriodic, DxRun, GradSums, GradSumsRows, GradSumsRun};
+pub(crate) use backward::{
+    DxParams, DxPeriodic, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
+};
 pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, InPlace, OutOfPlace};
 pub(crate) use stats::{MomentsRows, MomentsRun, MomentsRuns};
 

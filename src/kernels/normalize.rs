@@ -104,7 +104,7 @@ pub(crate) fn stream<S: Simd, IO: InOut>(
 /// `src`, `x2` and `dst` must be valid for `n` elements; `src` may equal `dst`, and `x2` may equal
 /// `src`; no other reference to the output range may be alive.
 #[inline(always)]
-unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
+pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
     s: S,
     (src, x2, dst): (*const f32, *const f32, *mut f32),
     n: usize,
