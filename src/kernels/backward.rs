@@ -211,11 +211,18 @@ impl Kernel for GradSumsRows<'_> {
             return;
         }
         let l = S::LANES;
-        if c >= SUM_GROUP * l {
-            for first in (0..c).step_by(SUM_GROUP * l) {
+        // 16 vector registers (AVX2) hold 2 groups' sums and pivots; 32 (AVX-512) hold 4.
+        let wide = S::LANES >= 16;
+        let group = if wide { 2 * SUM_GROUP } else { SUM_GROUP };
+        if c >= group * l {
+            for first in (0..c).step_by(group * l) {
                 let o = first.min(self.out.len());
-                let (xs, p) = ((self.x, self.dy), &self.pivots[first..]);
-                grad_sums_strided::<S, SUM_GROUP>(s, xs, c, first, p, &mut self.out[o..]);
+                let (xs, p, out) = ((self.x, self.dy), &self.pivots[first..], &mut self.out[o..]);
+                if wide {
+                    grad_sums_strided::<S, { 2 * SUM_GROUP }>(s, xs, c, first, p, out);
+                } else {
+                    grad_sums_strided::<S, SUM_GROUP>(s, xs, c, first, p, out);
+                }
             }
             return;
         }
