@@ -8,7 +8,8 @@
 mod nchw;
 mod nhwc;
 
-use crate::kernels::{DxParams, GradSums};
+pub(crate) use crate::kernels::ChannelAffine;
+use crate::kernels::{DxParams, GradSums, Io};
 use crate::par::SharedMut;
 use crate::simd::Backend;
 use crate::{ChannelStats, Layout, Parallelism, Shape};
@@ -37,14 +38,6 @@ impl Ctx {
     }
 }
 
-/// `y = scale·(x − shift) + bias` for one channel.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct ChannelAffine {
-    pub shift: f32,
-    pub scale: f32,
-    pub bias: f32,
-}
-
 /// Per-channel normalization parameters from the channel's statistics.
 pub(crate) type MakeAffine<'a> = &'a (dyn Fn(usize, &ChannelStats) -> ChannelAffine + Sync);
 /// Per-channel dx parameters from the channel's backward sums.
@@ -58,6 +51,19 @@ pub(crate) enum Src<'a> {
 }
 
 impl<'a> Src<'a> {
+    /// The kernel stream for elements `start..start + len`: read from this source, write `out`.
+    ///
+    /// # Safety
+    /// No other live slice of `out` may overlap the range.
+    unsafe fn io(self, out: &SharedMut<'a>, start: usize, len: usize) -> Io<'a> {
+        // SAFETY: forwarded to the caller.
+        let dst = unsafe { out.slice(start, len) };
+        match self {
+            Src::Separate(x) => Io::Separate(&x[start..start + len], dst),
+            Src::InPlace => Io::InPlace(dst),
+        }
+    }
+
     /// The input elements `start..start + len`.
     ///
     /// # Safety

@@ -9,8 +9,8 @@
 use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns, InPlace,
-    MomentsRun, MomentsRuns, OutOfPlace,
+    AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns,
+    MomentsRun, MomentsRuns,
 };
 use crate::par::{Parallelism, SharedMut};
 
@@ -157,31 +157,11 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
 }
 
 /// Affine map of one piece, reading from `src`, writing into `out`.
-fn affine_piece(ctx: &Ctx, src: Src<'_>, out: &SharedMut<'_>, p: Piece, a: &ChannelAffine) {
+fn affine_piece(ctx: &Ctx, src: Src<'_>, out: &SharedMut<'_>, piece: Piece, p: &ChannelAffine) {
     // SAFETY: every piece is applied exactly once and pieces are disjoint, so no other live slice
     // overlaps this one.
-    let dst = unsafe { out.slice(p.offset, p.len) };
-    let (shift, scale, bias) = (a.shift, a.scale, a.bias);
-    match src {
-        Src::Separate(x) => {
-            let io = OutOfPlace {
-                src: &x[p.offset..p.offset + p.len],
-                dst,
-            };
-            ctx.backend.dispatch(AffineRun {
-                io,
-                shift,
-                scale,
-                bias,
-            })
-        }
-        Src::InPlace => ctx.backend.dispatch(AffineRun {
-            io: InPlace(dst),
-            shift,
-            scale,
-            bias,
-        }),
-    }
+    let io = unsafe { src.io(out, piece.offset, piece.len) };
+    ctx.backend.dispatch(AffineRun { io, p: *p });
 }
 
 pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
@@ -193,45 +173,19 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
         return;
     }
     // Short runs: tasks of whole consecutive runs (about BLOCK elements), one kernel call each.
-    let shift: Vec<f32> = params.iter().map(|p| p.shift).collect();
-    let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
-    let bias: Vec<f32> = params.iter().map(|p| p.bias).collect();
-    let (shift, scale, bias) = (&shift[..], &scale[..], &bias[..]);
     let runs = ctx.shape.n() * ctx.shape.c();
     let per_task = (BLOCK / hw).max(1);
     ctx.par.for_each(runs.div_ceil(per_task), 1, |t| {
         let first = t * per_task;
-        let (offset, len) = (first * hw, per_task.min(runs - first) * hw);
         // SAFETY: tasks cover disjoint ranges of runs.
-        let dst = unsafe { out.slice(offset, len) };
-        let (run, first) = (hw, first % shift.len());
-        match src {
-            Src::Separate(x) => {
-                let io = OutOfPlace {
-                    src: &x[offset..offset + len],
-                    dst,
-                };
-                ctx.backend.dispatch(AffineRuns {
-                    io,
-                    run,
-                    first,
-                    shift,
-                    scale,
-                    bias,
-                })
-            }
-            Src::InPlace => {
-                let io = InPlace(dst);
-                ctx.backend.dispatch(AffineRuns {
-                    io,
-                    run,
-                    first,
-                    shift,
-                    scale,
-                    bias,
-                })
-            }
-        }
+        let io = unsafe { src.io(&out, first * hw, per_task.min(runs - first) * hw) };
+        let first = first % params.len();
+        ctx.backend.dispatch(AffineRuns {
+            io,
+            run: hw,
+            first,
+            params,
+        });
     });
 }
 
@@ -306,25 +260,14 @@ fn short_runs(
             return stats;
         };
         let params: Vec<ChannelAffine> = (0..k).map(|j| make(first + j, &stats[j])).collect();
-        let shift: Vec<f32> = params.iter().map(|p| p.shift).collect();
-        let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
-        let bias: Vec<f32> = params.iter().map(|p| p.bias).collect();
         for sample in 0..n {
-            let offset = (sample * c + first) * hw;
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-            let dst = unsafe { out.slice(offset, k * hw) };
-            let io = OutOfPlace {
-                src: &x[offset..offset + k * hw],
-                dst,
-            };
-            let (shift, scale, bias) = (&shift[..], &scale[..], &bias[..]);
+            let io = unsafe { Src::Separate(x).io(out, (sample * c + first) * hw, k * hw) };
             ctx.backend.dispatch(AffineRuns {
                 io,
                 run: hw,
                 first: 0,
-                shift,
-                scale,
-                bias,
+                params: &params,
             });
         }
         stats
@@ -357,22 +300,9 @@ pub(super) fn backward(
     };
     let apply = |p: Piece, dp: &DxParams| {
         // SAFETY: every piece is applied exactly once and pieces are disjoint.
-        let dst = unsafe { out.slice(p.offset, p.len) };
-        let run = &x[p.offset..p.offset + p.len];
-        match dy {
-            Src::Separate(g) => {
-                let io = OutOfPlace {
-                    src: &g[p.offset..p.offset + p.len],
-                    dst,
-                };
-                ctx.backend.dispatch(DxRun { x: run, io, p: *dp })
-            }
-            Src::InPlace => ctx.backend.dispatch(DxRun {
-                x: run,
-                io: InPlace(dst),
-                p: *dp,
-            }),
-        }
+        let io = unsafe { dy.io(&out, p.offset, p.len) };
+        let x = &x[p.offset..p.offset + p.len];
+        ctx.backend.dispatch(DxRun { x, io, p: *dp })
     };
     let apply: Option<Apply<'_, DxParams>> = make.map(|_| &apply as _);
     let make = |c: usize, g: &GradSums| make.map_or(DxParams::default(), |m| m(c, g));
@@ -422,28 +352,13 @@ fn backward_short_runs(
             let offset = (sample * c + first) * hw;
             let xs = &x[offset..offset + len];
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-            let dst = unsafe { out.slice(offset, len) };
-            let params = &params[..];
-            match dy {
-                Src::Separate(g) => {
-                    let io = OutOfPlace {
-                        src: &g[offset..offset + len],
-                        dst,
-                    };
-                    ctx.backend.dispatch(DxRuns {
-                        x: xs,
-                        io,
-                        run: hw,
-                        params,
-                    })
-                }
-                Src::InPlace => ctx.backend.dispatch(DxRuns {
-                    x: xs,
-                    io: InPlace(dst),
-                    run: hw,
-                    params,
-                }),
-            }
+            let io = unsafe { dy.io(out, offset, len) };
+            ctx.backend.dispatch(DxRuns {
+                x: xs,
+                io,
+                run: hw,
+                params: &params,
+            });
         }
         sums
     });

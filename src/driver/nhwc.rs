@@ -4,9 +4,7 @@
 
 use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
 use crate::ChannelStats;
-use crate::kernels::{
-    AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, InPlace, MomentsRows, OutOfPlace,
-};
+use crate::kernels::{AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows};
 use crate::par::SharedMut;
 
 /// Fewest rows per block: each block costs one f64 merge per lane and channel, which this many
@@ -86,35 +84,12 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
 
 pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
     let blocks = Blocks::new(ctx);
-    let shift: Vec<f32> = params.iter().map(|p| p.shift).collect();
-    let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
-    let bias: Vec<f32> = params.iter().map(|p| p.bias).collect();
-    let (shift, scale, bias) = (&shift[..], &scale[..], &bias[..]);
     let out = SharedMut::new(dst);
     ctx.par.for_each(blocks.count(), 1, |b| {
         let (offset, len) = blocks.range(b);
         // SAFETY: each block is visited once and blocks are disjoint.
-        let dst = unsafe { out.slice(offset, len) };
-        match src {
-            Src::Separate(x) => {
-                let io = OutOfPlace {
-                    src: &x[offset..offset + len],
-                    dst,
-                };
-                ctx.backend.dispatch(AffinePeriodic {
-                    io,
-                    shift,
-                    scale,
-                    bias,
-                })
-            }
-            Src::InPlace => ctx.backend.dispatch(AffinePeriodic {
-                io: InPlace(dst),
-                shift,
-                scale,
-                bias,
-            }),
-        }
+        let io = unsafe { src.io(&out, offset, len) };
+        ctx.backend.dispatch(AffinePeriodic { io, params });
     });
 }
 
@@ -161,21 +136,8 @@ pub(super) fn backward(
         let (offset, len) = blocks.range(b);
         let xs = &x[offset..offset + len];
         // SAFETY: each block is visited once and blocks are disjoint.
-        let dst = unsafe { out.slice(offset, len) };
-        match dy {
-            Src::Separate(g) => {
-                let io = OutOfPlace {
-                    src: &g[offset..offset + len],
-                    dst,
-                };
-                ctx.backend.dispatch(DxPeriodic { x: xs, io, params })
-            }
-            Src::InPlace => ctx.backend.dispatch(DxPeriodic {
-                x: xs,
-                io: InPlace(dst),
-                params,
-            }),
-        }
+        let io = unsafe { dy.io(&out, offset, len) };
+        ctx.backend.dispatch(DxPeriodic { x: xs, io, params });
     });
     sums
 }

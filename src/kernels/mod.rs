@@ -12,7 +12,7 @@ mod stats;
 pub(crate) use backward::{
     DxParams, DxPeriodic, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
 };
-pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, InPlace, OutOfPlace};
+pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, ChannelAffine, Io};
 pub(crate) use stats::{MomentsRows, MomentsRun, MomentsRuns};
 
 use crate::simd::Simd;

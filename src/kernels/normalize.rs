@@ -16,35 +16,38 @@ pub(crate) trait InOut {
     fn ptrs(&mut self) -> (*const f32, *mut f32);
 }
 
-/// Read `src`, write `dst` (the shorter length counts).
-pub(crate) struct OutOfPlace<'a> {
-    pub src: &'a [f32],
-    pub dst: &'a mut [f32],
+/// `y = scale·(x − shift) + bias` for one channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct ChannelAffine {
+    pub shift: f32,
+    pub scale: f32,
+    pub bias: f32,
 }
 
-impl InOut for OutOfPlace<'_> {
+/// The stream of a kernel call: read one slice and write another (the shorter length counts), or
+/// read and overwrite one slice in place.
+pub(crate) enum Io<'a> {
+    Separate(&'a [f32], &'a mut [f32]),
+    InPlace(&'a mut [f32]),
+}
+
+impl InOut for Io<'_> {
     #[inline(always)]
     fn len(&self) -> usize {
-        self.src.len().min(self.dst.len())
+        match self {
+            Io::Separate(src, dst) => src.len().min(dst.len()),
+            Io::InPlace(buf) => buf.len(),
+        }
     }
     #[inline(always)]
     fn ptrs(&mut self) -> (*const f32, *mut f32) {
-        (self.src.as_ptr(), self.dst.as_mut_ptr())
-    }
-}
-
-/// Read and overwrite the same slice.
-pub(crate) struct InPlace<'a>(pub &'a mut [f32]);
-
-impl InOut for InPlace<'_> {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline(always)]
-    fn ptrs(&mut self) -> (*const f32, *mut f32) {
-        let p = self.0.as_mut_ptr();
-        (p as *const f32, p)
+        match self {
+            Io::Separate(src, dst) => (src.as_ptr(), dst.as_mut_ptr()),
+            Io::InPlace(buf) => {
+                let p = buf.as_mut_ptr();
+                (p as *const f32, p)
+            }
+        }
     }
 }
 
@@ -158,6 +161,17 @@ struct Splat<V> {
     bias: V,
 }
 
+impl<V: Copy> Splat<V> {
+    #[inline(always)]
+    fn new<S: Simd<V = V>>(s: S, p: &ChannelAffine) -> Self {
+        Splat {
+            shift: s.splat(p.shift),
+            scale: s.splat(p.scale),
+            bias: s.splat(p.bias),
+        }
+    }
+}
+
 impl<S: Simd> VectorMap<S> for Splat<S::V> {
     #[inline(always)]
     fn apply(&self, s: S, _: usize, x: S::V, _: S::V) -> S::V {
@@ -189,9 +203,7 @@ impl<S: Simd> VectorMap<S> for Periodic {
 /// `y = scale·(x − shift) + bias` on one contiguous run of one channel.
 pub(crate) struct AffineRun<IO> {
     pub io: IO,
-    pub shift: f32,
-    pub scale: f32,
-    pub bias: f32,
+    pub p: ChannelAffine,
 }
 
 impl<IO: InOut> Kernel for AffineRun<IO> {
@@ -199,11 +211,7 @@ impl<IO: InOut> Kernel for AffineRun<IO> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let op = Splat {
-            shift: s.splat(self.shift),
-            scale: s.splat(self.scale),
-            bias: s.splat(self.bias),
-        };
+        let op = Splat::new(s, &self.p);
         // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
         stream(s, self.io, None, 4 * S::LANES, &op);
     }
@@ -216,9 +224,7 @@ pub(crate) struct AffineRuns<'a, IO> {
     pub io: IO,
     pub run: usize,
     pub first: usize,
-    pub shift: &'a [f32],
-    pub scale: &'a [f32],
-    pub bias: &'a [f32],
+    pub params: &'a [ChannelAffine],
 }
 
 impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
@@ -226,7 +232,7 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd>(mut self, s: S) {
-        let c = self.shift.len().min(self.scale.len()).min(self.bias.len());
+        let c = self.params.len();
         if c == 0 || self.run == 0 {
             return;
         }
@@ -235,11 +241,7 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
         let (mut ch, mut start) = (self.first % c, 0);
         while start < n {
             let len = self.run.min(n - start);
-            let op = Splat {
-                shift: s.splat(self.shift[ch]),
-                scale: s.splat(self.scale[ch]),
-                bias: s.splat(self.bias[ch]),
-            };
+            let op = Splat::new(s, &self.params[ch]);
             // SAFETY: `start + len <= n`, the length `ptrs` are valid for.
             unsafe {
                 let p = (src.add(start), src.add(start), dst.add(start));
@@ -254,9 +256,7 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over whole rows of `shift.len()` interleaved channels.
 pub(crate) struct AffinePeriodic<'a, IO> {
     pub io: IO,
-    pub shift: &'a [f32],
-    pub scale: &'a [f32],
-    pub bias: &'a [f32],
+    pub params: &'a [ChannelAffine],
 }
 
 impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
@@ -264,15 +264,18 @@ impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let c = self.shift.len().min(self.scale.len()).min(self.bias.len());
-        if c == 0 {
+        if self.params.is_empty() {
             return;
         }
-        let per = super::period(c, S::LANES);
+        let per = super::period(self.params.len(), S::LANES);
+        let field = |f: fn(&ChannelAffine) -> f32| {
+            let v: Vec<f32> = self.params.iter().map(f).collect();
+            expand_periodic(&v, per)
+        };
         let op = Periodic {
-            shift: expand_periodic(&self.shift[..c], per),
-            scale: expand_periodic(&self.scale[..c], per),
-            bias: expand_periodic(&self.bias[..c], per),
+            shift: field(|p| p.shift),
+            scale: field(|p| p.scale),
+            bias: field(|p| p.bias),
         };
         stream(s, self.io, None, per, &op);
     }
