@@ -12,13 +12,6 @@ use common::*;
 
 const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
 
-fn channel_of(shape: Shape, layout: Layout, i: usize) -> usize {
-    match layout {
-        Layout::Nchw => (i / shape.hw()) % shape.c(),
-        Layout::Nhwc => i % shape.c(),
-    }
-}
-
 /// Saved statistics from the crate's own training forward, as a user would have them.
 fn forward_saved(bn: &BatchNorm, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let c = bn.shape().c();

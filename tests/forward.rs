@@ -21,14 +21,6 @@ fn y_scale(gamma: &[f32], beta: &[f32], xhat: f64, c: usize) -> f64 {
     (gamma[c] as f64).abs() * (1.0 + xhat.abs()) + (beta[c] as f64).abs()
 }
 
-/// Channel of flat index `i`.
-fn channel_of(shape: Shape, layout: Layout, i: usize) -> usize {
-    match layout {
-        Layout::Nchw => (i / shape.hw()) % shape.c(),
-        Layout::Nhwc => i % shape.c(),
-    }
-}
-
 #[test]
 fn inference_matches_reference_on_sweep() {
     let mut worst = Worst::default();

@@ -117,6 +117,14 @@ pub fn ordinary(rng: &mut Rng, c: usize) -> (Vec<f64>, Vec<f64>) {
     (means, stds)
 }
 
+/// Channel of flat index `i`.
+pub fn channel_of(shape: Shape, layout: Layout, i: usize) -> usize {
+    match layout {
+        Layout::Nchw => (i / shape.hw()) % shape.c(),
+        Layout::Nhwc => i % shape.c(),
+    }
+}
+
 /// The same logical tensor converted between layouts.
 pub fn relayout(x: &[f32], shape: Shape, from: Layout, to: Layout) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
