@@ -2,7 +2,7 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::normalize::{InOut, VectorMap, stream, stream_raw};
-use super::{ACCUMULATORS, KMAX, expand_periodic, period, reduce_f64};
+use super::{ACCUMULATORS, KMAX, Lanes, expand_periodic, period, reduce_f64, zeroed};
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
@@ -228,7 +228,7 @@ impl Kernel for GradSumsRows<'_> {
         }
         let per = period(c, l);
         let piv = expand_periodic(self.pivots, per);
-        let mut acc = vec![0.0f32; 3 * per];
+        let mut acc = zeroed(3 * per);
         let n = self.x.len().min(self.dy.len());
         let (x, dy) = (&self.x[..n], &self.dy[..n]);
         for (xc, dc) in x.chunks(KMAX * per).zip(dy.chunks(KMAX * per)) {
@@ -290,10 +290,10 @@ impl<S: Simd> VectorMap<S> for SplatDx<S::V> {
 
 /// `a[p]·dy + b[p]·(x − shift[p]) + c[p]` with parameters per position of the period.
 struct PeriodicDx {
-    shift: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
+    shift: Lanes,
+    a: Lanes,
+    b: Lanes,
+    c: Lanes,
 }
 
 impl<S: Simd> VectorMap<S> for PeriodicDx {

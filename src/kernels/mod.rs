@@ -15,6 +15,8 @@ pub(crate) use backward::{
 pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, ChannelAffine, Io};
 pub(crate) use stats::{MomentsRows, MomentsRun, MomentsRuns};
 
+use aligned_vec::{AVec, ConstAlign};
+
 use crate::simd::Simd;
 
 /// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
@@ -41,9 +43,18 @@ fn lcm(a: usize, b: usize) -> usize {
     a / x * b
 }
 
+/// Scratch lanes for periodic parameters and state: aligned to a cache line (and to the widest
+/// vector), so no vector load from them splits a line.
+pub(crate) type Lanes = AVec<f32, ConstAlign<64>>;
+
 /// Expands per-channel values to one value per position of a period (`pos mod c`).
-pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Vec<f32> {
-    per_channel.iter().copied().cycle().take(period).collect()
+pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
+    AVec::from_iter(64, per_channel.iter().copied().cycle().take(period))
+}
+
+/// `len` zeroed lanes.
+pub(crate) fn zeroed(len: usize) -> Lanes {
+    AVec::from_iter(64, std::iter::repeat_n(0.0, len))
 }
 
 /// Sum of the lanes of `v`, widened to f64 for the f64 merges that follow.

@@ -4,7 +4,7 @@
 //! when x is within a factor of two of the shift (Sterbenz), so the rounding of the folded bias
 //! `bias − scale·shift` never enters. A constant channel yields `x − shift = 0` and so `y = bias`.
 
-use super::expand_periodic;
+use super::{Lanes, expand_periodic};
 use crate::simd::{Kernel, Simd};
 
 /// Where a streaming kernel reads its input and writes its output: two slices, or one in place.
@@ -181,9 +181,9 @@ impl<S: Simd> VectorMap<S> for Splat<S::V> {
 
 /// `scale[p]·(x − shift[p]) + bias[p]` with parameters per position of the period.
 struct Periodic {
-    shift: Vec<f32>,
-    scale: Vec<f32>,
-    bias: Vec<f32>,
+    shift: Lanes,
+    scale: Lanes,
+    bias: Lanes,
 }
 
 impl<S: Simd> VectorMap<S> for Periodic {

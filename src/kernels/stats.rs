@@ -5,7 +5,7 @@
 //! lanes only see numbers of the size of the spread. Results are the statistics of `d`; the
 //! driver adds the pivot back in f64.
 
-use super::{ACCUMULATORS, KMAX, expand_periodic, period};
+use super::{ACCUMULATORS, KMAX, expand_periodic, period, zeroed};
 use crate::ChannelStats;
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
@@ -331,7 +331,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], pivots: &[f32], out: &mut [Channel
         let l = S::LANES;
         let per = period(c, l);
         let piv = expand_periodic(pivots, per);
-        let (mut mean, mut m2) = (vec![0.0f32; per], vec![0.0f32; per]);
+        let (mut mean, mut m2) = (zeroed(per), zeroed(per));
         let one = s.splat(1.0);
         for chunk in x.chunks(KMAX * per) {
             mean.fill(0.0);
@@ -357,7 +357,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], pivots: &[f32], out: &mut [Channel
                 s.store(&mut mean[o..], mv);
                 s.store(&mut m2[o..], qv);
             }
-            for (q, (&mv, &qv)) in mean.iter().zip(&m2).enumerate() {
+            for (q, (&mv, &qv)) in mean.iter().zip(m2.iter()).enumerate() {
                 let count = steps + usize::from(q < rest.len());
                 if let (true, Some(slot)) = (count > 0, out.get_mut(q % c)) {
                     *slot = slot.merge(&ChannelStats::new(count as u64, mv as f64, qv as f64));
