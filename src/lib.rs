@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 mod batchnorm;
+pub mod check;
 mod driver;
 mod error;
 mod kernels;
