@@ -246,7 +246,7 @@ impl BatchNorm {
                 if u.var_estimator == Variance::Unbiased && per_channel < 2 {
                     return Err(Error::TooFewValues { per_channel });
                 }
-                Some(u.momentum.new_weight()?)
+                Some(u.momentum.weights()?)
             }
             None => None,
         };
@@ -261,14 +261,14 @@ impl BatchNorm {
             saved.mean[c] = p.shift;
             saved.inv_std[c] = inv_std as f32;
         }
-        if let (Some(u), Some(w)) = (update.as_mut(), weight) {
+        if let (Some(u), Some((old, new))) = (update.as_mut(), weight) {
             for (c, s) in stats.iter().enumerate() {
                 let var = match u.var_estimator {
                     Variance::Biased => s.m2() / s.count() as f64,
                     Variance::Unbiased => s.m2() / (s.count() as f64 - 1.0),
                 };
-                u.mean[c] = ((1.0 - w) * u.mean[c] as f64 + w * s.mean()) as f32;
-                u.var[c] = ((1.0 - w) * u.var[c] as f64 + w * var) as f32;
+                u.mean[c] = (old * u.mean[c] as f64 + new * s.mean()) as f32;
+                u.var[c] = (old * u.var[c] as f64 + new * var) as f32;
             }
         }
         Ok(BatchStats::from_channels(stats))
@@ -315,11 +315,14 @@ impl BatchNorm {
                 let make = |c: usize, g: &GradSums| {
                     let (r, gamma) = (saved.inv_std[c] as f64, gamma_of(c));
                     let (dgamma, dbeta, lo) = training_grads(g, r, m);
+                    // dx = a·dy + b·x̂ + c, x̂ = (x − K)·r; the true x − μ is (x − K) − lo.
                     let a = gamma * r;
-                    let b = -a * r * dgamma / m;
-                    let c0 = -a * dbeta / m - b * lo;
+                    let b = -a * dgamma / m;
+                    let c0 = -a * dbeta / m - b * lo * r;
+                    let (shift, r) = (saved.mean[c], saved.inv_std[c]);
                     DxParams {
-                        shift: saved.mean[c],
+                        shift,
+                        r,
                         a: a as f32,
                         b: b as f32,
                         c: c0 as f32,

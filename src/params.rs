@@ -37,8 +37,10 @@ pub enum Momentum {
 }
 
 impl Momentum {
-    /// The weight of the new batch value, after validation.
-    pub(crate) fn new_weight(self) -> Result<f64, Error> {
+    /// The weights `(old, new)` of `running = old·running + new·batch`, after validation. Both are
+    /// kept, rather than `new = 1 − old`, so a tiny weight keeps its value (1 − (1 − m) ≠ m in
+    /// floating point when m is tiny).
+    pub(crate) fn weights(self) -> Result<(f64, f64), Error> {
         let check = |m: f32| {
             if (0.0..=1.0).contains(&m) {
                 Ok(m as f64)
@@ -47,10 +49,13 @@ impl Momentum {
             }
         };
         match self {
-            Momentum::NewWeight(m) => check(m),
-            Momentum::OldWeight(m) => check(m).map(|m| 1.0 - m),
+            Momentum::NewWeight(m) => check(m).map(|m| (1.0 - m, m)),
+            Momentum::OldWeight(m) => check(m).map(|m| (m, 1.0 - m)),
             Momentum::CumulativeAverage { batches_tracked: 0 } => Err(Error::ZeroBatchesTracked),
-            Momentum::CumulativeAverage { batches_tracked } => Ok(1.0 / batches_tracked as f64),
+            Momentum::CumulativeAverage { batches_tracked } => {
+                let t = batches_tracked as f64;
+                Ok(((t - 1.0) / t, 1.0 / t))
+            }
         }
     }
 }

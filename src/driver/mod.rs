@@ -94,6 +94,28 @@ fn absolute(d: ChannelStats, pivot: f32, exact: impl FnOnce() -> ChannelStats) -
     }
 }
 
+/// Checks the f32-lane backward sums of one run or block channel: non-finite sums (products that
+/// overflowed f32, or NaN/Inf data) are recomputed from the values in f64 by `exact`.
+fn checked_sums(g: GradSums, exact: impl FnOnce() -> GradSums) -> GradSums {
+    if g.dy.is_finite() && g.xdy.is_finite() && g.x.is_finite() {
+        g
+    } else {
+        exact()
+    }
+}
+
+/// Backward sums of paired values `(x, dy)` relative to `pivot`, in f64.
+fn exact_sums(pairs: impl Iterator<Item = (f32, f32)>, pivot: f32) -> GradSums {
+    pairs.fold(GradSums::default(), |s, (x, g)| {
+        let (d, g) = (x as f64 - pivot as f64, g as f64);
+        GradSums {
+            dy: s.dy + g,
+            xdy: s.xdy + d * g,
+            x: s.x + d,
+        }
+    })
+}
+
 /// Per-channel statistics of `x`.
 pub(crate) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
     match ctx.effective_layout() {

@@ -6,7 +6,9 @@
 //! threads busy, and *two-phase* (all pieces reduced in parallel, folded per channel, then all
 //! pieces normalized in parallel) when there are few channels.
 
-use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
+use super::{
+    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, checked_sums, exact_sums, pivot,
+};
 use crate::ChannelStats;
 use crate::kernels::{
     AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns,
@@ -291,11 +293,14 @@ pub(super) fn backward(
         // SAFETY: reductions only read; in the fused schedule this channel's pieces are written
         // after all of its reads, in the two-phase schedule after all reads of every channel.
         let g = unsafe { dy.view(&out, p.offset, p.len) };
-        let run = &x[p.offset..p.offset + p.len];
-        ctx.backend.dispatch(GradSumsRun {
+        let (run, pivot) = (&x[p.offset..p.offset + p.len], pivots[p.c]);
+        let sums = ctx.backend.dispatch(GradSumsRun {
             x: run,
             dy: g,
-            pivot: pivots[p.c],
+            pivot,
+        });
+        checked_sums(sums, || {
+            exact_sums(run.iter().copied().zip(g.iter().copied()), pivot)
         })
     };
     let apply = |p: Piece, dp: &DxParams| {
@@ -342,8 +347,12 @@ fn backward_short_runs(
                 out: &mut runs,
             };
             ctx.backend.dispatch(kernel);
-            for (s, r) in sums.iter_mut().zip(&runs) {
-                *s = s.add(*r);
+            for (j, (s, r)) in sums.iter_mut().zip(&runs).enumerate() {
+                let pairs = xs[j * hw..(j + 1) * hw]
+                    .iter()
+                    .zip(&gs[j * hw..(j + 1) * hw]);
+                let exact = || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]);
+                *s = s.add(checked_sums(*r, exact));
             }
         }
         let Some(make) = make else { return sums };

@@ -2,7 +2,9 @@
 //! whole rows (about `BLOCK` elements each). Per-channel lanes run down the rows of a block; block
 //! results are folded per channel in block order.
 
-use super::{BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, pivot};
+use super::{
+    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, checked_sums, exact_sums, pivot,
+};
 use crate::ChannelStats;
 use crate::kernels::{AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows};
 use crate::par::SharedMut;
@@ -126,6 +128,13 @@ pub(super) fn backward(
             pivots,
             out: &mut sums,
         });
+        let c = blocks.c;
+        for (ch, s) in sums.iter_mut().enumerate() {
+            *s = checked_sums(*s, || {
+                let pairs = xs.iter().zip(g).skip(ch).step_by(c);
+                exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
+            });
+        }
         sums
     };
     let sums = reduce(ctx, &blocks, block, GradSums::add);

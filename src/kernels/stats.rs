@@ -282,13 +282,20 @@ fn moments_strided<S: Simd, const G: usize>(
             }
         }
         let (mut mb, mut qb) = ([0.0; MAX_LANES], [0.0; MAX_LANES]);
+        // Every channel of the group holds `first_row` values so far (if `out` started empty):
+        // one division for the whole group.
+        let weights = ChannelStats::merge_weights(first_row as u64, steps as u64);
         for g in 0..width.div_ceil(l) {
             s.to_lanes(mean[g], &mut mb);
             s.to_lanes(m2[g], &mut qb);
             let lanes = l.min(width - g * l);
             for (lane, slot) in out[g * l..g * l + lanes].iter_mut().enumerate() {
                 let part = ChannelStats::new(steps as u64, mb[lane] as f64, qb[lane] as f64);
-                *slot = slot.merge(&part);
+                *slot = if slot.count() == first_row as u64 {
+                    slot.merge_weighted(&part, weights)
+                } else {
+                    slot.merge(&part)
+                };
             }
         }
         first_row += steps;
