@@ -638,8 +638,8 @@ impl Update {
             Update::Pytorch => (Momentum::NewWeight(0.1), Variance::Unbiased),
             Update::Onnx => (Momentum::OldWeight(0.9), Variance::Biased),
             Update::Keras => (Momentum::OldWeight(0.99), Variance::Biased),
-            Update::NewWeight(w, u) => (Momentum::NewWeight(w.get()), est(u)),
-            Update::OldWeight(w, u) => (Momentum::OldWeight(w.get()), est(u)),
+            Update::NewWeight(w, u) => (Momentum::NewWeight(w.get() as f64), est(u)),
+            Update::OldWeight(w, u) => (Momentum::OldWeight(w.get() as f64), est(u)),
             Update::Cumulative(t, u) => (
                 Momentum::CumulativeAverage {
                     batches_tracked: t as u64,
@@ -2073,8 +2073,8 @@ fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
             Momentum::NewWeight(w) | Momentum::OldWeight(w) if !(0.0..=1.0).contains(&w) => {
                 exp.push(Error::InvalidMomentum { momentum: w })
             }
-            Momentum::NewWeight(w) => (w_old, w_new) = (1.0 - w as f64, w as f64),
-            Momentum::OldWeight(w) => (w_old, w_new) = (w as f64, 1.0 - w as f64),
+            Momentum::NewWeight(w) => (w_old, w_new) = (1.0 - w, w),
+            Momentum::OldWeight(w) => (w_old, w_new) = (w, 1.0 - w),
             Momentum::CumulativeAverage { batches_tracked: 0 } => {
                 exp.push(Error::ZeroBatchesTracked)
             }

@@ -38,7 +38,7 @@ pub enum Error {
     /// Momentum is outside `[0, 1]` or NaN.
     InvalidMomentum {
         /// The value given.
-        momentum: f32,
+        momentum: f64,
     },
     /// The cumulative-average running update was given `batches_tracked == 0`.
     ZeroBatchesTracked,

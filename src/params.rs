@@ -21,13 +21,14 @@ pub struct RunningStats<'a> {
     pub var: &'a [f32],
 }
 
-/// How the running statistics follow the batch statistics.
+/// How the running statistics follow the batch statistics. Weights are f64, as the frameworks'
+/// hyperparameters are (0.99 in f32 would blend with 1 − 0.99000001).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Momentum {
     /// `running = (1 − m)·running + m·batch`: m weighs the **new** batch value (PyTorch; default 0.1).
-    NewWeight(f32),
+    NewWeight(f64),
     /// `running = m·running + (1 − m)·batch`: m weighs the **old** running value (ONNX 0.9, Keras 0.99).
-    OldWeight(f32),
+    OldWeight(f64),
     /// Cumulative moving average (PyTorch's `momentum=None`): `running += (batch − running)/t`,
     /// where `batches_tracked = t ≥ 1` counts the batches seen, this one included.
     CumulativeAverage {
@@ -41,9 +42,9 @@ impl Momentum {
     /// kept, rather than `new = 1 − old`, so a tiny weight keeps its value (1 − (1 − m) ≠ m in
     /// floating point when m is tiny).
     pub(crate) fn weights(self) -> Result<(f64, f64), Error> {
-        let check = |m: f32| {
+        let check = |m: f64| {
             if (0.0..=1.0).contains(&m) {
-                Ok(m as f64)
+                Ok(m)
             } else {
                 Err(Error::InvalidMomentum { momentum: m })
             }

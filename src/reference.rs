@@ -118,8 +118,8 @@ pub fn running_update(
 ) -> (Vec<f64>, Vec<f64>) {
     // Written out per convention, as the frameworks document them.
     let blend = |old: f64, new: f64| match momentum {
-        Momentum::NewWeight(m) => (1.0 - m as f64) * old + m as f64 * new,
-        Momentum::OldWeight(m) => m as f64 * old + (1.0 - m as f64) * new,
+        Momentum::NewWeight(m) => (1.0 - m) * old + m * new,
+        Momentum::OldWeight(m) => m * old + (1.0 - m) * new,
         Momentum::CumulativeAverage { batches_tracked } => {
             old + (new - old) / batches_tracked as f64
         }

@@ -53,8 +53,8 @@ fn epsilon_and_momentum() {
             Error::InvalidMomentum { momentum: -0.1 },
         ),
         (
-            Momentum::OldWeight(f32::NAN),
-            Error::InvalidMomentum { momentum: f32::NAN },
+            Momentum::OldWeight(f64::NAN),
+            Error::InvalidMomentum { momentum: f64::NAN },
         ),
         (
             Momentum::CumulativeAverage { batches_tracked: 0 },
