@@ -58,19 +58,27 @@ const F32_MAX: f64 = f32::MAX as f64;
 /// when `var + ε` reaches it.
 const F32_MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
 
+/// Most sequential f32 roundings one SIMD lane's result takes before it is folded into f64:
+/// `KMAX` (16) lockstep steps, one tail vector per accumulator, the 2-level tree over the
+/// `ACCUMULATORS` (4) and the horizontal tree over at most 16 lanes (4 levels): 23 for sums (the
+/// backward reduction and the short-run two-pass, whose runs of at most `SHORT_RUN` (512) values
+/// give at most 16 steps per lane). The Welford path takes 16 + 2 merge levels + up to 3 leftover
+/// vectors + 1 partial = 22 and folds its lanes in f64.
+pub const LANE_STEPS: usize = 23;
+
 /// Tolerance on forward outputs and saved statistics, as a multiple of f32's unit roundoff,
 /// relative to the size of the terms of `y = γ·x̂ + β`.
 ///
 /// Why this size: the kernel's own rounding is a handful of roundings per element (x − K, the
-/// f32 scale and bias, one FMA: ≤ 4u), plus the error of the f32 statistics. The f32 lanes
-/// accumulate at most `KMAX + ACCUMULATORS` Welford steps (the kernel folds them into f64
-/// after that), each adding ~u relative to the spread, and Welford's error grows like the square
-/// root of the steps for ordinary data: sqrt(132) ≈ 12u, with a margin of 2× on top. Everything
-/// beyond one block is merged in f64 and adds nothing measurable, so the bound depends on the
-/// reduction length only through `min(M, KMAX)`.
+/// f32 scale and bias, one FMA, the f32 saved statistics: ≤ 8u), plus the error of the f32 lane
+/// accumulation. A recursive f32 sum (or Welford update) of k steps errs by up to (k − 1)·u of the
+/// magnitudes in the worst case (Higham, "Accuracy and Stability", §4.2; reached by one large term
+/// followed by many small ones in a lane, which fuzzing found), and a lane takes at most
+/// `min(M, LANE_STEPS)` steps before the f64 fold; everything beyond is merged in f64 and adds
+/// nothing measurable. So the bound is worst-case, not statistical, and depends on the reduction
+/// length M only up to `LANE_STEPS`.
 pub fn fwd_tol(per_channel: usize) -> f64 {
-    let steps = per_channel.min(132) as f64;
-    (8.0 + 2.0 * steps.sqrt()) * EPS32
+    (8.0 + per_channel.min(LANE_STEPS) as f64) * EPS32
 }
 
 /// Tolerance on statistics: mean error relative to the standard deviation (or the mean's
@@ -81,11 +89,10 @@ pub fn stats_tol(per_channel: usize) -> f64 {
 }
 
 /// Absolute floor of the mean of f32 lanes for `count` values: below the normal range each
-/// Welford update `mean += δ/k` rounds by up to half a subnormal, for at most
-/// `KMAX + ACCUMULATORS` = 132 steps per lane before the f64 fold (the f64 merges average these
-/// errors, they do not add them).
+/// Welford update `mean += δ/k` rounds by up to half a subnormal, for at most [`LANE_STEPS`] steps
+/// per lane before the f64 fold (the f64 merges average these errors, they do not add them).
 fn mean_floor(count: usize) -> f64 {
-    count.min(132) as f64 * SUB_ULP
+    count.min(LANE_STEPS) as f64 * SUB_ULP
 }
 
 /// Absolute floor of M2 for `count` values: each Welford step adds one squared deviation rounded

@@ -92,25 +92,26 @@ fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
             }
             i += w;
         }
-        // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0).
-        while i < xc.len() {
-            let end = (i + l).min(xc.len());
-            let xd = s.sub(s.load_partial(&xc[i..end], pivot), p);
-            let g = s.load_partial(&dc[i..end], 0.0);
-            let a = &mut acc[0];
+        // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0), one per
+        // accumulator so no lane takes more than one extra step.
+        for (a, j) in acc.iter_mut().zip((i..xc.len()).step_by(l)) {
+            let end = (j + l).min(xc.len());
+            let xd = s.sub(s.load_partial(&xc[j..end], pivot), p);
+            let g = s.load_partial(&dc[j..end], 0.0);
             a[0] = s.add(a[0], g);
             a[1] = s.mul_add(xd, g, a[1]);
             a[2] = s.add(a[2], xd);
-            i = end;
         }
-        let sum = |k: usize| {
-            let v = (1..A).fold(acc[0][k], |v, j| s.add(v, acc[j][k]));
-            reduce_f64(s, v)
-        };
+        // Accumulators combined as a tree (2 levels), then the lanes (a tree inside reduce_add).
+        let mut sums = [0.0f64; 3];
+        for (k, sum) in sums.iter_mut().enumerate() {
+            let v = s.add(s.add(acc[0][k], acc[1][k]), s.add(acc[2][k], acc[3][k]));
+            *sum = reduce_f64(s, v);
+        }
         total = total.add(GradSums {
-            dy: sum(0),
-            xdy: sum(1),
-            x: sum(2),
+            dy: sums[0],
+            xdy: sums[1],
+            x: sums[2],
         });
     }
     total

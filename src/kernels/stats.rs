@@ -69,9 +69,9 @@ fn fold_lanes<S: Simd>(s: S, mean: S::V, m2: S::V, count: usize, r: usize) -> Ch
 ///
 /// Folding Welford lanes into f64 costs a few hundred instructions per run, which dominates short
 /// runs (a 7×7 channel is 49 values); a short run sits in L1, so a second pass over it is nearly
-/// free, and two-pass is the more accurate of the two. Measured with callgrind: two-pass is
-/// cheaper up to about 3000 values per run (AVX2).
-pub(crate) const SHORT_RUN: usize = 1024;
+/// free, and two-pass is the more accurate of the two. 512 values keep each lane at 16 steps or
+/// fewer (4 accumulators of 8 lanes), like the Welford path's `KMAX`.
+pub(crate) const SHORT_RUN: usize = 512;
 
 /// Corrected two-pass statistics of `x − pivot` (Chan, Golub & LeVeque): the mean of the
 /// deviations, then the sum of squares about it, plus the correction for the mean's rounding.

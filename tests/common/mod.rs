@@ -3,30 +3,7 @@
 
 use batchnorm::{Backend, BatchNorm, Layout, Parallelism, Shape};
 
-/// f32 unit roundoff.
-pub const EPS32: f64 = f32::EPSILON as f64 / 2.0;
-
-/// Tolerance on forward outputs and saved statistics, as a multiple of f32's unit roundoff,
-/// relative to the size of the terms of `y = γ·x̂ + β` (see `fwd_scale`).
-///
-/// Why this size: the kernel's own rounding is a handful of roundings per element (x − K, the
-/// f32 scale and bias, one FMA: ≤ 4u), plus the error of the f32 statistics. The f32 lanes
-/// accumulate at most `KMAX + ACCUMULATORS` Welford steps (the kernel folds them into f64
-/// after that), each adding ~u relative to the spread, and Welford's error grows like the square
-/// root of the steps for ordinary data: sqrt(132) ≈ 12u, with a margin of 2× on top. Everything
-/// beyond one block is merged in f64 and adds nothing measurable, so the bound depends on the
-/// reduction length only through `min(M, KMAX)` (see `fwd_tol`).
-pub fn fwd_tol(per_channel: usize) -> f64 {
-    let steps = per_channel.min(132) as f64;
-    (8.0 + 2.0 * steps.sqrt()) * EPS32
-}
-
-/// Tolerance on statistics: mean error relative to the standard deviation (or the mean's
-/// magnitude times u, whichever is larger: the f32 input itself carries that much), variance
-/// error relative to the variance. Same reasoning as `fwd_tol`.
-pub fn stats_tol(per_channel: usize) -> f64 {
-    fwd_tol(per_channel)
-}
+pub use batchnorm::check::{EPS32, fwd_tol, stats_tol};
 
 /// Backends under test: the one forced by `BATCHNORM_BACKEND` (the test fails if this CPU
 /// cannot run it), else every backend this CPU has.
