@@ -1,5 +1,5 @@
 //! Shared test helpers: deterministic data, backends under test, tolerances, error metrics.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use batchnorm::{Backend, BatchNorm, Layout, Parallelism, Shape};
 
