@@ -5,25 +5,12 @@
 mod common;
 
 use batchnorm::{
-    BackwardMode, BatchNorm, GradMode, Layout, ParamGrads, RunningStats, SavedStats, SavedStatsMut,
-    Shape, reference,
+    BackwardMode, BatchNorm, GradMode, Layout, ParamGrads, RunningStats, SavedStats, Shape,
+    reference,
 };
 use common::*;
 
 const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
-
-/// Saved statistics from the crate's own training forward, as a user would have them.
-fn forward_saved(bn: &BatchNorm, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let c = bn.shape().c();
-    let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
-    let mut y = vec![0.0; x.len()];
-    let saved = SavedStatsMut {
-        mean: &mut mean,
-        inv_std: &mut inv_std,
-    };
-    bn.training(x, &mut y, None, saved, None).unwrap();
-    (mean, inv_std)
-}
 
 /// Error scales of the training-mode gradients, from the reference: per element of dx the size
 /// of the terms `γ·r·(dy − Σdy/M − x̂·Σx̂dy/M)` with absolute values, per channel Σ|x̂·dy| for dγ

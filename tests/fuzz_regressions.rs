@@ -1,24 +1,14 @@
 //! Minimized regressions of what fuzzing found (see `fuzz/README.md`). Each test states the
 //! expected behaviour from the f64 reference; each failed before its fix.
 
+mod common;
+
 use batchnorm::check::{self, Case, Data, Dims, Kind, Op, fwd_tol};
 use batchnorm::{
     BackwardMode, BatchNorm, GradMode, Layout, Momentum, ParamGrads, RunningStats, RunningUpdate,
     SavedStats, SavedStatsMut, Shape, Variance, reference,
 };
-
-/// Saved statistics from the crate's own training forward.
-fn forward_saved(bn: &BatchNorm, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let c = bn.shape().c();
-    let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
-    let mut y = vec![0.0; x.len()];
-    let saved = SavedStatsMut {
-        mean: &mut mean,
-        inv_std: &mut inv_std,
-    };
-    bn.training(x, &mut y, None, saved, None).unwrap();
-    (mean, inv_std)
-}
+use common::forward_saved;
 
 /// Training-mode backward (dx, dγ, dβ) with saved statistics from the forward.
 fn training_backward(bn: &BatchNorm, x: &[f32], dy: &[f32]) -> (Vec<f32>, f32, f32) {

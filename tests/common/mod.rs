@@ -1,7 +1,7 @@
 //! Shared test helpers: deterministic data, backends under test, tolerances, error metrics.
 #![allow(dead_code, unused_imports)]
 
-use batchnorm::{Backend, BatchNorm, Layout, Parallelism, Shape};
+use batchnorm::{Backend, BatchNorm, Layout, Parallelism, SavedStatsMut, Shape};
 
 pub use batchnorm::check::{EPS32, fwd_tol, stats_tol};
 
@@ -92,6 +92,19 @@ pub fn ordinary(rng: &mut Rng, c: usize) -> (Vec<f64>, Vec<f64>) {
     let means = (0..c).map(|_| 4.0 * rng.uniform() - 2.0).collect();
     let stds = (0..c).map(|_| 0.5 + 1.5 * rng.uniform()).collect();
     (means, stds)
+}
+
+/// Saved mean and inverse std from the crate's own training forward, as a user would have them.
+pub fn forward_saved(bn: &BatchNorm, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let c = bn.shape().c();
+    let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
+    let mut y = vec![0.0; x.len()];
+    let saved = SavedStatsMut {
+        mean: &mut mean,
+        inv_std: &mut inv_std,
+    };
+    bn.training(x, &mut y, None, saved, None).unwrap();
+    (mean, inv_std)
 }
 
 /// Channel of flat index `i`.
