@@ -78,11 +78,7 @@ where
     P: Send + Sync,
 {
     let pieces = Pieces::new(ctx);
-    let threads = match ctx.par {
-        Parallelism::Sequential => 1,
-        Parallelism::Rayon => rayon::current_num_threads(),
-    };
-    if threads == 1 || pieces.c >= 4 * threads {
+    if fused(ctx) {
         // Fused: one task per channel; its data is re-read from cache by `apply`.
         let elems = ctx.shape.per_channel();
         return ctx.par.map(pieces.c, (2 * BLOCK).div_ceil(elems), |c| {
@@ -218,11 +214,23 @@ fn short_runs_fused(ctx: &Ctx) -> bool {
     // Measured: from a few thousand values per run the per-run calls of the fused schedule cost
     // nothing, and its per-channel tasks keep the re-read in L2 better than groups of samples.
     const SHORT: usize = 512;
+    ctx.shape.hw() <= SHORT && fused(ctx)
+}
+
+/// Whether channels alone give the threads enough tasks, so each channel (or group of channels)
+/// is one task: reduced, then normalized while its data is in cache. Otherwise the pieces are
+/// reduced in parallel first. Both schedules fold in the same order.
+fn fused(ctx: &Ctx) -> bool {
     let threads = match ctx.par {
         Parallelism::Sequential => 1,
         Parallelism::Rayon => rayon::current_num_threads(),
     };
-    ctx.shape.hw() <= SHORT && (threads == 1 || ctx.shape.c() >= 4 * threads)
+    threads == 1 || ctx.shape.c() >= 4 * threads
+}
+
+/// Channels per task of the short-run schedules: about 2·BLOCK elements, at least one channel.
+fn channel_group(ctx: &Ctx) -> usize {
+    (2 * BLOCK / ctx.shape.per_channel()).clamp(1, ctx.shape.c())
 }
 
 /// The fused schedule for short runs, with one kernel call per sample and
@@ -237,7 +245,7 @@ fn short_runs(
     normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
 ) -> Vec<ChannelStats> {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
-    let group = (2 * BLOCK / (n * hw)).clamp(1, c);
+    let group = channel_group(ctx);
     let parts = ctx.par.map(c.div_ceil(group), 1, |g| {
         let first = g * group;
         let k = group.min(c - first);
@@ -246,11 +254,11 @@ fn short_runs(
         for sample in 0..n {
             let offset = (sample * c + first) * hw;
             let seg = &x[offset..offset + k * hw];
+            let pivots = &piv[first..first + k];
             let kernel = MomentsRuns {
                 x: seg,
                 run: hw,
-                first,
-                pivots: piv,
+                pivots,
                 out: &mut runs,
             };
             ctx.backend.dispatch(kernel);
@@ -328,7 +336,7 @@ fn backward_short_runs(
     make: Option<MakeDx<'_>>,
 ) -> Vec<GradSums> {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
-    let group = (2 * BLOCK / (n * hw)).clamp(1, c);
+    let group = channel_group(ctx);
     let parts = ctx.par.map(c.div_ceil(group), 1, |g| {
         let first = g * group;
         let k = group.min(c - first);

@@ -144,13 +144,11 @@ impl Kernel for MomentsRun<'_> {
     }
 }
 
-/// Statistics of each of consecutive runs of `run` elements (the last may be shorter), run `i`
-/// shifted by `pivots[(first + i) mod pivots.len()]` (NCHW memory order), into `out[i]`.
-/// One call for many short runs avoids a dispatch per run.
+/// Statistics of each of consecutive runs of `run` elements of `x − pivots[i]`, into `out[i]`
+/// (one call for many short runs avoids a dispatch per run).
 pub(crate) struct MomentsRuns<'a> {
     pub x: &'a [f32],
     pub run: usize,
-    pub first: usize,
     pub pivots: &'a [f32],
     pub out: &'a mut [ChannelStats],
 }
@@ -160,14 +158,12 @@ impl Kernel for MomentsRuns<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let c = self.pivots.len();
-        if c == 0 || self.run == 0 {
+        if self.run == 0 {
             return;
         }
-        let mut ch = self.first % c;
-        for (slot, run) in self.out.iter_mut().zip(self.x.chunks(self.run)) {
-            *slot = moments_run(s, run, self.pivots[ch]);
-            ch = if ch + 1 == c { 0 } else { ch + 1 };
+        let runs = self.x.chunks(self.run).zip(self.pivots);
+        for (slot, (run, &pivot)) in self.out.iter_mut().zip(runs) {
+            *slot = moments_run(s, run, pivot);
         }
     }
 }
