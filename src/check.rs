@@ -62,8 +62,8 @@ const F32_MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
 /// `KMAX` (16) lockstep steps, one tail vector per accumulator, the 2-level tree over the
 /// `ACCUMULATORS` (4) and the horizontal tree over at most 16 lanes (4 levels): 23 for sums (the
 /// backward reduction and the short-run two-pass, whose runs of at most `SHORT_RUN` (512) values
-/// give at most 16 steps per lane). The Welford path takes 16 + 2 merge levels + up to 3 leftover
-/// vectors + 1 partial = 22 and folds its lanes in f64.
+/// give at most 16 steps per lane), and the same for the statistics' sums of squared deviations.
+/// The statistics' first moment is summed in f64 lanes and adds nothing measurable.
 pub const LANE_STEPS: usize = 23;
 
 /// Tolerance on forward outputs and saved statistics, as a multiple of f32's unit roundoff,
@@ -88,15 +88,15 @@ pub fn stats_tol(per_channel: usize) -> f64 {
     fwd_tol(per_channel)
 }
 
-/// Absolute floor of the mean of f32 lanes for `count` values: below the normal range each
-/// Welford update `mean += δ/k` rounds by up to half a subnormal, for at most [`LANE_STEPS`] steps
-/// per lane before the f64 fold (the f64 merges average these errors, they do not add them).
+/// Absolute floor of the mean for `count` values: below the normal range an f32 result rounds by
+/// up to half a subnormal, for at most [`LANE_STEPS`] steps per lane before the f64 fold. (The
+/// crate's mean is an f64 sum and needs none of it; the floor stays as the stated bound.)
 fn mean_floor(count: usize) -> f64 {
     count.min(LANE_STEPS) as f64 * SUB_ULP
 }
 
-/// Absolute floor of M2 for `count` values: each Welford step adds one squared deviation rounded
-/// to f32, which below the normal range is an absolute error of up to half a subnormal.
+/// Absolute floor of M2 for `count` values: each step adds one squared deviation rounded to f32,
+/// which below the normal range is an absolute error of up to half a subnormal.
 fn m2_floor(count: usize) -> f64 {
     4.0 * count as f64 * SUB_ULP
 }

@@ -7,8 +7,8 @@
 //! - **Backward** for batch or frozen statistics ([`BatchNorm::backward`]).
 //! - **Statistics** as a mergeable result ([`BatchStats`], [`ChannelStats::merge`]).
 //!
-//! Inputs are flat slices plus a [`Shape`] and a [`Layout`]. Statistics use vectorized Welford
-//! accumulation on pivot-shifted values with f64 merging, so data with a large mean relative to
+//! Inputs are flat slices plus a [`Shape`] and a [`Layout`]. Statistics are a vectorized
+//! two-pass per cache block (an f64 first moment, then f32 squared deviations) merged in f64, so data with a large mean relative to
 //! its spread keeps its digits (see the crate README). Work is split into fixed blocks, run on
 //! rayon or sequentially ([`Parallelism`]), with results bit-identical for any thread count.
 //! Kernels are compiled for several instruction sets and picked at run time ([`Backend`]).

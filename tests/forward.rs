@@ -664,3 +664,81 @@ fn one_value_per_channel() {
         assert_eq!(y, beta);
     }
 }
+
+/// Channels whose mean is tiny next to their spread (the layers after a bias-free 1×1 conv): the
+/// mean, and so the running mean, must be as accurate as a double-precision sum, as PyTorch's is.
+///
+/// Each channel is shuffled pairs (v, −v) of N(0, 1) values plus one value δ (and a 0 when the
+/// count is even), so its exact mean is δ/M ≈ 1e-8 while σ ≈ 1. Bound: the mean is a sum of
+/// `x − K` in f64 lanes (K the channel's pivot, |K| ≤ max|x|): a recursive f64 sum of M terms errs
+/// by at most (M + 8)·2⁻⁵³·Σ|x − K| ≤ (M + 8)·2⁻⁵³·2·M·max|x| (Higham §4.2, with the lane tree),
+/// so the mean by (M + 8)·2⁻⁵³·2·max|x|: about 1e-11, 0.1% of the mean. f32 lanes (the crate
+/// before) err by about 1e-8·σ here, 100% of the mean.
+#[test]
+fn tiny_means_are_as_accurate_as_a_double_sum() {
+    let cases = [
+        (Layout::Nchw, [4, 3, 12501]),  // long runs (two-pass per piece)
+        (Layout::Nchw, [256, 16, 49]),  // short runs, channel groups
+        (Layout::Nhwc, [200, 3, 250]),  // narrow rows (periodic lanes)
+        (Layout::Nhwc, [100, 70, 100]), // wide rows (register groups and a tail)
+        (Layout::Nchw, [20000, 5, 1]),  // HW = 1 (row driver)
+    ];
+    let mut rng = Rng::new(20_261_201);
+    for (layout, [n, c, hw]) in cases {
+        let shape = Shape::new(n, c, hw).unwrap();
+        let m = n * hw;
+        let mut x = vec![0.0f32; shape.len()];
+        let mut exact_mean = vec![0.0f64; c];
+        let mut max_abs = vec![0.0f64; c];
+        for ch in 0..c {
+            let delta = 1e-3 * (ch + 1) as f32;
+            let mut values: Vec<f32> = Vec::with_capacity(m);
+            while values.len() + 2 < m {
+                let v = rng.normal() as f32;
+                values.extend([v, -v]);
+            }
+            values.push(delta);
+            values.resize(m, 0.0);
+            for i in (1..m).rev() {
+                values.swap(i, rng.below(i + 1));
+            }
+            exact_mean[ch] = delta as f64 / m as f64;
+            max_abs[ch] = values.iter().fold(0.0, |a, &v| a.max(v.abs() as f64));
+            for (i, &v) in values.iter().enumerate() {
+                x[shape.index(layout, i / hw, ch, i % hw)] = v;
+            }
+        }
+        let unit = f64::EPSILON / 2.0;
+        for bn in operators(shape, layout, 1e-5) {
+            let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
+            let (mut running_mean, mut running_var) = (vec![0.0; c], vec![1.0; c]);
+            let mut y = vec![0.0; x.len()];
+            let saved = SavedStatsMut {
+                mean: &mut mean,
+                inv_std: &mut inv_std,
+            };
+            let update = RunningUpdate::pytorch(&mut running_mean, &mut running_var);
+            let stats = bn.training(&x, &mut y, None, saved, Some(update)).unwrap();
+            for ch in 0..c {
+                let bound = (m + 8) as f64 * unit * 2.0 * max_abs[ch];
+                let got = stats.channels()[ch].mean();
+                let want = exact_mean[ch];
+                assert!(
+                    (got - want).abs() <= bound,
+                    "{layout:?} {n}x{c}x{hw} {:?} channel {ch}: mean {got:e} vs {want:e} \
+                     (bound {bound:e})",
+                    bn.backend()
+                );
+                // PyTorch's rule from 0: 0.1·mean, rounded once to f32.
+                let rm = 0.1 * want;
+                let half_ulp = (rm as f32).abs() as f64 * EPS32;
+                assert!(
+                    (running_mean[ch] as f64 - rm).abs() <= half_ulp + 0.1 * bound,
+                    "{layout:?} {n}x{c}x{hw} {:?} channel {ch}: running mean {} vs {rm:e}",
+                    bn.backend(),
+                    running_mean[ch]
+                );
+            }
+        }
+    }
+}

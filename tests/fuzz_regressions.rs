@@ -213,3 +213,33 @@ fn statistics_mean_error_grows_on_sparse_data() {
         check::check(Op::Statistics, &case).unwrap();
     }
 }
+
+/// `../shared/findings/statistics-nhwc-mean-bound` (NHWC 255x48x173x62, mixed magnitudes; mean
+/// off by 47u against the 31u bound on AVX2), minimized: 4097 positive values near 1 whose first
+/// value is 3e6. The first value is the channel's pivot, so every other deviation `x − K` is near
+/// −3e6 and the f32 Welford mean of the lanes rounded by u·3e6 at every step: 31u to 34u relative
+/// to σ ≈ 4.7e4 on every backend. The mean is now an f64 sum of the deviations.
+#[test]
+fn statistics_mean_with_an_outlier_pivot() {
+    let bytes = [
+        0xff, 0x01, 0x00, 0x00, 0x06, 0x00, 0x01, 0x11, 0x00, 0x01, 0x00, 0x00, 0x17, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00,
+    ];
+    let case = Case::from_bytes(&bytes);
+    assert_eq!(case.x.specials, vec![(0, check::Value::Offset3e6)]);
+    for b in 0..check::backends().len() {
+        for nhwc in [false, true] {
+            let case = Case {
+                backend: b as u8,
+                nhwc,
+                ..case.clone()
+            };
+            check::check(Op::Statistics, &case).unwrap();
+        }
+    }
+    // The finding itself, as found (merged into the corpus).
+    let found = std::fs::read("fuzz/corpus/statistics/finding-statistics-nhwc-mean-bound")
+        .expect("the finding is in the statistics corpus");
+    check::check(Op::Statistics, &Case::from_bytes(&found)).unwrap();
+}

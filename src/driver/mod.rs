@@ -83,10 +83,9 @@ fn pivot(v: f32) -> f32 {
     if v.is_finite() { v } else { 0.0 }
 }
 
-/// Turns pivot-relative statistics into absolute ones; a non-finite result (overflow of the f32
-/// lanes, or NaN/Inf data) is recomputed from the values in f64 by `exact`.
-fn absolute(d: ChannelStats, pivot: f32, exact: impl FnOnce() -> ChannelStats) -> ChannelStats {
-    let s = ChannelStats::new(d.count(), pivot as f64 + d.mean(), d.m2());
+/// Checks the statistics of one run or block channel: a non-finite result (squares that
+/// overflowed the f32 lanes, or NaN/Inf data) is recomputed from the values in f64 by `exact`.
+fn checked_stats(s: ChannelStats, exact: impl FnOnce() -> ChannelStats) -> ChannelStats {
     if s.mean().is_finite() && s.m2().is_finite() {
         s
     } else {

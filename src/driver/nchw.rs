@@ -7,7 +7,8 @@
 //! pieces normalized in parallel) when there are few channels.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, checked_sums, exact_sums, pivot,
+    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
+    pivot,
 };
 use crate::ChannelStats;
 use crate::kernels::{
@@ -133,7 +134,7 @@ fn piece_stats(ctx: &Ctx, x: &[f32], piv: &[f32], p: Piece) -> ChannelStats {
         x: run,
         pivot: piv[p.c],
     });
-    absolute(d, piv[p.c], || ChannelStats::from_values(run))
+    checked_stats(d, || ChannelStats::from_values(run))
 }
 
 fn merge(a: ChannelStats, b: ChannelStats) -> ChannelStats {
@@ -264,9 +265,7 @@ fn short_runs(
             ctx.backend.dispatch(kernel);
             for (j, (acc, d)) in stats.iter_mut().zip(&runs).enumerate() {
                 let run = &seg[j * hw..(j + 1) * hw];
-                *acc = acc.merge(&absolute(*d, piv[first + j], || {
-                    ChannelStats::from_values(run)
-                }));
+                *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
             }
         }
         let Some((out, make)) = normalize else {

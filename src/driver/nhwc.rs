@@ -3,14 +3,15 @@
 //! results are folded per channel in block order.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, absolute, checked_sums, exact_sums, pivot,
+    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
+    pivot,
 };
 use crate::ChannelStats;
 use crate::kernels::{AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows};
 use crate::par::SharedMut;
 
 /// Fewest rows per block: each block costs one f64 merge per lane and channel, which this many
-/// Welford steps amortize.
+/// rows amortize.
 const MIN_ROWS: usize = 64;
 
 /// The fixed split of the rows into blocks.
@@ -74,7 +75,7 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
             out: &mut out,
         });
         for (ch, s) in out.iter_mut().enumerate() {
-            *s = absolute(*s, piv[ch], || {
+            *s = checked_stats(*s, || {
                 let values: Vec<f32> = data.iter().skip(ch).step_by(c).copied().collect();
                 ChannelStats::from_values(&values)
             });

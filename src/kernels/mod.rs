@@ -6,14 +6,14 @@
 //! ragged tails (masked or partial vectors), and never indexes out of bounds.
 
 mod backward;
+mod moments;
 mod normalize;
-mod stats;
 
 pub(crate) use backward::{
     DxParams, DxPeriodic, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
 };
+pub(crate) use moments::{MomentsRows, MomentsRun, MomentsRuns};
 pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, ChannelAffine, Io};
-pub(crate) use stats::{MomentsRows, MomentsRun, MomentsRuns};
 
 use aligned_vec::{AVec, ConstAlign};
 
@@ -58,6 +58,14 @@ pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
 
 /// `len` zeroed lanes.
 pub(crate) fn zeroed(len: usize) -> Lanes {
+    AVec::from_iter(64, std::iter::repeat_n(0.0, len))
+}
+
+/// f64 scratch lanes, aligned like [`Lanes`].
+pub(crate) type Lanes64 = AVec<f64, ConstAlign<64>>;
+
+/// `len` zeroed f64 lanes.
+pub(crate) fn zeroed_f64(len: usize) -> Lanes64 {
     AVec::from_iter(64, std::iter::repeat_n(0.0, len))
 }
 

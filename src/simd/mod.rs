@@ -55,6 +55,51 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// Sum of the lanes (a tree of f32 additions).
     fn reduce_add(self, v: Self::V) -> f32;
 
+    /// `LANES` f64 values: one [`Simd::V`] widened exactly (two native vectors on x86). The
+    /// statistics accumulate their first moment in these, so the mean carries no f32 rounding.
+    type W: Copy;
+    fn splat_w(self, x: f64) -> Self::W;
+    /// The lanes of `v` as f64 (exact).
+    fn widen(self, v: Self::V) -> Self::W;
+    /// Loads `LANES` f32 values from `p`, widened to f64 (exact).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `f32`.
+    unsafe fn load_widen_ptr(self, p: *const f32) -> Self::W;
+    /// Loads `LANES` f64 values from `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `f64`.
+    unsafe fn load_w_ptr(self, p: *const f64) -> Self::W;
+    /// Stores `LANES` f64 values to `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive `f64`.
+    unsafe fn store_w_ptr(self, p: *mut f64, v: Self::W);
+    fn add_w(self, a: Self::W, b: Self::W) -> Self::W;
+    fn sub_w(self, a: Self::W, b: Self::W) -> Self::W;
+    /// Sum of the f64 lanes.
+    fn reduce_add_w(self, v: Self::W) -> f64;
+
+    /// Loads the first `LANES` elements of `s` widened to f64; a shorter slice is padded with
+    /// `fill` (never out of bounds).
+    #[inline(always)]
+    fn load_widen(self, s: &[f32], fill: f32) -> Self::W {
+        if s.len() >= Self::LANES {
+            // SAFETY: `s` holds at least LANES readable values (checked above).
+            unsafe { self.load_widen_ptr(s.as_ptr()) }
+        } else {
+            self.widen(self.load_partial(s, fill))
+        }
+    }
+
+    /// Writes the f64 lanes of `v` to `out[..LANES]`.
+    #[inline(always)]
+    fn to_lanes_w(self, v: Self::W, out: &mut [f64; MAX_LANES]) {
+        // SAFETY: `out` holds MAX_LANES >= LANES writable f64.
+        unsafe { self.store_w_ptr(out.as_mut_ptr(), v) }
+    }
+
     /// Loads the first `LANES` elements of `s`; a shorter slice is read as with
     /// [`Simd::load_partial`] with fill 0 (never out of bounds, never a panic).
     #[inline(always)]

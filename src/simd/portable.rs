@@ -1,6 +1,6 @@
 //! Portable backend on `wide::f32x8`: its instructions are chosen when the crate is compiled.
 
-use wide::f32x8;
+use wide::{f32x8, f64x4};
 
 use super::Simd;
 
@@ -47,6 +47,56 @@ impl Simd for Portable {
     fn reduce_add(self, v: f32x8) -> f32 {
         v.reduce_add()
     }
+
+    type W = [f64x4; 2];
+    #[inline(always)]
+    fn splat_w(self, x: f64) -> [f64x4; 2] {
+        [f64x4::splat(x); 2]
+    }
+    #[inline(always)]
+    fn widen(self, v: f32x8) -> [f64x4; 2] {
+        let a = v.to_array().map(f64::from);
+        [
+            f64x4::new([a[0], a[1], a[2], a[3]]),
+            f64x4::new([a[4], a[5], a[6], a[7]]),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn load_widen_ptr(self, p: *const f32) -> [f64x4; 2] {
+        // SAFETY: forwarded to the caller (8 readable f32 at `p`).
+        self.widen(unsafe { self.load_ptr(p) })
+    }
+    #[inline(always)]
+    unsafe fn load_w_ptr(self, p: *const f64) -> [f64x4; 2] {
+        // SAFETY: the caller guarantees 8 readable f64 at `p`; `read_unaligned` needs no alignment.
+        unsafe {
+            [
+                f64x4::new(p.cast::<[f64; 4]>().read_unaligned()),
+                f64x4::new(p.add(4).cast::<[f64; 4]>().read_unaligned()),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_w_ptr(self, p: *mut f64, v: [f64x4; 2]) {
+        // SAFETY: the caller guarantees 8 writable f64 at `p`.
+        unsafe {
+            p.cast::<[f64; 4]>().write_unaligned(v[0].to_array());
+            p.add(4).cast::<[f64; 4]>().write_unaligned(v[1].to_array());
+        }
+    }
+    #[inline(always)]
+    fn add_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
+        [a[0] + b[0], a[1] + b[1]]
+    }
+    #[inline(always)]
+    fn sub_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
+        [a[0] - b[0], a[1] - b[1]]
+    }
+    #[inline(always)]
+    fn reduce_add_w(self, v: [f64x4; 2]) -> f64 {
+        (v[0] + v[1]).reduce_add()
+    }
+
     #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> f32x8 {
         let mut buf = [fill; 8];

@@ -80,6 +80,66 @@ impl Simd for Avx2Fma {
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(odd, s)))
         }
     }
+
+    type W = [__m256d; 2];
+    #[inline(always)]
+    fn splat_w(self, x: f64) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available.
+        unsafe { [_mm256_set1_pd(x); 2] }
+    }
+    #[inline(always)]
+    fn widen(self, v: __m256) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available.
+        unsafe {
+            [
+                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_widen_ptr(self, p: *const f32) -> [__m256d; 2] {
+        // SAFETY: AVX available (token); the caller guarantees 8 readable f32 at `p`.
+        unsafe {
+            [
+                _mm256_cvtps_pd(_mm_loadu_ps(p)),
+                _mm256_cvtps_pd(_mm_loadu_ps(p.add(4))),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_w_ptr(self, p: *const f64) -> [__m256d; 2] {
+        // SAFETY: AVX available (token); the caller guarantees 8 readable f64 at `p`.
+        unsafe { [_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4))] }
+    }
+    #[inline(always)]
+    unsafe fn store_w_ptr(self, p: *mut f64, v: [__m256d; 2]) {
+        // SAFETY: AVX available (token); the caller guarantees 8 writable f64 at `p`.
+        unsafe {
+            _mm256_storeu_pd(p, v[0]);
+            _mm256_storeu_pd(p.add(4), v[1]);
+        }
+    }
+    #[inline(always)]
+    fn add_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available.
+        unsafe { [_mm256_add_pd(a[0], b[0]), _mm256_add_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn sub_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available.
+        unsafe { [_mm256_sub_pd(a[0], b[0]), _mm256_sub_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn reduce_add_w(self, v: [__m256d; 2]) -> f64 {
+        // SAFETY: the token proves AVX (and so SSE2) is available.
+        unsafe {
+            let s = _mm256_add_pd(v[0], v[1]);
+            let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+        }
+    }
+
     #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> __m256 {
         let mask = avx2_low_mask(s.len());
@@ -186,6 +246,64 @@ impl Simd for Avx512 {
         // SAFETY: the token proves AVX-512F is available.
         unsafe { _mm512_reduce_add_ps(v) }
     }
+
+    type W = [__m512d; 2];
+    #[inline(always)]
+    fn splat_w(self, x: f64) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { [_mm512_set1_pd(x); 2] }
+    }
+    #[inline(always)]
+    fn widen(self, v: __m512) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available (the 256-bit extract is AVX-512F's
+        // `vextractf64x4`, not AVX-512DQ's `vextractf32x8`).
+        unsafe {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+            [
+                _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                _mm512_cvtps_pd(hi),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_widen_ptr(self, p: *const f32) -> [__m512d; 2] {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 readable f32 at `p`.
+        unsafe {
+            [
+                _mm512_cvtps_pd(_mm256_loadu_ps(p)),
+                _mm512_cvtps_pd(_mm256_loadu_ps(p.add(8))),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_w_ptr(self, p: *const f64) -> [__m512d; 2] {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 readable f64 at `p`.
+        unsafe { [_mm512_loadu_pd(p), _mm512_loadu_pd(p.add(8))] }
+    }
+    #[inline(always)]
+    unsafe fn store_w_ptr(self, p: *mut f64, v: [__m512d; 2]) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable f64 at `p`.
+        unsafe {
+            _mm512_storeu_pd(p, v[0]);
+            _mm512_storeu_pd(p.add(8), v[1]);
+        }
+    }
+    #[inline(always)]
+    fn add_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { [_mm512_add_pd(a[0], b[0]), _mm512_add_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn sub_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { [_mm512_sub_pd(a[0], b[0]), _mm512_sub_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn reduce_add_w(self, v: [__m512d; 2]) -> f64 {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { _mm512_reduce_add_pd(_mm512_add_pd(v[0], v[1])) }
+    }
+
     #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> __m512 {
         let k = low_mask(s.len());

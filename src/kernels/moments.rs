@@ -1,0 +1,346 @@
+//! Statistics of one run or one block of rows: a block two-pass with an f64 first moment.
+//!
+//! - Pass 1 sums `x − K` (K the channel's pivot) in f64 lanes, every f32 value widened exactly, so
+//!   the block mean μ carries no f32 rounding: it is as accurate as a double-precision sum, also
+//!   for channels whose mean is tiny next to their spread (what the running mean needs).
+//! - Pass 2 sums `(x − S)²` in f32 lanes, `S` = μ rounded to f32, folded into f64 every [`KMAX`]
+//!   steps, and `M2 = Σ(x − S)² − n·(μ − S)²` (exact, since Σ(x − μ) = 0). The f32 lanes only see
+//!   deviations from the mean, and the block is still in L1/L2 when the second pass reads it.
+//!
+//! Kernels return absolute statistics (count, mean, M2) in f64. Welford lanes were replaced because
+//! a Welford mean after one large value followed by small ones errs by Σₖ u·|mean_k| ≈ H(k)·u·|big|,
+//! beyond the stated bound (a fuzz finding, `tests/fuzz_regressions.rs`); a sum errs by at most
+//! (k − 1)·u of Σ|d| in f32, and by nothing measurable in f64.
+
+use super::{ACCUMULATORS, KMAX, expand_periodic, period, zeroed, zeroed_f64};
+use crate::ChannelStats;
+use crate::simd::{Kernel, MAX_LANES, Simd};
+
+/// Statistics of `count` values from their f64 mean and `sq = Σ(x − shift)²`.
+#[inline(always)]
+fn finish(count: usize, mean: f64, shift: f32, sq: f64) -> ChannelStats {
+    let r = mean - shift as f64;
+    let m2 = sq - count as f64 * r * r;
+    // Rounding of `sq` can leave a tiny negative M2; NaN passes through (the driver's fallback).
+    ChannelStats::new(count as u64, mean, if m2 < 0.0 { 0.0 } else { m2 })
+}
+
+/// `LANES` values of `v` (a whole vector, or a shorter tail padded with `fill`).
+#[inline(always)]
+fn load_padded<S: Simd>(s: S, v: &[f32], fill: f32) -> S::V {
+    if v.len() >= S::LANES {
+        s.load(v)
+    } else {
+        s.load_partial(v, fill)
+    }
+}
+
+/// Statistics of one contiguous run whose values lie near `pivot`.
+pub(crate) struct MomentsRun<'a> {
+    pub x: &'a [f32],
+    pub pivot: f32,
+}
+
+impl Kernel for MomentsRun<'_> {
+    type Output = ChannelStats;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> ChannelStats {
+        moments_run(s, self.x, self.pivot)
+    }
+}
+
+/// Statistics of each of consecutive runs of `run` elements of `x`, run `i` with pivot
+/// `pivots[i]`, into `out[i]` (one call for many short runs avoids a dispatch per run).
+pub(crate) struct MomentsRuns<'a> {
+    pub x: &'a [f32],
+    pub run: usize,
+    pub pivots: &'a [f32],
+    pub out: &'a mut [ChannelStats],
+}
+
+impl Kernel for MomentsRuns<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        if self.run == 0 {
+            return;
+        }
+        let runs = self.x.chunks(self.run).zip(self.pivots);
+        for (slot, (run, &pivot)) in self.out.iter_mut().zip(runs) {
+            *slot = moments_run(s, run, pivot);
+        }
+    }
+}
+
+/// The two passes over one contiguous run, with [`ACCUMULATORS`] independent chains each.
+#[inline(always)]
+fn moments_run<S: Simd>(s: S, x: &[f32], pivot: f32) -> ChannelStats {
+    const A: usize = ACCUMULATORS;
+    let n = x.len();
+    if n == 0 {
+        return ChannelStats::default();
+    }
+    let l = S::LANES;
+    let w = A * l;
+    // Pass 1: Σ(x − K) in f64. Tail vectors (padded with K, contributing 0) go one per accumulator.
+    let k = s.splat_w(pivot as f64);
+    let mut acc = [s.splat_w(0.0); A];
+    let mut blocks = x.chunks_exact(w);
+    for b in &mut blocks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = s.add_w(*a, s.sub_w(s.load_widen(&b[j * l..], pivot), k));
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
+        *a = s.add_w(*a, s.sub_w(s.load_widen(v, pivot), k));
+    }
+    let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
+    let mean = pivot as f64 + sum / n as f64;
+    let shift = mean as f32;
+    // Pass 2: Σ(x − S)² in f32 lanes, KMAX steps per lane (plus one tail vector), then f64.
+    let sh = s.splat(shift);
+    let zero = s.splat(0.0);
+    let mut sq = 0.0f64;
+    for chunk in x.chunks(KMAX * w) {
+        let mut acc = [zero; A];
+        let mut steps = chunk.chunks_exact(w);
+        for b in &mut steps {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let e = s.sub(s.load(&b[j * l..]), sh);
+                *a = s.mul_add(e, e, *a);
+            }
+        }
+        for (a, v) in acc.iter_mut().zip(steps.remainder().chunks(l)) {
+            let e = s.sub(load_padded(s, v, shift), sh);
+            *a = s.mul_add(e, e, *a);
+        }
+        sq += super::reduce_f64(s, s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3])));
+    }
+    finish(n, mean, shift, sq)
+}
+
+/// Statistics per channel over a block of whole rows of `pivots.len()` interleaved channels, each
+/// merged into `out[c]` (one entry per channel; extra rows or entries are ignored, never indexed
+/// out of bounds).
+///
+/// With at least [`GROUP`] vectors of channels per row, groups of `GROUP` vectors walk down the
+/// rows with their sums in registers ([`moments_strided`]); narrower rows use lanes that follow
+/// the channel pattern of the flat data, with sums in memory ([`moments_periodic`]).
+pub(crate) struct MomentsRows<'a> {
+    pub x: &'a [f32],
+    pub pivots: &'a [f32],
+    pub out: &'a mut [ChannelStats],
+}
+
+/// Vectors of channels per register group in [`moments_strided`].
+pub(crate) const GROUP: usize = 4;
+
+/// Vector `g` of a group starting at `start` in a row: whole (`g < full`), the partial last one
+/// (`g == full`, lanes past `width` read as 0), or none.
+#[inline(always)]
+fn group_vector<S: Simd>(
+    s: S,
+    x: &[f32],
+    start: usize,
+    g: usize,
+    (full, width): (usize, usize),
+) -> Option<S::V> {
+    let l = S::LANES;
+    if g < full {
+        debug_assert!(start + (g + 1) * l <= x.len());
+        // SAFETY: callers pass `start + width ≤ x.len()` and `(g + 1)·LANES ≤ width` here.
+        Some(unsafe { s.load_ptr(x.as_ptr().add(start + g * l)) })
+    } else if g * l < width {
+        Some(s.load_partial(&x[start + g * l..start + width], 0.0))
+    } else {
+        None
+    }
+}
+
+/// Both passes for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of `c`
+/// channels. Merges into `out[..width]`.
+#[inline(always)]
+fn moments_strided<S: Simd, const G: usize>(
+    s: S,
+    x: &[f32],
+    c: usize,
+    first: usize,
+    pivots: &[f32],
+    out: &mut [ChannelStats],
+) {
+    const { assert!(G <= GROUP) };
+    let l = S::LANES;
+    let width = (c - first).min(G * l).min(pivots.len()).min(out.len());
+    let rows = x.len() / c;
+    if width == 0 || rows == 0 {
+        return;
+    }
+    let shape = (width / l, width);
+    let vecs = width.div_ceil(l);
+    // Pass 1: Σ(x − K) in f64 lanes. Lanes past `width` see x = K = 0.
+    let mut piv = [s.splat_w(0.0); G];
+    for (g, p) in piv.iter_mut().enumerate().take(vecs) {
+        *p = s.widen(s.load_partial(&pivots[g * l..width], 0.0));
+    }
+    let mut acc = [s.splat_w(0.0); G];
+    for r in 0..rows {
+        let start = r * c + first;
+        for g in 0..G {
+            if let Some(v) = group_vector(s, x, start, g, shape) {
+                acc[g] = s.add_w(acc[g], s.sub_w(s.widen(v), piv[g]));
+            }
+        }
+    }
+    let mut mean = [0.0f64; GROUP * MAX_LANES];
+    let mut shift = [0.0f32; GROUP * MAX_LANES];
+    let mut lanes = [0.0f64; MAX_LANES];
+    for (g, &a) in acc.iter().enumerate().take(vecs) {
+        s.to_lanes_w(a, &mut lanes);
+        for (lane, &sum) in lanes.iter().enumerate().take(l.min(width - g * l)) {
+            let i = g * l + lane;
+            mean[i] = pivots[i] as f64 + sum / rows as f64;
+            shift[i] = mean[i] as f32;
+        }
+    }
+    // Pass 2: Σ(x − S)² in f32 lanes, folded into f64 every KMAX rows.
+    let zero = s.splat(0.0);
+    let mut sh = [zero; G];
+    for (g, v) in sh.iter_mut().enumerate().take(vecs) {
+        *v = s.load_partial(&shift[g * l..width], 0.0);
+    }
+    let mut tot = [s.splat_w(0.0); G];
+    let mut first_row = 0;
+    while first_row < rows {
+        let steps = KMAX.min(rows - first_row);
+        let mut sq = [zero; G];
+        for r in first_row..first_row + steps {
+            let start = r * c + first;
+            for g in 0..G {
+                if let Some(v) = group_vector(s, x, start, g, shape) {
+                    let e = s.sub(v, sh[g]);
+                    sq[g] = s.mul_add(e, e, sq[g]);
+                }
+            }
+        }
+        for (t, &q) in tot.iter_mut().zip(&sq).take(vecs) {
+            *t = s.add_w(*t, s.widen(q));
+        }
+        first_row += steps;
+    }
+    for (g, &t) in tot.iter().enumerate().take(vecs) {
+        s.to_lanes_w(t, &mut lanes);
+        for (lane, &sq) in lanes.iter().enumerate().take(l.min(width - g * l)) {
+            let i = g * l + lane;
+            out[i] = out[i].merge(&finish(rows, mean[i], shift[i], sq));
+        }
+    }
+}
+
+impl Kernel for MomentsRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let c = self.pivots.len();
+        if c == 0 {
+            return;
+        }
+        if c >= GROUP * S::LANES {
+            for first in (0..c).step_by(GROUP * S::LANES) {
+                let o = first.min(self.out.len());
+                moments_strided::<S, GROUP>(
+                    s,
+                    self.x,
+                    c,
+                    first,
+                    &self.pivots[first..],
+                    &mut self.out[o..],
+                );
+            }
+            return;
+        }
+        moments_periodic(s, self.x, self.pivots, self.out);
+    }
+}
+
+/// [`MomentsRows`] for narrow rows: lane `q` of the flat data always holds channel `q mod c`
+/// (the period is a multiple of both `c` and the lane count), sums in memory. The last partial
+/// period (fewer than `period` values, whole rows) is summed in scalar f64.
+#[inline(always)]
+fn moments_periodic<S: Simd>(s: S, x: &[f32], pivots: &[f32], out: &mut [ChannelStats]) {
+    let c = pivots.len();
+    let l = S::LANES;
+    let rows = x.len() / c;
+    if rows == 0 {
+        return;
+    }
+    let x = &x[..rows * c];
+    let per = period(c, l);
+    let full = x.len() / per * per;
+    let (body, rest) = x.split_at(full);
+    // Pass 1: Σ(x − K) per lane in f64.
+    let mut piv = zeroed_f64(per);
+    for (q, p) in piv.iter_mut().enumerate() {
+        *p = pivots[q % c] as f64;
+    }
+    let mut acc = zeroed_f64(per);
+    for step in body.chunks_exact(per) {
+        for o in (0..per).step_by(l) {
+            // SAFETY: `o + LANES ≤ per`, the length of `acc` and `piv` (`per` is a multiple of
+            // LANES).
+            unsafe {
+                let d = s.sub_w(
+                    s.load_widen(&step[o..], 0.0),
+                    s.load_w_ptr(piv.as_ptr().add(o)),
+                );
+                let a = s.add_w(s.load_w_ptr(acc.as_ptr().add(o)), d);
+                s.store_w_ptr(acc.as_mut_ptr().add(o), a);
+            }
+        }
+    }
+    for (q, &v) in rest.iter().enumerate() {
+        acc[q] += v as f64 - piv[q];
+    }
+    let mut mean = vec![0.0f64; c];
+    for (q, &a) in acc.iter().enumerate() {
+        mean[q % c] += a;
+    }
+    for (m, &p) in mean.iter_mut().zip(pivots) {
+        *m = p as f64 + *m / rows as f64;
+    }
+    // Pass 2: Σ(x − S)² per lane, f32 for KMAX periods, then f64.
+    let shifts: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+    let sh = expand_periodic(&shifts, per);
+    let mut sq = zeroed(per);
+    let mut tot = zeroed_f64(per);
+    for chunk in body.chunks(KMAX * per) {
+        sq.fill(0.0);
+        for step in chunk.chunks_exact(per) {
+            for o in (0..per).step_by(l) {
+                let e = s.sub(s.load(&step[o..]), s.load(&sh[o..]));
+                let q = s.load(&sq[o..]);
+                s.store(&mut sq[o..], s.mul_add(e, e, q));
+            }
+        }
+        for o in (0..per).step_by(l) {
+            // SAFETY: `o + LANES ≤ per`, the length of `tot`.
+            unsafe {
+                let t = s.add_w(s.load_w_ptr(tot.as_ptr().add(o)), s.widen(s.load(&sq[o..])));
+                s.store_w_ptr(tot.as_mut_ptr().add(o), t);
+            }
+        }
+    }
+    for (q, &v) in rest.iter().enumerate() {
+        let e = (v - sh[q]) as f64;
+        tot[q] += e * e;
+    }
+    let mut sums = vec![0.0f64; c];
+    for (q, &t) in tot.iter().enumerate() {
+        sums[q % c] += t;
+    }
+    for (ch, slot) in out.iter_mut().enumerate().take(c) {
+        *slot = slot.merge(&finish(rows, mean[ch], shifts[ch], sums[ch]));
+    }
+}
