@@ -105,14 +105,33 @@ impl ChannelStats {
         if self.count == 0 {
             return *other;
         }
-        let (na, nb) = (self.count as f64, other.count as f64);
-        let n = na + nb;
+        self.merge_weighted(other, ChannelStats::merge_weights(self.count, other.count))
+    }
+
+    /// [`ChannelStats::merge`] of `other` holding `nb` values into `self` holding `na`, with the
+    /// weights `nb/n` and `na·nb/n` (n = na + nb) precomputed by the caller
+    /// ([`ChannelStats::merge_weights`]): merging many channels with the same counts divides once,
+    /// not once per channel.
+    #[inline]
+    pub(crate) fn merge_weighted(
+        &self,
+        other: &ChannelStats,
+        (wb, wab): (f64, f64),
+    ) -> ChannelStats {
         let delta = other.mean - self.mean;
         ChannelStats {
             count: self.count + other.count,
-            mean: self.mean + delta * (nb / n),
-            m2: self.m2 + other.m2 + delta * delta * (na * nb / n),
+            mean: self.mean + delta * wb,
+            m2: self.m2 + other.m2 + delta * delta * wab,
         }
+    }
+
+    /// The weights of [`ChannelStats::merge_weighted`] for counts `na` and `nb`.
+    #[inline]
+    pub(crate) fn merge_weights(na: u64, nb: u64) -> (f64, f64) {
+        let (na, nb) = (na as f64, nb as f64);
+        let n = na + nb;
+        (nb / n, na * nb / n)
     }
 }
 

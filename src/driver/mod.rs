@@ -77,12 +77,6 @@ impl<'a> Src<'a> {
     }
 }
 
-/// Per-channel pivot: the channel's first value if finite, else 0. Accumulating `x − pivot` keeps
-/// f32 lanes at the scale of the spread (see NUMERICS.md).
-fn pivot(v: f32) -> f32 {
-    if v.is_finite() { v } else { 0.0 }
-}
-
 /// Checks the statistics of one run or block channel: a non-finite result (squares that
 /// overflowed the f32 lanes, or NaN/Inf data) is recomputed from the values in f64 by `exact`.
 fn checked_stats(s: ChannelStats, exact: impl FnOnce() -> ChannelStats) -> ChannelStats {

@@ -8,7 +8,6 @@
 
 use super::{
     BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
-    pivot,
 };
 use crate::ChannelStats;
 use crate::kernels::{
@@ -122,19 +121,10 @@ where
     folded
 }
 
-fn pivots(ctx: &Ctx, x: &[f32]) -> Vec<f32> {
-    (0..ctx.shape.c())
-        .map(|c| pivot(x[c * ctx.shape.hw()]))
-        .collect()
-}
-
-fn piece_stats(ctx: &Ctx, x: &[f32], piv: &[f32], p: Piece) -> ChannelStats {
+fn piece_stats(ctx: &Ctx, x: &[f32], p: Piece) -> ChannelStats {
     let run = &x[p.offset..p.offset + p.len];
-    let d = ctx.backend.dispatch(MomentsRun {
-        x: run,
-        pivot: piv[p.c],
-    });
-    checked_stats(d, || ChannelStats::from_values(run))
+    let s = ctx.backend.dispatch(MomentsRun { x: run });
+    checked_stats(s, || ChannelStats::from_values(run))
 }
 
 fn merge(a: ChannelStats, b: ChannelStats) -> ChannelStats {
@@ -142,17 +132,10 @@ fn merge(a: ChannelStats, b: ChannelStats) -> ChannelStats {
 }
 
 pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
-    let piv = pivots(ctx, x);
     if short_runs_fused(ctx) {
-        return short_runs(ctx, x, &piv, None);
+        return short_runs(ctx, x, None);
     }
-    pipeline(
-        ctx,
-        |p| piece_stats(ctx, x, &piv, p),
-        merge,
-        |_, _| (),
-        None,
-    )
+    pipeline(ctx, |p| piece_stats(ctx, x, p), merge, |_, _| (), None)
 }
 
 /// Affine map of one piece, reading from `src`, writing into `out`.
@@ -194,19 +177,12 @@ pub(super) fn training(
     y: &mut [f32],
     make: MakeAffine<'_>,
 ) -> Vec<ChannelStats> {
-    let piv = pivots(ctx, x);
     let out = SharedMut::new(y);
     if short_runs_fused(ctx) {
-        return short_runs(ctx, x, &piv, Some((&out, make)));
+        return short_runs(ctx, x, Some((&out, make)));
     }
     let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, Src::Separate(x), &out, p, a);
-    pipeline(
-        ctx,
-        |p| piece_stats(ctx, x, &piv, p),
-        merge,
-        make,
-        Some(&apply),
-    )
+    pipeline(ctx, |p| piece_stats(ctx, x, p), merge, make, Some(&apply))
 }
 
 /// Whether [`short_runs`] applies: runs of at most 512 elements and enough channels for the
@@ -242,7 +218,6 @@ fn channel_group(ctx: &Ctx) -> usize {
 fn short_runs(
     ctx: &Ctx,
     x: &[f32],
-    piv: &[f32],
     normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
 ) -> Vec<ChannelStats> {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
@@ -255,11 +230,9 @@ fn short_runs(
         for sample in 0..n {
             let offset = (sample * c + first) * hw;
             let seg = &x[offset..offset + k * hw];
-            let pivots = &piv[first..first + k];
             let kernel = MomentsRuns {
                 x: seg,
                 run: hw,
-                pivots,
                 out: &mut runs,
             };
             ctx.backend.dispatch(kernel);

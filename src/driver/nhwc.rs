@@ -4,7 +4,6 @@
 
 use super::{
     BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
-    pivot,
 };
 use crate::ChannelStats;
 use crate::kernels::{AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows};
@@ -24,12 +23,20 @@ struct Blocks {
 
 impl Blocks {
     fn new(ctx: &Ctx) -> Blocks {
+        Blocks::with_target(ctx, BLOCK)
+    }
+    /// Blocks of about `target` elements (at least [`MIN_ROWS`] rows).
+    fn with_target(ctx: &Ctx, target: usize) -> Blocks {
         let c = ctx.shape.c();
         Blocks {
             c,
             rows: ctx.shape.per_channel(),
-            rows_per_block: (BLOCK / c).max(MIN_ROWS),
+            rows_per_block: (target / c).max(MIN_ROWS),
         }
+    }
+    /// Rows of block `b`.
+    fn rows_of(&self, b: usize) -> usize {
+        self.range(b).1 / self.c
     }
     fn count(&self) -> usize {
         self.rows.div_ceil(self.rows_per_block)
@@ -62,16 +69,20 @@ fn reduce<R: Copy + Default + Send>(
     total
 }
 
+/// Elements per statistics block: larger than [`BLOCK`] because each block costs a few f64
+/// operations per channel (its mean, M2 and the merge), which the rows must amortize. The two
+/// passes only need one register group's columns of the block in cache, not the whole block.
+const STATS_BLOCK: usize = 4 * BLOCK;
+
 pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
-    let blocks = Blocks::new(ctx);
+    let blocks = Blocks::with_target(ctx, STATS_BLOCK);
     let c = blocks.c;
-    let piv: Vec<f32> = x[..c].iter().map(|&v| pivot(v)).collect();
     let block = |offset: usize, len: usize| {
         let data = &x[offset..offset + len];
         let mut out = vec![ChannelStats::default(); c];
         ctx.backend.dispatch(MomentsRows {
             x: data,
-            pivots: &piv,
+            c,
             out: &mut out,
         });
         for (ch, s) in out.iter_mut().enumerate() {
@@ -82,7 +93,27 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
         }
         out
     };
-    reduce(ctx, &blocks, block, |a, b| a.merge(&b))
+    let parts = ctx.par.map(blocks.count(), 1, |b| {
+        let (offset, len) = blocks.range(b);
+        block(offset, len)
+    });
+    // Fold in block order; every channel of a block has the block's row count, so the merge
+    // weights are computed once per block.
+    let mut total = vec![ChannelStats::default(); c];
+    let mut done = 0u64;
+    for (b, part) in parts.iter().enumerate() {
+        let rows = blocks.rows_of(b) as u64;
+        let weights = ChannelStats::merge_weights(done, rows);
+        for (t, p) in total.iter_mut().zip(part) {
+            *t = if done > 0 && t.count() == done && p.count() == rows {
+                t.merge_weighted(p, weights)
+            } else {
+                t.merge(p)
+            };
+        }
+        done += rows;
+    }
+    total
 }
 
 pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {

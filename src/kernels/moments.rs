@@ -1,16 +1,19 @@
-//! Statistics of one run or one block of rows: a block two-pass with an f64 first moment.
+//! Statistics of one run or one block of rows: a cache-blocked two-pass with an f64 first moment.
 //!
-//! - Pass 1 sums `x − K` (K the channel's pivot) in f64 lanes, every f32 value widened exactly, so
-//!   the block mean μ carries no f32 rounding: it is as accurate as a double-precision sum, also
-//!   for channels whose mean is tiny next to their spread (what the running mean needs).
-//! - Pass 2 sums `(x − S)²` in f32 lanes, `S` = μ rounded to f32, folded into f64 every [`KMAX`]
-//!   steps, and `M2 = Σ(x − S)² − n·(μ − S)²` (exact, since Σ(x − μ) = 0). The f32 lanes only see
-//!   deviations from the mean, and the block is still in L1/L2 when the second pass reads it.
+//! - Pass 1 sums `x` in f64 lanes, every f32 value widened exactly, so the mean carries no f32
+//!   rounding: a lane of L values errs by at most (L − 1)·2⁻⁵³·Σ|x|, and L is at most a few hundred
+//!   (a sub-run or a block of rows spread over the lanes). Even at the largest offset an f32
+//!   tensor can carry (|μ|/σ = 2²⁴) that is far below one f32 rounding of σ, and for channels whose
+//!   mean is tiny next to their spread the mean is as exact as a double-precision sum.
+//! - Pass 2 sums `(x − S)²` in f32 lanes, `S` = μ rounded to f32 (the best pivot there is), folded
+//!   into f64 every [`KMAX`] steps, and `M2 = Σ(x − S)² − n·(μ − S)²` (exact, since Σ(x − μ) = 0).
+//!   The f32 lanes only see deviations from the mean, and the block is still in L1/L2 when the
+//!   second pass reads it.
 //!
-//! Kernels return absolute statistics (count, mean, M2) in f64. Welford lanes were replaced because
-//! a Welford mean after one large value followed by small ones errs by Σₖ u·|mean_k| ≈ H(k)·u·|big|,
-//! beyond the stated bound (a fuzz finding, `tests/fuzz_regressions.rs`); a sum errs by at most
-//! (k − 1)·u of Σ|d| in f32, and by nothing measurable in f64.
+//! Kernels return (count, mean, M2) in f64. Welford lanes were replaced because a Welford mean after
+//! one large value followed by small ones errs by Σₖ u·|mean_k| ≈ H(k)·u·|big|, beyond the stated
+//! bound (a fuzz finding, `tests/fuzz_regressions.rs`), and because the f64 first moment costs no
+//! more than Welford's dependent updates.
 
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, zeroed, zeroed_f64};
 use crate::ChannelStats;
@@ -35,10 +38,9 @@ fn load_padded<S: Simd>(s: S, v: &[f32], fill: f32) -> S::V {
     }
 }
 
-/// Statistics of one contiguous run whose values lie near `pivot`.
+/// Statistics of one contiguous run.
 pub(crate) struct MomentsRun<'a> {
     pub x: &'a [f32],
-    pub pivot: f32,
 }
 
 impl Kernel for MomentsRun<'_> {
@@ -46,16 +48,15 @@ impl Kernel for MomentsRun<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> ChannelStats {
-        moments_run(s, self.x, self.pivot)
+        moments_run(s, self.x)
     }
 }
 
-/// Statistics of each of consecutive runs of `run` elements of `x`, run `i` with pivot
-/// `pivots[i]`, into `out[i]` (one call for many short runs avoids a dispatch per run).
+/// Statistics of each of consecutive runs of `run` elements of `x` into `out[i]` (one call for
+/// many short runs avoids a dispatch per run).
 pub(crate) struct MomentsRuns<'a> {
     pub x: &'a [f32],
     pub run: usize,
-    pub pivots: &'a [f32],
     pub out: &'a mut [ChannelStats],
 }
 
@@ -67,16 +68,31 @@ impl Kernel for MomentsRuns<'_> {
         if self.run == 0 {
             return;
         }
-        let runs = self.x.chunks(self.run).zip(self.pivots);
-        for (slot, (run, &pivot)) in self.out.iter_mut().zip(runs) {
-            *slot = moments_run(s, run, pivot);
+        for (slot, run) in self.out.iter_mut().zip(self.x.chunks(self.run)) {
+            *slot = moments_run(s, run);
         }
     }
 }
 
+/// Values per sub-run of [`moments_run`]: 16 KiB, so the second pass reads from L1. A multiple of
+/// every backend's `KMAX · ACCUMULATORS · LANES`.
+const SUB_RUN: usize = 4096;
+
+/// Statistics of one contiguous run: [`two_pass`] per sub-run of [`SUB_RUN`] values, merged in
+/// order (Chan, f64).
+#[inline(always)]
+fn moments_run<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
+    if x.len() <= SUB_RUN {
+        return two_pass(s, x);
+    }
+    x.chunks(SUB_RUN).fold(ChannelStats::default(), |acc, sub| {
+        acc.merge(&two_pass(s, sub))
+    })
+}
+
 /// The two passes over one contiguous run, with [`ACCUMULATORS`] independent chains each.
 #[inline(always)]
-fn moments_run<S: Simd>(s: S, x: &[f32], pivot: f32) -> ChannelStats {
+fn two_pass<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
     const A: usize = ACCUMULATORS;
     let n = x.len();
     if n == 0 {
@@ -84,20 +100,19 @@ fn moments_run<S: Simd>(s: S, x: &[f32], pivot: f32) -> ChannelStats {
     }
     let l = S::LANES;
     let w = A * l;
-    // Pass 1: Σ(x − K) in f64. Tail vectors (padded with K, contributing 0) go one per accumulator.
-    let k = s.splat_w(pivot as f64);
+    // Pass 1: Σx in f64. Tail vectors (padded with 0) go one per accumulator.
     let mut acc = [s.splat_w(0.0); A];
     let mut blocks = x.chunks_exact(w);
     for b in &mut blocks {
         for (j, a) in acc.iter_mut().enumerate() {
-            *a = s.add_w(*a, s.sub_w(s.load_widen(&b[j * l..], pivot), k));
+            *a = s.add_w(*a, s.load_widen(&b[j * l..], 0.0));
         }
     }
     for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
-        *a = s.add_w(*a, s.sub_w(s.load_widen(v, pivot), k));
+        *a = s.add_w(*a, s.load_widen(v, 0.0));
     }
     let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
-    let mean = pivot as f64 + sum / n as f64;
+    let mean = sum / n as f64;
     let shift = mean as f32;
     // Pass 2: Σ(x − S)² in f32 lanes, KMAX steps per lane (plus one tail vector), then f64.
     let sh = s.splat(shift);
@@ -121,7 +136,7 @@ fn moments_run<S: Simd>(s: S, x: &[f32], pivot: f32) -> ChannelStats {
     finish(n, mean, shift, sq)
 }
 
-/// Statistics per channel over a block of whole rows of `pivots.len()` interleaved channels, each
+/// Statistics per channel over a block of whole rows of `c` interleaved channels, each
 /// merged into `out[c]` (one entry per channel; extra rows or entries are ignored, never indexed
 /// out of bounds).
 ///
@@ -130,7 +145,7 @@ fn moments_run<S: Simd>(s: S, x: &[f32], pivot: f32) -> ChannelStats {
 /// the channel pattern of the flat data, with sums in memory ([`moments_periodic`]).
 pub(crate) struct MomentsRows<'a> {
     pub x: &'a [f32],
-    pub pivots: &'a [f32],
+    pub c: usize,
     pub out: &'a mut [ChannelStats],
 }
 
@@ -167,29 +182,24 @@ fn moments_strided<S: Simd, const G: usize>(
     x: &[f32],
     c: usize,
     first: usize,
-    pivots: &[f32],
     out: &mut [ChannelStats],
 ) {
     const { assert!(G <= GROUP) };
     let l = S::LANES;
-    let width = (c - first).min(G * l).min(pivots.len()).min(out.len());
+    let width = (c - first).min(G * l).min(out.len());
     let rows = x.len() / c;
     if width == 0 || rows == 0 {
         return;
     }
     let shape = (width / l, width);
     let vecs = width.div_ceil(l);
-    // Pass 1: Σ(x − K) in f64 lanes. Lanes past `width` see x = K = 0.
-    let mut piv = [s.splat_w(0.0); G];
-    for (g, p) in piv.iter_mut().enumerate().take(vecs) {
-        *p = s.widen(s.load_partial(&pivots[g * l..width], 0.0));
-    }
+    // Pass 1: Σx in f64 lanes. Lanes past `width` see x = 0.
     let mut acc = [s.splat_w(0.0); G];
     for r in 0..rows {
         let start = r * c + first;
-        for g in 0..G {
+        for (g, a) in acc.iter_mut().enumerate() {
             if let Some(v) = group_vector(s, x, start, g, shape) {
-                acc[g] = s.add_w(acc[g], s.sub_w(s.widen(v), piv[g]));
+                *a = s.add_w(*a, s.widen(v));
             }
         }
     }
@@ -200,7 +210,9 @@ fn moments_strided<S: Simd, const G: usize>(
         s.to_lanes_w(a, &mut lanes);
         for (lane, &sum) in lanes.iter().enumerate().take(l.min(width - g * l)) {
             let i = g * l + lane;
-            mean[i] = pivots[i] as f64 + sum / rows as f64;
+            // A division, not a product with 1/rows: the mean of a constant channel is then
+            // exactly its value (its f64 sum is exact), and its M2 exactly 0.
+            mean[i] = sum / rows as f64;
             shift[i] = mean[i] as f32;
         }
     }
@@ -243,25 +255,18 @@ impl Kernel for MomentsRows<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let c = self.pivots.len();
+        let c = self.c;
         if c == 0 {
             return;
         }
         if c >= GROUP * S::LANES {
             for first in (0..c).step_by(GROUP * S::LANES) {
                 let o = first.min(self.out.len());
-                moments_strided::<S, GROUP>(
-                    s,
-                    self.x,
-                    c,
-                    first,
-                    &self.pivots[first..],
-                    &mut self.out[o..],
-                );
+                moments_strided::<S, GROUP>(s, self.x, c, first, &mut self.out[o..]);
             }
             return;
         }
-        moments_periodic(s, self.x, self.pivots, self.out);
+        moments_periodic(s, self.x, c, self.out);
     }
 }
 
@@ -269,8 +274,7 @@ impl Kernel for MomentsRows<'_> {
 /// (the period is a multiple of both `c` and the lane count), sums in memory. The last partial
 /// period (fewer than `period` values, whole rows) is summed in scalar f64.
 #[inline(always)]
-fn moments_periodic<S: Simd>(s: S, x: &[f32], pivots: &[f32], out: &mut [ChannelStats]) {
-    let c = pivots.len();
+fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]) {
     let l = S::LANES;
     let rows = x.len() / c;
     if rows == 0 {
@@ -280,35 +284,29 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], pivots: &[f32], out: &mut [Channel
     let per = period(c, l);
     let full = x.len() / per * per;
     let (body, rest) = x.split_at(full);
-    // Pass 1: Σ(x − K) per lane in f64.
-    let mut piv = zeroed_f64(per);
-    for (q, p) in piv.iter_mut().enumerate() {
-        *p = pivots[q % c] as f64;
-    }
+    // Pass 1: Σx per lane in f64.
     let mut acc = zeroed_f64(per);
     for step in body.chunks_exact(per) {
         for o in (0..per).step_by(l) {
-            // SAFETY: `o + LANES ≤ per`, the length of `acc` and `piv` (`per` is a multiple of
-            // LANES).
+            // SAFETY: `o + LANES ≤ per`, the length of `acc` (`per` is a multiple of LANES).
             unsafe {
-                let d = s.sub_w(
+                let a = s.add_w(
+                    s.load_w_ptr(acc.as_ptr().add(o)),
                     s.load_widen(&step[o..], 0.0),
-                    s.load_w_ptr(piv.as_ptr().add(o)),
                 );
-                let a = s.add_w(s.load_w_ptr(acc.as_ptr().add(o)), d);
                 s.store_w_ptr(acc.as_mut_ptr().add(o), a);
             }
         }
     }
-    for (q, &v) in rest.iter().enumerate() {
-        acc[q] += v as f64 - piv[q];
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a += v as f64;
     }
     let mut mean = vec![0.0f64; c];
     for (q, &a) in acc.iter().enumerate() {
         mean[q % c] += a;
     }
-    for (m, &p) in mean.iter_mut().zip(pivots) {
-        *m = p as f64 + *m / rows as f64;
+    for m in mean.iter_mut() {
+        *m /= rows as f64; // exact for a constant channel, as in `moments_strided`
     }
     // Pass 2: Σ(x − S)² per lane, f32 for KMAX periods, then f64.
     let shifts: Vec<f32> = mean.iter().map(|&m| m as f32).collect();

@@ -77,7 +77,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// `p` must be valid for writing `LANES` consecutive `f64`.
     unsafe fn store_w_ptr(self, p: *mut f64, v: Self::W);
     fn add_w(self, a: Self::W, b: Self::W) -> Self::W;
-    fn sub_w(self, a: Self::W, b: Self::W) -> Self::W;
     /// Sum of the f64 lanes.
     fn reduce_add_w(self, v: Self::W) -> f64;
 

@@ -89,10 +89,6 @@ impl Simd for Portable {
         [a[0] + b[0], a[1] + b[1]]
     }
     #[inline(always)]
-    fn sub_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
-        [a[0] - b[0], a[1] - b[1]]
-    }
-    #[inline(always)]
     fn reduce_add_w(self, v: [f64x4; 2]) -> f64 {
         (v[0] + v[1]).reduce_add()
     }

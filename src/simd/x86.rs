@@ -126,11 +126,6 @@ impl Simd for Avx2Fma {
         unsafe { [_mm256_add_pd(a[0], b[0]), _mm256_add_pd(a[1], b[1])] }
     }
     #[inline(always)]
-    fn sub_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
-        // SAFETY: the token proves AVX is available.
-        unsafe { [_mm256_sub_pd(a[0], b[0]), _mm256_sub_pd(a[1], b[1])] }
-    }
-    #[inline(always)]
     fn reduce_add_w(self, v: [__m256d; 2]) -> f64 {
         // SAFETY: the token proves AVX (and so SSE2) is available.
         unsafe {
@@ -292,11 +287,6 @@ impl Simd for Avx512 {
     fn add_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
         // SAFETY: the token proves AVX-512F is available.
         unsafe { [_mm512_add_pd(a[0], b[0]), _mm512_add_pd(a[1], b[1])] }
-    }
-    #[inline(always)]
-    fn sub_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
-        // SAFETY: the token proves AVX-512F is available.
-        unsafe { [_mm512_sub_pd(a[0], b[0]), _mm512_sub_pd(a[1], b[1])] }
     }
     #[inline(always)]
     fn reduce_add_w(self, v: [__m512d; 2]) -> f64 {
