@@ -12,6 +12,8 @@
 //! `BATCHNORM_BENCH_QUICK=1 cargo bench --bench batchnorm` runs 3 shapes with shorter times.
 //! A Markdown summary is printed at the end (also `cargo run --release --example bench_summary`).
 
+#[path = "support/roofs.rs"]
+mod roofs;
 #[path = "support/summary.rs"]
 mod summary;
 
@@ -25,6 +27,7 @@ use batchnorm::{
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use rayon::prelude::*;
+use roofs::{Buffer, CopyRoof};
 
 /// (N, C, H, W) of the main groups.
 const SHAPES: [[usize; 4]; 8] = [
@@ -120,9 +123,11 @@ fn fill(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
 
 /// Every buffer one shape needs, allocated once, outside the timed loops.
 struct Buffers {
-    x: Vec<f32>,
-    y: Vec<f32>,
-    dy: Vec<f32>,
+    // x, y and dy start on page boundaries (relative offset 0 mod 4096; `examples/bench_case.rs`
+    // measures other offsets).
+    x: Buffer,
+    y: Buffer,
+    dy: Buffer,
     gamma: Vec<f32>,
     beta: Vec<f32>,
     running_mean: Vec<f32>,
@@ -138,9 +143,9 @@ impl Buffers {
     fn new(shape: Shape) -> Buffers {
         let (len, c) = (shape.len(), shape.c());
         Buffers {
-            x: fill(len, 1, -1.0, 3.0),
-            y: vec![0.0; len],
-            dy: fill(len, 2, -1.0, 1.0),
+            x: Buffer::from_slice(&fill(len, 1, -1.0, 3.0), 0),
+            y: Buffer::new(len, 0),
+            dy: Buffer::from_slice(&fill(len, 2, -1.0, 1.0), 0),
             gamma: fill(c, 3, 0.5, 1.5),
             beta: fill(c, 4, -0.5, 0.5),
             running_mean: fill(c, 5, 0.5, 1.5),
@@ -154,17 +159,18 @@ impl Buffers {
     }
 }
 
-/// `dst = src` on the current rayon pool: the memory-bound floor for an op that reads one tensor
-/// and writes one (a plain `copy_from_slice` when the pool has one thread).
-fn copy(src: &[f32], dst: &mut [f32]) {
+/// `dst = src` on the current rayon pool with the copy roof `kind` (the better of memcpy and a
+/// SIMD load/store loop for these buffers, see `support/roofs.rs`): the memory-bound floor for an op
+/// that reads one tensor and writes one.
+fn copy(kind: CopyRoof, src: &[f32], dst: &mut [f32]) {
     let threads = rayon::current_num_threads();
     if threads <= 1 {
-        dst.copy_from_slice(src);
+        kind.run(src, dst);
     } else {
         let chunk = src.len().div_ceil(threads).max(4096);
         dst.par_chunks_mut(chunk)
             .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| d.copy_from_slice(s));
+            .for_each(|(d, s)| kind.run(s, d));
     }
 }
 
@@ -439,9 +445,9 @@ impl Op {
     }
 
     /// The copy baseline: x into y, or dy into dx (here `y`) for backward.
-    fn run_copy(self, b: &mut Buffers) {
+    fn run_copy(self, kind: CopyRoof, b: &mut Buffers) {
         let src = if self == Op::Backward { &b.dy } else { &b.x };
-        copy(src, &mut b.y);
+        copy(kind, src, &mut b.y);
     }
 }
 
@@ -463,7 +469,7 @@ fn check_scalar(op: Op, shape: Shape, layout: Layout, bn: &BatchNorm, b: &mut Bu
         }
     } else {
         op.run(bn, b);
-        let want = b.y.clone();
+        let want = b.y.to_vec();
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         op.run_scalar(shape, layout, b);
         let bad =
@@ -495,6 +501,7 @@ fn bench_op(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool], op: Op
             let bn = BatchNorm::new(shape, layout).with_parallelism(Parallelism::Rayon);
             check_scalar(op, shape, layout, &bn, &mut b);
             prepare(op, &bn, &mut b);
+            let kind = CopyRoof::choose(&b.x, &mut b.y);
             for (&t, pool) in cfg.threads.iter().zip(pools) {
                 let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
                 group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
@@ -503,7 +510,7 @@ fn bench_op(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool], op: Op
                 });
                 group.throughput(Throughput::Bytes(8 * elements));
                 group.bench_function(format!("{base}/copy"), |bench| {
-                    pool.install(|| bench.iter(|| op.run_copy(&mut b)))
+                    pool.install(|| bench.iter(|| op.run_copy(kind, &mut b)))
                 });
                 if t == 1 {
                     group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
@@ -527,8 +534,9 @@ fn bench_backends(c: &mut Criterion, cfg: &Config) {
         let mut b = Buffers::new(shape);
         let elements = shape.len() as u64;
         group.throughput(Throughput::Bytes(8 * elements));
+        let kind = CopyRoof::choose(&b.x, &mut b.y);
         group.bench_function(format!("copy/{}", shape_name(dims)), |bench| {
-            bench.iter(|| b.y.copy_from_slice(&b.x))
+            bench.iter(|| kind.run(&b.x, &mut b.y))
         });
         for op in [Op::Statistics, Op::Inference, Op::Training] {
             group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));

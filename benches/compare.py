@@ -1,29 +1,30 @@
 #!/usr/bin/env python3
-"""Times PyTorch (CPU) and ONNX Runtime on the benchmark's ops and shapes, reads this crate's
-criterion results for the same cases, and prints one Markdown table of times and ratios.
+"""Times this crate against PyTorch (CPU, both memory formats), ONNX Runtime and OpenVINO,
+alternating case by case in one run, and prints Markdown tables of times and ratios.
 
 Not run in CI. Setup (outside the repository):
 
     python3 -m venv /tmp/venv
-    /tmp/venv/bin/pip install torch onnx onnxruntime numpy
-    cargo bench --bench batchnorm              # the crate's numbers, into target/criterion
-    /tmp/venv/bin/python benches/compare.py    # options: --help
+    /tmp/venv/bin/pip install torch onnx onnxruntime openvino numpy
+    cargo build --release --example bench_case
+    /tmp/venv/bin/python benches/compare.py      # options: --help
 
-Cases: op in inference / training / backward / statistics, layout nchw (torch contiguous) and
-nhwc (torch channels_last), the shapes of benches/batchnorm.rs, 1 and all threads
-(torch.set_num_threads; ORT intra_op_num_threads).
+The crate is timed by `examples/bench_case.rs` (one persistent process, preallocated buffers, the
+outputs at byte offsets 0, 16, 64 and 2048 modulo 4096 relative to x: the worst offset counts),
+beside its roofs: the better of memcpy and a SIMD load/store loop (copy x into y) and a SIMD sum
+over x. For every case and round, the crate and each framework run one after the other; each
+number is the median over --rounds rounds of medians over --repeats samples.
 
-- torch: F.batch_norm(training=False) / F.batch_norm(training=True, momentum=0.1), both under
-  no_grad; aten.native_batch_norm_backward from the saved statistics of a training call
-  (dx, dgamma, dbeta); statistics = torch.var_mean over (N, H, W), population variance.
-- ONNX Runtime: a one-node BatchNormalization model (opset 15) built with onnx.helper, NCHW
-  only (the standard operator has no NHWC form), inference; training_mode=1 where this ORT build
-  runs it, else "n/a". Outputs are bound to preallocated buffers (io_binding), so the time is the
-  operator's, not numpy conversions'. ORT has no batch-norm backward or statistics operator.
+- torch: F.batch_norm(training=False) / F.batch_norm(training=True, momentum=0.1), under no_grad;
+  aten.native_batch_norm_backward from the saved statistics of a training call (dx, dgamma,
+  dbeta); statistics = torch.var_mean over (N, H, W). Timed in both memory formats (contiguous
+  and channels_last) whatever the crate's layout; the better one is the framework's time.
+- ONNX Runtime: a one-node BatchNormalization model (opset 15), NCHW, inference and
+  training_mode=1 where this ORT build runs it; outputs bound to preallocated buffers.
+- OpenVINO: inference only; BatchNormInference on NCHW, and for NHWC the Multiply + Add graph with
+  per-channel constants broadcast over the last axis; CPU plugin, INFERENCE_NUM_THREADS = threads.
 
-Each time is the median over --repeats samples, each sample averaging enough calls to last at
-least --sample-ms. Ratios are framework time / crate time: above 1 means the crate is faster.
-Only ratios measured on the same machine at about the same time mean anything.
+Ratios are best framework time / crate time: above 1 means the crate is faster.
 """
 
 import argparse
@@ -82,22 +83,6 @@ def time_call(fn, repeats, sample_s):
             fn()
         samples.append((time.perf_counter() - t0) / inner)
     return statistics.median(samples)
-
-
-def read_criterion(home):
-    """{full_id: median ns} for every result under criterion's folder."""
-    results = {}
-    home = Path(home)
-    if not home.is_dir():
-        return results
-    for bench_json in home.glob("**/new/benchmark.json"):
-        try:
-            bench = json.loads(bench_json.read_text())
-            est = json.loads((bench_json.parent / "estimates.json").read_text())
-            results[bench["full_id"]] = est["median"]["point_estimate"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return results
 
 
 class Torch:
@@ -265,6 +250,105 @@ class Ort:
         return run
 
 
+class OpenVino:
+    def __init__(self):
+        import numpy as np
+        import openvino as ov
+        from openvino import opset13 as ops
+
+        self.np, self.ov, self.ops = np, ov, ops
+        self.core = ov.Core()
+        self.version = ov.__version__
+        self.threads = 1
+
+    def set_threads(self, t):
+        self.threads = t
+
+    def case(self, op, layout, shape):
+        if op != "inference":
+            return None
+        np, ov, ops = self.np, self.ov, self.ops
+        n, c, h, w = shape
+        rng = np.random.default_rng(0)
+        gamma = (rng.random(c) + 0.5).astype(np.float32)
+        beta = (rng.random(c) - 0.5).astype(np.float32)
+        mean = (rng.random(c) + 0.5).astype(np.float32)
+        var = (rng.random(c) + 1.0).astype(np.float32)
+        dims = [n, c, h, w] if layout == "nchw" else [n, h, w, c]
+        x = (rng.random(dims, dtype=np.float32) * 4 - 1).astype(np.float32)
+        param = ops.parameter(dims, np.float32, name="x")
+        if layout == "nchw":
+            out = ops.batch_norm_inference(param, gamma, beta, mean, var, EPS)
+        else:
+            scale = (gamma / np.sqrt(var + EPS)).astype(np.float32)
+            shift = (beta - mean * scale).astype(np.float32)
+            out = ops.add(ops.multiply(param, scale), shift)
+        model = ov.Model([out], [param], "bn")
+        config = {"INFERENCE_NUM_THREADS": str(self.threads), "INFERENCE_PRECISION_HINT": "f32"}
+        compiled = self.core.compile_model(model, "CPU", config)
+        req = compiled.create_infer_request()
+        req.set_input_tensor(ov.Tensor(x, shared_memory=True))
+
+        def run():
+            req.infer()
+            return x
+
+        run()
+        return run
+
+
+class Crate:
+    """The crate's timings, from one persistent `examples/bench_case` process."""
+
+    def __init__(self, binary):
+        self.proc = subprocess.Popen(
+            [binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.backend = self.ask("cpu")["backend"]
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        if "error" in reply:
+            raise RuntimeError(f"{line}: {reply['error']}")
+        return reply
+
+    def case(self, op, layout, shape, t, offset, repeats, sample_ms):
+        return self.ask(f"{op} {layout} {shape_name(shape)} {t} {offset} {repeats} {sample_ms}")
+
+
+OFFSETS = [0, 16, 64, 2048]
+
+
+def machine_header(crate):
+    """CPU model, ISA, caches, commit and rustc, for the top of every table."""
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    flags = info.get("Flags", "").split()
+    isa = "AVX-512F" if "avx512f" in flags else ("AVX2+FMA" if "avx2" in flags else "SSE2")
+
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "?"
+
+    return (
+        f"{info.get('Model name', cpu_model())} (family {info.get('CPU family', '?')} model "
+        f"{info.get('Model', '?')}, {info.get('CPU(s)', '?')} CPUs, {isa}; "
+        f"L1d {info.get('L1d cache', '?')}, L2 {info.get('L2 cache', '?')}, "
+        f"L3 {info.get('L3 cache', '?')}); crate backend {crate.backend}; "
+        f"commit {run(['git', 'rev-parse', '--short', 'HEAD'])}; {run(['rustc', '--version'])}"
+    )
+
+
 def fmt_us(ns):
     if ns is None:
         return "–"
@@ -279,11 +363,9 @@ def fmt_ratio(a, b):
 
 def main():
     repo = Path(__file__).resolve().parent.parent
-    default_home = os.environ.get("CRITERION_HOME") or str(
-        Path(os.environ.get("CARGO_TARGET_DIR", repo / "target")) / "criterion"
-    )
+    target = Path(os.environ.get("CARGO_TARGET_DIR", repo / "target"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--criterion", default=default_home, help="criterion's results folder")
+    ap.add_argument("--binary", default=str(target / "release" / "examples" / "bench_case"))
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     ap.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
     ap.add_argument(
@@ -292,28 +374,29 @@ def main():
     ap.add_argument(
         "--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1})
     )
-    ap.add_argument("--repeats", type=int, default=11, help="samples per case (median)")
-    ap.add_argument("--sample-ms", type=float, default=20.0, help="minimum length of a sample")
+    ap.add_argument("--offsets", nargs="+", type=int, default=OFFSETS, help="bytes mod 4096")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="samples per measurement (median)")
+    ap.add_argument("--sample-ms", type=float, default=10.0, help="minimum length of a sample")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-openvino", action="store_true")
     args = ap.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes]
 
+    crate = Crate(args.binary)
     frameworks = {}
     notes = []
-    if not args.no_torch:
-        try:
-            frameworks["torch"] = Torch()
-        except ImportError as e:
-            notes.append(f"torch not available: {e}")
-    if not args.no_ort:
-        try:
-            frameworks["ort"] = Ort()
-        except ImportError as e:
-            notes.append(f"onnxruntime/onnx not available: {e}")
-    crate = read_criterion(args.criterion)
-    if not crate:
-        notes.append(f"no criterion results under {args.criterion}: run cargo bench first")
+    for flag, name, cls in [
+        (args.no_torch, "torch", Torch),
+        (args.no_ort, "ort", Ort),
+        (args.no_openvino, "openvino", OpenVino),
+    ]:
+        if not flag:
+            try:
+                frameworks[name] = cls()
+            except ImportError as e:
+                notes.append(f"{name} not available: {e}")
 
     load_before = os.getloadavg()
     rows = []
@@ -328,16 +411,34 @@ def main():
                     done += 1
                     cid = f"{op}/{layout}/{shape_name(shape)}/t{t}"
                     print(f"[{done}/{total}] {cid}", file=sys.stderr, flush=True)
-                    row = {"op": op, "layout": layout, "shape": shape_name(shape), "t": t}
-                    row["crate"] = crate.get(f"{cid}/batchnorm")
-                    row["copy"] = crate.get(f"{cid}/copy")
+                    fns = {}
                     for name, fw in frameworks.items():
-                        fn = fw.case(op, layout, shape)
-                        row[name] = (
-                            None
-                            if fn is None
-                            else 1e9 * time_call(fn, args.repeats, args.sample_ms / 1e3)
-                        )
+                        if name == "torch":
+                            for fmt in LAYOUTS:
+                                fns[f"torch-{fmt}"] = fw.case(op, fmt, shape)
+                        else:
+                            fns[name] = fw.case(op, layout, shape)
+                    fns = {k: v for k, v in fns.items() if v is not None}
+                    samples = {k: [] for k in ["crate", "copy", "sum", *fns]}
+                    offsets_seen = {}
+                    for _ in range(args.rounds):
+                        worst = None
+                        for off in args.offsets:
+                            r = crate.case(op, layout, shape, t, off, args.repeats, args.sample_ms)
+                            offsets_seen.setdefault(off, []).append(r["crate"])
+                            if worst is None or r["crate"] > worst["crate"]:
+                                worst = r
+                        for k in ("crate", "copy", "sum"):
+                            samples[k].append(worst[k])
+                        for name, fn in fns.items():
+                            samples[name].append(
+                                1e9 * time_call(fn, args.repeats, args.sample_ms / 1e3)
+                            )
+                    row = {"op": op, "layout": layout, "shape": shape_name(shape), "t": t}
+                    for k, v in samples.items():
+                        row[k] = statistics.median(v) if v else None
+                    per_off = {o: statistics.median(v) for o, v in offsets_seen.items()}
+                    row["offset_spread"] = max(per_off.values()) / min(per_off.values())
                     rows.append(row)
 
     ort = frameworks.get("ort")
@@ -345,25 +446,32 @@ def main():
         notes.append(f"ONNX Runtime training_mode=1 not run: {ort.training_note}")
     versions = ", ".join(f"{k} {v.version}" for k, v in frameworks.items())
     print(
-        f"\n{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, "
+        f"\n{datetime.datetime.now().isoformat(timespec='minutes')}; {machine_header(crate)}; "
         f"Python {platform.python_version()}, {versions or 'no frameworks'}; "
-        f"crate results from {args.criterion}; load average before/after "
-        f"{load_before[0]:.2f}/{os.getloadavg()[0]:.2f}\n"
+        f"load average before/after {load_before[0]:.2f}/{os.getloadavg()[0]:.2f}\n"
     )
     print(
-        "Times in µs (median). Ratios = framework time / crate time (> 1: the crate is faster). "
-        "crate/copy = crate time / in-run copy baseline.\n"
+        "Times in µs (median of rounds; crate = worst output offset). best fw = the fastest "
+        "framework time (torch in either memory format, ORT, OpenVINO); best fw/crate > 1: the "
+        "crate is faster. copy = the better of memcpy and a SIMD copy of x into y; sum = a SIMD sum "
+        "of x. offsets = slowest / fastest output offset.\n"
     )
+    names = ["torch-nchw", "torch-nhwc", "ort", "openvino"]
     print(
-        "| op | layout | shape | threads | crate | crate/copy | torch | ort | torch/crate | ort/crate |"
+        "| op | layout | shape | t | crate | crate/copy | crate/sum | offsets | "
+        + " | ".join(names)
+        + " | best fw/crate |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|")
     for r in rows:
+        fw = [r.get(n) for n in names]
+        best = min((v for v in fw if v is not None), default=None)
         print(
             f"| {r['op']} | {r['layout']} | {r['shape']} | {r['t']} | {fmt_us(r['crate'])} "
-            f"| {fmt_ratio(r['crate'], r['copy'])} | {fmt_us(r.get('torch'))} "
-            f"| {fmt_us(r.get('ort'))} | {fmt_ratio(r.get('torch'), r['crate'])} "
-            f"| {fmt_ratio(r.get('ort'), r['crate'])} |"
+            f"| {fmt_ratio(r['crate'], r['copy'])} | {fmt_ratio(r['crate'], r['sum'])} "
+            f"| {r['offset_spread']:.2f} | "
+            + " | ".join(fmt_us(v) for v in fw)
+            + f" | {fmt_ratio(best, r['crate'])} |"
         )
     for note in notes:
         print(f"\nNote: {note}")

@@ -1,0 +1,223 @@
+//! Times one case of the crate against its memory roofs, case by case, so that a driver
+//! (`benches/compare.py`) can alternate the crate with other frameworks in one run.
+//!
+//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS` on standard input (OP one of
+//! `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw` or `nhwc`; OFFSET the byte
+//! offset modulo 4096 of the output tensors relative to x, dy at twice that) and answers each with
+//! one JSON line `{"crate": ns, "copy": ns, "sum": ns, "copy_kind": "memcpy" | "simd"}`: medians
+//! over REPEATS samples of at least SAMPLE_MS each, the crate's call, the copy roof (the better
+//! of memcpy and a SIMD load/store loop, copying x into y) and a SIMD sum over x. A line `cpu`
+//! answers with the backend the crate runs.
+//!
+//! `cargo run --release --example bench_case` (then type a line, e.g.
+//! `training nhwc 8x64x56x56 1 0 5 20`).
+
+#[path = "../benches/support/roofs.rs"]
+mod roofs;
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use batchnorm::{
+    Affine, BackwardMode, BatchNorm, GradMode, Layout, Parallelism, ParamGrads, RunningStats,
+    RunningUpdate, SavedStats, SavedStatsMut, Shape,
+};
+use roofs::{Buffer, CopyRoof};
+
+/// Deterministic values in [lo, hi) (the same generator as the criterion benchmarks).
+fn fill(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        })
+        .collect()
+}
+
+/// Median seconds per call of `f` over `repeats` samples of at least `sample_s` each.
+fn time(repeats: usize, sample_s: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-8);
+    let inner = ((sample_s / once) as usize).max(1);
+    let mut samples: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..inner {
+                f();
+            }
+            t.elapsed().as_secs_f64() / inner as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+struct Case {
+    op: String,
+    layout: Layout,
+    dims: [usize; 4],
+    threads: usize,
+    offset: usize,
+    repeats: usize,
+    sample_s: f64,
+}
+
+fn parse(line: &str) -> Result<Case, String> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() != 7 {
+        return Err(format!("expected 7 fields, got {}", f.len()));
+    }
+    let layout = match f[1] {
+        "nchw" => Layout::Nchw,
+        "nhwc" => Layout::Nhwc,
+        other => return Err(format!("layout {other}")),
+    };
+    let dims: Vec<usize> = f[2].split('x').filter_map(|d| d.parse().ok()).collect();
+    let dims: [usize; 4] = dims.try_into().map_err(|_| format!("shape {}", f[2]))?;
+    let num = |s: &str| s.parse::<usize>().map_err(|e| format!("{s}: {e}"));
+    Ok(Case {
+        op: f[0].to_string(),
+        layout,
+        dims,
+        threads: num(f[3])?,
+        offset: num(f[4])? % 4096 / 4 * 4,
+        repeats: num(f[5])?,
+        sample_s: f[6].parse::<f64>().map_err(|e| e.to_string())? / 1e3,
+    })
+}
+
+fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
+    let [n, c, h, w] = case.dims;
+    let shape = Shape::with_spatial(n, c, &[h, w]).map_err(|e| e.to_string())?;
+    let bn = BatchNorm::new(shape, case.layout).with_parallelism(Parallelism::Rayon);
+    let len = shape.len();
+    let x = Buffer::from_slice(&fill(len, 1, -1.0, 3.0), 0);
+    let dy = Buffer::from_slice(&fill(len, 2, -1.0, 1.0), 2 * case.offset % 4096);
+    let mut y = Buffer::new(len, case.offset);
+    let (gamma, beta) = (fill(c, 3, 0.5, 1.5), fill(c, 4, -0.5, 0.5));
+    let (mut rmean, mut rvar) = (fill(c, 5, 0.5, 1.5), fill(c, 6, 1.0, 2.0));
+    let (mut smean, mut sinv) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let affine = || Affine {
+        gamma: &gamma,
+        beta: &beta,
+    };
+    let (reps, sample) = (case.repeats, case.sample_s);
+    let crate_s = pool.install(|| -> Result<f64, String> {
+        Ok(match case.op.as_str() {
+            "inference" => {
+                let running = RunningStats {
+                    mean: &rmean,
+                    var: &rvar,
+                };
+                time(reps, sample, || {
+                    bn.inference(&x, &mut y, running, Some(affine())).unwrap()
+                })
+            }
+            "training" | "backward" => {
+                let mut train = |y: &mut [f32]| {
+                    let saved = SavedStatsMut {
+                        mean: &mut smean,
+                        inv_std: &mut sinv,
+                    };
+                    let update = RunningUpdate::pytorch(&mut rmean, &mut rvar);
+                    black_box(
+                        bn.training(&x, y, Some(affine()), saved, Some(update))
+                            .unwrap(),
+                    );
+                };
+                if case.op == "training" {
+                    time(reps, sample, || train(&mut y))
+                } else {
+                    train(&mut y);
+                    time(reps, sample, || {
+                        let saved = SavedStats {
+                            mean: &smean,
+                            inv_std: &sinv,
+                        };
+                        let grads = ParamGrads {
+                            dgamma: &mut dgamma,
+                            dbeta: &mut dbeta,
+                            mode: GradMode::Overwrite,
+                        };
+                        let mode = BackwardMode::Training(saved);
+                        bn.backward(&x, &dy, &mut y, mode, Some(&gamma), Some(grads))
+                            .unwrap()
+                    })
+                }
+            }
+            "statistics" => time(reps, sample, || {
+                black_box(bn.statistics(&x).unwrap());
+            }),
+            other => return Err(format!("op {other}")),
+        })
+    })?;
+    // Roofs, single-threaded at t1, else split over the pool like the crate's work.
+    let kind = CopyRoof::choose(&x, &mut y);
+    let copy_s = pool.install(|| {
+        time(reps, sample, || {
+            use rayon::prelude::*;
+            let chunk = len.div_ceil(case.threads).max(4096);
+            y.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(d, s)| kind.run(s, d));
+        })
+    });
+    let sum_s = pool.install(|| {
+        time(reps, sample, || {
+            use rayon::prelude::*;
+            let chunk = len.div_ceil(case.threads).max(4096);
+            black_box(x.par_chunks(chunk).map(roofs::simd_sum).sum::<f32>());
+        })
+    });
+    let kind = match kind {
+        CopyRoof::Memcpy => "memcpy",
+        CopyRoof::Simd => "simd",
+    };
+    Ok(format!(
+        "{{\"crate\": {:.1}, \"copy\": {:.1}, \"sum\": {:.1}, \"copy_kind\": \"{kind}\"}}",
+        crate_s * 1e9,
+        copy_s * 1e9,
+        sum_s * 1e9
+    ))
+}
+
+fn main() {
+    let mut pools: HashMap<usize, rayon::ThreadPool> = HashMap::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let reply = if line == "cpu" {
+            let bn = BatchNorm::new(Shape::new(1, 1, 1).unwrap(), Layout::Nchw);
+            format!("{{\"backend\": \"{}\"}}", bn.backend().name())
+        } else {
+            match parse(line) {
+                Ok(case) => {
+                    let pool = pools.entry(case.threads).or_insert_with(|| {
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(case.threads.max(1))
+                            .build()
+                            .expect("thread pool")
+                    });
+                    run(&case, pool).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+                }
+                Err(e) => format!("{{\"error\": \"{e}\"}}"),
+            }
+        };
+        let _ = writeln!(out, "{reply}");
+        let _ = out.flush();
+    }
+}
