@@ -147,7 +147,9 @@ pub(super) fn backward(
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
 ) -> Vec<GradSums> {
-    let blocks = Blocks::new(ctx);
+    // The reduction takes the statistics' larger blocks (fewer per-channel folds); dx the
+    // normal ones.
+    let blocks = Blocks::with_target(ctx, STATS_BLOCK);
     let out = SharedMut::new(dx);
     let block = |offset: usize, len: usize| {
         // SAFETY: this phase only reads; dx is written after every block was reduced.
@@ -173,6 +175,7 @@ pub(super) fn backward(
     let Some(make) = make else { return sums };
     let params: Vec<DxParams> = sums.iter().enumerate().map(|(c, g)| make(c, g)).collect();
     let params = &params[..];
+    let blocks = Blocks::new(ctx);
     ctx.par.for_each(blocks.count(), 1, |b| {
         let (offset, len) = blocks.range(b);
         let xs = &x[offset..offset + len];

@@ -1,8 +1,12 @@
 //! Backward kernels: one fused reduction reading x and dy once (Σdy, Σ(x−K)·dy, Σ(x−K)), and one
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
-use super::normalize::{InOut, VectorMap, stream, stream_raw};
-use super::{ACCUMULATORS, KMAX, Lanes, expand_periodic, period, reduce_f64, zeroed};
+use super::normalize::{
+    InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
+};
+use super::{
+    ACCUMULATORS, KMAX, Lanes, expand_periodic, period, reduce_f64, zeroed, zeroed_f64,
+};
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
@@ -148,6 +152,8 @@ fn grad_sums_strided<S: Simd, const G: usize>(
     for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
         *p = s.load_partial(&pivots[g * l..width], 0.0);
     }
+    // f32 sums over KMAX rows, then added into f64 vectors (one widening per sum and vector).
+    let mut tot = [[s.splat_w(0.0); 3]; G];
     let mut first_row = 0;
     while first_row < rows {
         let steps = KMAX.min(rows - first_row);
@@ -183,22 +189,27 @@ fn grad_sums_strided<S: Simd, const G: usize>(
                 a[2] = s.add(a[2], xd);
             }
         }
-        let mut lanes = [[0.0; MAX_LANES]; 3];
-        for g in 0..width.div_ceil(l) {
-            for (k, buf) in lanes.iter_mut().enumerate() {
-                s.to_lanes(acc[g][k], buf);
-            }
-            let n = l.min(width - g * l);
-            for (lane, slot) in out[g * l..g * l + n].iter_mut().enumerate() {
-                let [sdy, sxdy, sx] = lanes.map(|b| b[lane] as f64);
-                *slot = slot.add(GradSums {
-                    dy: sdy,
-                    xdy: sxdy,
-                    x: sx,
-                });
+        for (t, a) in tot.iter_mut().zip(&acc) {
+            for k in 0..3 {
+                t[k] = s.add_w(t[k], s.widen(a[k]));
             }
         }
         first_row += steps;
+    }
+    let mut lanes = [[0.0; MAX_LANES]; 3];
+    for (g, t) in tot.iter().enumerate().take(width.div_ceil(l)) {
+        for (k, buf) in lanes.iter_mut().enumerate() {
+            s.to_lanes_w(t[k], buf);
+        }
+        let n = l.min(width - g * l);
+        for (lane, slot) in out[g * l..g * l + n].iter_mut().enumerate() {
+            let [sdy, sxdy, sx] = lanes.map(|b| b[lane]);
+            *slot = slot.add(GradSums {
+                dy: sdy,
+                xdy: sxdy,
+                x: sx,
+            });
+        }
     }
 }
 
@@ -230,6 +241,7 @@ impl Kernel for GradSumsRows<'_> {
         let per = period(c, l);
         let piv = expand_periodic(self.pivots, per);
         let mut acc = zeroed(3 * per);
+        let mut tot = zeroed_f64(3 * per);
         let n = self.x.len().min(self.dy.len());
         let (x, dy) = (&self.x[..n], &self.dy[..n]);
         for (xc, dc) in x.chunks(KMAX * per).zip(dy.chunks(KMAX * per)) {
@@ -250,15 +262,26 @@ impl Kernel for GradSumsRows<'_> {
                 }
                 i = end;
             }
-            for q in 0..per {
-                if let Some(slot) = self.out.get_mut(q % c) {
-                    let part = GradSums {
-                        dy: sdy[q] as f64,
-                        xdy: sxdy[q] as f64,
-                        x: sx[q] as f64,
-                    };
-                    *slot = slot.add(part);
+            for (t, a) in tot.chunks_exact_mut(per).zip([&*sdy, &*sxdy, &*sx]) {
+                for o in (0..per).step_by(l) {
+                    // SAFETY: `o + LANES ≤ per`, the length of this part of `tot`.
+                    unsafe {
+                        let v = s.add_w(s.load_w_ptr(t.as_ptr().add(o)), s.widen(s.load(&a[o..])));
+                        s.store_w_ptr(t.as_mut_ptr().add(o), v);
+                    }
                 }
+            }
+        }
+        let (tdy, rest) = tot.split_at(per);
+        let (txdy, tx) = rest.split_at(per);
+        for q in 0..per {
+            if let Some(slot) = self.out.get_mut(q % c) {
+                let part = GradSums {
+                    dy: tdy[q],
+                    xdy: txdy[q],
+                    x: tx[q],
+                };
+                *slot = slot.add(part);
             }
         }
     }
@@ -404,15 +427,68 @@ pub(crate) struct DxPeriodic<'a, IO> {
     pub params: &'a [DxParams],
 }
 
+impl<IO: InOut> DxPeriodic<'_, IO> {
+    /// With at least `G` vectors of channels per row (`G` = what keeps the 5 parameters of a
+    /// register group in registers), walks each group of channels down the rows; returns whether
+    /// it did (else the periodic lanes are used).
+    #[inline(always)]
+    fn columns<S: Simd, const G: usize>(&mut self, s: S) -> bool {
+        let c = self.params.len();
+        if c < G * S::LANES || column_group::<S>(5) < G {
+            return false;
+        }
+        for first in (0..c).step_by(G * S::LANES) {
+            let p = &self.params[first..];
+            let op = GroupDx::<S::V, G> {
+                shift: group_vectors(s, p, |p| p.shift),
+                r: group_vectors(s, p, |p| p.r),
+                a: group_vectors(s, p, |p| p.a),
+                b: group_vectors(s, p, |p| p.b),
+                c: group_vectors(s, p, |p| p.c),
+            };
+            let cols = (c, first, G * S::LANES);
+            stream_columns::<S, _, G>(s, &mut self.io, Some(self.x), cols, &op);
+        }
+        true
+    }
+}
+
+/// [`DxParams`] with one parameter vector per vector of a register group.
+struct GroupDx<V, const G: usize> {
+    shift: [V; G],
+    r: [V; G],
+    a: [V; G],
+    b: [V; G],
+    c: [V; G],
+}
+
+impl<S: Simd, const G: usize> VectorMap<S> for GroupDx<S::V, G> {
+    const BINARY: bool = true;
+    #[inline(always)]
+    fn apply(&self, s: S, phase: usize, g: S::V, x: S::V) -> S::V {
+        let k = phase / S::LANES;
+        let xhat = s.mul(s.sub(x, self.shift[k]), self.r[k]);
+        s.mul_add(self.b[k], xhat, s.mul_add(self.a[k], g, self.c[k]))
+    }
+}
+
 impl<IO: InOut> Kernel for DxPeriodic<'_, IO> {
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
-        if self.params.is_empty() {
+    fn run<S: Simd>(mut self, s: S) {
+        let c = self.params.len();
+        if c == 0 {
             return;
         }
-        let per = period(self.params.len(), S::LANES);
+        if S::LANES >= 16 {
+            if self.columns::<S, 4>(s) {
+                return;
+            }
+        } else if self.columns::<S, 2>(s) {
+            return;
+        }
+        let per = period(c, S::LANES);
         let field = |f: fn(&DxParams) -> f32| {
             let v: Vec<f32> = self.params.iter().map(f).collect();
             expand_periodic(&v, per)

@@ -5,7 +5,7 @@
 //! `bias − scale·shift` never enters. A constant channel yields `x − shift = 0` and so `y = bias`.
 
 use super::{Lanes, expand_periodic};
-use crate::simd::{Kernel, Simd};
+use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Where a streaming kernel reads its input and writes its output: two slices, or one in place.
 pub(crate) trait InOut {
@@ -29,6 +29,18 @@ pub(crate) struct ChannelAffine {
 pub(crate) enum Io<'a> {
     Separate(&'a [f32], &'a mut [f32]),
     InPlace(&'a mut [f32]),
+}
+
+/// A stream borrowed for one of several passes over the same block.
+impl<T: InOut> InOut for &mut T {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    #[inline(always)]
+    fn ptrs(&mut self) -> (*const f32, *mut f32) {
+        (**self).ptrs()
+    }
 }
 
 impl InOut for Io<'_> {
@@ -154,6 +166,73 @@ pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
     }
 }
 
+/// Channel vectors per register group of the NHWC column streams ([`stream_columns`]): as many as
+/// keep a map's parameters in registers (16 vector registers on AVX2, 32 on AVX-512).
+#[inline(always)]
+pub(crate) fn column_group<S: Simd>(params_per_vector: usize) -> usize {
+    let registers = if S::LANES >= 16 { 32 } else { 16 };
+    ((registers - 4) / params_per_vector).clamp(1, MAX_GROUP)
+}
+
+/// Largest register group of [`stream_columns`].
+pub(crate) const MAX_GROUP: usize = 4;
+
+/// [`stream`] over the columns `first..first + width` (`width ≤ G·LANES`) of every row of `c`
+/// elements of `io`, with `op`'s phase = the vector's offset inside the group: the group's
+/// parameters stay in registers while the rows go by. The last vector of a group may be partial.
+#[inline(always)]
+pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
+    s: S,
+    mut io: IO,
+    second: Option<&[f32]>,
+    (c, first, width): (usize, usize, usize),
+    op: &impl VectorMap<S>,
+) {
+    let l = S::LANES;
+    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    if c == 0 || first >= c {
+        return;
+    }
+    let width = width.min(G * l).min(c - first);
+    let rows = n / c;
+    let full = width / l;
+    let rem = width - full * l;
+    let (src, dst) = io.ptrs();
+    let x2 = second.map_or(src, <[f32]>::as_ptr);
+    for r in 0..rows {
+        let base = r * c + first;
+        for g in 0..G {
+            if g < full {
+                // SAFETY: `base + (g + 1)·LANES ≤ r·c + first + width ≤ (r + 1)·c ≤ n`, the
+                // length the pointers are valid for.
+                unsafe { map_vector(s, op, (src, x2, dst), base + g * l, g * l) };
+            } else if g == full && rem > 0 {
+                let i = base + g * l;
+                // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
+                // output slice is made (in place they alias).
+                let (a, b) = unsafe {
+                    let a = s.load_partial(std::slice::from_raw_parts(src.add(i), rem), 0.0);
+                    let b = if op_binary(op) {
+                        s.load_partial(std::slice::from_raw_parts(x2.add(i), rem), 0.0)
+                    } else {
+                        a
+                    };
+                    (a, b)
+                };
+                let v = op.apply(s, g * l, a, b);
+                // SAFETY: as above.
+                s.store_partial(unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) }, v);
+            }
+        }
+    }
+}
+
+/// [`VectorMap::BINARY`] of a map value's type.
+#[inline(always)]
+fn op_binary<S: Simd, M: VectorMap<S>>(_: &M) -> bool {
+    M::BINARY
+}
+
 /// `scale·(x − shift) + bias` with the same parameters in every lane.
 struct Splat<V> {
     shift: V,
@@ -197,6 +276,50 @@ impl<S: Simd> VectorMap<S> for Periodic {
             let a = s.load_ptr(self.scale.as_ptr().add(p));
             s.mul_add(s.sub(x, k), a, s.load_ptr(self.bias.as_ptr().add(p)))
         }
+    }
+}
+
+/// Field `f` of the first `G·LANES` channel parameters as `G` vectors (missing channels 0).
+#[inline(always)]
+pub(crate) fn group_vectors<S: Simd, P, const G: usize>(
+    s: S,
+    params: &[P],
+    f: impl Fn(&P) -> f32,
+) -> [S::V; G] {
+    let mut v = [s.splat(0.0); G];
+    for (g, v) in v.iter_mut().enumerate() {
+        let mut lanes = [0.0f32; MAX_LANES];
+        for (lane, p) in lanes.iter_mut().zip(params.iter().skip(g * S::LANES)) {
+            *lane = f(p);
+        }
+        *v = s.load(&lanes[..S::LANES]);
+    }
+    v
+}
+
+/// `scale·(x − shift) + bias` with one parameter vector per vector of a register group.
+struct GroupAffine<V, const G: usize> {
+    shift: [V; G],
+    scale: [V; G],
+    bias: [V; G],
+}
+
+impl<V: Copy, const G: usize> GroupAffine<V, G> {
+    #[inline(always)]
+    fn new<S: Simd<V = V>>(s: S, params: &[ChannelAffine]) -> Self {
+        GroupAffine {
+            shift: group_vectors(s, params, |p| p.shift),
+            scale: group_vectors(s, params, |p| p.scale),
+            bias: group_vectors(s, params, |p| p.bias),
+        }
+    }
+}
+
+impl<S: Simd, const G: usize> VectorMap<S> for GroupAffine<S::V, G> {
+    #[inline(always)]
+    fn apply(&self, s: S, phase: usize, x: S::V, _: S::V) -> S::V {
+        let g = phase / S::LANES;
+        s.mul_add(s.sub(x, self.shift[g]), self.scale[g], self.bias[g])
     }
 }
 
@@ -264,10 +387,20 @@ impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        if self.params.is_empty() {
+        let c = self.params.len();
+        if c == 0 {
             return;
         }
-        let per = super::period(self.params.len(), S::LANES);
+        const G: usize = MAX_GROUP;
+        if c >= G * S::LANES && column_group::<S>(3) >= G {
+            let mut io = self.io;
+            for first in (0..c).step_by(G * S::LANES) {
+                let op = GroupAffine::<S::V, G>::new(s, &self.params[first..]);
+                stream_columns::<S, _, G>(s, &mut io, None, (c, first, G * S::LANES), &op);
+            }
+            return;
+        }
+        let per = super::period(c, S::LANES);
         let field = |f: fn(&ChannelAffine) -> f32| {
             let v: Vec<f32> = self.params.iter().map(f).collect();
             expand_periodic(&v, per)

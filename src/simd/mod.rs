@@ -129,11 +129,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         self.load_partial(&ONES[..valid.min(Self::LANES)], 0.0)
     }
 
-    /// Writes the lanes of `v` to `out[..LANES]`.
-    #[inline(always)]
-    fn to_lanes(self, v: Self::V, out: &mut [f32; MAX_LANES]) {
-        self.store(&mut out[..Self::LANES], v);
-    }
 }
 
 /// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic
