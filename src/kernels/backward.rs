@@ -2,11 +2,9 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::normalize::{
-    InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
+    InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw, use_columns,
 };
-use super::{
-    ACCUMULATORS, KMAX, Lanes, expand_periodic, period, reduce_f64, zeroed, zeroed_f64,
-};
+use super::{ACCUMULATORS, KMAX, Lanes, expand_periodic, period, reduce_f64, zeroed, zeroed_f64};
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
@@ -434,7 +432,7 @@ impl<IO: InOut> DxPeriodic<'_, IO> {
     #[inline(always)]
     fn columns<S: Simd, const G: usize>(&mut self, s: S) -> bool {
         let c = self.params.len();
-        if c < G * S::LANES || column_group::<S>(5) < G {
+        if !use_columns::<S>(c, G) || column_group::<S>(5) < G {
             return false;
         }
         for first in (0..c).step_by(G * S::LANES) {

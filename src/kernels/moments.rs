@@ -85,9 +85,13 @@ fn moments_run<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
     if x.len() <= SUB_RUN {
         return two_pass(s, x);
     }
-    x.chunks(SUB_RUN).fold(ChannelStats::default(), |acc, sub| {
-        acc.merge(&two_pass(s, sub))
-    })
+    // A loop, not a fold with a closure: a closure may be compiled out of line, outside the
+    // target-feature entry point, where every intrinsic becomes a call (measured: 40× slower).
+    let mut total = ChannelStats::default();
+    for sub in x.chunks(SUB_RUN) {
+        total = total.merge(&two_pass(s, sub));
+    }
+    total
 }
 
 /// The two passes over one contiguous run, with [`ACCUMULATORS`] independent chains each.

@@ -177,6 +177,17 @@ pub(crate) fn column_group<S: Simd>(params_per_vector: usize) -> usize {
 /// Largest register group of [`stream_columns`].
 pub(crate) const MAX_GROUP: usize = 4;
 
+/// Whether rows of `c` channels go through [`stream_columns`] with groups of `g` vectors: when a
+/// row is whole vectors and fits one register group, each row is streamed in memory order with
+/// the parameters in registers. Measured (AMD Zen 4, AVX-512 and AVX2): 1.25× faster than the
+/// periodic lanes there (NHWC 64 channels, AVX-512); with several groups per row the walk down
+/// the columns strides through memory and the periodic lanes, which stream in order, win (up to
+/// 1.6× at 256 channels on AVX2, 1.6× at 2048 on AVX-512).
+#[inline(always)]
+pub(crate) fn use_columns<S: Simd>(c: usize, g: usize) -> bool {
+    c.is_multiple_of(S::LANES) && c <= g * S::LANES
+}
+
 /// [`stream`] over the columns `first..first + width` (`width ≤ G·LANES`) of every row of `c`
 /// elements of `io`, with `op`'s phase = the vector's offset inside the group: the group's
 /// parameters stay in registers while the rows go by. The last vector of a group may be partial.
@@ -221,7 +232,10 @@ pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
                 };
                 let v = op.apply(s, g * l, a, b);
                 // SAFETY: as above.
-                s.store_partial(unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) }, v);
+                s.store_partial(
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) },
+                    v,
+                );
             }
         }
     }
@@ -392,7 +406,7 @@ impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
             return;
         }
         const G: usize = MAX_GROUP;
-        if c >= G * S::LANES && column_group::<S>(3) >= G {
+        if use_columns::<S>(c, G) && column_group::<S>(3) >= G {
             let mut io = self.io;
             for first in (0..c).step_by(G * S::LANES) {
                 let op = GroupAffine::<S::V, G>::new(s, &self.params[first..]);

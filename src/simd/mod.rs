@@ -128,7 +128,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         const ONES: [f32; MAX_LANES] = [1.0; MAX_LANES];
         self.load_partial(&ONES[..valid.min(Self::LANES)], 0.0)
     }
-
 }
 
 /// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic
