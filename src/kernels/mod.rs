@@ -12,7 +12,7 @@ mod normalize;
 pub(crate) use backward::{
     DxParams, DxPeriodic, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
 };
-pub(crate) use moments::{MomentsRows, MomentsRun, MomentsRuns};
+pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
 pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, ChannelAffine, Io};
 
 use aligned_vec::{AVec, ConstAlign};

@@ -140,6 +140,98 @@ fn two_pass<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
     finish(n, mean, shift, sq)
 }
 
+/// Statistics of one whole channel stored as `count` runs of `run` values, run `i` starting at
+/// `i·stride` in `x` (NCHW: one run per sample). Both passes sweep all the runs, so no run is
+/// merged on its own: the f64 sums and f32 squares carry over from run to run (the f32 lanes are
+/// folded into f64 whenever they would exceed [`KMAX`] steps), and the channel (at most a few
+/// hundred KiB, see the driver) is still in L2 for the second pass. Runs out of bounds are
+/// skipped, never read.
+pub(crate) struct MomentsChannel<'a> {
+    pub x: &'a [f32],
+    pub run: usize,
+    pub stride: usize,
+    pub count: usize,
+}
+
+impl MomentsChannel<'_> {
+    /// The runs that lie inside `x`.
+    #[inline(always)]
+    fn runs(&self) -> impl Iterator<Item = &[f32]> {
+        (0..self.count).map_while(move |i| self.x.get(i * self.stride..i * self.stride + self.run))
+    }
+}
+
+impl Kernel for MomentsChannel<'_> {
+    type Output = ChannelStats;
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> ChannelStats {
+        const A: usize = ACCUMULATORS;
+        let l = S::LANES;
+        let w = A * l;
+        // Pass 1: Σx in f64 lanes over every run.
+        let mut acc = [s.splat_w(0.0); A];
+        let mut n = 0usize;
+        for r in self.runs() {
+            n += r.len();
+            let mut blocks = r.chunks_exact(w);
+            for b in &mut blocks {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = s.add_w(*a, s.load_widen(&b[j * l..], 0.0));
+                }
+            }
+            for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
+                *a = s.add_w(*a, s.load_widen(v, 0.0));
+            }
+        }
+        if n == 0 {
+            return ChannelStats::default();
+        }
+        let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
+        let mean = sum / n as f64;
+        let shift = mean as f32;
+        // Pass 2: Σ(x − S)² in f32 lanes, folded into one f64 vector before any lane would take
+        // more than KMAX steps.
+        let (sh, zero) = (s.splat(shift), s.splat(0.0));
+        let mut sq = [zero; A];
+        let mut pending = 0;
+        let mut tot = s.splat_w(0.0);
+        for r in self.runs() {
+            for chunk in r.chunks(KMAX * w) {
+                // Steps of the busiest lane: the whole blocks, plus one tail vector.
+                let steps = chunk.len() / w + usize::from(!chunk.len().is_multiple_of(w));
+                if pending + steps > KMAX {
+                    fold_squares(s, &mut sq, &mut tot);
+                    pending = 0;
+                }
+                pending += steps;
+                let mut blocks = chunk.chunks_exact(w);
+                for b in &mut blocks {
+                    for (j, a) in sq.iter_mut().enumerate() {
+                        let e = s.sub(s.load(&b[j * l..]), sh);
+                        *a = s.mul_add(e, e, *a);
+                    }
+                }
+                for (a, v) in sq.iter_mut().zip(blocks.remainder().chunks(l)) {
+                    let e = s.sub(load_padded(s, v, shift), sh);
+                    *a = s.mul_add(e, e, *a);
+                }
+            }
+        }
+        fold_squares(s, &mut sq, &mut tot);
+        finish(n, mean, shift, s.reduce_add_w(tot))
+    }
+}
+
+/// Adds the f32 square sums into the f64 total and clears them (a function, not a closure: a
+/// closure may be compiled outside the target-feature entry point).
+#[inline(always)]
+fn fold_squares<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
+    let v = s.add(s.add(sq[0], sq[1]), s.add(sq[2], sq[3]));
+    *tot = s.add_w(*tot, s.widen(v));
+    *sq = [s.splat(0.0); ACCUMULATORS];
+}
+
 /// Statistics per channel over a block of whole rows of `c` interleaved channels, each
 /// merged into `out[c]` (one entry per channel; extra rows or entries are ignored, never indexed
 /// out of bounds).
