@@ -213,8 +213,8 @@ impl BatchNorm {
     /// `y = γ·(x − mean)/sqrt(var + ε) + β` in a fused pass; saves the mean and inverse std for
     /// backward and, if asked, updates the running statistics. Returns the batch statistics.
     ///
-    /// The statistics are accumulated relative to a per-channel pivot and merged in f64, and the
-    /// normalization subtracts the f32-rounded mean and corrects the rounding residual in the bias,
+    /// The statistics are a two-pass per cache block (an f64 sum of the values, then f32 squared
+    /// deviations from the block mean) merged in f64, and the normalization subtracts the f32-rounded mean and corrects the rounding residual in the bias,
     /// so data with a large mean relative to its spread keeps full accuracy, and a constant channel
     /// gives exactly `y = β` (with ε > 0).
     ///
