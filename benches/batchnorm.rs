@@ -27,7 +27,7 @@ use batchnorm::{
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use rayon::prelude::*;
-use roofs::{Buffer, CopyRoof};
+use roofs::{Buffer, CopyRoof, fill};
 
 /// (N, C, H, W) of the main groups.
 const SHAPES: [[usize; 4]; 8] = [
@@ -105,20 +105,6 @@ fn layout_name(layout: Layout) -> &'static str {
 
 fn make_shape([n, c, h, w]: [usize; 4]) -> Shape {
     Shape::with_spatial(n, c, &[h, w]).expect("benchmark shape")
-}
-
-/// Deterministic values in [lo, hi) (xorshift64*).
-fn fill(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect()
 }
 
 /// Every buffer one shape needs, allocated once, outside the timed loops.

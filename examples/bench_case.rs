@@ -24,21 +24,7 @@ use batchnorm::{
     Affine, BackwardMode, BatchNorm, GradMode, Layout, Parallelism, ParamGrads, RunningStats,
     RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
-use roofs::{Buffer, CopyRoof};
-
-/// Deterministic values in [lo, hi) (the same generator as the criterion benchmarks).
-fn fill(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect()
-}
+use roofs::{Buffer, CopyRoof, fill};
 
 /// Median seconds per call of `f` over `repeats` samples of at least `sample_s` each.
 fn time(repeats: usize, sample_s: f64, mut f: impl FnMut()) -> f64 {

@@ -6,12 +6,27 @@
 //!   small but not 0 (seen on AMD Zen 3), which made ratios against it meaningless.
 //! - `sum`: a plain SIMD sum over the same bytes (four accumulators), the roof of a read-only pass
 //!   such as the statistics.
+//! - [`fill`]: the deterministic data of every benchmark.
 //! - [`Buffer`]: an `f32` buffer starting `offset` bytes after a 4096-byte boundary, so the relative
 //!   offset of two buffers modulo a page is known.
 #![allow(dead_code)]
 
 use std::hint::black_box;
 use std::time::Instant;
+
+/// Deterministic values in [lo, hi) (xorshift64*), the benchmarks' data.
+pub fn fill(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        })
+        .collect()
+}
 
 /// A buffer of `len` f32 starting `offset` bytes (a multiple of 4) past a page boundary.
 pub struct Buffer {
