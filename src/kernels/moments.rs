@@ -94,50 +94,10 @@ fn moments_run<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
     total
 }
 
-/// The two passes over one contiguous run, with [`ACCUMULATORS`] independent chains each.
+/// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
 #[inline(always)]
 fn two_pass<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
-    const A: usize = ACCUMULATORS;
-    let n = x.len();
-    if n == 0 {
-        return ChannelStats::default();
-    }
-    let l = S::LANES;
-    let w = A * l;
-    // Pass 1: Σx in f64. Tail vectors (padded with 0) go one per accumulator.
-    let mut acc = [s.splat_w(0.0); A];
-    let mut blocks = x.chunks_exact(w);
-    for b in &mut blocks {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a = s.add_w(*a, s.load_widen(&b[j * l..], 0.0));
-        }
-    }
-    for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
-        *a = s.add_w(*a, s.load_widen(v, 0.0));
-    }
-    let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
-    let mean = sum / n as f64;
-    let shift = mean as f32;
-    // Pass 2: Σ(x − S)² in f32 lanes, KMAX steps per lane (plus one tail vector), then f64.
-    let sh = s.splat(shift);
-    let zero = s.splat(0.0);
-    let mut sq = 0.0f64;
-    for chunk in x.chunks(KMAX * w) {
-        let mut acc = [zero; A];
-        let mut steps = chunk.chunks_exact(w);
-        for b in &mut steps {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let e = s.sub(s.load(&b[j * l..]), sh);
-                *a = s.mul_add(e, e, *a);
-            }
-        }
-        for (a, v) in acc.iter_mut().zip(steps.remainder().chunks(l)) {
-            let e = s.sub(load_padded(s, v, shift), sh);
-            *a = s.mul_add(e, e, *a);
-        }
-        sq += super::reduce_f64(s, s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3])));
-    }
-    finish(n, mean, shift, sq)
+    strided_two_pass(s, x, x.len(), x.len(), 1)
 }
 
 /// Statistics of one whole channel stored as `count` runs of `run` values, run `i` starting at
@@ -153,74 +113,84 @@ pub(crate) struct MomentsChannel<'a> {
     pub count: usize,
 }
 
-impl MomentsChannel<'_> {
-    /// The runs that lie inside `x`.
-    #[inline(always)]
-    fn runs(&self) -> impl Iterator<Item = &[f32]> {
-        (0..self.count).map_while(move |i| self.x.get(i * self.stride..i * self.stride + self.run))
-    }
-}
-
 impl Kernel for MomentsChannel<'_> {
     type Output = ChannelStats;
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> ChannelStats {
-        const A: usize = ACCUMULATORS;
-        let l = S::LANES;
-        let w = A * l;
-        // Pass 1: Σx in f64 lanes over every run.
-        let mut acc = [s.splat_w(0.0); A];
-        let mut n = 0usize;
-        for r in self.runs() {
-            n += r.len();
-            let mut blocks = r.chunks_exact(w);
+        strided_two_pass(s, self.x, self.run, self.stride, self.count)
+    }
+}
+
+/// Both passes over `count` runs of `run` values, run `i` at `i·stride` in `x` (runs out of
+/// bounds are skipped), [`ACCUMULATORS`] independent chains each. The f64 sums and the f32
+/// squares carry over from run to run; the f32 lanes are folded into one f64 vector before any
+/// lane would take more than [`KMAX`] steps, so a lane's result carries at most `KMAX` + 2
+/// roundings whatever the run lengths.
+#[inline(always)]
+fn strided_two_pass<S: Simd>(
+    s: S,
+    x: &[f32],
+    run: usize,
+    stride: usize,
+    count: usize,
+) -> ChannelStats {
+    // A function of plain slicing (no SIMD), so it is harmless if compiled out of line.
+    let runs = || (0..count).map_while(move |i| x.get(i * stride..i * stride + run));
+    const A: usize = ACCUMULATORS;
+    let l = S::LANES;
+    let w = A * l;
+    // Pass 1: Σx in f64 lanes over every run.
+    let mut acc = [s.splat_w(0.0); A];
+    let mut n = 0usize;
+    for r in runs() {
+        n += r.len();
+        let mut blocks = r.chunks_exact(w);
+        for b in &mut blocks {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = s.add_w(*a, s.load_widen(&b[j * l..], 0.0));
+            }
+        }
+        for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
+            *a = s.add_w(*a, s.load_widen(v, 0.0));
+        }
+    }
+    if n == 0 {
+        return ChannelStats::default();
+    }
+    let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
+    let mean = sum / n as f64;
+    let shift = mean as f32;
+    // Pass 2: Σ(x − S)² in f32 lanes, folded into one f64 vector before any lane would take
+    // more than KMAX steps.
+    let (sh, zero) = (s.splat(shift), s.splat(0.0));
+    let mut sq = [zero; A];
+    let mut pending = 0;
+    let mut tot = s.splat_w(0.0);
+    for r in runs() {
+        for chunk in r.chunks(KMAX * w) {
+            // Steps of the busiest lane: the whole blocks, plus one tail vector.
+            let steps = chunk.len() / w + usize::from(!chunk.len().is_multiple_of(w));
+            if pending + steps > KMAX {
+                fold_squares(s, &mut sq, &mut tot);
+                pending = 0;
+            }
+            pending += steps;
+            let mut blocks = chunk.chunks_exact(w);
             for b in &mut blocks {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = s.add_w(*a, s.load_widen(&b[j * l..], 0.0));
-                }
-            }
-            for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
-                *a = s.add_w(*a, s.load_widen(v, 0.0));
-            }
-        }
-        if n == 0 {
-            return ChannelStats::default();
-        }
-        let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
-        let mean = sum / n as f64;
-        let shift = mean as f32;
-        // Pass 2: Σ(x − S)² in f32 lanes, folded into one f64 vector before any lane would take
-        // more than KMAX steps.
-        let (sh, zero) = (s.splat(shift), s.splat(0.0));
-        let mut sq = [zero; A];
-        let mut pending = 0;
-        let mut tot = s.splat_w(0.0);
-        for r in self.runs() {
-            for chunk in r.chunks(KMAX * w) {
-                // Steps of the busiest lane: the whole blocks, plus one tail vector.
-                let steps = chunk.len() / w + usize::from(!chunk.len().is_multiple_of(w));
-                if pending + steps > KMAX {
-                    fold_squares(s, &mut sq, &mut tot);
-                    pending = 0;
-                }
-                pending += steps;
-                let mut blocks = chunk.chunks_exact(w);
-                for b in &mut blocks {
-                    for (j, a) in sq.iter_mut().enumerate() {
-                        let e = s.sub(s.load(&b[j * l..]), sh);
-                        *a = s.mul_add(e, e, *a);
-                    }
-                }
-                for (a, v) in sq.iter_mut().zip(blocks.remainder().chunks(l)) {
-                    let e = s.sub(load_padded(s, v, shift), sh);
+                for (j, a) in sq.iter_mut().enumerate() {
+                    let e = s.sub(s.load(&b[j * l..]), sh);
                     *a = s.mul_add(e, e, *a);
                 }
             }
+            for (a, v) in sq.iter_mut().zip(blocks.remainder().chunks(l)) {
+                let e = s.sub(load_padded(s, v, shift), sh);
+                *a = s.mul_add(e, e, *a);
+            }
         }
-        fold_squares(s, &mut sq, &mut tot);
-        finish(n, mean, shift, s.reduce_add_w(tot))
     }
+    fold_squares(s, &mut sq, &mut tot);
+    finish(n, mean, shift, s.reduce_add_w(tot))
 }
 
 /// Adds the f32 square sums into the f64 total and clears them (a function, not a closure: a
