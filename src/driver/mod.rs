@@ -79,6 +79,7 @@ impl<'a> Src<'a> {
 
 /// Checks the statistics of one run or block channel: a non-finite result (squares that
 /// overflowed the f32 lanes, or NaN/Inf data) is recomputed from the values in f64 by `exact`.
+#[inline(always)]
 fn checked_stats(s: ChannelStats, exact: impl FnOnce() -> ChannelStats) -> ChannelStats {
     if s.mean().is_finite() && s.m2().is_finite() {
         s
@@ -89,6 +90,7 @@ fn checked_stats(s: ChannelStats, exact: impl FnOnce() -> ChannelStats) -> Chann
 
 /// Checks the f32-lane backward sums of one run or block channel: non-finite sums (products that
 /// overflowed f32, or NaN/Inf data) are recomputed from the values in f64 by `exact`.
+#[inline(always)]
 fn checked_sums(g: GradSums, exact: impl FnOnce() -> GradSums) -> GradSums {
     if g.dy.is_finite() && g.xdy.is_finite() && g.x.is_finite() {
         g

@@ -1,19 +1,38 @@
-//! NHWC driver: the tensor is N·HW rows of C interleaved channels, split into fixed blocks of
-//! whole rows (about `BLOCK` elements each). Per-channel lanes run down the rows of a block; block
-//! results are folded per channel in block order.
+//! NHWC driver: the tensor is N·HW rows of C interleaved channels.
+//!
+//! Streaming passes (normalize, dx) split it into blocks of whole rows (about `BLOCK` elements
+//! each). Reductions (statistics, backward sums) split it into tiles: a block of rows times a
+//! strip of at most [`STRIP`] channels, so that wide rows give tall tiles (each channel's
+//! finishing work amortized over many rows) and several strips (parallel work even when the
+//! tensor has few rows). Tile results are folded per channel in row-block order.
 
 use super::{
     BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
 };
 use crate::ChannelStats;
-use crate::kernels::{AffinePeriodic, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows};
+use crate::kernels::{
+    AffineLanes, AffinePeriodic, DxLanes, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows,
+};
 use crate::par::SharedMut;
 
-/// Fewest rows per block: each block costs one f64 merge per lane and channel, which this many
-/// rows amortize.
+/// Fewest rows per streaming block: fewer rows would spend more on the block's per-channel
+/// parameter lanes than on the rows.
+const MIN_STREAM_ROWS: usize = 8;
+
+/// Fewest rows per reduction tile: each tile costs a few f64 operations and one merge per
+/// channel, which this many rows amortize.
 const MIN_ROWS: usize = 64;
 
-/// The fixed split of the rows into blocks.
+/// Most channels per reduction strip: a multiple of every backend's register group (4 vectors of
+/// 16 lanes), so strips never split a group.
+const STRIP: usize = 256;
+
+/// Elements per reduction tile: larger than [`BLOCK`] because each tile costs a few f64
+/// operations per channel (its mean, M2 and the merge), which the rows must amortize. The two
+/// passes only need one register group's columns of the tile in cache, not the whole tile.
+const STATS_BLOCK: usize = 4 * BLOCK;
+
+/// The fixed split of the rows into streaming blocks.
 #[derive(Clone, Copy)]
 struct Blocks {
     c: usize,
@@ -23,20 +42,12 @@ struct Blocks {
 
 impl Blocks {
     fn new(ctx: &Ctx) -> Blocks {
-        Blocks::with_target(ctx, BLOCK)
-    }
-    /// Blocks of about `target` elements (at least [`MIN_ROWS`] rows).
-    fn with_target(ctx: &Ctx, target: usize) -> Blocks {
         let c = ctx.shape.c();
         Blocks {
             c,
             rows: ctx.shape.per_channel(),
-            rows_per_block: (target / c).max(MIN_ROWS),
+            rows_per_block: (BLOCK / c).max(MIN_STREAM_ROWS),
         }
-    }
-    /// Rows of block `b`.
-    fn rows_of(&self, b: usize) -> usize {
-        self.range(b).1 / self.c
     }
     fn count(&self) -> usize {
         self.rows.div_ceil(self.rows_per_block)
@@ -49,67 +60,102 @@ impl Blocks {
     }
 }
 
-/// Reduces every block to one value per channel and folds them per channel in block order.
-fn reduce<R: Copy + Default + Send>(
-    ctx: &Ctx,
-    blocks: &Blocks,
-    block: impl Fn(usize, usize) -> Vec<R> + Send + Sync,
-    fold: impl Fn(R, R) -> R,
-) -> Vec<R> {
-    let parts = ctx.par.map(blocks.count(), 1, |b| {
-        let (offset, len) = blocks.range(b);
-        block(offset, len)
-    });
-    let mut total = vec![R::default(); blocks.c];
-    for part in &parts {
-        for (t, &p) in total.iter_mut().zip(part) {
-            *t = fold(*t, p);
-        }
-    }
-    total
+/// The fixed split of a reduction into tiles: row blocks × channel strips, a function of the
+/// shape only (so results do not depend on the thread count).
+#[derive(Clone, Copy)]
+struct Tiles {
+    c: usize,
+    rows: usize,
+    rows_per_block: usize,
+    strip: usize,
 }
 
-/// Elements per statistics block: larger than [`BLOCK`] because each block costs a few f64
-/// operations per channel (its mean, M2 and the merge), which the rows must amortize. The two
-/// passes only need one register group's columns of the block in cache, not the whole block.
-const STATS_BLOCK: usize = 4 * BLOCK;
+/// One tile: its rows (as an element range of whole rows) and its channels.
+#[derive(Clone, Copy)]
+struct Tile {
+    offset: usize,
+    len: usize,
+    rows: usize,
+    first: usize,
+    width: usize,
+}
+
+impl Tiles {
+    fn new(ctx: &Ctx) -> Tiles {
+        let c = ctx.shape.c();
+        let strip = c.min(STRIP);
+        Tiles {
+            c,
+            rows: ctx.shape.per_channel(),
+            rows_per_block: (STATS_BLOCK / strip).max(MIN_ROWS),
+            strip,
+        }
+    }
+    fn blocks(&self) -> usize {
+        self.rows.div_ceil(self.rows_per_block)
+    }
+    fn strips(&self) -> usize {
+        self.c.div_ceil(self.strip)
+    }
+    fn count(&self) -> usize {
+        self.blocks() * self.strips()
+    }
+    /// Tile `t`, row-block major.
+    fn tile(&self, t: usize) -> Tile {
+        let (b, k) = (t / self.strips(), t % self.strips());
+        let first_row = b * self.rows_per_block;
+        let rows = self.rows_per_block.min(self.rows - first_row);
+        let first = k * self.strip;
+        Tile {
+            offset: first_row * self.c,
+            len: rows * self.c,
+            rows,
+            first,
+            width: self.strip.min(self.c - first),
+        }
+    }
+}
 
 pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
-    let blocks = Blocks::with_target(ctx, STATS_BLOCK);
-    let c = blocks.c;
-    let block = |offset: usize, len: usize| {
-        let data = &x[offset..offset + len];
-        let mut out = vec![ChannelStats::default(); c];
+    let tiles = Tiles::new(ctx);
+    let c = tiles.c;
+    let parts = ctx.par.map(tiles.count(), 1, |t| {
+        let tile = tiles.tile(t);
+        let data = &x[tile.offset..tile.offset + tile.len];
+        let mut out = vec![ChannelStats::default(); tile.width];
         ctx.backend.dispatch(MomentsRows {
             x: data,
             c,
+            first: tile.first,
             out: &mut out,
         });
-        for (ch, s) in out.iter_mut().enumerate() {
+        for (i, s) in out.iter_mut().enumerate() {
             *s = checked_stats(*s, || {
+                let ch = tile.first + i;
                 let values: Vec<f32> = data.iter().skip(ch).step_by(c).copied().collect();
                 ChannelStats::from_values(&values)
             });
         }
         out
-    };
-    let parts = ctx.par.map(blocks.count(), 1, |b| {
-        let (offset, len) = blocks.range(b);
-        block(offset, len)
     });
-    // Fold in block order; every channel of a block has the block's row count, so the merge
-    // weights are computed once per block.
+    // Fold in row-block order; every channel of a row block has its row count, so the merge
+    // weights are computed once per row block.
     let mut total = vec![ChannelStats::default(); c];
     let mut done = 0u64;
-    for (b, part) in parts.iter().enumerate() {
-        let rows = blocks.rows_of(b) as u64;
+    for (b, block) in parts.chunks(tiles.strips()).enumerate() {
+        let rows = tiles.tile(b * tiles.strips()).rows as u64;
         let weights = ChannelStats::merge_weights(done, rows);
-        for (t, p) in total.iter_mut().zip(part) {
-            *t = if done > 0 && t.count() == done && p.count() == rows {
-                t.merge_weighted(p, weights)
-            } else {
-                t.merge(p)
-            };
+        for (k, part) in block.iter().enumerate() {
+            let first = tiles.tile(b * tiles.strips() + k).first;
+            for (t, p) in total[first..].iter_mut().zip(part) {
+                *t = if done == 0 {
+                    *p
+                } else if t.count() == done && p.count() == rows {
+                    t.merge_weighted(p, weights)
+                } else {
+                    t.merge(p)
+                };
+            }
         }
         done += rows;
     }
@@ -118,12 +164,13 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
 
 pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
     let blocks = Blocks::new(ctx);
+    let lanes = &AffineLanes::affine(params);
     let out = SharedMut::new(dst);
     ctx.par.for_each(blocks.count(), 1, |b| {
         let (offset, len) = blocks.range(b);
         // SAFETY: each block is visited once and blocks are disjoint.
         let io = unsafe { src.io(&out, offset, len) };
-        ctx.backend.dispatch(AffinePeriodic { io, params });
+        ctx.backend.dispatch(AffinePeriodic { io, params, lanes });
     });
 }
 
@@ -147,41 +194,57 @@ pub(super) fn backward(
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
 ) -> Vec<GradSums> {
-    // The reduction takes the statistics' larger blocks (fewer per-channel folds); dx the
-    // normal ones.
-    let blocks = Blocks::with_target(ctx, STATS_BLOCK);
+    // The reduction takes the statistics' tiles (fewer per-channel folds); dx the streaming
+    // blocks.
+    let tiles = Tiles::new(ctx);
+    let c = tiles.c;
     let out = SharedMut::new(dx);
-    let block = |offset: usize, len: usize| {
-        // SAFETY: this phase only reads; dx is written after every block was reduced.
+    let parts = ctx.par.map(tiles.count(), 1, |t| {
+        let tile = tiles.tile(t);
+        let (offset, len) = (tile.offset, tile.len);
+        // SAFETY: this phase only reads; dx is written after every tile was reduced.
         let g = unsafe { dy.view(&out, offset, len) };
-        let mut sums = vec![GradSums::default(); blocks.c];
+        let mut sums = vec![GradSums::default(); tile.width];
         let xs = &x[offset..offset + len];
         ctx.backend.dispatch(GradSumsRows {
             x: xs,
             dy: g,
             pivots,
+            first: tile.first,
             out: &mut sums,
         });
-        let c = blocks.c;
-        for (ch, s) in sums.iter_mut().enumerate() {
+        for (i, s) in sums.iter_mut().enumerate() {
             *s = checked_sums(*s, || {
+                let ch = tile.first + i;
                 let pairs = xs.iter().zip(g).skip(ch).step_by(c);
                 exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
             });
         }
         sums
-    };
-    let sums = reduce(ctx, &blocks, block, GradSums::add);
+    });
+    let mut sums = vec![GradSums::default(); c];
+    for (t, part) in parts.iter().enumerate() {
+        let first = tiles.tile(t).first;
+        for (total, &p) in sums[first..].iter_mut().zip(part) {
+            *total = total.add(p);
+        }
+    }
     let Some(make) = make else { return sums };
     let params: Vec<DxParams> = sums.iter().enumerate().map(|(c, g)| make(c, g)).collect();
     let params = &params[..];
+    let lanes = &DxLanes::dx(params);
     let blocks = Blocks::new(ctx);
     ctx.par.for_each(blocks.count(), 1, |b| {
         let (offset, len) = blocks.range(b);
         let xs = &x[offset..offset + len];
         // SAFETY: each block is visited once and blocks are disjoint.
         let io = unsafe { dy.io(&out, offset, len) };
-        ctx.backend.dispatch(DxPeriodic { x: xs, io, params });
+        ctx.backend.dispatch(DxPeriodic {
+            x: xs,
+            io,
+            params,
+            lanes,
+        });
     });
     sums
 }

@@ -2,9 +2,13 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::normalize::{
-    InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw, use_columns,
+    InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
+    stream_strips, use_columns, use_strips,
 };
-use super::{ACCUMULATORS, KMAX, Lanes, expand_periodic, period, reduce_f64, zeroed, zeroed_f64};
+use super::{
+    ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, period, reduce_f64, zeroed,
+    zeroed_f64,
+};
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
@@ -119,11 +123,14 @@ fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
     total
 }
 
-/// Reduction over whole rows of `pivots.len()` interleaved channels; adds into `out[c]`.
+/// Reduction of channels `first..first + out.len()` over whole rows of `pivots.len()`
+/// interleaved channels (a strip of the row); adds into `out`. Narrow rows (the periodic path)
+/// are reduced whole: `first` must then be 0. Entries past the row are ignored.
 pub(crate) struct GradSumsRows<'a> {
     pub x: &'a [f32],
     pub dy: &'a [f32],
     pub pivots: &'a [f32],
+    pub first: usize,
     pub out: &'a mut [GradSums],
 }
 
@@ -225,8 +232,9 @@ impl Kernel for GradSumsRows<'_> {
         let wide = S::LANES >= 16;
         let group = if wide { 2 * SUM_GROUP } else { SUM_GROUP };
         if c >= group * l {
-            for first in (0..c).step_by(group * l) {
-                let o = first.min(self.out.len());
+            let end = (self.first + self.out.len()).min(c);
+            for first in (self.first..end).step_by(group * l) {
+                let o = first - self.first;
                 let (xs, p, out) = ((self.x, self.dy), &self.pivots[first..], &mut self.out[o..]);
                 if wide {
                     grad_sums_strided::<S, { 2 * SUM_GROUP }>(s, xs, c, first, p, out);
@@ -234,6 +242,9 @@ impl Kernel for GradSumsRows<'_> {
                     grad_sums_strided::<S, SUM_GROUP>(s, xs, c, first, p, out);
                 }
             }
+            return;
+        }
+        if self.first != 0 {
             return;
         }
         let per = period(c, l);
@@ -332,30 +343,27 @@ impl<S: Simd> VectorMap<S> for SplatDx<S::V> {
 }
 
 /// [`DxParams`] per position of the period.
-struct PeriodicDx {
-    shift: Lanes,
-    r: Lanes,
-    a: Lanes,
-    b: Lanes,
-    c: Lanes,
+struct PeriodicDx<'a> {
+    shift: &'a [f32],
+    r: &'a [f32],
+    a: &'a [f32],
+    b: &'a [f32],
+    c: &'a [f32],
 }
 
-impl<S: Simd> VectorMap<S> for PeriodicDx {
+impl<S: Simd> VectorMap<S> for PeriodicDx<'_> {
     const BINARY: bool = true;
     #[inline(always)]
     fn apply(&self, s: S, p: usize, g: S::V, x: S::V) -> S::V {
-        let fields = [&self.shift, &self.r, &self.a, &self.b, &self.c];
+        let fields = [self.shift, self.r, self.a, self.b, self.c];
         debug_assert!(fields.iter().all(|f| p + S::LANES <= f.len()));
         // SAFETY: the phase `p` is a vector offset inside the period and every array holds one
-        // whole period (built by `expand_periodic(.., period)`).
+        // whole period (built by `PeriodicLanes::new`).
         unsafe {
-            let at = |f: &Lanes| f.as_ptr().add(p);
-            let xhat = s.mul(
-                s.sub(x, s.load_ptr(at(&self.shift))),
-                s.load_ptr(at(&self.r)),
-            );
-            let ag = s.mul_add(s.load_ptr(at(&self.a)), g, s.load_ptr(at(&self.c)));
-            s.mul_add(s.load_ptr(at(&self.b)), xhat, ag)
+            let at = |f: &[f32]| f.as_ptr().add(p);
+            let xhat = s.mul(s.sub(x, s.load_ptr(at(self.shift))), s.load_ptr(at(self.r)));
+            let ag = s.mul_add(s.load_ptr(at(self.a)), g, s.load_ptr(at(self.c)));
+            s.mul_add(s.load_ptr(at(self.b)), xhat, ag)
         }
     }
 }
@@ -418,11 +426,20 @@ impl<IO: InOut> Kernel for DxRuns<'_, IO> {
     }
 }
 
-/// `dx = a[c]·dy + b[c]·(x − shift[c]) + c[c]` over whole rows of `params.len()` channels.
+/// `dx = a[c]·dy + b[c]·(x − shift[c]) + c[c]` over whole rows of `params.len()` channels;
+/// `lanes` are the parameters' periodic lanes ([`DxLanes::dx`]).
 pub(crate) struct DxPeriodic<'a, IO> {
     pub x: &'a [f32],
     pub io: IO,
     pub params: &'a [DxParams],
+    pub lanes: &'a DxLanes,
+}
+
+impl DxLanes {
+    /// The periodic lanes of `params`.
+    pub(crate) fn dx(params: &[DxParams]) -> DxLanes {
+        PeriodicLanes::new(params, |p| [p.shift, p.r, p.a, p.b, p.c])
+    }
 }
 
 impl<IO: InOut> DxPeriodic<'_, IO> {
@@ -486,18 +503,13 @@ impl<IO: InOut> Kernel for DxPeriodic<'_, IO> {
         } else if self.columns::<S, 2>(s) {
             return;
         }
-        let per = period(c, S::LANES);
-        let field = |f: fn(&DxParams) -> f32| {
-            let v: Vec<f32> = self.params.iter().map(f).collect();
-            expand_periodic(&v, per)
-        };
-        let op = PeriodicDx {
-            shift: field(|p| p.shift),
-            r: field(|p| p.r),
-            a: field(|p| p.a),
-            b: field(|p| p.b),
-            c: field(|p| p.c),
-        };
-        stream(s, self.io, Some(self.x), per, &op);
+        let [shift, r, a, b, c] = &self.lanes.fields;
+        let op = PeriodicDx { shift, r, a, b, c };
+        let period = self.lanes.period;
+        if use_strips(period, 5) {
+            stream_strips(s, self.io, Some(self.x), (self.params.len(), period), &op);
+        } else {
+            stream(s, self.io, Some(self.x), period, &op);
+        }
     }
 }

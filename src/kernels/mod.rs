@@ -15,9 +15,14 @@ pub(crate) use backward::{
 pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
 pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, ChannelAffine, Io};
 
+/// The periodic lanes of [`AffinePeriodic`]'s parameters (shift, scale, bias).
+pub(crate) type AffineLanes = PeriodicLanes<3>;
+/// The periodic lanes of [`DxPeriodic`]'s parameters (shift, r, a, b, c).
+pub(crate) type DxLanes = PeriodicLanes<5>;
+
 use aligned_vec::{AVec, ConstAlign};
 
-use crate::simd::Simd;
+use crate::simd::{MAX_LANES, Simd};
 
 /// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
 /// accumulation length, and so its rounding error, independently of the tensor size: a recursive
@@ -54,6 +59,41 @@ pub(crate) type Lanes = AVec<f32, ConstAlign<64>>;
 /// Expands per-channel values to one value per position of a period (`pos mod c`).
 pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
     AVec::from_iter(64, per_channel.iter().copied().cycle().take(period))
+}
+
+/// Fields of per-channel parameters expanded to one value per position of a period
+/// ([`expand_periodic`]): built once per call and shared by every block of rows, so a block of
+/// a few wide rows does not pay for the expansion. The period, a multiple of the channel count
+/// and of [`MAX_LANES`] (so of every backend's lane count), serves every backend.
+pub(crate) struct PeriodicLanes<const F: usize> {
+    period: usize,
+    fields: [Lanes; F],
+}
+
+impl<const F: usize> PeriodicLanes<F> {
+    /// Expands field `k` of `params` (as returned by `fields`) into `fields[k]`.
+    pub(crate) fn new<P>(params: &[P], fields: impl Fn(&P) -> [f32; F]) -> Self {
+        let c = params.len();
+        let period = period(c.max(1), MAX_LANES);
+        let mut lanes: [Lanes; F] = std::array::from_fn(|_| zeroed(period));
+        if c > 0 {
+            for (i, p) in params.iter().enumerate() {
+                for (lane, v) in lanes.iter_mut().zip(fields(p)) {
+                    lane[i] = v;
+                }
+            }
+            for lane in &mut lanes {
+                // Repeat the first period's channel values over the rest of the period.
+                for q in c..period {
+                    lane[q] = lane[q - c];
+                }
+            }
+        }
+        PeriodicLanes {
+            period,
+            fields: lanes,
+        }
+    }
 }
 
 /// `len` zeroed lanes.

@@ -202,16 +202,18 @@ fn fold_squares<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
     *sq = [s.splat(0.0); ACCUMULATORS];
 }
 
-/// Statistics per channel over a block of whole rows of `c` interleaved channels, each
-/// merged into `out[c]` (one entry per channel; extra rows or entries are ignored, never indexed
-/// out of bounds).
+/// Statistics of channels `first..first + out.len()` over a block of whole rows of `c`
+/// interleaved channels, written to `out` (a strip of the row; extra rows, entries past `c` or a
+/// strip past the row are ignored, never indexed out of bounds).
 ///
 /// With at least [`GROUP`] vectors of channels per row, groups of `GROUP` vectors walk down the
 /// rows with their sums in registers ([`moments_strided`]); narrower rows use lanes that follow
-/// the channel pattern of the flat data, with sums in memory ([`moments_periodic`]).
+/// the channel pattern of the flat data, with sums in memory ([`moments_periodic`], whole rows
+/// only: `first` must be 0).
 pub(crate) struct MomentsRows<'a> {
     pub x: &'a [f32],
     pub c: usize,
+    pub first: usize,
     pub out: &'a mut [ChannelStats],
 }
 
@@ -241,7 +243,7 @@ fn group_vector<S: Simd>(
 }
 
 /// Both passes for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of `c`
-/// channels. Merges into `out[..width]`.
+/// channels. Writes `out[..width]`.
 #[inline(always)]
 fn moments_strided<S: Simd, const G: usize>(
     s: S,
@@ -311,7 +313,7 @@ fn moments_strided<S: Simd, const G: usize>(
         s.to_lanes_w(t, &mut lanes);
         for (lane, &sq) in lanes.iter().enumerate().take(l.min(width - g * l)) {
             let i = g * l + lane;
-            out[i] = out[i].merge(&finish(rows, mean[i], shift[i], sq));
+            out[i] = finish(rows, mean[i], shift[i], sq);
         }
     }
 }
@@ -325,20 +327,23 @@ impl Kernel for MomentsRows<'_> {
         if c == 0 {
             return;
         }
+        let end = (self.first + self.out.len()).min(c);
         if c >= GROUP * S::LANES {
-            for first in (0..c).step_by(GROUP * S::LANES) {
-                let o = first.min(self.out.len());
+            for first in (self.first..end).step_by(GROUP * S::LANES) {
+                let o = first - self.first;
                 moments_strided::<S, GROUP>(s, self.x, c, first, &mut self.out[o..]);
             }
             return;
         }
-        moments_periodic(s, self.x, c, self.out);
+        if self.first == 0 {
+            moments_periodic(s, self.x, c, self.out);
+        }
     }
 }
 
 /// [`MomentsRows`] for narrow rows: lane `q` of the flat data always holds channel `q mod c`
 /// (the period is a multiple of both `c` and the lane count), sums in memory. The last partial
-/// period (fewer than `period` values, whole rows) is summed in scalar f64.
+/// period (fewer than `period` values, whole rows) is summed in scalar f64. Writes `out[..c]`.
 #[inline(always)]
 fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]) {
     let l = S::LANES;
@@ -405,6 +410,6 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
         sums[q % c] += t;
     }
     for (ch, slot) in out.iter_mut().enumerate().take(c) {
-        *slot = slot.merge(&finish(rows, mean[ch], shifts[ch], sums[ch]));
+        *slot = finish(rows, mean[ch], shifts[ch], sums[ch]);
     }
 }

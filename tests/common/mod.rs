@@ -135,6 +135,20 @@ pub const SWEEP_C: &[usize] = &[
 pub const SWEEP_HW: &[usize] = &[1, 2, 3, 7, 8, 9, 63, 64, 65, 1000];
 pub const SWEEP_N: &[usize] = &[1, 2, 5];
 
+/// Wide rows `(n, c, hw)`, beyond the sweep's channel counts: NHWC reductions split rows of more
+/// than 256 channels into strips (a partial last strip here) and more than 256 rows into row
+/// blocks (300 and 325 rows); streaming passes take parameter lanes strip by strip once a
+/// period's lanes outgrow L1 (c = 250 has a period of 2000 values, c = 1030 of 8240).
+pub const WIDE: &[(usize, usize, usize)] = &[
+    (1, 250, 3),
+    (2, 257, 5),
+    (300, 300, 1),
+    (1, 521, 7),
+    (5, 600, 65),
+    (2, 1030, 3),
+    (1, 2049, 2),
+];
+
 pub fn sweep_shapes() -> Vec<Shape> {
     let mut v = Vec::new();
     for &n in SWEEP_N {
@@ -144,6 +158,7 @@ pub fn sweep_shapes() -> Vec<Shape> {
             }
         }
     }
+    v.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
     v
 }
 
