@@ -81,7 +81,7 @@ where
     if fused(ctx) {
         // Fused: one task per channel; its data is re-read from cache by `apply`.
         let elems = ctx.shape.per_channel();
-        return ctx.par.map(pieces.c, (2 * BLOCK).div_ceil(elems), |c| {
+        return ctx.par.map(pieces.c, elems, |c| {
             let mut r = R::default();
             for n in 0..pieces.n {
                 for p in 0..pieces.per_run {
@@ -101,9 +101,10 @@ where
     }
     // Two-phase: parallel over all pieces, then fold in the same order as the fused schedule.
     let per = pieces.per_channel();
-    let parts = ctx
-        .par
-        .map(pieces.c * per, 1, |u| reduce(pieces.get(u / per, u % per)));
+    let piece = BLOCK.min(ctx.shape.hw());
+    let parts = ctx.par.map(pieces.c * per, piece, |u| {
+        reduce(pieces.get(u / per, u % per))
+    });
     let folded: Vec<R> = (0..pieces.c)
         .map(|c| {
             parts[c * per..(c + 1) * per]
@@ -113,7 +114,7 @@ where
         .collect();
     if let Some(apply) = apply {
         let params: Vec<P> = (0..pieces.c).map(|c| make(c, &folded[c])).collect();
-        ctx.par.for_each(pieces.c * per, 1, |u| {
+        ctx.par.for_each(pieces.c * per, piece, |u| {
             let c = u / per;
             apply(pieces.get(c, u % per), &params[c]);
         });
@@ -173,8 +174,7 @@ fn channels_whole(
     normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
 ) -> Vec<ChannelStats> {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
-    let min_len = (2 * BLOCK).div_ceil(ctx.shape.per_channel().max(1));
-    ctx.par.map(c, min_len, |ch| {
+    ctx.par.map(c, ctx.shape.per_channel(), |ch| {
         let stats = channel_stats(ctx, x, ch);
         if let Some((out, make)) = normalize {
             let p = make(ch, &stats);
@@ -217,18 +217,19 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
     // Short runs: tasks of whole consecutive runs (about BLOCK elements), one kernel call each.
     let runs = ctx.shape.n() * ctx.shape.c();
     let per_task = (BLOCK / hw).max(1);
-    ctx.par.for_each(runs.div_ceil(per_task), 1, |t| {
-        let first = t * per_task;
-        // SAFETY: tasks cover disjoint ranges of runs.
-        let io = unsafe { src.io(&out, first * hw, per_task.min(runs - first) * hw) };
-        let first = first % params.len();
-        ctx.backend.dispatch(AffineRuns {
-            io,
-            run: hw,
-            first,
-            params,
+    ctx.par
+        .for_each(runs.div_ceil(per_task), per_task * hw, |t| {
+            let first = t * per_task;
+            // SAFETY: tasks cover disjoint ranges of runs.
+            let io = unsafe { src.io(&out, first * hw, per_task.min(runs - first) * hw) };
+            let first = first % params.len();
+            ctx.backend.dispatch(AffineRuns {
+                io,
+                run: hw,
+                first,
+                params,
+            });
         });
-    });
 }
 
 pub(super) fn training(
@@ -285,41 +286,43 @@ fn short_runs(
 ) -> Vec<ChannelStats> {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
-    let parts = ctx.par.map(c.div_ceil(group), 1, |g| {
-        let first = g * group;
-        let k = group.min(c - first);
-        let mut stats = vec![ChannelStats::default(); k];
-        let mut runs = vec![ChannelStats::default(); k];
-        for sample in 0..n {
-            let offset = (sample * c + first) * hw;
-            let seg = &x[offset..offset + k * hw];
-            let kernel = MomentsRuns {
-                x: seg,
-                run: hw,
-                out: &mut runs,
-            };
-            ctx.backend.dispatch(kernel);
-            for (j, (acc, d)) in stats.iter_mut().zip(&runs).enumerate() {
-                let run = &seg[j * hw..(j + 1) * hw];
-                *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
+    let parts = ctx
+        .par
+        .map(c.div_ceil(group), group * ctx.shape.per_channel(), |g| {
+            let first = g * group;
+            let k = group.min(c - first);
+            let mut stats = vec![ChannelStats::default(); k];
+            let mut runs = vec![ChannelStats::default(); k];
+            for sample in 0..n {
+                let offset = (sample * c + first) * hw;
+                let seg = &x[offset..offset + k * hw];
+                let kernel = MomentsRuns {
+                    x: seg,
+                    run: hw,
+                    out: &mut runs,
+                };
+                ctx.backend.dispatch(kernel);
+                for (j, (acc, d)) in stats.iter_mut().zip(&runs).enumerate() {
+                    let run = &seg[j * hw..(j + 1) * hw];
+                    *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
+                }
             }
-        }
-        let Some((out, make)) = normalize else {
-            return stats;
-        };
-        let params: Vec<ChannelAffine> = (0..k).map(|j| make(first + j, &stats[j])).collect();
-        for sample in 0..n {
-            // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-            let io = unsafe { Src::Separate(x).io(out, (sample * c + first) * hw, k * hw) };
-            ctx.backend.dispatch(AffineRuns {
-                io,
-                run: hw,
-                first: 0,
-                params: &params,
-            });
-        }
-        stats
-    });
+            let Some((out, make)) = normalize else {
+                return stats;
+            };
+            let params: Vec<ChannelAffine> = (0..k).map(|j| make(first + j, &stats[j])).collect();
+            for sample in 0..n {
+                // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
+                let io = unsafe { Src::Separate(x).io(out, (sample * c + first) * hw, k * hw) };
+                ctx.backend.dispatch(AffineRuns {
+                    io,
+                    run: hw,
+                    first: 0,
+                    params: &params,
+                });
+            }
+            stats
+        });
     parts.into_iter().flatten().collect()
 }
 
@@ -372,50 +375,52 @@ fn backward_short_runs(
 ) -> Vec<GradSums> {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
-    let parts = ctx.par.map(c.div_ceil(group), 1, |g| {
-        let first = g * group;
-        let k = group.min(c - first);
-        let len = k * hw;
-        let mut sums = vec![GradSums::default(); k];
-        let mut runs = vec![GradSums::default(); k];
-        for sample in 0..n {
-            let offset = (sample * c + first) * hw;
-            // SAFETY: only this task touches this group's ranges, and it writes them below,
-            // after all of its reads.
-            let gs = unsafe { dy.view(out, offset, len) };
-            let xs = &x[offset..offset + len];
-            let p = &pivots[first..first + k];
-            let kernel = GradSumsRuns {
-                x: xs,
-                dy: gs,
-                run: hw,
-                pivots: p,
-                out: &mut runs,
-            };
-            ctx.backend.dispatch(kernel);
-            for (j, (s, r)) in sums.iter_mut().zip(&runs).enumerate() {
-                let pairs = xs[j * hw..(j + 1) * hw]
-                    .iter()
-                    .zip(&gs[j * hw..(j + 1) * hw]);
-                let exact = || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]);
-                *s = s.add(checked_sums(*r, exact));
+    let parts = ctx
+        .par
+        .map(c.div_ceil(group), group * ctx.shape.per_channel(), |g| {
+            let first = g * group;
+            let k = group.min(c - first);
+            let len = k * hw;
+            let mut sums = vec![GradSums::default(); k];
+            let mut runs = vec![GradSums::default(); k];
+            for sample in 0..n {
+                let offset = (sample * c + first) * hw;
+                // SAFETY: only this task touches this group's ranges, and it writes them below,
+                // after all of its reads.
+                let gs = unsafe { dy.view(out, offset, len) };
+                let xs = &x[offset..offset + len];
+                let p = &pivots[first..first + k];
+                let kernel = GradSumsRuns {
+                    x: xs,
+                    dy: gs,
+                    run: hw,
+                    pivots: p,
+                    out: &mut runs,
+                };
+                ctx.backend.dispatch(kernel);
+                for (j, (s, r)) in sums.iter_mut().zip(&runs).enumerate() {
+                    let pairs = xs[j * hw..(j + 1) * hw]
+                        .iter()
+                        .zip(&gs[j * hw..(j + 1) * hw]);
+                    let exact = || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]);
+                    *s = s.add(checked_sums(*r, exact));
+                }
             }
-        }
-        let Some(make) = make else { return sums };
-        let params: Vec<DxParams> = (0..k).map(|j| make(first + j, &sums[j])).collect();
-        for sample in 0..n {
-            let offset = (sample * c + first) * hw;
-            let xs = &x[offset..offset + len];
-            // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-            let io = unsafe { dy.io(out, offset, len) };
-            ctx.backend.dispatch(DxRuns {
-                x: xs,
-                io,
-                run: hw,
-                params: &params,
-            });
-        }
-        sums
-    });
+            let Some(make) = make else { return sums };
+            let params: Vec<DxParams> = (0..k).map(|j| make(first + j, &sums[j])).collect();
+            for sample in 0..n {
+                let offset = (sample * c + first) * hw;
+                let xs = &x[offset..offset + len];
+                // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
+                let io = unsafe { dy.io(out, offset, len) };
+                ctx.backend.dispatch(DxRuns {
+                    x: xs,
+                    io,
+                    run: hw,
+                    params: &params,
+                });
+            }
+            sums
+        });
     parts.into_iter().flatten().collect()
 }

@@ -94,6 +94,10 @@ impl Tiles {
     fn blocks(&self) -> usize {
         self.rows.div_ceil(self.rows_per_block)
     }
+    /// Elements of a whole tile (the largest).
+    fn unit(&self) -> usize {
+        self.rows_per_block.min(self.rows) * self.strip
+    }
     fn strips(&self) -> usize {
         self.c.div_ceil(self.strip)
     }
@@ -119,7 +123,7 @@ impl Tiles {
 pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
-    let parts = ctx.par.map(tiles.count(), 1, |t| {
+    let parts = ctx.par.map(tiles.count(), tiles.unit(), |t| {
         let tile = tiles.tile(t);
         let data = &x[tile.offset..tile.offset + tile.len];
         let mut out = vec![ChannelStats::default(); tile.width];
@@ -166,12 +170,13 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
     let blocks = Blocks::new(ctx);
     let lanes = &AffineLanes::affine(params);
     let out = SharedMut::new(dst);
-    ctx.par.for_each(blocks.count(), 1, |b| {
-        let (offset, len) = blocks.range(b);
-        // SAFETY: each block is visited once and blocks are disjoint.
-        let io = unsafe { src.io(&out, offset, len) };
-        ctx.backend.dispatch(AffinePeriodic { io, params, lanes });
-    });
+    ctx.par
+        .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
+            let (offset, len) = blocks.range(b);
+            // SAFETY: each block is visited once and blocks are disjoint.
+            let io = unsafe { src.io(&out, offset, len) };
+            ctx.backend.dispatch(AffinePeriodic { io, params, lanes });
+        });
 }
 
 pub(super) fn training(
@@ -199,7 +204,7 @@ pub(super) fn backward(
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
     let out = SharedMut::new(dx);
-    let parts = ctx.par.map(tiles.count(), 1, |t| {
+    let parts = ctx.par.map(tiles.count(), tiles.unit(), |t| {
         let tile = tiles.tile(t);
         let (offset, len) = (tile.offset, tile.len);
         // SAFETY: this phase only reads; dx is written after every tile was reduced.
@@ -234,17 +239,18 @@ pub(super) fn backward(
     let params = &params[..];
     let lanes = &DxLanes::dx(params);
     let blocks = Blocks::new(ctx);
-    ctx.par.for_each(blocks.count(), 1, |b| {
-        let (offset, len) = blocks.range(b);
-        let xs = &x[offset..offset + len];
-        // SAFETY: each block is visited once and blocks are disjoint.
-        let io = unsafe { dy.io(&out, offset, len) };
-        ctx.backend.dispatch(DxPeriodic {
-            x: xs,
-            io,
-            params,
-            lanes,
+    ctx.par
+        .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
+            let (offset, len) = blocks.range(b);
+            let xs = &x[offset..offset + len];
+            // SAFETY: each block is visited once and blocks are disjoint.
+            let io = unsafe { dy.io(&out, offset, len) };
+            ctx.backend.dispatch(DxPeriodic {
+                x: xs,
+                io,
+                params,
+                lanes,
+            });
         });
-    });
     sums
 }
