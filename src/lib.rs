@@ -36,13 +36,11 @@
 #![warn(missing_docs)]
 
 mod batchnorm;
-pub mod check;
 mod driver;
 mod error;
 mod kernels;
 mod par;
 mod params;
-pub mod reference;
 mod shape;
 mod simd;
 mod stats;

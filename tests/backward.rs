@@ -6,8 +6,8 @@ mod common;
 
 use batchnorm::{
     BackwardMode, BatchNorm, GradMode, Layout, ParamGrads, RunningStats, SavedStats, Shape,
-    reference,
 };
+use batchnorm_check::reference;
 use common::*;
 
 const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];

@@ -7,8 +7,9 @@ use approx::assert_relative_eq;
 
 use batchnorm::{
     Affine, BatchNorm, ChannelStats, Layout, Momentum, RunningStats, RunningUpdate, SavedStatsMut,
-    Shape, Variance, reference,
+    Shape, Variance,
 };
+use batchnorm_check::reference;
 use common::*;
 
 const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];

@@ -3,11 +3,12 @@
 
 mod common;
 
-use batchnorm::check::{self, Case, Data, Dims, Kind, Op, fwd_tol};
 use batchnorm::{
     BackwardMode, BatchNorm, GradMode, Layout, Momentum, ParamGrads, RunningStats, RunningUpdate,
-    SavedStats, SavedStatsMut, Shape, Variance, reference,
+    SavedStats, SavedStatsMut, Shape, Variance,
 };
+use batchnorm_check::reference;
+use batchnorm_check::{self as check, Case, Data, Dims, Kind, Op, fwd_tol};
 use common::forward_saved;
 
 /// Training-mode backward (dx, dγ, dβ) with saved statistics from the forward.

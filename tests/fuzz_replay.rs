@@ -8,26 +8,16 @@
 
 use std::path::{Path, PathBuf};
 
-use arbitrary::{Arbitrary, Unstructured};
-use batchnorm::check::{
-    self, Arg, Case, Data, Delta, Dims, Eps, Grads, Kind, Op, Report, Saved, Update, Value, Weight,
+use batchnorm_check::arbitrary::{Arbitrary, Unstructured};
+use batchnorm_check::{
+    self as check, Arg, Case, Data, Delta, Dims, Eps, Grads, Kind, Op, Report, Rng, Saved, Update,
+    Value, Weight,
 };
 
-/// SplitMix64, for reproducible random bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn bytes(&mut self, max_len: usize) -> Vec<u8> {
-        let len = (self.next_u64() % max_len as u64) as usize;
-        (0..len).map(|_| self.next_u64() as u8).collect()
-    }
+/// Random bytes of a length below `max_len`, from the checker's generator.
+fn random_bytes(rng: &mut Rng, max_len: usize) -> Vec<u8> {
+    let len = rng.below(max_len);
+    (0..len).map(|_| rng.next_u64() as u8).collect()
 }
 
 /// Decodes fuzz input bytes exactly as `fuzz_target!(|case: Case| ..)` does.
@@ -52,9 +42,9 @@ fn corpus_files(op: Op) -> Vec<PathBuf> {
 
 #[test]
 fn decoding_is_the_same_with_and_without_arbitrary_and_round_trips() {
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for _ in 0..2000 {
-        let bytes = rng.bytes(300);
+        let bytes = random_bytes(&mut rng, 300);
         let case = decode(&bytes);
         assert_eq!(case, Case::from_bytes(&bytes), "bytes {bytes:02x?}");
         assert_eq!(
@@ -77,9 +67,9 @@ fn random_structured_cases() {
     let mut failures = Vec::new();
     for op in Op::ALL {
         let start = std::time::Instant::now();
-        let mut rng = Rng(0xfeed + op as u64);
+        let mut rng = Rng::new(0xfeed + op as u64);
         for _ in 0..cases {
-            let case = decode(&rng.bytes(400));
+            let case = decode(&random_bytes(&mut rng, 400));
             if let Err(e) = check::check_with(op, &case, &mut report) {
                 failures.push(e);
             }

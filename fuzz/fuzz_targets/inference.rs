@@ -3,7 +3,7 @@
 //! Every property is checked by `batchnorm::check`, shared with `tests/fuzz_replay.rs`.
 #![no_main]
 
-use batchnorm::check::{self, Case, Op};
+use batchnorm_check::{self as check, Case, Op};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|case: Case| {

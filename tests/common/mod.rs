@@ -3,7 +3,7 @@
 
 use batchnorm::{Backend, BatchNorm, Layout, Parallelism, SavedStatsMut, Shape};
 
-pub use batchnorm::check::{EPS32, fwd_tol, stats_tol};
+pub use batchnorm_check::{EPS32, fwd_tol, stats_tol};
 
 /// Backends under test: the one forced by `BATCHNORM_BACKEND` (the test fails if this CPU
 /// cannot run it), else every backend this CPU has.
@@ -33,40 +33,8 @@ pub fn operators(shape: Shape, layout: Layout, eps: f32) -> Vec<BatchNorm> {
     ops
 }
 
-/// SplitMix64: small, deterministic, good enough for test data.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u = self.uniform().max(1e-300);
-        let v = self.uniform();
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// `len` values `mean + std·N(0,1)`, rounded to f32.
-    pub fn normals(&mut self, len: usize, mean: f64, std: f64) -> Vec<f32> {
-        (0..len)
-            .map(|_| (mean + std * self.normal()) as f32)
-            .collect()
-    }
-}
+/// The checker's random generator (SplitMix64), shared so tests and fuzz replays draw alike.
+pub use batchnorm_check::Rng;
 
 /// A tensor whose channel `c` is `means[c] + stds[c]·N(0,1)`, in `layout`.
 pub fn tensor(

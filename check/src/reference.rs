@@ -4,7 +4,7 @@
 //! (`f32` or `f64`), so the same code serves as the reference for the f32 kernels and, in f64, for
 //! finite-difference gradient checks.
 
-use crate::{ChannelStats, Layout, Momentum, Shape, Variance};
+use batchnorm::{ChannelStats, Layout, Momentum, Shape, Variance};
 
 /// The values of channel `c`, in (n, spatial) order.
 pub fn channel<T: Copy>(x: &[T], shape: Shape, layout: Layout, c: usize) -> Vec<T> {

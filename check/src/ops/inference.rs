@@ -1,0 +1,133 @@
+//! The inference check: [`BatchNorm::inference`] and its in-place variant.
+
+use batchnorm::{Affine, BatchNorm, RunningStats};
+
+use super::*;
+use crate::reference;
+
+pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
+    let affine = !case.no_affine;
+    let (c, len) = (s.c(), s.len());
+    let expected = |out: bool| {
+        let mut e = Expected::default();
+        e.len("x", len, inp.x.len());
+        if out {
+            e.len("y", len, inp.out_len);
+        }
+        e.len("running_mean", c, inp.running_mean.len());
+        e.len("running_var", c, inp.running_var.len());
+        if affine {
+            e.len("gamma", c, inp.gamma.len());
+            e.len("beta", c, inp.beta.len());
+        }
+        e
+    };
+    let run = |bn: &BatchNorm, inp: &Inputs| {
+        let mut y = vec![sentinel(); inp.out_len];
+        let running = RunningStats {
+            mean: &inp.running_mean,
+            var: &inp.running_var,
+        };
+        let aff = affine.then_some(Affine {
+            gamma: &inp.gamma,
+            beta: &inp.beta,
+        });
+        let r = bn.inference(&inp.x, &mut y, running, aff);
+        let mut buf = inp.x.clone();
+        let r_in = bn.inference_in_place(&mut buf, running, aff);
+        (r, y, r_in, buf)
+    };
+    let (r, y, r_in, buf) = run(&s.bn, inp);
+    let ok = outcome(ctx, "inference", &r, &expected(true));
+    if r.is_err() && y.iter().any(|v| v.to_bits() != SENTINEL_BITS) {
+        ctx.fail("inference wrote y before returning an error".into());
+    }
+    let ok_in = outcome(ctx, "inference_in_place", &r_in, &expected(false));
+    if r_in.is_err() && bits(&buf) != bits(&inp.x) {
+        ctx.fail("inference_in_place changed x before returning an error".into());
+    }
+    if !ok || s.giant {
+        return;
+    }
+    if let Some(i) = has_sentinel(&y) {
+        ctx.fail(format!("inference did not write y[{i}]"));
+    }
+    if ok_in && !y.iter().zip(&buf).all(|(&a, &b)| same_bits(a, b)) {
+        ctx.fail("inference_in_place differs from inference".into());
+    }
+    let (_, y2, _, _) = run(&s.other, inp);
+    if !y.iter().zip(&y2).all(|(&a, &b)| same_bits(a, b)) {
+        ctx.fail("inference differs between parallelism settings".into());
+    }
+
+    let gamma = affine.then_some(&inp.gamma[..]);
+    let beta = affine.then_some(&inp.beta[..]);
+    let want = reference::inference(
+        &inp.x,
+        s.shape,
+        s.layout,
+        &inp.running_mean,
+        &inp.running_var,
+        gamma,
+        beta,
+        s.eps,
+    );
+    let mut bad = s.nonfinite_channels(&inp.x);
+    for (ch, b) in bad.iter_mut().enumerate() {
+        let params = [
+            inp.running_mean[ch],
+            inp.running_var[ch],
+            gamma.map_or(1.0, |g| g[ch]),
+            beta.map_or(0.0, |b| b[ch]),
+        ];
+        *b |= params.iter().any(|v| !v.is_finite());
+    }
+    let tol = fwd_tol(1);
+    for i in 0..len {
+        let ch = s.channel_of(i);
+        if bad[ch] {
+            continue;
+        }
+        let (g, b) = (
+            gamma.map_or(1.0, |g| g[ch] as f64),
+            beta.map_or(0.0, |b| b[ch] as f64),
+        );
+        let r = 1.0 / (inp.running_var[ch] as f64 + s.eps as f64).sqrt();
+        let d = inp.x[i] as f64 - inp.running_mean[ch] as f64;
+        let (alpha, xhat) = (g * r, d * r);
+        let scale = g.abs() * (1.0 + xhat.abs()) + b.abs();
+        let representable = r.is_finite()
+            && [d, alpha, alpha * d, scale, want[i]]
+                .iter()
+                .all(|&v| finite_in(v));
+        if !representable {
+            ctx.report.skip("inference y");
+            continue;
+        }
+        // α = γ·r and the output are f32: half a subnormal each below the normal range, α's
+        // multiplied by |x − mean|.
+        let floor = SUB_ULP * (2.0 + d.abs());
+        ctx.close(
+            "inference y",
+            y[i] as f64,
+            want[i],
+            scale,
+            (tol, floor),
+            || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]),
+        );
+    }
+
+    if bad.contains(&true) {
+        let clean = inp.sanitized(s, &bad);
+        let (_, y3, _, _) = run(&s.bn, &clean);
+        for i in (0..len).filter(|&i| !bad[s.channel_of(i)]) {
+            if !same_bits(y[i], y3[i]) {
+                ctx.fail(format!(
+                    "inference: non-finite values of another channel changed y[{i}] (channel {})",
+                    s.channel_of(i)
+                ));
+                break;
+            }
+        }
+    }
+}

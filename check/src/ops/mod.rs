@@ -1,0 +1,400 @@
+//! The differential checker: each operation run on a case and compared with the f64 reference.
+
+use batchnorm::{Backend, BatchNorm, ChannelStats, Error, Layout, Parallelism, Shape};
+
+use crate::{case::*, report::*, tolerance::*};
+
+mod backward;
+mod inference;
+mod statistics;
+mod training;
+
+use backward::backward;
+use inference::inference;
+use statistics::statistics;
+use training::training;
+
+/// A public operation, with the name of its fuzz target (and corpus directory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// [`BatchNorm::statistics`], and merging the statistics of a split batch.
+    Statistics,
+    /// [`BatchNorm::inference`] and [`BatchNorm::inference_in_place`].
+    Inference,
+    /// [`BatchNorm::training`] with every running-update convention.
+    Training,
+    /// [`BatchNorm::backward`] and [`BatchNorm::backward_in_place`], training and frozen modes.
+    Backward,
+}
+
+impl Op {
+    /// Every operation.
+    pub const ALL: [Op; 4] = [Op::Statistics, Op::Inference, Op::Training, Op::Backward];
+
+    /// The fuzz target's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Statistics => "statistics",
+            Op::Inference => "inference",
+            Op::Training => "training",
+            Op::Backward => "backward",
+        }
+    }
+
+    /// The operation of a fuzz target's name.
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+}
+
+/// Runs `op` on `case` and checks every property (see the module documentation).
+///
+/// # Errors
+/// A description of the case and of every violated property.
+pub fn check(op: Op, case: &Case) -> Result<(), String> {
+    check_with(op, case, &mut Report::default())
+}
+
+/// [`check`], recording the errors it measured in `report`.
+///
+/// # Errors
+/// As [`check`].
+pub fn check_with(op: Op, case: &Case, report: &mut Report) -> Result<(), String> {
+    run_check(op, case, report)
+}
+
+pub(crate) fn run_check(op: Op, case: &Case, report: &mut Report) -> Result<(), String> {
+    let mut ctx = Ctx {
+        report,
+        failures: Vec::new(),
+    };
+    if let Some((s, inp)) = prepare(case, &mut ctx) {
+        match op {
+            Op::Statistics => statistics(case, &s, &inp, &mut ctx),
+            Op::Inference => inference(case, &s, &inp, &mut ctx),
+            Op::Training => training(case, &s, &inp, &mut ctx),
+            Op::Backward => backward(case, &s, &inp, &mut ctx),
+        }
+    }
+    if ctx.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} check failed for {case:?}\n(bytes {:02x?})\n- {}",
+            op.name(),
+            case.to_bytes(),
+            ctx.failures.join("\n- ")
+        ))
+    }
+}
+
+/// The operator and shape of a case.
+pub(crate) struct Setup {
+    pub(crate) shape: Shape,
+    pub(crate) layout: Layout,
+    /// The spatial dimensions (for the split batch's shapes).
+    pub(crate) spatial: Vec<usize>,
+    /// The operator with the case's parallelism, and with the other one.
+    pub(crate) bn: BatchNorm,
+    pub(crate) other: BatchNorm,
+    pub(crate) eps: f32,
+    /// Every call must fail with a length error (a giant shape).
+    pub(crate) giant: bool,
+    /// The flat indices of each channel's elements (empty for a giant shape).
+    pub(crate) indices: Vec<Vec<usize>>,
+}
+
+impl Setup {
+    pub(crate) fn c(&self) -> usize {
+        self.shape.c()
+    }
+    pub(crate) fn m(&self) -> usize {
+        self.shape.per_channel()
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.shape.len()
+    }
+    pub(crate) fn channel_of(&self, i: usize) -> usize {
+        match self.layout {
+            Layout::Nchw => (i / self.shape.hw()) % self.shape.c(),
+            Layout::Nhwc => i % self.shape.c(),
+        }
+    }
+    /// Per channel: whether any of the tensor's elements is not finite.
+    pub(crate) fn nonfinite_channels(&self, t: &[f32]) -> Vec<bool> {
+        let mut bad = vec![false; self.c()];
+        for (i, v) in t.iter().enumerate() {
+            if !v.is_finite() {
+                bad[self.channel_of(i)] = true;
+            }
+        }
+        bad
+    }
+}
+
+/// Generated arguments (lengths possibly wrong, as the case asks).
+#[derive(Clone)]
+pub(crate) struct Inputs {
+    pub(crate) x: Vec<f32>,
+    pub(crate) dy: Vec<f32>,
+    /// Length of the output tensor (`y`, `dx`).
+    pub(crate) out_len: usize,
+    pub(crate) gamma: Vec<f32>,
+    pub(crate) beta: Vec<f32>,
+    pub(crate) running_mean: Vec<f32>,
+    pub(crate) running_var: Vec<f32>,
+    /// Lengths of the saved mean and inverse std.
+    pub(crate) saved_len: [usize; 2],
+    /// Given saved statistics (backward, training mode).
+    pub(crate) saved: Option<(Vec<f32>, Vec<f32>)>,
+    /// Lengths of dγ and dβ.
+    pub(crate) grads_len: [usize; 2],
+    /// Previous dγ and dβ to accumulate into.
+    pub(crate) prev: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Inputs {
+    /// A copy with the channels marked `bad` replaced by ordinary values (x, dy = 0; γ = 1,
+    /// β = 0, running mean 0, variance 1, saved mean 0, inverse std 1, previous gradients 0).
+    pub(crate) fn sanitized(&self, s: &Setup, bad: &[bool]) -> Inputs {
+        let mut v = self.clone();
+        for t in [&mut v.x, &mut v.dy] {
+            for (i, e) in t.iter_mut().enumerate() {
+                if bad[s.channel_of(i)] {
+                    *e = 0.0;
+                }
+            }
+        }
+        let set = |p: &mut Vec<f32>, value: f32| {
+            for (c, e) in p.iter_mut().enumerate() {
+                if bad.get(c) == Some(&true) {
+                    *e = value;
+                }
+            }
+        };
+        set(&mut v.gamma, 1.0);
+        set(&mut v.beta, 0.0);
+        set(&mut v.running_mean, 0.0);
+        set(&mut v.running_var, 1.0);
+        if let Some((m, r)) = &mut v.saved {
+            set(m, 0.0);
+            set(r, 1.0);
+        }
+        if let Some((g, b)) = &mut v.prev {
+            set(g, 0.0);
+            set(b, 0.0);
+        }
+        v
+    }
+}
+
+/// Shape, operator and arguments of a case; checks the constructors' errors on the way. `None`
+/// when the shape itself is invalid (nothing further can be called).
+pub(crate) fn prepare(case: &Case, ctx: &mut Ctx<'_>) -> Option<(Setup, Inputs)> {
+    let extent = case.dims.extent();
+    let (n, c, spatial, giant) = match extent {
+        Extent::Normal(n, c, s) | Extent::Overflow(n, c, s) => (n, c, s, false),
+        Extent::Giant(n, c, s) => (n, c, s, true),
+    };
+    let mut exp = Expected::default();
+    if n == 0 || c == 0 || spatial.contains(&0) {
+        exp.0.push(Expect::AnyZeroDimension);
+    }
+    let fits = spatial
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|hw| n.checked_mul(c)?.checked_mul(hw))
+        .and_then(|len| len.checked_mul(size_of::<f32>()))
+        .is_some_and(|bytes| bytes <= isize::MAX as usize);
+    if !fits {
+        exp.0.push(Expect::AnyShapeOverflow);
+    }
+    let shape = Shape::with_spatial(n, c, &spatial);
+    if !outcome(ctx, "Shape::with_spatial", &shape, &exp) {
+        return None;
+    }
+    let shape = shape.ok()?;
+    let hw: usize = spatial.iter().product();
+    if Shape::new(n, c, hw) != Ok(shape) {
+        ctx.fail(format!(
+            "Shape::new({n}, {c}, {hw}) differs from with_spatial"
+        ));
+    }
+    let layout = if case.nhwc {
+        Layout::Nhwc
+    } else {
+        Layout::Nchw
+    };
+
+    let list = backends();
+    let backend = list[case.backend as usize % list.len()];
+    let mut bn = BatchNorm::new(shape, layout);
+    if case.backend & 0x80 != 0
+        && let Some(missing) = Backend::ALL.into_iter().find(|b| !b.is_available())
+    {
+        let mut exp = Expected::default();
+        exp.push(Error::BackendUnavailable {
+            backend: missing.name(),
+        });
+        outcome(ctx, "with_backend", &bn.with_backend(missing), &exp);
+    }
+    match bn.with_backend(backend) {
+        Ok(b) => bn = b,
+        Err(e) => ctx.fail(format!("with_backend({backend:?}): {e:?}")),
+    }
+    let eps_value = case.eps.get();
+    let mut exp = Expected::default();
+    if !(eps_value.is_finite() && eps_value >= 0.0) {
+        exp.push(Error::InvalidEpsilon { eps: eps_value });
+    }
+    let with_eps = bn.with_eps(eps_value);
+    if outcome(ctx, "with_eps", &with_eps, &exp) {
+        bn = with_eps.ok()?;
+    }
+    let (par, other) = if case.sequential {
+        (Parallelism::Sequential, Parallelism::Rayon)
+    } else {
+        (Parallelism::Rayon, Parallelism::Sequential)
+    };
+    let s = Setup {
+        shape,
+        layout,
+        spatial,
+        bn: bn.with_parallelism(par),
+        other: bn.with_parallelism(other),
+        eps: bn.eps(),
+        giant,
+        indices: Vec::new(),
+    };
+    let mut s = s;
+    if !giant {
+        s.indices = vec![Vec::with_capacity(shape.per_channel()); c];
+        for i in 0..shape.len() {
+            let ch = s.channel_of(i);
+            s.indices[ch].push(i);
+        }
+    }
+
+    // Arguments: a giant shape gets short tensors (every call must reject them).
+    let len_of = |arg: Arg, exact: usize| match case.mismatch {
+        Some((a, d)) if a == arg => d.apply(exact),
+        _ => exact,
+    };
+    let (dims, tensor_len) = if giant {
+        ((1, 1, 16), 16)
+    } else {
+        ((shape.n(), c, shape.hw()), shape.len())
+    };
+    let layout_gen = if giant { Layout::Nchw } else { layout };
+    let tensor = |d: &Data, arg, default, salt| {
+        d.tensor(dims, layout_gen, len_of(arg, tensor_len), default, salt)
+    };
+    let channels = |d: &Data, arg, default, salt| d.channels(c, len_of(arg, c), default, salt);
+    let inp = Inputs {
+        x: tensor(&case.x, Arg::X, Kind::Normal, 1),
+        dy: tensor(&case.dy, Arg::Dy, Kind::Normal, 2),
+        out_len: len_of(Arg::Out, tensor_len),
+        gamma: channels(&case.gamma, Arg::Gamma, Kind::Normal, 3),
+        beta: channels(&case.beta, Arg::Beta, Kind::Normal, 4),
+        running_mean: channels(&case.running_mean, Arg::RunningMean, Kind::Normal, 5),
+        running_var: channels(&case.running_var, Arg::RunningVar, Kind::Positive, 6),
+        saved_len: [len_of(Arg::SavedMean, c), len_of(Arg::SavedInvStd, c)],
+        saved: match &case.saved {
+            Saved::FromForward => None,
+            Saved::Given(m, r) => Some((
+                channels(m, Arg::SavedMean, Kind::Normal, 7),
+                channels(r, Arg::SavedInvStd, Kind::Positive, 8),
+            )),
+        },
+        grads_len: [len_of(Arg::DGamma, c), len_of(Arg::DBeta, c)],
+        prev: match &case.grads {
+            Grads::Accumulate(g, b) => Some((
+                channels(g, Arg::DGamma, Kind::Normal, 9),
+                channels(b, Arg::DBeta, Kind::Normal, 10),
+            )),
+            _ => None,
+        },
+    };
+    Some((s, inp))
+}
+
+/// Checks one channel's statistics against the exact ones. `k_mean` and `k_m2` multiply the
+/// bounds (1 for one call; more for merged partial statistics, see `statistics`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_stats(
+    ctx: &mut Ctx<'_>,
+    keys: (&'static str, &'static str),
+    ch: usize,
+    got: &ChannelStats,
+    want: &ChannelStats,
+    m: usize,
+    k_mean: f64,
+    k_m2: f64,
+) {
+    if got.count() != m as u64 {
+        ctx.fail(format!(
+            "{}: channel {ch} count {} != {m}",
+            keys.0,
+            got.count()
+        ));
+    }
+    if !(want.mean().is_finite() && want.m2().is_finite()) {
+        ctx.report.skip(keys.0);
+        return;
+    }
+    let tol = stats_tol(m);
+    let (mu, m2) = (want.mean(), want.m2());
+    let sigma = (m2 / m as f64).sqrt();
+    let scale = sigma + EPS32 * mu.abs();
+    ctx.close(
+        keys.0,
+        got.mean(),
+        mu,
+        scale,
+        (k_mean * tol, k_mean * mean_floor(m)),
+        || format!("channel {ch}"),
+    );
+    ctx.close(
+        keys.1,
+        got.m2(),
+        m2,
+        m2,
+        (k_m2 * tol, k_m2 * m2_floor(m)),
+        || format!("channel {ch}"),
+    );
+}
+
+/// The arguments a case generates (shape, layout, ε and every slice), for reports and debugging.
+/// `None` when the shape is invalid.
+pub fn describe(case: &Case) -> Option<String> {
+    let mut report = Report::default();
+    let mut ctx = Ctx {
+        report: &mut report,
+        failures: Vec::new(),
+    };
+    let (s, inp) = prepare(case, &mut ctx)?;
+    let mut out = format!(
+        "shape {:?} {:?}, eps {:e}, backend {:?}, {:?}\n",
+        s.shape,
+        s.layout,
+        s.eps,
+        s.bn.backend(),
+        s.bn.parallelism()
+    );
+    let mut line = |name: &str, v: &[f32]| out.push_str(&format!("{name} = {v:?}\n"));
+    line("x", &inp.x);
+    line("dy", &inp.dy);
+    line("gamma", &inp.gamma);
+    line("beta", &inp.beta);
+    line("running_mean", &inp.running_mean);
+    line("running_var", &inp.running_var);
+    if let Some((m, r)) = &inp.saved {
+        line("saved_mean", m);
+        line("saved_inv_std", r);
+    }
+    if let Some((g, b)) = &inp.prev {
+        line("prev_dgamma", g);
+        line("prev_dbeta", b);
+    }
+    Some(out)
+}

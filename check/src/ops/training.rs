@@ -1,0 +1,305 @@
+//! The training-forward check, with every running-update convention.
+
+use batchnorm::{
+    Affine, BatchNorm, BatchStats, Error, Momentum, RunningUpdate, SavedStatsMut, Variance,
+};
+
+use super::*;
+use crate::reference;
+
+/// Outputs of one training forward call.
+pub(crate) struct TrainOut {
+    pub(crate) result: Result<BatchStats, Error>,
+    pub(crate) y: Vec<f32>,
+    pub(crate) mean: Vec<f32>,
+    pub(crate) inv_std: Vec<f32>,
+    pub(crate) running_mean: Vec<f32>,
+    pub(crate) running_var: Vec<f32>,
+}
+
+pub(crate) fn run_training(bn: &BatchNorm, inp: &Inputs, affine: bool, update: Update) -> TrainOut {
+    let mut y = vec![sentinel(); inp.out_len];
+    let mut mean = vec![sentinel(); inp.saved_len[0]];
+    let mut inv_std = vec![sentinel(); inp.saved_len[1]];
+    let (mut running_mean, mut running_var) = (inp.running_mean.clone(), inp.running_var.clone());
+    let result = bn.training(
+        &inp.x,
+        &mut y,
+        affine.then_some(Affine {
+            gamma: &inp.gamma,
+            beta: &inp.beta,
+        }),
+        SavedStatsMut {
+            mean: &mut mean,
+            inv_std: &mut inv_std,
+        },
+        update
+            .convention()
+            .map(|(momentum, var_estimator)| RunningUpdate {
+                mean: &mut running_mean,
+                var: &mut running_var,
+                momentum,
+                var_estimator,
+            }),
+    );
+    TrainOut {
+        result,
+        y,
+        mean,
+        inv_std,
+        running_mean,
+        running_var,
+    }
+}
+
+impl TrainOut {
+    /// The outputs of channel `ch` as bits, for comparisons between runs.
+    pub(crate) fn channel_bits(&self, s: &Setup, ch: usize) -> Vec<u64> {
+        let f = |v: f32| {
+            if v.is_nan() {
+                u64::MAX
+            } else {
+                v.to_bits() as u64
+            }
+        };
+        let g = |v: f64| if v.is_nan() { u64::MAX } else { v.to_bits() };
+        let mut out: Vec<u64> = s.indices[ch].iter().map(|&i| f(self.y[i])).collect();
+        for v in [
+            &self.mean,
+            &self.inv_std,
+            &self.running_mean,
+            &self.running_var,
+        ] {
+            out.push(v.get(ch).map_or(0, |&v| f(v)));
+        }
+        if let Ok(stats) = &self.result {
+            let st = stats.channels()[ch];
+            out.extend([st.count(), g(st.mean()), g(st.m2())]);
+        }
+        out
+    }
+}
+
+pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
+    let affine = !case.no_affine;
+    let (c, m, len) = (s.c(), s.m(), s.len());
+    let update = case.update.convention();
+    let mut exp = Expected::default();
+    exp.len("x", len, inp.x.len());
+    exp.len("y", len, inp.out_len);
+    if affine {
+        exp.len("gamma", c, inp.gamma.len());
+        exp.len("beta", c, inp.beta.len());
+    }
+    exp.len("saved_mean", c, inp.saved_len[0]);
+    exp.len("saved_inv_std", c, inp.saved_len[1]);
+    // Weights of the old running value and of the batch value, as the convention states them.
+    let (mut w_old, mut w_new) = (0.0, 0.0);
+    if let Some((momentum, estimator)) = update {
+        exp.len("running_mean", c, inp.running_mean.len());
+        exp.len("running_var", c, inp.running_var.len());
+        if estimator == Variance::Unbiased && m < 2 {
+            exp.push(Error::TooFewValues {
+                per_channel: m as u64,
+            });
+        }
+        match momentum {
+            Momentum::NewWeight(w) | Momentum::OldWeight(w) if !(0.0..=1.0).contains(&w) => {
+                exp.push(Error::InvalidMomentum { momentum: w })
+            }
+            Momentum::NewWeight(w) => (w_old, w_new) = (1.0 - w, w),
+            Momentum::OldWeight(w) => (w_old, w_new) = (w, 1.0 - w),
+            Momentum::CumulativeAverage { batches_tracked: 0 } => {
+                exp.push(Error::ZeroBatchesTracked)
+            }
+            Momentum::CumulativeAverage { batches_tracked } => {
+                (w_old, w_new) = (
+                    1.0 - 1.0 / batches_tracked as f64,
+                    1.0 / batches_tracked as f64,
+                )
+            }
+        }
+    }
+    let out = run_training(&s.bn, inp, affine, case.update);
+    if !outcome(ctx, "training", &out.result, &exp) {
+        if out.result.is_err() {
+            let untouched = [&out.y, &out.mean, &out.inv_std]
+                .iter()
+                .all(|v| v.iter().all(|x| x.to_bits() == SENTINEL_BITS))
+                && bits(&out.running_mean) == bits(&inp.running_mean)
+                && bits(&out.running_var) == bits(&inp.running_var);
+            if !untouched {
+                ctx.fail("training wrote an output before returning an error".into());
+            }
+        }
+        return;
+    }
+    if s.giant {
+        return;
+    }
+    let Ok(stats) = &out.result else { return };
+    for (name, v) in [
+        ("y", &out.y),
+        ("saved_mean", &out.mean),
+        ("saved_inv_std", &out.inv_std),
+    ] {
+        if let Some(i) = has_sentinel(v) {
+            ctx.fail(format!("training did not write {name}[{i}]"));
+        }
+    }
+    let again = run_training(&s.other, inp, affine, case.update);
+    if (0..c).any(|ch| out.channel_bits(s, ch) != again.channel_bits(s, ch)) {
+        ctx.fail("training differs between parallelism settings".into());
+    }
+
+    let gamma = affine.then_some(&inp.gamma[..]);
+    let beta = affine.then_some(&inp.beta[..]);
+    let want = reference::training(&inp.x, s.shape, s.layout, gamma, beta, s.eps);
+    let mut bad = s.nonfinite_channels(&inp.x);
+    for (ch, b) in bad.iter_mut().enumerate() {
+        *b |= !gamma.map_or(1.0, |g| g[ch]).is_finite() || !beta.map_or(0.0, |b| b[ch]).is_finite();
+        if update.is_some() {
+            *b |= !inp.running_mean[ch].is_finite() || !inp.running_var[ch].is_finite();
+        }
+    }
+    let x_bad = s.nonfinite_channels(&inp.x);
+    let tol = fwd_tol(m);
+    let eps = s.eps as f64;
+    let exact = reference::statistics(&inp.x, s.shape, s.layout);
+    for ch in 0..c {
+        if x_bad[ch] {
+            continue;
+        }
+        let keys = ("training stats mean", "training stats m2");
+        check_stats(
+            ctx,
+            keys,
+            ch,
+            &stats.channels()[ch],
+            &exact[ch],
+            m,
+            1.0,
+            1.0,
+        );
+        if bad[ch] {
+            continue;
+        }
+        let (mu, var, r) = (want.mean[ch], want.var[ch], want.inv_std[ch]);
+        let sigma = var.sqrt();
+        // Saved mean: the statistics' mean (bound of `check_stats`), rounded to f32.
+        let scale = sigma + EPS32 * mu.abs();
+        let floor = mean_floor(m) + 1.01 * EPS32 * mu.abs() + SUB_ULP;
+        ctx.close(
+            "training saved mean",
+            out.mean[ch] as f64,
+            mu,
+            scale,
+            (tol, floor),
+            || format!("channel {ch}"),
+        );
+        if (var + eps).is_nan() || var + eps < F32_MIN_NORMAL {
+            // var + ε below f32's normal range: not representable with relative accuracy.
+            ctx.report.skip("training saved inv_std");
+            continue;
+        }
+        // Relative error of r from the absolute floor of the variance.
+        let r_floor = m2_floor(m) / m as f64 / (var + eps);
+        ctx.close(
+            "training saved inv_std",
+            out.inv_std[ch] as f64,
+            r,
+            r,
+            (tol, r * r_floor + SUB_ULP),
+            || format!("channel {ch}"),
+        );
+        let (g, b) = (
+            gamma.map_or(1.0, |g| g[ch] as f64),
+            beta.map_or(0.0, |b| b[ch] as f64),
+        );
+        for &i in &s.indices[ch] {
+            let d = inp.x[i] as f64 - mu;
+            let (alpha, xhat) = (g * r, d * r);
+            let scale = g.abs() * (1.0 + xhat.abs()) + b.abs();
+            let representable = [d, alpha, alpha * d, scale, want.y[i]]
+                .iter()
+                .all(|&v| finite_in(v));
+            if !representable {
+                ctx.report.skip("training y");
+                continue;
+            }
+            // f32 α, bias and output below the normal range (α's multiplied by |x − μ|), and
+            // the variance's absolute floor through r.
+            let floor = SUB_ULP * (2.0 + d.abs()) + (alpha * d).abs() * r_floor;
+            ctx.close(
+                "training y",
+                out.y[i] as f64,
+                want.y[i],
+                scale,
+                (tol, floor),
+                || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]),
+            );
+        }
+    }
+
+    if let Some((momentum, estimator)) = update {
+        let (want_mean, want_var) = reference::running_update(
+            &inp.running_mean,
+            &inp.running_var,
+            &want,
+            momentum,
+            estimator,
+        );
+        let w = w_new;
+        for ch in (0..c).filter(|&ch| !bad[ch]) {
+            let (mu, sigma) = (want.mean[ch], want.var[ch].sqrt());
+            let (old_m, old_v) = (inp.running_mean[ch] as f64, inp.running_var[ch] as f64);
+            // Bounds: the batch statistics' error (times w), the f64 blend (negligible) and
+            // the rounding of the result to f32, relative to the size of the blended terms.
+            let terms = w_old * old_m.abs() + w * (mu.abs() + sigma);
+            if finite_in(want_mean[ch]) && finite_in(terms) {
+                // The reference's blend rounds in f64 (`old + (new − old)/t` cancels when t = 1).
+                let floor = w * mean_floor(m) + SUB_ULP + f64::EPSILON * (old_m.abs() + mu.abs());
+                ctx.close(
+                    "training running mean",
+                    out.running_mean[ch] as f64,
+                    want_mean[ch],
+                    terms,
+                    (tol, floor),
+                    || format!("channel {ch} ({momentum:?}, old {old_m:e})"),
+                );
+            } else {
+                ctx.report.skip("training running mean");
+            }
+            let (var_b, var_floor) = match estimator {
+                Variance::Biased => (want.var[ch], m2_floor(m) / m as f64),
+                Variance::Unbiased => (want.var_unbiased[ch], m2_floor(m) / (m as f64 - 1.0)),
+            };
+            let terms = w_old * old_v.abs() + w * var_b;
+            if finite_in(want_var[ch]) && finite_in(terms) {
+                let floor = w * var_floor + SUB_ULP + f64::EPSILON * (old_v.abs() + var_b);
+                ctx.close(
+                    "training running var",
+                    out.running_var[ch] as f64,
+                    want_var[ch],
+                    terms,
+                    (tol, floor),
+                    || format!("channel {ch} ({momentum:?} {estimator:?}, old {old_v:e})"),
+                );
+            } else {
+                ctx.report.skip("training running var");
+            }
+        }
+    }
+
+    if bad.contains(&true) {
+        let clean = inp.sanitized(s, &bad);
+        let again = run_training(&s.bn, &clean, affine, case.update);
+        for ch in (0..c).filter(|&ch| !bad[ch]) {
+            if out.channel_bits(s, ch) != again.channel_bits(s, ch) {
+                ctx.fail(format!(
+                    "training: non-finite values of another channel changed channel {ch}"
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Results: failures, and the report of measured errors and skipped elements.
+
+use batchnorm::{ChannelStats, Error};
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::tolerance::*;
+/// Worst errors seen per checked quantity, in units of f32 roundoff relative to the quantity's
+/// scale, with the number of elements checked and skipped (reference not finite or not
+/// representable in f32). Accumulates over many cases.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub(crate) entries: BTreeMap<&'static str, Entry>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Entry {
+    pub(crate) worst: f64,
+    pub(crate) bound_used: f64,
+    pub(crate) checked: u64,
+    pub(crate) skipped: u64,
+}
+
+impl Report {
+    pub(crate) fn note(
+        &mut self,
+        key: &'static str,
+        err: f64,
+        scale: f64,
+        relative: bool,
+        bound: f64,
+    ) {
+        let e = self.entries.entry(key).or_default();
+        e.checked += 1;
+        // In units of u relative to the scale where the floors are negligible (elsewhere the
+        // floors, not the relative error, decide).
+        if relative || err == 0.0 {
+            let u = if err == 0.0 { 0.0 } else { err / scale / EPS32 };
+            e.worst = e.worst.max(u);
+        }
+        let frac = if err == 0.0 { 0.0 } else { err / bound };
+        if frac > e.bound_used || frac.is_nan() {
+            e.bound_used = frac;
+        }
+    }
+    pub(crate) fn skip(&mut self, key: &'static str) {
+        self.entries.entry(key).or_default().skipped += 1;
+    }
+    /// How many elements of `key` were checked against the reference.
+    pub fn checked(&self, key: &str) -> u64 {
+        self.entries.get(key).map_or(0, |e| e.checked)
+    }
+    /// The worst error of `key`, in units of f32 roundoff relative to its scale.
+    pub fn worst(&self, key: &str) -> f64 {
+        self.entries.get(key).map_or(0.0, |e| e.worst)
+    }
+    /// The largest fraction of its bound an error of `key` reached (above 1: a failure).
+    pub fn bound_used(&self, key: &str) -> f64 {
+        self.entries.get(key).map_or(0.0, |e| e.bound_used)
+    }
+    /// Every quantity's name.
+    pub fn keys(&self) -> Vec<&'static str> {
+        self.entries.keys().copied().collect()
+    }
+    /// Adds another report's counts and worst errors.
+    pub fn merge(&mut self, other: &Report) {
+        for (k, o) in &other.entries {
+            let e = self.entries.entry(k).or_default();
+            e.checked += o.checked;
+            e.skipped += o.skipped;
+            e.worst = e.worst.max(o.worst);
+            e.bound_used = e.bound_used.max(o.bound_used);
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<28} {:>10} {:>11} {:>10} {:>9}",
+            "quantity", "worst (u)", "bound used", "checked", "skipped"
+        )?;
+        for (k, e) in &self.entries {
+            writeln!(
+                f,
+                "{k:<28} {:>10.2} {:>11.3} {:>10} {:>9}",
+                e.worst, e.bound_used, e.checked, e.skipped
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What one check run collects.
+pub(crate) struct Ctx<'r> {
+    pub(crate) report: &'r mut Report,
+    pub(crate) failures: Vec<String>,
+}
+
+impl Ctx<'_> {
+    pub(crate) fn fail(&mut self, msg: String) {
+        if self.failures.len() < 12 {
+            self.failures.push(msg);
+        }
+    }
+
+    /// `|got − want| ≤ tol·scale + floor`, where `scale` is the size of the terms the result is
+    /// computed from and `floor` the absolute errors of f32 values below the normal range (and
+    /// of roundings not relative to `scale`). NaN or ±Inf where the reference is finite fails.
+    pub(crate) fn close(
+        &mut self,
+        key: &'static str,
+        got: f64,
+        want: f64,
+        scale: f64,
+        (tol, floor): (f64, f64),
+        at: impl FnOnce() -> String,
+    ) {
+        let err = (got - want).abs();
+        let bound = tol * scale + floor;
+        self.report
+            .note(key, err, scale, floor <= 0.01 * tol * scale, bound);
+        if err.is_nan() || err > bound {
+            self.fail(format!(
+                "{key} {}: got {got:e}, want {want:e}, error {err:e} = {:.1}u of scale {scale:e} \
+                 (bound {tol:e}·scale + {floor:e})",
+                at(),
+                err / scale / EPS32
+            ));
+        }
+    }
+}
+
+/// Bit equality with any NaN equal to any NaN (payloads may differ between code paths that are
+/// allowed to differ, e.g. an input NaN propagated through different operand orders).
+pub(crate) fn same_bits(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+pub(crate) fn same_stats(a: &ChannelStats, b: &ChannelStats) -> bool {
+    let eq = |x: f64, y: f64| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+    a.count() == b.count() && eq(a.mean(), b.mean()) && eq(a.m2(), b.m2())
+}
+
+pub(crate) fn has_sentinel(v: &[f32]) -> Option<usize> {
+    v.iter().position(|x| x.to_bits() == SENTINEL_BITS)
+}
+
+pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+pub(crate) fn finite_in(v: f64) -> bool {
+    v.abs() <= F32_MAX
+}
+
+/// An expected error.
+#[derive(Debug)]
+pub(crate) enum Expect {
+    Exactly(Error),
+    AnyZeroDimension,
+    AnyShapeOverflow,
+}
+
+impl Expect {
+    pub(crate) fn matches(&self, e: &Error) -> bool {
+        match (self, e) {
+            (Expect::AnyZeroDimension, Error::ZeroDimension { .. }) => true,
+            (Expect::AnyShapeOverflow, Error::ShapeOverflow { .. }) => true,
+            (
+                Expect::Exactly(Error::InvalidEpsilon { eps: a }),
+                Error::InvalidEpsilon { eps: b },
+            ) => a.to_bits() == b.to_bits(),
+            (
+                Expect::Exactly(Error::InvalidMomentum { momentum: a }),
+                Error::InvalidMomentum { momentum: b },
+            ) => a.to_bits() == b.to_bits(),
+            (Expect::Exactly(a), b) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Length expectations of one call.
+#[derive(Default)]
+pub(crate) struct Expected(pub(crate) Vec<Expect>);
+
+impl Expected {
+    pub(crate) fn len(&mut self, arg: &'static str, expected: usize, actual: usize) {
+        if expected != actual {
+            self.0.push(Expect::Exactly(Error::LengthMismatch {
+                arg,
+                expected,
+                actual,
+            }));
+        }
+    }
+    pub(crate) fn push(&mut self, e: Error) {
+        self.0.push(Expect::Exactly(e));
+    }
+}
+
+/// Checks the outcome of a call against the expected errors. Returns true when the call
+/// succeeded as it should (and its results are to be checked).
+pub(crate) fn outcome<T>(
+    ctx: &mut Ctx<'_>,
+    call: &str,
+    got: &Result<T, Error>,
+    exp: &Expected,
+) -> bool {
+    match (got, exp.0.is_empty()) {
+        (Ok(_), true) => true,
+        (Err(e), true) => {
+            ctx.fail(format!("{call}: unexpected error {e:?}"));
+            false
+        }
+        (Ok(_), false) => {
+            ctx.fail(format!(
+                "{call}: accepted invalid arguments, expected one of {:?}",
+                exp.0
+            ));
+            false
+        }
+        (Err(e), false) => {
+            if !exp.0.iter().any(|x| x.matches(e)) {
+                ctx.fail(format!("{call}: error {e:?}, expected one of {:?}", exp.0));
+            }
+            false
+        }
+    }
+}
