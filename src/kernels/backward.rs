@@ -357,8 +357,8 @@ impl<S: Simd> VectorMap<S> for PeriodicDx<'_> {
     fn apply(&self, s: S, p: usize, g: S::V, x: S::V) -> S::V {
         let fields = [self.shift, self.r, self.a, self.b, self.c];
         debug_assert!(fields.iter().all(|f| p + S::LANES <= f.len()));
-        // SAFETY: the phase `p` is a vector offset inside the period and every array holds one
-        // whole period (built by `PeriodicLanes::new`).
+        // SAFETY: the phase `p` lies inside the period and every array holds the period plus
+        // MAX_LANES ≥ LANES values (built by `PeriodicLanes::new`).
         unsafe {
             let at = |f: &[f32]| f.as_ptr().add(p);
             let xhat = s.mul(s.sub(x, s.load_ptr(at(self.shift))), s.load_ptr(at(self.r)));

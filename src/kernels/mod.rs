@@ -64,7 +64,8 @@ pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
 /// Fields of per-channel parameters expanded to one value per position of a period
 /// ([`expand_periodic`]): built once per call and shared by every block of rows, so a block of
 /// a few wide rows does not pay for the expansion. The period, a multiple of the channel count
-/// and of [`MAX_LANES`] (so of every backend's lane count), serves every backend.
+/// and of [`MAX_LANES`] (so of every backend's lane count), serves every backend. Each field holds
+/// `period + MAX_LANES` values.
 pub(crate) struct PeriodicLanes<const F: usize> {
     period: usize,
     fields: [Lanes; F],
@@ -75,7 +76,11 @@ impl<const F: usize> PeriodicLanes<F> {
     pub(crate) fn new<P>(params: &[P], fields: impl Fn(&P) -> [f32; F]) -> Self {
         let c = params.len();
         let period = period(c.max(1), MAX_LANES);
-        let mut lanes: [Lanes; F] = std::array::from_fn(|_| zeroed(period));
+        // One vector past the period, continuing the pattern: a vector load at any phase inside
+        // the period stays in bounds (a strip's row segment may start at any phase and end in a
+        // partial vector, see `stream_strips`).
+        let len = period + MAX_LANES;
+        let mut lanes: [Lanes; F] = std::array::from_fn(|_| zeroed(len));
         if c > 0 {
             for (i, p) in params.iter().enumerate() {
                 for (lane, v) in lanes.iter_mut().zip(fields(p)) {
@@ -83,8 +88,8 @@ impl<const F: usize> PeriodicLanes<F> {
                 }
             }
             for lane in &mut lanes {
-                // Repeat the first period's channel values over the rest of the period.
-                for q in c..period {
+                // Position q holds channel q mod c.
+                for q in c..len {
                     lane[q] = lane[q - c];
                 }
             }

@@ -403,8 +403,8 @@ impl<S: Simd> VectorMap<S> for Periodic<'_> {
     #[inline(always)]
     fn apply(&self, s: S, p: usize, x: S::V, _: S::V) -> S::V {
         debug_assert!(p + S::LANES <= self.shift.len().min(self.scale.len()).min(self.bias.len()));
-        // SAFETY: the phase `p` is a vector offset inside the period and every array holds one
-        // whole period (built by `PeriodicLanes::new`).
+        // SAFETY: the phase `p` lies inside the period and every array holds the period plus
+        // MAX_LANES ≥ LANES values (built by `PeriodicLanes::new`).
         unsafe {
             let k = s.load_ptr(self.shift.as_ptr().add(p));
             let a = s.load_ptr(self.scale.as_ptr().add(p));
