@@ -64,6 +64,8 @@ pub enum Error {
         /// The value of the variable.
         name: String,
     },
+    /// [`crate::BatchNormLayer::backward`] was called before any successful forward.
+    NoForward,
 }
 
 impl fmt::Display for Error {
@@ -108,6 +110,10 @@ impl fmt::Display for Error {
             Error::UnknownBackend { name } => write!(
                 f,
                 "unknown backend `{name}`; expected one of `portable`, `avx2`, `avx512`"
+            ),
+            Error::NoForward => write!(
+                f,
+                "layer backward needs a successful forward first (it differentiates that call)"
             ),
         }
     }

@@ -5,6 +5,7 @@ mod batchnorm;
 mod driver;
 mod error;
 mod kernels;
+mod layer;
 mod par;
 mod params;
 mod shape;
@@ -13,6 +14,7 @@ mod stats;
 
 pub use batchnorm::{BatchNorm, DEFAULT_EPS};
 pub use error::Error;
+pub use layer::BatchNormLayer;
 pub use par::Parallelism;
 pub use params::{
     Affine, BackwardMode, GradMode, Momentum, ParamGrads, RunningStats, RunningUpdate, SavedStats,

@@ -1,0 +1,388 @@
+//! A stateful batch-norm layer: the parameters, running statistics, mode, batch counter, saved
+//! statistics and gradients that every user of the plain operations would otherwise keep
+//! themselves, on top of [`BatchNorm`].
+
+use crate::error::check_len;
+use crate::{
+    Affine, Backend, BackwardMode, BatchNorm, Error, GradMode, Layout, Momentum, Parallelism,
+    ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, Variance,
+};
+
+/// A batch-norm layer over `C` channels, as `torch.nn.BatchNorm1d/2d/3d` or Keras
+/// `BatchNormalization` hold it: γ (ones), β (zeros), running mean (zeros) and variance (ones),
+/// the update convention, ε, a training / evaluation flag, the number of batches tracked, the
+/// statistics saved by the last training forward, and the accumulated gradients of γ and β.
+///
+/// The batch size and spatial extent may change from call to call (the shape is given to every
+/// [`forward`](BatchNormLayer::forward)); the channel count and layout are fixed.
+///
+/// ```
+/// use batchnorm::{BatchNormLayer, Layout, Shape};
+/// let mut bn = BatchNormLayer::pytorch(3, Layout::Nchw)?;
+/// let shape = Shape::with_spatial(2, 3, &[2, 2])?;
+/// let x: Vec<f32> = (0..shape.len()).map(|i| i as f32).collect();
+/// let mut y = vec![0.0; x.len()];
+/// bn.forward(&x, &mut y, shape)?; // training mode: batch statistics, running update
+/// assert_eq!(bn.batches_tracked(), 1);
+/// let (dy, mut dx) = (vec![1.0; x.len()], vec![0.0; x.len()]);
+/// bn.backward(&x, &dy, &mut dx)?; // dx, and dγ, dβ accumulated
+/// assert_eq!(bn.dbeta(), &[8.0, 8.0, 8.0]);
+/// bn.eval();
+/// bn.forward(&x, &mut y, shape)?; // evaluation: running statistics
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct BatchNormLayer {
+    channels: usize,
+    layout: Layout,
+    eps: f32,
+    /// The update rule; for [`Momentum::CumulativeAverage`] the layer's own counter is used.
+    momentum: Momentum,
+    var_estimator: Variance,
+    training: bool,
+    parallelism: Parallelism,
+    backend: Option<Backend>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    running_mean: Vec<f32>,
+    running_var: Vec<f32>,
+    batches_tracked: u64,
+    saved_mean: Vec<f32>,
+    saved_inv_std: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+    /// The shape and mode of the last successful forward, which backward differentiates.
+    last: Option<(Shape, bool)>,
+}
+
+impl BatchNormLayer {
+    fn preset(
+        channels: usize,
+        layout: Layout,
+        eps: f32,
+        momentum: Momentum,
+        var_estimator: Variance,
+    ) -> Result<BatchNormLayer, Error> {
+        if channels == 0 {
+            return Err(Error::ZeroDimension { dim: "C" });
+        }
+        let c = |v: f32| vec![v; channels];
+        Ok(BatchNormLayer {
+            channels,
+            layout,
+            eps,
+            momentum,
+            var_estimator,
+            training: true,
+            parallelism: Parallelism::Rayon,
+            backend: None,
+            gamma: c(1.0),
+            beta: c(0.0),
+            running_mean: c(0.0),
+            running_var: c(1.0),
+            batches_tracked: 0,
+            saved_mean: c(0.0),
+            saved_inv_std: c(0.0),
+            dgamma: c(0.0),
+            dbeta: c(0.0),
+            last: None,
+        })
+    }
+
+    /// `torch.nn.BatchNorm1d/2d/3d(channels)`: ε = 1e-5, momentum 0.1 weighing the new batch
+    /// value, unbiased running variance, training mode.
+    ///
+    /// # Errors
+    /// [`Error::ZeroDimension`] if `channels` is 0.
+    pub fn pytorch(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
+        Self::preset(
+            channels,
+            layout,
+            1e-5,
+            Momentum::NewWeight(0.1),
+            Variance::Unbiased,
+        )
+    }
+
+    /// Keras `BatchNormalization()`: ε = 1e-3, momentum 0.99 weighing the old running value,
+    /// population (biased) running variance, training mode.
+    ///
+    /// # Errors
+    /// [`Error::ZeroDimension`] if `channels` is 0.
+    pub fn keras(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
+        Self::preset(
+            channels,
+            layout,
+            1e-3,
+            Momentum::OldWeight(0.99),
+            Variance::Biased,
+        )
+    }
+
+    /// ONNX `BatchNormalization` in training mode: ε = 1e-5, momentum 0.9 weighing the old
+    /// running value, population (biased) running variance.
+    ///
+    /// # Errors
+    /// [`Error::ZeroDimension`] if `channels` is 0.
+    pub fn onnx(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
+        Self::preset(
+            channels,
+            layout,
+            1e-5,
+            Momentum::OldWeight(0.9),
+            Variance::Biased,
+        )
+    }
+
+    /// Sets the momentum in the preset's convention (PyTorch: the new batch's weight; Keras and
+    /// ONNX: the old running value's weight); `None` is PyTorch's `momentum=None`, the cumulative
+    /// average over the batches tracked.
+    ///
+    /// # Errors
+    /// [`Error::InvalidMomentum`] if the momentum is outside `[0, 1]` or NaN.
+    pub fn with_momentum(mut self, momentum: Option<f64>) -> Result<BatchNormLayer, Error> {
+        self.momentum = match (momentum, self.momentum) {
+            (None, _) => Momentum::CumulativeAverage { batches_tracked: 0 },
+            (Some(m), _) if !(0.0..=1.0).contains(&m) => {
+                return Err(Error::InvalidMomentum { momentum: m });
+            }
+            (Some(m), Momentum::OldWeight(_)) => Momentum::OldWeight(m),
+            (Some(m), _) => Momentum::NewWeight(m),
+        };
+        Ok(self)
+    }
+
+    /// Sets ε (see [`BatchNorm::with_eps`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidEpsilon`] if ε is negative, NaN or infinite.
+    pub fn with_eps(mut self, eps: f32) -> Result<BatchNormLayer, Error> {
+        BatchNorm::new(Shape::new(1, 1, 1)?, self.layout).with_eps(eps)?;
+        self.eps = eps;
+        Ok(self)
+    }
+
+    /// Sets how the operations use threads (see [`BatchNorm::with_parallelism`]).
+    pub fn with_parallelism(mut self, parallelism: Parallelism) -> BatchNormLayer {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// Forces a SIMD backend (see [`BatchNorm::with_backend`]).
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] if this CPU cannot run it.
+    pub fn with_backend(mut self, backend: Backend) -> Result<BatchNormLayer, Error> {
+        BatchNorm::new(Shape::new(1, 1, 1)?, self.layout).with_backend(backend)?;
+        self.backend = Some(backend);
+        Ok(self)
+    }
+
+    /// Training mode: [`forward`](BatchNormLayer::forward) normalizes with the batch statistics
+    /// and updates the running ones (the default).
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+    /// Evaluation mode: [`forward`](BatchNormLayer::forward) normalizes with the running
+    /// statistics and changes nothing.
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+    /// Whether the layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The operator for `shape`, with the layer's ε, parallelism and backend.
+    fn operator(&self, shape: Shape) -> Result<BatchNorm, Error> {
+        if shape.c() != self.channels {
+            return Err(Error::ChannelMismatch {
+                expected: self.channels,
+                actual: shape.c(),
+            });
+        }
+        let op = BatchNorm::new(shape, self.layout)
+            .with_eps(self.eps)?
+            .with_parallelism(self.parallelism);
+        match self.backend {
+            Some(b) => op.with_backend(b),
+            None => Ok(op),
+        }
+    }
+
+    /// `y = BN(x)` for a tensor of `shape` (its C must be the layer's). In training mode: batch
+    /// statistics, the saved mean and inverse std for backward, the running statistics updated
+    /// and the batch counter incremented (PyTorch counts in every convention). In evaluation
+    /// mode: the running statistics. On error nothing changes.
+    ///
+    /// # Errors
+    /// [`Error::ChannelMismatch`] if `shape.c()` is not the layer's channel count; the errors of
+    /// [`BatchNorm::training`] and [`BatchNorm::inference`] (wrong lengths, too few values for the
+    /// unbiased variance, an invalid forced backend).
+    pub fn forward(&mut self, x: &[f32], y: &mut [f32], shape: Shape) -> Result<(), Error> {
+        let op = self.operator(shape)?;
+        let affine = Some(Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        });
+        if !self.training {
+            let running = RunningStats {
+                mean: &self.running_mean,
+                var: &self.running_var,
+            };
+            op.inference(x, y, running, affine)?;
+            self.last = Some((shape, false));
+            return Ok(());
+        }
+        let tracked = self.batches_tracked + 1;
+        let momentum = match self.momentum {
+            Momentum::CumulativeAverage { .. } => Momentum::CumulativeAverage {
+                batches_tracked: tracked,
+            },
+            m => m,
+        };
+        let update = RunningUpdate {
+            mean: &mut self.running_mean,
+            var: &mut self.running_var,
+            momentum,
+            var_estimator: self.var_estimator,
+        };
+        let saved = SavedStatsMut {
+            mean: &mut self.saved_mean,
+            inv_std: &mut self.saved_inv_std,
+        };
+        op.training(x, y, affine, saved, Some(update))?;
+        self.batches_tracked = tracked;
+        self.last = Some((shape, true));
+        Ok(())
+    }
+
+    /// `dx` from `dy` for the last forward (its shape and mode: batch statistics after a
+    /// training forward, the running statistics after an evaluation one), with dγ and dβ
+    /// **accumulated** into the layer's gradients, as frameworks accumulate `.grad`
+    /// ([`zero_grad`](BatchNormLayer::zero_grad) clears them). `x` must be the input of that
+    /// forward.
+    ///
+    /// # Errors
+    /// [`Error::NoForward`] before any successful forward; the errors of
+    /// [`BatchNorm::backward`] (wrong lengths). On error nothing changes.
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<(), Error> {
+        let Some((shape, batch_stats)) = self.last else {
+            return Err(Error::NoForward);
+        };
+        let op = self.operator(shape)?;
+        let mode = if batch_stats {
+            BackwardMode::Training(SavedStats {
+                mean: &self.saved_mean,
+                inv_std: &self.saved_inv_std,
+            })
+        } else {
+            BackwardMode::Frozen(RunningStats {
+                mean: &self.running_mean,
+                var: &self.running_var,
+            })
+        };
+        let grads = ParamGrads {
+            dgamma: &mut self.dgamma,
+            dbeta: &mut self.dbeta,
+            mode: GradMode::Accumulate,
+        };
+        op.backward(x, dy, dx, mode, Some(&self.gamma), Some(grads))
+    }
+
+    /// Sets dγ and dβ to zero.
+    pub fn zero_grad(&mut self) {
+        self.dgamma.fill(0.0);
+        self.dbeta.fill(0.0);
+    }
+
+    /// Channels.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+    /// Layout of the tensors.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    /// ε.
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+    /// The running-update rule ([`Momentum::CumulativeAverage`] counts with
+    /// [`batches_tracked`](BatchNormLayer::batches_tracked)).
+    pub fn momentum(&self) -> Momentum {
+        self.momentum
+    }
+    /// Which batch variance feeds the running variance.
+    pub fn var_estimator(&self) -> Variance {
+        self.var_estimator
+    }
+    /// Training forwards that succeeded (PyTorch's `num_batches_tracked`).
+    pub fn batches_tracked(&self) -> u64 {
+        self.batches_tracked
+    }
+    /// γ.
+    pub fn gamma(&self) -> &[f32] {
+        &self.gamma
+    }
+    /// β.
+    pub fn beta(&self) -> &[f32] {
+        &self.beta
+    }
+    /// γ, to load or update (an optimizer step).
+    pub fn gamma_mut(&mut self) -> &mut [f32] {
+        &mut self.gamma
+    }
+    /// β, to load or update.
+    pub fn beta_mut(&mut self) -> &mut [f32] {
+        &mut self.beta
+    }
+    /// The running mean.
+    pub fn running_mean(&self) -> &[f32] {
+        &self.running_mean
+    }
+    /// The running variance.
+    pub fn running_var(&self) -> &[f32] {
+        &self.running_var
+    }
+    /// The running mean, to load a checkpoint.
+    pub fn running_mean_mut(&mut self) -> &mut [f32] {
+        &mut self.running_mean
+    }
+    /// The running variance, to load a checkpoint.
+    pub fn running_var_mut(&mut self) -> &mut [f32] {
+        &mut self.running_var
+    }
+    /// Sets the batch counter (to load a checkpoint).
+    pub fn set_batches_tracked(&mut self, batches: u64) {
+        self.batches_tracked = batches;
+    }
+    /// The batch mean saved by the last training forward.
+    pub fn saved_mean(&self) -> &[f32] {
+        &self.saved_mean
+    }
+    /// The inverse standard deviation `1/sqrt(var + ε)` saved by the last training forward.
+    pub fn saved_inv_std(&self) -> &[f32] {
+        &self.saved_inv_std
+    }
+    /// dγ accumulated since the last [`zero_grad`](BatchNormLayer::zero_grad).
+    pub fn dgamma(&self) -> &[f32] {
+        &self.dgamma
+    }
+    /// dβ accumulated since the last [`zero_grad`](BatchNormLayer::zero_grad).
+    pub fn dbeta(&self) -> &[f32] {
+        &self.dbeta
+    }
+
+    /// Sets γ and β from slices of length C.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `gamma` or `beta`; nothing changes then.
+    pub fn set_affine(&mut self, gamma: &[f32], beta: &[f32]) -> Result<(), Error> {
+        check_len("gamma", self.channels, gamma.len())?;
+        check_len("beta", self.channels, beta.len())?;
+        self.gamma.copy_from_slice(gamma);
+        self.beta.copy_from_slice(beta);
+        Ok(())
+    }
+}
