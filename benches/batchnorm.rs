@@ -484,7 +484,9 @@ fn bench_op(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool], op: Op
         let mut b = Buffers::new(shape);
         let elements = shape.len() as u64;
         for layout in LAYOUTS {
-            let bn = BatchNorm::new(shape, layout).with_parallelism(Parallelism::Rayon);
+            let bn = BatchNorm::new(shape, layout)
+                .unwrap()
+                .with_parallelism(Parallelism::Rayon);
             check_scalar(op, shape, layout, &bn, &mut b);
             prepare(op, &bn, &mut b);
             let kind = CopyRoof::choose(&b.x, &mut b.y);
@@ -533,6 +535,7 @@ fn bench_backends(c: &mut Criterion, cfg: &Config) {
                 });
                 for backend in Backend::available() {
                     let bn = BatchNorm::new(shape, layout)
+                        .unwrap()
                         .with_parallelism(Parallelism::Sequential)
                         .with_backend(backend)
                         .expect("available backend");

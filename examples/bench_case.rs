@@ -83,7 +83,9 @@ fn parse(line: &str) -> Result<Case, String> {
 fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
     let [n, c, h, w] = case.dims;
     let shape = Shape::with_spatial(n, c, &[h, w]).map_err(|e| e.to_string())?;
-    let bn = BatchNorm::new(shape, case.layout).with_parallelism(Parallelism::Rayon);
+    let bn = BatchNorm::new(shape, case.layout)
+        .unwrap()
+        .with_parallelism(Parallelism::Rayon);
     let len = shape.len();
     let x = Buffer::from_slice(&fill(len, 1, -1.0, 3.0), 0);
     let dy = Buffer::from_slice(&fill(len, 2, -1.0, 1.0), 2 * case.offset % 4096);
@@ -187,7 +189,7 @@ fn main() {
             continue;
         }
         let reply = if line == "cpu" {
-            let bn = BatchNorm::new(Shape::new(1, 1, 1).unwrap(), Layout::Nchw);
+            let bn = BatchNorm::new(Shape::new(1, 1, 1).unwrap(), Layout::Nchw).unwrap();
             format!("{{\"backend\": \"{}\"}}", bn.backend().name())
         } else {
             match parse(line) {

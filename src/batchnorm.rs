@@ -19,7 +19,7 @@ pub const DEFAULT_EPS: f32 = 1e-5;
 /// ```
 /// use batchnorm::{Affine, BatchNorm, Layout, RunningStats, Shape};
 /// let shape = Shape::with_spatial(2, 3, &[4, 4])?;
-/// let bn = BatchNorm::new(shape, Layout::Nchw).with_eps(1e-5)?;
+/// let bn = BatchNorm::new(shape, Layout::Nchw)?.with_eps(1e-5)?;
 /// let x = vec![1.5f32; shape.len()];
 /// let mut y = vec![0.0f32; shape.len()];
 /// let (mean, var) = ([1.0f32; 3], [0.25f32; 3]);
@@ -38,28 +38,49 @@ pub const DEFAULT_EPS: f32 = 1e-5;
 pub struct BatchNorm {
     ctx: Ctx,
     eps: f32,
-    /// Whether the backend was chosen with [`BatchNorm::with_backend`] (overriding the environment).
-    backend_chosen: bool,
 }
 
 impl BatchNorm {
     /// An operator for `shape` in `layout`, with ε = [`DEFAULT_EPS`], [`Parallelism::Rayon`] and
     /// the best backend of this CPU ([`crate::Backend::detect`]), or the one forced by the
-    /// environment variable `BATCHNORM_BACKEND`. If that variable names an unknown backend or one
-    /// this CPU lacks, every operation returns that error ([`Error::UnknownBackend`],
-    /// [`Error::BackendUnavailable`]) until [`BatchNorm::with_backend`] chooses one: a forced
-    /// backend is never silently replaced, and never executed where it cannot run.
-    pub fn new(shape: Shape, layout: Layout) -> BatchNorm {
+    /// environment variable `BATCHNORM_BACKEND`. A forced backend is never silently replaced and
+    /// never executed where it cannot run: it is an error here, where the operator is built.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBackend`] if `BATCHNORM_BACKEND` names no backend,
+    /// [`Error::BackendUnavailable`] if it names one this CPU lacks ([`BatchNorm::on_backend`]
+    /// builds on a chosen backend whatever the variable says).
+    pub fn new(shape: Shape, layout: Layout) -> Result<BatchNorm, Error> {
+        match crate::Backend::forced() {
+            Some(Err(e)) => Err(e),
+            Some(Ok(b)) => Ok(Self::build(shape, layout, b)),
+            None => Ok(Self::build(shape, layout, crate::Backend::detect())),
+        }
+    }
+
+    /// An operator for `shape` in `layout` on `backend`, whatever `BATCHNORM_BACKEND` says (for
+    /// benchmarks, tests and engines that pick the instruction set themselves).
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] if this CPU cannot run `backend`.
+    pub fn on_backend(
+        shape: Shape,
+        layout: Layout,
+        backend: crate::Backend,
+    ) -> Result<BatchNorm, Error> {
+        Self::build(shape, layout, backend).with_backend(backend)
+    }
+
+    fn build(shape: Shape, layout: Layout, backend: crate::Backend) -> BatchNorm {
         let ctx = Ctx {
             shape,
             layout,
             par: Parallelism::Rayon,
-            backend: crate::Backend::detect(),
+            backend,
         };
         BatchNorm {
             ctx,
             eps: DEFAULT_EPS,
-            backend_chosen: false,
         }
     }
 
@@ -93,7 +114,6 @@ impl BatchNorm {
             });
         }
         self.ctx.backend = backend;
-        self.backend_chosen = true;
         Ok(self)
     }
 
@@ -113,28 +133,22 @@ impl BatchNorm {
     pub fn parallelism(&self) -> Parallelism {
         self.ctx.par
     }
-    /// The SIMD backend the operations run on.
+    /// The SIMD backend the operations run on (the forced one, the chosen one, or the best this
+    /// CPU has).
     pub fn backend(&self) -> crate::Backend {
         self.ctx.backend
     }
 
-    /// The environment's forced backend, if invalid, unless the API chose one.
-    fn check_backend(&self) -> Result<(), Error> {
-        match crate::Backend::forced() {
-            Some(Err(e)) if !self.backend_chosen => Err(e),
-            _ => Ok(()),
-        }
+    fn check_tensor(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
+        check_len(op, arg, self.ctx.shape.len(), t.len())
     }
-    fn check_tensor(&self, arg: &'static str, t: &[f32]) -> Result<(), Error> {
-        check_len(arg, self.ctx.shape.len(), t.len())
+    fn check_channels(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
+        check_len(op, arg, self.ctx.shape.c(), t.len())
     }
-    fn check_channels(&self, arg: &'static str, t: &[f32]) -> Result<(), Error> {
-        check_len(arg, self.ctx.shape.c(), t.len())
-    }
-    fn check_affine(&self, affine: Option<&Affine<'_>>) -> Result<(), Error> {
+    fn check_affine(&self, op: &'static str, affine: Option<&Affine<'_>>) -> Result<(), Error> {
         if let Some(a) = affine {
-            self.check_channels("gamma", a.gamma)?;
-            self.check_channels("beta", a.beta)?;
+            self.check_channels(op, "gamma", a.gamma)?;
+            self.check_channels(op, "beta", a.beta)?;
         }
         Ok(())
     }
@@ -144,19 +158,19 @@ impl BatchNorm {
     /// # Errors
     /// [`Error::LengthMismatch`] if `x.len() != N·C·HW`.
     pub fn statistics(&self, x: &[f32]) -> Result<BatchStats, Error> {
-        self.check_backend()?;
-        self.check_tensor("x", x)?;
+        self.check_tensor("statistics", "x", x)?;
         Ok(BatchStats::from_channels(driver::statistics(&self.ctx, x)))
     }
 
     fn inference_params(
         &self,
+        op: &'static str,
         running: &RunningStats<'_>,
         affine: Option<&Affine<'_>>,
     ) -> Result<Vec<ChannelAffine>, Error> {
-        self.check_channels("running_mean", running.mean)?;
-        self.check_channels("running_var", running.var)?;
-        self.check_affine(affine)?;
+        self.check_channels(op, "running_mean", running.mean)?;
+        self.check_channels(op, "running_var", running.var)?;
+        self.check_affine(op, affine)?;
         let eps = self.eps as f64;
         Ok((0..self.ctx.shape.c())
             .map(|c| {
@@ -184,10 +198,10 @@ impl BatchNorm {
         running: RunningStats<'_>,
         affine: Option<Affine<'_>>,
     ) -> Result<(), Error> {
-        self.check_backend()?;
-        self.check_tensor("x", x)?;
-        self.check_tensor("y", y)?;
-        let params = self.inference_params(&running, affine.as_ref())?;
+        const OP: &str = "inference";
+        self.check_tensor(OP, "x", x)?;
+        self.check_tensor(OP, "y", y)?;
+        let params = self.inference_params(OP, &running, affine.as_ref())?;
         driver::normalize(&self.ctx, Src::Separate(x), y, &params);
         Ok(())
     }
@@ -202,9 +216,9 @@ impl BatchNorm {
         running: RunningStats<'_>,
         affine: Option<Affine<'_>>,
     ) -> Result<(), Error> {
-        self.check_backend()?;
-        self.check_tensor("x", x)?;
-        let params = self.inference_params(&running, affine.as_ref())?;
+        const OP: &str = "inference_in_place";
+        self.check_tensor(OP, "x", x)?;
+        let params = self.inference_params(OP, &running, affine.as_ref())?;
         driver::normalize(&self.ctx, Src::InPlace, x, &params);
         Ok(())
     }
@@ -231,17 +245,17 @@ impl BatchNorm {
         saved: SavedStatsMut<'_>,
         update: Option<RunningUpdate<'_>>,
     ) -> Result<BatchStats, Error> {
-        self.check_backend()?;
-        self.check_tensor("x", x)?;
-        self.check_tensor("y", y)?;
-        self.check_affine(affine.as_ref())?;
-        self.check_channels("saved_mean", saved.mean)?;
-        self.check_channels("saved_inv_std", saved.inv_std)?;
+        const OP: &str = "training";
+        self.check_tensor(OP, "x", x)?;
+        self.check_tensor(OP, "y", y)?;
+        self.check_affine(OP, affine.as_ref())?;
+        self.check_channels(OP, "saved_mean", saved.mean)?;
+        self.check_channels(OP, "saved_inv_std", saved.inv_std)?;
         let mut update = update;
         let weight = match &update {
             Some(u) => {
-                self.check_channels("running_mean", u.mean)?;
-                self.check_channels("running_var", u.var)?;
+                self.check_channels(OP, "running_mean", u.mean)?;
+                self.check_channels(OP, "running_var", u.var)?;
                 let per_channel = self.ctx.shape.per_channel() as u64;
                 if u.var_estimator == Variance::Unbiased && per_channel < 2 {
                     return Err(Error::TooFewValues { per_channel });
@@ -274,18 +288,19 @@ impl BatchNorm {
         Ok(BatchStats::from_channels(stats))
     }
 
+    /// Backward of operation `op` (its name in length errors) with dy from `dy`.
     fn backward_impl(
         &self,
+        (op, dy): (&'static str, Src<'_>),
         x: &[f32],
-        dy: Src<'_>,
         dx: &mut [f32],
         mode: BackwardMode<'_>,
         gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
-        self.check_backend()?;
-        self.check_tensor("x", x)?;
+        self.check_tensor(op, "x", x)?;
         self.check_tensor(
+            op,
             if matches!(dy, Src::InPlace) {
                 "dy_dx"
             } else {
@@ -294,14 +309,14 @@ impl BatchNorm {
             dx,
         )?;
         if let Src::Separate(dy) = dy {
-            self.check_tensor("dy", dy)?;
+            self.check_tensor(op, "dy", dy)?;
         }
         if let Some(g) = gamma {
-            self.check_channels("gamma", g)?;
+            self.check_channels(op, "gamma", g)?;
         }
         if let Some(g) = &grads {
-            self.check_channels("dgamma", g.dgamma)?;
-            self.check_channels("dbeta", g.dbeta)?;
+            self.check_channels(op, "dgamma", g.dgamma)?;
+            self.check_channels(op, "dbeta", g.dbeta)?;
         }
         let gamma_of = |c: usize| gamma.map_or(1.0, |g| g[c] as f64);
         let m = self.ctx.shape.per_channel() as f64;
@@ -310,8 +325,8 @@ impl BatchNorm {
         let sums: Vec<GradSums>;
         let param_grads: Vec<(f64, f64)> = match mode {
             BackwardMode::Training(saved) => {
-                self.check_channels("saved_mean", saved.mean)?;
-                self.check_channels("saved_inv_std", saved.inv_std)?;
+                self.check_channels(op, "saved_mean", saved.mean)?;
+                self.check_channels(op, "saved_inv_std", saved.inv_std)?;
                 let make = |c: usize, g: &GradSums| {
                     let (r, gamma) = (saved.inv_std[c] as f64, gamma_of(c));
                     let (dgamma, dbeta, lo) = training_grads(g, r, m);
@@ -337,8 +352,8 @@ impl BatchNorm {
                     .collect()
             }
             BackwardMode::Frozen(running) => {
-                self.check_channels("running_mean", running.mean)?;
-                self.check_channels("running_var", running.var)?;
+                self.check_channels(op, "running_mean", running.mean)?;
+                self.check_channels(op, "running_var", running.var)?;
                 let eps = self.eps as f64;
                 let inv_std: Vec<f64> = running
                     .var
@@ -408,7 +423,7 @@ impl BatchNorm {
         gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
-        self.backward_impl(x, Src::Separate(dy), dx, mode, gamma, grads)
+        self.backward_impl(("backward", Src::Separate(dy)), x, dx, mode, gamma, grads)
     }
 
     /// [`BatchNorm::backward`] writing dx over dy (`dy_dx` holds dy on entry, dx on return).
@@ -423,7 +438,8 @@ impl BatchNorm {
         gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
-        self.backward_impl(x, Src::InPlace, dy_dx, mode, gamma, grads)
+        let op = ("backward_in_place", Src::InPlace);
+        self.backward_impl(op, x, dy_dx, mode, gamma, grads)
     }
 }
 

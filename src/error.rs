@@ -7,9 +7,10 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Error {
-    /// A dimension (`"N"`, `"C"` or `"spatial"`) is zero.
+    /// A dimension is zero.
     ZeroDimension {
-        /// Which dimension.
+        /// Which dimension: `"N"`, `"C"`, `"HW"` ([`crate::Shape::new`]'s spatial extent) or
+        /// `"spatial[i]"` (the i-th of [`crate::Shape::with_spatial`]'s, `"spatial"` past the 8th).
         dim: &'static str,
     },
     /// N·C·HW (or its size in bytes) does not fit in `usize`/`isize`.
@@ -23,6 +24,9 @@ pub enum Error {
     },
     /// A slice has the wrong length for the shape.
     LengthMismatch {
+        /// The operation, e.g. `"inference"`, `"training"`, `"backward_in_place"`,
+        /// `"BatchNormLayer::set_affine"`.
+        op: &'static str,
         /// The argument, e.g. `"x"`, `"gamma"`, `"running_var"`.
         arg: &'static str,
         /// The length the shape requires.
@@ -79,11 +83,12 @@ impl fmt::Display for Error {
                 write!(f, "shape N={n}, C={c}, HW={hw} overflows the address space")
             }
             Error::LengthMismatch {
+                op,
                 arg,
                 expected,
                 actual,
             } => {
-                write!(f, "`{arg}` has length {actual}, expected {expected}")
+                write!(f, "{op}: `{arg}` has length {actual}, expected {expected}")
             }
             Error::InvalidEpsilon { eps } => {
                 write!(f, "eps must be finite and >= 0, got {eps}")
@@ -99,7 +104,8 @@ impl fmt::Display for Error {
             }
             Error::TooFewValues { per_channel } => write!(
                 f,
-                "the unbiased variance needs at least 2 values per channel, got {per_channel}"
+                "the unbiased variance needs at least 2 values per channel, got {per_channel}; \
+                 use the biased variance (`Variance::Biased`) or a batch with N·HW ≥ 2"
             ),
             Error::ChannelMismatch { expected, actual } => {
                 write!(f, "statistics have {actual} channels, expected {expected}")
@@ -121,20 +127,27 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Checks a slice length against the shape; cold path out of line.
+/// Checks a slice length against the shape for argument `arg` of operation `op`; cold path out
+/// of line.
 #[inline]
-pub(crate) fn check_len(arg: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
+pub(crate) fn check_len(
+    op: &'static str,
+    arg: &'static str,
+    expected: usize,
+    actual: usize,
+) -> Result<(), Error> {
     if expected == actual {
         Ok(())
     } else {
-        Err(length_mismatch(arg, expected, actual))
+        Err(length_mismatch(op, arg, expected, actual))
     }
 }
 
 #[cold]
 #[inline(never)]
-fn length_mismatch(arg: &'static str, expected: usize, actual: usize) -> Error {
+fn length_mismatch(op: &'static str, arg: &'static str, expected: usize, actual: usize) -> Error {
     Error::LengthMismatch {
+        op,
         arg,
         expected,
         actual,

@@ -66,6 +66,9 @@ impl BatchNormLayer {
         if channels == 0 {
             return Err(Error::ZeroDimension { dim: "C" });
         }
+        if let Some(Err(e)) = Backend::forced() {
+            return Err(e);
+        }
         let c = |v: f32| vec![v; channels];
         Ok(BatchNormLayer {
             channels,
@@ -93,7 +96,8 @@ impl BatchNormLayer {
     /// value, unbiased running variance, training mode.
     ///
     /// # Errors
-    /// [`Error::ZeroDimension`] if `channels` is 0.
+    /// [`Error::ZeroDimension`] if `channels` is 0; the invalid `BATCHNORM_BACKEND` errors of
+    /// [`BatchNorm::new`] (so do the other presets).
     pub fn pytorch(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
         Self::preset(
             channels,
@@ -157,7 +161,8 @@ impl BatchNormLayer {
     /// # Errors
     /// [`Error::InvalidEpsilon`] if ε is negative, NaN or infinite.
     pub fn with_eps(mut self, eps: f32) -> Result<BatchNormLayer, Error> {
-        BatchNorm::new(Shape::new(1, 1, 1)?, self.layout).with_eps(eps)?;
+        BatchNorm::on_backend(Shape::new(1, 1, 1)?, self.layout, Backend::Portable)?
+            .with_eps(eps)?;
         self.eps = eps;
         Ok(self)
     }
@@ -173,7 +178,7 @@ impl BatchNormLayer {
     /// # Errors
     /// [`Error::BackendUnavailable`] if this CPU cannot run it.
     pub fn with_backend(mut self, backend: Backend) -> Result<BatchNormLayer, Error> {
-        BatchNorm::new(Shape::new(1, 1, 1)?, self.layout).with_backend(backend)?;
+        BatchNorm::on_backend(Shape::new(1, 1, 1)?, self.layout, backend)?;
         self.backend = Some(backend);
         Ok(self)
     }
@@ -201,13 +206,11 @@ impl BatchNormLayer {
                 actual: shape.c(),
             });
         }
-        let op = BatchNorm::new(shape, self.layout)
-            .with_eps(self.eps)?
-            .with_parallelism(self.parallelism);
-        match self.backend {
-            Some(b) => op.with_backend(b),
-            None => Ok(op),
-        }
+        let op = match self.backend {
+            Some(b) => BatchNorm::on_backend(shape, self.layout, b)?,
+            None => BatchNorm::new(shape, self.layout)?,
+        };
+        Ok(op.with_eps(self.eps)?.with_parallelism(self.parallelism))
     }
 
     /// `y = BN(x)` for a tensor of `shape` (its C must be the layer's). In training mode: batch
@@ -379,8 +382,9 @@ impl BatchNormLayer {
     /// # Errors
     /// [`Error::LengthMismatch`] naming `gamma` or `beta`; nothing changes then.
     pub fn set_affine(&mut self, gamma: &[f32], beta: &[f32]) -> Result<(), Error> {
-        check_len("gamma", self.channels, gamma.len())?;
-        check_len("beta", self.channels, beta.len())?;
+        const OP: &str = "BatchNormLayer::set_affine";
+        check_len(OP, "gamma", self.channels, gamma.len())?;
+        check_len(OP, "beta", self.channels, beta.len())?;
         self.gamma.copy_from_slice(gamma);
         self.beta.copy_from_slice(beta);
         Ok(())

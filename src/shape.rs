@@ -39,7 +39,7 @@ impl Shape {
     /// [`Error::ZeroDimension`] if any is zero; [`Error::ShapeOverflow`] if the tensor's size in
     /// bytes overflows `isize`.
     pub fn new(n: usize, c: usize, hw: usize) -> Result<Shape, Error> {
-        for (dim, v) in [("N", n), ("C", c), ("spatial", hw)] {
+        for (dim, v) in [("N", n), ("C", c), ("HW", hw)] {
             if v == 0 {
                 return Err(Error::ZeroDimension { dim });
             }
@@ -60,10 +60,21 @@ impl Shape {
     /// # Errors
     /// As [`Shape::new`]; a zero spatial dimension is [`Error::ZeroDimension`].
     pub fn with_spatial(n: usize, c: usize, spatial: &[usize]) -> Result<Shape, Error> {
+        const NAMES: [&str; 8] = [
+            "spatial[0]",
+            "spatial[1]",
+            "spatial[2]",
+            "spatial[3]",
+            "spatial[4]",
+            "spatial[5]",
+            "spatial[6]",
+            "spatial[7]",
+        ];
         let mut hw: usize = 1;
-        for &d in spatial {
+        for (i, &d) in spatial.iter().enumerate() {
             if d == 0 {
-                return Err(Error::ZeroDimension { dim: "spatial" });
+                let dim = NAMES.get(i).copied().unwrap_or("spatial");
+                return Err(Error::ZeroDimension { dim });
             }
             hw = hw
                 .checked_mul(d)

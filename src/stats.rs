@@ -139,10 +139,10 @@ impl ChannelStats {
 ///
 /// ```
 /// use batchnorm::{BatchNorm, Layout, Shape, Variance};
-/// let bn = BatchNorm::new(Shape::new(4, 2, 3)?, Layout::Nchw);
+/// let bn = BatchNorm::new(Shape::new(4, 2, 3)?, Layout::Nchw)?;
 /// let x: Vec<f32> = (0..24).map(|i| i as f32).collect();
 /// // Statistics of two half-batches, merged, equal those of the whole batch.
-/// let half = BatchNorm::new(Shape::new(2, 2, 3)?, Layout::Nchw);
+/// let half = BatchNorm::new(Shape::new(2, 2, 3)?, Layout::Nchw)?;
 /// let mut merged = half.statistics(&x[..12])?;
 /// merged.merge(&half.statistics(&x[12..])?)?;
 /// let whole = bn.statistics(&x)?;

@@ -291,7 +291,7 @@ fn accumulate_adds_to_existing_gradients() {
     for layout in LAYOUTS {
         let x = rng.normals(shape.len(), 0.0, 1.0);
         let dy = rng.normals(shape.len(), 0.0, 1.0);
-        let bn = BatchNorm::new(shape, layout);
+        let bn = BatchNorm::new(shape, layout).unwrap();
         let (m, r) = forward_saved(&bn, &x);
         let mode = BackwardMode::Training(SavedStats {
             mean: &m,

@@ -96,7 +96,10 @@ fn bit_identical_for_any_thread_count() {
             let gamma = rng.normals(shape.c(), 1.0, 0.5);
             let beta = rng.normals(shape.c(), 0.0, 1.0);
             for backend in backends() {
-                let bn = BatchNorm::new(shape, layout).with_backend(backend).unwrap();
+                let bn = BatchNorm::new(shape, layout)
+                    .unwrap()
+                    .with_backend(backend)
+                    .unwrap();
                 let seq = run_all(
                     &bn.with_parallelism(Parallelism::Sequential),
                     &x,

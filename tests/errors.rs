@@ -1,21 +1,19 @@
 //! Every kind of bad input returns its documented error, and nothing is written.
 
 use batchnorm::{
-    Affine, Backend, BackwardMode, BatchNorm, BatchStats, ChannelStats, Error, GradMode, Layout,
-    Momentum, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, Variance,
+    Affine, Backend, BackwardMode, BatchNorm, BatchNormLayer, BatchStats, ChannelStats, Error,
+    GradMode, Layout, Momentum, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    Shape, Variance,
 };
 
 #[test]
 fn shapes() {
     assert_eq!(Shape::new(0, 3, 4), Err(Error::ZeroDimension { dim: "N" }));
     assert_eq!(Shape::new(2, 0, 4), Err(Error::ZeroDimension { dim: "C" }));
-    assert_eq!(
-        Shape::new(2, 3, 0),
-        Err(Error::ZeroDimension { dim: "spatial" })
-    );
+    assert_eq!(Shape::new(2, 3, 0), Err(Error::ZeroDimension { dim: "HW" }));
     assert_eq!(
         Shape::with_spatial(2, 3, &[4, 0]),
-        Err(Error::ZeroDimension { dim: "spatial" })
+        Err(Error::ZeroDimension { dim: "spatial[1]" })
     );
     assert!(matches!(
         Shape::new(usize::MAX, 2, 2),
@@ -34,7 +32,7 @@ fn shapes() {
 
 #[test]
 fn epsilon_and_momentum() {
-    let bn = BatchNorm::new(Shape::new(2, 1, 2).unwrap(), Layout::Nchw);
+    let bn = BatchNorm::new(Shape::new(2, 1, 2).unwrap(), Layout::Nchw).unwrap();
     for eps in [-1e-5, f32::NAN, f32::INFINITY, (-0.0f32).next_down()] {
         assert!(
             matches!(bn.with_eps(eps), Err(Error::InvalidEpsilon { .. })),
@@ -99,7 +97,7 @@ fn epsilon_and_momentum() {
 #[test]
 fn lengths_are_named() {
     let shape = Shape::new(2, 3, 4).unwrap();
-    let bn = BatchNorm::new(shape, Layout::Nhwc);
+    let bn = BatchNorm::new(shape, Layout::Nhwc).unwrap();
     let (x, short) = (vec![1.0f32; 24], vec![1.0f32; 23]);
     let mut y = vec![7.0f32; 24];
     let (c3, c2) = ([1.0f32; 3], [1.0f32; 2]);
@@ -107,20 +105,24 @@ fn lengths_are_named() {
         mean: &c3,
         var: &c3,
     };
-    let mismatch = |arg, expected, actual| Error::LengthMismatch {
+    let mismatch = |op, arg, expected, actual| Error::LengthMismatch {
+        op,
         arg,
         expected,
         actual,
     };
 
-    assert_eq!(bn.statistics(&short).unwrap_err(), mismatch("x", 24, 23));
+    assert_eq!(
+        bn.statistics(&short).unwrap_err(),
+        mismatch("statistics", "x", 24, 23)
+    );
     assert_eq!(
         bn.inference(&short, &mut y, running, None).unwrap_err(),
-        mismatch("x", 24, 23)
+        mismatch("inference", "x", 24, 23)
     );
     assert_eq!(
         bn.inference(&x, &mut y[..20], running, None).unwrap_err(),
-        mismatch("y", 24, 20)
+        mismatch("inference", "y", 24, 20)
     );
     let bad = RunningStats {
         mean: &c2,
@@ -128,7 +130,7 @@ fn lengths_are_named() {
     };
     assert_eq!(
         bn.inference(&x, &mut y, bad, None).unwrap_err(),
-        mismatch("running_mean", 3, 2)
+        mismatch("inference", "running_mean", 3, 2)
     );
     let bad = RunningStats {
         mean: &c3,
@@ -136,7 +138,7 @@ fn lengths_are_named() {
     };
     assert_eq!(
         bn.inference(&x, &mut y, bad, None).unwrap_err(),
-        mismatch("running_var", 3, 2)
+        mismatch("inference", "running_var", 3, 2)
     );
     let affine = Some(Affine {
         gamma: &c2,
@@ -144,7 +146,7 @@ fn lengths_are_named() {
     });
     assert_eq!(
         bn.inference(&x, &mut y, running, affine).unwrap_err(),
-        mismatch("gamma", 3, 2)
+        mismatch("inference", "gamma", 3, 2)
     );
     let affine = Some(Affine {
         gamma: &c3,
@@ -152,12 +154,12 @@ fn lengths_are_named() {
     });
     assert_eq!(
         bn.inference(&x, &mut y, running, affine).unwrap_err(),
-        mismatch("beta", 3, 2)
+        mismatch("inference", "beta", 3, 2)
     );
     let mut xs = short.clone();
     assert_eq!(
         bn.inference_in_place(&mut xs, running, None).unwrap_err(),
-        mismatch("x", 24, 23)
+        mismatch("inference_in_place", "x", 24, 23)
     );
     assert!(y.iter().all(|&v| v == 7.0), "nothing written on error");
 
@@ -168,7 +170,7 @@ fn lengths_are_named() {
     };
     assert_eq!(
         bn.training(&x, &mut y, None, saved, None).unwrap_err(),
-        mismatch("saved_mean", 3, 2)
+        mismatch("training", "saved_mean", 3, 2)
     );
     let saved = SavedStatsMut {
         mean: &mut m3,
@@ -176,7 +178,7 @@ fn lengths_are_named() {
     };
     assert_eq!(
         bn.training(&x, &mut y, None, saved, None).unwrap_err(),
-        mismatch("saved_inv_std", 3, 2)
+        mismatch("training", "saved_inv_std", 3, 2)
     );
     let (mut rm, mut rv2) = ([0.0f32; 3], [0.0f32; 2]);
     let saved = SavedStatsMut {
@@ -186,7 +188,7 @@ fn lengths_are_named() {
     let update = Some(RunningUpdate::pytorch(&mut rm, &mut rv2));
     assert_eq!(
         bn.training(&x, &mut y, None, saved, update).unwrap_err(),
-        mismatch("running_var", 3, 2)
+        mismatch("training", "running_var", 3, 2)
     );
 
     let saved = SavedStats {
@@ -198,22 +200,22 @@ fn lengths_are_named() {
     assert_eq!(
         bn.backward(&x, &short, &mut dx, mode, None, None)
             .unwrap_err(),
-        mismatch("dy", 24, 23)
+        mismatch("backward", "dy", 24, 23)
     );
     assert_eq!(
         bn.backward(&short, &x, &mut dx, mode, None, None)
             .unwrap_err(),
-        mismatch("x", 24, 23)
+        mismatch("backward", "x", 24, 23)
     );
     assert_eq!(
         bn.backward(&x, &x, &mut dx[..1], mode, None, None)
             .unwrap_err(),
-        mismatch("dx", 24, 1)
+        mismatch("backward", "dx", 24, 1)
     );
     assert_eq!(
         bn.backward(&x, &x, &mut dx, mode, Some(&c2), None)
             .unwrap_err(),
-        mismatch("gamma", 3, 2)
+        mismatch("backward", "gamma", 3, 2)
     );
     let bad = BackwardMode::Training(SavedStats {
         mean: &c3,
@@ -221,7 +223,7 @@ fn lengths_are_named() {
     });
     assert_eq!(
         bn.backward(&x, &x, &mut dx, bad, None, None).unwrap_err(),
-        mismatch("saved_inv_std", 3, 2)
+        mismatch("backward", "saved_inv_std", 3, 2)
     );
     let bad = BackwardMode::Frozen(RunningStats {
         mean: &c2,
@@ -229,7 +231,7 @@ fn lengths_are_named() {
     });
     assert_eq!(
         bn.backward(&x, &x, &mut dx, bad, None, None).unwrap_err(),
-        mismatch("running_mean", 3, 2)
+        mismatch("backward", "running_mean", 3, 2)
     );
     let (mut dg, mut db) = ([0.0f32; 2], [0.0f32; 3]);
     let grads = Some(ParamGrads {
@@ -239,13 +241,13 @@ fn lengths_are_named() {
     });
     assert_eq!(
         bn.backward(&x, &x, &mut dx, mode, None, grads).unwrap_err(),
-        mismatch("dgamma", 3, 2)
+        mismatch("backward", "dgamma", 3, 2)
     );
     let mut g = short.clone();
     assert_eq!(
         bn.backward_in_place(&x, &mut g, mode, None, None)
             .unwrap_err(),
-        mismatch("dy_dx", 24, 23)
+        mismatch("backward_in_place", "dy_dx", 24, 23)
     );
     assert!(dx.iter().all(|&v| v == 7.0), "nothing written on error");
 }
@@ -278,7 +280,7 @@ fn backends() {
     assert_eq!(Backend::from_name("avx2"), Some(Backend::Avx2Fma));
     assert_eq!(Backend::from_name("nope"), None);
     assert!(Backend::Portable.is_available());
-    let bn = BatchNorm::new(Shape::new(1, 1, 1).unwrap(), Layout::Nchw);
+    let bn = BatchNorm::new(Shape::new(1, 1, 1).unwrap(), Layout::Nchw).unwrap();
     for b in Backend::ALL {
         match bn.with_backend(b) {
             Ok(op) => assert!(b.is_available() && op.backend() == b),
@@ -296,12 +298,20 @@ fn backends() {
     }
     // Messages name the argument and both values.
     let msg = Error::LengthMismatch {
+        op: "inference",
         arg: "gamma",
         expected: 3,
         actual: 2,
     }
     .to_string();
-    assert_eq!(msg, "`gamma` has length 2, expected 3");
+    assert_eq!(msg, "inference: `gamma` has length 2, expected 3");
+    // Which spatial dimension is zero, and what to do about too few values.
+    let zero = Shape::with_spatial(2, 3, &[5, 7, 0])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(zero, "dimension spatial[2] is zero; it must be at least 1");
+    let few = Error::TooFewValues { per_channel: 1 }.to_string();
+    assert!(few.contains("Variance::Biased"), "{few}");
 }
 
 /// An invalid `BATCHNORM_BACKEND` is a clear error from every operation (never a silent
@@ -311,21 +321,15 @@ fn backends() {
 fn invalid_forced_backend_is_an_error() {
     if std::env::var_os("BATCHNORM_TEST_CHILD").is_some() {
         let shape = Shape::new(1, 2, 3).unwrap();
-        let bn = BatchNorm::new(shape, Layout::Nchw);
         let want = Error::UnknownBackend {
             name: "bogus".into(),
         };
-        assert_eq!(bn.statistics(&[0.0; 6]).unwrap_err(), want);
-        let mut x = [0.0f32; 6];
-        let running = RunningStats {
-            mean: &[0.0; 2],
-            var: &[1.0; 2],
-        };
-        assert_eq!(
-            bn.inference_in_place(&mut x, running, None).unwrap_err(),
-            want
-        );
-        let chosen = bn.with_backend(Backend::Portable).unwrap();
+        // Reported where the operator (or the layer) is built.
+        assert_eq!(BatchNorm::new(shape, Layout::Nchw).unwrap_err(), want);
+        assert_eq!(BatchNormLayer::pytorch(2, Layout::Nchw).unwrap_err(), want);
+        // A backend chosen by the caller runs, and is the one named.
+        let chosen = BatchNorm::on_backend(shape, Layout::Nchw, Backend::Portable).unwrap();
+        assert_eq!(chosen.backend(), Backend::Portable);
         assert!(chosen.statistics(&[0.0; 6]).is_ok());
         return;
     }

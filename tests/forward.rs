@@ -458,7 +458,7 @@ fn nchw_and_nhwc_agree() {
         let xt = relayout(&x, shape, Layout::Nchw, Layout::Nhwc);
         let (gamma, beta) = affine_params(&mut rng, shape.c());
         let run = |layout: Layout, x: &[f32]| {
-            let bn = BatchNorm::new(shape, layout);
+            let bn = BatchNorm::new(shape, layout).unwrap();
             let mut y = vec![f32::NAN; x.len()];
             let (mut m, mut r) = (vec![0.0; shape.c()], vec![0.0; shape.c()]);
             bn.training(
@@ -497,13 +497,16 @@ fn merged_partial_statistics_equal_whole_batch() {
     for layout in LAYOUTS {
         let whole_shape = Shape::new(12, 7, 33).unwrap();
         let x = offset_data(&mut rng, whole_shape, layout, 1e4, 1.0);
-        let whole = BatchNorm::new(whole_shape, layout).statistics(&x).unwrap();
+        let whole = BatchNorm::new(whole_shape, layout)
+            .unwrap()
+            .statistics(&x)
+            .unwrap();
         // Samples are contiguous in both layouts: split the batch 5 + 4 + 3.
         let per_sample = 7 * 33;
         let mut merged: Option<batchnorm::BatchStats> = None;
         let mut start = 0;
         for n in [5, 4, 3] {
-            let part = BatchNorm::new(Shape::new(n, 7, 33).unwrap(), layout);
+            let part = BatchNorm::new(Shape::new(n, 7, 33).unwrap(), layout).unwrap();
             let s = part
                 .statistics(&x[start * per_sample..(start + n) * per_sample])
                 .unwrap();
@@ -564,7 +567,7 @@ fn running_update_conventions_match_hand_computed_values() {
     ];
     for layout in LAYOUTS {
         for (momentum, est, want_mean, want_var) in cases {
-            let bn = BatchNorm::new(shape, layout);
+            let bn = BatchNorm::new(shape, layout).unwrap();
             let (mut rm, mut rv) = ([0.0f32], [1.0f32]);
             let (mut m, mut r) = ([0.0f32], [0.0f32]);
             let mut y = [0.0f32; 4];
@@ -628,7 +631,7 @@ fn one_value_per_channel() {
     let beta = [0.5f32, -1.0, 2.0, 0.0];
     let gamma = [1.0f32; 4];
     for layout in LAYOUTS {
-        let bn = BatchNorm::new(shape, layout);
+        let bn = BatchNorm::new(shape, layout).unwrap();
         let (mut rm, mut rv) = ([0.0f32; 4], [1.0f32; 4]);
         let (mut m, mut r) = ([0.0f32; 4], [0.0f32; 4]);
         let mut y = [f32::NAN; 4];

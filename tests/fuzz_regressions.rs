@@ -36,7 +36,7 @@ fn training_backward(bn: &BatchNorm, x: &[f32], dy: &[f32]) -> (Vec<f32>, f32, f
 #[test]
 fn backward_training_unnormalized_products_overflow() {
     let shape = Shape::new(2, 1, 1).unwrap();
-    let bn = BatchNorm::new(shape, Layout::Nchw);
+    let bn = BatchNorm::new(shape, Layout::Nchw).unwrap();
     let (x, dy) = ([1e20f32, -1e20], [1e19f32, -1e19]);
     let want = reference::backward_training(&x, &dy, shape, Layout::Nchw, None, 1e-5);
     assert!((want.dgamma[0] / 2e19 - 1.0).abs() < 1e-6 && want.dbeta[0] == 0.0);
@@ -56,7 +56,10 @@ fn backward_training_unnormalized_products_overflow() {
 #[test]
 fn backward_training_tiny_variance_coefficient_overflows() {
     let shape = Shape::new(2, 1, 1).unwrap();
-    let bn = BatchNorm::new(shape, Layout::Nchw).with_eps(0.0).unwrap();
+    let bn = BatchNorm::new(shape, Layout::Nchw)
+        .unwrap()
+        .with_eps(0.0)
+        .unwrap();
     let x = [1.0f32, 1.0 + f32::EPSILON];
     let dy = [1e25f32, -1e25];
     let want = reference::backward_training(&x, &dy, shape, Layout::Nchw, None, 0.0);
@@ -80,7 +83,7 @@ fn backward_training_tiny_variance_coefficient_overflows() {
 #[test]
 fn backward_frozen_unnormalized_products_overflow() {
     let shape = Shape::new(2, 1, 1).unwrap();
-    let bn = BatchNorm::new(shape, Layout::Nchw);
+    let bn = BatchNorm::new(shape, Layout::Nchw).unwrap();
     let (x, dy) = ([1e20f32, 1e20], [1e19f32, 1e19]);
     let (rmean, rvar) = ([0.0f32], [1e38f32]);
     let want = reference::backward_frozen(&x, &dy, shape, Layout::Nchw, &rmean, &rvar, None, 1e-5);
@@ -112,7 +115,7 @@ fn backward_frozen_unnormalized_products_overflow() {
 #[test]
 fn old_weight_tiny_momentum_keeps_the_old_share() {
     let shape = Shape::new(2, 1, 1).unwrap();
-    let bn = BatchNorm::new(shape, Layout::Nchw);
+    let bn = BatchNorm::new(shape, Layout::Nchw).unwrap();
     let x = [-1.0f32, 1.0];
     let (mut rmean, mut rvar) = ([1e30f32], [1e30f32]);
     let (mut mean, mut inv_std) = ([0.0f32], [0.0f32]);
@@ -159,6 +162,7 @@ fn reduction_error_grows_linearly_on_one_large_term_and_many_small() {
     let (rmean, rvar) = ([0.0f32], [1.0f32]);
     for backend in check::backends() {
         let bn = BatchNorm::new(shape, Layout::Nchw)
+            .unwrap()
             .with_backend(backend)
             .unwrap();
         let mut dx = vec![0.0f32; m];

@@ -170,7 +170,10 @@ fn training_steps_and_evaluation_follow_each_frameworks_rule() {
                 }
 
                 // y and the saved statistics: the plain operation with the same arguments.
-                let op = BatchNorm::new(shape, layout).with_eps(layer.eps()).unwrap();
+                let op = BatchNorm::new(shape, layout)
+                    .unwrap()
+                    .with_eps(layer.eps())
+                    .unwrap();
                 let (mut sm, mut si) = (vec![0.0; C], vec![0.0; C]);
                 let mut y_op = vec![0.0; x.len()];
                 let affine = Affine {
@@ -247,7 +250,10 @@ fn training_steps_and_evaluation_follow_each_frameworks_rule() {
             let mut dx = vec![f32::NAN; x.len()];
             layer.zero_grad();
             layer.backward(&x, &dy, &mut dx).unwrap();
-            let op = BatchNorm::new(shape, layout).with_eps(layer.eps()).unwrap();
+            let op = BatchNorm::new(shape, layout)
+                .unwrap()
+                .with_eps(layer.eps())
+                .unwrap();
             let (mut dx_op, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; C], vec![0.0; C]);
             let running = RunningStats {
                 mean: &before.0,

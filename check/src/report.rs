@@ -182,14 +182,19 @@ impl Expect {
     }
 }
 
-/// Length expectations of one call.
+/// Error expectations of one call of operation `.1` (the name its length errors carry).
 #[derive(Default)]
-pub(crate) struct Expected(pub(crate) Vec<Expect>);
+pub(crate) struct Expected(pub(crate) Vec<Expect>, pub(crate) &'static str);
 
 impl Expected {
+    /// No expectations yet, for a call of `op`.
+    pub(crate) fn of(op: &'static str) -> Expected {
+        Expected(Vec::new(), op)
+    }
     pub(crate) fn len(&mut self, arg: &'static str, expected: usize, actual: usize) {
         if expected != actual {
             self.0.push(Expect::Exactly(Error::LengthMismatch {
+                op: self.1,
                 arg,
                 expected,
                 actual,

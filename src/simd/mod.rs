@@ -206,8 +206,8 @@ impl Backend {
     }
 
     /// The backend used by default: the one forced by `BATCHNORM_BACKEND` if valid, else the best
-    /// available. Detected once per process. (An invalid forced backend makes the operations of a
-    /// [`crate::BatchNorm`] return its error; see [`Backend::forced`].)
+    /// available. Detected once per process. (An invalid forced backend makes
+    /// [`crate::BatchNorm::new`] return its error; see [`Backend::forced`].)
     pub fn detect() -> Backend {
         static DETECTED: OnceLock<Backend> = OnceLock::new();
         *DETECTED.get_or_init(|| match Backend::forced() {

@@ -26,7 +26,10 @@ pub fn operators(shape: Shape, layout: Layout, eps: f32) -> Vec<BatchNorm> {
     let mut ops = Vec::new();
     for b in backends() {
         for par in [Parallelism::Sequential, Parallelism::Rayon] {
-            let bn = BatchNorm::new(shape, layout).with_eps(eps).unwrap();
+            let bn = BatchNorm::new(shape, layout)
+                .unwrap()
+                .with_eps(eps)
+                .unwrap();
             ops.push(bn.with_backend(b).unwrap().with_parallelism(par));
         }
     }

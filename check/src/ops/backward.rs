@@ -113,7 +113,11 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     let (c, m, len) = (s.c(), s.m(), s.len());
     let affine = !case.no_affine;
     let expected = |in_place: bool| {
-        let mut e = Expected::default();
+        let mut e = Expected::of(if in_place {
+            "backward_in_place"
+        } else {
+            "backward"
+        });
         e.len("x", len, inp.x.len());
         if in_place {
             e.len("dy_dx", len, inp.dy.len());

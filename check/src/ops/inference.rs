@@ -9,7 +9,11 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
     let affine = !case.no_affine;
     let (c, len) = (s.c(), s.len());
     let expected = |out: bool| {
-        let mut e = Expected::default();
+        let mut e = Expected::of(if out {
+            "inference"
+        } else {
+            "inference_in_place"
+        });
         e.len("x", len, inp.x.len());
         if out {
             e.len("y", len, inp.out_len);

@@ -228,7 +228,13 @@ pub(crate) fn prepare(case: &Case, ctx: &mut Ctx<'_>) -> Option<(Setup, Inputs)>
 
     let list = backends();
     let backend = list[case.backend as usize % list.len()];
-    let mut bn = BatchNorm::new(shape, layout);
+    let mut bn = match BatchNorm::new(shape, layout) {
+        Ok(bn) => bn,
+        Err(e) => {
+            ctx.fail(format!("BatchNorm::new({shape:?}, {layout:?}): {e:?}"));
+            return None;
+        }
+    };
     if case.backend & 0x80 != 0
         && let Some(missing) = Backend::ALL.into_iter().find(|b| !b.is_available())
     {

@@ -6,7 +6,7 @@ use super::*;
 use crate::reference;
 
 pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
-    let mut exp = Expected::default();
+    let mut exp = Expected::of("statistics");
     exp.len("x", s.len(), inp.x.len());
     let got = s.bn.statistics(&inp.x);
     if !outcome(ctx, "statistics", &got, &exp) || s.giant {
@@ -62,8 +62,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
         let per = c * s.shape.hw();
         let part = |rows: usize, x: &[f32]| {
             let shape = Shape::with_spatial(rows, c, &s.spatial).ok()?;
-            let bn = BatchNorm::new(shape, s.layout)
-                .with_backend(s.bn.backend())
+            let bn = BatchNorm::on_backend(shape, s.layout, s.bn.backend())
                 .ok()?
                 .with_parallelism(s.bn.parallelism());
             bn.statistics(x).ok()

@@ -84,7 +84,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     let affine = !case.no_affine;
     let (c, m, len) = (s.c(), s.m(), s.len());
     let update = case.update.convention();
-    let mut exp = Expected::default();
+    let mut exp = Expected::of("training");
     exp.len("x", len, inp.x.len());
     exp.len("y", len, inp.out_len);
     if affine {
