@@ -569,8 +569,8 @@ fn main() {
                 .expect("thread pool")
         })
         .collect();
+    // Plots on: criterion's HTML reports (target/criterion/report/index.html).
     let mut c = Criterion::default()
-        .without_plots()
         .nresamples(10_000)
         .configure_from_args();
     for op in [Op::Inference, Op::Training, Op::Backward, Op::Statistics] {
