@@ -1,8 +1,7 @@
 //! The configured operator: shape, layout, ε, threads and backend, and the operations.
 
-use crate::driver::{self, ChannelAffine, Ctx, Src};
+use crate::driver::{self, ChannelAffine, Ctx, DxParams, GradSums, Src};
 use crate::error::check_len;
-use crate::kernels::{DxParams, GradSums};
 use crate::params::{
     Affine, BackwardMode, GradMode, ParamGrads, RunningStats, RunningUpdate, SavedStatsMut,
 };

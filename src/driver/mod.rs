@@ -8,8 +8,8 @@
 mod nchw;
 mod nhwc;
 
-pub(crate) use crate::kernels::ChannelAffine;
-use crate::kernels::{DxParams, GradSums, Io};
+use crate::kernels::Io;
+pub(crate) use crate::kernels::{ChannelAffine, DxParams, GradSums};
 use crate::par::SharedMut;
 use crate::simd::Backend;
 use crate::{ChannelStats, Layout, Parallelism, Shape};

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineLanes, AffinePeriodic, DxLanes, DxParams, DxPeriodic, GradSums, GradSumsRows, MomentsRows,
+    AffineLanes, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows, MomentsRows,
 };
 use crate::par::SharedMut;
 
@@ -175,7 +175,7 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
             let (offset, len) = blocks.range(b);
             // SAFETY: each block is visited once and blocks are disjoint.
             let io = unsafe { src.io(&out, offset, len) };
-            ctx.backend.dispatch(AffinePeriodic { io, params, lanes });
+            ctx.backend.dispatch(AffineRows { io, params, lanes });
         });
 }
 
@@ -245,7 +245,7 @@ pub(super) fn backward(
             let xs = &x[offset..offset + len];
             // SAFETY: each block is visited once and blocks are disjoint.
             let io = unsafe { dy.io(&out, offset, len) };
-            ctx.backend.dispatch(DxPeriodic {
+            ctx.backend.dispatch(DxRows {
                 x: xs,
                 io,
                 params,

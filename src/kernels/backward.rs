@@ -1,7 +1,7 @@
 //! Backward kernels: one fused reduction reading x and dy once (Σdy, Σ(x−K)·dy, Σ(x−K)), and one
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
-use super::normalize::{
+use super::stream::{
     InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
     stream_strips, use_columns, use_strips,
 };
@@ -428,7 +428,7 @@ impl<IO: InOut> Kernel for DxRuns<'_, IO> {
 
 /// `dx = a[c]·dy + b[c]·(x − shift[c]) + c[c]` over whole rows of `params.len()` channels;
 /// `lanes` are the parameters' periodic lanes ([`DxLanes::dx`]).
-pub(crate) struct DxPeriodic<'a, IO> {
+pub(crate) struct DxRows<'a, IO> {
     pub x: &'a [f32],
     pub io: IO,
     pub params: &'a [DxParams],
@@ -442,7 +442,7 @@ impl DxLanes {
     }
 }
 
-impl<IO: InOut> DxPeriodic<'_, IO> {
+impl<IO: InOut> DxRows<'_, IO> {
     /// With at least `G` vectors of channels per row (`G` = what keeps the 5 parameters of a
     /// register group in registers), walks each group of channels down the rows; returns whether
     /// it did (else the periodic lanes are used).
@@ -487,7 +487,7 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupDx<S::V, G> {
     }
 }
 
-impl<IO: InOut> Kernel for DxPeriodic<'_, IO> {
+impl<IO: InOut> Kernel for DxRows<'_, IO> {
     type Output = ();
 
     #[inline(always)]

@@ -8,16 +8,18 @@
 mod backward;
 mod moments;
 mod normalize;
+mod stream;
 
 pub(crate) use backward::{
-    DxParams, DxPeriodic, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
+    DxParams, DxRows, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
 };
 pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
-pub(crate) use normalize::{AffinePeriodic, AffineRun, AffineRuns, ChannelAffine, Io};
+pub(crate) use normalize::{AffineRows, AffineRun, AffineRuns, ChannelAffine};
+pub(crate) use stream::Io;
 
-/// The periodic lanes of [`AffinePeriodic`]'s parameters (shift, scale, bias).
+/// The periodic lanes of [`AffineRows`]'s parameters (shift, scale, bias).
 pub(crate) type AffineLanes = PeriodicLanes<3>;
-/// The periodic lanes of [`DxPeriodic`]'s parameters (shift, r, a, b, c).
+/// The periodic lanes of [`DxRows`]'s parameters (shift, r, a, b, c).
 pub(crate) type DxLanes = PeriodicLanes<5>;
 
 use aligned_vec::{AVec, ConstAlign};

@@ -4,17 +4,12 @@
 //! when x is within a factor of two of the shift (Sterbenz), so the rounding of the folded bias
 //! `bias − scale·shift` never enters. A constant channel yields `x − shift = 0` and so `y = bias`.
 
+use super::stream::{
+    InOut, MAX_GROUP, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
+    stream_strips, use_columns, use_strips,
+};
 use super::{AffineLanes, PeriodicLanes};
-use crate::simd::{Kernel, MAX_LANES, Simd};
-
-/// Where a streaming kernel reads its input and writes its output: two slices, or one in place.
-pub(crate) trait InOut {
-    /// Elements to process.
-    fn len(&self) -> usize;
-    /// Read and write pointers, each valid for `len()` elements (equal when in place). They come
-    /// from one call so that, in place, both derive from the same `&mut`.
-    fn ptrs(&mut self) -> (*const f32, *mut f32);
-}
+use crate::simd::{Kernel, Simd};
 
 /// `y = scale·(x − shift) + bias` for one channel.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -22,349 +17,6 @@ pub(crate) struct ChannelAffine {
     pub shift: f32,
     pub scale: f32,
     pub bias: f32,
-}
-
-/// The stream of a kernel call: read one slice and write another (the shorter length counts), or
-/// read and overwrite one slice in place.
-pub(crate) enum Io<'a> {
-    Separate(&'a [f32], &'a mut [f32]),
-    InPlace(&'a mut [f32]),
-}
-
-/// A stream borrowed for one of several passes over the same block.
-impl<T: InOut> InOut for &mut T {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    #[inline(always)]
-    fn ptrs(&mut self) -> (*const f32, *mut f32) {
-        (**self).ptrs()
-    }
-}
-
-impl InOut for Io<'_> {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        match self {
-            Io::Separate(src, dst) => src.len().min(dst.len()),
-            Io::InPlace(buf) => buf.len(),
-        }
-    }
-    #[inline(always)]
-    fn ptrs(&mut self) -> (*const f32, *mut f32) {
-        match self {
-            Io::Separate(src, dst) => (src.as_ptr(), dst.as_mut_ptr()),
-            Io::InPlace(buf) => {
-                let p = buf.as_mut_ptr();
-                (p as *const f32, p)
-            }
-        }
-    }
-}
-
-/// A lane-wise map applied by [`stream`]. A trait with `#[inline(always)]` methods rather than a
-/// closure: a closure may be compiled out of line, outside the target-feature entry point, where its
-/// intrinsics would become calls.
-pub(crate) trait VectorMap<S: Simd> {
-    /// Whether `apply` reads its second input (else the second load is skipped).
-    const BINARY: bool = false;
-    /// The output for input vectors `x` (and `x2` for two-input maps) at `phase`, the offset of the
-    /// vector in the period.
-    fn apply(&self, s: S, phase: usize, x: S::V, x2: S::V) -> S::V;
-}
-
-/// One vector of [`stream`]: `dst[i..] = op(src[i..], x2[i..])`.
-///
-/// # Safety
-/// `src`, `x2` and `dst` must be valid for `i + LANES` elements. `src` may equal `dst` (each
-/// vector is read before it is written).
-#[inline(always)]
-unsafe fn map_vector<S: Simd, M: VectorMap<S>>(
-    s: S,
-    op: &M,
-    (src, x2, dst): (*const f32, *const f32, *mut f32),
-    i: usize,
-    phase: usize,
-) {
-    // SAFETY: forwarded to the caller.
-    unsafe {
-        let a = s.load_ptr(src.add(i));
-        let b = if M::BINARY { s.load_ptr(x2.add(i)) } else { a };
-        s.store_ptr(dst.add(i), op.apply(s, phase, a, b));
-    }
-}
-
-/// Vectors loaded before any of them is stored in [`map_group`].
-const GROUP_LOADS: usize = 4;
-
-/// `K` consecutive vectors of [`stream`] ([`GROUP_LOADS`] there): all loaded, then all stored. Loads issued
-/// ahead of the stores keep the stream from waiting on a store whose address matches a later
-/// load in its low 12 bits (outputs at a small offset mod 4096 from the inputs).
-///
-/// # Safety
-/// As [`map_vector`], for `i + K·LANES` elements.
-#[inline(always)]
-unsafe fn map_group<S: Simd, M: VectorMap<S>, const K: usize>(
-    s: S,
-    op: &M,
-    (src, x2, dst): (*const f32, *const f32, *mut f32),
-    i: usize,
-    phase: usize,
-) {
-    let l = S::LANES;
-    let zero = s.splat(0.0);
-    let (mut a, mut b) = ([zero; K], [zero; K]);
-    for k in 0..K {
-        // SAFETY: forwarded to the caller; every vector is read before any is written.
-        unsafe {
-            a[k] = s.load_ptr(src.add(i + k * l));
-            b[k] = if M::BINARY {
-                s.load_ptr(x2.add(i + k * l))
-            } else {
-                a[k]
-            };
-        }
-    }
-    for k in 0..K {
-        let v = op.apply(s, phase + k * l, a[k], b[k]);
-        // SAFETY: forwarded to the caller.
-        unsafe { s.store_ptr(dst.add(i + k * l), v) };
-    }
-}
-
-/// Applies `op` to every vector of `io` (paired with the same vector of `second`, if given):
-/// whole periods with the phase known, then whole vectors, then one partial vector.
-/// `period` is a multiple of the lane count.
-#[inline(always)]
-pub(crate) fn stream<S: Simd, IO: InOut>(
-    s: S,
-    mut io: IO,
-    second: Option<&[f32]>,
-    period: usize,
-    op: &impl VectorMap<S>,
-) {
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[f32]>::as_ptr);
-    // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length.
-    unsafe { stream_raw(s, (src, x2, dst), n, period, op) };
-}
-
-/// [`stream`] on raw pointers.
-///
-/// # Safety
-/// `src`, `x2` and `dst` must be valid for `n` elements; `src` may equal `dst`, and `x2` may equal
-/// `src`; no other reference to the output range may be alive.
-#[inline(always)]
-pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
-    s: S,
-    (src, x2, dst): (*const f32, *const f32, *mut f32),
-    n: usize,
-    period: usize,
-    op: &M,
-) {
-    let l = S::LANES;
-    debug_assert!(period > 0 && period.is_multiple_of(l));
-    let mut i = 0;
-    let g = GROUP_LOADS * l;
-    while i + period <= n {
-        let mut o = 0;
-        while o + g <= period {
-            // SAFETY: `i + o + GROUP_LOADS·LANES <= i + period <= n`.
-            unsafe { map_group::<S, M, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
-            o += g;
-        }
-        while o < period {
-            // SAFETY: `i + o + LANES <= i + period <= n`.
-            unsafe { map_vector(s, op, (src, x2, dst), i + o, o) };
-            o += l;
-        }
-        i += period;
-    }
-    let mut o = 0;
-    while i + o + g <= n {
-        // SAFETY: `i + o + GROUP_LOADS·LANES <= n` (loop condition).
-        unsafe { map_group::<S, M, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
-        o += g;
-    }
-    while i + o + l <= n {
-        // SAFETY: `i + o + LANES <= n` (loop condition).
-        unsafe { map_vector(s, op, (src, x2, dst), i + o, o) };
-        o += l;
-    }
-    let rest = n - (i + o);
-    if rest > 0 {
-        // SAFETY: `i + o + rest == n`: the ranges lie inside the buffers. The input slices are
-        // dropped before the output slice is made, so in place no `&` and `&mut` overlap in time.
-        let (a, b) = unsafe {
-            let a = s.load_partial(std::slice::from_raw_parts(src.add(i + o), rest), 0.0);
-            let b = if M::BINARY {
-                s.load_partial(std::slice::from_raw_parts(x2.add(i + o), rest), 0.0)
-            } else {
-                a
-            };
-            (a, b)
-        };
-        let v = op.apply(s, o, a, b);
-        // SAFETY: as above; no other slice of the buffer is alive.
-        s.store_partial(
-            unsafe { std::slice::from_raw_parts_mut(dst.add(i + o), rest) },
-            v,
-        );
-    }
-}
-
-/// `op` with its phases offset by `phase0`: a segment of a period streamed on its own.
-struct Offset<'a, M> {
-    op: &'a M,
-    phase0: usize,
-}
-
-impl<S: Simd, M: VectorMap<S>> VectorMap<S> for Offset<'_, M> {
-    const BINARY: bool = M::BINARY;
-    #[inline(always)]
-    fn apply(&self, s: S, phase: usize, x: S::V, x2: S::V) -> S::V {
-        self.op.apply(s, self.phase0 + phase, x, x2)
-    }
-}
-
-/// Channels per strip of [`stream_strips`]: the strip's parameter lanes (a few KiB) stay in L1
-/// while the rows go by.
-const STRIP: usize = 256;
-
-/// Whether a periodic map with `fields` parameter lanes of `period` values goes through
-/// [`stream_strips`]: when the lanes would take more than a quarter of a 32 KiB L1 next to the
-/// streamed data. Measured (AMD Zen 4, AVX-512, NHWC inference, rows of 2048 channels): the
-/// lanes of a whole row (24 KiB) reloaded from L2 cost 2.2× a copy; strips of 256 channels ~1.1×.
-#[inline(always)]
-pub(crate) fn use_strips(period: usize, fields: usize) -> bool {
-    period * fields > 2048
-}
-
-/// [`stream`] of whole rows of `c` elements (a periodic `op` of period `period`, a multiple of
-/// `c`), strip by strip: channels `k..k + STRIP` of every row, then the next strip, so only one
-/// strip's parameter lanes are in use at a time. Each row segment starts at phase
-/// `(row start + k) mod period` and lies inside the period (the period is a multiple of `c`).
-#[inline(always)]
-pub(crate) fn stream_strips<S: Simd, IO: InOut, M: VectorMap<S>>(
-    s: S,
-    mut io: IO,
-    second: Option<&[f32]>,
-    (c, period): (usize, usize),
-    op: &M,
-) {
-    let l = S::LANES;
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
-    if c == 0 {
-        return;
-    }
-    let rows = n / c;
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[f32]>::as_ptr);
-    for k in (0..c).step_by(STRIP) {
-        let w = STRIP.min(c - k);
-        // Larger than the segment: `stream_raw` then takes whole vectors and one partial one,
-        // with phases from 0.
-        let span = (w / l + 1) * l;
-        for r in 0..rows {
-            let e = r * c + k;
-            let seg = Offset {
-                op,
-                phase0: e % period,
-            };
-            // SAFETY: `e + w ≤ rows·c ≤ n`, and the pointers are valid for `n` elements (as in
-            // `stream`); `stream_raw` stays inside `e..e + w`.
-            unsafe { stream_raw(s, (src.add(e), x2.add(e), dst.add(e)), w, span, &seg) };
-        }
-    }
-}
-
-/// Channel vectors per register group of the NHWC column streams ([`stream_columns`]): as many as
-/// keep a map's parameters in registers (16 vector registers on AVX2, 32 on AVX-512).
-#[inline(always)]
-pub(crate) fn column_group<S: Simd>(params_per_vector: usize) -> usize {
-    let registers = if S::LANES >= 16 { 32 } else { 16 };
-    ((registers - 4) / params_per_vector).clamp(1, MAX_GROUP)
-}
-
-/// Largest register group of [`stream_columns`].
-pub(crate) const MAX_GROUP: usize = 4;
-
-/// Whether rows of `c` channels go through [`stream_columns`] with groups of `g` vectors: when a
-/// row is whole vectors and fits one register group, each row is streamed in memory order with
-/// the parameters in registers. Measured (AMD Zen 4, AVX-512 and AVX2): 1.25× faster than the
-/// periodic lanes there (NHWC 64 channels, AVX-512); with several groups per row the walk down
-/// the columns strides through memory and the periodic lanes, which stream in order, win (up to
-/// 1.6× at 256 channels on AVX2, 1.6× at 2048 on AVX-512).
-#[inline(always)]
-pub(crate) fn use_columns<S: Simd>(c: usize, g: usize) -> bool {
-    c.is_multiple_of(S::LANES) && c <= g * S::LANES
-}
-
-/// [`stream`] over the columns `first..first + width` (`width ≤ G·LANES`) of every row of `c`
-/// elements of `io`, with `op`'s phase = the vector's offset inside the group: the group's
-/// parameters stay in registers while the rows go by. The last vector of a group may be partial.
-#[inline(always)]
-pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
-    s: S,
-    mut io: IO,
-    second: Option<&[f32]>,
-    (c, first, width): (usize, usize, usize),
-    op: &impl VectorMap<S>,
-) {
-    let l = S::LANES;
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
-    if c == 0 || first >= c {
-        return;
-    }
-    let width = width.min(G * l).min(c - first);
-    let rows = n / c;
-    let full = width / l;
-    let rem = width - full * l;
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[f32]>::as_ptr);
-    for r in 0..rows {
-        let base = r * c + first;
-        if full == G {
-            // SAFETY: `base + G·LANES = r·c + first + width ≤ (r + 1)·c ≤ n`, the length the
-            // pointers are valid for.
-            unsafe { map_group::<S, _, G>(s, op, (src, x2, dst), base, 0) };
-            continue;
-        }
-        for g in 0..G {
-            if g < full {
-                // SAFETY: `base + (g + 1)·LANES ≤ r·c + first + width ≤ (r + 1)·c ≤ n`, the
-                // length the pointers are valid for.
-                unsafe { map_vector(s, op, (src, x2, dst), base + g * l, g * l) };
-            } else if g == full && rem > 0 {
-                let i = base + g * l;
-                // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
-                // output slice is made (in place they alias).
-                let (a, b) = unsafe {
-                    let a = s.load_partial(std::slice::from_raw_parts(src.add(i), rem), 0.0);
-                    let b = if op_binary(op) {
-                        s.load_partial(std::slice::from_raw_parts(x2.add(i), rem), 0.0)
-                    } else {
-                        a
-                    };
-                    (a, b)
-                };
-                let v = op.apply(s, g * l, a, b);
-                // SAFETY: as above.
-                s.store_partial(
-                    unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) },
-                    v,
-                );
-            }
-        }
-    }
-}
-
-/// [`VectorMap::BINARY`] of a map value's type.
-#[inline(always)]
-fn op_binary<S: Simd, M: VectorMap<S>>(_: &M) -> bool {
-    M::BINARY
 }
 
 /// `scale·(x − shift) + bias` with the same parameters in every lane.
@@ -411,24 +63,6 @@ impl<S: Simd> VectorMap<S> for Periodic<'_> {
             s.mul_add(s.sub(x, k), a, s.load_ptr(self.bias.as_ptr().add(p)))
         }
     }
-}
-
-/// Field `f` of the first `G·LANES` channel parameters as `G` vectors (missing channels 0).
-#[inline(always)]
-pub(crate) fn group_vectors<S: Simd, P, const G: usize>(
-    s: S,
-    params: &[P],
-    f: impl Fn(&P) -> f32,
-) -> [S::V; G] {
-    let mut v = [s.splat(0.0); G];
-    for (g, v) in v.iter_mut().enumerate() {
-        let mut lanes = [0.0f32; MAX_LANES];
-        for (lane, p) in lanes.iter_mut().zip(params.iter().skip(g * S::LANES)) {
-            *lane = f(p);
-        }
-        *v = s.load(&lanes[..S::LANES]);
-    }
-    v
 }
 
 /// `scale·(x − shift) + bias` with one parameter vector per vector of a register group.
@@ -512,7 +146,7 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
 
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over whole rows of `params.len()` interleaved
 /// channels; `lanes` are the parameters' periodic lanes ([`AffineLanes::affine`]).
-pub(crate) struct AffinePeriodic<'a, IO> {
+pub(crate) struct AffineRows<'a, IO> {
     pub io: IO,
     pub params: &'a [ChannelAffine],
     pub lanes: &'a AffineLanes,
@@ -525,7 +159,7 @@ impl AffineLanes {
     }
 }
 
-impl<IO: InOut> Kernel for AffinePeriodic<'_, IO> {
+impl<IO: InOut> Kernel for AffineRows<'_, IO> {
     type Output = ();
 
     #[inline(always)]
