@@ -70,6 +70,18 @@ pub enum Error {
     },
     /// [`crate::BatchNormLayer::backward`] was called before any successful forward.
     NoForward,
+    /// An array view has a rank outside 2 to 5 (`(N, C)` to `(N, C, D, H, W)`; feature `ndarray`).
+    UnsupportedRank {
+        /// Its number of dimensions.
+        rank: usize,
+    },
+    /// An array view's strides are neither standard nor channels-last order (feature `ndarray`).
+    UnsupportedStrides {
+        /// The first axis whose stride does not fit.
+        axis: usize,
+        /// Its stride, in elements.
+        stride: isize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -116,6 +128,15 @@ impl fmt::Display for Error {
             Error::UnknownBackend { name } => write!(
                 f,
                 "unknown backend `{name}`; expected one of `portable`, `avx2`, `avx512`"
+            ),
+            Error::UnsupportedRank { rank } => write!(
+                f,
+                "arrays of rank {rank} are not supported; expected 2 to 5 dimensions (N, C, spatial…)"
+            ),
+            Error::UnsupportedStrides { axis, stride } => write!(
+                f,
+                "axis {axis} has stride {stride}, which fits neither standard (NCHW) nor \
+                 channels-last (NHWC) memory order; copy the array into one of them"
             ),
             Error::NoForward => write!(
                 f,

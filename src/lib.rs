@@ -6,6 +6,8 @@ mod driver;
 mod error;
 mod kernels;
 mod layer;
+#[cfg(feature = "ndarray")]
+pub mod nd;
 mod par;
 mod params;
 mod shape;
