@@ -1,5 +1,7 @@
 //! The configured operator: shape, layout, ε, threads and backend, and the operations.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use crate::driver::{self, ChannelAffine, Ctx, DxParams, GradSums, Src};
 use crate::error::check_len;
 use crate::params::{
@@ -265,14 +267,19 @@ impl BatchNorm {
         };
 
         let eps = self.eps as f64;
-        let make =
-            |c: usize, s: &ChannelStats| normalize_params(s, eps, gamma_beta(affine.as_ref(), c)).0;
+        // The inverse std of each channel as `make` computes it (the driver calls `make` once per
+        // channel, possibly from several threads), so it is not computed a second time.
+        let inv_std: Vec<AtomicU32> = (0..self.ctx.shape.c()).map(|_| AtomicU32::new(0)).collect();
+        let make = |c: usize, s: &ChannelStats| {
+            let (p, r) = normalize_params(s, eps, gamma_beta(affine.as_ref(), c));
+            inv_std[c].store((r as f32).to_bits(), Ordering::Relaxed);
+            p
+        };
         let stats = driver::training(&self.ctx, x, y, &make);
 
         for (c, s) in stats.iter().enumerate() {
-            let (p, inv_std) = normalize_params(s, eps, (1.0, 0.0));
-            saved.mean[c] = p.shift;
-            saved.inv_std[c] = inv_std as f32;
+            saved.mean[c] = s.mean() as f32;
+            saved.inv_std[c] = f32::from_bits(inv_std[c].load(Ordering::Relaxed));
         }
         if let (Some(u), Some((old, new))) = (update.as_mut(), weight) {
             for (c, s) in stats.iter().enumerate() {
