@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use batchnorm_check::arbitrary::{Arbitrary, Unstructured};
 use batchnorm_check::{
-    self as check, Arg, Case, Data, Delta, Dims, Eps, Grads, Kind, Op, Report, Rng, Saved, Update,
+    self as check, Case, Data, Delta, Dims, Eps, Grads, Kind, Op, Report, Rng, Saved, Update,
     Value, Weight,
 };
 
@@ -462,20 +462,7 @@ fn seed_cases() -> Vec<(String, Case)> {
     for (name, f) in backward {
         seeds.push((format!("backward-{name}"), with(f)));
     }
-    let args = [
-        Arg::X,
-        Arg::Out,
-        Arg::Dy,
-        Arg::Gamma,
-        Arg::Beta,
-        Arg::RunningMean,
-        Arg::RunningVar,
-        Arg::SavedMean,
-        Arg::SavedInvStd,
-        Arg::DGamma,
-        Arg::DBeta,
-    ];
-    for (i, arg) in args.into_iter().enumerate() {
+    for (i, arg) in check::ARGS.into_iter().enumerate() {
         let delta = [Delta::Empty, Delta::MinusOne, Delta::PlusOne, Delta::Double][i % 4];
         seeds.push((
             format!("length-{arg:?}-{delta:?}").to_lowercase(),

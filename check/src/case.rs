@@ -615,7 +615,8 @@ pub enum Arg {
     DBeta,
 }
 
-pub(crate) const ARGS: [Arg; 11] = [
+/// Every argument a case can give a wrong length, in codec order.
+pub const ARGS: [Arg; 11] = [
     Arg::X,
     Arg::Out,
     Arg::Dy,
