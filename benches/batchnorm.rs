@@ -378,7 +378,7 @@ impl Op {
                     mean: &b.running_mean,
                     var: &b.running_var,
                 };
-                bn.inference(&b.x, &mut b.y, running, Some(affine))
+                bn.inference(&b.x, &mut b.y, Some(affine), running)
                     .expect("inference");
             }
             Op::Training => {
@@ -388,7 +388,7 @@ impl Op {
                 };
                 let update = RunningUpdate::pytorch(&mut b.running_mean, &mut b.running_var);
                 black_box(
-                    bn.training(&b.x, &mut b.y, Some(affine), saved, Some(update))
+                    bn.training(&b.x, &mut b.y, Some(affine), Some(saved), Some(update))
                         .expect("training"),
                 );
             }
@@ -406,8 +406,11 @@ impl Op {
                     &b.x,
                     &b.dy,
                     &mut b.y,
+                    Some(Affine {
+                        gamma: &b.gamma,
+                        beta: &b.beta,
+                    }),
                     BackwardMode::Training(saved),
-                    Some(&b.gamma),
                     Some(grads),
                 )
                 .expect("backward");

@@ -107,7 +107,7 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
                     var: &rvar,
                 };
                 time(reps, sample, || {
-                    bn.inference(&x, &mut y, running, Some(affine())).unwrap()
+                    bn.inference(&x, &mut y, Some(affine()), running).unwrap()
                 })
             }
             "training" | "backward" => {
@@ -118,7 +118,7 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
                     };
                     let update = RunningUpdate::pytorch(&mut rmean, &mut rvar);
                     black_box(
-                        bn.training(&x, y, Some(affine()), saved, Some(update))
+                        bn.training(&x, y, Some(affine()), Some(saved), Some(update))
                             .unwrap(),
                     );
                 };
@@ -137,8 +137,18 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
                             mode: GradMode::Overwrite,
                         };
                         let mode = BackwardMode::Training(saved);
-                        bn.backward(&x, &dy, &mut y, mode, Some(&gamma), Some(grads))
-                            .unwrap()
+                        bn.backward(
+                            &x,
+                            &dy,
+                            &mut y,
+                            Some(Affine {
+                                gamma: &gamma,
+                                beta: &beta,
+                            }),
+                            mode,
+                            Some(grads),
+                        )
+                        .unwrap()
                     })
                 }
             }

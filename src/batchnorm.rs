@@ -7,10 +7,11 @@ use crate::error::check_len;
 use crate::params::{
     Affine, BackwardMode, GradMode, ParamGrads, RunningStats, RunningUpdate, SavedStatsMut,
 };
+use crate::scratch::{self, Scratch};
 use crate::{BatchStats, ChannelStats, Error, Layout, Parallelism, Shape, Variance};
 
 /// Default ε (PyTorch, ONNX): `1e-5`.
-pub const DEFAULT_EPS: f32 = 1e-5;
+pub const DEFAULT_EPS: f64 = 1e-5;
 
 /// Batch normalization for one tensor shape and layout: the entry point of the crate.
 ///
@@ -28,8 +29,8 @@ pub const DEFAULT_EPS: f32 = 1e-5;
 /// bn.inference(
 ///     &x,
 ///     &mut y,
-///     RunningStats { mean: &mean, var: &var },
 ///     Some(Affine { gamma: &gamma, beta: &beta }),
+///     RunningStats { mean: &mean, var: &var },
 /// )?;
 /// // (1.5 − 1)/sqrt(0.25 + 1e-5)·2 + 0.5 ≈ 2.5
 /// assert!((y[0] - 2.5).abs() < 1e-4);
@@ -38,7 +39,7 @@ pub const DEFAULT_EPS: f32 = 1e-5;
 #[derive(Clone, Copy, Debug)]
 pub struct BatchNorm {
     ctx: Ctx,
-    eps: f32,
+    eps: f64,
 }
 
 impl BatchNorm {
@@ -90,7 +91,7 @@ impl BatchNorm {
     ///
     /// # Errors
     /// [`Error::InvalidEpsilon`] if ε is negative, NaN or infinite.
-    pub fn with_eps(mut self, eps: f32) -> Result<BatchNorm, Error> {
+    pub fn with_eps(mut self, eps: f64) -> Result<BatchNorm, Error> {
         if !(eps.is_finite() && eps >= 0.0) {
             return Err(Error::InvalidEpsilon { eps });
         }
@@ -127,7 +128,7 @@ impl BatchNorm {
         self.ctx.layout
     }
     /// ε.
-    pub fn eps(&self) -> f32 {
+    pub fn eps(&self) -> f64 {
         self.eps
     }
     /// The parallelism setting.
@@ -160,30 +161,30 @@ impl BatchNorm {
     /// [`Error::LengthMismatch`] if `x.len() != N·C·HW`.
     pub fn statistics(&self, x: &[f32]) -> Result<BatchStats, Error> {
         self.check_tensor("statistics", "x", x)?;
-        Ok(BatchStats::from_channels(driver::statistics(&self.ctx, x)))
+        let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
+        driver::statistics(&self.ctx, x, &mut stats);
+        Ok(BatchStats::from_channels(stats))
     }
 
     fn inference_params(
         &self,
         op: &'static str,
-        running: &RunningStats<'_>,
         affine: Option<&Affine<'_>>,
-    ) -> Result<Vec<ChannelAffine>, Error> {
+        running: &RunningStats<'_>,
+    ) -> Result<Scratch<ChannelAffine>, Error> {
         self.check_channels(op, "running_mean", running.mean)?;
         self.check_channels(op, "running_var", running.var)?;
         self.check_affine(op, affine)?;
-        let eps = self.eps as f64;
-        Ok((0..self.ctx.shape.c())
-            .map(|c| {
-                let (gamma, beta) = gamma_beta(affine, c);
-                let scale = gamma / (running.var[c] as f64 + eps).sqrt();
-                ChannelAffine {
-                    shift: running.mean[c],
-                    scale: scale as f32,
-                    bias: beta as f32,
-                }
-            })
-            .collect())
+        let eps = self.eps;
+        Ok(scratch::from_fn(self.ctx.shape.c(), |c| {
+            let (gamma, beta) = gamma_beta(affine, c);
+            let scale = gamma / (running.var[c] as f64 + eps).sqrt();
+            ChannelAffine {
+                shift: running.mean[c],
+                scale: scale as f32,
+                bias: beta as f32,
+            }
+        }))
     }
 
     /// Inference forward: `y = γ·(x − running_mean)/sqrt(running_var + ε) + β`, one subtract and
@@ -196,13 +197,13 @@ impl BatchNorm {
         &self,
         x: &[f32],
         y: &mut [f32],
-        running: RunningStats<'_>,
         affine: Option<Affine<'_>>,
+        running: RunningStats<'_>,
     ) -> Result<(), Error> {
         const OP: &str = "inference";
         self.check_tensor(OP, "x", x)?;
         self.check_tensor(OP, "y", y)?;
-        let params = self.inference_params(OP, &running, affine.as_ref())?;
+        let params = self.inference_params(OP, affine.as_ref(), &running)?;
         driver::normalize(&self.ctx, Src::Separate(x), y, &params);
         Ok(())
     }
@@ -214,19 +215,20 @@ impl BatchNorm {
     pub fn inference_in_place(
         &self,
         x: &mut [f32],
-        running: RunningStats<'_>,
         affine: Option<Affine<'_>>,
+        running: RunningStats<'_>,
     ) -> Result<(), Error> {
         const OP: &str = "inference_in_place";
         self.check_tensor(OP, "x", x)?;
-        let params = self.inference_params(OP, &running, affine.as_ref())?;
+        let params = self.inference_params(OP, affine.as_ref(), &running)?;
         driver::normalize(&self.ctx, Src::InPlace, x, &params);
         Ok(())
     }
 
     /// Training forward: batch mean and biased variance per channel, then
-    /// `y = γ·(x − mean)/sqrt(var + ε) + β` in a fused pass; saves the mean and inverse std for
-    /// backward and, if asked, updates the running statistics. Returns the batch statistics.
+    /// `y = γ·(x − mean)/sqrt(var + ε) + β` in a fused pass; if asked, saves the mean and inverse
+    /// std for backward (`saved`) and updates the running statistics (`update`). Returns the batch
+    /// statistics (the one allocation of the call: its result).
     ///
     /// The statistics are a two-pass per cache block (an f64 sum of the values, then f32 squared
     /// deviations from the block mean) merged in f64, and the normalization subtracts the f32-rounded mean and corrects the rounding residual in the bias,
@@ -243,15 +245,32 @@ impl BatchNorm {
         x: &[f32],
         y: &mut [f32],
         affine: Option<Affine<'_>>,
-        saved: SavedStatsMut<'_>,
+        saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
     ) -> Result<BatchStats, Error> {
+        let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
+        self.training_into((x, y), affine, saved, update, &mut stats)?;
+        Ok(BatchStats::from_channels(stats))
+    }
+
+    /// [`BatchNorm::training`] with the batch statistics written to `stats` (one per channel),
+    /// for callers that allocate nothing per call.
+    pub(crate) fn training_into(
+        &self,
+        (x, y): (&[f32], &mut [f32]),
+        affine: Option<Affine<'_>>,
+        saved: Option<SavedStatsMut<'_>>,
+        update: Option<RunningUpdate<'_>>,
+        stats: &mut [ChannelStats],
+    ) -> Result<(), Error> {
         const OP: &str = "training";
         self.check_tensor(OP, "x", x)?;
         self.check_tensor(OP, "y", y)?;
         self.check_affine(OP, affine.as_ref())?;
-        self.check_channels(OP, "saved_mean", saved.mean)?;
-        self.check_channels(OP, "saved_inv_std", saved.inv_std)?;
+        if let Some(saved) = &saved {
+            self.check_channels(OP, "saved_mean", saved.mean)?;
+            self.check_channels(OP, "saved_inv_std", saved.inv_std)?;
+        }
         let mut update = update;
         let weight = match &update {
             Some(u) => {
@@ -266,20 +285,22 @@ impl BatchNorm {
             None => None,
         };
 
-        let eps = self.eps as f64;
+        let eps = self.eps;
         // The inverse std of each channel as `make` computes it (the driver calls `make` once per
         // channel, possibly from several threads), so it is not computed a second time.
-        let inv_std: Vec<AtomicU32> = (0..self.ctx.shape.c()).map(|_| AtomicU32::new(0)).collect();
+        let inv_std = scratch::zeroed::<AtomicU32>(self.ctx.shape.c());
         let make = |c: usize, s: &ChannelStats| {
             let (p, r) = normalize_params(s, eps, gamma_beta(affine.as_ref(), c));
             inv_std[c].store((r as f32).to_bits(), Ordering::Relaxed);
             p
         };
-        let stats = driver::training(&self.ctx, x, y, &make);
+        driver::training(&self.ctx, x, y, &make, stats);
 
-        for (c, s) in stats.iter().enumerate() {
-            saved.mean[c] = s.mean() as f32;
-            saved.inv_std[c] = f32::from_bits(inv_std[c].load(Ordering::Relaxed));
+        if let Some(saved) = saved {
+            for (c, s) in stats.iter().enumerate() {
+                saved.mean[c] = s.mean() as f32;
+                saved.inv_std[c] = f32::from_bits(inv_std[c].load(Ordering::Relaxed));
+            }
         }
         if let (Some(u), Some((old, new))) = (update.as_mut(), weight) {
             for (c, s) in stats.iter().enumerate() {
@@ -291,7 +312,7 @@ impl BatchNorm {
                 u.var[c] = (old * u.var[c] as f64 + new * var) as f32;
             }
         }
-        Ok(BatchStats::from_channels(stats))
+        Ok(())
     }
 
     /// Backward of operation `op` (its name in length errors) with dy from `dy`.
@@ -300,8 +321,8 @@ impl BatchNorm {
         (op, dy): (&'static str, Src<'_>),
         x: &[f32],
         dx: &mut [f32],
+        affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
-        gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
@@ -317,9 +338,8 @@ impl BatchNorm {
         if let Src::Separate(dy) = dy {
             self.check_tensor(op, "dy", dy)?;
         }
-        if let Some(g) = gamma {
-            self.check_channels(op, "gamma", g)?;
-        }
+        self.check_affine(op, affine.as_ref())?;
+        let gamma = affine.map(|a| a.gamma);
         if let Some(g) = &grads {
             self.check_channels(op, "dgamma", g.dgamma)?;
             self.check_channels(op, "dbeta", g.dbeta)?;
@@ -328,8 +348,11 @@ impl BatchNorm {
         let m = self.ctx.shape.per_channel() as f64;
 
         // Per channel: (dγ, dβ) from the reduction sums.
-        let sums: Vec<GradSums>;
-        let param_grads: Vec<(f64, f64)> = match mode {
+        let channels = self.ctx.shape.c();
+        let eps = self.eps;
+        let frozen_inv_std = |var: f32| 1.0 / (var as f64 + eps).sqrt();
+        let mut sums = scratch::zeroed::<GradSums>(channels);
+        match mode {
             BackwardMode::Training(saved) => {
                 self.check_channels(op, "saved_mean", saved.mean)?;
                 self.check_channels(op, "saved_inv_std", saved.inv_std)?;
@@ -349,48 +372,35 @@ impl BatchNorm {
                         c: c0 as f32,
                     }
                 };
-                sums = driver::backward(&self.ctx, x, dy, dx, saved.mean, Some(&make));
-                (0..sums.len())
-                    .map(|c| {
-                        let (dg, db, _) = training_grads(&sums[c], saved.inv_std[c] as f64, m);
-                        (dg, db)
-                    })
-                    .collect()
+                let make = Some(&make as _);
+                driver::backward(&self.ctx, x, dy, dx, saved.mean, make, &mut sums);
             }
             BackwardMode::Frozen(running) => {
                 self.check_channels(op, "running_mean", running.mean)?;
                 self.check_channels(op, "running_var", running.var)?;
-                let eps = self.eps as f64;
-                let inv_std: Vec<f64> = running
-                    .var
-                    .iter()
-                    .map(|&v| 1.0 / (v as f64 + eps).sqrt())
-                    .collect();
-                let grads_out = if grads.is_some() {
+                if grads.is_some() {
                     // Reduction first: in place, dy is overwritten by dx afterwards.
-                    sums = driver::backward(&self.ctx, x, dy, dx, running.mean, None);
-                    sums.iter()
-                        .zip(&inv_std)
-                        .map(|(g, r)| (r * g.xdy, g.dy))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let params: Vec<ChannelAffine> = inv_std
-                    .iter()
-                    .enumerate()
-                    .map(|(c, r)| ChannelAffine {
-                        shift: 0.0,
-                        scale: (gamma_of(c) * r) as f32,
-                        bias: 0.0,
-                    })
-                    .collect();
+                    driver::backward(&self.ctx, x, dy, dx, running.mean, None, &mut sums);
+                }
+                let params = scratch::from_fn(channels, |c| ChannelAffine {
+                    shift: 0.0,
+                    scale: (gamma_of(c) * frozen_inv_std(running.var[c])) as f32,
+                    bias: 0.0,
+                });
                 driver::normalize(&self.ctx, dy, dx, &params);
-                grads_out
             }
-        };
+        }
         if let Some(g) = grads {
-            for (c, &(dgamma, dbeta)) in param_grads.iter().enumerate() {
+            for (c, sums) in sums.iter().enumerate() {
+                let (dgamma, dbeta) = match mode {
+                    BackwardMode::Training(saved) => {
+                        let (dg, db, _) = training_grads(sums, saved.inv_std[c] as f64, m);
+                        (dg, db)
+                    }
+                    BackwardMode::Frozen(running) => {
+                        (frozen_inv_std(running.var[c]) * sums.xdy, sums.dy)
+                    }
+                };
                 match g.mode {
                     GradMode::Overwrite => {
                         g.dgamma[c] = dgamma as f32;
@@ -416,7 +426,9 @@ impl BatchNorm {
     /// - [`BackwardMode::Frozen`] (running statistics): `dx = γ·r·dy` with
     ///   `r = 1/sqrt(running_var + ε)`; `dγ = Σ(x − running_mean)·r·dy`, `dβ = Σdy`.
     ///
-    /// Without `gamma`, γ = 1. `grads` receives dγ and dβ (overwritten or accumulated).
+    /// `affine` is the forward pass's: γ scales dx (β does not enter dx, but its length is checked
+    /// as in the forward ops); without it, γ = 1. `grads` receives dγ and dβ (overwritten or
+    /// accumulated).
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] naming the slice. Nothing is written when an error is returned.
@@ -425,11 +437,11 @@ impl BatchNorm {
         x: &[f32],
         dy: &[f32],
         dx: &mut [f32],
+        affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
-        gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
-        self.backward_impl(("backward", Src::Separate(dy)), x, dx, mode, gamma, grads)
+        self.backward_impl(("backward", Src::Separate(dy)), x, dx, affine, mode, grads)
     }
 
     /// [`BatchNorm::backward`] writing dx over dy (`dy_dx` holds dy on entry, dx on return).
@@ -440,12 +452,12 @@ impl BatchNorm {
         &self,
         x: &[f32],
         dy_dx: &mut [f32],
+        affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
-        gamma: Option<&[f32]>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
         let op = ("backward_in_place", Src::InPlace);
-        self.backward_impl(op, x, dy_dx, mode, gamma, grads)
+        self.backward_impl(op, x, dy_dx, affine, mode, grads)
     }
 }
 

@@ -37,7 +37,7 @@ pub enum Error {
     /// ε is negative, NaN or infinite.
     InvalidEpsilon {
         /// The value given.
-        eps: f32,
+        eps: f64,
     },
     /// Momentum is outside `[0, 1]` or NaN.
     InvalidMomentum {

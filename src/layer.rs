@@ -3,9 +3,11 @@
 //! themselves, on top of [`BatchNorm`].
 
 use crate::error::check_len;
+use crate::scratch;
 use crate::{
-    Affine, Backend, BackwardMode, BatchNorm, Error, GradMode, Layout, Momentum, Parallelism,
-    ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, Variance,
+    Affine, Backend, BackwardMode, BatchNorm, ChannelStats, Error, GradMode, Layout, Momentum,
+    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Variance,
 };
 
 /// A batch-norm layer over `C` channels, as `torch.nn.BatchNorm1d/2d/3d` or Keras
@@ -35,13 +37,14 @@ use crate::{
 pub struct BatchNormLayer {
     channels: usize,
     layout: Layout,
-    eps: f32,
+    eps: f64,
     /// The update rule; for [`Momentum::CumulativeAverage`] the layer's own counter is used.
     momentum: Momentum,
     var_estimator: Variance,
     training: bool,
     parallelism: Parallelism,
-    backend: Option<Backend>,
+    /// Resolved when the layer is built (forced by `BATCHNORM_BACKEND`, or the best available).
+    backend: Backend,
     gamma: Vec<f32>,
     beta: Vec<f32>,
     running_mean: Vec<f32>,
@@ -59,16 +62,17 @@ impl BatchNormLayer {
     fn preset(
         channels: usize,
         layout: Layout,
-        eps: f32,
+        eps: f64,
         momentum: Momentum,
         var_estimator: Variance,
     ) -> Result<BatchNormLayer, Error> {
         if channels == 0 {
             return Err(Error::ZeroDimension { dim: "C" });
         }
-        if let Some(Err(e)) = Backend::forced() {
-            return Err(e);
-        }
+        let backend = match Backend::forced() {
+            Some(forced) => forced?,
+            None => Backend::detect(),
+        };
         let c = |v: f32| vec![v; channels];
         Ok(BatchNormLayer {
             channels,
@@ -78,7 +82,7 @@ impl BatchNormLayer {
             var_estimator,
             training: true,
             parallelism: Parallelism::Rayon,
-            backend: None,
+            backend,
             gamma: c(1.0),
             beta: c(0.0),
             running_mean: c(0.0),
@@ -160,7 +164,7 @@ impl BatchNormLayer {
     ///
     /// # Errors
     /// [`Error::InvalidEpsilon`] if ε is negative, NaN or infinite.
-    pub fn with_eps(mut self, eps: f32) -> Result<BatchNormLayer, Error> {
+    pub fn with_eps(mut self, eps: f64) -> Result<BatchNormLayer, Error> {
         BatchNorm::on_backend(Shape::new(1, 1, 1)?, self.layout, Backend::Portable)?
             .with_eps(eps)?;
         self.eps = eps;
@@ -179,7 +183,7 @@ impl BatchNormLayer {
     /// [`Error::BackendUnavailable`] if this CPU cannot run it.
     pub fn with_backend(mut self, backend: Backend) -> Result<BatchNormLayer, Error> {
         BatchNorm::on_backend(Shape::new(1, 1, 1)?, self.layout, backend)?;
-        self.backend = Some(backend);
+        self.backend = backend;
         Ok(self)
     }
 
@@ -206,10 +210,7 @@ impl BatchNormLayer {
                 actual: shape.c(),
             });
         }
-        let op = match self.backend {
-            Some(b) => BatchNorm::on_backend(shape, self.layout, b)?,
-            None => BatchNorm::new(shape, self.layout)?,
-        };
+        let op = BatchNorm::on_backend(shape, self.layout, self.backend)?;
         Ok(op.with_eps(self.eps)?.with_parallelism(self.parallelism))
     }
 
@@ -221,7 +222,7 @@ impl BatchNormLayer {
     /// # Errors
     /// [`Error::ChannelMismatch`] if `shape.c()` is not the layer's channel count; the errors of
     /// [`BatchNorm::training`] and [`BatchNorm::inference`] (wrong lengths, too few values for the
-    /// unbiased variance, an invalid forced backend).
+    /// unbiased variance).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], shape: Shape) -> Result<(), Error> {
         let op = self.operator(shape)?;
         let affine = Some(Affine {
@@ -233,7 +234,7 @@ impl BatchNormLayer {
                 mean: &self.running_mean,
                 var: &self.running_var,
             };
-            op.inference(x, y, running, affine)?;
+            op.inference(x, y, affine, running)?;
             self.last = Some((shape, false));
             return Ok(());
         }
@@ -254,7 +255,9 @@ impl BatchNormLayer {
             mean: &mut self.saved_mean,
             inv_std: &mut self.saved_inv_std,
         };
-        op.training(x, y, affine, saved, Some(update))?;
+        // The batch statistics are not kept: a scratch buffer, so the call allocates nothing.
+        let mut stats = scratch::zeroed::<ChannelStats>(self.channels);
+        op.training_into((x, y), affine, Some(saved), Some(update), &mut stats)?;
         self.batches_tracked = tracked;
         self.last = Some((shape, true));
         Ok(())
@@ -290,7 +293,11 @@ impl BatchNormLayer {
             dbeta: &mut self.dbeta,
             mode: GradMode::Accumulate,
         };
-        op.backward(x, dy, dx, mode, Some(&self.gamma), Some(grads))
+        let affine = Some(Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        });
+        op.backward(x, dy, dx, affine, mode, Some(grads))
     }
 
     /// Sets dγ and dβ to zero.
@@ -308,8 +315,16 @@ impl BatchNormLayer {
         self.layout
     }
     /// ε.
-    pub fn eps(&self) -> f32 {
+    pub fn eps(&self) -> f64 {
         self.eps
+    }
+    /// The SIMD backend the layer's operations run on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+    /// How the layer's operations use threads.
+    pub fn parallelism(&self) -> Parallelism {
+        self.parallelism
     }
     /// The running-update rule ([`Momentum::CumulativeAverage`] counts with
     /// [`batches_tracked`](BatchNormLayer::batches_tracked)).

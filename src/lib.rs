@@ -10,6 +10,7 @@ mod layer;
 pub mod nd;
 mod par;
 mod params;
+mod scratch;
 mod shape;
 mod simd;
 mod stats;

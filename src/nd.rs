@@ -13,7 +13,8 @@
 //! let (xs, shape, layout) = nd::flat(&x.view())?;
 //! let (ys, _, _) = nd::flat_mut(y.view_mut())?;
 //! let (mean, var) = ([1.0f32; 3], [1.0f32; 3]);
-//! BatchNorm::new(shape, layout)?.inference(xs, ys, RunningStats { mean: &mean, var: &var }, None)?;
+//! let running = RunningStats { mean: &mean, var: &var };
+//! BatchNorm::new(shape, layout)?.inference(xs, ys, None, running)?;
 //! assert!(y.iter().all(|&v| v == 0.0));
 //! # Ok::<(), batchnorm::Error>(())
 //! ```

@@ -32,22 +32,35 @@ impl Parallelism {
         }
     }
 
-    /// `(0..n).map(f).collect()`, in index order whatever the scheduling (units and tasks as in
-    /// [`Parallelism::for_each`]).
-    pub(crate) fn map<T: Send>(
+    /// `out[i] = f(i)` for every index of `out` (units and tasks as in
+    /// [`Parallelism::for_each`]), in place, so the results need no allocation.
+    pub(crate) fn fill<T: Send>(
         self,
-        n: usize,
+        out: &mut [T],
         unit_elems: usize,
         f: impl Fn(usize) -> T + Send + Sync,
-    ) -> Vec<T> {
-        let min_len = tasks_of(unit_elems);
+    ) {
+        self.for_chunks(out, 1, unit_elems, |i, o| o[0] = f(i));
+    }
+
+    /// Calls `f(i, chunk)` for the `i`-th chunk of `chunk` elements of `out` (the last may be
+    /// shorter), each chunk a unit of about `unit_elems` elements of work.
+    pub(crate) fn for_chunks<T: Send>(
+        self,
+        out: &mut [T],
+        chunk: usize,
+        unit_elems: usize,
+        f: impl Fn(usize, &mut [T]) + Send + Sync,
+    ) {
+        let chunk = chunk.max(1);
+        let (n, min_len) = (out.len().div_ceil(chunk), tasks_of(unit_elems));
         match self {
-            Parallelism::Rayon if n > min_len && rayon::current_num_threads() > 1 => (0..n)
-                .into_par_iter()
+            Parallelism::Rayon if n > min_len && rayon::current_num_threads() > 1 => out
+                .par_chunks_mut(chunk)
+                .enumerate()
                 .with_min_len(min_len)
-                .map(f)
-                .collect(),
-            _ => (0..n).map(f).collect(),
+                .for_each(|(i, c)| f(i, c)),
+            _ => out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c)),
         }
     }
 }

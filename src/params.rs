@@ -102,6 +102,20 @@ impl<'a> RunningUpdate<'a> {
             var_estimator: Variance::Biased,
         }
     }
+    /// The same statistics with another update rule, for a preset with a different momentum:
+    /// `RunningUpdate::pytorch(mean, var).with_momentum(Momentum::NewWeight(0.01))`.
+    #[must_use]
+    pub fn with_momentum(self, momentum: Momentum) -> Self {
+        RunningUpdate { momentum, ..self }
+    }
+    /// The same statistics with another estimator for the running variance.
+    #[must_use]
+    pub fn with_var_estimator(self, var_estimator: Variance) -> Self {
+        RunningUpdate {
+            var_estimator,
+            ..self
+        }
+    }
 }
 
 /// Where a training forward pass stores what backward needs, each of length C.

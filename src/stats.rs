@@ -202,3 +202,6 @@ impl BatchStats {
         Ok(())
     }
 }
+
+// SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
+unsafe impl crate::scratch::Zeroable for ChannelStats {}

@@ -5,7 +5,7 @@
 mod common;
 
 use batchnorm::{
-    BackwardMode, BatchNorm, GradMode, Layout, ParamGrads, RunningStats, SavedStats, Shape,
+    Affine, BackwardMode, BatchNorm, GradMode, Layout, ParamGrads, RunningStats, SavedStats, Shape,
 };
 use batchnorm_check::reference;
 use common::*;
@@ -27,7 +27,7 @@ fn training_scales(
     shape: Shape,
     layout: Layout,
     gamma: &[f32],
-    eps: f32,
+    eps: f64,
 ) -> Scales {
     let t = reference::training(x, shape, layout, None, None, eps);
     let m = shape.per_channel() as f64;
@@ -65,6 +65,7 @@ fn check_training_backward(
 ) {
     let shape = bn.shape();
     let (layout, c, m) = (bn.layout(), shape.c(), shape.per_channel());
+    let beta = &vec![0.0f32; c][..]; // β does not enter dx; backward takes the forward's affine
     let (mean, inv_std) = forward_saved(bn, x);
     let want = reference::backward_training(x, dy, shape, layout, Some(gamma), bn.eps());
     let scales = training_scales(x, dy, shape, layout, gamma, bn.eps());
@@ -79,8 +80,15 @@ fn check_training_backward(
         dbeta: &mut dbeta,
         mode: GradMode::Overwrite,
     };
-    bn.backward(x, dy, &mut dx, mode, Some(gamma), Some(grads))
-        .unwrap();
+    bn.backward(
+        x,
+        dy,
+        &mut dx,
+        Some(Affine { gamma, beta }),
+        mode,
+        Some(grads),
+    )
+    .unwrap();
     let tol = fwd_tol(m);
     let ctx = format!(
         "{shape:?} {layout:?} {:?} {:?}",
@@ -99,7 +107,7 @@ fn check_training_backward(
     assert!(eg <= tol && eb <= tol, "dgamma {eg:e} dbeta {eb:e} {ctx}");
 
     let mut inplace = dy.to_vec();
-    bn.backward_in_place(x, &mut inplace, mode, Some(gamma), None)
+    bn.backward_in_place(x, &mut inplace, Some(Affine { gamma, beta }), mode, None)
         .unwrap();
     assert_eq!(inplace, dx, "in-place dx differs {ctx}");
 }
@@ -132,6 +140,7 @@ fn frozen_backward_matches_reference_on_sweep() {
             let x = tensor(&mut rng, shape, layout, &means, &stds);
             let dy = rng.normals(shape.len(), 0.0, 1.0);
             let gamma = rng.normals(c, 0.0, 1.0);
+            let beta = vec![0.0f32; c]; // β does not enter dx; backward takes the forward's affine
             let rmean: Vec<f32> = means.iter().map(|&m| (m + 0.1) as f32).collect();
             let rvar: Vec<f32> = stds.iter().map(|&s| (s * s * 1.1) as f32).collect();
             let want = reference::backward_frozen(
@@ -157,8 +166,18 @@ fn frozen_backward_matches_reference_on_sweep() {
                     dbeta: &mut dbeta,
                     mode: GradMode::Overwrite,
                 };
-                bn.backward(&x, &dy, &mut dx, mode, Some(&gamma), Some(grads))
-                    .unwrap();
+                bn.backward(
+                    &x,
+                    &dy,
+                    &mut dx,
+                    Some(Affine {
+                        gamma: &gamma,
+                        beta: &beta,
+                    }),
+                    mode,
+                    Some(grads),
+                )
+                .unwrap();
                 let e = max_rel_err(&dx, &want.dx, |i| want.dx[i].abs() + f64::MIN_POSITIVE);
                 worst.note(&format!("frozen dx {layout:?}"), e);
                 assert!(e <= fwd_tol(1), "frozen dx {shape:?} {layout:?}: {e:e}");
@@ -166,7 +185,7 @@ fn frozen_backward_matches_reference_on_sweep() {
                 let (mut sg, mut sb) = (vec![0.0; c], vec![0.0; c]);
                 for i in 0..x.len() {
                     let ch = channel_of(shape, layout, i);
-                    let r = 1.0 / (rvar[ch] as f64 + 1e-5f32 as f64).sqrt();
+                    let r = 1.0 / (rvar[ch] as f64 + 1e-5).sqrt();
                     sg[ch] += ((x[i] - rmean[ch]) as f64 * r * dy[i] as f64).abs();
                     sb[ch] += (dy[i] as f64).abs();
                 }
@@ -181,8 +200,17 @@ fn frozen_backward_matches_reference_on_sweep() {
                     dbeta: &mut db2,
                     mode: GradMode::Overwrite,
                 };
-                bn.backward_in_place(&x, &mut inplace, mode, Some(&gamma), Some(grads))
-                    .unwrap();
+                bn.backward_in_place(
+                    &x,
+                    &mut inplace,
+                    Some(Affine {
+                        gamma: &gamma,
+                        beta: &beta,
+                    }),
+                    mode,
+                    Some(grads),
+                )
+                .unwrap();
                 assert_eq!(inplace, dx);
                 assert_eq!((dg2, db2), (dgamma, dbeta));
             }
@@ -208,7 +236,7 @@ fn reference_gradients_match_finite_differences() {
             let b32 = rng.normals(c, 0.0, 1.0);
             let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
             let (x, w, gamma, beta) = (f(&x32), f(&w32), f(&g32), f(&b32));
-            let eps = 1e-5f32 as f64;
+            let eps = 1e-5;
             let grads = reference::backward_training(&x, &w, shape, layout, Some(&gamma), eps);
             // Central differences: truncation ~h², rounding ~1e-16/h; both far below 1e-7.
             let h = 1e-5;
@@ -264,6 +292,7 @@ fn constant_channels_and_large_offsets() {
                 let x = tensor(&mut rng, shape, layout, &means, &vec![std; c]);
                 let dy = rng.normals(shape.len(), 0.0, 1.0);
                 let gamma = rng.normals(c, 0.0, 1.0);
+                let beta = vec![0.0f32; c]; // β does not enter dx; backward takes the forward's affine
                 for bn in operators(shape, layout, 1e-5) {
                     if std == 0.0 {
                         // Zero variance, ε > 0: x̂ = 0, finite gradients dx = γ·r·(dy − mean(dy)).
@@ -273,8 +302,18 @@ fn constant_channels_and_large_offsets() {
                             mean: &m,
                             inv_std: &r,
                         });
-                        bn.backward(&x, &dy, &mut dx, mode, Some(&gamma), None)
-                            .unwrap();
+                        bn.backward(
+                            &x,
+                            &dy,
+                            &mut dx,
+                            Some(Affine {
+                                gamma: &gamma,
+                                beta: &beta,
+                            }),
+                            mode,
+                            None,
+                        )
+                        .unwrap();
                         assert!(dx.iter().all(|v| v.is_finite()));
                     }
                     check_training_backward(&bn, &x, &dy, &gamma, &mut worst);
@@ -304,7 +343,7 @@ fn accumulate_adds_to_existing_gradients() {
             dbeta: &mut b1,
             mode: GradMode::Overwrite,
         };
-        bn.backward(&x, &dy, &mut dx, mode, None, Some(grads))
+        bn.backward(&x, &dy, &mut dx, None, mode, Some(grads))
             .unwrap();
         let (mut g2, mut b2) = (vec![1.0f32; 5], vec![-2.0f32; 5]);
         let grads = ParamGrads {
@@ -312,7 +351,7 @@ fn accumulate_adds_to_existing_gradients() {
             dbeta: &mut b2,
             mode: GradMode::Accumulate,
         };
-        bn.backward(&x, &dy, &mut dx, mode, None, Some(grads))
+        bn.backward(&x, &dy, &mut dx, None, mode, Some(grads))
             .unwrap();
         for c in 0..5 {
             assert!((g2[c] - (1.0 + g1[c])).abs() <= 2.0 * f32::EPSILON * (1.0 + g1[c].abs()));
@@ -328,7 +367,7 @@ fn without_affine_gamma_is_one() {
     for layout in LAYOUTS {
         let x = rng.normals(shape.len(), 1.0, 3.0);
         let dy = rng.normals(shape.len(), 0.0, 1.0);
-        let ones = vec![1.0f32; 7];
+        let (ones, zeros) = (vec![1.0f32; 7], vec![0.0f32; 7]);
         for bn in operators(shape, layout, 1e-5) {
             let (m, r) = forward_saved(&bn, &x);
             let mode = BackwardMode::Training(SavedStats {
@@ -337,9 +376,19 @@ fn without_affine_gamma_is_one() {
             });
             let mut a = vec![f32::NAN; x.len()];
             let mut b = vec![f32::NAN; x.len()];
-            bn.backward(&x, &dy, &mut a, mode, None, None).unwrap();
-            bn.backward(&x, &dy, &mut b, mode, Some(&ones), None)
-                .unwrap();
+            bn.backward(&x, &dy, &mut a, None, mode, None).unwrap();
+            bn.backward(
+                &x,
+                &dy,
+                &mut b,
+                Some(Affine {
+                    gamma: &ones,
+                    beta: &zeros,
+                }),
+                mode,
+                None,
+            )
+            .unwrap();
             assert_eq!(a, b);
         }
     }

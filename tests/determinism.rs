@@ -27,10 +27,10 @@ fn run_all(bn: &BatchNorm, x: &[f32], dy: &[f32], gamma: &[f32], beta: &[f32]) -
         x,
         &mut y,
         Some(Affine { gamma, beta }),
-        SavedStatsMut {
+        Some(SavedStatsMut {
             mean: &mut mean,
             inv_std: &mut inv_std,
-        },
+        }),
         Some(RunningUpdate::pytorch(&mut rm, &mut rv)),
     )
     .unwrap();
@@ -43,11 +43,11 @@ fn run_all(bn: &BatchNorm, x: &[f32], dy: &[f32], gamma: &[f32], beta: &[f32]) -
     bn.inference(
         x,
         &mut yi,
+        Some(Affine { gamma, beta }),
         RunningStats {
             mean: &rm,
             var: &rv,
         },
-        Some(Affine { gamma, beta }),
     )
     .unwrap();
     out.extend(&yi);
@@ -68,8 +68,15 @@ fn run_all(bn: &BatchNorm, x: &[f32], dy: &[f32], gamma: &[f32], beta: &[f32]) -
             dbeta: &mut db,
             mode: GradMode::Overwrite,
         };
-        bn.backward(x, dy, &mut dx, mode, Some(gamma), Some(grads))
-            .unwrap();
+        bn.backward(
+            x,
+            dy,
+            &mut dx,
+            Some(Affine { gamma, beta }),
+            mode,
+            Some(grads),
+        )
+        .unwrap();
         out.extend(&dx);
         out.extend(&dg);
         out.extend(&db);

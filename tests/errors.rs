@@ -33,7 +33,7 @@ fn shapes() {
 #[test]
 fn epsilon_and_momentum() {
     let bn = BatchNorm::new(Shape::new(2, 1, 2).unwrap(), Layout::Nchw).unwrap();
-    for eps in [-1e-5, f32::NAN, f32::INFINITY, (-0.0f32).next_down()] {
+    for eps in [-1e-5, f64::NAN, f64::INFINITY, (-0.0f64).next_down()] {
         assert!(
             matches!(bn.with_eps(eps), Err(Error::InvalidEpsilon { .. })),
             "{eps}"
@@ -73,10 +73,10 @@ fn epsilon_and_momentum() {
                 &x,
                 &mut y,
                 None,
-                SavedStatsMut {
+                Some(SavedStatsMut {
                     mean: &mut m,
                     inv_std: &mut r,
-                },
+                }),
                 Some(update),
             )
             .unwrap_err();
@@ -117,11 +117,11 @@ fn lengths_are_named() {
         mismatch("statistics", "x", 24, 23)
     );
     assert_eq!(
-        bn.inference(&short, &mut y, running, None).unwrap_err(),
+        bn.inference(&short, &mut y, None, running).unwrap_err(),
         mismatch("inference", "x", 24, 23)
     );
     assert_eq!(
-        bn.inference(&x, &mut y[..20], running, None).unwrap_err(),
+        bn.inference(&x, &mut y[..20], None, running).unwrap_err(),
         mismatch("inference", "y", 24, 20)
     );
     let bad = RunningStats {
@@ -129,7 +129,7 @@ fn lengths_are_named() {
         var: &c3,
     };
     assert_eq!(
-        bn.inference(&x, &mut y, bad, None).unwrap_err(),
+        bn.inference(&x, &mut y, None, bad).unwrap_err(),
         mismatch("inference", "running_mean", 3, 2)
     );
     let bad = RunningStats {
@@ -137,7 +137,7 @@ fn lengths_are_named() {
         var: &c2,
     };
     assert_eq!(
-        bn.inference(&x, &mut y, bad, None).unwrap_err(),
+        bn.inference(&x, &mut y, None, bad).unwrap_err(),
         mismatch("inference", "running_var", 3, 2)
     );
     let affine = Some(Affine {
@@ -145,7 +145,7 @@ fn lengths_are_named() {
         beta: &c3,
     });
     assert_eq!(
-        bn.inference(&x, &mut y, running, affine).unwrap_err(),
+        bn.inference(&x, &mut y, affine, running).unwrap_err(),
         mismatch("inference", "gamma", 3, 2)
     );
     let affine = Some(Affine {
@@ -153,12 +153,12 @@ fn lengths_are_named() {
         beta: &c2,
     });
     assert_eq!(
-        bn.inference(&x, &mut y, running, affine).unwrap_err(),
+        bn.inference(&x, &mut y, affine, running).unwrap_err(),
         mismatch("inference", "beta", 3, 2)
     );
     let mut xs = short.clone();
     assert_eq!(
-        bn.inference_in_place(&mut xs, running, None).unwrap_err(),
+        bn.inference_in_place(&mut xs, None, running).unwrap_err(),
         mismatch("inference_in_place", "x", 24, 23)
     );
     assert!(y.iter().all(|&v| v == 7.0), "nothing written on error");
@@ -169,7 +169,8 @@ fn lengths_are_named() {
         inv_std: &mut r3,
     };
     assert_eq!(
-        bn.training(&x, &mut y, None, saved, None).unwrap_err(),
+        bn.training(&x, &mut y, None, Some(saved), None)
+            .unwrap_err(),
         mismatch("training", "saved_mean", 3, 2)
     );
     let saved = SavedStatsMut {
@@ -177,7 +178,8 @@ fn lengths_are_named() {
         inv_std: &mut m2,
     };
     assert_eq!(
-        bn.training(&x, &mut y, None, saved, None).unwrap_err(),
+        bn.training(&x, &mut y, None, Some(saved), None)
+            .unwrap_err(),
         mismatch("training", "saved_inv_std", 3, 2)
     );
     let (mut rm, mut rv2) = ([0.0f32; 3], [0.0f32; 2]);
@@ -187,7 +189,8 @@ fn lengths_are_named() {
     };
     let update = Some(RunningUpdate::pytorch(&mut rm, &mut rv2));
     assert_eq!(
-        bn.training(&x, &mut y, None, saved, update).unwrap_err(),
+        bn.training(&x, &mut y, None, Some(saved), update)
+            .unwrap_err(),
         mismatch("training", "running_var", 3, 2)
     );
 
@@ -198,31 +201,56 @@ fn lengths_are_named() {
     let mode = BackwardMode::Training(saved);
     let mut dx = vec![7.0f32; 24];
     assert_eq!(
-        bn.backward(&x, &short, &mut dx, mode, None, None)
+        bn.backward(&x, &short, &mut dx, None, mode, None)
             .unwrap_err(),
         mismatch("backward", "dy", 24, 23)
     );
     assert_eq!(
-        bn.backward(&short, &x, &mut dx, mode, None, None)
+        bn.backward(&short, &x, &mut dx, None, mode, None)
             .unwrap_err(),
         mismatch("backward", "x", 24, 23)
     );
     assert_eq!(
-        bn.backward(&x, &x, &mut dx[..1], mode, None, None)
+        bn.backward(&x, &x, &mut dx[..1], None, mode, None)
             .unwrap_err(),
         mismatch("backward", "dx", 24, 1)
     );
     assert_eq!(
-        bn.backward(&x, &x, &mut dx, mode, Some(&c2), None)
-            .unwrap_err(),
+        bn.backward(
+            &x,
+            &x,
+            &mut dx,
+            Some(Affine {
+                gamma: &c2,
+                beta: &c3
+            }),
+            mode,
+            None
+        )
+        .unwrap_err(),
         mismatch("backward", "gamma", 3, 2)
+    );
+    assert_eq!(
+        bn.backward(
+            &x,
+            &x,
+            &mut dx,
+            Some(Affine {
+                gamma: &c3,
+                beta: &c2
+            }),
+            mode,
+            None
+        )
+        .unwrap_err(),
+        mismatch("backward", "beta", 3, 2)
     );
     let bad = BackwardMode::Training(SavedStats {
         mean: &c3,
         inv_std: &c2,
     });
     assert_eq!(
-        bn.backward(&x, &x, &mut dx, bad, None, None).unwrap_err(),
+        bn.backward(&x, &x, &mut dx, None, bad, None).unwrap_err(),
         mismatch("backward", "saved_inv_std", 3, 2)
     );
     let bad = BackwardMode::Frozen(RunningStats {
@@ -230,7 +258,7 @@ fn lengths_are_named() {
         var: &c3,
     });
     assert_eq!(
-        bn.backward(&x, &x, &mut dx, bad, None, None).unwrap_err(),
+        bn.backward(&x, &x, &mut dx, None, bad, None).unwrap_err(),
         mismatch("backward", "running_mean", 3, 2)
     );
     let (mut dg, mut db) = ([0.0f32; 2], [0.0f32; 3]);
@@ -240,12 +268,12 @@ fn lengths_are_named() {
         mode: GradMode::Overwrite,
     });
     assert_eq!(
-        bn.backward(&x, &x, &mut dx, mode, None, grads).unwrap_err(),
+        bn.backward(&x, &x, &mut dx, None, mode, grads).unwrap_err(),
         mismatch("backward", "dgamma", 3, 2)
     );
     let mut g = short.clone();
     assert_eq!(
-        bn.backward_in_place(&x, &mut g, mode, None, None)
+        bn.backward_in_place(&x, &mut g, None, mode, None)
             .unwrap_err(),
         mismatch("backward_in_place", "dy_dx", 24, 23)
     );

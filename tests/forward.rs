@@ -61,7 +61,7 @@ fn inference_matches_reference_on_sweep() {
                     beta: &beta,
                 };
                 let mut y = vec![f32::NAN; x.len()];
-                bn.inference(&x, &mut y, running, Some(affine)).unwrap();
+                bn.inference(&x, &mut y, Some(affine), running).unwrap();
                 let e = max_rel_err(&y, &want, scale);
                 worst.note(&format!("inference {layout:?}"), e);
                 assert!(
@@ -70,7 +70,7 @@ fn inference_matches_reference_on_sweep() {
                     bn.backend()
                 );
                 let mut inplace = x.clone();
-                bn.inference_in_place(&mut inplace, running, Some(affine))
+                bn.inference_in_place(&mut inplace, Some(affine), running)
                     .unwrap();
                 assert_eq!(inplace, y, "in-place differs from out-of-place");
             }
@@ -91,11 +91,11 @@ fn inference_without_affine() {
             bn.inference(
                 &x,
                 &mut y,
+                None,
                 RunningStats {
                     mean: &rmean,
                     var: &rvar,
                 },
-                None,
             )
             .unwrap();
             let e = max_rel_err(&y, &want, |i| 1.0 + want[i].abs());
@@ -125,10 +125,10 @@ fn check_training(
             x,
             &mut y,
             Some(Affine { gamma, beta }),
-            SavedStatsMut {
+            Some(SavedStatsMut {
                 mean: &mut mean,
                 inv_std: &mut inv_std,
-            },
+            }),
             update,
         )
         .unwrap();
@@ -297,10 +297,10 @@ fn constant_channels_give_exactly_beta() {
                 &x,
                 &mut y,
                 affine,
-                SavedStatsMut {
+                Some(SavedStatsMut {
                     mean: &mut mean,
                     inv_std: &mut inv_std,
-                },
+                }),
                 None,
             )
             .unwrap();
@@ -313,7 +313,7 @@ fn constant_channels_give_exactly_beta() {
             }
             for c in 0..9 {
                 assert_eq!(mean[c], consts[c] as f32);
-                assert_eq!(inv_std[c], (1.0 / (1e-5f32 as f64).sqrt()) as f32);
+                assert_eq!(inv_std[c], (1.0 / 1e-5f64.sqrt()) as f32);
             }
         }
     }
@@ -401,10 +401,10 @@ fn nan_and_inf_stay_in_their_channel() {
                             gamma: &gamma,
                             beta: &beta,
                         }),
-                        SavedStatsMut {
+                        Some(SavedStatsMut {
                             mean: &mut mean,
                             inv_std: &mut inv_std,
-                        },
+                        }),
                         Some(RunningUpdate::pytorch(&mut rm, &mut rv)),
                     )
                     .unwrap();
@@ -427,11 +427,11 @@ fn nan_and_inf_stay_in_their_channel() {
                 bn.inference(
                     &x,
                     &mut yi,
+                    None,
                     RunningStats {
                         mean: &means.iter().map(|&m| m as f32).collect::<Vec<_>>(),
                         var: &vec![1.0; c],
                     },
-                    None,
                 )
                 .unwrap();
                 for (i, &v) in yi.iter().enumerate() {
@@ -468,10 +468,10 @@ fn nchw_and_nhwc_agree() {
                     gamma: &gamma,
                     beta: &beta,
                 }),
-                SavedStatsMut {
+                Some(SavedStatsMut {
                     mean: &mut m,
                     inv_std: &mut r,
-                },
+                }),
                 None,
             )
             .unwrap();
@@ -581,10 +581,10 @@ fn running_update_conventions_match_hand_computed_values() {
                 &x,
                 &mut y,
                 None,
-                SavedStatsMut {
+                Some(SavedStatsMut {
                     mean: &mut m,
                     inv_std: &mut r,
-                },
+                }),
                 Some(update),
             )
             .unwrap();
@@ -640,10 +640,10 @@ fn one_value_per_channel() {
                 &x,
                 &mut y,
                 None,
-                SavedStatsMut {
+                Some(SavedStatsMut {
                     mean: &mut m,
                     inv_std: &mut r,
-                },
+                }),
                 Some(RunningUpdate::pytorch(&mut rm, &mut rv)),
             )
             .unwrap_err();
@@ -658,10 +658,10 @@ fn one_value_per_channel() {
                 gamma: &gamma,
                 beta: &beta,
             }),
-            SavedStatsMut {
+            Some(SavedStatsMut {
                 mean: &mut m,
                 inv_std: &mut r,
-            },
+            }),
             Some(update),
         )
         .unwrap();
@@ -722,7 +722,9 @@ fn tiny_means_are_as_accurate_as_a_double_sum() {
                 inv_std: &mut inv_std,
             };
             let update = RunningUpdate::pytorch(&mut running_mean, &mut running_var);
-            let stats = bn.training(&x, &mut y, None, saved, Some(update)).unwrap();
+            let stats = bn
+                .training(&x, &mut y, None, Some(saved), Some(update))
+                .unwrap();
             for ch in 0..c {
                 let bound = (m + 8) as f64 * unit * 2.0 * max_abs[ch];
                 let got = stats.channels()[ch].mean();
@@ -743,6 +745,31 @@ fn tiny_means_are_as_accurate_as_a_double_sum() {
                     running_mean[ch]
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn presets_take_another_momentum_and_estimator() {
+    let shape = Shape::new(4, 3, 5).unwrap();
+    let x = Rng::new(12).normals(shape.len(), 2.0, 1.0);
+    for layout in LAYOUTS {
+        let bn = BatchNorm::new(shape, layout).unwrap();
+        let exact = reference::training(&x, shape, layout, None, None, bn.eps());
+        let (mut rm, mut rv) = (vec![1.0f32; 3], vec![2.0f32; 3]);
+        let update = RunningUpdate::pytorch(&mut rm, &mut rv)
+            .with_momentum(Momentum::NewWeight(0.25))
+            .with_var_estimator(Variance::Biased);
+        assert_eq!(update.momentum, Momentum::NewWeight(0.25));
+        let mut y = vec![0.0; x.len()];
+        // No saved statistics asked for.
+        bn.training(&x, &mut y, None, None, Some(update)).unwrap();
+        for c in 0..3 {
+            // Blended in f64 from the batch statistics, rounded to f32 once (2u as above).
+            let want_mean = 0.75 * 1.0 + 0.25 * exact.mean[c];
+            let want_var = 0.75 * 2.0 + 0.25 * exact.var[c];
+            assert_relative_eq!(rm[c] as f64, want_mean, max_relative = 2.0 * EPS32);
+            assert_relative_eq!(rv[c] as f64, want_var, max_relative = 2.0 * EPS32);
         }
     }
 }

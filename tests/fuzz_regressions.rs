@@ -25,7 +25,7 @@ fn training_backward(bn: &BatchNorm, x: &[f32], dy: &[f32]) -> (Vec<f32>, f32, f
         dbeta: &mut dbeta,
         mode: GradMode::Overwrite,
     };
-    bn.backward(x, dy, &mut dx, mode, None, Some(grads))
+    bn.backward(x, dy, &mut dx, None, mode, Some(grads))
         .unwrap();
     (dx, dgamma[0], dbeta[0])
 }
@@ -98,7 +98,7 @@ fn backward_frozen_unnormalized_products_overflow() {
         mean: &rmean,
         var: &rvar,
     });
-    bn.backward(&x, &dy, &mut dx, mode, None, Some(grads))
+    bn.backward(&x, &dy, &mut dx, None, mode, Some(grads))
         .unwrap();
     assert!(
         (dgamma[0] as f64 / want.dgamma[0] - 1.0).abs() <= fwd_tol(2),
@@ -130,7 +130,8 @@ fn old_weight_tiny_momentum_keeps_the_old_share() {
         mean: &mut mean,
         inv_std: &mut inv_std,
     };
-    bn.training(&x, &mut y, None, saved, Some(update)).unwrap();
+    bn.training(&x, &mut y, None, Some(saved), Some(update))
+        .unwrap();
     // m·old + (1 − m)·batch: mean 1e-20·1e30 + 0, variance 1e10 + 1.
     assert!(
         (rmean[0] as f64 / 1e10 - 1.0).abs() <= 1e-6,
@@ -176,7 +177,7 @@ fn reduction_error_grows_linearly_on_one_large_term_and_many_small() {
             mean: &rmean,
             var: &rvar,
         });
-        bn.backward(&x, &dy, &mut dx, mode, None, Some(grads))
+        bn.backward(&x, &dy, &mut dx, None, mode, Some(grads))
             .unwrap();
         let err = (dbeta[0] as f64 - exact).abs() / exact;
         assert!(

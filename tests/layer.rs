@@ -184,7 +184,7 @@ fn training_steps_and_evaluation_follow_each_frameworks_rule() {
                     mean: &mut sm,
                     inv_std: &mut si,
                 };
-                op.training(&x, &mut y_op, Some(affine), saved, None)
+                op.training(&x, &mut y_op, Some(affine), Some(saved), None)
                     .unwrap();
                 assert_eq!(bits(&y), bits(&y_op), "{ctx}: y");
                 assert_eq!(bits(layer.saved_mean()), bits(&sm), "{ctx}: saved mean");
@@ -205,8 +205,18 @@ fn training_steps_and_evaluation_follow_each_frameworks_rule() {
                     dbeta: &mut db,
                     mode: GradMode::Accumulate,
                 };
-                op.backward(&x, &dy, &mut dx_op, mode, Some(&gamma), Some(grads))
-                    .unwrap();
+                op.backward(
+                    &x,
+                    &dy,
+                    &mut dx_op,
+                    Some(Affine {
+                        gamma: &gamma,
+                        beta: &beta,
+                    }),
+                    mode,
+                    Some(grads),
+                )
+                .unwrap();
                 assert_eq!(bits(&dx), bits(&dx_op), "{ctx}: dx");
                 assert_eq!(bits(layer.dgamma()), bits(&dg), "{ctx}: dgamma");
                 assert_eq!(bits(layer.dbeta()), bits(&db), "{ctx}: dbeta");
@@ -237,8 +247,8 @@ fn training_steps_and_evaluation_follow_each_frameworks_rule() {
             );
             for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
                 let c = channel_of(shape, layout, i);
-                let xhat = (x[i] as f64 - before.0[c] as f64)
-                    / (before.1[c] as f64 + layer.eps() as f64).sqrt();
+                let xhat =
+                    (x[i] as f64 - before.0[c] as f64) / (before.1[c] as f64 + layer.eps()).sqrt();
                 let scale = (gamma[c] as f64).abs() * (1.0 + xhat.abs()) + (beta[c] as f64).abs();
                 assert!(
                     (g as f64 - w).abs() <= fwd_tol(1) * scale,
@@ -268,8 +278,11 @@ fn training_steps_and_evaluation_follow_each_frameworks_rule() {
                 &x,
                 &dy,
                 &mut dx_op,
+                Some(Affine {
+                    gamma: &gamma,
+                    beta: &beta,
+                }),
                 BackwardMode::Frozen(running),
-                Some(&gamma),
                 Some(grads),
             )
             .unwrap();

@@ -56,12 +56,12 @@ fn standard_and_channels_last_views_are_read_in_place() {
         let (ys, _, _) = nd::flat_mut(out.view_mut()).unwrap();
         BatchNorm::new(shape2, layout2)
             .unwrap()
-            .inference(s, ys, running, None)
+            .inference(s, ys, None, running)
             .unwrap();
         let mut flat = vec![0.0f32; len];
         BatchNorm::new(shape, want)
             .unwrap()
-            .inference(&values, &mut flat, running, None)
+            .inference(&values, &mut flat, None, running)
             .unwrap();
         assert_eq!(out.as_slice().unwrap(), &flat[..]);
     }

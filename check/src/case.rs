@@ -375,9 +375,9 @@ pub(crate) const EPSES: [Eps; 16] = [
 
 impl Eps {
     /// The value.
-    pub fn get(self) -> f32 {
-        match self {
-            Eps::Default => DEFAULT_EPS,
+    pub fn get(self) -> f64 {
+        let v: f32 = match self {
+            Eps::Default => return DEFAULT_EPS,
             Eps::Zero => 0.0,
             Eps::NegZero => -0.0,
             Eps::MinSubnormal => f32::from_bits(1),
@@ -393,7 +393,8 @@ impl Eps {
             Eps::Inf => f32::INFINITY,
             Eps::NegInf => f32::NEG_INFINITY,
             Eps::Raw(bits) => from_bits(bits),
-        }
+        };
+        f64::from(v)
     }
 
     pub(crate) fn visit(&mut self, c: &mut dyn Codec) {

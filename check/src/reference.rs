@@ -57,10 +57,10 @@ pub fn inference(
     running_var: &[f32],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
-    eps: f32,
+    eps: f64,
 ) -> Vec<f64> {
     map_elements(x, shape, layout, |c, v| {
-        let r = 1.0 / (running_var[c] as f64 + eps as f64).sqrt();
+        let r = 1.0 / (running_var[c] as f64 + eps).sqrt();
         param(gamma, c, 1.0) * (v - running_mean[c] as f64) * r + param(beta, c, 0.0)
     })
 }
@@ -87,9 +87,8 @@ pub fn training<T: Copy + Into<f64>>(
     layout: Layout,
     gamma: Option<&[T]>,
     beta: Option<&[T]>,
-    eps: T,
+    eps: f64,
 ) -> Training {
-    let eps: f64 = eps.into();
     let stats = statistics(x, shape, layout);
     let m = shape.per_channel() as f64;
     let mean: Vec<f64> = stats.iter().map(|s| s.mean()).collect();
@@ -155,7 +154,7 @@ pub fn backward_training<T: Copy + Into<f64>>(
     shape: Shape,
     layout: Layout,
     gamma: Option<&[T]>,
-    eps: T,
+    eps: f64,
 ) -> Grads {
     let t = training(x, shape, layout, None, None, eps);
     let m = shape.per_channel() as f64;
@@ -193,11 +192,11 @@ pub fn backward_frozen(
     running_mean: &[f32],
     running_var: &[f32],
     gamma: Option<&[f32]>,
-    eps: f32,
+    eps: f64,
 ) -> Grads {
     let inv_std: Vec<f64> = running_var
         .iter()
-        .map(|&v| 1.0 / (v as f64 + eps as f64).sqrt())
+        .map(|&v| 1.0 / (v as f64 + eps).sqrt())
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0; shape.c()], vec![0.0; shape.c()]);
     for c in 0..shape.c() {

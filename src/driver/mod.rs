@@ -111,11 +111,11 @@ fn exact_sums(pairs: impl Iterator<Item = (f32, f32)>, pivot: f32) -> GradSums {
     })
 }
 
-/// Per-channel statistics of `x`.
-pub(crate) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
+/// Per-channel statistics of `x` into `out` (one per channel).
+pub(crate) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
     match ctx.effective_layout() {
-        Layout::Nchw => nchw::statistics(ctx, x),
-        Layout::Nhwc => nhwc::statistics(ctx, x),
+        Layout::Nchw => nchw::statistics(ctx, x, out),
+        Layout::Nhwc => nhwc::statistics(ctx, x, out),
     }
 }
 
@@ -127,23 +127,24 @@ pub(crate) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
     }
 }
 
-/// Training forward: statistics, then `make(c, stats)` per channel, then normalize.
-/// Returns the statistics.
+/// Training forward: statistics (into `stats`, one per channel), then `make(c, stats)` per
+/// channel, then normalize.
 pub(crate) fn training(
     ctx: &Ctx,
     x: &[f32],
     y: &mut [f32],
     make: MakeAffine<'_>,
-) -> Vec<ChannelStats> {
+    stats: &mut [ChannelStats],
+) {
     match ctx.effective_layout() {
-        Layout::Nchw => nchw::training(ctx, x, y, make),
-        Layout::Nhwc => nhwc::training(ctx, x, y, make),
+        Layout::Nchw => nchw::training(ctx, x, y, make, stats),
+        Layout::Nhwc => nhwc::training(ctx, x, y, make, stats),
     }
 }
 
 /// Backward: per-channel sums of dy, (x − pivot)·dy and (x − pivot), then `make(c, sums)`, then
-/// `dx = a·dy + b·(x − shift) + c`. With `make = None` only the sums are computed.
-/// Returns the sums.
+/// `dx = a·dy + b·(x − shift) + c`. With `make = None` only the sums are computed. The sums go
+/// to `sums` (one per channel).
 pub(crate) fn backward(
     ctx: &Ctx,
     x: &[f32],
@@ -151,9 +152,10 @@ pub(crate) fn backward(
     dx: &mut [f32],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
-) -> Vec<GradSums> {
+    sums: &mut [GradSums],
+) {
     match ctx.effective_layout() {
-        Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make),
-        Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make),
+        Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make, sums),
+        Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make, sums),
     }
 }

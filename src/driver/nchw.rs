@@ -15,6 +15,7 @@ use crate::kernels::{
     MomentsChannel, MomentsRun, MomentsRuns,
 };
 use crate::par::{Parallelism, SharedMut};
+use crate::scratch::{self, Zeroable};
 
 /// Applies per-channel parameters to one piece.
 type Apply<'a, P> = &'a (dyn Fn(Piece, &P) + Sync);
@@ -64,24 +65,24 @@ impl Pieces {
     }
 }
 
-/// Reduce every piece, fold per channel, derive per-channel parameters, then apply them to every
-/// piece. Returns the folded reductions.
+/// Reduce every piece, fold per channel (into `out`, one per channel), derive per-channel
+/// parameters, then apply them to every piece.
 fn pipeline<R, P>(
     ctx: &Ctx,
     reduce: impl Fn(Piece) -> R + Sync,
     fold: impl Fn(R, R) -> R + Sync,
     make: impl Fn(usize, &R) -> P + Sync,
     apply: Option<Apply<'_, P>>,
-) -> Vec<R>
-where
-    R: Copy + Default + Send + Sync,
-    P: Send + Sync,
+    out: &mut [R],
+) where
+    R: Copy + Default + Zeroable,
+    P: Zeroable,
 {
     let pieces = Pieces::new(ctx);
     if fused(ctx) {
         // Fused: one task per channel; its data is re-read from cache by `apply`.
         let elems = ctx.shape.per_channel();
-        return ctx.par.map(pieces.c, elems, |c| {
+        return ctx.par.fill(out, elems, |c| {
             let mut r = R::default();
             for n in 0..pieces.n {
                 for p in 0..pieces.per_run {
@@ -102,24 +103,20 @@ where
     // Two-phase: parallel over all pieces, then fold in the same order as the fused schedule.
     let per = pieces.per_channel();
     let piece = BLOCK.min(ctx.shape.hw());
-    let parts = ctx.par.map(pieces.c * per, piece, |u| {
-        reduce(pieces.get(u / per, u % per))
-    });
-    let folded: Vec<R> = (0..pieces.c)
-        .map(|c| {
-            parts[c * per..(c + 1) * per]
-                .iter()
-                .fold(R::default(), |acc, &p| fold(acc, p))
-        })
-        .collect();
+    let mut parts = scratch::zeroed::<R>(pieces.c * per);
+    ctx.par
+        .fill(&mut parts, piece, |u| reduce(pieces.get(u / per, u % per)));
+    for (c, folded) in out.iter_mut().enumerate() {
+        let channel = &parts[c * per..(c + 1) * per];
+        *folded = channel.iter().fold(R::default(), |acc, &p| fold(acc, p));
+    }
     if let Some(apply) = apply {
-        let params: Vec<P> = (0..pieces.c).map(|c| make(c, &folded[c])).collect();
+        let params = scratch::from_fn(pieces.c, |c| make(c, &out[c]));
         ctx.par.for_each(pieces.c * per, piece, |u| {
             let c = u / per;
             apply(pieces.get(c, u % per), &params[c]);
         });
     }
-    folded
 }
 
 fn piece_stats(ctx: &Ctx, x: &[f32], p: Piece) -> ChannelStats {
@@ -156,25 +153,21 @@ fn channel_stats(ctx: &Ctx, x: &[f32], c: usize) -> ChannelStats {
     };
     let s = ctx.backend.dispatch(runs);
     checked_stats(s, || {
-        let values: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                let start = (i * channels + c) * hw;
-                x[start..start + hw].iter().copied()
-            })
-            .collect();
+        let values = scratch::from_fn(n * hw, |i| x[((i / hw) * channels + c) * hw + i % hw]);
         ChannelStats::from_values(&values)
     })
 }
 
 /// The whole-channel schedule: one task per channel (or group of small channels): its
-/// statistics, then, with `normalize`, its runs normalized from L2.
+/// statistics (into `out`), then, with `normalize`, its runs normalized from L2.
 fn channels_whole(
     ctx: &Ctx,
     x: &[f32],
     normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
-) -> Vec<ChannelStats> {
+    out: &mut [ChannelStats],
+) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
-    ctx.par.map(c, ctx.shape.per_channel(), |ch| {
+    ctx.par.fill(out, ctx.shape.per_channel(), |ch| {
         let stats = channel_stats(ctx, x, ch);
         if let Some((out, make)) = normalize {
             let p = make(ch, &stats);
@@ -188,14 +181,14 @@ fn channels_whole(
     })
 }
 
-pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
+pub(super) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
     if whole_channels(ctx) {
-        return channels_whole(ctx, x, None);
+        return channels_whole(ctx, x, None, out);
     }
     if short_runs_fused(ctx) {
-        return short_runs(ctx, x, None);
+        return short_runs(ctx, x, None, out);
     }
-    pipeline(ctx, |p| piece_stats(ctx, x, p), merge, |_, _| (), None)
+    pipeline(ctx, |p| piece_stats(ctx, x, p), merge, |_, _| (), None, out)
 }
 
 /// Affine map of one piece, reading from `src`, writing into `out`.
@@ -211,7 +204,15 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
     let out = SharedMut::new(dst);
     if hw > BLOCK {
         let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
-        pipeline(ctx, |_| (), |_, _| (), |c, _| params[c], Some(&apply));
+        let mut units = scratch::zeroed::<()>(ctx.shape.c());
+        pipeline(
+            ctx,
+            |_| (),
+            |_, _| (),
+            |c, _| params[c],
+            Some(&apply),
+            &mut units,
+        );
         return;
     }
     // Short runs: tasks of whole consecutive runs (about BLOCK elements), one kernel call each.
@@ -237,16 +238,24 @@ pub(super) fn training(
     x: &[f32],
     y: &mut [f32],
     make: MakeAffine<'_>,
-) -> Vec<ChannelStats> {
+    stats: &mut [ChannelStats],
+) {
     let out = SharedMut::new(y);
     if whole_channels(ctx) {
-        return channels_whole(ctx, x, Some((&out, make)));
+        return channels_whole(ctx, x, Some((&out, make)), stats);
     }
     if short_runs_fused(ctx) {
-        return short_runs(ctx, x, Some((&out, make)));
+        return short_runs(ctx, x, Some((&out, make)), stats);
     }
     let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, Src::Separate(x), &out, p, a);
-    pipeline(ctx, |p| piece_stats(ctx, x, p), merge, make, Some(&apply))
+    pipeline(
+        ctx,
+        |p| piece_stats(ctx, x, p),
+        merge,
+        make,
+        Some(&apply),
+        stats,
+    )
 }
 
 /// Whether [`short_runs`] applies: runs of at most 512 elements and enough channels for the
@@ -278,52 +287,50 @@ fn channel_group(ctx: &Ctx) -> usize {
 /// group of channels (not per run): each task takes a group of channels small enough to stay in
 /// L2, reduces their runs sample by sample, folds each channel's runs in sample order (the same
 /// fold as the per-piece schedules, so results are identical), and normalizes the group.
-/// Without `normalize`, only the statistics are computed.
+/// Without `normalize`, only the statistics are computed. The statistics go to `out`.
 fn short_runs(
     ctx: &Ctx,
     x: &[f32],
     normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
-) -> Vec<ChannelStats> {
+    out: &mut [ChannelStats],
+) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
-    let parts = ctx
-        .par
-        .map(c.div_ceil(group), group * ctx.shape.per_channel(), |g| {
-            let first = g * group;
-            let k = group.min(c - first);
-            let mut stats = vec![ChannelStats::default(); k];
-            let mut runs = vec![ChannelStats::default(); k];
-            for sample in 0..n {
-                let offset = (sample * c + first) * hw;
-                let seg = &x[offset..offset + k * hw];
-                let kernel = MomentsRuns {
-                    x: seg,
-                    run: hw,
-                    out: &mut runs,
-                };
-                ctx.backend.dispatch(kernel);
-                for (j, (acc, d)) in stats.iter_mut().zip(&runs).enumerate() {
-                    let run = &seg[j * hw..(j + 1) * hw];
-                    *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
-                }
-            }
-            let Some((out, make)) = normalize else {
-                return stats;
+    let elems = group * ctx.shape.per_channel();
+    ctx.par.for_chunks(out, group, elems, |g, stats| {
+        let first = g * group;
+        let k = stats.len();
+        stats.fill(ChannelStats::default());
+        let mut runs = scratch::zeroed::<ChannelStats>(k);
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            let seg = &x[offset..offset + k * hw];
+            let kernel = MomentsRuns {
+                x: seg,
+                run: hw,
+                out: &mut runs,
             };
-            let params: Vec<ChannelAffine> = (0..k).map(|j| make(first + j, &stats[j])).collect();
-            for sample in 0..n {
-                // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-                let io = unsafe { Src::Separate(x).io(out, (sample * c + first) * hw, k * hw) };
-                ctx.backend.dispatch(AffineRuns {
-                    io,
-                    run: hw,
-                    first: 0,
-                    params: &params,
-                });
+            ctx.backend.dispatch(kernel);
+            for (j, (acc, d)) in stats.iter_mut().zip(runs.iter()).enumerate() {
+                let run = &seg[j * hw..(j + 1) * hw];
+                *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
             }
-            stats
-        });
-    parts.into_iter().flatten().collect()
+        }
+        let Some((out, make)) = normalize else {
+            return;
+        };
+        let params = scratch::from_fn(k, |j| make(first + j, &stats[j]));
+        for sample in 0..n {
+            // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
+            let io = unsafe { Src::Separate(x).io(out, (sample * c + first) * hw, k * hw) };
+            ctx.backend.dispatch(AffineRuns {
+                io,
+                run: hw,
+                first: 0,
+                params: &params,
+            });
+        }
+    });
 }
 
 pub(super) fn backward(
@@ -333,10 +340,11 @@ pub(super) fn backward(
     dx: &mut [f32],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
-) -> Vec<GradSums> {
+    sums: &mut [GradSums],
+) {
     let out = SharedMut::new(dx);
     if short_runs_fused(ctx) {
-        return backward_short_runs(ctx, x, dy, &out, pivots, make);
+        return backward_short_runs(ctx, (x, dy), &out, pivots, make, sums);
     }
     let reduce = |p: Piece| {
         // SAFETY: reductions only read; in the fused schedule this channel's pieces are written
@@ -360,67 +368,64 @@ pub(super) fn backward(
     };
     let apply: Option<Apply<'_, DxParams>> = make.map(|_| &apply as _);
     let make = |c: usize, g: &GradSums| make.map_or(DxParams::default(), |m| m(c, g));
-    pipeline(ctx, reduce, GradSums::add, make, apply)
+    pipeline(ctx, reduce, GradSums::add, make, apply, sums)
 }
 
 /// The backward counterpart of [`short_runs`]: per group of channels, the sums of its runs sample
 /// by sample (one kernel call per sample), folded in sample order, then dx.
 fn backward_short_runs(
     ctx: &Ctx,
-    x: &[f32],
-    dy: Src<'_>,
+    (x, dy): (&[f32], Src<'_>),
     out: &SharedMut<'_>,
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
-) -> Vec<GradSums> {
+    sums: &mut [GradSums],
+) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
-    let parts = ctx
-        .par
-        .map(c.div_ceil(group), group * ctx.shape.per_channel(), |g| {
-            let first = g * group;
-            let k = group.min(c - first);
-            let len = k * hw;
-            let mut sums = vec![GradSums::default(); k];
-            let mut runs = vec![GradSums::default(); k];
-            for sample in 0..n {
-                let offset = (sample * c + first) * hw;
-                // SAFETY: only this task touches this group's ranges, and it writes them below,
-                // after all of its reads.
-                let gs = unsafe { dy.view(out, offset, len) };
-                let xs = &x[offset..offset + len];
-                let p = &pivots[first..first + k];
-                let kernel = GradSumsRuns {
-                    x: xs,
-                    dy: gs,
-                    run: hw,
-                    pivots: p,
-                    out: &mut runs,
-                };
-                ctx.backend.dispatch(kernel);
-                for (j, (s, r)) in sums.iter_mut().zip(&runs).enumerate() {
-                    let pairs = xs[j * hw..(j + 1) * hw]
-                        .iter()
-                        .zip(&gs[j * hw..(j + 1) * hw]);
-                    let exact = || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]);
-                    *s = s.add(checked_sums(*r, exact));
-                }
+    let elems = group * ctx.shape.per_channel();
+    ctx.par.for_chunks(sums, group, elems, |g, sums| {
+        let first = g * group;
+        let k = sums.len();
+        let len = k * hw;
+        sums.fill(GradSums::default());
+        let mut runs = scratch::zeroed::<GradSums>(k);
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            // SAFETY: only this task touches this group's ranges, and it writes them below,
+            // after all of its reads.
+            let gs = unsafe { dy.view(out, offset, len) };
+            let xs = &x[offset..offset + len];
+            let p = &pivots[first..first + k];
+            let kernel = GradSumsRuns {
+                x: xs,
+                dy: gs,
+                run: hw,
+                pivots: p,
+                out: &mut runs,
+            };
+            ctx.backend.dispatch(kernel);
+            for (j, (s, r)) in sums.iter_mut().zip(runs.iter()).enumerate() {
+                let pairs = xs[j * hw..(j + 1) * hw]
+                    .iter()
+                    .zip(&gs[j * hw..(j + 1) * hw]);
+                let exact = || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]);
+                *s = s.add(checked_sums(*r, exact));
             }
-            let Some(make) = make else { return sums };
-            let params: Vec<DxParams> = (0..k).map(|j| make(first + j, &sums[j])).collect();
-            for sample in 0..n {
-                let offset = (sample * c + first) * hw;
-                let xs = &x[offset..offset + len];
-                // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-                let io = unsafe { dy.io(out, offset, len) };
-                ctx.backend.dispatch(DxRuns {
-                    x: xs,
-                    io,
-                    run: hw,
-                    params: &params,
-                });
-            }
-            sums
-        });
-    parts.into_iter().flatten().collect()
+        }
+        let Some(make) = make else { return };
+        let params = scratch::from_fn(k, |j| make(first + j, &sums[j]));
+        for sample in 0..n {
+            let offset = (sample * c + first) * hw;
+            let xs = &x[offset..offset + len];
+            // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
+            let io = unsafe { dy.io(out, offset, len) };
+            ctx.backend.dispatch(DxRuns {
+                x: xs,
+                io,
+                run: hw,
+                params: &params,
+            });
+        }
+    });
 }

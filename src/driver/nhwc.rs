@@ -11,9 +11,10 @@ use super::{
 };
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineLanes, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows, MomentsRows,
+    AffineLanes, AffineRows, DxLanes, DxRows, GradSums, GradSumsRows, MomentsRows,
 };
 use crate::par::SharedMut;
+use crate::scratch;
 
 /// Fewest rows per streaming block: fewer rows would spend more on the block's per-channel
 /// parameter lanes than on the rows.
@@ -120,37 +121,40 @@ impl Tiles {
     }
 }
 
-pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
+/// Per-channel statistics into `total` (one per channel).
+pub(super) fn statistics(ctx: &Ctx, x: &[f32], total: &mut [ChannelStats]) {
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
-    let parts = ctx.par.map(tiles.count(), tiles.unit(), |t| {
-        let tile = tiles.tile(t);
-        let data = &x[tile.offset..tile.offset + tile.len];
-        let mut out = vec![ChannelStats::default(); tile.width];
-        ctx.backend.dispatch(MomentsRows {
-            x: data,
-            c,
-            first: tile.first,
-            out: &mut out,
-        });
-        for (i, s) in out.iter_mut().enumerate() {
-            *s = checked_stats(*s, || {
-                let ch = tile.first + i;
-                let values: Vec<f32> = data.iter().skip(ch).step_by(c).copied().collect();
-                ChannelStats::from_values(&values)
+    // Tile t's statistics in `parts[t·strip..][..width]`.
+    let mut parts = scratch::zeroed::<ChannelStats>(tiles.count() * tiles.strip);
+    ctx.par
+        .for_chunks(&mut parts, tiles.strip, tiles.unit(), |t, out| {
+            let tile = tiles.tile(t);
+            let data = &x[tile.offset..tile.offset + tile.len];
+            let out = &mut out[..tile.width];
+            ctx.backend.dispatch(MomentsRows {
+                x: data,
+                c,
+                first: tile.first,
+                out,
             });
-        }
-        out
-    });
+            for (i, s) in out.iter_mut().enumerate() {
+                *s = checked_stats(*s, || {
+                    let ch = tile.first + i;
+                    let values = scratch::from_fn(tile.rows, |r| data[r * c + ch]);
+                    ChannelStats::from_values(&values)
+                });
+            }
+        });
     // Fold in row-block order; every channel of a row block has its row count, so the merge
     // weights are computed once per row block.
-    let mut total = vec![ChannelStats::default(); c];
     let mut done = 0u64;
-    for (b, block) in parts.chunks(tiles.strips()).enumerate() {
+    for (b, block) in parts.chunks(tiles.strips() * tiles.strip).enumerate() {
         let rows = tiles.tile(b * tiles.strips()).rows as u64;
         let weights = ChannelStats::merge_weights(done, rows);
-        for (k, part) in block.iter().enumerate() {
-            let first = tiles.tile(b * tiles.strips() + k).first;
+        for (k, part) in block.chunks(tiles.strip).enumerate() {
+            let tile = tiles.tile(b * tiles.strips() + k);
+            let (first, part) = (tile.first, &part[..tile.width]);
             for (t, p) in total[first..].iter_mut().zip(part) {
                 *t = if done == 0 {
                     *p
@@ -163,7 +167,6 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32]) -> Vec<ChannelStats> {
         }
         done += rows;
     }
-    total
 }
 
 pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
@@ -184,11 +187,11 @@ pub(super) fn training(
     x: &[f32],
     y: &mut [f32],
     make: MakeAffine<'_>,
-) -> Vec<ChannelStats> {
-    let stats = statistics(ctx, x);
-    let params: Vec<ChannelAffine> = stats.iter().enumerate().map(|(c, s)| make(c, s)).collect();
+    stats: &mut [ChannelStats],
+) {
+    statistics(ctx, x, stats);
+    let params = scratch::from_fn(stats.len(), |c| make(c, &stats[c]));
     normalize(ctx, Src::Separate(x), y, &params);
-    stats
 }
 
 pub(super) fn backward(
@@ -198,44 +201,48 @@ pub(super) fn backward(
     dx: &mut [f32],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
-) -> Vec<GradSums> {
+    sums: &mut [GradSums],
+) {
     // The reduction takes the statistics' tiles (fewer per-channel folds); dx the streaming
     // blocks.
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
     let out = SharedMut::new(dx);
-    let parts = ctx.par.map(tiles.count(), tiles.unit(), |t| {
-        let tile = tiles.tile(t);
-        let (offset, len) = (tile.offset, tile.len);
-        // SAFETY: this phase only reads; dx is written after every tile was reduced.
-        let g = unsafe { dy.view(&out, offset, len) };
-        let mut sums = vec![GradSums::default(); tile.width];
-        let xs = &x[offset..offset + len];
-        ctx.backend.dispatch(GradSumsRows {
-            x: xs,
-            dy: g,
-            pivots,
-            first: tile.first,
-            out: &mut sums,
-        });
-        for (i, s) in sums.iter_mut().enumerate() {
-            *s = checked_sums(*s, || {
-                let ch = tile.first + i;
-                let pairs = xs.iter().zip(g).skip(ch).step_by(c);
-                exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
+    // Tile t's sums in `parts[t·strip..][..width]`.
+    let mut parts = scratch::zeroed::<GradSums>(tiles.count() * tiles.strip);
+    ctx.par
+        .for_chunks(&mut parts, tiles.strip, tiles.unit(), |t, part| {
+            let tile = tiles.tile(t);
+            let (offset, len) = (tile.offset, tile.len);
+            // SAFETY: this phase only reads; dx is written after every tile was reduced.
+            let g = unsafe { dy.view(&out, offset, len) };
+            let part = &mut part[..tile.width];
+            let xs = &x[offset..offset + len];
+            ctx.backend.dispatch(GradSumsRows {
+                x: xs,
+                dy: g,
+                pivots,
+                first: tile.first,
+                out: part,
             });
-        }
-        sums
-    });
-    let mut sums = vec![GradSums::default(); c];
-    for (t, part) in parts.iter().enumerate() {
-        let first = tiles.tile(t).first;
-        for (total, &p) in sums[first..].iter_mut().zip(part) {
+            for (i, s) in part.iter_mut().enumerate() {
+                *s = checked_sums(*s, || {
+                    let ch = tile.first + i;
+                    let pairs = xs.iter().zip(g).skip(ch).step_by(c);
+                    exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
+                });
+            }
+        });
+    sums.fill(GradSums::default());
+    for (t, part) in parts.chunks(tiles.strip).enumerate() {
+        let tile = tiles.tile(t);
+        let part = &part[..tile.width];
+        for (total, &p) in sums[tile.first..].iter_mut().zip(part) {
             *total = total.add(p);
         }
     }
-    let Some(make) = make else { return sums };
-    let params: Vec<DxParams> = sums.iter().enumerate().map(|(c, g)| make(c, g)).collect();
+    let Some(make) = make else { return };
+    let params = scratch::from_fn(c, |ch| make(ch, &sums[ch]));
     let params = &params[..];
     let lanes = &DxLanes::dx(params);
     let blocks = Blocks::new(ctx);
@@ -252,5 +259,4 @@ pub(super) fn backward(
                 lanes,
             });
         });
-    sums
 }

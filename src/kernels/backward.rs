@@ -513,3 +513,9 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
         }
     }
 }
+
+// SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
+unsafe impl crate::scratch::Zeroable for GradSums {}
+
+// SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
+unsafe impl crate::scratch::Zeroable for DxParams {}

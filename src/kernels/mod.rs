@@ -22,8 +22,7 @@ pub(crate) type AffineLanes = PeriodicLanes<3>;
 /// The periodic lanes of [`DxRows`]'s parameters (shift, r, a, b, c).
 pub(crate) type DxLanes = PeriodicLanes<5>;
 
-use aligned_vec::{AVec, ConstAlign};
-
+use crate::scratch::{self, Scratch};
 use crate::simd::{MAX_LANES, Simd};
 
 /// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
@@ -54,13 +53,27 @@ fn lcm(a: usize, b: usize) -> usize {
     a / x * b
 }
 
-/// Scratch lanes for periodic parameters and state: aligned to a cache line (and to the widest
-/// vector), so no vector load from them splits a line.
-pub(crate) type Lanes = AVec<f32, ConstAlign<64>>;
+/// Scratch lanes for periodic parameters and state, from the thread's scratch pool: aligned to a
+/// cache line (and to the widest vector), so no vector load from them splits a line.
+pub(crate) type Lanes = Scratch<f32>;
+
+/// Extends a periodic pattern: `lanes[q] = lanes[q − c]` for `q ≥ c`, so position q holds
+/// channel `q mod c` once the first `c` values are set.
+fn repeat_period(lanes: &mut [f32], c: usize) {
+    for q in c..lanes.len() {
+        lanes[q] = lanes[q - c];
+    }
+}
 
 /// Expands per-channel values to one value per position of a period (`pos mod c`).
 pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
-    AVec::from_iter(64, per_channel.iter().copied().cycle().take(period))
+    let mut lanes = zeroed(period);
+    let c = per_channel.len().min(period);
+    lanes[..c].copy_from_slice(&per_channel[..c]);
+    if c > 0 {
+        repeat_period(&mut lanes, c);
+    }
+    lanes
 }
 
 /// Fields of per-channel parameters expanded to one value per position of a period
@@ -90,10 +103,7 @@ impl<const F: usize> PeriodicLanes<F> {
                 }
             }
             for lane in &mut lanes {
-                // Position q holds channel q mod c.
-                for q in c..len {
-                    lane[q] = lane[q - c];
-                }
+                repeat_period(lane, c);
             }
         }
         PeriodicLanes {
@@ -105,15 +115,15 @@ impl<const F: usize> PeriodicLanes<F> {
 
 /// `len` zeroed lanes.
 pub(crate) fn zeroed(len: usize) -> Lanes {
-    AVec::from_iter(64, std::iter::repeat_n(0.0, len))
+    scratch::zeroed(len)
 }
 
 /// f64 scratch lanes, aligned like [`Lanes`].
-pub(crate) type Lanes64 = AVec<f64, ConstAlign<64>>;
+pub(crate) type Lanes64 = Scratch<f64>;
 
 /// `len` zeroed f64 lanes.
 pub(crate) fn zeroed_f64(len: usize) -> Lanes64 {
-    AVec::from_iter(64, std::iter::repeat_n(0.0, len))
+    scratch::zeroed(len)
 }
 
 /// Sum of the lanes of `v`, widened to f64 for the f64 merges that follow.

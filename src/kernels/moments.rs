@@ -17,6 +17,7 @@
 
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, zeroed, zeroed_f64};
 use crate::ChannelStats;
+use crate::scratch;
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Statistics of `count` values from their f64 mean and `sq = Σ(x − shift)²`.
@@ -372,7 +373,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
     for (a, &v) in acc.iter_mut().zip(rest) {
         *a += v as f64;
     }
-    let mut mean = vec![0.0f64; c];
+    let mut mean = zeroed_f64(c);
     for (q, &a) in acc.iter().enumerate() {
         mean[q % c] += a;
     }
@@ -380,7 +381,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
         *m /= rows as f64; // exact for a constant channel, as in `moments_strided`
     }
     // Pass 2: Σ(x − S)² per lane, f32 for KMAX periods, then f64.
-    let shifts: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+    let shifts = scratch::from_fn(c, |ch| mean[ch] as f32);
     let sh = expand_periodic(&shifts, per);
     let mut sq = zeroed(per);
     let mut tot = zeroed_f64(per);
@@ -405,7 +406,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
         let e = (v - sh[q]) as f64;
         tot[q] += e * e;
     }
-    let mut sums = vec![0.0f64; c];
+    let mut sums = zeroed_f64(c);
     for (q, &t) in tot.iter().enumerate() {
         sums[q % c] += t;
     }

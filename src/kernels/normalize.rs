@@ -187,3 +187,6 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
         }
     }
 }
+
+// SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
+unsafe impl crate::scratch::Zeroable for ChannelAffine {}

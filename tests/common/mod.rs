@@ -22,7 +22,7 @@ pub fn backends() -> Vec<Backend> {
 }
 
 /// Operators for `shape`/`layout` on every backend under test, sequential and on rayon.
-pub fn operators(shape: Shape, layout: Layout, eps: f32) -> Vec<BatchNorm> {
+pub fn operators(shape: Shape, layout: Layout, eps: f64) -> Vec<BatchNorm> {
     let mut ops = Vec::new();
     for b in backends() {
         for par in [Parallelism::Sequential, Parallelism::Rayon] {
@@ -74,7 +74,7 @@ pub fn forward_saved(bn: &BatchNorm, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
         mean: &mut mean,
         inv_std: &mut inv_std,
     };
-    bn.training(x, &mut y, None, saved, None).unwrap();
+    bn.training(x, &mut y, None, Some(saved), None).unwrap();
     (mean, inv_std)
 }
 

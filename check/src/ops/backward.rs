@@ -1,7 +1,8 @@
 //! The backward check: training and frozen modes, overwritten and accumulated gradients.
 
 use batchnorm::{
-    BackwardMode, BatchNorm, Error, GradMode, ParamGrads, RunningStats, SavedStats, SavedStatsMut,
+    Affine, BackwardMode, BatchNorm, Error, GradMode, ParamGrads, RunningStats, SavedStats,
+    SavedStatsMut,
 };
 
 use super::*;
@@ -47,7 +48,7 @@ pub(crate) fn saved_stats(s: &Setup, inp: &Inputs) -> (Vec<f32>, Vec<f32>) {
             inv_std: &mut inv_std,
         };
         // Cannot fail: every length is right and there is no running update.
-        let _ = s.bn.training(&inp.x, &mut y, None, saved, None);
+        let _ = s.bn.training(&inp.x, &mut y, None, Some(saved), None);
     }
     mean.resize(inp.saved_len[0], 0.0);
     inv_std.resize(inp.saved_len[1], 1.0);
@@ -73,7 +74,10 @@ pub(crate) fn run_backward(
             inv_std: &saved_inv_std,
         })
     };
-    let gamma = (!case.no_affine).then_some(&inp.gamma[..]);
+    let affine = (!case.no_affine).then_some(Affine {
+        gamma: &inp.gamma,
+        beta: &inp.beta,
+    });
     let (mut dgamma, mut dbeta, mode_g) = match &inp.prev {
         Some((g, b)) => (g.clone(), b.clone(), Some(GradMode::Accumulate)),
         None if case.grads == Grads::None => (Vec::new(), Vec::new(), None),
@@ -91,13 +95,13 @@ pub(crate) fn run_backward(
     let (result, dx) = if in_place {
         let mut buf = inp.dy.clone();
         (
-            bn.backward_in_place(&inp.x, &mut buf, mode, gamma, grads),
+            bn.backward_in_place(&inp.x, &mut buf, affine, mode, grads),
             buf,
         )
     } else {
         let mut dx = vec![sentinel(); inp.out_len];
         (
-            bn.backward(&inp.x, &inp.dy, &mut dx, mode, gamma, grads),
+            bn.backward(&inp.x, &inp.dy, &mut dx, affine, mode, grads),
             dx,
         )
     };
@@ -127,6 +131,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         }
         if affine {
             e.len("gamma", c, inp.gamma.len());
+            e.len("beta", c, inp.beta.len());
         }
         if case.grads != Grads::None {
             e.len("dgamma", c, inp.grads_len[0]);
@@ -225,7 +230,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             s.eps,
         );
         for ch in (0..c).filter(|&ch| !bad[ch]) {
-            let r = 1.0 / (inp.running_var[ch] as f64 + s.eps as f64).sqrt();
+            let r = 1.0 / (inp.running_var[ch] as f64 + s.eps).sqrt();
             if !r.is_finite() {
                 ctx.report.skip("frozen dx");
                 continue;
@@ -306,7 +311,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             let (mu, var, r) = (t.mean[ch], t.var[ch], t.inv_std[ch]);
             let idx = &s.indices[ch];
             let centred_ok = idx.iter().all(|&i| finite_in(inp.x[i] as f64 - mu));
-            let var_eps = var + s.eps as f64;
+            let var_eps = var + s.eps;
             if var_eps.is_nan() || var_eps < F32_MIN_NORMAL || !centred_ok {
                 ctx.report.skip("training dx");
                 continue;

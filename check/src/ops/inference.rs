@@ -36,9 +36,9 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
             gamma: &inp.gamma,
             beta: &inp.beta,
         });
-        let r = bn.inference(&inp.x, &mut y, running, aff);
+        let r = bn.inference(&inp.x, &mut y, aff, running);
         let mut buf = inp.x.clone();
-        let r_in = bn.inference_in_place(&mut buf, running, aff);
+        let r_in = bn.inference_in_place(&mut buf, aff, running);
         (r, y, r_in, buf)
     };
     let (r, y, r_in, buf) = run(&s.bn, inp);
@@ -96,7 +96,7 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
             gamma.map_or(1.0, |g| g[ch] as f64),
             beta.map_or(0.0, |b| b[ch] as f64),
         );
-        let r = 1.0 / (inp.running_var[ch] as f64 + s.eps as f64).sqrt();
+        let r = 1.0 / (inp.running_var[ch] as f64 + s.eps).sqrt();
         let d = inp.x[i] as f64 - inp.running_mean[ch] as f64;
         let (alpha, xhat) = (g * r, d * r);
         let scale = g.abs() * (1.0 + xhat.abs()) + b.abs();

@@ -97,7 +97,7 @@ pub(crate) struct Setup {
     /// The operator with the case's parallelism, and with the other one.
     pub(crate) bn: BatchNorm,
     pub(crate) other: BatchNorm,
-    pub(crate) eps: f32,
+    pub(crate) eps: f64,
     /// Every call must fail with a length error (a giant shape).
     pub(crate) giant: bool,
     /// The flat indices of each channel's elements (empty for a giant shape).

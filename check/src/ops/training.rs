@@ -17,7 +17,14 @@ pub(crate) struct TrainOut {
     pub(crate) running_var: Vec<f32>,
 }
 
-pub(crate) fn run_training(bn: &BatchNorm, inp: &Inputs, affine: bool, update: Update) -> TrainOut {
+/// One training call; with `save == false` no saved statistics are asked for (they stay sentinels).
+pub(crate) fn run_training(
+    bn: &BatchNorm,
+    inp: &Inputs,
+    affine: bool,
+    update: Update,
+    save: bool,
+) -> TrainOut {
     let mut y = vec![sentinel(); inp.out_len];
     let mut mean = vec![sentinel(); inp.saved_len[0]];
     let mut inv_std = vec![sentinel(); inp.saved_len[1]];
@@ -29,10 +36,10 @@ pub(crate) fn run_training(bn: &BatchNorm, inp: &Inputs, affine: bool, update: U
             gamma: &inp.gamma,
             beta: &inp.beta,
         }),
-        SavedStatsMut {
+        save.then_some(SavedStatsMut {
             mean: &mut mean,
             inv_std: &mut inv_std,
-        },
+        }),
         update
             .convention()
             .map(|(momentum, var_estimator)| RunningUpdate {
@@ -53,8 +60,9 @@ pub(crate) fn run_training(bn: &BatchNorm, inp: &Inputs, affine: bool, update: U
 }
 
 impl TrainOut {
-    /// The outputs of channel `ch` as bits, for comparisons between runs.
-    pub(crate) fn channel_bits(&self, s: &Setup, ch: usize) -> Vec<u64> {
+    /// The outputs of channel `ch` as bits, for comparisons between runs (the saved statistics
+    /// only `with_saved`).
+    pub(crate) fn channel_bits(&self, s: &Setup, ch: usize, with_saved: bool) -> Vec<u64> {
         let f = |v: f32| {
             if v.is_nan() {
                 u64::MAX
@@ -64,12 +72,12 @@ impl TrainOut {
         };
         let g = |v: f64| if v.is_nan() { u64::MAX } else { v.to_bits() };
         let mut out: Vec<u64> = s.indices[ch].iter().map(|&i| f(self.y[i])).collect();
-        for v in [
-            &self.mean,
-            &self.inv_std,
-            &self.running_mean,
-            &self.running_var,
-        ] {
+        let saved = [&self.mean, &self.inv_std];
+        let running = [&self.running_mean, &self.running_var];
+        for v in running
+            .iter()
+            .chain(if with_saved { &saved[..] } else { &[] })
+        {
             out.push(v.get(ch).map_or(0, |&v| f(v)));
         }
         if let Ok(stats) = &self.result {
@@ -120,7 +128,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             }
         }
     }
-    let out = run_training(&s.bn, inp, affine, case.update);
+    let out = run_training(&s.bn, inp, affine, case.update, true);
     if !outcome(ctx, "training", &out.result, &exp) {
         if out.result.is_err() {
             let untouched = [&out.y, &out.mean, &out.inv_std]
@@ -147,9 +155,16 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             ctx.fail(format!("training did not write {name}[{i}]"));
         }
     }
-    let again = run_training(&s.other, inp, affine, case.update);
-    if (0..c).any(|ch| out.channel_bits(s, ch) != again.channel_bits(s, ch)) {
-        ctx.fail("training differs between parallelism settings".into());
+    // The other parallelism setting, without saved statistics: the same bits otherwise.
+    let again = run_training(&s.other, inp, affine, case.update, false);
+    if (0..c).any(|ch| out.channel_bits(s, ch, false) != again.channel_bits(s, ch, false)) {
+        ctx.fail("training differs between parallelism settings (or with saved = None)".into());
+    }
+    if [&again.mean, &again.inv_std]
+        .iter()
+        .any(|v| v.iter().any(|x| x.to_bits() != SENTINEL_BITS))
+    {
+        ctx.fail("training wrote saved statistics that were not asked for".into());
     }
 
     let gamma = affine.then_some(&inp.gamma[..]);
@@ -164,7 +179,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     }
     let x_bad = s.nonfinite_channels(&inp.x);
     let tol = fwd_tol(m);
-    let eps = s.eps as f64;
+    let eps = s.eps;
     let exact = reference::statistics(&inp.x, s.shape, s.layout);
     for ch in 0..c {
         if x_bad[ch] {
@@ -293,9 +308,9 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
 
     if bad.contains(&true) {
         let clean = inp.sanitized(s, &bad);
-        let again = run_training(&s.bn, &clean, affine, case.update);
+        let again = run_training(&s.bn, &clean, affine, case.update, true);
         for ch in (0..c).filter(|&ch| !bad[ch]) {
-            if out.channel_bits(s, ch) != again.channel_bits(s, ch) {
+            if out.channel_bits(s, ch, true) != again.channel_bits(s, ch, true) {
                 ctx.fail(format!(
                     "training: non-finite values of another channel changed channel {ch}"
                 ));
