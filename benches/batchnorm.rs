@@ -12,6 +12,8 @@
 //! `BATCHNORM_BENCH_QUICK=1 cargo bench --bench batchnorm` runs 3 shapes with shorter times.
 //! A Markdown summary is printed at the end (also `cargo run --release --example bench_summary`).
 
+#[path = "support/plot.rs"]
+mod plot;
 #[path = "support/roofs.rs"]
 mod roofs;
 #[path = "support/summary.rs"]
@@ -582,6 +584,20 @@ fn main() {
     bench_backends(&mut c, &cfg);
     c.final_summary();
     if measuring {
-        println!("\n{}", summary::report(&summary::criterion_home(), true));
+        let home = summary::criterion_home();
+        println!("\n{}", summary::report(&home, true));
+        let caption = format!(
+            "batchnorm, time / copy: {}, {} threads, best backend {}",
+            plot::cpu_name(),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Backend::detect().name()
+        );
+        if let Some(svg) = plot::svg(&summary::load(&home, true), &caption) {
+            let path = home.join("batchnorm-ratios.svg");
+            match std::fs::write(&path, svg) {
+                Ok(()) => println!("plot of time / copy: {}", path.display()),
+                Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+            }
+        }
     }
 }
