@@ -17,6 +17,9 @@ const Y_MIN: f64 = 0.25;
 const Y_MAX: f64 = 16.0;
 const PANEL_H: f64 = 170.0;
 const LEFT: f64 = 60.0;
+/// Room on the right for the last group's slanted label.
+const RIGHT: f64 = 120.0;
+const WIDTH: f64 = 960.0;
 const BAR_W: f64 = 9.0;
 const COLORS: [&str; 6] = [
     "#4e79a7", "#a0cbe8", "#f28e2b", "#ffbe7d", "#59a14f", "#e15759",
@@ -168,12 +171,16 @@ pub fn svg(samples: &[Sample], caption: &str) -> Option<String> {
     if panels.is_empty() {
         return None;
     }
-    let group_w = |p: &Panel| p.series.len() as f64 * BAR_W + 14.0;
+    // Groups spread over the width, at least wide enough for their bars.
+    let group_w = |p: &Panel| {
+        let fit = (WIDTH - LEFT - RIGHT) / p.groups.len().max(1) as f64;
+        fit.max(p.series.len() as f64 * BAR_W + 14.0)
+    };
     let width = panels
         .iter()
-        .map(|p| LEFT + 20.0 + p.groups.len() as f64 * group_w(p))
-        .fold(600.0, f64::max);
-    let panel_total = PANEL_H + 95.0;
+        .map(|p| LEFT + RIGHT + p.groups.len() as f64 * group_w(p))
+        .fold(WIDTH, f64::max);
+    let panel_total = PANEL_H + 130.0;
     let height = 40.0 + panels.len() as f64 * panel_total;
     let mut out = String::new();
     let _ = writeln!(
@@ -186,11 +193,11 @@ pub fn svg(samples: &[Sample], caption: &str) -> Option<String> {
         escape(caption)
     );
     for (k, p) in panels.iter().enumerate() {
-        let top = 40.0 + k as f64 * panel_total + 20.0;
+        let top = 40.0 + k as f64 * panel_total + 36.0;
         let _ = writeln!(
             out,
             r#"<text x="{LEFT}" y="{:.0}" font-size="12">{}</text>"#,
-            top - 8.0,
+            top - 22.0,
             escape(&p.title)
         );
         // Grid: powers of two; the copy line (1) solid.
@@ -239,23 +246,23 @@ pub fn svg(samples: &[Sample], caption: &str) -> Option<String> {
                 );
             }
             let xm = x0 + p.series.len() as f64 * BAR_W / 2.0;
-            let yl = top + PANEL_H + 8.0;
+            let yl = top + PANEL_H + 12.0;
             let _ = writeln!(
                 out,
-                r#"<text x="{xm:.1}" y="{yl:.1}" text-anchor="end" transform="rotate(-35 {xm:.1} {yl:.1})">{}</text>"#,
+                r#"<text x="{xm:.1}" y="{yl:.1}" transform="rotate(30 {xm:.1} {yl:.1})">{}</text>"#,
                 escape(name)
             );
         }
-        // Legend.
+        // Legend, under the title.
         for (b, s) in p.series.iter().enumerate() {
-            let x = width - 10.0 - (p.series.len() - b) as f64 * 90.0;
+            let x = LEFT + b as f64 * 90.0;
             let _ = writeln!(
                 out,
                 r#"<rect x="{x:.0}" y="{:.0}" width="10" height="10" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#,
-                top - 18.0,
+                top - 16.0,
                 COLORS[b % COLORS.len()],
                 x + 13.0,
-                top - 9.0,
+                top - 7.0,
                 escape(s)
             );
         }
