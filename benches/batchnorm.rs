@@ -23,7 +23,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use batchnorm::{
-    Affine, Backend, BackwardMode, BatchNorm, GradMode, Layout, Parallelism, ParamGrads,
+    Affine, Backend, BackwardMode, BatchNorm, Epilogue, GradMode, Layout, Parallelism, ParamGrads,
     RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
 use criterion::measurement::WallTime;
@@ -519,6 +519,102 @@ fn bench_op(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool], op: Op
     group.finish();
 }
 
+/// The fused epilogues of a forward op (`None` for the plain op), as bench ids.
+const EPILOGUES: [(&str, Fused); 3] = [
+    ("", Fused::None),
+    ("_relu", Fused::Relu),
+    ("_add_relu", Fused::AddRelu),
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fused {
+    None,
+    Relu,
+    AddRelu,
+}
+
+/// Inference or training with an epilogue; the residual z is the `dy` buffer.
+fn run_fused(training: bool, fused: Fused, bn: &BatchNorm, b: &mut Buffers) {
+    let affine = Some(Affine {
+        gamma: &b.gamma,
+        beta: &b.beta,
+    });
+    let epilogue = match fused {
+        Fused::None => Epilogue::None,
+        Fused::Relu => Epilogue::Relu,
+        Fused::AddRelu => Epilogue::AddRelu(&b.dy),
+    };
+    if training {
+        let saved = SavedStatsMut {
+            mean: &mut b.saved_mean,
+            inv_std: &mut b.saved_inv_std,
+        };
+        let update = RunningUpdate::pytorch(&mut b.running_mean, &mut b.running_var);
+        let r = bn.training_fused(&b.x, &mut b.y, affine, Some(saved), Some(update), epilogue);
+        black_box(r.expect("training_fused"));
+    } else {
+        let running = RunningStats {
+            mean: &b.running_mean,
+            var: &b.running_var,
+        };
+        bn.inference_fused(&b.x, &mut b.y, affine, running, epilogue)
+            .expect("inference_fused");
+    }
+}
+
+/// `y = x + z` on the current rayon pool: the floor of a pass that reads two tensors and writes
+/// one (the add + ReLU epilogue's traffic).
+fn add_pass(x: &[f32], z: &[f32], y: &mut [f32]) {
+    let add = |x: &[f32], z: &[f32], y: &mut [f32]| {
+        for ((o, &a), &b) in y.iter_mut().zip(x).zip(z) {
+            *o = a + b;
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 {
+        add(x, z, y);
+    } else {
+        let chunk = x.len().div_ceil(threads).max(4096);
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(z.par_chunks(chunk)))
+            .for_each(|(y, (x, z))| add(x, z, y));
+    }
+}
+
+/// Fused forward ops against their in-run baselines: the plain op (`inference`, `training`) and,
+/// for add + ReLU, the pass that reads two tensors and writes one (`add`).
+fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
+    let mut group = cfg.group(c, "fused");
+    for &dims in &cfg.shapes {
+        let shape = make_shape(dims);
+        let mut b = Buffers::new(shape);
+        let elements = shape.len() as u64;
+        for layout in LAYOUTS {
+            let bn = BatchNorm::new(shape, layout)
+                .unwrap()
+                .with_parallelism(Parallelism::Rayon);
+            for (&t, pool) in cfg.threads.iter().zip(pools) {
+                let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
+                group.throughput(Throughput::Bytes(12 * elements));
+                group.bench_function(format!("{base}/add"), |bench| {
+                    pool.install(|| bench.iter(|| add_pass(&b.x, &b.dy, &mut b.y)))
+                });
+                for training in [false, true] {
+                    let op = if training { "training" } else { "inference" };
+                    for (suffix, fused) in EPILOGUES {
+                        let bytes = if fused == Fused::AddRelu { 12 } else { 8 };
+                        group.throughput(Throughput::Bytes(bytes * elements));
+                        group.bench_function(format!("{base}/{op}{suffix}"), |bench| {
+                            pool.install(|| bench.iter(|| run_fused(training, fused, &bn, &mut b)))
+                        });
+                    }
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
 /// Every available backend on in-cache shapes, single thread, with copy and scalar references.
 fn bench_backends(c: &mut Criterion, cfg: &Config) {
     let mut group = cfg.group(c, "backends");
@@ -581,6 +677,7 @@ fn main() {
     for op in [Op::Inference, Op::Training, Op::Backward, Op::Statistics] {
         bench_op(&mut c, &cfg, &pools, op);
     }
+    bench_fused(&mut c, &cfg, &pools);
     bench_backends(&mut c, &cfg);
     c.final_summary();
     if measuring {

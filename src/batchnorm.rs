@@ -2,10 +2,11 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::driver::{self, ChannelAffine, Ctx, DxParams, GradSums, Src};
+use crate::driver::{self, ChannelAffine, Ctx, DxParams, Fuse, GradSums, Src};
 use crate::error::check_len;
 use crate::params::{
-    Affine, BackwardMode, GradMode, ParamGrads, RunningStats, RunningUpdate, SavedStatsMut,
+    Affine, BackwardMode, Epilogue, GradMode, ParamGrads, RunningStats, RunningUpdate,
+    SavedStatsMut,
 };
 use crate::scratch::{self, Scratch};
 use crate::{BatchStats, ChannelStats, Error, Layout, Parallelism, Shape, Variance};
@@ -200,11 +201,33 @@ impl BatchNorm {
         affine: Option<Affine<'_>>,
         running: RunningStats<'_>,
     ) -> Result<(), Error> {
-        const OP: &str = "inference";
-        self.check_tensor(OP, "x", x)?;
-        self.check_tensor(OP, "y", y)?;
-        let params = self.inference_params(OP, affine.as_ref(), &running)?;
-        driver::normalize(&self.ctx, Src::Separate(x), y, &params);
+        self.inference_fused(x, y, affine, running, Epilogue::None)
+    }
+
+    /// [`BatchNorm::inference`] followed by `epilogue` in the same pass: `y = relu(bn(x))` or
+    /// `y = relu(bn(x) + z)`. The epilogue costs no extra pass over memory (the residual is one
+    /// more tensor read). ReLU keeps NaN (`relu(NaN) = NaN`, as PyTorch) and maps −0 to −0.
+    ///
+    /// # Errors
+    /// As [`BatchNorm::inference`], and [`Error::LengthMismatch`] naming `z` for a residual of
+    /// the wrong length.
+    pub fn inference_fused(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        affine: Option<Affine<'_>>,
+        running: RunningStats<'_>,
+        epilogue: Epilogue<'_>,
+    ) -> Result<(), Error> {
+        let op = match epilogue {
+            Epilogue::None => "inference",
+            _ => "inference_fused",
+        };
+        self.check_tensor(op, "x", x)?;
+        self.check_tensor(op, "y", y)?;
+        let fuse = self.fuse(op, epilogue)?;
+        let params = self.inference_params(op, affine.as_ref(), &running)?;
+        driver::normalize(&self.ctx, (Src::Separate(x), fuse), y, &params);
         Ok(())
     }
 
@@ -218,11 +241,47 @@ impl BatchNorm {
         affine: Option<Affine<'_>>,
         running: RunningStats<'_>,
     ) -> Result<(), Error> {
-        const OP: &str = "inference_in_place";
-        self.check_tensor(OP, "x", x)?;
-        let params = self.inference_params(OP, affine.as_ref(), &running)?;
-        driver::normalize(&self.ctx, Src::InPlace, x, &params);
+        self.inference_fused_in_place(x, affine, running, Epilogue::None)
+    }
+
+    /// [`BatchNorm::inference_fused`] overwriting its input.
+    ///
+    /// # Errors
+    /// As [`BatchNorm::inference_fused`] (the tensor is named `x`).
+    pub fn inference_fused_in_place(
+        &self,
+        x: &mut [f32],
+        affine: Option<Affine<'_>>,
+        running: RunningStats<'_>,
+        epilogue: Epilogue<'_>,
+    ) -> Result<(), Error> {
+        let op = match epilogue {
+            Epilogue::None => "inference_in_place",
+            _ => "inference_fused_in_place",
+        };
+        self.check_tensor(op, "x", x)?;
+        let fuse = self.fuse(op, epilogue)?;
+        let params = self.inference_params(op, affine.as_ref(), &running)?;
+        driver::normalize(&self.ctx, (Src::InPlace, fuse), x, &params);
         Ok(())
+    }
+
+    /// The kernels' epilogue for `epilogue`, after checking the residual's length.
+    fn fuse<'a>(&self, op: &'static str, epilogue: Epilogue<'a>) -> Result<Fuse<'a>, Error> {
+        Ok(match epilogue {
+            Epilogue::None => Fuse::default(),
+            Epilogue::Relu => Fuse {
+                z: None,
+                relu: true,
+            },
+            Epilogue::AddRelu(z) => {
+                self.check_tensor(op, "z", z)?;
+                Fuse {
+                    z: Some(z),
+                    relu: true,
+                }
+            }
+        })
     }
 
     /// Training forward: batch mean and biased variance per channel, then
@@ -248,8 +307,27 @@ impl BatchNorm {
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
     ) -> Result<BatchStats, Error> {
+        self.training_fused(x, y, affine, saved, update, Epilogue::None)
+    }
+
+    /// [`BatchNorm::training`] followed by `epilogue` in the normalizing pass: `y = relu(bn(x))`
+    /// or `y = relu(bn(x) + z)`, with the batch statistics of x (the saved statistics and the
+    /// running update are those of the plain op).
+    ///
+    /// # Errors
+    /// As [`BatchNorm::training`], and [`Error::LengthMismatch`] naming `z` for a residual of the
+    /// wrong length.
+    pub fn training_fused(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        affine: Option<Affine<'_>>,
+        saved: Option<SavedStatsMut<'_>>,
+        update: Option<RunningUpdate<'_>>,
+        epilogue: Epilogue<'_>,
+    ) -> Result<BatchStats, Error> {
         let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
-        self.training_into((x, y), affine, saved, update, &mut stats)?;
+        self.training_into((x, y), affine, saved, update, (epilogue, &mut stats))?;
         Ok(BatchStats::from_channels(stats))
     }
 
@@ -261,21 +339,25 @@ impl BatchNorm {
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
-        stats: &mut [ChannelStats],
+        (epilogue, stats): (Epilogue<'_>, &mut [ChannelStats]),
     ) -> Result<(), Error> {
-        const OP: &str = "training";
-        self.check_tensor(OP, "x", x)?;
-        self.check_tensor(OP, "y", y)?;
-        self.check_affine(OP, affine.as_ref())?;
+        let op = match epilogue {
+            Epilogue::None => "training",
+            _ => "training_fused",
+        };
+        self.check_tensor(op, "x", x)?;
+        self.check_tensor(op, "y", y)?;
+        let fuse = self.fuse(op, epilogue)?;
+        self.check_affine(op, affine.as_ref())?;
         if let Some(saved) = &saved {
-            self.check_channels(OP, "saved_mean", saved.mean)?;
-            self.check_channels(OP, "saved_inv_std", saved.inv_std)?;
+            self.check_channels(op, "saved_mean", saved.mean)?;
+            self.check_channels(op, "saved_inv_std", saved.inv_std)?;
         }
         let mut update = update;
         let weight = match &update {
             Some(u) => {
-                self.check_channels(OP, "running_mean", u.mean)?;
-                self.check_channels(OP, "running_var", u.var)?;
+                self.check_channels(op, "running_mean", u.mean)?;
+                self.check_channels(op, "running_var", u.var)?;
                 let per_channel = self.ctx.shape.per_channel() as u64;
                 if u.var_estimator == Variance::Unbiased && per_channel < 2 {
                     return Err(Error::TooFewValues { per_channel });
@@ -294,7 +376,7 @@ impl BatchNorm {
             inv_std[c].store((r as f32).to_bits(), Ordering::Relaxed);
             p
         };
-        driver::training(&self.ctx, x, y, &make, stats);
+        driver::training(&self.ctx, (x, fuse), y, &make, stats);
 
         if let Some(saved) = saved {
             for (c, s) in stats.iter().enumerate() {
@@ -387,7 +469,7 @@ impl BatchNorm {
                     scale: (gamma_of(c) * frozen_inv_std(running.var[c])) as f32,
                     bias: 0.0,
                 });
-                driver::normalize(&self.ctx, dy, dx, &params);
+                driver::normalize(&self.ctx, (dy, Fuse::default()), dx, &params);
             }
         }
         if let Some(g) = grads {

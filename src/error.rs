@@ -10,7 +10,8 @@ pub enum Error {
     /// A dimension is zero.
     ZeroDimension {
         /// Which dimension: `"N"`, `"C"`, `"HW"` ([`crate::Shape::new`]'s spatial extent) or
-        /// `"spatial[i]"` (the i-th of [`crate::Shape::with_spatial`]'s, `"spatial"` past the 8th).
+        /// `"spatial[i]"` (the i-th of [`crate::Shape::with_spatial`]'s, `"spatial"` past the 8th);
+        /// for folding, `"out_channels"`, `"in_per_group"`, `"kernel"` or `"inputs"`.
         dim: &'static str,
     },
     /// N·C·HW (or its size in bytes) does not fit in `usize`/`isize`.

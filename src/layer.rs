@@ -5,9 +5,9 @@
 use crate::error::check_len;
 use crate::scratch;
 use crate::{
-    Affine, Backend, BackwardMode, BatchNorm, ChannelStats, Error, GradMode, Layout, Momentum,
-    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
-    Variance,
+    Affine, Backend, BackwardMode, BatchNorm, ChannelStats, Epilogue, Error, GradMode, Layout,
+    Momentum, Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    Shape, Variance,
 };
 
 /// A batch-norm layer over `C` channels, as `torch.nn.BatchNorm1d/2d/3d` or Keras
@@ -257,7 +257,8 @@ impl BatchNormLayer {
         };
         // The batch statistics are not kept: a scratch buffer, so the call allocates nothing.
         let mut stats = scratch::zeroed::<ChannelStats>(self.channels);
-        op.training_into((x, y), affine, Some(saved), Some(update), &mut stats)?;
+        let stats = (Epilogue::None, &mut stats[..]);
+        op.training_into((x, y), affine, Some(saved), Some(update), stats)?;
         self.batches_tracked = tracked;
         self.last = Some((shape, true));
         Ok(())

@@ -4,6 +4,7 @@
 mod batchnorm;
 mod driver;
 mod error;
+pub mod fold;
 mod kernels;
 mod layer;
 #[cfg(feature = "ndarray")]
@@ -20,8 +21,8 @@ pub use error::Error;
 pub use layer::BatchNormLayer;
 pub use par::Parallelism;
 pub use params::{
-    Affine, BackwardMode, GradMode, Momentum, ParamGrads, RunningStats, RunningUpdate, SavedStats,
-    SavedStatsMut,
+    Affine, BackwardMode, Epilogue, GradMode, Momentum, ParamGrads, RunningStats, RunningUpdate,
+    SavedStats, SavedStatsMut,
 };
 pub use shape::{Layout, Shape};
 pub use simd::Backend;

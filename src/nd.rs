@@ -73,6 +73,9 @@ pub fn flat<'a, D: Dimension>(
     a: &ArrayView<'a, f32, D>,
 ) -> Result<(&'a [f32], Shape, Layout), Error> {
     let (shape, layout) = layout_of(a.shape(), a.strides())?;
+    // `layout_of` accepted the strides, so the view is contiguous in memory order and ndarray
+    // returns the slice; should the two checks ever disagree, the error names the outer axis
+    // rather than panicking.
     let slice = a.to_slice_memory_order().ok_or(Error::UnsupportedStrides {
         axis: 0,
         stride: a.strides()[0],

@@ -165,3 +165,16 @@ pub struct ParamGrads<'a> {
     /// Overwrite or accumulate.
     pub mode: GradMode,
 }
+
+/// What a fused forward pass applies after the batch norm, in the same pass over memory (the
+/// activation, and the residual, that engines fuse with BN).
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Epilogue<'a> {
+    /// `y = bn(x)`.
+    #[default]
+    None,
+    /// `y = relu(bn(x))`.
+    Relu,
+    /// `y = relu(bn(x) + z)`, `z` a tensor of the same shape and layout (ResNet's residual).
+    AddRelu(&'a [f32]),
+}

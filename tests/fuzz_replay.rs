@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use batchnorm_check::arbitrary::{Arbitrary, Unstructured};
 use batchnorm_check::{
-    self as check, Case, Data, Delta, Dims, Eps, Grads, Kind, Op, Report, Rng, Saved, Update,
-    Value, Weight,
+    self as check, Arg, Case, Data, Delta, Dims, Eps, Fused, Grads, Kind, Op, Report, Rng, Saved,
+    Update, Value, Weight,
 };
 
 /// Random bytes of a length below `max_len`, from the checker's generator.
@@ -225,6 +225,7 @@ fn simplifications(case: &Case) -> Vec<Case> {
     push(&|c| c.nhwc = false);
     push(&|c| c.sequential = true);
     push(&|c| c.no_affine = true);
+    push(&|c| c.fused = Fused::None);
     push(&|c| c.backend = 0);
     push(&|c| c.split = 0);
     push(&|c| c.dims.extreme = 0);
@@ -410,6 +411,32 @@ fn seed_cases() -> Vec<(String, Case)> {
     ] {
         seeds.push((format!("eps-{name}"), with(&|c| c.eps = eps)));
     }
+    for (name, fused) in [("relu", Fused::Relu), ("add-relu", Fused::AddRelu)] {
+        seeds.push((
+            format!("fused-{name}"),
+            with(&|c| {
+                c.dims = Dims::new(3, 5, &[17]);
+                c.fused = fused;
+                c.update = Update::Pytorch;
+            }),
+        ));
+        seeds.push((
+            format!("fused-{name}-nhwc-wide"),
+            with(&|c| {
+                c.dims = Dims::new(2, 257, &[3]);
+                c.nhwc = true;
+                c.fused = fused;
+                c.dy = Data::of(Kind::Wide);
+            }),
+        ));
+    }
+    seeds.push((
+        "fused-add-relu-short-z".into(),
+        with(&|c| {
+            c.fused = Fused::AddRelu;
+            c.mismatch = Some((Arg::Dy, Delta::MinusOne));
+        }),
+    ));
     seeds.push((
         "eps-zero-constant".into(),
         with(&|c| {

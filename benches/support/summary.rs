@@ -268,6 +268,50 @@ pub fn backends_table(samples: &[Sample]) -> String {
     out
 }
 
+/// Markdown table of the `fused` group: each fused forward op over its in-run baselines (the
+/// plain op, and for add + ReLU also the pass that reads two tensors and writes one).
+pub fn fused_table(samples: &[Sample]) -> String {
+    let mut by_id: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    for s in samples {
+        by_id.insert(&s.id, s.median_ns);
+        if let ["fused", layout, shape, threads, "add"] = s.id.split('/').collect::<Vec<_>>()[..] {
+            rows.push((layout.into(), shape.into(), threads.into()));
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    rows.sort_by_key(|(l, s, t)| (l.clone(), shape_key(s), t.clone()));
+    let mut out = String::new();
+    out.push_str(
+        "| layout | shape | threads | inference | relu / plain | add+relu / plain | add+relu / add pass \
+         | training | relu / plain | add+relu / plain |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (layout, shape, threads) in rows {
+        let get = |imp: &str| {
+            by_id
+                .get(format!("fused/{layout}/{shape}/{threads}/{imp}").as_str())
+                .copied()
+        };
+        let r = |a: &str, b: &str| ratio(get(a).zip(get(b)).map(|(a, b)| a / b));
+        let t = |imp: &str| get(imp).map_or("–".into(), time);
+        let _ = writeln!(
+            out,
+            "| {layout} | {shape} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            threads.trim_start_matches('t'),
+            t("inference"),
+            r("inference_relu", "inference"),
+            r("inference_add_relu", "inference"),
+            r("inference_add_relu", "add"),
+            t("training"),
+            r("training_relu", "training"),
+            r("training_add_relu", "training"),
+        );
+    }
+    out
+}
+
 /// Both tables, with a header saying where the results came from.
 pub fn report(home: &Path, latest_run_only: bool) -> String {
     let samples = load(home, latest_run_only);
@@ -293,6 +337,11 @@ pub fn report(home: &Path, latest_run_only: bool) -> String {
          on as many threads. speed-up vs scalar: single-threaded scalar baseline / this.\n\n",
     );
     out.push_str(&main_table(&samples));
+    let fused = fused_table(&samples);
+    if !fused.is_empty() {
+        out.push_str("\nFused epilogues (time ratios to the in-run baselines):\n\n");
+        out.push_str(&fused);
+    }
     let backends = backends_table(&samples);
     if !backends.is_empty() {
         out.push_str("\nBackends (single thread, in-cache shapes):\n\n");

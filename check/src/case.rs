@@ -585,6 +585,18 @@ pub enum Saved {
     Given(Data, Data),
 }
 
+/// The epilogue of the fused forward ops ([`batchnorm::Epilogue`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Fused {
+    /// No fused run.
+    #[default]
+    None,
+    /// `relu(bn(x))`.
+    Relu,
+    /// `relu(bn(x) + z)`.
+    AddRelu,
+}
+
 /// Parameter gradients requested from backward.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Grads {
@@ -759,6 +771,9 @@ pub struct Case {
     pub no_affine: bool,
     /// Backward with frozen (running) statistics instead of the saved batch statistics.
     pub frozen: bool,
+    /// The epilogue of the fused forward ops, checked against the plain op (the residual z of
+    /// `AddRelu` is the `dy` tensor).
+    pub fused: Fused,
     /// ε.
     pub eps: Eps,
     /// The input tensor.
@@ -791,15 +806,26 @@ pub struct Case {
 impl Case {
     pub(crate) fn visit(&mut self, c: &mut dyn Codec) {
         self.dims.visit(c);
+        let fused = match self.fused {
+            Fused::None => 0,
+            Fused::Relu => 1,
+            Fused::AddRelu => 2,
+        };
         let mut flags = self.nhwc as u8
             | (self.sequential as u8) << 1
             | (self.no_affine as u8) << 2
-            | (self.frozen as u8) << 3;
+            | (self.frozen as u8) << 3
+            | fused << 4;
         c.byte(&mut flags);
         self.nhwc = flags & 1 != 0;
         self.sequential = flags & 2 != 0;
         self.no_affine = flags & 4 != 0;
         self.frozen = flags & 8 != 0;
+        self.fused = match (flags >> 4) % 4 {
+            0 | 3 => Fused::None,
+            1 => Fused::Relu,
+            _ => Fused::AddRelu,
+        };
         self.eps.visit(c);
         self.x.visit(c);
         self.dy.visit(c);

@@ -9,7 +9,7 @@ mod nchw;
 mod nhwc;
 
 use crate::kernels::Io;
-pub(crate) use crate::kernels::{ChannelAffine, DxParams, GradSums};
+pub(crate) use crate::kernels::{ChannelAffine, DxParams, Fuse, GradSums};
 use crate::par::SharedMut;
 use crate::simd::Backend;
 use crate::{ChannelStats, Layout, Parallelism, Shape};
@@ -119,26 +119,32 @@ pub(crate) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
     }
 }
 
-/// Applies one affine map per channel (inference, or the frozen-statistics dx).
-pub(crate) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
+/// Applies one affine map per channel (inference, or the frozen-statistics dx), then the
+/// epilogue `fuse` (its residual a whole tensor).
+pub(crate) fn normalize(
+    ctx: &Ctx,
+    (src, fuse): (Src<'_>, Fuse<'_>),
+    dst: &mut [f32],
+    params: &[ChannelAffine],
+) {
     match ctx.effective_layout() {
-        Layout::Nchw => nchw::normalize(ctx, src, dst, params),
-        Layout::Nhwc => nhwc::normalize(ctx, src, dst, params),
+        Layout::Nchw => nchw::normalize(ctx, (src, fuse), dst, params),
+        Layout::Nhwc => nhwc::normalize(ctx, (src, fuse), dst, params),
     }
 }
 
 /// Training forward: statistics (into `stats`, one per channel), then `make(c, stats)` per
-/// channel, then normalize.
+/// channel, then normalize and the epilogue `fuse`.
 pub(crate) fn training(
     ctx: &Ctx,
-    x: &[f32],
+    (x, fuse): (&[f32], Fuse<'_>),
     y: &mut [f32],
     make: MakeAffine<'_>,
     stats: &mut [ChannelStats],
 ) {
     match ctx.effective_layout() {
-        Layout::Nchw => nchw::training(ctx, x, y, make, stats),
-        Layout::Nhwc => nhwc::training(ctx, x, y, make, stats),
+        Layout::Nchw => nchw::training(ctx, (x, fuse), y, make, stats),
+        Layout::Nhwc => nhwc::training(ctx, (x, fuse), y, make, stats),
     }
 }
 

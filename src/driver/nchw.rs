@@ -7,7 +7,8 @@
 //! pieces normalized in parallel) when there are few channels.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
+    BLOCK, ChannelAffine, Ctx, Fuse, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
+    exact_sums,
 };
 use crate::ChannelStats;
 use crate::kernels::{
@@ -163,18 +164,20 @@ fn channel_stats(ctx: &Ctx, x: &[f32], c: usize) -> ChannelStats {
 fn channels_whole(
     ctx: &Ctx,
     x: &[f32],
-    normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
+    normalize: Option<Normalize<'_>>,
     out: &mut [ChannelStats],
 ) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     ctx.par.fill(out, ctx.shape.per_channel(), |ch| {
         let stats = channel_stats(ctx, x, ch);
-        if let Some((out, make)) = normalize {
+        if let Some((out, make, fuse)) = normalize {
             let p = make(ch, &stats);
             for sample in 0..n {
+                let start = (sample * c + ch) * hw;
                 // SAFETY: each run belongs to one channel and each channel to one task.
-                let io = unsafe { Src::Separate(x).io(out, (sample * c + ch) * hw, hw) };
-                ctx.backend.dispatch(AffineRun { io, p });
+                let io = unsafe { Src::Separate(x).io(out, start, hw) };
+                let fuse = fuse.range(start, hw);
+                ctx.backend.dispatch(AffineRun { io, p, fuse });
             }
         }
         stats
@@ -191,19 +194,35 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
     pipeline(ctx, |p| piece_stats(ctx, x, p), merge, |_, _| (), None, out)
 }
 
-/// Affine map of one piece, reading from `src`, writing into `out`.
-fn affine_piece(ctx: &Ctx, src: Src<'_>, out: &SharedMut<'_>, piece: Piece, p: &ChannelAffine) {
+/// Where the normalize of a training or statistics schedule writes, how it gets each channel's
+/// parameters, and its epilogue.
+type Normalize<'a> = (&'a SharedMut<'a>, MakeAffine<'a>, Fuse<'a>);
+
+/// Affine map and epilogue of one piece, reading from `src`, writing into `out`.
+fn affine_piece(
+    ctx: &Ctx,
+    (src, fuse): (Src<'_>, Fuse<'_>),
+    out: &SharedMut<'_>,
+    piece: Piece,
+    p: &ChannelAffine,
+) {
     // SAFETY: every piece is applied exactly once and pieces are disjoint, so no other live slice
     // overlaps this one.
     let io = unsafe { src.io(out, piece.offset, piece.len) };
-    ctx.backend.dispatch(AffineRun { io, p: *p });
+    let fuse = fuse.range(piece.offset, piece.len);
+    ctx.backend.dispatch(AffineRun { io, p: *p, fuse });
 }
 
-pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
+pub(super) fn normalize(
+    ctx: &Ctx,
+    (src, fuse): (Src<'_>, Fuse<'_>),
+    dst: &mut [f32],
+    params: &[ChannelAffine],
+) {
     let hw = ctx.shape.hw();
     let out = SharedMut::new(dst);
     if hw > BLOCK {
-        let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
+        let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, (src, fuse), &out, p, a);
         let mut units = scratch::zeroed::<()>(ctx.shape.c());
         pipeline(
             ctx,
@@ -221,33 +240,36 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
     ctx.par
         .for_each(runs.div_ceil(per_task), per_task * hw, |t| {
             let first = t * per_task;
+            let (start, len) = (first * hw, per_task.min(runs - first) * hw);
             // SAFETY: tasks cover disjoint ranges of runs.
-            let io = unsafe { src.io(&out, first * hw, per_task.min(runs - first) * hw) };
+            let io = unsafe { src.io(&out, start, len) };
             let first = first % params.len();
             ctx.backend.dispatch(AffineRuns {
                 io,
                 run: hw,
                 first,
                 params,
+                fuse: fuse.range(start, len),
             });
         });
 }
 
 pub(super) fn training(
     ctx: &Ctx,
-    x: &[f32],
+    (x, fuse): (&[f32], Fuse<'_>),
     y: &mut [f32],
     make: MakeAffine<'_>,
     stats: &mut [ChannelStats],
 ) {
     let out = SharedMut::new(y);
     if whole_channels(ctx) {
-        return channels_whole(ctx, x, Some((&out, make)), stats);
+        return channels_whole(ctx, x, Some((&out, make, fuse)), stats);
     }
     if short_runs_fused(ctx) {
-        return short_runs(ctx, x, Some((&out, make)), stats);
+        return short_runs(ctx, x, Some((&out, make, fuse)), stats);
     }
-    let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, Src::Separate(x), &out, p, a);
+    let src = (Src::Separate(x), fuse);
+    let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
     pipeline(
         ctx,
         |p| piece_stats(ctx, x, p),
@@ -288,12 +310,7 @@ fn channel_group(ctx: &Ctx) -> usize {
 /// L2, reduces their runs sample by sample, folds each channel's runs in sample order (the same
 /// fold as the per-piece schedules, so results are identical), and normalizes the group.
 /// Without `normalize`, only the statistics are computed. The statistics go to `out`.
-fn short_runs(
-    ctx: &Ctx,
-    x: &[f32],
-    normalize: Option<(&SharedMut<'_>, MakeAffine<'_>)>,
-    out: &mut [ChannelStats],
-) {
+fn short_runs(ctx: &Ctx, x: &[f32], normalize: Option<Normalize<'_>>, out: &mut [ChannelStats]) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
     let elems = group * ctx.shape.per_channel();
@@ -316,18 +333,20 @@ fn short_runs(
                 *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
             }
         }
-        let Some((out, make)) = normalize else {
+        let Some((out, make, fuse)) = normalize else {
             return;
         };
         let params = scratch::from_fn(k, |j| make(first + j, &stats[j]));
         for sample in 0..n {
+            let (start, len) = ((sample * c + first) * hw, k * hw);
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
-            let io = unsafe { Src::Separate(x).io(out, (sample * c + first) * hw, k * hw) };
+            let io = unsafe { Src::Separate(x).io(out, start, len) };
             ctx.backend.dispatch(AffineRuns {
                 io,
                 run: hw,
                 first: 0,
                 params: &params,
+                fuse: fuse.range(start, len),
             });
         }
     });

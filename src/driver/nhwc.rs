@@ -7,7 +7,8 @@
 //! tensor has few rows). Tile results are folded per channel in row-block order.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, MakeAffine, MakeDx, Src, checked_stats, checked_sums, exact_sums,
+    BLOCK, ChannelAffine, Ctx, Fuse, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
+    exact_sums,
 };
 use crate::ChannelStats;
 use crate::kernels::{
@@ -169,7 +170,12 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32], total: &mut [ChannelStats]) {
     }
 }
 
-pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[ChannelAffine]) {
+pub(super) fn normalize(
+    ctx: &Ctx,
+    (src, fuse): (Src<'_>, Fuse<'_>),
+    dst: &mut [f32],
+    params: &[ChannelAffine],
+) {
     let blocks = Blocks::new(ctx);
     let lanes = &AffineLanes::affine(params);
     let out = SharedMut::new(dst);
@@ -178,20 +184,26 @@ pub(super) fn normalize(ctx: &Ctx, src: Src<'_>, dst: &mut [f32], params: &[Chan
             let (offset, len) = blocks.range(b);
             // SAFETY: each block is visited once and blocks are disjoint.
             let io = unsafe { src.io(&out, offset, len) };
-            ctx.backend.dispatch(AffineRows { io, params, lanes });
+            let fuse = fuse.range(offset, len);
+            ctx.backend.dispatch(AffineRows {
+                io,
+                params,
+                lanes,
+                fuse,
+            });
         });
 }
 
 pub(super) fn training(
     ctx: &Ctx,
-    x: &[f32],
+    (x, fuse): (&[f32], Fuse<'_>),
     y: &mut [f32],
     make: MakeAffine<'_>,
     stats: &mut [ChannelStats],
 ) {
     statistics(ctx, x, stats);
     let params = scratch::from_fn(stats.len(), |c| make(c, &stats[c]));
-    normalize(ctx, Src::Separate(x), y, &params);
+    normalize(ctx, (Src::Separate(x), fuse), y, &params);
 }
 
 pub(super) fn backward(

@@ -19,6 +19,96 @@ pub(crate) struct ChannelAffine {
     pub bias: f32,
 }
 
+/// What a fused normalize does after the affine map, on the kernel's range: add a residual `z`
+/// (the same range of a tensor of the output's shape), then ReLU.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Fuse<'a> {
+    pub z: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl<'a> Fuse<'a> {
+    /// The epilogue for elements `start..start + len` (the residual sliced alike).
+    #[inline(always)]
+    pub(crate) fn range(self, start: usize, len: usize) -> Fuse<'a> {
+        Fuse {
+            z: self.z.map(|z| &z[start..start + len]),
+            relu: self.relu,
+        }
+    }
+}
+
+/// The last step of a fused map, applied to its result `y` and the second input `z`.
+trait Finish: Copy {
+    /// Whether `z` is read.
+    const BINARY: bool;
+    fn finish<S: Simd>(self, s: S, y: S::V, z: S::V) -> S::V;
+}
+
+#[derive(Clone, Copy)]
+struct Relu;
+#[derive(Clone, Copy)]
+struct AddRelu;
+
+impl Finish for Relu {
+    const BINARY: bool = false;
+    #[inline(always)]
+    fn finish<S: Simd>(self, s: S, y: S::V, _: S::V) -> S::V {
+        s.relu(y)
+    }
+}
+
+impl Finish for AddRelu {
+    const BINARY: bool = true;
+    #[inline(always)]
+    fn finish<S: Simd>(self, s: S, y: S::V, z: S::V) -> S::V {
+        s.relu(s.add(y, z))
+    }
+}
+
+/// `finish(op(x), z)`: a unary map followed by an epilogue, in the same register pass.
+struct Then<'a, M, F> {
+    op: &'a M,
+    finish: F,
+}
+
+impl<S: Simd, M: VectorMap<S>, F: Finish> VectorMap<S> for Then<'_, M, F> {
+    const BINARY: bool = F::BINARY;
+    #[inline(always)]
+    fn apply(&self, s: S, phase: usize, x: S::V, z: S::V) -> S::V {
+        self.finish.finish(s, self.op.apply(s, phase, x, x), z)
+    }
+}
+
+/// Evaluates `$body` with `$m` bound to `$op` followed by the epilogue `$fuse` asks for, and
+/// `$second` to the residual to stream beside the input (one monomorphized loop per epilogue).
+macro_rules! with_fuse {
+    ($fuse:expr, $op:expr, |$m:ident, $second:ident| $body:expr) => {{
+        let op = &$op;
+        match ($fuse.z, $fuse.relu) {
+            (None, false) => {
+                let ($m, $second) = (op, None::<&[f32]>);
+                $body
+            }
+            (None, true) => {
+                let ($m, $second) = (&Then { op, finish: Relu }, None::<&[f32]>);
+                $body
+            }
+            (Some(z), _) => {
+                // A residual is only fused with ReLU (`relu(bn(x) + z)`).
+                let ($m, $second) = (
+                    &Then {
+                        op,
+                        finish: AddRelu,
+                    },
+                    Some(z),
+                );
+                $body
+            }
+        }
+    }};
+}
+
 /// `scale·(x − shift) + bias` with the same parameters in every lane.
 struct Splat<V> {
     shift: V,
@@ -91,31 +181,36 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupAffine<S::V, G> {
     }
 }
 
-/// `y = scale·(x − shift) + bias` on one contiguous run of one channel.
-pub(crate) struct AffineRun<IO> {
+/// `y = scale·(x − shift) + bias` on one contiguous run of one channel, then the epilogue.
+pub(crate) struct AffineRun<'a, IO> {
     pub io: IO,
     pub p: ChannelAffine,
+    /// On the same range as `io`.
+    pub fuse: Fuse<'a>,
 }
 
-impl<IO: InOut> Kernel for AffineRun<IO> {
+impl<IO: InOut> Kernel for AffineRun<'_, IO> {
     type Output = ();
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let op = Splat::new(s, &self.p);
         // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
-        stream(s, self.io, None, 4 * S::LANES, &op);
+        with_fuse!(self.fuse, Splat::new(s, &self.p), |op, z| {
+            stream(s, self.io, z, 4 * S::LANES, op)
+        });
     }
 }
 
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over consecutive runs of `run` elements, one channel per
-/// run, channels cycling through `0..shift.len()` starting at `first` (NCHW memory order). Short
-/// runs in one call avoid a dispatch per run.
+/// run, channels cycling through `0..shift.len()` starting at `first` (NCHW memory order), then
+/// the epilogue. Short runs in one call avoid a dispatch per run.
 pub(crate) struct AffineRuns<'a, IO> {
     pub io: IO,
     pub run: usize,
     pub first: usize,
     pub params: &'a [ChannelAffine],
+    /// On the same range as `io` (its residual at least `io.len()` long).
+    pub fuse: Fuse<'a>,
 }
 
 impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
@@ -127,17 +222,22 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
         if c == 0 || self.run == 0 {
             return;
         }
-        let n = self.io.len();
+        let n = self
+            .fuse
+            .z
+            .map_or(self.io.len(), |z| z.len().min(self.io.len()));
         let (src, dst) = self.io.ptrs();
         let (mut ch, mut start) = (self.first % c, 0);
         while start < n {
             let len = self.run.min(n - start);
-            let op = Splat::new(s, &self.params[ch]);
-            // SAFETY: `start + len <= n`, the length `ptrs` are valid for.
-            unsafe {
-                let p = (src.add(start), src.add(start), dst.add(start));
-                stream_raw(s, p, len, 4 * S::LANES, &op);
-            }
+            with_fuse!(self.fuse, Splat::new(s, &self.params[ch]), |op, z| {
+                let x2 = z.map_or(src, <[f32]>::as_ptr);
+                // SAFETY: `start + len <= n`, the length `ptrs` (and the residual) are valid for.
+                unsafe {
+                    let p = (src.add(start), x2.add(start), dst.add(start));
+                    stream_raw(s, p, len, 4 * S::LANES, op);
+                }
+            });
             start += len;
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
@@ -145,11 +245,14 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
 }
 
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over whole rows of `params.len()` interleaved
-/// channels; `lanes` are the parameters' periodic lanes ([`AffineLanes::affine`]).
+/// channels, then the epilogue; `lanes` are the parameters' periodic lanes
+/// ([`AffineLanes::affine`]).
 pub(crate) struct AffineRows<'a, IO> {
     pub io: IO,
     pub params: &'a [ChannelAffine],
     pub lanes: &'a AffineLanes,
+    /// On the same range as `io`.
+    pub fuse: Fuse<'a>,
 }
 
 impl AffineLanes {
@@ -173,18 +276,23 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
             let mut io = self.io;
             for first in (0..c).step_by(G * S::LANES) {
                 let op = GroupAffine::<S::V, G>::new(s, &self.params[first..]);
-                stream_columns::<S, _, G>(s, &mut io, None, (c, first, G * S::LANES), &op);
+                let cols = (c, first, G * S::LANES);
+                with_fuse!(self.fuse, op, |op, z| {
+                    stream_columns::<S, _, G>(s, &mut io, z, cols, op)
+                });
             }
             return;
         }
         let [shift, scale, bias] = &self.lanes.fields;
         let op = Periodic { shift, scale, bias };
         let period = self.lanes.period;
-        if use_strips(period, 3) {
-            stream_strips(s, self.io, None, (c, period), &op);
-        } else {
-            stream(s, self.io, None, period, &op);
-        }
+        with_fuse!(self.fuse, op, |op, z| {
+            if use_strips(period, 3) {
+                stream_strips(s, self.io, z, (c, period), op);
+            } else {
+                stream(s, self.io, z, period, op);
+            }
+        });
     }
 }
 

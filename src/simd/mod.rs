@@ -52,6 +52,9 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused where the backend has FMA.
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// ReLU with x86's `max(0, v)` semantics on every backend: `if 0 > v { 0 } else { v }`, so a
+    /// NaN stays NaN (as in PyTorch) and −0 stays −0.
+    fn relu(self, v: Self::V) -> Self::V;
     /// Sum of the lanes (a tree of f32 additions).
     fn reduce_add(self, v: Self::V) -> f32;
 

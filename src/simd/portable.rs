@@ -44,6 +44,11 @@ impl Simd for Portable {
         a.mul_add(b, c)
     }
     #[inline(always)]
+    fn relu(self, v: f32x8) -> f32x8 {
+        let zero = f32x8::ZERO;
+        zero.simd_gt(v).select(zero, v)
+    }
+    #[inline(always)]
     fn reduce_add(self, v: f32x8) -> f32 {
         v.reduce_add()
     }

@@ -71,6 +71,12 @@ impl Simd for Avx2Fma {
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
+    fn relu(self, v: __m256) -> __m256 {
+        // SAFETY: the token proves AVX is available. MAXPS returns its second operand unless the
+        // first is greater: 0 for v < 0, v otherwise (NaN and −0 included).
+        unsafe { _mm256_max_ps(_mm256_setzero_ps(), v) }
+    }
+    #[inline(always)]
     fn reduce_add(self, v: __m256) -> f32 {
         // SAFETY: the token proves AVX (and so SSE3) is available.
         unsafe {
@@ -235,6 +241,11 @@ impl Simd for Avx512 {
     fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
         // SAFETY: the token proves AVX-512F is available.
         unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn relu(self, v: __m512) -> __m512 {
+        // SAFETY: the token proves AVX-512F is available. As for AVX2: 0 for v < 0, else v.
+        unsafe { _mm512_max_ps(_mm512_setzero_ps(), v) }
     }
     #[inline(always)]
     fn reduce_add(self, v: __m512) -> f32 {

@@ -1,30 +1,106 @@
 //! The inference check: [`BatchNorm::inference`] and its in-place variant.
 
-use batchnorm::{Affine, BatchNorm, RunningStats};
+use batchnorm::{Affine, BatchNorm, Epilogue, RunningStats};
 
 use super::*;
 use crate::reference;
 
+/// The errors inference call `op` (with an output tensor if `out`) must report.
+fn expected(op: &'static str, out: bool, s: &Setup, inp: &Inputs, affine: bool) -> Expected {
+    let (c, len) = (s.c(), s.len());
+    let mut e = Expected::of(op);
+    e.len("x", len, inp.x.len());
+    if out {
+        e.len("y", len, inp.out_len);
+    }
+    e.len("running_mean", c, inp.running_mean.len());
+    e.len("running_var", c, inp.running_var.len());
+    if affine {
+        e.len("gamma", c, inp.gamma.len());
+        e.len("beta", c, inp.beta.len());
+    }
+    e
+}
+
+/// The fused epilogue of `case` (its residual is the `dy` tensor) and the residual.
+pub(crate) fn epilogue<'a>(
+    case: &Case,
+    inp: &'a Inputs,
+) -> Option<(Epilogue<'a>, Option<&'a [f32]>)> {
+    match case.fused {
+        Fused::None => None,
+        Fused::Relu => Some((Epilogue::Relu, None)),
+        Fused::AddRelu => Some((Epilogue::AddRelu(&inp.dy), Some(&inp.dy[..]))),
+    }
+}
+
+/// What a fused op must equal bit for bit: the plain op's output `y`, plus `z`, through the
+/// kernels' ReLU (`0 > v ? 0 : v`, so NaN and −0 pass through).
+pub(crate) fn compose(y: &[f32], z: Option<&[f32]>) -> Vec<f32> {
+    let relu = |v: f32| if 0.0 > v { 0.0 } else { v };
+    match z {
+        Some(z) => y.iter().zip(z).map(|(&y, &z)| relu(y + z)).collect(),
+        None => y.iter().map(|&y| relu(y)).collect(),
+    }
+}
+
+/// The fused inference ops, against the plain op's output `plain` (when it succeeded).
+fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&[f32]>) {
+    let Some((epi, z)) = epilogue(case, inp) else {
+        return;
+    };
+    let affine = !case.no_affine;
+    let running = RunningStats {
+        mean: &inp.running_mean,
+        var: &inp.running_var,
+    };
+    let aff = affine.then_some(Affine {
+        gamma: &inp.gamma,
+        beta: &inp.beta,
+    });
+    let mut y = vec![sentinel(); inp.out_len];
+    let r = s.bn.inference_fused(&inp.x, &mut y, aff, running, epi);
+    let mut buf = inp.x.clone();
+    let r_in = s.bn.inference_fused_in_place(&mut buf, aff, running, epi);
+    let mut exp = expected("inference_fused", true, s, inp, affine);
+    let mut exp_in = expected("inference_fused_in_place", false, s, inp, affine);
+    if let Some(z) = z {
+        exp.len("z", s.len(), z.len());
+        exp_in.len("z", s.len(), z.len());
+    }
+    let ok = outcome(ctx, "inference_fused", &r, &exp);
+    if r.is_err() && y.iter().any(|v| v.to_bits() != SENTINEL_BITS) {
+        ctx.fail("inference_fused wrote y before returning an error".into());
+    }
+    let ok_in = outcome(ctx, "inference_fused_in_place", &r_in, &exp_in);
+    if r_in.is_err() && bits(&buf) != bits(&inp.x) {
+        ctx.fail("inference_fused_in_place changed x before returning an error".into());
+    }
+    let (true, Some(plain)) = (ok, plain) else {
+        return;
+    };
+    let want = compose(plain, z);
+    if let Some(i) = (0..want.len()).find(|&i| !same_bits(y[i], want[i])) {
+        ctx.fail(format!(
+            "inference_fused {:?}: y[{i}] = {:e}, the plain op then the epilogue give {:e}",
+            case.fused, y[i], want[i]
+        ));
+    }
+    if ok_in && !y.iter().zip(&buf).all(|(&a, &b)| same_bits(a, b)) {
+        ctx.fail("inference_fused_in_place differs from inference_fused".into());
+    }
+}
+
 pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
     let affine = !case.no_affine;
-    let (c, len) = (s.c(), s.len());
+    let len = s.len();
     let expected = |out: bool| {
-        let mut e = Expected::of(if out {
+        let op = if out {
             "inference"
         } else {
             "inference_in_place"
-        });
-        e.len("x", len, inp.x.len());
-        if out {
-            e.len("y", len, inp.out_len);
-        }
-        e.len("running_mean", c, inp.running_mean.len());
-        e.len("running_var", c, inp.running_var.len());
-        if affine {
-            e.len("gamma", c, inp.gamma.len());
-            e.len("beta", c, inp.beta.len());
-        }
-        e
+        };
+        expected(op, out, s, inp, affine)
     };
     let run = |bn: &BatchNorm, inp: &Inputs| {
         let mut y = vec![sentinel(); inp.out_len];
@@ -50,6 +126,8 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
     if r_in.is_err() && bits(&buf) != bits(&inp.x) {
         ctx.fail("inference_in_place changed x before returning an error".into());
     }
+    let plain = (ok && !s.giant).then_some(&y[..]);
+    fused(case, s, inp, ctx, plain);
     if !ok || s.giant {
         return;
     }

@@ -1,7 +1,8 @@
 //! The training-forward check, with every running-update convention.
 
 use batchnorm::{
-    Affine, BatchNorm, BatchStats, Error, Momentum, RunningUpdate, SavedStatsMut, Variance,
+    Affine, BatchNorm, BatchStats, Epilogue, Error, Momentum, RunningUpdate, SavedStatsMut,
+    Variance,
 };
 
 use super::*;
@@ -25,11 +26,21 @@ pub(crate) fn run_training(
     update: Update,
     save: bool,
 ) -> TrainOut {
+    run_training_with(bn, inp, (affine, update, save), Epilogue::None)
+}
+
+/// [`run_training`] through [`BatchNorm::training_fused`] with `epilogue`.
+pub(crate) fn run_training_with(
+    bn: &BatchNorm,
+    inp: &Inputs,
+    (affine, update, save): (bool, Update, bool),
+    epilogue: Epilogue<'_>,
+) -> TrainOut {
     let mut y = vec![sentinel(); inp.out_len];
     let mut mean = vec![sentinel(); inp.saved_len[0]];
     let mut inv_std = vec![sentinel(); inp.saved_len[1]];
     let (mut running_mean, mut running_var) = (inp.running_mean.clone(), inp.running_var.clone());
-    let result = bn.training(
+    let result = bn.training_fused(
         &inp.x,
         &mut y,
         affine.then_some(Affine {
@@ -48,6 +59,7 @@ pub(crate) fn run_training(
                 momentum,
                 var_estimator,
             }),
+        epilogue,
     );
     TrainOut {
         result,
@@ -88,11 +100,13 @@ impl TrainOut {
     }
 }
 
-pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
+/// The errors training call `op` must report, and the weights `(old, new)` of the running
+/// update's convention.
+fn expected(op: &'static str, case: &Case, s: &Setup, inp: &Inputs) -> (Expected, f64, f64) {
     let affine = !case.no_affine;
     let (c, m, len) = (s.c(), s.m(), s.len());
     let update = case.update.convention();
-    let mut exp = Expected::of("training");
+    let mut exp = Expected::of(op);
     exp.len("x", len, inp.x.len());
     exp.len("y", len, inp.out_len);
     if affine {
@@ -128,7 +142,55 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             }
         }
     }
+    (exp, w_old, w_new)
+}
+
+/// The fused training op against the plain op's outputs `plain` (when it succeeded): the
+/// output through the epilogue bit for bit, every other output the same bits.
+fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&TrainOut>) {
+    let Some((epi, z)) = super::inference::epilogue(case, inp) else {
+        return;
+    };
+    let (mut exp, _, _) = expected("training_fused", case, s, inp);
+    if let Some(z) = z {
+        exp.len("z", s.len(), z.len());
+    }
+    let out = run_training_with(&s.bn, inp, (!case.no_affine, case.update, true), epi);
+    if !outcome(ctx, "training_fused", &out.result, &exp) {
+        let untouched = [&out.y, &out.mean, &out.inv_std]
+            .iter()
+            .all(|v| v.iter().all(|x| x.to_bits() == SENTINEL_BITS))
+            && bits(&out.running_mean) == bits(&inp.running_mean)
+            && bits(&out.running_var) == bits(&inp.running_var);
+        if out.result.is_err() && !untouched {
+            ctx.fail("training_fused wrote an output before returning an error".into());
+        }
+        return;
+    }
+    let Some(plain) = plain else { return };
+    let want = super::inference::compose(&plain.y, z);
+    if let Some(i) = (0..want.len()).find(|&i| !same_bits(out.y[i], want[i])) {
+        ctx.fail(format!(
+            "training_fused {:?}: y[{i}] = {:e}, the plain op then the epilogue give {:e}",
+            case.fused, out.y[i], want[i]
+        ));
+    }
+    if (0..s.c()).any(|ch| {
+        out.channel_bits(s, ch, true)[s.indices[ch].len()..]
+            != plain.channel_bits(s, ch, true)[s.indices[ch].len()..]
+    }) {
+        ctx.fail("training_fused: statistics differ from the plain op's".into());
+    }
+}
+
+pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
+    let affine = !case.no_affine;
+    let (c, m) = (s.c(), s.m());
+    let update = case.update.convention();
+    let (exp, w_old, w_new) = expected("training", case, s, inp);
     let out = run_training(&s.bn, inp, affine, case.update, true);
+    let plain_ok = out.result.is_ok() && !s.giant;
+    fused(case, s, inp, ctx, plain_ok.then_some(&out));
     if !outcome(ctx, "training", &out.result, &exp) {
         if out.result.is_err() {
             let untouched = [&out.y, &out.mean, &out.inv_std]

@@ -1,0 +1,185 @@
+//! Fused forward ops (`relu(bn(x))`, `relu(bn(x) + z)`): bit for bit the plain op followed by the
+//! epilogue, on the sweep shapes, both layouts, every backend, sequential and on rayon, out of
+//! place and in place; the residual's length is checked; NaN stays in its channel.
+
+mod common;
+
+use batchnorm::{
+    Affine, BatchNorm, Epilogue, Error, Layout, RunningStats, RunningUpdate, SavedStatsMut, Shape,
+};
+use common::*;
+
+const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+/// The kernels' ReLU: `0 > v ? 0 : v` (NaN and −0 pass through).
+fn relu(v: f32) -> f32 {
+    if 0.0 > v { 0.0 } else { v }
+}
+
+fn compose(y: &[f32], z: Option<&[f32]>) -> Vec<f32> {
+    match z {
+        Some(z) => y.iter().zip(z).map(|(&a, &b)| relu(a + b)).collect(),
+        None => y.iter().map(|&a| relu(a)).collect(),
+    }
+}
+
+fn same(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+}
+
+/// Training with every output; returns (y, saved mean, saved inv std, running mean, running var).
+fn train(bn: &BatchNorm, x: &[f32], affine: Affine<'_>, epi: Epilogue<'_>) -> [Vec<f32>; 5] {
+    let c = bn.shape().c();
+    let mut y = vec![f32::NAN; x.len()];
+    let (mut m, mut r) = (vec![0.0; c], vec![0.0; c]);
+    let (mut rm, mut rv) = (vec![0.5; c], vec![2.0; c]);
+    let saved = SavedStatsMut {
+        mean: &mut m,
+        inv_std: &mut r,
+    };
+    let update = (bn.shape().per_channel() > 1).then(|| RunningUpdate::pytorch(&mut rm, &mut rv));
+    bn.training_fused(x, &mut y, Some(affine), Some(saved), update, epi)
+        .unwrap();
+    [y, m, r, rm, rv]
+}
+
+#[test]
+fn fused_ops_equal_the_plain_op_then_the_epilogue() {
+    let mut rng = Rng::new(61);
+    let mut shapes = sweep_shapes();
+    shapes.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
+    for shape in shapes {
+        let c = shape.c();
+        let x = rng.normals(shape.len(), 0.3, 1.0);
+        let z = rng.normals(shape.len(), 0.0, 1.0);
+        let (gamma, beta) = (rng.normals(c, 1.0, 0.5), rng.normals(c, 0.0, 1.0));
+        let (rmean, rvar) = (rng.normals(c, 0.3, 0.2), vec![1.3f32; c]);
+        let affine = Affine {
+            gamma: &gamma,
+            beta: &beta,
+        };
+        let running = RunningStats {
+            mean: &rmean,
+            var: &rvar,
+        };
+        for layout in LAYOUTS {
+            for bn in operators(shape, layout, 1e-5) {
+                let ctx = format!(
+                    "{shape:?} {layout:?} {:?} {:?}",
+                    bn.backend(),
+                    bn.parallelism()
+                );
+                let mut plain = vec![f32::NAN; x.len()];
+                bn.inference(&x, &mut plain, Some(affine), running).unwrap();
+                let trained = train(&bn, &x, affine, Epilogue::None);
+                for (epi, z) in [
+                    (Epilogue::Relu, None),
+                    (Epilogue::AddRelu(&z), Some(&z[..])),
+                ] {
+                    let mut y = vec![f32::NAN; x.len()];
+                    bn.inference_fused(&x, &mut y, Some(affine), running, epi)
+                        .unwrap();
+                    assert!(same(&y, &compose(&plain, z)), "inference {epi:?} {ctx}");
+                    let mut buf = x.clone();
+                    bn.inference_fused_in_place(&mut buf, Some(affine), running, epi)
+                        .unwrap();
+                    assert!(same(&buf, &y), "in place {epi:?} {ctx}");
+                    let fused = train(&bn, &x, affine, epi);
+                    assert!(
+                        same(&fused[0], &compose(&trained[0], z)),
+                        "training {epi:?} {ctx}"
+                    );
+                    for k in 1..5 {
+                        assert!(
+                            same(&fused[k], &trained[k]),
+                            "training statistics {k} {ctx}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn relu_keeps_nan_in_its_channel_and_negative_zero() {
+    let shape = Shape::new(3, 4, 19).unwrap();
+    for layout in LAYOUTS {
+        let mut x = Rng::new(62).normals(shape.len(), 0.0, 1.0);
+        x[shape.index(layout, 1, 2, 5)] = f32::NAN;
+        let (mean, var) = (vec![0.0f32; 4], vec![1.0f32; 4]);
+        let running = RunningStats {
+            mean: &mean,
+            var: &var,
+        };
+        for bn in operators(shape, layout, 0.0) {
+            let mut y = vec![0.0f32; x.len()];
+            let z = vec![0.0f32; x.len()];
+            bn.inference_fused(&x, &mut y, None, running, Epilogue::AddRelu(&z))
+                .unwrap();
+            for (i, &v) in y.iter().enumerate() {
+                if i == shape.index(layout, 1, 2, 5) {
+                    assert!(v.is_nan(), "relu(NaN) is NaN");
+                } else {
+                    assert!(v >= 0.0 && v == relu(x[i]), "element {i}: {v}");
+                }
+            }
+            // Training: channel 2's statistics are NaN; the other channels are untouched by it.
+            let mut yt = vec![0.0f32; x.len()];
+            bn.training_fused(&x, &mut yt, None, None, None, Epilogue::Relu)
+                .unwrap();
+            for (i, &v) in yt.iter().enumerate() {
+                let ch = channel_of(shape, layout, i);
+                assert_eq!(v.is_nan(), ch == 2, "element {i} of channel {ch}");
+            }
+            // −0 stays −0: bn(−0) = fma(−0 − 0, 1, β) is −0 for β = −0.
+            let x0 = vec![-0.0f32; x.len()];
+            let (ones, neg_zeros) = (vec![1.0f32; 4], vec![-0.0f32; 4]);
+            let affine = Some(Affine {
+                gamma: &ones,
+                beta: &neg_zeros,
+            });
+            bn.inference_fused(&x0, &mut y, affine, running, Epilogue::Relu)
+                .unwrap();
+            assert!(y.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()));
+        }
+    }
+}
+
+#[test]
+fn a_residual_of_the_wrong_length_is_an_error_and_nothing_is_written() {
+    let shape = Shape::new(2, 3, 4).unwrap();
+    let bn = BatchNorm::new(shape, Layout::Nchw).unwrap();
+    let x = vec![1.0f32; 24];
+    let z = vec![1.0f32; 23];
+    let (mean, var) = (vec![0.0f32; 3], vec![1.0f32; 3]);
+    let running = RunningStats {
+        mean: &mean,
+        var: &var,
+    };
+    let mut y = vec![7.0f32; 24];
+    let err = Error::LengthMismatch {
+        op: "inference_fused",
+        arg: "z",
+        expected: 24,
+        actual: 23,
+    };
+    assert_eq!(
+        bn.inference_fused(&x, &mut y, None, running, Epilogue::AddRelu(&z)),
+        Err(err)
+    );
+    let r = bn.training_fused(&x, &mut y, None, None, None, Epilogue::AddRelu(&z));
+    assert_eq!(
+        r.unwrap_err(),
+        Error::LengthMismatch {
+            op: "training_fused",
+            arg: "z",
+            expected: 24,
+            actual: 23,
+        }
+    );
+    assert!(y.iter().all(|&v| v == 7.0), "nothing written");
+}
