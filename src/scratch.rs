@@ -8,12 +8,13 @@
 //! earlier one on the same thread finds every block it needs. Memory is returned to the system when
 //! the thread ends.
 
-use std::alloc::{self, Layout};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
+
+use aligned_vec::{AVec, ConstAlign};
 
 /// Alignment of every block: a cache line, and the widest vector, so no vector load from a
 /// scratch buffer splits a line.
@@ -35,44 +36,20 @@ unsafe impl Zeroable for AtomicU32 {}
 // SAFETY: a zero-sized type has no bytes.
 unsafe impl Zeroable for () {}
 
-/// One aligned heap block of `bytes` bytes (never zero).
+/// One heap block of `bytes` bytes (never zero), aligned to [`ALIGN`].
 struct Block {
-    ptr: NonNull<u8>,
+    mem: AVec<u8, ConstAlign<ALIGN>>,
     bytes: usize,
 }
 
 impl Block {
-    fn layout(bytes: usize) -> Layout {
-        match Layout::from_size_align(bytes, ALIGN) {
-            Ok(l) => l,
-            // A size this large could not be a buffer of a tensor that exists in memory.
-            Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
-        }
-    }
-
     fn new(bytes: usize) -> Block {
-        let layout = Self::layout(bytes);
-        // SAFETY: `bytes > 0` (callers never ask for an empty block), so the layout is not
-        // zero-sized.
-        let ptr = unsafe { alloc::alloc(layout) };
-        match NonNull::new(ptr) {
-            Some(ptr) => Block { ptr, bytes },
-            None => alloc::handle_alloc_error(layout),
+        Block {
+            mem: AVec::from_iter(ALIGN, std::iter::repeat_n(0u8, bytes)),
+            bytes,
         }
     }
 }
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated in `Block::new` with this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.bytes)) }
-    }
-}
-
-// SAFETY: a `Block` owns its memory exclusively, like a `Box<[u8]>`.
-unsafe impl Send for Block {}
-// SAFETY: as above; shared access only reads.
-unsafe impl Sync for Block {}
 
 thread_local! {
     /// The free blocks of this thread.
@@ -118,9 +95,8 @@ pub(crate) struct Scratch<T: Zeroable> {
 pub(crate) fn zeroed<T: Zeroable>(len: usize) -> Scratch<T> {
     let bytes = len.saturating_mul(size_of::<T>());
     let block = (bytes > 0).then(|| {
-        let block = block(bytes);
-        // SAFETY: the block holds at least `bytes` bytes.
-        unsafe { block.ptr.as_ptr().write_bytes(0, bytes) };
+        let mut block = block(bytes);
+        block.mem[..bytes].fill(0);
         block
     });
     Scratch {
@@ -145,7 +121,7 @@ impl<T: Zeroable> Deref for Scratch<T> {
         match &self.block {
             // SAFETY: the block holds `len·size_of::<T>()` bytes, aligned to `ALIGN ≥ align_of::<T>()`,
             // zeroed or written as `T` since (all-zero is a valid `T`), and owned by `self`.
-            Some(b) => unsafe { std::slice::from_raw_parts(b.ptr.as_ptr().cast::<T>(), self.len) },
+            Some(b) => unsafe { std::slice::from_raw_parts(b.mem.as_ptr().cast::<T>(), self.len) },
             // SAFETY: no bytes: a zero-sized `T` (any count) or `len == 0`; a dangling aligned
             // pointer is valid for such a slice.
             None => unsafe {
@@ -160,7 +136,7 @@ impl<T: Zeroable> DerefMut for Scratch<T> {
         match &mut self.block {
             // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
             Some(b) => unsafe {
-                std::slice::from_raw_parts_mut(b.ptr.as_ptr().cast::<T>(), self.len)
+                std::slice::from_raw_parts_mut(b.mem.as_mut_ptr().cast::<T>(), self.len)
             },
             // SAFETY: as in `deref`.
             None => unsafe {
