@@ -23,8 +23,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use batchnorm::{
-    Affine, Backend, BackwardMode, BatchNorm, Epilogue, GradMode, Layout, Parallelism, ParamGrads,
-    RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Affine, Backend, BackwardEpilogue, BackwardMode, BatchNorm, Epilogue, GradMode, Layout,
+    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
@@ -581,13 +581,45 @@ fn add_pass(x: &[f32], z: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Fused forward ops against their in-run baselines: the plain op (`inference`, `training`) and,
-/// for add + ReLU, the pass that reads two tensors and writes one (`add`).
+/// Backward of a fused forward (`None`: the plain backward), its ReLU mask from `x`, dz into `dz`.
+fn run_fused_backward(fused: Fused, bn: &BatchNorm, b: &mut Buffers, dz: &mut [f32]) {
+    let saved = SavedStats {
+        mean: &b.saved_mean,
+        inv_std: &b.saved_inv_std,
+    };
+    let affine = Some(Affine {
+        gamma: &b.gamma,
+        beta: &b.beta,
+    });
+    let grads = ParamGrads {
+        dgamma: &mut b.dgamma,
+        dbeta: &mut b.dbeta,
+        mode: GradMode::Overwrite,
+    };
+    let mode = BackwardMode::Training(saved);
+    let (x, dy, dx) = (&b.x[..], &b.dy[..], &mut b.y[..]);
+    let r = match fused {
+        Fused::None => bn.backward(x, dy, dx, affine, mode, Some(grads)),
+        Fused::Relu => {
+            let epi = BackwardEpilogue::Relu { y: x };
+            bn.backward_fused(x, dy, dx, affine, mode, Some(grads), epi)
+        }
+        Fused::AddRelu => {
+            let epi = BackwardEpilogue::AddRelu { y: x, dz };
+            bn.backward_fused(x, dy, dx, affine, mode, Some(grads), epi)
+        }
+    };
+    r.expect("backward_fused");
+}
+
+/// Fused ops against their in-run baselines: the plain op (`inference`, `training`, `backward`)
+/// and, for add + ReLU, the pass that reads two tensors and writes one (`add`).
 fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
     let mut group = cfg.group(c, "fused");
     for &dims in &cfg.shapes {
         let shape = make_shape(dims);
         let mut b = Buffers::new(shape);
+        let mut dz = vec![0.0f32; shape.len()];
         let elements = shape.len() as u64;
         for layout in LAYOUTS {
             let bn = BatchNorm::new(shape, layout)
@@ -608,6 +640,21 @@ fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                             pool.install(|| bench.iter(|| run_fused(training, fused, &bn, &mut b)))
                         });
                     }
+                }
+                // Backward: x, dy in, dx out, and the mask source (16 B/element), dz for add.
+                prepare(Op::Backward, &bn, &mut b);
+                for (suffix, fused) in EPILOGUES {
+                    let bytes = match fused {
+                        Fused::None => 12,
+                        Fused::Relu => 16,
+                        Fused::AddRelu => 20,
+                    };
+                    group.throughput(Throughput::Bytes(bytes * elements));
+                    group.bench_function(format!("{base}/backward{suffix}"), |bench| {
+                        pool.install(|| {
+                            bench.iter(|| run_fused_backward(fused, &bn, &mut b, &mut dz))
+                        })
+                    });
                 }
             }
         }

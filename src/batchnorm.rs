@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::driver::{self, ChannelAffine, Ctx, DxParams, Fuse, GradSums, Src};
 use crate::error::check_len;
 use crate::params::{
-    Affine, BackwardMode, Epilogue, GradMode, ParamGrads, RunningStats, RunningUpdate,
-    SavedStatsMut,
+    Affine, BackwardEpilogue, BackwardMode, Epilogue, GradMode, ParamGrads, RunningStats,
+    RunningUpdate, SavedStatsMut,
 };
 use crate::scratch::{self, Scratch};
 use crate::{BatchStats, ChannelStats, Error, Layout, Parallelism, Shape, Variance};
@@ -397,6 +397,29 @@ impl BatchNorm {
         Ok(())
     }
 
+    /// The lengths of backward's parameter gradients and statistics.
+    fn check_grads_and_mode(
+        &self,
+        op: &'static str,
+        grads: Option<&ParamGrads<'_>>,
+        mode: &BackwardMode<'_>,
+    ) -> Result<(), Error> {
+        if let Some(g) = grads {
+            self.check_channels(op, "dgamma", g.dgamma)?;
+            self.check_channels(op, "dbeta", g.dbeta)?;
+        }
+        match mode {
+            BackwardMode::Training(saved) => {
+                self.check_channels(op, "saved_mean", saved.mean)?;
+                self.check_channels(op, "saved_inv_std", saved.inv_std)
+            }
+            BackwardMode::Frozen(running) => {
+                self.check_channels(op, "running_mean", running.mean)?;
+                self.check_channels(op, "running_var", running.var)
+            }
+        }
+    }
+
     /// Backward of operation `op` (its name in length errors) with dy from `dy`.
     fn backward_impl(
         &self,
@@ -422,10 +445,7 @@ impl BatchNorm {
         }
         self.check_affine(op, affine.as_ref())?;
         let gamma = affine.map(|a| a.gamma);
-        if let Some(g) = &grads {
-            self.check_channels(op, "dgamma", g.dgamma)?;
-            self.check_channels(op, "dbeta", g.dbeta)?;
-        }
+        self.check_grads_and_mode(op, grads.as_ref(), &mode)?;
         let gamma_of = |c: usize| gamma.map_or(1.0, |g| g[c] as f64);
         let m = self.ctx.shape.per_channel() as f64;
 
@@ -436,8 +456,6 @@ impl BatchNorm {
         let mut sums = scratch::zeroed::<GradSums>(channels);
         match mode {
             BackwardMode::Training(saved) => {
-                self.check_channels(op, "saved_mean", saved.mean)?;
-                self.check_channels(op, "saved_inv_std", saved.inv_std)?;
                 let make = |c: usize, g: &GradSums| {
                     let (r, gamma) = (saved.inv_std[c] as f64, gamma_of(c));
                     let (dgamma, dbeta, lo) = training_grads(g, r, m);
@@ -458,8 +476,6 @@ impl BatchNorm {
                 driver::backward(&self.ctx, x, dy, dx, saved.mean, make, &mut sums);
             }
             BackwardMode::Frozen(running) => {
-                self.check_channels(op, "running_mean", running.mean)?;
-                self.check_channels(op, "running_var", running.var)?;
                 if grads.is_some() {
                     // Reduction first: in place, dy is overwritten by dx afterwards.
                     driver::backward(&self.ctx, x, dy, dx, running.mean, None, &mut sums);
@@ -524,6 +540,47 @@ impl BatchNorm {
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
         self.backward_impl(("backward", Src::Separate(dy)), x, dx, affine, mode, grads)
+    }
+
+    /// Backward of a fused forward pass ([`BatchNorm::inference_fused`],
+    /// [`BatchNorm::training_fused`]): the gradient through ReLU, `g = dy` where the forward's
+    /// output `y > 0` and 0 elsewhere (`y` NaN included), then [`BatchNorm::backward`] of `g`; for
+    /// `relu(bn(x) + z)` also `dz = g`. `g` is staged in the output (`dx`, or `dz`), so no mask is
+    /// stored. The result is bit for bit `backward` of that `g`.
+    ///
+    /// # Errors
+    /// As [`BatchNorm::backward`], and [`Error::LengthMismatch`] naming `y` or `dz`. Everything
+    /// is checked before anything is written.
+    #[allow(clippy::too_many_arguments)] // the plain backward's arguments and the epilogue
+    pub fn backward_fused(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        affine: Option<Affine<'_>>,
+        mode: BackwardMode<'_>,
+        grads: Option<ParamGrads<'_>>,
+        epilogue: BackwardEpilogue<'_>,
+    ) -> Result<(), Error> {
+        const OP: &str = "backward_fused";
+        self.check_tensor(OP, "x", x)?;
+        self.check_tensor(OP, "dx", dx)?;
+        self.check_tensor(OP, "dy", dy)?;
+        self.check_affine(OP, affine.as_ref())?;
+        self.check_grads_and_mode(OP, grads.as_ref(), &mode)?;
+        match epilogue {
+            BackwardEpilogue::Relu { y } => {
+                self.check_tensor(OP, "y", y)?;
+                driver::relu_grad(&self.ctx, dy, y, dx);
+                self.backward_impl((OP, Src::InPlace), x, dx, affine, mode, grads)
+            }
+            BackwardEpilogue::AddRelu { y, dz } => {
+                self.check_tensor(OP, "y", y)?;
+                self.check_tensor(OP, "dz", dz)?;
+                driver::relu_grad(&self.ctx, dy, y, dz);
+                self.backward_impl((OP, Src::Separate(dz)), x, dx, affine, mode, grads)
+            }
+        }
     }
 
     /// [`BatchNorm::backward`] writing dx over dy (`dy_dx` holds dy on entry, dx on return).

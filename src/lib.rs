@@ -21,8 +21,8 @@ pub use error::Error;
 pub use layer::BatchNormLayer;
 pub use par::Parallelism;
 pub use params::{
-    Affine, BackwardMode, Epilogue, GradMode, Momentum, ParamGrads, RunningStats, RunningUpdate,
-    SavedStats, SavedStatsMut,
+    Affine, BackwardEpilogue, BackwardMode, Epilogue, GradMode, Momentum, ParamGrads, RunningStats,
+    RunningUpdate, SavedStats, SavedStatsMut,
 };
 pub use shape::{Layout, Shape};
 pub use simd::Backend;

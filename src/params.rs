@@ -178,3 +178,22 @@ pub enum Epilogue<'a> {
     /// `y = relu(bn(x) + z)`, `z` a tensor of the same shape and layout (ResNet's residual).
     AddRelu(&'a [f32]),
 }
+
+/// The epilogue a fused forward pass applied, for its backward
+/// ([`crate::BatchNorm::backward_fused`]): the gradient flows through ReLU where the forward's
+/// output `y` is positive (as PyTorch's ReLU backward, from the saved output; no mask is stored).
+#[derive(Debug)]
+pub enum BackwardEpilogue<'a> {
+    /// The forward was `y = relu(bn(x))`.
+    Relu {
+        /// The forward's output.
+        y: &'a [f32],
+    },
+    /// The forward was `y = relu(bn(x) + z)`; `dz` receives the residual's gradient.
+    AddRelu {
+        /// The forward's output.
+        y: &'a [f32],
+        /// dL/dz (overwritten), of the tensor's shape.
+        dz: &'a mut [f32],
+    },
+}

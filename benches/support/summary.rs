@@ -286,7 +286,8 @@ pub fn fused_table(samples: &[Sample]) -> String {
     let mut out = String::new();
     out.push_str(
         "| layout | shape | threads | inference | relu / plain | add+relu / plain | add+relu / add pass \
-         | training | relu / plain | add+relu / plain |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | training | relu / plain | add+relu / plain | backward | relu / plain | add+relu / plain \
+         |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (layout, shape, threads) in rows {
         let get = |imp: &str| {
@@ -298,7 +299,7 @@ pub fn fused_table(samples: &[Sample]) -> String {
         let t = |imp: &str| get(imp).map_or("–".into(), time);
         let _ = writeln!(
             out,
-            "| {layout} | {shape} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {layout} | {shape} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             threads.trim_start_matches('t'),
             t("inference"),
             r("inference_relu", "inference"),
@@ -307,6 +308,9 @@ pub fn fused_table(samples: &[Sample]) -> String {
             t("training"),
             r("training_relu", "training"),
             r("training_add_relu", "training"),
+            t("backward"),
+            r("backward_relu", "backward"),
+            r("backward_add_relu", "backward"),
         );
     }
     out

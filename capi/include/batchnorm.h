@@ -219,6 +219,18 @@ typedef struct BnGrads {
   uint32_t accumulate;
 } BnGrads;
 
+// The epilogue the forward pass applied, for its backward: the gradient flows through ReLU
+// where the forward's output `y` is positive; with add + ReLU, `dz` receives the residual's
+// gradient.
+typedef struct BnBackwardEpilogue {
+  // `BN_EPILOGUE_NONE`, `BN_EPILOGUE_RELU` or `BN_EPILOGUE_ADD_RELU`.
+  uint32_t kind;
+  // The forward's output (N·C·HW), for the ReLU kinds.
+  struct BnTensor y;
+  // dL/dz (N·C·HW, written), for `BN_EPILOGUE_ADD_RELU`.
+  struct BnTensorMut dz;
+} BnBackwardEpilogue;
+
 // A convolution's weights, for folding.
 typedef struct BnConvWeights {
   // `BN_WEIGHTS_OIHW`, `BN_WEIGHTS_OHWI` or `BN_WEIGHTS_HWIO`.
@@ -301,7 +313,9 @@ enum BnStatus bn_training(const struct BnOp *op,
                           const struct BnEpilogue *epi);
 
 // Backward: `dx` from `dy` for batch or frozen statistics, and dγ, dβ into `grads` (null:
-// not computed). `affine` is the forward's (null: γ = 1).
+// not computed). `affine` is the forward's (null: γ = 1). `epi` is the forward's epilogue (null:
+// none): with ReLU, the gradient goes through it first (from the forward's output `epi->y`), and
+// with add + ReLU `epi->dz` receives the residual's gradient.
 //
 // # Safety
 // As [`bn_inference`].
@@ -311,7 +325,8 @@ enum BnStatus bn_backward(const struct BnOp *op,
                           struct BnTensorMut dx,
                           const struct BnAffine *affine,
                           const struct BnBackwardStats *stats,
-                          const struct BnGrads *grads_out);
+                          const struct BnGrads *grads_out,
+                          const struct BnBackwardEpilogue *epi);
 
 // [`bn_backward`] writing dx over dy (`dy_dx` holds dy on entry).
 //

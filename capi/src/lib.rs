@@ -14,6 +14,7 @@
 //!   an unknown code is `BN_STATUS_INVALID_ARGUMENT`.
 
 #![allow(clippy::missing_safety_doc)] // each function's safety contract is in its doc comment
+#![allow(clippy::too_many_arguments)] // C functions take every buffer of the operation
 
 use std::cell::RefCell;
 use std::ffi::{CString, c_char};
@@ -21,8 +22,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use batchnorm::fold::{self, ConvWeights, WeightLayout};
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, Epilogue, Error, GradMode, Layout, Momentum, Parallelism,
-    ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, Variance,
+    Affine, BackwardEpilogue, BackwardMode, BatchNorm, Epilogue, Error, GradMode, Layout, Momentum,
+    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Variance,
 };
 
 /// The outcome of a call: one code per error of the Rust API, plus the C ABI's own.
@@ -178,6 +180,20 @@ pub struct BnEpilogue {
     pub kind: u32,
     /// The residual of `BN_EPILOGUE_ADD_RELU` (N·C·HW), ignored otherwise.
     pub z: BnTensor,
+}
+
+/// The epilogue the forward pass applied, for its backward: the gradient flows through ReLU
+/// where the forward's output `y` is positive; with add + ReLU, `dz` receives the residual's
+/// gradient.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BnBackwardEpilogue {
+    /// `BN_EPILOGUE_NONE`, `BN_EPILOGUE_RELU` or `BN_EPILOGUE_ADD_RELU`.
+    pub kind: u32,
+    /// The forward's output (N·C·HW), for the ReLU kinds.
+    pub y: BnTensor,
+    /// dL/dz (N·C·HW, written), for `BN_EPILOGUE_ADD_RELU`.
+    pub dz: BnTensorMut,
 }
 
 /// Where training stores the batch mean and inverse std that backward needs, C each.
@@ -830,7 +846,9 @@ unsafe fn read_grads<'a>(g: Option<&BnGrads>) -> Result<Option<ParamGrads<'a>>, 
 }
 
 /// Backward: `dx` from `dy` for batch or frozen statistics, and dγ, dβ into `grads` (null:
-/// not computed). `affine` is the forward's (null: γ = 1).
+/// not computed). `affine` is the forward's (null: γ = 1). `epi` is the forward's epilogue (null:
+/// none): with ReLU, the gradient goes through it first (from the forward's output `epi->y`), and
+/// with add + ReLU `epi->dz` receives the residual's gradient.
 ///
 /// # Safety
 /// As [`bn_inference`].
@@ -843,6 +861,7 @@ pub unsafe extern "C" fn bn_backward(
     affine: *const BnAffine,
     stats: *const BnBackwardStats,
     grads_out: *const BnGrads,
+    epi: *const BnBackwardEpilogue,
 ) -> BnStatus {
     guard(|| {
         let mut bufs = Buffers::default();
@@ -850,17 +869,28 @@ pub unsafe extern "C" fn bn_backward(
         bufs.read("dy", dy);
         bufs.write("dx", dx);
         // SAFETY: forwarded to the caller.
-        let (op, aff, mode, g) = unsafe {
+        let (op, aff, mode, g, epi) = unsafe {
             (
                 req("op", op)?,
                 read_affine(affine, &mut bufs)?,
                 backward_mode(stats, &mut bufs)?,
                 opt(grads_out),
+                opt(epi),
             )
         };
         if let Some(g) = g {
             bufs.write("dgamma", g.dgamma);
             bufs.write("dbeta", g.dbeta);
+        }
+        let kind = epi.map_or(BN_EPILOGUE_NONE, |e| e.kind);
+        match (kind, epi) {
+            (BN_EPILOGUE_NONE, _) => {}
+            (BN_EPILOGUE_RELU, Some(e)) => bufs.read("y", e.y),
+            (BN_EPILOGUE_ADD_RELU, Some(e)) => {
+                bufs.read("y", e.y);
+                bufs.write("dz", e.dz);
+            }
+            (k, _) => return Err(invalid(format!("unknown epilogue kind {k}"))),
         }
         bufs.check()?;
         // SAFETY: forwarded; written buffers overlap no other (checked).
@@ -872,7 +902,26 @@ pub unsafe extern "C" fn bn_backward(
                 read_grads(g)?,
             )
         };
-        Ok(op.run(|bn| bn.backward(x, dy, dx, aff, mode, g))?)
+        let fused = match (kind, epi) {
+            // SAFETY: as above.
+            (BN_EPILOGUE_RELU, Some(e)) => unsafe {
+                Some(BackwardEpilogue::Relu {
+                    y: slice("y", e.y)?,
+                })
+            },
+            // SAFETY: as above.
+            (BN_EPILOGUE_ADD_RELU, Some(e)) => unsafe {
+                Some(BackwardEpilogue::AddRelu {
+                    y: slice("y", e.y)?,
+                    dz: slice_mut("dz", e.dz)?,
+                })
+            },
+            _ => None,
+        };
+        Ok(op.run(|bn| match fused {
+            None => bn.backward(x, dy, dx, aff, mode, g),
+            Some(f) => bn.backward_fused(x, dy, dx, aff, mode, g, f),
+        })?)
     })
 }
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, Epilogue, GradMode, Layout, Parallelism, ParamGrads,
-    RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Affine, BackwardEpilogue, BackwardMode, BatchNorm, Epilogue, GradMode, Layout, Parallelism,
+    ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
 
 const SHAPES: [(usize, usize, usize); 3] = [(3, 5, 7), (2, 17, 1), (1, 3, 33)];
@@ -89,6 +89,11 @@ fn expected_values() -> String {
                 .unwrap();
             section(&mut out, &key("dx"), &dx);
             section(&mut out, &key("dgamma"), &dg);
+            let mut dz = vec![0.0f32; len];
+            let fused = BackwardEpilogue::AddRelu { y: &z, dz: &mut dz };
+            bn.backward_fused(&x, &dy, &mut dx, affine, mode, None, fused)
+                .unwrap();
+            section(&mut out, &key("dx_add_relu"), &dx);
         }
     }
     out

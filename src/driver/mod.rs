@@ -8,8 +8,8 @@
 mod nchw;
 mod nhwc;
 
-use crate::kernels::Io;
 pub(crate) use crate::kernels::{ChannelAffine, DxParams, Fuse, GradSums};
+use crate::kernels::{Io, ReluGrad};
 use crate::par::SharedMut;
 use crate::simd::Backend;
 use crate::{ChannelStats, Layout, Parallelism, Shape};
@@ -164,4 +164,18 @@ pub(crate) fn backward(
         Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make, sums),
         Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make, sums),
     }
+}
+
+/// ReLU's backward through its output, elementwise (any layout): `out = dy` where `y > 0`,
+/// else 0. `dy`, `y` and `out` have the same length.
+pub(crate) fn relu_grad(ctx: &Ctx, dy: &[f32], y: &[f32], out: &mut [f32]) {
+    let n = out.len().min(dy.len()).min(y.len());
+    let shared = SharedMut::new(out);
+    ctx.par.for_each(n.div_ceil(BLOCK), BLOCK, |b| {
+        let (start, len) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
+        // SAFETY: each block is visited once and blocks are disjoint.
+        let io = unsafe { Src::Separate(dy).io(&shared, start, len) };
+        let y = &y[start..start + len];
+        ctx.backend.dispatch(ReluGrad { io, y });
+    });
 }

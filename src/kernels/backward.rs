@@ -519,3 +519,29 @@ unsafe impl crate::scratch::Zeroable for GradSums {}
 
 // SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
 unsafe impl crate::scratch::Zeroable for DxParams {}
+
+/// ReLU's backward through its saved output: `out = dy` where `y > 0`, else 0, with `dy` the
+/// stream's input and `y` the second input (the same range).
+pub(crate) struct ReluGrad<'a, IO> {
+    pub io: IO,
+    pub y: &'a [f32],
+}
+
+struct WherePositive;
+
+impl<S: Simd> VectorMap<S> for WherePositive {
+    const BINARY: bool = true;
+    #[inline(always)]
+    fn apply(&self, s: S, _: usize, dy: S::V, y: S::V) -> S::V {
+        s.where_positive(dy, y)
+    }
+}
+
+impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        stream(s, self.io, Some(self.y), 4 * S::LANES, &WherePositive);
+    }
+}

@@ -11,7 +11,7 @@ mod normalize;
 mod stream;
 
 pub(crate) use backward::{
-    DxParams, DxRows, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
+    DxParams, DxRows, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns, ReluGrad,
 };
 pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
 pub(crate) use normalize::{AffineRows, AffineRun, AffineRuns, ChannelAffine, Fuse};

@@ -55,6 +55,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// ReLU with x86's `max(0, v)` semantics on every backend: `if 0 > v { 0 } else { v }`, so a
     /// NaN stays NaN (as in PyTorch) and −0 stays −0.
     fn relu(self, v: Self::V) -> Self::V;
+    /// `v` where `m > 0`, else 0 (also where `m` is NaN): ReLU's backward through its output.
+    fn where_positive(self, v: Self::V, m: Self::V) -> Self::V;
     /// Sum of the lanes (a tree of f32 additions).
     fn reduce_add(self, v: Self::V) -> f32;
 

@@ -49,6 +49,11 @@ impl Simd for Portable {
         zero.simd_gt(v).select(zero, v)
     }
     #[inline(always)]
+    fn where_positive(self, v: f32x8, m: f32x8) -> f32x8 {
+        let zero = f32x8::ZERO;
+        m.simd_gt(zero).select(v, zero)
+    }
+    #[inline(always)]
     fn reduce_add(self, v: f32x8) -> f32 {
         v.reduce_add()
     }

@@ -77,6 +77,11 @@ impl Simd for Avx2Fma {
         unsafe { _mm256_max_ps(_mm256_setzero_ps(), v) }
     }
     #[inline(always)]
+    fn where_positive(self, v: __m256, m: __m256) -> __m256 {
+        // SAFETY: the token proves AVX is available. An ordered comparison: false for NaN.
+        unsafe { _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_GT_OQ>(m, _mm256_setzero_ps())) }
+    }
+    #[inline(always)]
     fn reduce_add(self, v: __m256) -> f32 {
         // SAFETY: the token proves AVX (and so SSE3) is available.
         unsafe {
@@ -246,6 +251,14 @@ impl Simd for Avx512 {
     fn relu(self, v: __m512) -> __m512 {
         // SAFETY: the token proves AVX-512F is available. As for AVX2: 0 for v < 0, else v.
         unsafe { _mm512_max_ps(_mm512_setzero_ps(), v) }
+    }
+    #[inline(always)]
+    fn where_positive(self, v: __m512, m: __m512) -> __m512 {
+        // SAFETY: the token proves AVX-512F is available. An ordered comparison: false for NaN.
+        unsafe {
+            let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_setzero_ps());
+            _mm512_maskz_mov_ps(keep, v)
+        }
     }
     #[inline(always)]
     fn reduce_add(self, v: __m512) -> f32 {

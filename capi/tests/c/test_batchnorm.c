@@ -123,13 +123,24 @@ static void run_case(FILE *expected, size_t n, size_t c, size_t hw, uint32_t lay
         /* Backward with the saved statistics, dγ and dβ overwritten. */
         BnBackwardStats stats = {BN_BACKWARD_TRAINING, in(smean, c), in(sinv, c)};
         BnGrads grads = {out(dgamma, c), out(dbeta, c), 0};
-        CHECK(bn_backward(op, in(x, len), in(dy, len), out(dx, len), &affine, &stats, &grads) ==
-                  BN_STATUS_OK,
+        CHECK(bn_backward(op, in(x, len), in(dy, len), out(dx, len), &affine, &stats, &grads,
+                          NULL) == BN_STATUS_OK,
               "backward");
         snprintf(name, sizeof name, "%s %zux%zux%zu dx", lay, n, c, hw);
         CHECK(read_expected(expected, name, want, len) && same(dx, want, len), "%s", name);
         snprintf(name, sizeof name, "%s %zux%zux%zu dgamma", lay, n, c, hw);
         CHECK(read_expected(expected, name, wantc, c) && same(dgamma, wantc, c), "%s", name);
+
+        /* Backward of add + ReLU, the mask from the forward's output y (here z as a stand-in). */
+        BnBackwardEpilogue bepi = {BN_EPILOGUE_ADD_RELU, in(z, len), out(y, len)};
+        CHECK(bn_backward(op, in(x, len), in(dy, len), out(dx, len), &affine, &stats, NULL,
+                          &bepi) == BN_STATUS_OK,
+              "backward add relu");
+        snprintf(name, sizeof name, "%s %zux%zux%zu dx_add_relu", lay, n, c, hw);
+        CHECK(read_expected(expected, name, want, len) && same(dx, want, len), "%s", name);
+        for (size_t i = 0; i < len; i++) {
+            CHECK(y[i] == (z[i] > 0.0f ? dy[i] : 0.0f), "dz[%zu]", i);
+        }
 
         /* Statistics. */
         uint64_t count[64];

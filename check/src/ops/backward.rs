@@ -1,8 +1,8 @@
 //! The backward check: training and frozen modes, overwritten and accumulated gradients.
 
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, Error, GradMode, ParamGrads, RunningStats, SavedStats,
-    SavedStatsMut,
+    Affine, BackwardEpilogue, BackwardMode, BatchNorm, Error, GradMode, ParamGrads, RunningStats,
+    SavedStats, SavedStatsMut,
 };
 
 use super::*;
@@ -15,6 +15,8 @@ pub(crate) struct BackOut {
     pub(crate) dx: Vec<f32>,
     pub(crate) dgamma: Vec<f32>,
     pub(crate) dbeta: Vec<f32>,
+    /// dz of the fused add + ReLU backward (empty otherwise).
+    pub(crate) dz: Vec<f32>,
 }
 
 impl BackOut {
@@ -60,7 +62,7 @@ pub(crate) fn run_backward(
     s: &Setup,
     inp: &Inputs,
     case: &Case,
-    in_place: bool,
+    call: Call,
 ) -> BackOut {
     let (saved_mean, saved_inv_std) = saved_stats(s, inp);
     let mode = if case.frozen {
@@ -92,36 +94,105 @@ pub(crate) fn run_backward(
         dbeta: &mut dbeta,
         mode,
     });
-    let (result, dx) = if in_place {
-        let mut buf = inp.dy.clone();
-        (
-            bn.backward_in_place(&inp.x, &mut buf, affine, mode, grads),
-            buf,
-        )
-    } else {
-        let mut dx = vec![sentinel(); inp.out_len];
-        (
-            bn.backward(&inp.x, &inp.dy, &mut dx, affine, mode, grads),
-            dx,
-        )
+    let mut dz = Vec::new();
+    let (result, dx) = match call {
+        Call::InPlace => {
+            let mut buf = inp.dy.clone();
+            (
+                bn.backward_in_place(&inp.x, &mut buf, affine, mode, grads),
+                buf,
+            )
+        }
+        Call::Plain => {
+            let mut dx = vec![sentinel(); inp.out_len];
+            (
+                bn.backward(&inp.x, &inp.dy, &mut dx, affine, mode, grads),
+                dx,
+            )
+        }
+        Call::Fused => {
+            // The ReLU mask comes from `x` (any tensor serves: the op only reads its sign).
+            let mut dx = vec![sentinel(); inp.out_len];
+            dz = vec![sentinel(); inp.out_len];
+            let epi = match case.fused {
+                Fused::AddRelu => BackwardEpilogue::AddRelu {
+                    y: &inp.x,
+                    dz: &mut dz,
+                },
+                _ => BackwardEpilogue::Relu { y: &inp.x },
+            };
+            (
+                bn.backward_fused(&inp.x, &inp.dy, &mut dx, affine, mode, grads, epi),
+                dx,
+            )
+        }
     };
     BackOut {
         result,
         dx,
         dgamma,
         dbeta,
+        dz,
     }
+}
+
+/// Which backward entry point [`run_backward`] calls.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Call {
+    Plain,
+    InPlace,
+    /// [`BatchNorm::backward_fused`] with the case's epilogue.
+    Fused,
+}
+
+/// The fused backward against the plain backward of the gradient through ReLU (its mask from
+/// `x`), bit for bit, and dz equal to that gradient.
+fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, mut exp: Expected) {
+    if case.fused == Fused::None {
+        return;
+    }
+    let len = s.len();
+    exp.len("y", len, inp.x.len());
+    if case.fused == Fused::AddRelu {
+        exp.len("dz", len, inp.out_len);
+    }
+    let out = run_backward(&s.bn, s, inp, case, Call::Fused);
+    let ok = outcome(ctx, "backward_fused", &out.result, &exp);
+    if out.result.is_err() && (has_written(&out.dx) || has_written(&out.dz)) {
+        ctx.fail("backward_fused wrote an output before returning an error".into());
+    }
+    if !ok || s.giant {
+        return;
+    }
+    let mut through = inp.clone();
+    through.dy = inp
+        .dy
+        .iter()
+        .zip(&inp.x)
+        .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
+        .collect();
+    let plain = run_backward(&s.bn, s, &through, case, Call::Plain);
+    if !out.same(&plain) {
+        ctx.fail(format!(
+            "backward_fused {:?} differs from backward of the gradient through ReLU",
+            case.fused
+        ));
+    }
+    if case.fused == Fused::AddRelu && bits(&out.dz) != bits(&through.dy) {
+        ctx.fail("backward_fused: dz is not the gradient through ReLU".into());
+    }
+}
+
+/// Whether any element of `v` is not the sentinel.
+fn has_written(v: &[f32]) -> bool {
+    v.iter().any(|x| x.to_bits() != SENTINEL_BITS)
 }
 
 pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
     let (c, m, len) = (s.c(), s.m(), s.len());
     let affine = !case.no_affine;
-    let expected = |in_place: bool| {
-        let mut e = Expected::of(if in_place {
-            "backward_in_place"
-        } else {
-            "backward"
-        });
+    let expected = |in_place: bool, op: &'static str| {
+        let mut e = Expected::of(op);
         e.len("x", len, inp.x.len());
         if in_place {
             e.len("dy_dx", len, inp.dy.len());
@@ -146,8 +217,9 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         }
         e
     };
-    let out = run_backward(&s.bn, s, inp, case, false);
-    let inp_out = run_backward(&s.bn, s, inp, case, true);
+    fused(case, s, inp, ctx, expected(false, "backward_fused"));
+    let out = run_backward(&s.bn, s, inp, case, Call::Plain);
+    let inp_out = run_backward(&s.bn, s, inp, case, Call::InPlace);
     let untouched = |o: &BackOut, in_place: bool| {
         let dx_ok = if in_place {
             bits(&o.dx) == bits(&inp.dy)
@@ -164,11 +236,16 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         };
         dx_ok && grads_ok
     };
-    let ok = outcome(ctx, "backward", &out.result, &expected(false));
+    let ok = outcome(ctx, "backward", &out.result, &expected(false, "backward"));
     if out.result.is_err() && !untouched(&out, false) {
         ctx.fail("backward wrote an output before returning an error".into());
     }
-    let ok_in = outcome(ctx, "backward_in_place", &inp_out.result, &expected(true));
+    let ok_in = outcome(
+        ctx,
+        "backward_in_place",
+        &inp_out.result,
+        &expected(true, "backward_in_place"),
+    );
     if inp_out.result.is_err() && !untouched(&inp_out, true) {
         ctx.fail("backward_in_place wrote an output before returning an error".into());
     }
@@ -187,7 +264,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     if ok_in && !out.same(&inp_out) {
         ctx.fail("backward_in_place differs from backward".into());
     }
-    if !out.same(&run_backward(&s.other, s, inp, case, false)) {
+    if !out.same(&run_backward(&s.other, s, inp, case, Call::Plain)) {
         ctx.fail("backward differs between parallelism settings".into());
     }
 
@@ -434,7 +511,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
 
     if bad.contains(&true) {
         let clean = inp.sanitized(s, &bad);
-        let again = run_backward(&s.bn, s, &clean, case, false);
+        let again = run_backward(&s.bn, s, &clean, case, Call::Plain);
         for ch in (0..c).filter(|&ch| !bad[ch]) {
             if out.channel_bits(s, ch) != again.channel_bits(s, ch) {
                 ctx.fail(format!(
