@@ -1,6 +1,7 @@
 //! The inference check: [`BatchNorm::inference`] and its in-place variant.
 
-use batchnorm::{Affine, BatchNorm, Epilogue, RunningStats};
+use batchnorm::fold::{self, ConvWeights, WeightLayout};
+use batchnorm::{Affine, BatchNorm, Epilogue, Error, RunningStats};
 
 use super::*;
 use crate::reference;
@@ -91,7 +92,112 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<
     }
 }
 
+fn all_sentinel(v: &[f32]) -> bool {
+    v.iter().all(|x| x.to_bits() == SENTINEL_BITS)
+}
+
+/// Folding with the case's parameters and ε: `scale_shift`, and the batch norm folded into a
+/// linear layer (OIHW rows) and a 1×1 convolution in HWIO order whose weights are `x` (C output
+/// channels of N·HW inputs) and whose bias is β. Every folded value is one f64 expression rounded
+/// once, so the check computes the same expression and compares bits.
+fn folding(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
+    let (c, eps) = (s.c(), case.eps.get());
+    let affine = (!case.no_affine).then_some(Affine {
+        gamma: &inp.gamma,
+        beta: &inp.beta,
+    });
+    let running = RunningStats {
+        mean: &inp.running_mean,
+        var: &inp.running_var,
+    };
+    let params = |op: &'static str| {
+        let mut e = Expected::of(op);
+        if !(eps.is_finite() && eps >= 0.0) {
+            e.push(Error::InvalidEpsilon { eps });
+        }
+        e.len("running_mean", c, inp.running_mean.len());
+        e.len("running_var", c, inp.running_var.len());
+        if affine.is_some() {
+            e.len("gamma", c, inp.gamma.len());
+            e.len("beta", c, inp.beta.len());
+        }
+        e
+    };
+    // The library's expressions, in its order.
+    let scale = |ch: usize| {
+        let g = affine.map_or(1.0, |a| a.gamma[ch] as f64);
+        g / (inp.running_var[ch] as f64 + eps).sqrt()
+    };
+    let beta = |ch: usize| affine.map_or(0.0, |a| a.beta[ch] as f64);
+
+    let (mut sc, mut sh) = (vec![sentinel(); c], vec![sentinel(); c]);
+    let r = fold::scale_shift(affine, running, eps, (&mut sc, &mut sh));
+    if outcome(ctx, "scale_shift", &r, &params("scale_shift")) {
+        for ch in 0..c {
+            let a = scale(ch);
+            let b = beta(ch) - inp.running_mean[ch] as f64 * a;
+            if !same_bits(sc[ch], a as f32) || !same_bits(sh[ch], b as f32) {
+                ctx.fail(format!("scale_shift channel {ch}: {} {}", sc[ch], sh[ch]));
+            }
+        }
+    } else if r.is_err() && !(all_sentinel(&sc) && all_sentinel(&sh)) {
+        ctx.fail("scale_shift wrote before returning an error".into());
+    }
+
+    let inputs = s.len() / c.max(1);
+    let bias = &inp.beta;
+    for layout in [WeightLayout::Oihw, WeightLayout::Hwio] {
+        let op = if layout == WeightLayout::Oihw {
+            "fold_linear"
+        } else {
+            "fold_conv"
+        };
+        let mut exp = params(op);
+        exp.len("weights", c * inputs, inp.x.len());
+        exp.len("bias", c, bias.len());
+        let mut w = inp.x.clone();
+        let mut b = vec![sentinel(); c];
+        let r = if layout == WeightLayout::Oihw {
+            fold::fold_linear(inputs, (&mut w, Some(bias), &mut b), affine, running, eps)
+        } else {
+            let conv = ConvWeights {
+                layout,
+                out_channels: c,
+                in_per_group: inputs,
+                kernel: 1,
+            };
+            fold::fold_conv(conv, (&mut w, Some(bias), &mut b), affine, running, eps)
+        };
+        if !outcome(ctx, op, &r, &exp) {
+            if r.is_err() && (bits(&w) != bits(&inp.x) || !all_sentinel(&b)) {
+                ctx.fail(format!("{op} wrote before returning an error"));
+            }
+            continue;
+        }
+        for (i, (&got, &orig)) in w.iter().zip(&inp.x).enumerate() {
+            let ch = if layout == WeightLayout::Oihw {
+                i / inputs
+            } else {
+                i % c
+            };
+            if !same_bits(got, (orig as f64 * scale(ch)) as f32) {
+                ctx.fail(format!("{op}: weight {i} (channel {ch}) = {got:e}"));
+                break;
+            }
+        }
+        for ch in 0..c {
+            let want = scale(ch) * (bias[ch] as f64 - inp.running_mean[ch] as f64) + beta(ch);
+            if !same_bits(b[ch], want as f32) {
+                ctx.fail(format!("{op}: bias of channel {ch} = {:e}", b[ch]));
+            }
+        }
+    }
+}
+
 pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
+    if !s.giant {
+        folding(case, s, inp, ctx);
+    }
     let affine = !case.no_affine;
     let len = s.len();
     let expected = |out: bool| {
