@@ -1,0 +1,344 @@
+//! The C ABI's argument checks, called from Rust through the same `extern "C"` functions: every
+//! function with a null operator, null required pointers, a null buffer with a nonzero length,
+//! unknown codes and overlapping buffers gets its status, a message, and writes nothing.
+
+use std::ffi::CStr;
+use std::ptr::{null, null_mut};
+
+use batchnorm_capi::*;
+
+fn message() -> String {
+    // SAFETY: the library returns a NUL-terminated string valid until the next call.
+    unsafe { CStr::from_ptr(bn_last_error_message()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn t(v: &[f32]) -> BnTensor {
+    BnTensor {
+        data: v.as_ptr(),
+        len: v.len(),
+    }
+}
+
+fn tm(v: &mut [f32]) -> BnTensorMut {
+    BnTensorMut {
+        data: v.as_mut_ptr(),
+        len: v.len(),
+    }
+}
+
+struct Op(*mut BnOp);
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        // SAFETY: from `bn_create`, destroyed once.
+        unsafe { bn_destroy(self.0) }
+    }
+}
+
+fn op(layout: u32) -> Op {
+    let desc = BnDesc {
+        n: 2,
+        c: 3,
+        hw: 4,
+        layout,
+        eps: 1e-5,
+        threads: 0,
+    };
+    let mut p = null_mut();
+    // SAFETY: valid descriptor and output slot.
+    assert_eq!(unsafe { bn_create(&desc, &mut p) }, BnStatus::Ok);
+    Op(p)
+}
+
+#[test]
+fn every_function_reports_bad_arguments_and_writes_nothing() {
+    let op = op(BN_LAYOUT_NHWC);
+    let x: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let (mean, var) = ([0.0f32; 3], [1.0f32; 3]);
+    let running = BnRunning {
+        mean: t(&mean),
+        var: t(&var),
+    };
+    let mut y = vec![7.0f32; 24];
+    let untouched = |v: &[f32]| v.iter().all(|&a| a == 7.0);
+
+    // SAFETY (every call below): pointers are null or point to live values of the right type;
+    // buffers are valid for their lengths.
+    unsafe {
+        // Null operator, null running statistics, null buffer with a length.
+        assert_eq!(
+            bn_inference(null(), t(&x), tm(&mut y), null(), &running, null()),
+            BnStatus::NullPointer
+        );
+        assert!(message().contains("`op`"), "{}", message());
+        assert_eq!(
+            bn_inference(op.0, t(&x), tm(&mut y), null(), null(), null()),
+            BnStatus::NullPointer
+        );
+        let dangling = BnTensor {
+            data: null(),
+            len: 24,
+        };
+        assert_eq!(
+            bn_inference(op.0, dangling, tm(&mut y), null(), &running, null()),
+            BnStatus::NullPointer
+        );
+        assert!(message().contains("`x`"), "{}", message());
+        // Unknown epilogue, overlapping input and output, short residual.
+        let bad = BnEpilogue { kind: 7, z: t(&[]) };
+        assert_eq!(
+            bn_inference(op.0, t(&x), tm(&mut y), null(), &running, &bad),
+            BnStatus::InvalidArgument
+        );
+        let yt = BnTensor {
+            data: y.as_ptr(),
+            len: 24,
+        };
+        assert_eq!(
+            bn_inference(op.0, yt, tm(&mut y), null(), &running, null()),
+            BnStatus::InvalidArgument
+        );
+        assert!(message().contains("overlap"), "{}", message());
+        let short = BnEpilogue {
+            kind: BN_EPILOGUE_ADD_RELU,
+            z: t(&x[..23]),
+        };
+        assert_eq!(
+            bn_inference(op.0, t(&x), tm(&mut y), null(), &running, &short),
+            BnStatus::LengthMismatch
+        );
+        assert!(message().contains("`z`"), "{}", message());
+        assert!(untouched(&y));
+
+        // Training: unknown convention and momentum kind, zero batches tracked, short γ.
+        let (mut rm, mut rv) = ([0.0f32; 3], [1.0f32; 3]);
+        let mut update = BnUpdate {
+            mean: tm(&mut rm),
+            var: tm(&mut rv),
+            convention: 9,
+            momentum_kind: 0,
+            momentum: 0.1,
+            batches_tracked: 0,
+            unbiased: 0,
+        };
+        assert_eq!(
+            bn_training(op.0, t(&x), tm(&mut y), null(), null(), &update, null()),
+            BnStatus::InvalidArgument
+        );
+        update.convention = BN_CONVENTION_CUSTOM;
+        update.momentum_kind = 5;
+        assert_eq!(
+            bn_training(op.0, t(&x), tm(&mut y), null(), null(), &update, null()),
+            BnStatus::InvalidArgument
+        );
+        update.momentum_kind = BN_MOMENTUM_CUMULATIVE;
+        assert_eq!(
+            bn_training(op.0, t(&x), tm(&mut y), null(), null(), &update, null()),
+            BnStatus::ZeroBatchesTracked
+        );
+        let gamma = [1.0f32; 2];
+        let affine = BnAffine {
+            gamma: t(&gamma),
+            beta: t(&mean),
+        };
+        assert_eq!(
+            bn_training(op.0, t(&x), tm(&mut y), &affine, null(), null(), null()),
+            BnStatus::LengthMismatch
+        );
+        assert!(message().contains("`gamma`"), "{}", message());
+        assert!(untouched(&y) && rm == [0.0; 3] && rv == [1.0; 3]);
+
+        // Backward: null statistics, unknown mode, unknown epilogue, dz overlapping dx.
+        let dy = vec![1.0f32; 24];
+        assert_eq!(
+            bn_backward(
+                op.0,
+                t(&x),
+                t(&dy),
+                tm(&mut y),
+                null(),
+                null(),
+                null(),
+                null()
+            ),
+            BnStatus::NullPointer
+        );
+        let mut stats = BnBackwardStats {
+            mode: 4,
+            mean: t(&mean),
+            second: t(&var),
+        };
+        assert_eq!(
+            bn_backward(
+                op.0,
+                t(&x),
+                t(&dy),
+                tm(&mut y),
+                null(),
+                &stats,
+                null(),
+                null()
+            ),
+            BnStatus::InvalidArgument
+        );
+        stats.mode = BN_BACKWARD_FROZEN;
+        let bad = BnBackwardEpilogue {
+            kind: 3,
+            y: t(&x),
+            dz: tm(&mut []),
+        };
+        assert_eq!(
+            bn_backward(
+                op.0,
+                t(&x),
+                t(&dy),
+                tm(&mut y),
+                null(),
+                &stats,
+                null(),
+                &bad
+            ),
+            BnStatus::InvalidArgument
+        );
+        let alias = BnBackwardEpilogue {
+            kind: BN_EPILOGUE_ADD_RELU,
+            y: t(&x),
+            dz: BnTensorMut {
+                data: y.as_mut_ptr(),
+                len: 24,
+            },
+        };
+        assert_eq!(
+            bn_backward(
+                op.0,
+                t(&x),
+                t(&dy),
+                tm(&mut y),
+                null(),
+                &stats,
+                null(),
+                &alias
+            ),
+            BnStatus::InvalidArgument
+        );
+        assert!(untouched(&y));
+        let mut buf = vec![7.0f32; 23];
+        assert_eq!(
+            bn_backward_in_place(op.0, t(&x), tm(&mut buf), null(), &stats, null()),
+            BnStatus::LengthMismatch
+        );
+        assert!(message().contains("`dy_dx`"), "{}", message());
+        assert!(untouched(&buf));
+
+        // Statistics: null output, wrong length.
+        assert_eq!(bn_statistics(op.0, t(&x), null()), BnStatus::NullPointer);
+        let (mut count, mut m, mut m2) = ([0u64; 2], [0f64; 2], [0f64; 2]);
+        let out = BnStatsOut {
+            count: count.as_mut_ptr(),
+            mean: m.as_mut_ptr(),
+            m2: m2.as_mut_ptr(),
+            len: 2,
+        };
+        assert_eq!(bn_statistics(op.0, t(&x), &out), BnStatus::LengthMismatch);
+        assert_eq!(count, [0, 0]);
+
+        // Folding: unknown weight layout, NaN ε, null conv.
+        let mut w = vec![7.0f32; 12];
+        let mut b = vec![7.0f32; 3];
+        let conv = BnConvWeights {
+            layout: 8,
+            out_channels: 3,
+            in_per_group: 4,
+            kernel: 1,
+        };
+        assert_eq!(
+            bn_fold_conv(
+                &conv,
+                tm(&mut w),
+                null(),
+                tm(&mut b),
+                null(),
+                &running,
+                1e-5
+            ),
+            BnStatus::InvalidArgument
+        );
+        assert_eq!(
+            bn_fold_conv(
+                null(),
+                tm(&mut w),
+                null(),
+                tm(&mut b),
+                null(),
+                &running,
+                1e-5
+            ),
+            BnStatus::NullPointer
+        );
+        assert_eq!(
+            bn_fold_linear(
+                4,
+                tm(&mut w),
+                null(),
+                tm(&mut b),
+                null(),
+                &running,
+                f64::NAN
+            ),
+            BnStatus::InvalidEpsilon
+        );
+        let (mut s, mut sh) = ([7.0f32; 3], [7.0f32; 2]);
+        assert_eq!(
+            bn_scale_shift(null(), &running, 1e-5, tm(&mut s), tm(&mut sh)),
+            BnStatus::LengthMismatch
+        );
+        assert!(untouched(&w) && untouched(&b) && untouched(&s) && untouched(&sh));
+
+        // The backend name, and a null operator's.
+        let name = CStr::from_ptr(bn_backend_name(op.0)).to_str().unwrap();
+        assert!(["avx512", "avx2", "portable"].contains(&name));
+        assert!(bn_backend_name(null()).is_null());
+    }
+}
+
+#[test]
+fn an_operator_with_its_own_pool_gives_the_sequential_results() {
+    let x: Vec<f32> = (0..2 * 3 * 40_000)
+        .map(|i| ((i * 37) % 101) as f32 / 16.0)
+        .collect();
+    let (mean, var) = ([1.0f32; 3], [2.0f32; 3]);
+    let running = BnRunning {
+        mean: t(&mean),
+        var: t(&var),
+    };
+    let mut results = Vec::new();
+    for threads in [0, 1, 3] {
+        let desc = BnDesc {
+            n: 2,
+            c: 3,
+            hw: 40_000,
+            layout: BN_LAYOUT_NCHW,
+            eps: 1e-5,
+            threads,
+        };
+        let mut p = null_mut();
+        let mut y = vec![0.0f32; x.len()];
+        // SAFETY: valid arguments; the operator is destroyed once.
+        unsafe {
+            assert_eq!(bn_create(&desc, &mut p), BnStatus::Ok);
+            let op = Op(p);
+            assert_eq!(
+                bn_training(op.0, t(&x), tm(&mut y), null(), null(), null(), null()),
+                BnStatus::Ok
+            );
+            assert_eq!(
+                bn_inference_in_place(op.0, tm(&mut y), null(), &running, null()),
+                BnStatus::Ok
+            );
+        }
+        results.push(y);
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
+}
