@@ -662,6 +662,56 @@ fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
     group.finish();
 }
 
+/// Folding batch norm into constant weights (a one-time transform per model load), against a copy
+/// of the same weights: a ResNet 3×3 convolution (OIHW and HWIO) and a 4096 × 1024 linear layer.
+fn bench_fold(c: &mut Criterion, cfg: &Config) {
+    use batchnorm::fold::{self, ConvWeights, WeightLayout};
+    let mut group = cfg.group(c, "fold");
+    let cases = [
+        ("conv_oihw/256x256x3x3", WeightLayout::Oihw, 256, 256 * 9),
+        ("conv_hwio/256x256x3x3", WeightLayout::Hwio, 256, 256 * 9),
+        ("linear/4096x1024", WeightLayout::Oihw, 4096, 1024),
+    ];
+    for (name, layout, out, per_out) in cases {
+        let w0 = fill(out * per_out, 7, -0.1, 0.1);
+        let mut w = w0.clone();
+        let (gamma, beta) = (fill(out, 8, 0.5, 1.5), fill(out, 9, -0.5, 0.5));
+        let (mean, var) = (fill(out, 10, -0.2, 0.2), fill(out, 11, 0.5, 2.0));
+        let bias = fill(out, 12, -0.1, 0.1);
+        let mut bias_out = vec![0.0f32; out];
+        let affine = Some(Affine {
+            gamma: &gamma,
+            beta: &beta,
+        });
+        let running = RunningStats {
+            mean: &mean,
+            var: &var,
+        };
+        let conv = ConvWeights {
+            layout,
+            out_channels: out,
+            in_per_group: per_out,
+            kernel: 1,
+        };
+        group.throughput(Throughput::Bytes(8 * w0.len() as u64));
+        group.bench_function(format!("{name}/fold"), |bench| {
+            bench.iter(|| {
+                // Restoring the weights is part of the loop: the fold scales them in place.
+                w.copy_from_slice(&w0);
+                let io = (&mut w[..], Some(&bias[..]), &mut bias_out[..]);
+                fold::fold_conv(conv, io, affine, running, 1e-5).expect("fold");
+            })
+        });
+        group.bench_function(format!("{name}/copy"), |bench| {
+            bench.iter(|| {
+                w.copy_from_slice(&w0);
+                black_box(&mut w);
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Every available backend on in-cache shapes, single thread, with copy and scalar references.
 fn bench_backends(c: &mut Criterion, cfg: &Config) {
     let mut group = cfg.group(c, "backends");
@@ -725,6 +775,7 @@ fn main() {
         bench_op(&mut c, &cfg, &pools, op);
     }
     bench_fused(&mut c, &cfg, &pools);
+    bench_fold(&mut c, &cfg);
     bench_backends(&mut c, &cfg);
     c.final_summary();
     if measuring {

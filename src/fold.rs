@@ -7,6 +7,7 @@
 //! quantity is computed in f64 and rounded to f32 once.
 
 use crate::error::check_len;
+use crate::scratch;
 use crate::{Affine, Error, RunningStats};
 
 /// Where the output channel sits in a weight tensor.
@@ -157,18 +158,18 @@ pub fn fold_conv(
     check_params(OP, o, affine.as_ref(), &running, eps)?;
     let params = (affine.as_ref(), &running, eps);
     fold_bias(OP, params, bias, bias_out)?;
-    let scale = |ch: usize| channel(affine.as_ref(), &running, eps, ch).0;
+    // Each channel's scale once (HWIO visits every channel for every kernel position).
+    let scales = scratch::from_fn(o, |ch| channel(affine.as_ref(), &running, eps, ch).0);
     match conv.layout {
         WeightLayout::Oihw | WeightLayout::Ohwi => {
-            for (ch, w) in weights.chunks_exact_mut(per_out).enumerate() {
-                let s = scale(ch);
+            for (w, &s) in weights.chunks_exact_mut(per_out).zip(scales.iter()) {
                 w.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
             }
         }
         WeightLayout::Hwio => {
             for w in weights.chunks_exact_mut(o) {
-                for (ch, v) in w.iter_mut().enumerate() {
-                    *v = (*v as f64 * scale(ch)) as f32;
+                for (v, &s) in w.iter_mut().zip(scales.iter()) {
+                    *v = (*v as f64 * s) as f32;
                 }
             }
         }
