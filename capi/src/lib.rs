@@ -992,6 +992,56 @@ pub unsafe extern "C" fn bn_scale_shift(
     })
 }
 
+/// What both folding functions fold into: a convolution or a linear layer.
+enum FoldInto {
+    Conv(ConvWeights),
+    Linear { inputs: usize },
+}
+
+/// The shared body of [`bn_fold_conv`] and [`bn_fold_linear`].
+///
+/// # Safety
+/// As those functions.
+unsafe fn fold_into(
+    into: FoldInto,
+    (weights, bias, bias_out): (BnTensorMut, *const BnTensor, BnTensorMut),
+    affine: *const BnAffine,
+    running: *const BnRunning,
+    eps: f64,
+) -> Result<(), Failure> {
+    let mut bufs = Buffers::default();
+    bufs.write("weights", weights);
+    bufs.write("bias_out", bias_out);
+    // SAFETY: forwarded to the caller.
+    let (bias, aff, run) = unsafe {
+        (
+            opt(bias),
+            read_affine(affine, &mut bufs)?,
+            read_running(running, &mut bufs)?,
+        )
+    };
+    if let Some(b) = bias {
+        bufs.read("bias", *b);
+    }
+    bufs.check()?;
+    // SAFETY: forwarded; written buffers overlap no other (checked).
+    let (w, b, out) = unsafe {
+        (
+            slice_mut("weights", weights)?,
+            match bias {
+                Some(b) => Some(slice("bias", *b)?),
+                None => None,
+            },
+            slice_mut("bias_out", bias_out)?,
+        )
+    };
+    match into {
+        FoldInto::Conv(conv) => fold::fold_conv(conv, (w, b, out), aff, run, eps)?,
+        FoldInto::Linear { inputs } => fold::fold_linear(inputs, (w, b, out), aff, run, eps)?,
+    }
+    Ok(())
+}
+
 /// Folds inference batch norm into a convolution: `weights` scaled in place per output channel,
 /// `bias_out = scale·(bias − mean) + β` (`bias` null: no bias).
 ///
@@ -1008,46 +1058,23 @@ pub unsafe extern "C" fn bn_fold_conv(
     eps: f64,
 ) -> BnStatus {
     guard(|| {
-        let mut bufs = Buffers::default();
-        bufs.write("weights", weights);
-        bufs.write("bias_out", bias_out);
         // SAFETY: forwarded to the caller.
-        let (cw, bias, aff, run) = unsafe {
-            (
-                req("conv", conv)?,
-                opt(bias),
-                read_affine(affine, &mut bufs)?,
-                read_running(running, &mut bufs)?,
-            )
-        };
-        if let Some(b) = bias {
-            bufs.read("bias", *b);
-        }
+        let cw = unsafe { req("conv", conv)? };
         let layout = match cw.layout {
             BN_WEIGHTS_OIHW => WeightLayout::Oihw,
             BN_WEIGHTS_OHWI => WeightLayout::Ohwi,
             BN_WEIGHTS_HWIO => WeightLayout::Hwio,
             k => return Err(invalid(format!("unknown weight layout {k}"))),
         };
-        bufs.check()?;
         let conv = ConvWeights {
             layout,
             out_channels: cw.out_channels,
             in_per_group: cw.in_per_group,
             kernel: cw.kernel,
         };
-        // SAFETY: forwarded; written buffers overlap no other (checked).
-        let (w, b, out) = unsafe {
-            (
-                slice_mut("weights", weights)?,
-                match bias {
-                    Some(b) => Some(slice("bias", *b)?),
-                    None => None,
-                },
-                slice_mut("bias_out", bias_out)?,
-            )
-        };
-        Ok(fold::fold_conv(conv, (w, b, out), aff, run, eps)?)
+        let io = (weights, bias, bias_out);
+        // SAFETY: forwarded to the caller.
+        unsafe { fold_into(FoldInto::Conv(conv), io, affine, running, eps) }
     })
 }
 
@@ -1066,32 +1093,8 @@ pub unsafe extern "C" fn bn_fold_linear(
     eps: f64,
 ) -> BnStatus {
     guard(|| {
-        let mut bufs = Buffers::default();
-        bufs.write("weights", weights);
-        bufs.write("bias_out", bias_out);
+        let io = (weights, bias, bias_out);
         // SAFETY: forwarded to the caller.
-        let (bias, aff, run) = unsafe {
-            (
-                opt(bias),
-                read_affine(affine, &mut bufs)?,
-                read_running(running, &mut bufs)?,
-            )
-        };
-        if let Some(b) = bias {
-            bufs.read("bias", *b);
-        }
-        bufs.check()?;
-        // SAFETY: forwarded; written buffers overlap no other (checked).
-        let (w, b, out) = unsafe {
-            (
-                slice_mut("weights", weights)?,
-                match bias {
-                    Some(b) => Some(slice("bias", *b)?),
-                    None => None,
-                },
-                slice_mut("bias_out", bias_out)?,
-            )
-        };
-        Ok(fold::fold_linear(inputs, (w, b, out), aff, run, eps)?)
+        unsafe { fold_into(FoldInto::Linear { inputs }, io, affine, running, eps) }
     })
 }

@@ -342,3 +342,84 @@ fn an_operator_with_its_own_pool_gives_the_sequential_results() {
     }
     assert!(results.windows(2).all(|w| w[0] == w[1]));
 }
+
+#[test]
+fn folding_through_the_abi_equals_the_rust_api() {
+    use batchnorm::fold::{self, ConvWeights, WeightLayout};
+    use batchnorm::{Affine, RunningStats};
+    let (o, per) = (5usize, 6usize);
+    let w0: Vec<f32> = (0..o * per)
+        .map(|i| ((i * 37) % 23) as f32 / 8.0 - 1.0)
+        .collect();
+    let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.3 - 0.5).collect();
+    let (gamma, beta) = (vec![1.5f32; o], vec![0.25f32; o]);
+    let (mean, var): (Vec<f32>, Vec<f32>) =
+        (0..o).map(|i| (i as f32 * 0.1, 1.0 + i as f32)).unzip();
+    let affine = BnAffine {
+        gamma: t(&gamma),
+        beta: t(&beta),
+    };
+    let running = BnRunning {
+        mean: t(&mean),
+        var: t(&var),
+    };
+    let rust_affine = Some(Affine {
+        gamma: &gamma,
+        beta: &beta,
+    });
+    let rust_running = RunningStats {
+        mean: &mean,
+        var: &var,
+    };
+    for (code, layout) in [
+        (BN_WEIGHTS_OIHW, WeightLayout::Oihw),
+        (BN_WEIGHTS_OHWI, WeightLayout::Ohwi),
+        (BN_WEIGHTS_HWIO, WeightLayout::Hwio),
+    ] {
+        let (mut w, mut b) = (w0.clone(), vec![0.0f32; o]);
+        let conv = BnConvWeights {
+            layout: code,
+            out_channels: o,
+            in_per_group: 2,
+            kernel: 3,
+        };
+        // SAFETY: valid pointers and lengths.
+        let status = unsafe {
+            bn_fold_conv(
+                &conv,
+                tm(&mut w),
+                &t(&bias),
+                tm(&mut b),
+                &affine,
+                &running,
+                1e-3,
+            )
+        };
+        assert_eq!(status, BnStatus::Ok);
+        let (mut w2, mut b2) = (w0.clone(), vec![0.0f32; o]);
+        let cw = ConvWeights {
+            layout,
+            out_channels: o,
+            in_per_group: 2,
+            kernel: 3,
+        };
+        let io = (&mut w2[..], Some(&bias[..]), &mut b2[..]);
+        fold::fold_conv(cw, io, rust_affine, rust_running, 1e-3).unwrap();
+        assert_eq!((&w, &b), (&w2, &b2), "{layout:?}");
+    }
+    let (mut w, mut b) = (w0.clone(), vec![0.0f32; o]);
+    // SAFETY: valid pointers and lengths; no bias.
+    let status =
+        unsafe { bn_fold_linear(per, tm(&mut w), null(), tm(&mut b), &affine, &running, 1e-3) };
+    assert_eq!(status, BnStatus::Ok);
+    let (mut w2, mut b2) = (w0.clone(), vec![0.0f32; o]);
+    fold::fold_linear(
+        per,
+        (&mut w2, None, &mut b2),
+        rust_affine,
+        rust_running,
+        1e-3,
+    )
+    .unwrap();
+    assert_eq!((w, b), (w2, b2));
+}
