@@ -422,4 +422,11 @@ fn folding_through_the_abi_equals_the_rust_api() {
     )
     .unwrap();
     assert_eq!((w, b), (w2, b2));
+    let (mut s, mut sh) = (vec![0.0f32; o], vec![0.0f32; o]);
+    // SAFETY: valid pointers and lengths.
+    let status = unsafe { bn_scale_shift(&affine, &running, 1e-3, tm(&mut s), tm(&mut sh)) };
+    assert_eq!(status, BnStatus::Ok);
+    let (mut s2, mut sh2) = (vec![0.0f32; o], vec![0.0f32; o]);
+    fold::scale_shift(rust_affine, rust_running, 1e-3, (&mut s2, &mut sh2)).unwrap();
+    assert_eq!((s, sh), (s2, sh2));
 }
