@@ -161,10 +161,30 @@ impl BatchNorm {
     /// # Errors
     /// [`Error::LengthMismatch`] if `x.len() != N·C·HW`.
     pub fn statistics(&self, x: &[f32]) -> Result<BatchStats, Error> {
-        self.check_tensor("statistics", "x", x)?;
         let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
-        driver::statistics(&self.ctx, x, &mut stats);
+        self.stats_into("statistics", x, &mut stats)?;
         Ok(BatchStats::from_channels(stats))
+    }
+
+    /// [`BatchNorm::statistics`] written into `stats` (one per channel) instead of returned: the
+    /// call allocates nothing (for engines, and for callers that merge partial statistics).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x` or `stats`; nothing is written then.
+    pub fn statistics_into(&self, x: &[f32], stats: &mut [ChannelStats]) -> Result<(), Error> {
+        self.stats_into("statistics_into", x, stats)
+    }
+
+    fn stats_into(
+        &self,
+        op: &'static str,
+        x: &[f32],
+        stats: &mut [ChannelStats],
+    ) -> Result<(), Error> {
+        self.check_tensor(op, "x", x)?;
+        check_len(op, "stats", self.ctx.shape.c(), stats.len())?;
+        driver::statistics(&self.ctx, x, stats);
+        Ok(())
     }
 
     fn inference_params(
@@ -327,26 +347,48 @@ impl BatchNorm {
         epilogue: Epilogue<'_>,
     ) -> Result<BatchStats, Error> {
         let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
-        self.training_into((x, y), affine, saved, update, (epilogue, &mut stats))?;
+        let op = match epilogue {
+            Epilogue::None => "training",
+            _ => "training_fused",
+        };
+        self.train_into(op, (x, y), affine, saved, update, (epilogue, &mut stats))?;
         Ok(BatchStats::from_channels(stats))
     }
 
-    /// [`BatchNorm::training`] with the batch statistics written to `stats` (one per channel),
-    /// for callers that allocate nothing per call.
-    pub(crate) fn training_into(
+    /// [`BatchNorm::training_fused`] with the batch statistics written into `stats` (one per
+    /// channel) instead of returned: the call allocates nothing (`Epilogue::None` for the plain
+    /// op).
+    ///
+    /// # Errors
+    /// As [`BatchNorm::training_fused`], and [`Error::LengthMismatch`] naming `stats`.
+    #[allow(clippy::too_many_arguments)] // training_fused's arguments and the statistics out
+    pub fn training_into(
         &self,
+        x: &[f32],
+        y: &mut [f32],
+        affine: Option<Affine<'_>>,
+        saved: Option<SavedStatsMut<'_>>,
+        update: Option<RunningUpdate<'_>>,
+        epilogue: Epilogue<'_>,
+        stats: &mut [ChannelStats],
+    ) -> Result<(), Error> {
+        let op = "training_into";
+        self.train_into(op, (x, y), affine, saved, update, (epilogue, stats))
+    }
+
+    /// The body of the training forwards, errors named after `op`.
+    pub(crate) fn train_into(
+        &self,
+        op: &'static str,
         (x, y): (&[f32], &mut [f32]),
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
         (epilogue, stats): (Epilogue<'_>, &mut [ChannelStats]),
     ) -> Result<(), Error> {
-        let op = match epilogue {
-            Epilogue::None => "training",
-            _ => "training_fused",
-        };
         self.check_tensor(op, "x", x)?;
         self.check_tensor(op, "y", y)?;
+        check_len(op, "stats", self.ctx.shape.c(), stats.len())?;
         let fuse = self.fuse(op, epilogue)?;
         self.check_affine(op, affine.as_ref())?;
         if let Some(saved) = &saved {

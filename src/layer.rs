@@ -258,7 +258,7 @@ impl BatchNormLayer {
         // The batch statistics are not kept: a scratch buffer, so the call allocates nothing.
         let mut stats = scratch::zeroed::<ChannelStats>(self.channels);
         let stats = (Epilogue::None, &mut stats[..]);
-        op.training_into((x, y), affine, Some(saved), Some(update), stats)?;
+        op.train_into("training", (x, y), affine, Some(saved), Some(update), stats)?;
         self.batches_tracked = tracked;
         self.last = Some((shape, true));
         Ok(())

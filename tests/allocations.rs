@@ -2,7 +2,8 @@
 //! per-thread pool (the crate's `scratch` module). Counted with a counting global allocator, on the
 //! calling thread, for sequential execution on every backend, both layouts and shapes that take
 //! every schedule of the drivers. The only allocation left is the result that `training` and
-//! `statistics` return (their `BatchStats`); the layer, which keeps no such result, allocates
+//! `statistics` return (their `BatchStats`; `training_into` and `statistics_into` write it into
+//! the caller's slice and allocate nothing); the layer, which keeps no such result, allocates
 //! nothing.
 
 mod common;
@@ -11,8 +12,8 @@ use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
 
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, BatchNormLayer, GradMode, Layout, Parallelism, ParamGrads,
-    RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Affine, BackwardMode, BatchNorm, BatchNormLayer, ChannelStats, Epilogue, GradMode, Layout,
+    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
 use common::*;
 
@@ -104,6 +105,20 @@ fn run_all(bn: &BatchNorm, x: &[f32], dy: &[f32]) -> Vec<(&'static str, u64)> {
     count(
         "statistics",
         allocations(|| drop(bn.statistics(x).unwrap())),
+    );
+    let mut stats = vec![ChannelStats::default(); c];
+    count(
+        "training_into",
+        allocations(|| {
+            let update = RunningUpdate::pytorch(&mut rmean, &mut rvar);
+            let (epilogue, out) = (Epilogue::None, &mut stats[..]);
+            bn.training_into(x, &mut y, affine, None, Some(update), epilogue, out)
+                .unwrap()
+        }),
+    );
+    count(
+        "statistics_into",
+        allocations(|| bn.statistics_into(x, &mut stats).unwrap()),
     );
     let running = RunningStats {
         mean: &rmean,

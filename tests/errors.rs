@@ -373,3 +373,41 @@ fn invalid_forced_backend_is_an_error() {
         .unwrap();
     assert!(status.success(), "child test failed");
 }
+
+/// The `_into` forms check the length of the statistics they write, write nothing on error, and
+/// otherwise give exactly what the returning forms give.
+#[test]
+fn into_forms_check_the_statistics_length_and_match_the_returning_forms() {
+    let bn = BatchNorm::new(Shape::new(2, 3, 5).unwrap(), Layout::Nhwc).unwrap();
+    let x: Vec<f32> = (0..30).map(|i| (i * 7 % 11) as f32 - 4.5).collect();
+    let mut short = vec![ChannelStats::new(9, 9.0, 9.0); 2];
+    let mismatch = |op| Error::LengthMismatch {
+        op,
+        arg: "stats",
+        expected: 3,
+        actual: 2,
+    };
+    assert_eq!(
+        bn.statistics_into(&x, &mut short),
+        Err(mismatch("statistics_into"))
+    );
+    let mut y = vec![7.0f32; 30];
+    let epi = batchnorm::Epilogue::None;
+    assert_eq!(
+        bn.training_into(&x, &mut y, None, None, None, epi, &mut short),
+        Err(mismatch("training_into"))
+    );
+    assert!(short.iter().all(|s| *s == ChannelStats::new(9, 9.0, 9.0)));
+    assert!(y.iter().all(|&v| v == 7.0));
+
+    let mut stats = vec![ChannelStats::default(); 3];
+    bn.statistics_into(&x, &mut stats).unwrap();
+    assert_eq!(stats, bn.statistics(&x).unwrap().channels());
+    let mut y2 = vec![0.0f32; 30];
+    let returned = bn.training(&x, &mut y2, None, None, None).unwrap();
+    let mut into = vec![ChannelStats::default(); 3];
+    bn.training_into(&x, &mut y, None, None, None, epi, &mut into)
+        .unwrap();
+    assert_eq!(into, returned.channels());
+    assert_eq!(y, y2);
+}

@@ -16,15 +16,15 @@
 #![allow(clippy::missing_safety_doc)] // each function's safety contract is in its doc comment
 #![allow(clippy::too_many_arguments)] // C functions take every buffer of the operation
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use batchnorm::fold::{self, ConvWeights, WeightLayout};
 use batchnorm::{
-    Affine, BackwardEpilogue, BackwardMode, BatchNorm, Epilogue, Error, GradMode, Layout, Momentum,
-    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
-    Variance,
+    Affine, BackwardEpilogue, BackwardMode, BatchNorm, ChannelStats, Epilogue, Error, GradMode,
+    Layout, Momentum, Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats,
+    SavedStatsMut, Shape, Variance,
 };
 
 /// The outcome of a call: one code per error of the Rust API, plus the C ABI's own.
@@ -365,22 +365,41 @@ fn null(arg: &str) -> Failure {
     Failure::Arg(BnStatus::NullPointer, format!("`{arg}` is a null pointer"))
 }
 
-/// The buffers of one call, to check that written ones overlap no other.
+/// The buffers of one call (name, address, bytes, written), checked pairwise for overlap. A
+/// fixed array: a call allocates nothing.
 #[derive(Default)]
-struct Buffers(Vec<(&'static str, usize, usize, bool)>);
+struct Buffers {
+    list: [(&'static str, usize, usize, bool); Buffers::CAPACITY],
+    len: usize,
+}
 
 impl Buffers {
+    /// More than any operation passes (backward with every option: 10).
+    const CAPACITY: usize = 12;
+
+    fn push(&mut self, entry: (&'static str, usize, usize, bool)) {
+        debug_assert!(self.len < Self::CAPACITY, "Buffers::CAPACITY too small");
+        // A call with more buffers than the capacity is a bug here: `check` then refuses it.
+        if let Some(slot) = self.list.get_mut(self.len) {
+            *slot = entry;
+        }
+        self.len += 1;
+    }
     fn read(&mut self, arg: &'static str, t: BnTensor) {
-        self.0
-            .push((arg, t.data as usize, t.len * size_of::<f32>(), false));
+        self.push((arg, t.data as usize, t.len * size_of::<f32>(), false));
     }
     fn write(&mut self, arg: &'static str, t: BnTensorMut) {
-        self.0
-            .push((arg, t.data as usize, t.len * size_of::<f32>(), true));
+        self.push((arg, t.data as usize, t.len * size_of::<f32>(), true));
     }
     fn check(&self) -> Result<(), Failure> {
-        for (i, a) in self.0.iter().enumerate() {
-            for b in &self.0[i + 1..] {
+        let Some(list) = self.list.get(..self.len) else {
+            return Err(Failure::Arg(
+                BnStatus::Unknown,
+                "internal error: too many buffers for the overlap check".into(),
+            ));
+        };
+        for (i, a) in list.iter().enumerate() {
+            for b in &list[i + 1..] {
                 let overlap = a.2 > 0 && b.2 > 0 && a.1 < b.1 + b.2 && b.1 < a.1 + a.2;
                 if overlap && (a.3 || b.3) {
                     return Err(invalid(format!(
@@ -393,6 +412,22 @@ impl Buffers {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// Batch statistics the training forward computes and the ABI does not return, and those
+    /// `bn_statistics` converts: kept per thread so a call allocates nothing after the first.
+    static STATS: Cell<Vec<ChannelStats>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on `c` scratch statistics of this thread (taken out of the pool for the call, so a
+/// nested call would get a fresh buffer rather than a borrow error).
+fn with_stats<T>(c: usize, f: impl FnOnce(&mut [ChannelStats]) -> T) -> T {
+    let mut v = STATS.try_with(Cell::take).unwrap_or_default();
+    v.resize(c, ChannelStats::default());
+    let out = f(&mut v[..c]);
+    let _ = STATS.try_with(|s| s.set(v));
+    out
 }
 
 /// # Safety
@@ -618,16 +653,18 @@ pub unsafe extern "C" fn bn_statistics(
         if out.count.is_null() || out.mean.is_null() || out.m2.is_null() {
             return Err(null("out"));
         }
-        let stats = op.run(|bn| bn.statistics(x))?;
-        for (i, s) in stats.channels().iter().enumerate() {
-            // SAFETY: each array holds `len = c` elements (contract, length checked).
-            unsafe {
-                *out.count.add(i) = s.count();
-                *out.mean.add(i) = s.mean();
-                *out.m2.add(i) = s.m2();
+        with_stats(c, |stats| {
+            op.run(|bn| bn.statistics_into(x, stats))?;
+            for (i, s) in stats.iter().enumerate() {
+                // SAFETY: each array holds `len = c` elements (contract, length checked).
+                unsafe {
+                    *out.count.add(i) = s.count();
+                    *out.mean.add(i) = s.mean();
+                    *out.m2.add(i) = s.m2();
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     })
 }
 
@@ -789,7 +826,10 @@ pub unsafe extern "C" fn bn_training(
             },
             _ => None,
         };
-        op.run(|bn| bn.training_fused(x, y, aff, saved, update, epi))?;
+        let c = op.bn.shape().c();
+        with_stats(c, |stats| {
+            op.run(|bn| bn.training_into(x, y, aff, saved, update, epi, stats))
+        })?;
         Ok(())
     })
 }
