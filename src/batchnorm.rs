@@ -351,13 +351,14 @@ impl BatchNorm {
             Epilogue::None => "training",
             _ => "training_fused",
         };
-        self.train_into(op, (x, y), affine, saved, update, (epilogue, &mut stats))?;
+        let out = Some(&mut stats[..]);
+        self.train_into(op, (x, y), affine, saved, update, (epilogue, out))?;
         Ok(BatchStats::from_channels(stats))
     }
 
     /// [`BatchNorm::training_fused`] with the batch statistics written into `stats` (one per
-    /// channel) instead of returned: the call allocates nothing (`Epilogue::None` for the plain
-    /// op).
+    /// channel) instead of returned, or not kept (`None`): the call allocates nothing
+    /// (`Epilogue::None` for the plain op).
     ///
     /// # Errors
     /// As [`BatchNorm::training_fused`], and [`Error::LengthMismatch`] naming `stats`.
@@ -370,13 +371,14 @@ impl BatchNorm {
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
         epilogue: Epilogue<'_>,
-        stats: &mut [ChannelStats],
+        stats: Option<&mut [ChannelStats]>,
     ) -> Result<(), Error> {
         let op = "training_into";
         self.train_into(op, (x, y), affine, saved, update, (epilogue, stats))
     }
 
-    /// The body of the training forwards, errors named after `op`.
+    /// The body of the training forwards, errors named after `op`. Statistics not kept go to a
+    /// scratch buffer.
     pub(crate) fn train_into(
         &self,
         op: &'static str,
@@ -384,11 +386,13 @@ impl BatchNorm {
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
-        (epilogue, stats): (Epilogue<'_>, &mut [ChannelStats]),
+        (epilogue, stats): (Epilogue<'_>, Option<&mut [ChannelStats]>),
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
         self.check_tensor(op, "y", y)?;
-        check_len(op, "stats", self.ctx.shape.c(), stats.len())?;
+        if let Some(s) = &stats {
+            check_len(op, "stats", self.ctx.shape.c(), s.len())?;
+        }
         let fuse = self.fuse(op, epilogue)?;
         self.check_affine(op, affine.as_ref())?;
         if let Some(saved) = &saved {
@@ -417,6 +421,14 @@ impl BatchNorm {
             let (p, r) = normalize_params(s, eps, gamma_beta(affine.as_ref(), c));
             inv_std[c].store((r as f32).to_bits(), Ordering::Relaxed);
             p
+        };
+        let mut not_kept;
+        let stats = match stats {
+            Some(s) => s,
+            None => {
+                not_kept = scratch::zeroed::<ChannelStats>(self.ctx.shape.c());
+                &mut not_kept[..]
+            }
         };
         driver::training(&self.ctx, (x, fuse), y, &make, stats);
 

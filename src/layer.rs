@@ -3,11 +3,10 @@
 //! themselves, on top of [`BatchNorm`].
 
 use crate::error::check_len;
-use crate::scratch;
 use crate::{
-    Affine, Backend, BackwardMode, BatchNorm, ChannelStats, Epilogue, Error, GradMode, Layout,
-    Momentum, Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
-    Shape, Variance,
+    Affine, Backend, BackwardMode, BatchNorm, Epilogue, Error, GradMode, Layout, Momentum,
+    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Variance,
 };
 
 /// A batch-norm layer over `C` channels, as `torch.nn.BatchNorm1d/2d/3d` or Keras
@@ -255,9 +254,7 @@ impl BatchNormLayer {
             mean: &mut self.saved_mean,
             inv_std: &mut self.saved_inv_std,
         };
-        // The batch statistics are not kept: a scratch buffer, so the call allocates nothing.
-        let mut stats = scratch::zeroed::<ChannelStats>(self.channels);
-        let stats = (Epilogue::None, &mut stats[..]);
+        let stats = (Epilogue::None, None); // the batch statistics are not kept
         op.train_into("training", (x, y), affine, Some(saved), Some(update), stats)?;
         self.batches_tracked = tracked;
         self.last = Some((shape, true));

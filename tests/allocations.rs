@@ -7,60 +7,15 @@
 //! nothing.
 
 mod common;
-
-use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
-use std::cell::Cell;
+#[path = "common/counting.rs"]
+mod counting;
 
 use batchnorm::{
     Affine, BackwardMode, BatchNorm, BatchNormLayer, ChannelStats, Epilogue, GradMode, Layout,
     Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
 use common::*;
-
-/// Counts the allocations (and reallocations) of the calling thread.
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note() {
-    // `try_with`: allocations during thread teardown are not counted.
-    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
-        note();
-        // SAFETY: forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
-        note();
-        // SAFETY: forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
-        // SAFETY: forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocations of the calling thread during `f`.
-fn allocations(f: impl FnOnce()) -> u64 {
-    let before = ALLOCATIONS.with(Cell::get);
-    f();
-    ALLOCATIONS.with(Cell::get) - before
-}
+use counting::allocations;
 
 /// Shapes for every driver schedule: NCHW whole channels (N > 1, short channels), short runs with
 /// one sample, long runs split into pieces, HW = 1 (the row driver); NHWC narrow rows (periodic
@@ -111,7 +66,7 @@ fn run_all(bn: &BatchNorm, x: &[f32], dy: &[f32]) -> Vec<(&'static str, u64)> {
         "training_into",
         allocations(|| {
             let update = RunningUpdate::pytorch(&mut rmean, &mut rvar);
-            let (epilogue, out) = (Epilogue::None, &mut stats[..]);
+            let (epilogue, out) = (Epilogue::None, Some(&mut stats[..]));
             bn.training_into(x, &mut y, affine, None, Some(update), epilogue, out)
                 .unwrap()
         }),

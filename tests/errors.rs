@@ -394,7 +394,7 @@ fn into_forms_check_the_statistics_length_and_match_the_returning_forms() {
     let mut y = vec![7.0f32; 30];
     let epi = batchnorm::Epilogue::None;
     assert_eq!(
-        bn.training_into(&x, &mut y, None, None, None, epi, &mut short),
+        bn.training_into(&x, &mut y, None, None, None, epi, Some(&mut short)),
         Err(mismatch("training_into"))
     );
     assert!(short.iter().all(|s| *s == ChannelStats::new(9, 9.0, 9.0)));
@@ -406,7 +406,7 @@ fn into_forms_check_the_statistics_length_and_match_the_returning_forms() {
     let mut y2 = vec![0.0f32; 30];
     let returned = bn.training(&x, &mut y2, None, None, None).unwrap();
     let mut into = vec![ChannelStats::default(); 3];
-    bn.training_into(&x, &mut y, None, None, None, epi, &mut into)
+    bn.training_into(&x, &mut y, None, None, None, epi, Some(&mut into))
         .unwrap();
     assert_eq!(into, returned.channels());
     assert_eq!(y, y2);

@@ -415,8 +415,8 @@ impl Buffers {
 }
 
 thread_local! {
-    /// Batch statistics the training forward computes and the ABI does not return, and those
-    /// `bn_statistics` converts: kept per thread so a call allocates nothing after the first.
+    /// The statistics `bn_statistics` converts to its three arrays: kept per thread so a call
+    /// allocates nothing after the first.
     static STATS: Cell<Vec<ChannelStats>> = const { Cell::new(Vec::new()) };
 }
 
@@ -826,11 +826,8 @@ pub unsafe extern "C" fn bn_training(
             },
             _ => None,
         };
-        let c = op.bn.shape().c();
-        with_stats(c, |stats| {
-            op.run(|bn| bn.training_into(x, y, aff, saved, update, epi, stats))
-        })?;
-        Ok(())
+        // The batch statistics are not returned through the ABI, so not kept.
+        Ok(op.run(|bn| bn.training_into(x, y, aff, saved, update, epi, None))?)
     })
 }
 

@@ -3,70 +3,21 @@
 //! backward (plain and fused) and statistics. Counted on the calling thread with a counting
 //! global allocator, both layouts, a shape with C and HW not multiples of the SIMD width.
 
-use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
-use std::cell::Cell;
+mod common;
+#[path = "../../tests/common/counting.rs"]
+mod counting;
+
 use std::ptr::{null, null_mut};
 
 use batchnorm_capi::*;
-
-/// Counts the allocations (and reallocations) of the calling thread.
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note() {
-    // `try_with`: allocations during thread teardown are not counted.
-    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
-        note();
-        // SAFETY: forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
-        note();
-        // SAFETY: forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
-        // SAFETY: forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+use common::{t, tm};
 
 /// Allocations of the calling thread during `f`, which must return `BN_OK`.
 fn allocations(what: &str, f: impl FnOnce() -> BnStatus) -> u64 {
-    let before = ALLOCATIONS.with(Cell::get);
-    let status = f();
+    let mut status = BnStatus::Ok;
+    let n = counting::allocations(|| status = f());
     assert_eq!(status, BnStatus::Ok, "{what}");
-    ALLOCATIONS.with(Cell::get) - before
-}
-
-fn t(v: &[f32]) -> BnTensor {
-    BnTensor {
-        data: v.as_ptr(),
-        len: v.len(),
-    }
-}
-
-fn tm(v: &mut [f32]) -> BnTensorMut {
-    BnTensorMut {
-        data: v.as_mut_ptr(),
-        len: v.len(),
-    }
+    n
 }
 
 #[test]

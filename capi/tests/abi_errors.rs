@@ -2,30 +2,19 @@
 //! function with a null operator, null required pointers, a null buffer with a nonzero length,
 //! unknown codes and overlapping buffers gets its status, a message, and writes nothing.
 
+mod common;
+
 use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
 use batchnorm_capi::*;
+use common::{t, tm};
 
 fn message() -> String {
     // SAFETY: the library returns a NUL-terminated string valid until the next call.
     unsafe { CStr::from_ptr(bn_last_error_message()) }
         .to_string_lossy()
         .into_owned()
-}
-
-fn t(v: &[f32]) -> BnTensor {
-    BnTensor {
-        data: v.as_ptr(),
-        len: v.len(),
-    }
-}
-
-fn tm(v: &mut [f32]) -> BnTensorMut {
-    BnTensorMut {
-        data: v.as_mut_ptr(),
-        len: v.len(),
-    }
 }
 
 struct Op(*mut BnOp);
