@@ -562,27 +562,46 @@ fn run_fused(training: bool, fused: Fused, bn: &BatchNorm, b: &mut Buffers) {
     }
 }
 
-/// `y = x + z` on the current rayon pool: the floor of a pass that reads two tensors and writes
-/// one (the add + ReLU epilogue's traffic).
-fn add_pass(x: &[f32], z: &[f32], y: &mut [f32]) {
-    let add = |x: &[f32], z: &[f32], y: &mut [f32]| {
-        for ((o, &a), &b) in y.iter_mut().zip(x).zip(z) {
-            *o = a + b;
+/// `out = f(a, b)` elementwise on the current rayon pool (one chunk per thread): a plain pass
+/// that reads two tensors and writes one.
+fn binary_pass(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    let map = |a: &[f32], b: &[f32], out: &mut [f32]| {
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
         }
     };
     let threads = rayon::current_num_threads();
     if threads <= 1 {
-        add(x, z, y);
+        map(a, b, out);
     } else {
-        let chunk = x.len().div_ceil(threads).max(4096);
-        y.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(z.par_chunks(chunk)))
-            .for_each(|(y, (x, z))| add(x, z, y));
+        let chunk = a.len().div_ceil(threads).max(4096);
+        out.par_chunks_mut(chunk)
+            .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
+            .for_each(|(out, (a, b))| map(a, b, out));
     }
 }
 
-/// Backward of a fused forward (`None`: the plain backward), its ReLU mask from `x`, dz into `dz`.
-fn run_fused_backward(fused: Fused, bn: &BatchNorm, b: &mut Buffers, dz: &mut [f32]) {
+/// `y = x + z`: the floor of a pass that reads two tensors and writes one (the add + ReLU
+/// epilogue's traffic).
+fn add_pass(x: &[f32], z: &[f32], y: &mut [f32]) {
+    binary_pass(x, z, y, |x, z| x + z);
+}
+
+/// `g = dy` where `y > 0`, else 0: ReLU's backward as its own pass.
+fn relu_backward_pass(dy: &[f32], y: &[f32], g: &mut [f32]) {
+    binary_pass(dy, y, g, |d, v| if v > 0.0 { d } else { 0.0 });
+}
+
+/// Backward of a fused forward (`None`: the plain backward), its ReLU mask from `x`, dz into `dz`;
+/// with `unfused`, ReLU's backward as its own pass into `dz`, then the plain backward of it (the
+/// composition the fused backward replaces).
+fn run_fused_backward(
+    fused: Fused,
+    unfused: bool,
+    bn: &BatchNorm,
+    b: &mut Buffers,
+    dz: &mut [f32],
+) {
     let saved = SavedStats {
         mean: &b.saved_mean,
         inv_std: &b.saved_inv_std,
@@ -599,6 +618,10 @@ fn run_fused_backward(fused: Fused, bn: &BatchNorm, b: &mut Buffers, dz: &mut [f
     let mode = BackwardMode::Training(saved);
     let (x, dy, dx) = (&b.x[..], &b.dy[..], &mut b.y[..]);
     let r = match fused {
+        Fused::Relu if unfused => {
+            relu_backward_pass(dy, x, dz);
+            bn.backward(x, dz, dx, affine, mode, Some(grads))
+        }
         Fused::None => bn.backward(x, dy, dx, affine, mode, Some(grads)),
         Fused::Relu => {
             let epi = BackwardEpilogue::Relu { y: x };
@@ -652,10 +675,17 @@ fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                     group.throughput(Throughput::Bytes(bytes * elements));
                     group.bench_function(format!("{base}/backward{suffix}"), |bench| {
                         pool.install(|| {
-                            bench.iter(|| run_fused_backward(fused, &bn, &mut b, &mut dz))
+                            bench.iter(|| run_fused_backward(fused, false, &bn, &mut b, &mut dz))
                         })
                     });
                 }
+                group.throughput(Throughput::Bytes(16 * elements));
+                group.bench_function(format!("{base}/backward_unfused_relu"), |bench| {
+                    let (b, dz) = (&mut b, &mut dz);
+                    pool.install(|| {
+                        bench.iter(|| run_fused_backward(Fused::Relu, true, &bn, b, dz))
+                    })
+                });
             }
         }
     }

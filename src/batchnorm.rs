@@ -2,8 +2,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::driver::{self, ChannelAffine, Ctx, DxParams, Fuse, GradSums, Src};
+use crate::driver::{self, ChannelAffine, Ctx, DxParams, Fuse, Grad, GradSums, Src};
 use crate::error::check_len;
+use crate::par::SharedMut;
 use crate::params::{
     Affine, BackwardEpilogue, BackwardMode, Epilogue, GradMode, ParamGrads, RunningStats,
     RunningUpdate, SavedStatsMut,
@@ -474,10 +475,11 @@ impl BatchNorm {
         }
     }
 
-    /// Backward of operation `op` (its name in length errors) with dy from `dy`.
+    /// Backward of operation `op` (its name in length errors) of the gradient `grad` (whose
+    /// slices the caller checked, but for a separate dy).
     fn backward_impl(
         &self,
-        (op, dy): (&'static str, Src<'_>),
+        (op, grad): (&'static str, Grad<'_>),
         x: &[f32],
         dx: &mut [f32],
         affine: Option<Affine<'_>>,
@@ -485,16 +487,9 @@ impl BatchNorm {
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
-        self.check_tensor(
-            op,
-            if matches!(dy, Src::InPlace) {
-                "dy_dx"
-            } else {
-                "dx"
-            },
-            dx,
-        )?;
-        if let Src::Separate(dy) = dy {
+        let in_place = matches!(grad, Grad::Dy(Src::InPlace));
+        self.check_tensor(op, if in_place { "dy_dx" } else { "dx" }, dx)?;
+        if let Grad::Dy(Src::Separate(dy)) = grad {
             self.check_tensor(op, "dy", dy)?;
         }
         self.check_affine(op, affine.as_ref())?;
@@ -527,19 +522,22 @@ impl BatchNorm {
                     }
                 };
                 let make = Some(&make as _);
-                driver::backward(&self.ctx, x, dy, dx, saved.mean, make, &mut sums);
+                driver::backward(&self.ctx, x, grad, dx, saved.mean, make, &mut sums);
             }
             BackwardMode::Frozen(running) => {
                 if grads.is_some() {
-                    // Reduction first: in place, dy is overwritten by dx afterwards.
-                    driver::backward(&self.ctx, x, dy, dx, running.mean, None, &mut sums);
+                    // Reduction first (it stages a staged gradient): in place, dy is overwritten
+                    // by dx afterwards.
+                    driver::backward(&self.ctx, x, grad, dx, running.mean, None, &mut sums);
+                } else {
+                    driver::stage(&self.ctx, grad, dx);
                 }
                 let params = scratch::from_fn(channels, |c| ChannelAffine {
                     shift: 0.0,
                     scale: (gamma_of(c) * frozen_inv_std(running.var[c])) as f32,
                     bias: 0.0,
                 });
-                driver::normalize(&self.ctx, (dy, Fuse::default()), dx, &params);
+                driver::normalize(&self.ctx, (grad.src(), Fuse::default()), dx, &params);
             }
         }
         if let Some(g) = grads {
@@ -593,14 +591,16 @@ impl BatchNorm {
         mode: BackwardMode<'_>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
-        self.backward_impl(("backward", Src::Separate(dy)), x, dx, affine, mode, grads)
+        let grad = Grad::Dy(Src::Separate(dy));
+        self.backward_impl(("backward", grad), x, dx, affine, mode, grads)
     }
 
     /// Backward of a fused forward pass ([`BatchNorm::inference_fused`],
     /// [`BatchNorm::training_fused`]): the gradient through ReLU, `g = dy` where the forward's
     /// output `y > 0` and 0 elsewhere (`y` NaN included), then [`BatchNorm::backward`] of `g`; for
-    /// `relu(bn(x) + z)` also `dz = g`. `g` is staged in the output (`dx`, or `dz`), so no mask is
-    /// stored. The result is bit for bit `backward` of that `g`.
+    /// `relu(bn(x) + z)` also `dz = g`. No mask is stored: `g` is staged in the output (`dx`, or
+    /// `dz`) block by block inside the reduction pass, right before the block is reduced, so it
+    /// costs no pass of its own. The result is bit for bit `backward` of that `g`.
     ///
     /// # Errors
     /// As [`BatchNorm::backward`], and [`Error::LengthMismatch`] naming `y` or `dz`. Everything
@@ -625,14 +625,19 @@ impl BatchNorm {
         match epilogue {
             BackwardEpilogue::Relu { y } => {
                 self.check_tensor(OP, "y", y)?;
-                driver::relu_grad(&self.ctx, dy, y, dx);
-                self.backward_impl((OP, Src::InPlace), x, dx, affine, mode, grads)
+                let grad = Grad::Relu { dy, y, into: None };
+                self.backward_impl((OP, grad), x, dx, affine, mode, grads)
             }
             BackwardEpilogue::AddRelu { y, dz } => {
                 self.check_tensor(OP, "y", y)?;
                 self.check_tensor(OP, "dz", dz)?;
-                driver::relu_grad(&self.ctx, dy, y, dz);
-                self.backward_impl((OP, Src::Separate(dz)), x, dx, affine, mode, grads)
+                let dz = SharedMut::new(dz);
+                let grad = Grad::Relu {
+                    dy,
+                    y,
+                    into: Some(&dz),
+                };
+                self.backward_impl((OP, grad), x, dx, affine, mode, grads)
             }
         }
     }
@@ -649,7 +654,7 @@ impl BatchNorm {
         mode: BackwardMode<'_>,
         grads: Option<ParamGrads<'_>>,
     ) -> Result<(), Error> {
-        let op = ("backward_in_place", Src::InPlace);
+        let op = ("backward_in_place", Grad::Dy(Src::InPlace));
         self.backward_impl(op, x, dy_dx, affine, mode, grads)
     }
 }

@@ -256,6 +256,22 @@ fn fused_backward_is_backward_of_the_gradient_through_relu() {
                         if zz.is_some() {
                             assert!(same(&dz, &g), "dz {epi:?} {ctx}");
                         }
+                        // Without parameter gradients (the frozen mode then has no reduction to
+                        // stage the gradient in).
+                        let (mut dx, mut dz) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+                        let fused = match zz {
+                            None => BackwardEpilogue::Relu { y: &y },
+                            Some(_) => BackwardEpilogue::AddRelu { y: &y, dz: &mut dz },
+                        };
+                        bn.backward_fused(&x, &dy, &mut dx, Some(affine), mode, None, fused)
+                            .unwrap();
+                        assert!(
+                            same(&dx, &plain.0),
+                            "dx without grads {epi:?} {mode:?} {ctx}"
+                        );
+                        if zz.is_some() {
+                            assert!(same(&dz, &g), "dz without grads {epi:?} {ctx}");
+                        }
                     }
                 }
             }

@@ -268,8 +268,9 @@ pub fn backends_table(samples: &[Sample]) -> String {
     out
 }
 
-/// Markdown table of the `fused` group: each fused forward op over its in-run baselines (the
-/// plain op, and for add + ReLU also the pass that reads two tensors and writes one).
+/// Markdown table of the `fused` group: each fused op over its in-run baselines (the plain op;
+/// for add + ReLU also the pass that reads two tensors and writes one; for the ReLU backward also
+/// the unfused composition, ReLU's backward pass then the plain backward).
 pub fn fused_table(samples: &[Sample]) -> String {
     let mut by_id: BTreeMap<&str, f64> = BTreeMap::new();
     let mut rows: Vec<(String, String, String)> = Vec::new();
@@ -286,8 +287,8 @@ pub fn fused_table(samples: &[Sample]) -> String {
     let mut out = String::new();
     out.push_str(
         "| layout | shape | threads | inference | relu / plain | add+relu / plain | add+relu / add pass \
-         | training | relu / plain | add+relu / plain | backward | relu / plain | add+relu / plain \
-         |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | training | relu / plain | add+relu / plain | backward | relu / plain | relu / unfused \
+         | add+relu / plain |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (layout, shape, threads) in rows {
         let get = |imp: &str| {
@@ -299,7 +300,7 @@ pub fn fused_table(samples: &[Sample]) -> String {
         let t = |imp: &str| get(imp).map_or("–".into(), time);
         let _ = writeln!(
             out,
-            "| {layout} | {shape} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {layout} | {shape} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             threads.trim_start_matches('t'),
             t("inference"),
             r("inference_relu", "inference"),
@@ -310,6 +311,7 @@ pub fn fused_table(samples: &[Sample]) -> String {
             r("training_add_relu", "training"),
             t("backward"),
             r("backward_relu", "backward"),
+            r("backward_relu", "backward_unfused_relu"),
             r("backward_add_relu", "backward"),
         );
     }

@@ -43,11 +43,13 @@ pub(crate) type MakeAffine<'a> = &'a (dyn Fn(usize, &ChannelStats) -> ChannelAff
 /// Per-channel dx parameters from the channel's backward sums.
 pub(crate) type MakeDx<'a> = &'a (dyn Fn(usize, &GradSums) -> DxParams + Sync);
 
-/// Where a streaming op reads from: a separate slice, or the output buffer itself (in place).
+/// Where a streaming op reads from: a separate slice, the output buffer itself (in place), or
+/// another buffer that the same call writes in disjoint ranges (a staged gradient).
 #[derive(Clone, Copy)]
 pub(crate) enum Src<'a> {
     Separate(&'a [f32]),
     InPlace,
+    Shared(&'a SharedMut<'a>),
 }
 
 impl<'a> Src<'a> {
@@ -61,19 +63,75 @@ impl<'a> Src<'a> {
         match self {
             Src::Separate(x) => Io::Separate(&x[start..start + len], dst),
             Src::InPlace => Io::InPlace(dst),
+            // SAFETY: forwarded to the caller (no mutable slice of `src` overlaps the range).
+            Src::Shared(src) => Io::Separate(unsafe { src.slice(start, len) }, dst),
         }
     }
 
     /// The input elements `start..start + len`.
     ///
     /// # Safety
-    /// For `InPlace`, no mutable slice of `out` overlapping the range may be alive.
+    /// For `InPlace` (`Shared`), no mutable slice of `out` (the shared buffer) overlapping the
+    /// range may be alive.
     unsafe fn view(self, out: &SharedMut<'a>, start: usize, len: usize) -> &'a [f32] {
         match self {
             Src::Separate(x) => &x[start..start + len],
             // SAFETY: forwarded to the caller.
             Src::InPlace => unsafe { out.slice(start, len) },
+            // SAFETY: forwarded to the caller.
+            Src::Shared(src) => unsafe { src.slice(start, len) },
         }
+    }
+}
+
+/// The gradient backward reduces and maps: dy as given, or ReLU's backward `g = dy` where the
+/// forward's output `y > 0` (else 0), staged into a buffer (the output `dx` for `into = None`)
+/// range by range, right before the reduction first reads that range, so g is written while dy
+/// and y are in cache and costs no pass of its own.
+#[derive(Clone, Copy)]
+pub(crate) enum Grad<'a> {
+    Dy(Src<'a>),
+    Relu {
+        dy: &'a [f32],
+        y: &'a [f32],
+        into: Option<&'a SharedMut<'a>>,
+    },
+}
+
+impl<'a> Grad<'a> {
+    /// Where g is read from (once staged).
+    pub(crate) fn src(self) -> Src<'a> {
+        match self {
+            Grad::Dy(src) => src,
+            Grad::Relu { into: None, .. } => Src::InPlace,
+            Grad::Relu { into: Some(b), .. } => Src::Shared(b),
+        }
+    }
+
+    /// Writes g for elements `start..start + len` (nothing for `Dy`), `out` being the output
+    /// buffer.
+    ///
+    /// # Safety
+    /// No other slice of the staging buffer overlapping the range may be alive.
+    unsafe fn stage(self, ctx: &Ctx, out: &SharedMut<'_>, start: usize, len: usize) {
+        if let Grad::Relu { dy, y, into } = self {
+            let (dy, y) = (&dy[start..start + len], &y[start..start + len]);
+            // SAFETY: forwarded to the caller.
+            let dst = unsafe {
+                match into {
+                    Some(buffer) => buffer.slice(start, len),
+                    None => out.slice(start, len),
+                }
+            };
+            ctx.backend.dispatch(ReluGrad {
+                io: Io::Separate(dy, dst),
+                y,
+            });
+        }
+    }
+
+    fn staged(self) -> bool {
+        matches!(self, Grad::Relu { .. })
     }
 }
 
@@ -148,13 +206,14 @@ pub(crate) fn training(
     }
 }
 
-/// Backward: per-channel sums of dy, (x − pivot)·dy and (x − pivot), then `make(c, sums)`, then
-/// `dx = a·dy + b·(x − shift) + c`. With `make = None` only the sums are computed. The sums go
-/// to `sums` (one per channel).
+/// Backward: per-channel sums of g, (x − pivot)·g and (x − pivot), then `make(c, sums)`, then
+/// `dx = a·g + b·(x − shift) + c`, with g the gradient `grad` (staged into its buffer by the
+/// reduction, so also with `make = None`, which computes only the sums). The sums go to `sums`
+/// (one per channel).
 pub(crate) fn backward(
     ctx: &Ctx,
     x: &[f32],
-    dy: Src<'_>,
+    dy: Grad<'_>,
     dx: &mut [f32],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
@@ -166,16 +225,14 @@ pub(crate) fn backward(
     }
 }
 
-/// ReLU's backward through its output, elementwise (any layout): `out = dy` where `y > 0`,
-/// else 0. `dy`, `y` and `out` have the same length.
-pub(crate) fn relu_grad(ctx: &Ctx, dy: &[f32], y: &[f32], out: &mut [f32]) {
-    let n = out.len().min(dy.len()).min(y.len());
-    let shared = SharedMut::new(out);
+/// Stages the gradient `grad` over the whole tensor (nothing for `Grad::Dy`), `out` being the
+/// output buffer, for a backward that maps it without reducing it first.
+pub(crate) fn stage(ctx: &Ctx, grad: Grad<'_>, out: &mut [f32]) {
+    let n = out.len();
+    let out = SharedMut::new(out);
     ctx.par.for_each(n.div_ceil(BLOCK), BLOCK, |b| {
         let (start, len) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
         // SAFETY: each block is visited once and blocks are disjoint.
-        let io = unsafe { Src::Separate(dy).io(&shared, start, len) };
-        let y = &y[start..start + len];
-        ctx.backend.dispatch(ReluGrad { io, y });
+        unsafe { grad.stage(ctx, &out, start, len) };
     });
 }

@@ -7,7 +7,7 @@
 //! pieces normalized in parallel) when there are few channels.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
     exact_sums,
 };
 use crate::ChannelStats;
@@ -355,7 +355,7 @@ fn short_runs(ctx: &Ctx, x: &[f32], normalize: Option<Normalize<'_>>, out: &mut 
 pub(super) fn backward(
     ctx: &Ctx,
     x: &[f32],
-    dy: Src<'_>,
+    grad: Grad<'_>,
     dx: &mut [f32],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
@@ -363,12 +363,18 @@ pub(super) fn backward(
 ) {
     let out = SharedMut::new(dx);
     if short_runs_fused(ctx) {
-        return backward_short_runs(ctx, (x, dy), &out, pivots, make, sums);
+        return backward_short_runs(ctx, (x, grad), &out, pivots, make, sums);
     }
+    let dy = grad.src();
     let reduce = |p: Piece| {
-        // SAFETY: reductions only read; in the fused schedule this channel's pieces are written
-        // after all of its reads, in the two-phase schedule after all reads of every channel.
-        let g = unsafe { dy.view(&out, p.offset, p.len) };
+        // SAFETY: each piece is reduced once, by one task, which stages its g first (no other
+        // slice of it is alive then) and then only reads it; in the fused schedule this channel's
+        // pieces are written after all of its reads, in the two-phase schedule after all reads
+        // of every channel.
+        let g = unsafe {
+            grad.stage(ctx, &out, p.offset, p.len);
+            dy.view(&out, p.offset, p.len)
+        };
         let (run, pivot) = (&x[p.offset..p.offset + p.len], pivots[p.c]);
         let sums = ctx.backend.dispatch(GradSumsRun {
             x: run,
@@ -394,12 +400,13 @@ pub(super) fn backward(
 /// by sample (one kernel call per sample), folded in sample order, then dx.
 fn backward_short_runs(
     ctx: &Ctx,
-    (x, dy): (&[f32], Src<'_>),
+    (x, grad): (&[f32], Grad<'_>),
     out: &SharedMut<'_>,
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
     sums: &mut [GradSums],
 ) {
+    let dy = grad.src();
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
     let elems = group * ctx.shape.per_channel();
@@ -411,9 +418,12 @@ fn backward_short_runs(
         let mut runs = scratch::zeroed::<GradSums>(k);
         for sample in 0..n {
             let offset = (sample * c + first) * hw;
-            // SAFETY: only this task touches this group's ranges, and it writes them below,
-            // after all of its reads.
-            let gs = unsafe { dy.view(out, offset, len) };
+            // SAFETY: only this task touches this group's ranges: it stages g (no other slice of
+            // the range alive), reads it, and writes dx below, after all of its reads.
+            let gs = unsafe {
+                grad.stage(ctx, out, offset, len);
+                dy.view(out, offset, len)
+            };
             let xs = &x[offset..offset + len];
             let p = &pivots[first..first + k];
             let kernel = GradSumsRuns {

@@ -7,7 +7,7 @@
 //! tensor has few rows). Tile results are folded per channel in row-block order.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
     exact_sums,
 };
 use crate::ChannelStats;
@@ -209,7 +209,7 @@ pub(super) fn training(
 pub(super) fn backward(
     ctx: &Ctx,
     x: &[f32],
-    dy: Src<'_>,
+    grad: Grad<'_>,
     dx: &mut [f32],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
@@ -220,31 +220,57 @@ pub(super) fn backward(
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
     let out = SharedMut::new(dx);
+    let dy = grad.src();
+    let reduce = |t: usize, part: &mut [GradSums]| {
+        let tile = tiles.tile(t);
+        let (offset, len) = (tile.offset, tile.len);
+        // SAFETY: the task of this tile stages its g (its columns of its rows; no other slice
+        // of them alive: a staged reduction gives all strips of a row block to one task), then
+        // only reads; dx is written after every tile was reduced.
+        let g = unsafe {
+            if tile.width == c {
+                grad.stage(ctx, &out, offset, len);
+            } else {
+                for row in (offset..offset + len).step_by(c) {
+                    grad.stage(ctx, &out, row + tile.first, tile.width);
+                }
+            }
+            dy.view(&out, offset, len)
+        };
+        let part = &mut part[..tile.width];
+        let xs = &x[offset..offset + len];
+        ctx.backend.dispatch(GradSumsRows {
+            x: xs,
+            dy: g,
+            pivots,
+            first: tile.first,
+            out: part,
+        });
+        for (i, s) in part.iter_mut().enumerate() {
+            *s = checked_sums(*s, || {
+                let ch = tile.first + i;
+                let pairs = xs.iter().zip(g).skip(ch).step_by(c);
+                exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
+            });
+        }
+    };
     // Tile t's sums in `parts[t·strip..][..width]`.
     let mut parts = scratch::zeroed::<GradSums>(tiles.count() * tiles.strip);
-    ctx.par
-        .for_chunks(&mut parts, tiles.strip, tiles.unit(), |t, part| {
-            let tile = tiles.tile(t);
-            let (offset, len) = (tile.offset, tile.len);
-            // SAFETY: this phase only reads; dx is written after every tile was reduced.
-            let g = unsafe { dy.view(&out, offset, len) };
-            let part = &mut part[..tile.width];
-            let xs = &x[offset..offset + len];
-            ctx.backend.dispatch(GradSumsRows {
-                x: xs,
-                dy: g,
-                pivots,
-                first: tile.first,
-                out: part,
+    if grad.staged() {
+        // One task per row block: the view of a tile spans its whole rows, which the staging of
+        // the block's other strips writes.
+        let (strips, strip) = (tiles.strips(), tiles.strip);
+        let unit = tiles.unit() * strips;
+        ctx.par
+            .for_chunks(&mut parts, strips * strip, unit, |b, block| {
+                for (k, part) in block.chunks_mut(strip).enumerate() {
+                    reduce(b * strips + k, part);
+                }
             });
-            for (i, s) in part.iter_mut().enumerate() {
-                *s = checked_sums(*s, || {
-                    let ch = tile.first + i;
-                    let pairs = xs.iter().zip(g).skip(ch).step_by(c);
-                    exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
-                });
-            }
-        });
+    } else {
+        ctx.par
+            .for_chunks(&mut parts, tiles.strip, tiles.unit(), reduce);
+    }
     sums.fill(GradSums::default());
     for (t, part) in parts.chunks(tiles.strip).enumerate() {
         let tile = tiles.tile(t);
