@@ -10,7 +10,7 @@ use crate::params::{
     RunningUpdate, SavedStatsMut,
 };
 use crate::scratch::{self, Scratch};
-use crate::{BatchStats, ChannelStats, Error, Layout, Parallelism, Shape, Variance};
+use crate::{BatchStats, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance};
 
 /// Default ε (PyTorch, ONNX): `1e-5`.
 pub const DEFAULT_EPS: f64 = 1e-5;
@@ -143,7 +143,7 @@ impl BatchNorm {
         self.ctx.backend
     }
 
-    fn check_tensor(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
+    fn check_tensor<E>(&self, op: &'static str, arg: &'static str, t: &[E]) -> Result<(), Error> {
         check_len(op, arg, self.ctx.shape.len(), t.len())
     }
     fn check_channels(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
@@ -213,12 +213,29 @@ impl BatchNorm {
     /// one fused multiply-add per element. Without `affine`, γ = 1 and β = 0. A negative running
     /// variance (below −ε) gives NaN in its channel.
     ///
+    /// The data may be stored as `f32`, [`crate::f16`] or [`crate::bf16`] ([`Element`]): half
+    /// values are widened to f32 inside the kernel, the arithmetic is the f32 path's, and each
+    /// output is rounded once to the storage type (to nearest even; in f16, results beyond ±65504
+    /// become ±∞). The parameters and statistics stay `f32`.
+    ///
+    /// ```
+    /// use batchnorm::{BatchNorm, Layout, RunningStats, Shape, bf16};
+    /// let shape = Shape::new(2, 3, 5)?; // N = 2, C = 3, HW = 5
+    /// let bn = BatchNorm::new(shape, Layout::Nhwc)?;
+    /// let x = vec![bf16::from_f32(3.0); shape.len()];
+    /// let mut y = vec![bf16::ZERO; shape.len()];
+    /// let running = RunningStats { mean: &[1.0; 3], var: &[4.0; 3] };
+    /// bn.inference(&x, &mut y, None, running)?;
+    /// assert_eq!(y[0], bf16::from_f32(1.0)); // (3 − 1)/√(4 + ε), rounded to bf16
+    /// # Ok::<(), batchnorm::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// [`Error::LengthMismatch`] naming `x`, `y`, `running_mean`, `running_var`, `gamma` or `beta`.
-    pub fn inference(
+    pub fn inference<E: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         affine: Option<Affine<'_>>,
         running: RunningStats<'_>,
     ) -> Result<(), Error> {
@@ -232,13 +249,13 @@ impl BatchNorm {
     /// # Errors
     /// As [`BatchNorm::inference`], and [`Error::LengthMismatch`] naming `z` for a residual of
     /// the wrong length.
-    pub fn inference_fused(
+    pub fn inference_fused<E: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         affine: Option<Affine<'_>>,
         running: RunningStats<'_>,
-        epilogue: Epilogue<'_>,
+        epilogue: Epilogue<'_, E>,
     ) -> Result<(), Error> {
         let op = match epilogue {
             Epilogue::None => "inference",
@@ -256,9 +273,9 @@ impl BatchNorm {
     ///
     /// # Errors
     /// As [`BatchNorm::inference`] (the tensor is named `x`).
-    pub fn inference_in_place(
+    pub fn inference_in_place<E: Element>(
         &self,
-        x: &mut [f32],
+        x: &mut [E],
         affine: Option<Affine<'_>>,
         running: RunningStats<'_>,
     ) -> Result<(), Error> {
@@ -269,12 +286,12 @@ impl BatchNorm {
     ///
     /// # Errors
     /// As [`BatchNorm::inference_fused`] (the tensor is named `x`).
-    pub fn inference_fused_in_place(
+    pub fn inference_fused_in_place<E: Element>(
         &self,
-        x: &mut [f32],
+        x: &mut [E],
         affine: Option<Affine<'_>>,
         running: RunningStats<'_>,
-        epilogue: Epilogue<'_>,
+        epilogue: Epilogue<'_, E>,
     ) -> Result<(), Error> {
         let op = match epilogue {
             Epilogue::None => "inference_in_place",
@@ -288,7 +305,11 @@ impl BatchNorm {
     }
 
     /// The kernels' epilogue for `epilogue`, after checking the residual's length.
-    fn fuse<'a>(&self, op: &'static str, epilogue: Epilogue<'a>) -> Result<Fuse<'a>, Error> {
+    fn fuse<'a, E>(
+        &self,
+        op: &'static str,
+        epilogue: Epilogue<'a, E>,
+    ) -> Result<Fuse<'a, E>, Error> {
         Ok(match epilogue {
             Epilogue::None => Fuse::default(),
             Epilogue::Relu => Fuse {

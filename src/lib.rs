@@ -3,6 +3,7 @@
 
 mod batchnorm;
 mod driver;
+mod element;
 mod error;
 pub mod fold;
 mod kernels;
@@ -17,6 +18,7 @@ mod simd;
 mod stats;
 
 pub use batchnorm::{BatchNorm, DEFAULT_EPS};
+pub use element::{Element, bf16, f16};
 pub use error::Error;
 pub use layer::BatchNormLayer;
 pub use par::Parallelism;

@@ -77,20 +77,20 @@ fn tasks_of(unit_elems: usize) -> usize {
 }
 
 /// A mutable slice shared by parallel tasks that each write a disjoint part of it.
-pub(crate) struct SharedMut<'a> {
-    ptr: *mut f32,
+pub(crate) struct SharedMut<'a, T = f32> {
+    ptr: *mut T,
     len: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
+    _borrow: PhantomData<&'a mut [T]>,
 }
 
 // SAFETY: `SharedMut` only hands out sub-slices through the unsafe `slice`, whose callers
-// guarantee that concurrently used ranges are disjoint; f32 is Send + Sync.
-unsafe impl Send for SharedMut<'_> {}
+// guarantee that concurrently used ranges are disjoint; `T` is Send + Sync.
+unsafe impl<T: Send + Sync> Send for SharedMut<'_, T> {}
 // SAFETY: as above.
-unsafe impl Sync for SharedMut<'_> {}
+unsafe impl<T: Send + Sync> Sync for SharedMut<'_, T> {}
 
-impl<'a> SharedMut<'a> {
-    pub(crate) fn new(s: &'a mut [f32]) -> Self {
+impl<'a, T> SharedMut<'a, T> {
+    pub(crate) fn new(s: &'a mut [T]) -> Self {
         SharedMut {
             ptr: s.as_mut_ptr(),
             len: s.len(),
@@ -103,7 +103,7 @@ impl<'a> SharedMut<'a> {
     /// # Safety
     /// While the returned slice lives, no other slice returned by this method may overlap it.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &'a mut [f32] {
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &'a mut [T] {
         let start = start.min(self.len);
         let len = len.min(self.len - start);
         // SAFETY: `start..start + len` lies inside the original `&'a mut [f32]` (clamped above);

@@ -167,17 +167,27 @@ pub struct ParamGrads<'a> {
 }
 
 /// What a fused forward pass applies after the batch norm, in the same pass over memory (the
-/// activation, and the residual, that engines fuse with BN).
-#[derive(Clone, Copy, Debug, Default)]
-pub enum Epilogue<'a> {
+/// activation, and the residual, that engines fuse with BN). `E` is the data's storage type.
+#[derive(Debug, Default)]
+pub enum Epilogue<'a, E = f32> {
     /// `y = bn(x)`.
     #[default]
     None,
     /// `y = relu(bn(x))`.
     Relu,
-    /// `y = relu(bn(x) + z)`, `z` a tensor of the same shape and layout (ResNet's residual).
-    AddRelu(&'a [f32]),
+    /// `y = relu(bn(x) + z)`, `z` a tensor of the same shape, layout and storage type (ResNet's
+    /// residual).
+    AddRelu(&'a [E]),
 }
+
+// Not derived: the derives would require `E: Copy`, which the residual's shared slice does not
+// need.
+impl<E> Clone for Epilogue<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Epilogue<'_, E> {}
 
 /// The epilogue a fused forward pass applied, for its backward
 /// ([`crate::BatchNorm::backward_fused`]): the gradient flows through ReLU where the forward's

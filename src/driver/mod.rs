@@ -8,6 +8,7 @@
 mod nchw;
 mod nhwc;
 
+use crate::element::Element;
 pub(crate) use crate::kernels::{ChannelAffine, DxParams, Fuse, GradSums};
 use crate::kernels::{Io, ReluGrad};
 use crate::par::SharedMut;
@@ -45,19 +46,26 @@ pub(crate) type MakeDx<'a> = &'a (dyn Fn(usize, &GradSums) -> DxParams + Sync);
 
 /// Where a streaming op reads from: a separate slice, the output buffer itself (in place), or
 /// another buffer that the same call writes in disjoint ranges (a staged gradient).
-#[derive(Clone, Copy)]
-pub(crate) enum Src<'a> {
-    Separate(&'a [f32]),
+pub(crate) enum Src<'a, E = f32> {
+    Separate(&'a [E]),
     InPlace,
-    Shared(&'a SharedMut<'a>),
+    Shared(&'a SharedMut<'a, E>),
 }
 
-impl<'a> Src<'a> {
+// Not derived: the derives would require `E: Copy`.
+impl<E> Clone for Src<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Src<'_, E> {}
+
+impl<'a, E> Src<'a, E> {
     /// The kernel stream for elements `start..start + len`: read from this source, write `out`.
     ///
     /// # Safety
     /// No other live slice of `out` may overlap the range.
-    unsafe fn io(self, out: &SharedMut<'a>, start: usize, len: usize) -> Io<'a> {
+    unsafe fn io(self, out: &SharedMut<'a, E>, start: usize, len: usize) -> Io<'a, E> {
         // SAFETY: forwarded to the caller.
         let dst = unsafe { out.slice(start, len) };
         match self {
@@ -73,7 +81,7 @@ impl<'a> Src<'a> {
     /// # Safety
     /// For `InPlace` (`Shared`), no mutable slice of `out` (the shared buffer) overlapping the
     /// range may be alive.
-    unsafe fn view(self, out: &SharedMut<'a>, start: usize, len: usize) -> &'a [f32] {
+    unsafe fn view(self, out: &SharedMut<'a, E>, start: usize, len: usize) -> &'a [E] {
         match self {
             Src::Separate(x) => &x[start..start + len],
             // SAFETY: forwarded to the caller.
@@ -178,11 +186,11 @@ pub(crate) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
 }
 
 /// Applies one affine map per channel (inference, or the frozen-statistics dx), then the
-/// epilogue `fuse` (its residual a whole tensor).
-pub(crate) fn normalize(
+/// epilogue `fuse` (its residual a whole tensor), on data stored as `E`.
+pub(crate) fn normalize<E: Element>(
     ctx: &Ctx,
-    (src, fuse): (Src<'_>, Fuse<'_>),
-    dst: &mut [f32],
+    (src, fuse): (Src<'_, E>, Fuse<'_, E>),
+    dst: &mut [E],
     params: &[ChannelAffine],
 ) {
     match ctx.effective_layout() {

@@ -11,6 +11,7 @@ use super::{
     exact_sums,
 };
 use crate::ChannelStats;
+use crate::element::Element;
 use crate::kernels::{
     AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns,
     MomentsChannel, MomentsRun, MomentsRuns,
@@ -199,10 +200,10 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
 type Normalize<'a> = (&'a SharedMut<'a>, MakeAffine<'a>, Fuse<'a>);
 
 /// Affine map and epilogue of one piece, reading from `src`, writing into `out`.
-fn affine_piece(
+fn affine_piece<E: Element>(
     ctx: &Ctx,
-    (src, fuse): (Src<'_>, Fuse<'_>),
-    out: &SharedMut<'_>,
+    (src, fuse): (Src<'_, E>, Fuse<'_, E>),
+    out: &SharedMut<'_, E>,
     piece: Piece,
     p: &ChannelAffine,
 ) {
@@ -213,10 +214,10 @@ fn affine_piece(
     ctx.backend.dispatch(AffineRun { io, p: *p, fuse });
 }
 
-pub(super) fn normalize(
+pub(super) fn normalize<E: Element>(
     ctx: &Ctx,
-    (src, fuse): (Src<'_>, Fuse<'_>),
-    dst: &mut [f32],
+    (src, fuse): (Src<'_, E>, Fuse<'_, E>),
+    dst: &mut [E],
     params: &[ChannelAffine],
 ) {
     let hw = ctx.shape.hw();

@@ -11,6 +11,7 @@ use super::{
     exact_sums,
 };
 use crate::ChannelStats;
+use crate::element::Element;
 use crate::kernels::{
     AffineLanes, AffineRows, DxLanes, DxRows, GradSums, GradSumsRows, MomentsRows,
 };
@@ -170,10 +171,10 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32], total: &mut [ChannelStats]) {
     }
 }
 
-pub(super) fn normalize(
+pub(super) fn normalize<E: Element>(
     ctx: &Ctx,
-    (src, fuse): (Src<'_>, Fuse<'_>),
-    dst: &mut [f32],
+    (src, fuse): (Src<'_, E>, Fuse<'_, E>),
+    dst: &mut [E],
     params: &[ChannelAffine],
 ) {
     let blocks = Blocks::new(ctx);

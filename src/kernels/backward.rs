@@ -375,7 +375,7 @@ pub(crate) struct DxRun<'a, IO> {
     pub p: DxParams,
 }
 
-impl<IO: InOut> Kernel for DxRun<'_, IO> {
+impl<IO: InOut<Elem = f32>> Kernel for DxRun<'_, IO> {
     type Output = ();
 
     #[inline(always)]
@@ -395,7 +395,7 @@ pub(crate) struct DxRuns<'a, IO> {
     pub params: &'a [DxParams],
 }
 
-impl<IO: InOut> Kernel for DxRuns<'_, IO> {
+impl<IO: InOut<Elem = f32>> Kernel for DxRuns<'_, IO> {
     type Output = ();
 
     #[inline(always)]
@@ -442,7 +442,7 @@ impl DxLanes {
     }
 }
 
-impl<IO: InOut> DxRows<'_, IO> {
+impl<IO: InOut<Elem = f32>> DxRows<'_, IO> {
     /// With at least `G` vectors of channels per row (`G` = what keeps the 5 parameters of a
     /// register group in registers), walks each group of channels down the rows; returns whether
     /// it did (else the periodic lanes are used).
@@ -487,7 +487,7 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupDx<S::V, G> {
     }
 }
 
-impl<IO: InOut> Kernel for DxRows<'_, IO> {
+impl<IO: InOut<Elem = f32>> Kernel for DxRows<'_, IO> {
     type Output = ();
 
     #[inline(always)]
@@ -537,7 +537,7 @@ impl<S: Simd> VectorMap<S> for WherePositive {
     }
 }
 
-impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
+impl<IO: InOut<Elem = f32>> Kernel for ReluGrad<'_, IO> {
     type Output = ();
 
     #[inline(always)]

@@ -21,16 +21,33 @@ pub(crate) struct ChannelAffine {
 
 /// What a fused normalize does after the affine map, on the kernel's range: add a residual `z`
 /// (the same range of a tensor of the output's shape), then ReLU.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Fuse<'a> {
-    pub z: Option<&'a [f32]>,
+#[derive(Debug)]
+pub(crate) struct Fuse<'a, E = f32> {
+    pub z: Option<&'a [E]>,
     pub relu: bool,
 }
 
-impl<'a> Fuse<'a> {
+// Not derived: the derives would require `E: Copy` / `E: Default`, which a shared slice does not
+// need.
+impl<E> Clone for Fuse<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Fuse<'_, E> {}
+impl<E> Default for Fuse<'_, E> {
+    fn default() -> Self {
+        Fuse {
+            z: None,
+            relu: false,
+        }
+    }
+}
+
+impl<'a, E> Fuse<'a, E> {
     /// The epilogue for elements `start..start + len` (the residual sliced alike).
     #[inline(always)]
-    pub(crate) fn range(self, start: usize, len: usize) -> Fuse<'a> {
+    pub(crate) fn range(self, start: usize, len: usize) -> Fuse<'a, E> {
         Fuse {
             z: self.z.map(|z| &z[start..start + len]),
             relu: self.relu,
@@ -87,11 +104,11 @@ macro_rules! with_fuse {
         let op = &$op;
         match ($fuse.z, $fuse.relu) {
             (None, false) => {
-                let ($m, $second) = (op, None::<&[f32]>);
+                let ($m, $second) = (op, None::<&[_]>);
                 $body
             }
             (None, true) => {
-                let ($m, $second) = (&Then { op, finish: Relu }, None::<&[f32]>);
+                let ($m, $second) = (&Then { op, finish: Relu }, None::<&[_]>);
                 $body
             }
             (Some(z), _) => {
@@ -182,11 +199,11 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupAffine<S::V, G> {
 }
 
 /// `y = scale·(x − shift) + bias` on one contiguous run of one channel, then the epilogue.
-pub(crate) struct AffineRun<'a, IO> {
+pub(crate) struct AffineRun<'a, IO: InOut> {
     pub io: IO,
     pub p: ChannelAffine,
     /// On the same range as `io`.
-    pub fuse: Fuse<'a>,
+    pub fuse: Fuse<'a, IO::Elem>,
 }
 
 impl<IO: InOut> Kernel for AffineRun<'_, IO> {
@@ -204,13 +221,13 @@ impl<IO: InOut> Kernel for AffineRun<'_, IO> {
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over consecutive runs of `run` elements, one channel per
 /// run, channels cycling through `0..shift.len()` starting at `first` (NCHW memory order), then
 /// the epilogue. Short runs in one call avoid a dispatch per run.
-pub(crate) struct AffineRuns<'a, IO> {
+pub(crate) struct AffineRuns<'a, IO: InOut> {
     pub io: IO,
     pub run: usize,
     pub first: usize,
     pub params: &'a [ChannelAffine],
     /// On the same range as `io` (its residual at least `io.len()` long).
-    pub fuse: Fuse<'a>,
+    pub fuse: Fuse<'a, IO::Elem>,
 }
 
 impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
@@ -231,7 +248,7 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
         while start < n {
             let len = self.run.min(n - start);
             with_fuse!(self.fuse, Splat::new(s, &self.params[ch]), |op, z| {
-                let x2 = z.map_or(src, <[f32]>::as_ptr);
+                let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
                 // SAFETY: `start + len <= n`, the length `ptrs` (and the residual) are valid for.
                 unsafe {
                     let p = (src.add(start), x2.add(start), dst.add(start));
@@ -247,12 +264,12 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over whole rows of `params.len()` interleaved
 /// channels, then the epilogue; `lanes` are the parameters' periodic lanes
 /// ([`AffineLanes::affine`]).
-pub(crate) struct AffineRows<'a, IO> {
+pub(crate) struct AffineRows<'a, IO: InOut> {
     pub io: IO,
     pub params: &'a [ChannelAffine],
     pub lanes: &'a AffineLanes,
     /// On the same range as `io`.
-    pub fuse: Fuse<'a>,
+    pub fuse: Fuse<'a, IO::Elem>,
 }
 
 impl AffineLanes {

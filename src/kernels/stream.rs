@@ -3,37 +3,43 @@
 //! a run or a block of rows with it: whole periods ([`stream`]), register-group columns
 //! ([`stream_columns`]) and strips of wide rows ([`stream_strips`]).
 
+use crate::element::{self, Element};
 use crate::simd::{MAX_LANES, Simd};
 
-/// Where a streaming kernel reads its input and writes its output: two slices, or one in place.
+/// Where a streaming kernel reads its input and writes its output: two slices, or one in place,
+/// of one storage type.
 pub(crate) trait InOut {
+    /// The storage type of the streamed tensors (converted to and from f32 lanes).
+    type Elem: Element;
     /// Elements to process.
     fn len(&self) -> usize;
     /// Read and write pointers, each valid for `len()` elements (equal when in place). They come
     /// from one call so that, in place, both derive from the same `&mut`.
-    fn ptrs(&mut self) -> (*const f32, *mut f32);
+    fn ptrs(&mut self) -> (*const Self::Elem, *mut Self::Elem);
 }
 
 /// The stream of a kernel call: read one slice and write another (the shorter length counts), or
 /// read and overwrite one slice in place.
-pub(crate) enum Io<'a> {
-    Separate(&'a [f32], &'a mut [f32]),
-    InPlace(&'a mut [f32]),
+pub(crate) enum Io<'a, E = f32> {
+    Separate(&'a [E], &'a mut [E]),
+    InPlace(&'a mut [E]),
 }
 
 /// A stream borrowed for one of several passes over the same block.
 impl<T: InOut> InOut for &mut T {
+    type Elem = T::Elem;
     #[inline(always)]
     fn len(&self) -> usize {
         (**self).len()
     }
     #[inline(always)]
-    fn ptrs(&mut self) -> (*const f32, *mut f32) {
+    fn ptrs(&mut self) -> (*const T::Elem, *mut T::Elem) {
         (**self).ptrs()
     }
 }
 
-impl InOut for Io<'_> {
+impl<E: Element> InOut for Io<'_, E> {
+    type Elem = E;
     #[inline(always)]
     fn len(&self) -> usize {
         match self {
@@ -42,12 +48,12 @@ impl InOut for Io<'_> {
         }
     }
     #[inline(always)]
-    fn ptrs(&mut self) -> (*const f32, *mut f32) {
+    fn ptrs(&mut self) -> (*const E, *mut E) {
         match self {
             Io::Separate(src, dst) => (src.as_ptr(), dst.as_mut_ptr()),
             Io::InPlace(buf) => {
                 let p = buf.as_mut_ptr();
-                (p as *const f32, p)
+                (p as *const E, p)
             }
         }
     }
@@ -64,24 +70,31 @@ pub(crate) trait VectorMap<S: Simd> {
     fn apply(&self, s: S, phase: usize, x: S::V, x2: S::V) -> S::V;
 }
 
+/// The three pointers of a stream: input, second input, output.
+type Ptrs<E> = (*const E, *const E, *mut E);
+
 /// One vector of [`stream`]: `dst[i..] = op(src[i..], x2[i..])`.
 ///
 /// # Safety
 /// `src`, `x2` and `dst` must be valid for `i + LANES` elements. `src` may equal `dst` (each
 /// vector is read before it is written).
 #[inline(always)]
-unsafe fn map_vector<S: Simd, M: VectorMap<S>>(
+unsafe fn map_vector<S: Simd, M: VectorMap<S>, E: Element>(
     s: S,
     op: &M,
-    (src, x2, dst): (*const f32, *const f32, *mut f32),
+    (src, x2, dst): Ptrs<E>,
     i: usize,
     phase: usize,
 ) {
     // SAFETY: forwarded to the caller.
     unsafe {
-        let a = s.load_ptr(src.add(i));
-        let b = if M::BINARY { s.load_ptr(x2.add(i)) } else { a };
-        s.store_ptr(dst.add(i), op.apply(s, phase, a, b));
+        let a = element::load(s, src.add(i));
+        let b = if M::BINARY {
+            element::load(s, x2.add(i))
+        } else {
+            a
+        };
+        element::store(s, dst.add(i), op.apply(s, phase, a, b));
     }
 }
 
@@ -95,10 +108,10 @@ const GROUP_LOADS: usize = 4;
 /// # Safety
 /// As [`map_vector`], for `i + K·LANES` elements.
 #[inline(always)]
-unsafe fn map_group<S: Simd, M: VectorMap<S>, const K: usize>(
+unsafe fn map_group<S: Simd, M: VectorMap<S>, E: Element, const K: usize>(
     s: S,
     op: &M,
-    (src, x2, dst): (*const f32, *const f32, *mut f32),
+    (src, x2, dst): Ptrs<E>,
     i: usize,
     phase: usize,
 ) {
@@ -108,9 +121,9 @@ unsafe fn map_group<S: Simd, M: VectorMap<S>, const K: usize>(
     for k in 0..K {
         // SAFETY: forwarded to the caller; every vector is read before any is written.
         unsafe {
-            a[k] = s.load_ptr(src.add(i + k * l));
+            a[k] = element::load(s, src.add(i + k * l));
             b[k] = if M::BINARY {
-                s.load_ptr(x2.add(i + k * l))
+                element::load(s, x2.add(i + k * l))
             } else {
                 a[k]
             };
@@ -119,7 +132,7 @@ unsafe fn map_group<S: Simd, M: VectorMap<S>, const K: usize>(
     for k in 0..K {
         let v = op.apply(s, phase + k * l, a[k], b[k]);
         // SAFETY: forwarded to the caller.
-        unsafe { s.store_ptr(dst.add(i + k * l), v) };
+        unsafe { element::store(s, dst.add(i + k * l), v) };
     }
 }
 
@@ -130,13 +143,13 @@ unsafe fn map_group<S: Simd, M: VectorMap<S>, const K: usize>(
 pub(crate) fn stream<S: Simd, IO: InOut>(
     s: S,
     mut io: IO,
-    second: Option<&[f32]>,
+    second: Option<&[IO::Elem]>,
     period: usize,
     op: &impl VectorMap<S>,
 ) {
     let n = second.map_or(io.len(), |x| x.len().min(io.len()));
     let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[f32]>::as_ptr);
+    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
     // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length.
     unsafe { stream_raw(s, (src, x2, dst), n, period, op) };
 }
@@ -147,9 +160,9 @@ pub(crate) fn stream<S: Simd, IO: InOut>(
 /// `src`, `x2` and `dst` must be valid for `n` elements; `src` may equal `dst`, and `x2` may equal
 /// `src`; no other reference to the output range may be alive.
 #[inline(always)]
-pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
+pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>, E: Element>(
     s: S,
-    (src, x2, dst): (*const f32, *const f32, *mut f32),
+    (src, x2, dst): Ptrs<E>,
     n: usize,
     period: usize,
     op: &M,
@@ -162,7 +175,7 @@ pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
         let mut o = 0;
         while o + g <= period {
             // SAFETY: `i + o + GROUP_LOADS·LANES <= i + period <= n`.
-            unsafe { map_group::<S, M, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
+            unsafe { map_group::<S, M, E, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
             o += g;
         }
         while o < period {
@@ -175,7 +188,7 @@ pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
     let mut o = 0;
     while i + o + g <= n {
         // SAFETY: `i + o + GROUP_LOADS·LANES <= n` (loop condition).
-        unsafe { map_group::<S, M, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
+        unsafe { map_group::<S, M, E, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
         o += g;
     }
     while i + o + l <= n {
@@ -188,9 +201,9 @@ pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
         // SAFETY: `i + o + rest == n`: the ranges lie inside the buffers. The input slices are
         // dropped before the output slice is made, so in place no `&` and `&mut` overlap in time.
         let (a, b) = unsafe {
-            let a = s.load_partial(std::slice::from_raw_parts(src.add(i + o), rest), 0.0);
+            let a = element::load_partial(s, std::slice::from_raw_parts(src.add(i + o), rest), 0.0);
             let b = if M::BINARY {
-                s.load_partial(std::slice::from_raw_parts(x2.add(i + o), rest), 0.0)
+                element::load_partial(s, std::slice::from_raw_parts(x2.add(i + o), rest), 0.0)
             } else {
                 a
             };
@@ -198,7 +211,8 @@ pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>>(
         };
         let v = op.apply(s, o, a, b);
         // SAFETY: as above; no other slice of the buffer is alive.
-        s.store_partial(
+        element::store_partial(
+            s,
             unsafe { std::slice::from_raw_parts_mut(dst.add(i + o), rest) },
             v,
         );
@@ -240,7 +254,7 @@ pub(crate) fn use_strips(period: usize, fields: usize) -> bool {
 pub(crate) fn stream_strips<S: Simd, IO: InOut, M: VectorMap<S>>(
     s: S,
     mut io: IO,
-    second: Option<&[f32]>,
+    second: Option<&[IO::Elem]>,
     (c, period): (usize, usize),
     op: &M,
 ) {
@@ -251,7 +265,7 @@ pub(crate) fn stream_strips<S: Simd, IO: InOut, M: VectorMap<S>>(
     }
     let rows = n / c;
     let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[f32]>::as_ptr);
+    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
     for k in (0..c).step_by(STRIP) {
         let w = STRIP.min(c - k);
         // Larger than the segment: `stream_raw` then takes whole vectors and one partial one,
@@ -299,7 +313,7 @@ pub(crate) fn use_columns<S: Simd>(c: usize, g: usize) -> bool {
 pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
     s: S,
     mut io: IO,
-    second: Option<&[f32]>,
+    second: Option<&[IO::Elem]>,
     (c, first, width): (usize, usize, usize),
     op: &impl VectorMap<S>,
 ) {
@@ -313,13 +327,13 @@ pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
     let full = width / l;
     let rem = width - full * l;
     let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[f32]>::as_ptr);
+    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
     for r in 0..rows {
         let base = r * c + first;
         if full == G {
             // SAFETY: `base + G·LANES = r·c + first + width ≤ (r + 1)·c ≤ n`, the length the
             // pointers are valid for.
-            unsafe { map_group::<S, _, G>(s, op, (src, x2, dst), base, 0) };
+            unsafe { map_group::<S, _, _, G>(s, op, (src, x2, dst), base, 0) };
             continue;
         }
         for g in 0..G {
@@ -332,9 +346,10 @@ pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
                 // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
                 // output slice is made (in place they alias).
                 let (a, b) = unsafe {
-                    let a = s.load_partial(std::slice::from_raw_parts(src.add(i), rem), 0.0);
+                    let a =
+                        element::load_partial(s, std::slice::from_raw_parts(src.add(i), rem), 0.0);
                     let b = if op_binary(op) {
-                        s.load_partial(std::slice::from_raw_parts(x2.add(i), rem), 0.0)
+                        element::load_partial(s, std::slice::from_raw_parts(x2.add(i), rem), 0.0)
                     } else {
                         a
                     };
@@ -342,7 +357,8 @@ pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
                 };
                 let v = op.apply(s, g * l, a, b);
                 // SAFETY: as above.
-                s.store_partial(
+                element::store_partial(
+                    s,
                     unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) },
                     v,
                 );

@@ -43,6 +43,27 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for writing `LANES` consecutive `f32`.
     unsafe fn store_ptr(self, p: *mut f32, v: Self::V);
+    /// Loads `LANES` IEEE binary16 values (their bits) from `p`, widened to f32 (exact).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `u16`.
+    unsafe fn load_f16_ptr(self, p: *const u16) -> Self::V;
+    /// Stores the lanes of `v` rounded to binary16 (to nearest, ties to even) at `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive `u16`.
+    unsafe fn store_f16_ptr(self, p: *mut u16, v: Self::V);
+    /// Loads `LANES` bfloat16 values (their bits) from `p`, widened to f32 (exact).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `u16`.
+    unsafe fn load_bf16_ptr(self, p: *const u16) -> Self::V;
+    /// Stores the lanes of `v` rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet
+    /// NaN) at `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive `u16`.
+    unsafe fn store_bf16_ptr(self, p: *mut u16, v: Self::V);
     /// Loads `min(s.len(), LANES)` elements into the low lanes, the others set to `fill`.
     fn load_partial(self, s: &[f32], fill: f32) -> Self::V;
     /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.

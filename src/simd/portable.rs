@@ -28,6 +28,30 @@ impl Simd for Portable {
         unsafe { p.cast::<[f32; 8]>().write_unaligned(v.to_array()) }
     }
     #[inline(always)]
+    unsafe fn load_f16_ptr(self, p: *const u16) -> f32x8 {
+        // SAFETY: the caller guarantees 8 readable u16 at `p`.
+        let bits = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        f32x8::new(bits.map(|b| half::f16::from_bits(b).to_f32()))
+    }
+    #[inline(always)]
+    unsafe fn store_f16_ptr(self, p: *mut u16, v: f32x8) {
+        let bits = v.to_array().map(|x| half::f16::from_f32(x).to_bits());
+        // SAFETY: the caller guarantees 8 writable u16 at `p`.
+        unsafe { p.cast::<[u16; 8]>().write_unaligned(bits) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_ptr(self, p: *const u16) -> f32x8 {
+        // SAFETY: the caller guarantees 8 readable u16 at `p`.
+        let bits = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        f32x8::new(bits.map(|b| f32::from_bits((b as u32) << 16)))
+    }
+    #[inline(always)]
+    unsafe fn store_bf16_ptr(self, p: *mut u16, v: f32x8) {
+        let bits = v.to_array().map(|x| half::bf16::from_f32(x).to_bits());
+        // SAFETY: the caller guarantees 8 writable u16 at `p`.
+        unsafe { p.cast::<[u16; 8]>().write_unaligned(bits) }
+    }
+    #[inline(always)]
     fn add(self, a: f32x8, b: f32x8) -> f32x8 {
         a + b
     }

@@ -7,7 +7,11 @@ use core::arch::x86_64::*;
 
 use super::{Kernel, Simd};
 
-/// Token proving the CPU supports AVX2 and FMA.
+/// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
+/// field, not MXCSR's).
+const ROUND_NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+/// Token proving the CPU supports AVX2, FMA and F16C (every AVX2 CPU has F16C).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx2Fma {
     _proof: (),
@@ -15,18 +19,20 @@ pub(crate) struct Avx2Fma {
 
 impl Avx2Fma {
     pub(crate) fn try_new() -> Option<Self> {
-        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-            .then_some(Self { _proof: () })
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Self { _proof: () })
     }
 
-    /// Runs `k` with the whole kernel body compiled for AVX2 + FMA.
+    /// Runs `k` with the whole kernel body compiled for AVX2 + FMA + F16C.
     #[inline]
     pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn entry<K: Kernel>(t: Avx2Fma, k: K) -> K::Output {
             k.run(t)
         }
-        // SAFETY: `self` exists, so AVX2 and FMA were detected on this CPU.
+        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
         unsafe { entry(self, k) }
     }
 }
@@ -49,6 +55,45 @@ impl Simd for Avx2Fma {
     unsafe fn store_ptr(self, p: *mut f32, v: __m256) {
         // SAFETY: AVX available (token); the caller guarantees 8 writable f32 at `p`.
         unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16_ptr(self, p: *const u16) -> __m256 {
+        // SAFETY: F16C available (token); the caller guarantees 8 readable u16 (16 bytes) at `p`.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn store_f16_ptr(self, p: *mut u16, v: __m256) {
+        // SAFETY: F16C available (token); the caller guarantees 8 writable u16 at `p`.
+        unsafe { _mm_storeu_si128(p.cast(), _mm256_cvtps_ph::<ROUND_NEAREST>(v)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_ptr(self, p: *const u16) -> __m256 {
+        // SAFETY: AVX2 available (token); the caller guarantees 8 readable u16 at `p`.
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m256) {
+        // SAFETY: AVX2 available (token); the caller guarantees 8 writable u16 at `p`.
+        unsafe {
+            let bits = _mm256_castps_si256(v);
+            // Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the high
+            // half. A NaN keeps its high half with the quiet bit set (rounding could carry it
+            // into an infinity).
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+            let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
+            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            let halves = _mm256_blendv_epi8(rounded, quiet, nan);
+            // 8 × i32 in 0..=0xFFFF to 8 × u16: packs work per 128-bit lane, then the two
+            // lanes' low quadwords are joined.
+            let packed = _mm256_packus_epi32(halves, halves);
+            let joined = _mm256_permute4x64_epi64::<0b1000>(packed);
+            _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(joined));
+        }
     }
     #[inline(always)]
     fn add(self, a: __m256, b: __m256) -> __m256 {
@@ -226,6 +271,39 @@ impl Simd for Avx512 {
     unsafe fn store_ptr(self, p: *mut f32, v: __m512) {
         // SAFETY: AVX-512F available (token); the caller guarantees 16 writable f32 at `p`.
         unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16_ptr(self, p: *const u16) -> __m512 {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 readable u16 at `p`.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn store_f16_ptr(self, p: *mut u16, v: __m512) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`.
+        unsafe { _mm256_storeu_si256(p.cast(), _mm512_cvtps_ph::<ROUND_NEAREST>(v)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_ptr(self, p: *const u16) -> __m512 {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 readable u16 at `p`.
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m512) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`.
+        unsafe {
+            let bits = _mm512_castps_si512(v);
+            // As on AVX2: round to nearest even in the integer bits; NaN quiet.
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let halves = _mm512_mask_mov_epi32(rounded, nan, quiet);
+            _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(halves));
+        }
     }
     #[inline(always)]
     fn add(self, a: __m512, b: __m512) -> __m512 {

@@ -1,0 +1,159 @@
+//! Storage types of the data tensors: how a value is stored, and how the kernels' f32 lanes are
+//! loaded from and stored to it.
+//!
+//! Half-precision data (`half::f16`, `half::bf16`) is converted inside the streaming kernels, a
+//! vector at a time (F16C / AVX-512 conversions, integer shifts for bf16, scalar code on the
+//! portable backend and in tails): values are widened to f32 exactly on the way in, the
+//! arithmetic is the f32 path's, and each output is rounded once to the storage type (IEEE
+//! round-to-nearest-even) on the way out. Parameters and statistics stay `f32`.
+
+use crate::simd::{MAX_LANES, Simd};
+
+pub use half::{bf16, f16};
+
+mod sealed {
+    /// How a storage type is converted (closed set: the crate's kernels know each one).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Kind {
+        F32,
+        F16,
+        Bf16,
+    }
+
+    /// Only the crate implements [`super::Element`].
+    pub trait Sealed {
+        const KIND: Kind;
+    }
+}
+
+use sealed::Kind;
+
+/// A storage type of data tensors (x, y, dy, dx, and the residual z of the fused ops): `f32`,
+/// [`f16`] (IEEE binary16) or [`bf16`] (bfloat16), the latter two re-exported from the `half`
+/// crate. Sealed: the kernels convert each type with their own instructions.
+///
+/// ```
+/// use batchnorm::{Element, f16};
+/// assert_eq!(f16::from_f32(1.5).to_f32(), 1.5);
+/// assert_eq!(<f16 as Element>::NAME, "f16");
+/// ```
+pub trait Element:
+    sealed::Sealed + Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static
+{
+    /// The type's name (`"f32"`, `"f16"`, `"bf16"`).
+    const NAME: &'static str;
+    /// The value widened to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// `v` rounded to this type (round to nearest, ties to even; overflow gives ±∞, NaN stays NaN).
+    fn from_f32(v: f32) -> Self;
+}
+
+impl sealed::Sealed for f32 {
+    const KIND: Kind = Kind::F32;
+}
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl sealed::Sealed for f16 {
+    const KIND: Kind = Kind::F16;
+}
+impl Element for f16 {
+    const NAME: &'static str = "f16";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+impl sealed::Sealed for bf16 {
+    const KIND: Kind = Kind::Bf16;
+}
+impl Element for bf16 {
+    const NAME: &'static str = "bf16";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+}
+
+/// `LANES` values of type `E` at `p`, as f32 lanes.
+///
+/// # Safety
+/// `p` must be valid for reading `LANES` consecutive `E`.
+#[inline(always)]
+pub(crate) unsafe fn load<S: Simd, E: Element>(s: S, p: *const E) -> S::V {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (f32, or 16 bits).
+    unsafe {
+        match E::KIND {
+            Kind::F32 => s.load_ptr(p.cast()),
+            Kind::F16 => s.load_f16_ptr(p.cast()),
+            Kind::Bf16 => s.load_bf16_ptr(p.cast()),
+        }
+    }
+}
+
+/// Stores the lanes of `v` at `p`, each rounded to `E`.
+///
+/// # Safety
+/// `p` must be valid for writing `LANES` consecutive `E`.
+#[inline(always)]
+pub(crate) unsafe fn store<S: Simd, E: Element>(s: S, p: *mut E, v: S::V) {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (f32, or 16 bits).
+    unsafe {
+        match E::KIND {
+            Kind::F32 => s.store_ptr(p.cast(), v),
+            Kind::F16 => s.store_f16_ptr(p.cast(), v),
+            Kind::Bf16 => s.store_bf16_ptr(p.cast(), v),
+        }
+    }
+}
+
+/// The first `min(x.len(), LANES)` values of `x` in the low lanes, the others `fill`.
+#[inline(always)]
+pub(crate) fn load_partial<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::V {
+    if E::KIND == Kind::F32 {
+        // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
+        let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
+        return s.load_partial(x, fill);
+    }
+    let mut buf = [fill; MAX_LANES];
+    let n = x.len().min(S::LANES);
+    for (b, v) in buf.iter_mut().zip(&x[..n]) {
+        *b = v.to_f32();
+    }
+    s.load_partial(&buf[..n], fill)
+}
+
+/// The low `min(out.len(), LANES)` lanes of `v`, rounded to `E`, into `out`.
+#[inline(always)]
+pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
+    if E::KIND == Kind::F32 {
+        // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) };
+        return s.store_partial(out, v);
+    }
+    let mut buf = [0.0f32; MAX_LANES];
+    s.store_partial(&mut buf[..S::LANES], v);
+    let n = out.len().min(S::LANES);
+    for (o, &b) in out[..n].iter_mut().zip(&buf) {
+        *o = E::from_f32(b);
+    }
+}

@@ -1,0 +1,233 @@
+//! Half-precision storage (`f16`, `bf16`) for inference: every output is bit for bit the f32
+//! path on the up-converted data, rounded once to the storage type (the accuracy
+//! contract: no error beyond the f32 path's plus the final rounding), on the sweep and wide
+//! shapes, both layouts, every backend, sequential and on rayon, every epilogue, out of place
+//! and in place, with ordinary and special values (NaN, ±∞, subnormals, values that overflow
+//! f16). Rounding ties are checked against hand-computed values.
+
+mod common;
+
+use batchnorm::{
+    Affine, BatchNorm, Element, Epilogue, Error, Layout, RunningStats, Shape, bf16, f16,
+};
+use common::*;
+
+const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+/// Same bits, or both NaN (NaN payloads may differ between conversion instructions).
+fn same<E: Element>(a: &[E], b: &[E]) -> Option<usize> {
+    let bits = |v: E| v.to_f32();
+    (0..a.len().max(b.len())).find(|&i| match (a.get(i), b.get(i)) {
+        (Some(&x), Some(&y)) => {
+            let (x, y) = (bits(x), bits(y));
+            !(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+        }
+        _ => true,
+    })
+}
+
+fn to_f32<E: Element>(v: &[E]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+fn from_f32<E: Element>(v: &[f32]) -> Vec<E> {
+    v.iter().map(|&x| E::from_f32(x)).collect()
+}
+
+/// Values of `E` for a tensor: ordinary ones, and with `special`, a sprinkling of NaN, ±∞,
+/// subnormals of f16, ±0 and values near f16's largest.
+fn data<E: Element>(rng: &mut Rng, n: usize, special: bool) -> Vec<E> {
+    let mut v = rng.normals(n, 0.3, 2.0);
+    if special {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3.0e-7,
+            -6.0e-8,
+            0.0,
+            -0.0,
+            6.0e4,
+            -6.5e4,
+        ];
+        for (i, x) in v.iter_mut().enumerate() {
+            if i % 7 == 3 {
+                *x = specials[(i / 7) % specials.len()];
+            }
+        }
+    }
+    from_f32(&v)
+}
+
+/// `inference_fused` (in place with `in_place`) on `E` data against the f32 path on the
+/// up-converted data rounded once to `E`.
+fn check_against_f32_path<E: Element>(special: bool, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut shapes = sweep_shapes();
+    shapes.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
+    for shape in shapes {
+        let c = shape.c();
+        let x: Vec<E> = data(&mut rng, shape.len(), special);
+        let z: Vec<E> = data(&mut rng, shape.len(), false);
+        let (x32, z32) = (to_f32(&x), to_f32(&z));
+        let (gamma, beta) = (rng.normals(c, 1.0, 0.5), rng.normals(c, 0.0, 1.0));
+        let mean = rng.normals(c, 0.3, 0.5);
+        let var: Vec<f32> = rng.normals(c, 2.0, 0.5).iter().map(|v| v.abs()).collect();
+        let affine = Some(Affine {
+            gamma: &gamma,
+            beta: &beta,
+        });
+        let running = RunningStats {
+            mean: &mean,
+            var: &var,
+        };
+        for layout in LAYOUTS {
+            for bn in operators(shape, layout, 1e-5) {
+                let ctx = format!(
+                    "{} {shape:?} {layout:?} {:?} {:?}",
+                    E::NAME,
+                    bn.backend(),
+                    bn.parallelism()
+                );
+                let epilogues: [(Epilogue<'_, E>, Epilogue<'_, f32>); 3] = [
+                    (Epilogue::None, Epilogue::None),
+                    (Epilogue::Relu, Epilogue::Relu),
+                    (Epilogue::AddRelu(&z), Epilogue::AddRelu(&z32)),
+                ];
+                for (epi, epi32) in epilogues {
+                    let mut y32 = vec![f32::NAN; x.len()];
+                    bn.inference_fused(&x32, &mut y32, affine, running, epi32)
+                        .unwrap();
+                    let want: Vec<E> = from_f32(&y32);
+
+                    let mut y = vec![E::from_f32(f32::NAN); x.len()];
+                    bn.inference_fused(&x, &mut y, affine, running, epi)
+                        .unwrap();
+                    if let Some(i) = same(&y, &want) {
+                        panic!(
+                            "{ctx} {epi:?}: y[{i}] = {:?}, f32 path rounded {:?} (x {:?})",
+                            y[i], want[i], x[i]
+                        );
+                    }
+                    let mut inout = x.clone();
+                    bn.inference_fused_in_place(&mut inout, affine, running, epi)
+                        .unwrap();
+                    if let Some(i) = same(&inout, &want) {
+                        panic!("{ctx} {epi:?} in place: element {i}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_inference_is_the_f32_path_rounded_once() {
+    check_against_f32_path::<f16>(false, 71);
+}
+
+#[test]
+fn bf16_inference_is_the_f32_path_rounded_once() {
+    check_against_f32_path::<bf16>(false, 72);
+}
+
+#[test]
+fn half_inference_with_special_values_is_the_f32_path_rounded_once() {
+    check_against_f32_path::<f16>(true, 73);
+    check_against_f32_path::<bf16>(true, 74);
+}
+
+/// y = x + β exactly in f32 (ε = 0, variance 1, mean 0, γ = 1), with x = 1 and β chosen so that
+/// y lies exactly halfway between two values of the storage type, or beyond f16's range:
+/// `want` holds the correctly rounded results (to nearest, ties to even), written by hand.
+fn check_rounding<E: Element>(betas: &[f32], want: &[f32]) {
+    let c = betas.len();
+    // 37 values per channel: whole vectors and a partial one on every backend.
+    for layout in LAYOUTS {
+        let shape = Shape::new(1, c, 37).unwrap();
+        for bn in operators(shape, layout, 0.0) {
+            let x = vec![E::from_f32(1.0); shape.len()];
+            let mut y = vec![E::from_f32(f32::NAN); shape.len()];
+            let gamma = vec![1.0f32; c];
+            let (mean, var) = (vec![0.0f32; c], vec![1.0f32; c]);
+            let affine = Some(Affine {
+                gamma: &gamma,
+                beta: betas,
+            });
+            let running = RunningStats {
+                mean: &mean,
+                var: &var,
+            };
+            bn.inference(&x, &mut y, affine, running).unwrap();
+            for (i, v) in y.iter().enumerate() {
+                let ch = channel_of(shape, layout, i);
+                assert_eq!(
+                    v.to_f32().to_bits(),
+                    want[ch].to_bits(),
+                    "{} {layout:?} {:?} element {i} (channel {ch}): {:?}, want {}",
+                    E::NAME,
+                    bn.backend(),
+                    v,
+                    want[ch]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_output_rounds_to_nearest_even() {
+    // bf16 keeps 8 significant bits: near 1 its spacing is 2⁻⁷. 1 + 2⁻⁸ is a tie between 1 and
+    // 1 + 2⁻⁷ (even: 1); 1 + 3·2⁻⁸ a tie between 1 + 2⁻⁷ and 1 + 2⁻⁶ (even: 1 + 2⁻⁶);
+    // 1 + 2⁻⁸ + 2⁻¹⁶ is above the tie (1 + 2⁻⁷).
+    let t = 2f32.powi(-8);
+    let betas = [t, 3.0 * t, t + 2f32.powi(-16), -t / 2.0];
+    let want = [1.0, 1.0 + 4.0 * t, 1.0 + 2.0 * t, 1.0];
+    check_rounding::<bf16>(&betas, &want);
+}
+
+#[test]
+fn f16_output_rounds_to_nearest_even_and_overflows_to_infinity() {
+    // f16 keeps 11 significant bits: near 1 its spacing is 2⁻¹⁰. Ties as for bf16; beyond
+    // 65520 (halfway from 65504, the largest f16, to 2¹⁶) a result is +∞, below −65520 −∞.
+    let t = 2f32.powi(-11);
+    let betas = [t, 3.0 * t, 7.0e4, -7.0e4, 65000.0];
+    let want = [
+        1.0,
+        1.0 + 4.0 * t,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        // 65001 rounds to the nearest multiple of 32 (f16's spacing there): 64992.
+        64992.0,
+    ];
+    check_rounding::<f16>(&betas, &want);
+}
+
+#[test]
+fn half_lengths_are_checked_and_nothing_is_written() {
+    let shape = Shape::new(2, 3, 5).unwrap();
+    let bn = BatchNorm::new(shape, Layout::Nchw).unwrap();
+    let (mean, var) = ([0.0f32; 3], [1.0f32; 3]);
+    let running = RunningStats {
+        mean: &mean,
+        var: &var,
+    };
+    let x = vec![f16::ONE; shape.len()];
+    let mut y = vec![f16::NAN; shape.len() - 1];
+    let err = bn.inference(&x, &mut y, None, running).unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { arg: "y", .. }),
+        "{err}"
+    );
+    assert!(y.iter().all(|v| v.is_nan()));
+    let mut y = vec![f16::NAN; shape.len()];
+    let z = vec![f16::ONE; 3];
+    let err = bn
+        .inference_fused(&x, &mut y, None, running, Epilogue::AddRelu(&z))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { arg: "z", .. }),
+        "{err}"
+    );
+    assert!(y.iter().all(|v| v.is_nan()));
+}
