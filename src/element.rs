@@ -38,7 +38,7 @@ use sealed::Kind;
 /// assert_eq!(<f16 as Element>::NAME, "f16");
 /// ```
 pub trait Element:
-    sealed::Sealed + Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static
+    sealed::Sealed + Copy + Default + PartialEq + Into<f64> + std::fmt::Debug + Send + Sync + 'static
 {
     /// The type's name (`"f32"`, `"f16"`, `"bf16"`).
     const NAME: &'static str;
@@ -155,5 +155,34 @@ pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
     let n = out.len().min(S::LANES);
     for (o, &b) in out[..n].iter_mut().zip(&buf) {
         *o = E::from_f32(b);
+    }
+}
+
+/// The first `LANES` values of `x` as f32 lanes; a shorter slice is padded with 0 (as
+/// [`Simd::load`]).
+#[inline(always)]
+pub(crate) fn load_slice<S: Simd, E: Element>(s: S, x: &[E]) -> S::V {
+    if x.len() >= S::LANES {
+        // SAFETY: `x` holds at least LANES readable values (checked above).
+        unsafe { load(s, x.as_ptr()) }
+    } else {
+        load_partial(s, x, 0.0)
+    }
+}
+
+/// The first `LANES` values of `x` widened to f64 lanes (exact); a shorter slice is padded with
+/// `fill` (as [`Simd::load_widen`]).
+#[inline(always)]
+pub(crate) fn load_widen<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::W {
+    if E::KIND == Kind::F32 {
+        // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
+        let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
+        return s.load_widen(x, fill);
+    }
+    if x.len() >= S::LANES {
+        // SAFETY: `x` holds at least LANES readable values (checked above).
+        s.widen(unsafe { load(s, x.as_ptr()) })
+    } else {
+        s.widen(load_partial(s, x, fill))
     }
 }

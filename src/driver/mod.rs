@@ -96,19 +96,26 @@ impl<'a, E> Src<'a, E> {
 /// forward's output `y > 0` (else 0), staged into a buffer (the output `dx` for `into = None`)
 /// range by range, right before the reduction first reads that range, so g is written while dy
 /// and y are in cache and costs no pass of its own.
-#[derive(Clone, Copy)]
-pub(crate) enum Grad<'a> {
-    Dy(Src<'a>),
+pub(crate) enum Grad<'a, E = f32> {
+    Dy(Src<'a, E>),
     Relu {
-        dy: &'a [f32],
-        y: &'a [f32],
-        into: Option<&'a SharedMut<'a>>,
+        dy: &'a [E],
+        y: &'a [E],
+        into: Option<&'a SharedMut<'a, E>>,
     },
 }
 
-impl<'a> Grad<'a> {
+// Not derived: the derives would require `E: Copy`.
+impl<E> Clone for Grad<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Grad<'_, E> {}
+
+impl<'a, E: Element> Grad<'a, E> {
     /// Where g is read from (once staged).
-    pub(crate) fn src(self) -> Src<'a> {
+    pub(crate) fn src(self) -> Src<'a, E> {
         match self {
             Grad::Dy(src) => src,
             Grad::Relu { into: None, .. } => Src::InPlace,
@@ -121,7 +128,7 @@ impl<'a> Grad<'a> {
     ///
     /// # Safety
     /// No other slice of the staging buffer overlapping the range may be alive.
-    unsafe fn stage(self, ctx: &Ctx, out: &SharedMut<'_>, start: usize, len: usize) {
+    unsafe fn stage(self, ctx: &Ctx, out: &SharedMut<'_, E>, start: usize, len: usize) {
         if let Grad::Relu { dy, y, into } = self {
             let (dy, y) = (&dy[start..start + len], &y[start..start + len]);
             // SAFETY: forwarded to the caller.
@@ -166,9 +173,9 @@ fn checked_sums(g: GradSums, exact: impl FnOnce() -> GradSums) -> GradSums {
 }
 
 /// Backward sums of paired values `(x, dy)` relative to `pivot`, in f64.
-fn exact_sums(pairs: impl Iterator<Item = (f32, f32)>, pivot: f32) -> GradSums {
+fn exact_sums<E: Element>(pairs: impl Iterator<Item = (E, E)>, pivot: f32) -> GradSums {
     pairs.fold(GradSums::default(), |s, (x, g)| {
-        let (d, g) = (x as f64 - pivot as f64, g as f64);
+        let (d, g) = (x.into() - pivot as f64, g.into());
         GradSums {
             dy: s.dy + g,
             xdy: s.xdy + d * g,
@@ -178,7 +185,7 @@ fn exact_sums(pairs: impl Iterator<Item = (f32, f32)>, pivot: f32) -> GradSums {
 }
 
 /// Per-channel statistics of `x` into `out` (one per channel).
-pub(crate) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
+pub(crate) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats]) {
     match ctx.effective_layout() {
         Layout::Nchw => nchw::statistics(ctx, x, out),
         Layout::Nhwc => nhwc::statistics(ctx, x, out),
@@ -201,10 +208,10 @@ pub(crate) fn normalize<E: Element>(
 
 /// Training forward: statistics (into `stats`, one per channel), then `make(c, stats)` per
 /// channel, then normalize and the epilogue `fuse`.
-pub(crate) fn training(
+pub(crate) fn training<E: Element>(
     ctx: &Ctx,
-    (x, fuse): (&[f32], Fuse<'_>),
-    y: &mut [f32],
+    (x, fuse): (&[E], Fuse<'_, E>),
+    y: &mut [E],
     make: MakeAffine<'_>,
     stats: &mut [ChannelStats],
 ) {
@@ -218,11 +225,11 @@ pub(crate) fn training(
 /// `dx = a·g + b·(x − shift) + c`, with g the gradient `grad` (staged into its buffer by the
 /// reduction, so also with `make = None`, which computes only the sums). The sums go to `sums`
 /// (one per channel).
-pub(crate) fn backward(
+pub(crate) fn backward<E: Element>(
     ctx: &Ctx,
-    x: &[f32],
-    dy: Grad<'_>,
-    dx: &mut [f32],
+    x: &[E],
+    dy: Grad<'_, E>,
+    dx: &mut [E],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
     sums: &mut [GradSums],
@@ -235,7 +242,7 @@ pub(crate) fn backward(
 
 /// Stages the gradient `grad` over the whole tensor (nothing for `Grad::Dy`), `out` being the
 /// output buffer, for a backward that maps it without reducing it first.
-pub(crate) fn stage(ctx: &Ctx, grad: Grad<'_>, out: &mut [f32]) {
+pub(crate) fn stage<E: Element>(ctx: &Ctx, grad: Grad<'_, E>, out: &mut [E]) {
     let n = out.len();
     let out = SharedMut::new(out);
     ctx.par.for_each(n.div_ceil(BLOCK), BLOCK, |b| {

@@ -121,7 +121,7 @@ fn pipeline<R, P>(
     }
 }
 
-fn piece_stats(ctx: &Ctx, x: &[f32], p: Piece) -> ChannelStats {
+fn piece_stats<E: Element>(ctx: &Ctx, x: &[E], p: Piece) -> ChannelStats {
     let run = &x[p.offset..p.offset + p.len];
     let s = ctx.backend.dispatch(MomentsRun { x: run });
     checked_stats(s, || ChannelStats::from_values(run))
@@ -145,7 +145,7 @@ fn whole_channels(ctx: &Ctx) -> bool {
 }
 
 /// Statistics of channel `c` from one kernel call over its runs.
-fn channel_stats(ctx: &Ctx, x: &[f32], c: usize) -> ChannelStats {
+fn channel_stats<E: Element>(ctx: &Ctx, x: &[E], c: usize) -> ChannelStats {
     let (n, channels, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let runs = MomentsChannel {
         x: &x[c * hw..],
@@ -155,17 +155,19 @@ fn channel_stats(ctx: &Ctx, x: &[f32], c: usize) -> ChannelStats {
     };
     let s = ctx.backend.dispatch(runs);
     checked_stats(s, || {
-        let values = scratch::from_fn(n * hw, |i| x[((i / hw) * channels + c) * hw + i % hw]);
+        let values = scratch::from_fn(n * hw, |i| {
+            x[((i / hw) * channels + c) * hw + i % hw].to_f32()
+        });
         ChannelStats::from_values(&values)
     })
 }
 
 /// The whole-channel schedule: one task per channel (or group of small channels): its
 /// statistics (into `out`), then, with `normalize`, its runs normalized from L2.
-fn channels_whole(
+fn channels_whole<E: Element>(
     ctx: &Ctx,
-    x: &[f32],
-    normalize: Option<Normalize<'_>>,
+    x: &[E],
+    normalize: Option<Normalize<'_, E>>,
     out: &mut [ChannelStats],
 ) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
@@ -185,7 +187,7 @@ fn channels_whole(
     })
 }
 
-pub(super) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
+pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats]) {
     if whole_channels(ctx) {
         return channels_whole(ctx, x, None, out);
     }
@@ -197,7 +199,7 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32], out: &mut [ChannelStats]) {
 
 /// Where the normalize of a training or statistics schedule writes, how it gets each channel's
 /// parameters, and its epilogue.
-type Normalize<'a> = (&'a SharedMut<'a>, MakeAffine<'a>, Fuse<'a>);
+type Normalize<'a, E> = (&'a SharedMut<'a, E>, MakeAffine<'a>, Fuse<'a, E>);
 
 /// Affine map and epilogue of one piece, reading from `src`, writing into `out`.
 fn affine_piece<E: Element>(
@@ -255,10 +257,10 @@ pub(super) fn normalize<E: Element>(
         });
 }
 
-pub(super) fn training(
+pub(super) fn training<E: Element>(
     ctx: &Ctx,
-    (x, fuse): (&[f32], Fuse<'_>),
-    y: &mut [f32],
+    (x, fuse): (&[E], Fuse<'_, E>),
+    y: &mut [E],
     make: MakeAffine<'_>,
     stats: &mut [ChannelStats],
 ) {
@@ -311,7 +313,12 @@ fn channel_group(ctx: &Ctx) -> usize {
 /// L2, reduces their runs sample by sample, folds each channel's runs in sample order (the same
 /// fold as the per-piece schedules, so results are identical), and normalizes the group.
 /// Without `normalize`, only the statistics are computed. The statistics go to `out`.
-fn short_runs(ctx: &Ctx, x: &[f32], normalize: Option<Normalize<'_>>, out: &mut [ChannelStats]) {
+fn short_runs<E: Element>(
+    ctx: &Ctx,
+    x: &[E],
+    normalize: Option<Normalize<'_, E>>,
+    out: &mut [ChannelStats],
+) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
     let elems = group * ctx.shape.per_channel();
@@ -353,11 +360,11 @@ fn short_runs(ctx: &Ctx, x: &[f32], normalize: Option<Normalize<'_>>, out: &mut 
     });
 }
 
-pub(super) fn backward(
+pub(super) fn backward<E: Element>(
     ctx: &Ctx,
-    x: &[f32],
-    grad: Grad<'_>,
-    dx: &mut [f32],
+    x: &[E],
+    grad: Grad<'_, E>,
+    dx: &mut [E],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
     sums: &mut [GradSums],
@@ -399,10 +406,10 @@ pub(super) fn backward(
 
 /// The backward counterpart of [`short_runs`]: per group of channels, the sums of its runs sample
 /// by sample (one kernel call per sample), folded in sample order, then dx.
-fn backward_short_runs(
+fn backward_short_runs<E: Element>(
     ctx: &Ctx,
-    (x, grad): (&[f32], Grad<'_>),
-    out: &SharedMut<'_>,
+    (x, grad): (&[E], Grad<'_, E>),
+    out: &SharedMut<'_, E>,
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
     sums: &mut [GradSums],

@@ -124,7 +124,7 @@ impl Tiles {
 }
 
 /// Per-channel statistics into `total` (one per channel).
-pub(super) fn statistics(ctx: &Ctx, x: &[f32], total: &mut [ChannelStats]) {
+pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], total: &mut [ChannelStats]) {
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
     // Tile t's statistics in `parts[t·strip..][..width]`.
@@ -143,7 +143,7 @@ pub(super) fn statistics(ctx: &Ctx, x: &[f32], total: &mut [ChannelStats]) {
             for (i, s) in out.iter_mut().enumerate() {
                 *s = checked_stats(*s, || {
                     let ch = tile.first + i;
-                    let values = scratch::from_fn(tile.rows, |r| data[r * c + ch]);
+                    let values = scratch::from_fn(tile.rows, |r| data[r * c + ch].to_f32());
                     ChannelStats::from_values(&values)
                 });
             }
@@ -195,10 +195,10 @@ pub(super) fn normalize<E: Element>(
         });
 }
 
-pub(super) fn training(
+pub(super) fn training<E: Element>(
     ctx: &Ctx,
-    (x, fuse): (&[f32], Fuse<'_>),
-    y: &mut [f32],
+    (x, fuse): (&[E], Fuse<'_, E>),
+    y: &mut [E],
     make: MakeAffine<'_>,
     stats: &mut [ChannelStats],
 ) {
@@ -207,11 +207,11 @@ pub(super) fn training(
     normalize(ctx, (Src::Separate(x), fuse), y, &params);
 }
 
-pub(super) fn backward(
+pub(super) fn backward<E: Element>(
     ctx: &Ctx,
-    x: &[f32],
-    grad: Grad<'_>,
-    dx: &mut [f32],
+    x: &[E],
+    grad: Grad<'_, E>,
+    dx: &mut [E],
     pivots: &[f32],
     make: Option<MakeDx<'_>>,
     sums: &mut [GradSums],

@@ -9,6 +9,7 @@ use super::{
     ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, period, reduce_f64, zeroed,
     zeroed_f64,
 };
+use crate::element::{self, Element};
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
@@ -34,13 +35,13 @@ impl GradSums {
 }
 
 /// Reduction over one contiguous run of one channel.
-pub(crate) struct GradSumsRun<'a> {
-    pub x: &'a [f32],
-    pub dy: &'a [f32],
+pub(crate) struct GradSumsRun<'a, E = f32> {
+    pub x: &'a [E],
+    pub dy: &'a [E],
     pub pivot: f32,
 }
 
-impl Kernel for GradSumsRun<'_> {
+impl<E: Element> Kernel for GradSumsRun<'_, E> {
     type Output = GradSums;
 
     #[inline(always)]
@@ -51,15 +52,15 @@ impl Kernel for GradSumsRun<'_> {
 
 /// Sums of each of consecutive runs of `run` elements of x and dy, run `i` relative to
 /// `pivots[i]`, into `out[i]` (one call for many short runs).
-pub(crate) struct GradSumsRuns<'a> {
-    pub x: &'a [f32],
-    pub dy: &'a [f32],
+pub(crate) struct GradSumsRuns<'a, E = f32> {
+    pub x: &'a [E],
+    pub dy: &'a [E],
     pub run: usize,
     pub pivots: &'a [f32],
     pub out: &'a mut [GradSums],
 }
 
-impl Kernel for GradSumsRuns<'_> {
+impl<E: Element> Kernel for GradSumsRuns<'_, E> {
     type Output = ();
 
     #[inline(always)]
@@ -76,7 +77,7 @@ impl Kernel for GradSumsRuns<'_> {
 
 /// Σdy, Σ(x − pivot)·dy and Σ(x − pivot) over one contiguous run.
 #[inline(always)]
-fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
+fn grad_sums_run<S: Simd, E: Element>(s: S, x: &[E], dy: &[E], pivot: f32) -> GradSums {
     const A: usize = ACCUMULATORS;
     let l = S::LANES;
     let w = A * l;
@@ -91,7 +92,8 @@ fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
         while i + w <= xc.len() {
             for (j, a) in acc.iter_mut().enumerate() {
                 let o = i + j * l;
-                let (xd, g) = (s.sub(s.load(&xc[o..]), p), s.load(&dc[o..]));
+                let xd = s.sub(element::load_slice(s, &xc[o..]), p);
+                let g = element::load_slice(s, &dc[o..]);
                 a[0] = s.add(a[0], g);
                 a[1] = s.mul_add(xd, g, a[1]);
                 a[2] = s.add(a[2], xd);
@@ -102,8 +104,8 @@ fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
         // accumulator so no lane takes more than one extra step.
         for (a, j) in acc.iter_mut().zip((i..xc.len()).step_by(l)) {
             let end = (j + l).min(xc.len());
-            let xd = s.sub(s.load_partial(&xc[j..end], pivot), p);
-            let g = s.load_partial(&dc[j..end], 0.0);
+            let xd = s.sub(element::load_partial(s, &xc[j..end], pivot), p);
+            let g = element::load_partial(s, &dc[j..end], 0.0);
             a[0] = s.add(a[0], g);
             a[1] = s.mul_add(xd, g, a[1]);
             a[2] = s.add(a[2], xd);
@@ -126,9 +128,9 @@ fn grad_sums_run<S: Simd>(s: S, x: &[f32], dy: &[f32], pivot: f32) -> GradSums {
 /// Reduction of channels `first..first + out.len()` over whole rows of `pivots.len()`
 /// interleaved channels (a strip of the row); adds into `out`. Narrow rows (the periodic path)
 /// are reduced whole: `first` must then be 0. Entries past the row are ignored.
-pub(crate) struct GradSumsRows<'a> {
-    pub x: &'a [f32],
-    pub dy: &'a [f32],
+pub(crate) struct GradSumsRows<'a, E = f32> {
+    pub x: &'a [E],
+    pub dy: &'a [E],
     pub pivots: &'a [f32],
     pub first: usize,
     pub out: &'a mut [GradSums],
@@ -140,9 +142,9 @@ const SUM_GROUP: usize = 2;
 /// Sums over the rows for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of
 /// `c` channels, accumulators in registers. Adds into `out[..width]`.
 #[inline(always)]
-fn grad_sums_strided<S: Simd, const G: usize>(
+fn grad_sums_strided<S: Simd, E: Element, const G: usize>(
     s: S,
-    (x, dy): (&[f32], &[f32]),
+    (x, dy): (&[E], &[E]),
     c: usize,
     first: usize,
     pivots: &[f32],
@@ -173,15 +175,15 @@ fn grad_sums_strided<S: Simd, const G: usize>(
                     unsafe {
                         let o = start + g * l;
                         (
-                            s.load_ptr(x.as_ptr().add(o)),
-                            s.load_ptr(dy.as_ptr().add(o)),
+                            element::load(s, x.as_ptr().add(o)),
+                            element::load(s, dy.as_ptr().add(o)),
                         )
                     }
                 } else if g == full && rem > 0 {
                     let r = start + g * l..start + width;
                     (
-                        s.load_partial(&x[r.clone()], 0.0),
-                        s.load_partial(&dy[r], 0.0),
+                        element::load_partial(s, &x[r.clone()], 0.0),
+                        element::load_partial(s, &dy[r], 0.0),
                     )
                 } else {
                     continue;
@@ -218,7 +220,7 @@ fn grad_sums_strided<S: Simd, const G: usize>(
     }
 }
 
-impl Kernel for GradSumsRows<'_> {
+impl<E: Element> Kernel for GradSumsRows<'_, E> {
     type Output = ();
 
     #[inline(always)]
@@ -237,9 +239,9 @@ impl Kernel for GradSumsRows<'_> {
                 let o = first - self.first;
                 let (xs, p, out) = ((self.x, self.dy), &self.pivots[first..], &mut self.out[o..]);
                 if wide {
-                    grad_sums_strided::<S, { 2 * SUM_GROUP }>(s, xs, c, first, p, out);
+                    grad_sums_strided::<S, E, { 2 * SUM_GROUP }>(s, xs, c, first, p, out);
                 } else {
-                    grad_sums_strided::<S, SUM_GROUP>(s, xs, c, first, p, out);
+                    grad_sums_strided::<S, E, SUM_GROUP>(s, xs, c, first, p, out);
                 }
             }
             return;
@@ -262,8 +264,9 @@ impl Kernel for GradSumsRows<'_> {
                 let end = (i + per).min(xc.len());
                 for o in (0..end - i).step_by(l) {
                     let keep = s.mask(end - i - o);
-                    let xd = s.mul(s.sub(s.load(&xc[i + o..end]), s.load(&piv[o..])), keep);
-                    let g = s.load(&dc[i + o..end]);
+                    let xv = element::load_slice(s, &xc[i + o..end]);
+                    let xd = s.mul(s.sub(xv, s.load(&piv[o..])), keep);
+                    let g = element::load_slice(s, &dc[i + o..end]);
                     let (a0, a1, a2) = (s.load(&sdy[o..]), s.load(&sxdy[o..]), s.load(&sx[o..]));
                     s.store(&mut sdy[o..], s.add(a0, g));
                     s.store(&mut sxdy[o..], s.mul_add(xd, g, a1));
@@ -369,13 +372,13 @@ impl<S: Simd> VectorMap<S> for PeriodicDx<'_> {
 }
 
 /// `dx = a·dy + b·(x − shift) + c` on one contiguous run (`io` carries dy → dx).
-pub(crate) struct DxRun<'a, IO> {
-    pub x: &'a [f32],
+pub(crate) struct DxRun<'a, IO: InOut> {
+    pub x: &'a [IO::Elem],
     pub io: IO,
     pub p: DxParams,
 }
 
-impl<IO: InOut<Elem = f32>> Kernel for DxRun<'_, IO> {
+impl<IO: InOut> Kernel for DxRun<'_, IO> {
     type Output = ();
 
     #[inline(always)]
@@ -388,14 +391,14 @@ impl<IO: InOut<Elem = f32>> Kernel for DxRun<'_, IO> {
 
 /// `dx = a·dy + b·(x − shift) + c` over consecutive runs of `run` elements, run `i` with
 /// `params[i]` (one call for many short runs; `io` carries dy → dx).
-pub(crate) struct DxRuns<'a, IO> {
-    pub x: &'a [f32],
+pub(crate) struct DxRuns<'a, IO: InOut> {
+    pub x: &'a [IO::Elem],
     pub io: IO,
     pub run: usize,
     pub params: &'a [DxParams],
 }
 
-impl<IO: InOut<Elem = f32>> Kernel for DxRuns<'_, IO> {
+impl<IO: InOut> Kernel for DxRuns<'_, IO> {
     type Output = ();
 
     #[inline(always)]
@@ -428,8 +431,8 @@ impl<IO: InOut<Elem = f32>> Kernel for DxRuns<'_, IO> {
 
 /// `dx = a[c]·dy + b[c]·(x − shift[c]) + c[c]` over whole rows of `params.len()` channels;
 /// `lanes` are the parameters' periodic lanes ([`DxLanes::dx`]).
-pub(crate) struct DxRows<'a, IO> {
-    pub x: &'a [f32],
+pub(crate) struct DxRows<'a, IO: InOut> {
+    pub x: &'a [IO::Elem],
     pub io: IO,
     pub params: &'a [DxParams],
     pub lanes: &'a DxLanes,
@@ -442,7 +445,7 @@ impl DxLanes {
     }
 }
 
-impl<IO: InOut<Elem = f32>> DxRows<'_, IO> {
+impl<IO: InOut> DxRows<'_, IO> {
     /// With at least `G` vectors of channels per row (`G` = what keeps the 5 parameters of a
     /// register group in registers), walks each group of channels down the rows; returns whether
     /// it did (else the periodic lanes are used).
@@ -487,7 +490,7 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupDx<S::V, G> {
     }
 }
 
-impl<IO: InOut<Elem = f32>> Kernel for DxRows<'_, IO> {
+impl<IO: InOut> Kernel for DxRows<'_, IO> {
     type Output = ();
 
     #[inline(always)]
@@ -522,9 +525,9 @@ unsafe impl crate::scratch::Zeroable for DxParams {}
 
 /// ReLU's backward through its saved output: `out = dy` where `y > 0`, else 0, with `dy` the
 /// stream's input and `y` the second input (the same range).
-pub(crate) struct ReluGrad<'a, IO> {
+pub(crate) struct ReluGrad<'a, IO: InOut> {
     pub io: IO,
-    pub y: &'a [f32],
+    pub y: &'a [IO::Elem],
 }
 
 struct WherePositive;
@@ -537,7 +540,7 @@ impl<S: Simd> VectorMap<S> for WherePositive {
     }
 }
 
-impl<IO: InOut<Elem = f32>> Kernel for ReluGrad<'_, IO> {
+impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
     type Output = ();
 
     #[inline(always)]

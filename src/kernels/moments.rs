@@ -17,6 +17,7 @@
 
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, zeroed, zeroed_f64};
 use crate::ChannelStats;
+use crate::element::{self, Element};
 use crate::scratch;
 use crate::simd::{Kernel, MAX_LANES, Simd};
 
@@ -31,20 +32,20 @@ fn finish(count: usize, mean: f64, shift: f32, sq: f64) -> ChannelStats {
 
 /// `LANES` values of `v` (a whole vector, or a shorter tail padded with `fill`).
 #[inline(always)]
-fn load_padded<S: Simd>(s: S, v: &[f32], fill: f32) -> S::V {
+fn load_padded<S: Simd, E: Element>(s: S, v: &[E], fill: f32) -> S::V {
     if v.len() >= S::LANES {
-        s.load(v)
+        element::load_slice(s, v)
     } else {
-        s.load_partial(v, fill)
+        element::load_partial(s, v, fill)
     }
 }
 
 /// Statistics of one contiguous run.
-pub(crate) struct MomentsRun<'a> {
-    pub x: &'a [f32],
+pub(crate) struct MomentsRun<'a, E = f32> {
+    pub x: &'a [E],
 }
 
-impl Kernel for MomentsRun<'_> {
+impl<E: Element> Kernel for MomentsRun<'_, E> {
     type Output = ChannelStats;
 
     #[inline(always)]
@@ -55,13 +56,13 @@ impl Kernel for MomentsRun<'_> {
 
 /// Statistics of each of consecutive runs of `run` elements of `x` into `out[i]` (one call for
 /// many short runs avoids a dispatch per run).
-pub(crate) struct MomentsRuns<'a> {
-    pub x: &'a [f32],
+pub(crate) struct MomentsRuns<'a, E = f32> {
+    pub x: &'a [E],
     pub run: usize,
     pub out: &'a mut [ChannelStats],
 }
 
-impl Kernel for MomentsRuns<'_> {
+impl<E: Element> Kernel for MomentsRuns<'_, E> {
     type Output = ();
 
     #[inline(always)]
@@ -82,7 +83,7 @@ const SUB_RUN: usize = 4096;
 /// Statistics of one contiguous run: [`two_pass`] per sub-run of [`SUB_RUN`] values, merged in
 /// order (Chan, f64).
 #[inline(always)]
-fn moments_run<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
+fn moments_run<S: Simd, E: Element>(s: S, x: &[E]) -> ChannelStats {
     if x.len() <= SUB_RUN {
         return two_pass(s, x);
     }
@@ -97,7 +98,7 @@ fn moments_run<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
 
 /// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
 #[inline(always)]
-fn two_pass<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
+fn two_pass<S: Simd, E: Element>(s: S, x: &[E]) -> ChannelStats {
     strided_two_pass(s, x, x.len(), x.len(), 1)
 }
 
@@ -107,14 +108,14 @@ fn two_pass<S: Simd>(s: S, x: &[f32]) -> ChannelStats {
 /// folded into f64 whenever they would exceed [`KMAX`] steps), and the channel (at most a few
 /// hundred KiB, see the driver) is still in L2 for the second pass. Runs out of bounds are
 /// skipped, never read.
-pub(crate) struct MomentsChannel<'a> {
-    pub x: &'a [f32],
+pub(crate) struct MomentsChannel<'a, E = f32> {
+    pub x: &'a [E],
     pub run: usize,
     pub stride: usize,
     pub count: usize,
 }
 
-impl Kernel for MomentsChannel<'_> {
+impl<E: Element> Kernel for MomentsChannel<'_, E> {
     type Output = ChannelStats;
 
     #[inline(always)]
@@ -129,9 +130,9 @@ impl Kernel for MomentsChannel<'_> {
 /// lane would take more than [`KMAX`] steps, so a lane's result carries at most `KMAX` + 2
 /// roundings whatever the run lengths.
 #[inline(always)]
-fn strided_two_pass<S: Simd>(
+fn strided_two_pass<S: Simd, E: Element>(
     s: S,
-    x: &[f32],
+    x: &[E],
     run: usize,
     stride: usize,
     count: usize,
@@ -149,11 +150,11 @@ fn strided_two_pass<S: Simd>(
         let mut blocks = r.chunks_exact(w);
         for b in &mut blocks {
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = s.add_w(*a, s.load_widen(&b[j * l..], 0.0));
+                *a = s.add_w(*a, element::load_widen(s, &b[j * l..], 0.0));
             }
         }
         for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
-            *a = s.add_w(*a, s.load_widen(v, 0.0));
+            *a = s.add_w(*a, element::load_widen(s, v, 0.0));
         }
     }
     if n == 0 {
@@ -180,7 +181,7 @@ fn strided_two_pass<S: Simd>(
             let mut blocks = chunk.chunks_exact(w);
             for b in &mut blocks {
                 for (j, a) in sq.iter_mut().enumerate() {
-                    let e = s.sub(s.load(&b[j * l..]), sh);
+                    let e = s.sub(element::load_slice(s, &b[j * l..]), sh);
                     *a = s.mul_add(e, e, *a);
                 }
             }
@@ -211,8 +212,8 @@ fn fold_squares<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
 /// rows with their sums in registers ([`moments_strided`]); narrower rows use lanes that follow
 /// the channel pattern of the flat data, with sums in memory ([`moments_periodic`], whole rows
 /// only: `first` must be 0).
-pub(crate) struct MomentsRows<'a> {
-    pub x: &'a [f32],
+pub(crate) struct MomentsRows<'a, E = f32> {
+    pub x: &'a [E],
     pub c: usize,
     pub first: usize,
     pub out: &'a mut [ChannelStats],
@@ -224,9 +225,9 @@ pub(crate) const GROUP: usize = 4;
 /// Vector `g` of a group starting at `start` in a row: whole (`g < full`), the partial last one
 /// (`g == full`, lanes past `width` read as 0), or none.
 #[inline(always)]
-fn group_vector<S: Simd>(
+fn group_vector<S: Simd, E: Element>(
     s: S,
-    x: &[f32],
+    x: &[E],
     start: usize,
     g: usize,
     (full, width): (usize, usize),
@@ -235,9 +236,13 @@ fn group_vector<S: Simd>(
     if g < full {
         debug_assert!(start + (g + 1) * l <= x.len());
         // SAFETY: callers pass `start + width ≤ x.len()` and `(g + 1)·LANES ≤ width` here.
-        Some(unsafe { s.load_ptr(x.as_ptr().add(start + g * l)) })
+        Some(unsafe { element::load(s, x.as_ptr().add(start + g * l)) })
     } else if g * l < width {
-        Some(s.load_partial(&x[start + g * l..start + width], 0.0))
+        Some(element::load_partial(
+            s,
+            &x[start + g * l..start + width],
+            0.0,
+        ))
     } else {
         None
     }
@@ -246,9 +251,9 @@ fn group_vector<S: Simd>(
 /// Both passes for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of `c`
 /// channels. Writes `out[..width]`.
 #[inline(always)]
-fn moments_strided<S: Simd, const G: usize>(
+fn moments_strided<S: Simd, E: Element, const G: usize>(
     s: S,
-    x: &[f32],
+    x: &[E],
     c: usize,
     first: usize,
     out: &mut [ChannelStats],
@@ -319,7 +324,7 @@ fn moments_strided<S: Simd, const G: usize>(
     }
 }
 
-impl Kernel for MomentsRows<'_> {
+impl<E: Element> Kernel for MomentsRows<'_, E> {
     type Output = ();
 
     #[inline(always)]
@@ -332,7 +337,7 @@ impl Kernel for MomentsRows<'_> {
         if c >= GROUP * S::LANES {
             for first in (self.first..end).step_by(GROUP * S::LANES) {
                 let o = first - self.first;
-                moments_strided::<S, GROUP>(s, self.x, c, first, &mut self.out[o..]);
+                moments_strided::<S, E, GROUP>(s, self.x, c, first, &mut self.out[o..]);
             }
             return;
         }
@@ -346,7 +351,7 @@ impl Kernel for MomentsRows<'_> {
 /// (the period is a multiple of both `c` and the lane count), sums in memory. The last partial
 /// period (fewer than `period` values, whole rows) is summed in scalar f64. Writes `out[..c]`.
 #[inline(always)]
-fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]) {
+fn moments_periodic<S: Simd, E: Element>(s: S, x: &[E], c: usize, out: &mut [ChannelStats]) {
     let l = S::LANES;
     let rows = x.len() / c;
     if rows == 0 {
@@ -364,14 +369,14 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
             unsafe {
                 let a = s.add_w(
                     s.load_w_ptr(acc.as_ptr().add(o)),
-                    s.load_widen(&step[o..], 0.0),
+                    element::load_widen(s, &step[o..], 0.0),
                 );
                 s.store_w_ptr(acc.as_mut_ptr().add(o), a);
             }
         }
     }
     for (a, &v) in acc.iter_mut().zip(rest) {
-        *a += v as f64;
+        *a += v.into();
     }
     let mut mean = zeroed_f64(c);
     for (q, &a) in acc.iter().enumerate() {
@@ -389,7 +394,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
         sq.fill(0.0);
         for step in chunk.chunks_exact(per) {
             for o in (0..per).step_by(l) {
-                let e = s.sub(s.load(&step[o..]), s.load(&sh[o..]));
+                let e = s.sub(element::load_slice(s, &step[o..]), s.load(&sh[o..]));
                 let q = s.load(&sq[o..]);
                 s.store(&mut sq[o..], s.mul_add(e, e, q));
             }
@@ -403,7 +408,7 @@ fn moments_periodic<S: Simd>(s: S, x: &[f32], c: usize, out: &mut [ChannelStats]
         }
     }
     for (q, &v) in rest.iter().enumerate() {
-        let e = (v - sh[q]) as f64;
+        let e = (v.to_f32() - sh[q]) as f64;
         tot[q] += e * e;
     }
     let mut sums = zeroed_f64(c);
