@@ -23,8 +23,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use batchnorm::{
-    Affine, Backend, BackwardEpilogue, BackwardMode, BatchNorm, Epilogue, GradMode, Layout,
-    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Affine, Backend, BackwardEpilogue, BackwardMode, BatchNorm, Element, Epilogue, GradMode,
+    Layout, Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    bf16, f16,
 };
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
@@ -692,6 +693,100 @@ fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
     group.finish();
 }
 
+/// A half-precision tensor of `len` values (`E` of 2 bytes) in a page-aligned [`Buffer`], so the
+/// copy roof can move the same bytes as f32 pairs.
+struct HalfTensor {
+    bytes: Buffer,
+    len: usize,
+}
+
+impl HalfTensor {
+    fn new<E: Element>(values: &[f32]) -> HalfTensor {
+        let mut t = HalfTensor {
+            bytes: Buffer::new(values.len().div_ceil(2), 0),
+            len: values.len(),
+        };
+        for (o, &v) in t.as_mut::<E>().iter_mut().zip(values) {
+            *o = E::from_f32(v);
+        }
+        t
+    }
+    fn as_ref<E: Element>(&self) -> &[E] {
+        assert_eq!(std::mem::size_of::<E>(), 2);
+        // SAFETY: `E` is a 2-byte value type (`half`'s f16 / bf16, transparent over u16: any bits
+        // are a value); the buffer holds `len.div_ceil(2)` f32, so at least `2·len` bytes, and
+        // its 4-byte alignment satisfies E's 2.
+        unsafe { std::slice::from_raw_parts(self.bytes.as_ptr().cast::<E>(), self.len) }
+    }
+    fn as_mut<E: Element>(&mut self) -> &mut [E] {
+        assert_eq!(std::mem::size_of::<E>(), 2);
+        // SAFETY: as in `as_ref`, through the unique borrow of the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.bytes.as_mut_ptr().cast::<E>(), self.len) }
+    }
+}
+
+/// Inference on f16 / bf16 data (converted inside the kernels) next to f32, each against a copy
+/// of its own bytes: `copy_half` moves the half tensor's bytes (as f32 pairs), `copy` the f32
+/// tensor's.
+fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
+    let mut group = cfg.group(c, "storage");
+    for &dims in &cfg.shapes {
+        let shape = make_shape(dims);
+        let mut b = Buffers::new(shape);
+        let values = fill(shape.len(), 1, -1.0, 3.0);
+        let (x16, mut y16) = (
+            HalfTensor::new::<f16>(&values),
+            HalfTensor::new::<f16>(&values),
+        );
+        let (xb, mut yb) = (
+            HalfTensor::new::<bf16>(&values),
+            HalfTensor::new::<bf16>(&values),
+        );
+        let elements = shape.len() as u64;
+        let kind = CopyRoof::choose(&b.x, &mut b.y);
+        let half_kind = CopyRoof::choose(&x16.bytes, &mut y16.bytes);
+        for layout in LAYOUTS {
+            let bn = BatchNorm::new(shape, layout)
+                .unwrap()
+                .with_parallelism(Parallelism::Rayon);
+            for (&t, pool) in cfg.threads.iter().zip(pools) {
+                let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
+                let (bn, b) = (&bn, &mut b);
+                let affine = Some(Affine {
+                    gamma: &b.gamma,
+                    beta: &b.beta,
+                });
+                let running = RunningStats {
+                    mean: &b.running_mean,
+                    var: &b.running_var,
+                };
+                group.throughput(Throughput::Bytes(8 * elements));
+                group.bench_function(format!("{base}/inference_f32"), |bench| {
+                    let (x, y) = (&b.x[..], &mut b.y[..]);
+                    pool.install(|| bench.iter(|| bn.inference(x, y, affine, running)))
+                });
+                group.bench_function(format!("{base}/copy"), |bench| {
+                    pool.install(|| bench.iter(|| copy(kind, &b.x, &mut b.y)))
+                });
+                group.throughput(Throughput::Bytes(4 * elements));
+                group.bench_function(format!("{base}/inference_f16"), |bench| {
+                    let (x, y) = (x16.as_ref::<f16>(), y16.as_mut::<f16>());
+                    pool.install(|| bench.iter(|| bn.inference(x, y, affine, running)))
+                });
+                group.bench_function(format!("{base}/inference_bf16"), |bench| {
+                    let (x, y) = (xb.as_ref::<bf16>(), yb.as_mut::<bf16>());
+                    pool.install(|| bench.iter(|| bn.inference(x, y, affine, running)))
+                });
+                group.bench_function(format!("{base}/copy_half"), |bench| {
+                    let (x, y) = (&x16.bytes, &mut y16.bytes);
+                    pool.install(|| bench.iter(|| copy(half_kind, x, y)))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 /// Folding batch norm into constant weights (a one-time transform per model load), against a copy
 /// of the same weights: a ResNet 3×3 convolution (OIHW and HWIO) and a 4096 × 1024 linear layer.
 fn bench_fold(c: &mut Criterion, cfg: &Config) {
@@ -805,6 +900,7 @@ fn main() {
         bench_op(&mut c, &cfg, &pools, op);
     }
     bench_fused(&mut c, &cfg, &pools);
+    bench_storage(&mut c, &cfg, &pools);
     bench_fold(&mut c, &cfg);
     bench_backends(&mut c, &cfg);
     c.final_summary();

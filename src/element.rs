@@ -125,23 +125,27 @@ pub(crate) unsafe fn store<S: Simd, E: Element>(s: S, p: *mut E, v: S::V) {
     }
 }
 
-/// The first `min(x.len(), LANES)` values of `x` in the low lanes, the others `fill`.
+/// The first `min(x.len(), LANES)` values of `x` in the low lanes, the others `fill`. Half
+/// values go through the vector conversion (on a padded copy), so a tail converts exactly as a
+/// whole vector does.
 #[inline(always)]
 pub(crate) fn load_partial<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::V {
+    let n = x.len().min(S::LANES);
     if E::KIND == Kind::F32 {
         // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
         let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
         return s.load_partial(x, fill);
     }
-    let mut buf = [fill; MAX_LANES];
-    let n = x.len().min(S::LANES);
-    for (b, v) in buf.iter_mut().zip(&x[..n]) {
-        *b = v.to_f32();
-    }
-    s.load_partial(&buf[..n], fill)
+    let mut bits = [E::default(); MAX_LANES];
+    bits[..n].copy_from_slice(&x[..n]);
+    let mut lanes = [0.0f32; MAX_LANES];
+    // SAFETY: both arrays hold MAX_LANES ≥ LANES values.
+    unsafe { s.store_ptr(lanes.as_mut_ptr(), load(s, bits.as_ptr())) };
+    s.load_partial(&lanes[..n], fill)
 }
 
-/// The low `min(out.len(), LANES)` lanes of `v`, rounded to `E`, into `out`.
+/// The low `min(out.len(), LANES)` lanes of `v`, rounded to `E`, into `out` (half values through
+/// the vector conversion, so a tail rounds exactly as a whole vector does).
 #[inline(always)]
 pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
     if E::KIND == Kind::F32 {
@@ -150,12 +154,11 @@ pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
             unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) };
         return s.store_partial(out, v);
     }
-    let mut buf = [0.0f32; MAX_LANES];
-    s.store_partial(&mut buf[..S::LANES], v);
+    let mut bits = [E::default(); MAX_LANES];
+    // SAFETY: the array holds MAX_LANES ≥ LANES values.
+    unsafe { store(s, bits.as_mut_ptr(), v) };
     let n = out.len().min(S::LANES);
-    for (o, &b) in out[..n].iter_mut().zip(&buf) {
-        *o = E::from_f32(b);
-    }
+    out[..n].copy_from_slice(&bits[..n]);
 }
 
 /// The first `LANES` values of `x` as f32 lanes; a shorter slice is padded with 0 (as

@@ -268,15 +268,23 @@ pub fn backends_table(samples: &[Sample]) -> String {
     out
 }
 
-/// Markdown table of the `fused` group: each fused op over its in-run baselines (the plain op;
-/// for add + ReLU also the pass that reads two tensors and writes one; for the ReLU backward also
-/// the unfused composition, ReLU's backward pass then the plain backward).
-pub fn fused_table(samples: &[Sample]) -> String {
+/// A column of a ratio table: a header and either the time of one `impl` or the ratio of two.
+enum Column {
+    Time(&'static str, &'static str),
+    Ratio(&'static str, &'static str, &'static str),
+}
+
+/// Markdown table of one group's results as ratios to its in-run baselines: a row per (layout,
+/// shape, threads) that has an `anchor` result, `columns` from the ids `group/layout/shape/tT/impl`.
+fn ratio_table(samples: &[Sample], group: &str, anchor: &str, columns: &[Column]) -> String {
     let mut by_id: BTreeMap<&str, f64> = BTreeMap::new();
     let mut rows: Vec<(String, String, String)> = Vec::new();
     for s in samples {
         by_id.insert(&s.id, s.median_ns);
-        if let ["fused", layout, shape, threads, "add"] = s.id.split('/').collect::<Vec<_>>()[..] {
+        if let [g, layout, shape, threads, imp] = s.id.split('/').collect::<Vec<_>>()[..]
+            && g == group
+            && imp == anchor
+        {
             rows.push((layout.into(), shape.into(), threads.into()));
         }
     }
@@ -284,38 +292,72 @@ pub fn fused_table(samples: &[Sample]) -> String {
         return String::new();
     }
     rows.sort_by_key(|(l, s, t)| (l.clone(), shape_key(s), t.clone()));
-    let mut out = String::new();
-    out.push_str(
-        "| layout | shape | threads | inference | relu / plain | add+relu / plain | add+relu / add pass \
-         | training | relu / plain | add+relu / plain | backward | relu / plain | relu / unfused \
-         | add+relu / plain |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
+    let mut out = String::from("| layout | shape | threads |");
+    for col in columns {
+        let (Column::Time(h, _) | Column::Ratio(h, _, _)) = col;
+        let _ = write!(out, " {h} |");
+    }
+    out.push_str("\n|---|---|---:|");
+    out.push_str(&"---:|".repeat(columns.len()));
+    out.push('\n');
     for (layout, shape, threads) in rows {
         let get = |imp: &str| {
             by_id
-                .get(format!("fused/{layout}/{shape}/{threads}/{imp}").as_str())
+                .get(format!("{group}/{layout}/{shape}/{threads}/{imp}").as_str())
                 .copied()
         };
-        let r = |a: &str, b: &str| ratio(get(a).zip(get(b)).map(|(a, b)| a / b));
-        let t = |imp: &str| get(imp).map_or("–".into(), time);
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "| {layout} | {shape} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            threads.trim_start_matches('t'),
-            t("inference"),
-            r("inference_relu", "inference"),
-            r("inference_add_relu", "inference"),
-            r("inference_add_relu", "add"),
-            t("training"),
-            r("training_relu", "training"),
-            r("training_add_relu", "training"),
-            t("backward"),
-            r("backward_relu", "backward"),
-            r("backward_relu", "backward_unfused_relu"),
-            r("backward_add_relu", "backward"),
+            "| {layout} | {shape} | {} |",
+            threads.trim_start_matches('t')
         );
+        for col in columns {
+            let cell = match *col {
+                Column::Time(_, imp) => get(imp).map_or("–".into(), time),
+                Column::Ratio(_, a, b) => ratio(get(a).zip(get(b)).map(|(a, b)| a / b)),
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        out.push('\n');
     }
     out
+}
+
+/// Markdown table of the `fused` group: each fused op over its in-run baselines (the plain op;
+/// for add + ReLU also the pass that reads two tensors and writes one; for the ReLU backward also
+/// the unfused composition, ReLU's backward pass then the plain backward).
+pub fn fused_table(samples: &[Sample]) -> String {
+    use Column::{Ratio, Time};
+    let columns = [
+        Time("inference", "inference"),
+        Ratio("relu / plain", "inference_relu", "inference"),
+        Ratio("add+relu / plain", "inference_add_relu", "inference"),
+        Ratio("add+relu / add pass", "inference_add_relu", "add"),
+        Time("training", "training"),
+        Ratio("relu / plain", "training_relu", "training"),
+        Ratio("add+relu / plain", "training_add_relu", "training"),
+        Time("backward", "backward"),
+        Ratio("relu / plain", "backward_relu", "backward"),
+        Ratio("relu / unfused", "backward_relu", "backward_unfused_relu"),
+        Ratio("add+relu / plain", "backward_add_relu", "backward"),
+    ];
+    ratio_table(samples, "fused", "add", &columns)
+}
+
+/// Markdown table of the `storage` group: inference on half-precision data over a copy of the
+/// same (half-size) bytes, and f32 inference over the f32 copy.
+pub fn storage_table(samples: &[Sample]) -> String {
+    use Column::{Ratio, Time};
+    let columns = [
+        Time("f16", "inference_f16"),
+        Ratio("f16 / half copy", "inference_f16", "copy_half"),
+        Time("bf16", "inference_bf16"),
+        Ratio("bf16 / half copy", "inference_bf16", "copy_half"),
+        Time("f32", "inference_f32"),
+        Ratio("f32 / copy", "inference_f32", "copy"),
+        Ratio("f16 / f32", "inference_f16", "inference_f32"),
+    ];
+    ratio_table(samples, "storage", "copy_half", &columns)
 }
 
 /// Both tables, with a header saying where the results came from.
@@ -347,6 +389,11 @@ pub fn report(home: &Path, latest_run_only: bool) -> String {
     if !fused.is_empty() {
         out.push_str("\nFused epilogues (time ratios to the in-run baselines):\n\n");
         out.push_str(&fused);
+    }
+    let storage = storage_table(&samples);
+    if !storage.is_empty() {
+        out.push_str("\nStorage types, inference (time ratios to the in-run copies):\n\n");
+        out.push_str(&storage);
     }
     let backends = backends_table(&samples);
     if !backends.is_empty() {
