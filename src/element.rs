@@ -136,11 +136,19 @@ pub(crate) fn load_partial<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::
         let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
         return s.load_partial(x, fill);
     }
-    let mut bits = [E::default(); MAX_LANES];
-    bits[..n].copy_from_slice(&x[..n]);
+    // SAFETY: `E` is a 16-bit type (`KIND`), so the slice is a slice of u16.
+    let bits = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u16>(), n) };
+    let v = match E::KIND {
+        Kind::F16 => s.load_f16_partial(bits),
+        _ => s.load_bf16_partial(bits),
+    };
+    if fill == 0.0 {
+        // The padding converted from zero bits is +0.0 (the streams' fill): no blend needed.
+        return v;
+    }
     let mut lanes = [0.0f32; MAX_LANES];
-    // SAFETY: both arrays hold MAX_LANES ≥ LANES values.
-    unsafe { s.store_ptr(lanes.as_mut_ptr(), load(s, bits.as_ptr())) };
+    // SAFETY: the array holds MAX_LANES ≥ LANES values.
+    unsafe { s.store_ptr(lanes.as_mut_ptr(), v) };
     s.load_partial(&lanes[..n], fill)
 }
 
@@ -154,10 +162,13 @@ pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
             unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) };
         return s.store_partial(out, v);
     }
-    let mut bits = [E::default(); MAX_LANES];
-    // SAFETY: the array holds MAX_LANES ≥ LANES values.
-    unsafe { store(s, bits.as_mut_ptr(), v) };
+    let bits = match E::KIND {
+        Kind::F16 => s.f16_bits(v),
+        _ => s.bf16_bits(v),
+    };
     let n = out.len().min(S::LANES);
+    // SAFETY: `E` is a 16-bit type (`KIND`), so the slice is a slice of u16.
+    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), out.len()) };
     out[..n].copy_from_slice(&bits[..n]);
 }
 

@@ -64,6 +64,20 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for writing `LANES` consecutive `u16`.
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: Self::V);
+    /// The first `min(bits.len(), LANES)` binary16 values (bits) widened to f32 in the low lanes,
+    /// the others 0. Built in registers from scalar loads: a vector load of values just written
+    /// one by one to a buffer would wait for the stores (no store-to-load forwarding across
+    /// several stores), about 20 ns per tail.
+    fn load_f16_partial(self, bits: &[u16]) -> Self::V;
+    /// As [`Simd::load_f16_partial`] for bfloat16.
+    fn load_bf16_partial(self, bits: &[u16]) -> Self::V;
+    /// The lanes of `v` rounded to binary16, as bits in the low `LANES` entries (for tails: the
+    /// conversion runs in registers, so reading single entries back does not wait on a converting
+    /// store, which the store-to-load forwarding of x86 cores does not serve).
+    fn f16_bits(self, v: Self::V) -> [u16; MAX_LANES];
+    /// The lanes of `v` rounded to bfloat16 as [`Simd::store_bf16_ptr`] does, as bits in the low
+    /// `LANES` entries (for tails, as [`Simd::f16_bits`]).
+    fn bf16_bits(self, v: Self::V) -> [u16; MAX_LANES];
     /// Loads `min(s.len(), LANES)` elements into the low lanes, the others set to `fill`.
     fn load_partial(self, s: &[f32], fill: f32) -> Self::V;
     /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.
@@ -154,6 +168,17 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         const ONES: [f32; MAX_LANES] = [1.0; MAX_LANES];
         self.load_partial(&ONES[..valid.min(Self::LANES)], 0.0)
     }
+}
+
+/// The first `min(bits.len(), 16)` 16-bit values packed into four little-endian words (the rest
+/// zero), with scalar loads only.
+#[inline(always)]
+pub(crate) fn pack_words(bits: &[u16]) -> [u64; 4] {
+    let mut words = [0u64; 4];
+    for (i, &b) in bits.iter().take(MAX_LANES).enumerate() {
+        words[i / 4] |= (b as u64) << (16 * (i % 4));
+    }
+    words
 }
 
 /// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic

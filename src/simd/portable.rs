@@ -2,7 +2,7 @@
 
 use wide::{f32x8, f64x4};
 
-use super::Simd;
+use super::{MAX_LANES, Simd};
 
 /// Token for the portable backend; always available.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +38,36 @@ impl Simd for Portable {
         let bits = v.to_array().map(|x| half::f16::from_f32(x).to_bits());
         // SAFETY: the caller guarantees 8 writable u16 at `p`.
         unsafe { p.cast::<[u16; 8]>().write_unaligned(bits) }
+    }
+    #[inline(always)]
+    fn load_f16_partial(self, bits: &[u16]) -> f32x8 {
+        let mut lanes = [0.0f32; 8];
+        for (l, &b) in lanes.iter_mut().zip(bits) {
+            *l = half::f16::from_bits(b).to_f32();
+        }
+        f32x8::new(lanes)
+    }
+    #[inline(always)]
+    fn load_bf16_partial(self, bits: &[u16]) -> f32x8 {
+        let mut lanes = [0.0f32; 8];
+        for (l, &b) in lanes.iter_mut().zip(bits) {
+            *l = f32::from_bits((b as u32) << 16);
+        }
+        f32x8::new(lanes)
+    }
+    #[inline(always)]
+    fn f16_bits(self, v: f32x8) -> [u16; MAX_LANES] {
+        let mut bits = [0; MAX_LANES];
+        // SAFETY: `bits` holds MAX_LANES ≥ 8 writable u16.
+        unsafe { self.store_f16_ptr(bits.as_mut_ptr(), v) };
+        bits
+    }
+    #[inline(always)]
+    fn bf16_bits(self, v: f32x8) -> [u16; MAX_LANES] {
+        let mut bits = [0; MAX_LANES];
+        // SAFETY: `bits` holds MAX_LANES ≥ 8 writable u16.
+        unsafe { self.store_bf16_ptr(bits.as_mut_ptr(), v) };
+        bits
     }
     #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> f32x8 {

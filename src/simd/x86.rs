@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Kernel, Simd};
+use super::{Kernel, MAX_LANES, Simd, pack_words};
 
 /// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
 /// field, not MXCSR's).
@@ -77,23 +77,36 @@ impl Simd for Avx2Fma {
     #[inline(always)]
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m256) {
         // SAFETY: AVX2 available (token); the caller guarantees 8 writable u16 at `p`.
+        unsafe { _mm_storeu_si128(p.cast(), avx2_bf16(v)) }
+    }
+    #[inline(always)]
+    fn load_f16_partial(self, bits: &[u16]) -> __m256 {
+        let w = pack_words(&bits[..bits.len().min(8)]);
+        // SAFETY: AVX2 and F16C available (token); register operations only.
+        unsafe { _mm256_cvtph_ps(_mm_set_epi64x(w[1] as i64, w[0] as i64)) }
+    }
+    #[inline(always)]
+    fn load_bf16_partial(self, bits: &[u16]) -> __m256 {
+        let w = pack_words(&bits[..bits.len().min(8)]);
+        // SAFETY: AVX2 available (token); register operations only.
         unsafe {
-            let bits = _mm256_castps_si256(v);
-            // Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the high
-            // half. A NaN keeps its high half with the quiet bit set (rounding could carry it
-            // into an infinity).
-            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-            let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
-            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
-            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-            let halves = _mm256_blendv_epi8(rounded, quiet, nan);
-            // 8 × i32 in 0..=0xFFFF to 8 × u16: packs work per 128-bit lane, then the two
-            // lanes' low quadwords are joined.
-            let packed = _mm256_packus_epi32(halves, halves);
-            let joined = _mm256_permute4x64_epi64::<0b1000>(packed);
-            _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(joined));
+            let wide = _mm256_cvtepu16_epi32(_mm_set_epi64x(w[1] as i64, w[0] as i64));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
         }
+    }
+    #[inline(always)]
+    fn f16_bits(self, v: __m256) -> [u16; MAX_LANES] {
+        // SAFETY: F16C available (token). `black_box` keeps the conversion in registers.
+        let half: [u16; 8] = unsafe {
+            std::mem::transmute(std::hint::black_box(_mm256_cvtps_ph::<ROUND_NEAREST>(v)))
+        };
+        widen_bits(half)
+    }
+    #[inline(always)]
+    fn bf16_bits(self, v: __m256) -> [u16; MAX_LANES] {
+        // SAFETY: AVX2 available (token). `black_box` keeps the conversion in registers.
+        let half: [u16; 8] = unsafe { std::mem::transmute(std::hint::black_box(avx2_bf16(v))) };
+        widen_bits(half)
     }
     #[inline(always)]
     fn add(self, a: __m256, b: __m256) -> __m256 {
@@ -210,6 +223,37 @@ impl Simd for Avx2Fma {
     }
 }
 
+/// 8 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 8 × u16.
+#[inline(always)]
+fn avx2_bf16(v: __m256) -> __m128i {
+    // SAFETY: AVX2 available (callers hold the token).
+    unsafe {
+        let bits = _mm256_castps_si256(v);
+        // Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the high
+        // half. A NaN keeps its high half with the quiet bit set (rounding could carry it
+        // into an infinity).
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let halves = _mm256_blendv_epi8(rounded, quiet, nan);
+        // 8 × i32 in 0..=0xFFFF to 8 × u16: packs work per 128-bit lane, then the two
+        // lanes' low quadwords are joined.
+        let packed = _mm256_packus_epi32(halves, halves);
+        let joined = _mm256_permute4x64_epi64::<0b1000>(packed);
+        _mm256_castsi256_si128(joined)
+    }
+}
+
+/// 8 lanes of bits in the low half of a `MAX_LANES` array.
+#[inline(always)]
+fn widen_bits(half: [u16; 8]) -> [u16; MAX_LANES] {
+    let mut bits = [0; MAX_LANES];
+    bits[..8].copy_from_slice(&half);
+    bits
+}
+
 /// Integer mask with the low `n` of 8 lanes set (all ones), for masked loads and stores.
 #[inline(always)]
 fn avx2_low_mask(n: usize) -> __m256i {
@@ -240,6 +284,23 @@ impl Avx512 {
         }
         // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
         unsafe { entry(self, k) }
+    }
+}
+
+/// 16 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 16 × u16.
+#[inline(always)]
+fn avx512_bf16(v: __m512) -> __m256i {
+    // SAFETY: AVX-512F available (callers hold the token).
+    unsafe {
+        let bits = _mm512_castps_si512(v);
+        // As on AVX2: round to nearest even in the integer bits; NaN quiet.
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let halves = _mm512_mask_mov_epi32(rounded, nan, quiet);
+        _mm512_cvtepi32_epi16(halves)
     }
 }
 
@@ -293,17 +354,35 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m512) {
         // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`.
+        unsafe { _mm256_storeu_si256(p.cast(), avx512_bf16(v)) }
+    }
+    #[inline(always)]
+    fn load_f16_partial(self, bits: &[u16]) -> __m512 {
+        let w = pack_words(bits);
+        // SAFETY: AVX-512F available (token); register operations only.
         unsafe {
-            let bits = _mm512_castps_si512(v);
-            // As on AVX2: round to nearest even in the integer bits; NaN quiet.
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
-            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let halves = _mm512_mask_mov_epi32(rounded, nan, quiet);
-            _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(halves));
+            let h = _mm256_set_epi64x(w[3] as i64, w[2] as i64, w[1] as i64, w[0] as i64);
+            _mm512_cvtph_ps(h)
         }
+    }
+    #[inline(always)]
+    fn load_bf16_partial(self, bits: &[u16]) -> __m512 {
+        let w = pack_words(bits);
+        // SAFETY: AVX-512F available (token); register operations only.
+        unsafe {
+            let h = _mm256_set_epi64x(w[3] as i64, w[2] as i64, w[1] as i64, w[0] as i64);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+    #[inline(always)]
+    fn f16_bits(self, v: __m512) -> [u16; MAX_LANES] {
+        // SAFETY: AVX-512F available (token). `black_box` keeps the conversion in registers.
+        unsafe { std::mem::transmute(std::hint::black_box(_mm512_cvtps_ph::<ROUND_NEAREST>(v))) }
+    }
+    #[inline(always)]
+    fn bf16_bits(self, v: __m512) -> [u16; MAX_LANES] {
+        // SAFETY: AVX-512F available (token). `black_box` keeps the conversion in registers.
+        unsafe { std::mem::transmute(std::hint::black_box(avx512_bf16(v))) }
     }
     #[inline(always)]
     fn add(self, a: __m512, b: __m512) -> __m512 {
