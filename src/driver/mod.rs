@@ -166,6 +166,15 @@ pub(crate) fn backward(
     }
 }
 
+/// The dx pass of [`backward`] alone, with per-channel parameters computed beforehand (the
+/// synchronized backward, whose parameters need the sums of every rank).
+pub(crate) fn dx(ctx: &Ctx, x: &[f32], dy: Src<'_>, dx: &mut [f32], params: &[DxParams]) {
+    match ctx.effective_layout() {
+        Layout::Nchw => nchw::dx(ctx, x, dy, dx, params),
+        Layout::Nhwc => nhwc::dx(ctx, x, dy, dx, params),
+    }
+}
+
 /// ReLU's backward through its output, elementwise (any layout): `out = dy` where `y > 0`,
 /// else 0. `dy`, `y` and `out` have the same length.
 pub(crate) fn relu_grad(ctx: &Ctx, dy: &[f32], y: &[f32], out: &mut [f32]) {

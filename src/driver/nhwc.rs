@@ -12,7 +12,7 @@ use super::{
 };
 use crate::ChannelStats;
 use crate::kernels::{
-    AffineLanes, AffineRows, DxLanes, DxRows, GradSums, GradSumsRows, MomentsRows,
+    AffineLanes, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows, MomentsRows,
 };
 use crate::par::SharedMut;
 use crate::scratch;
@@ -255,7 +255,15 @@ pub(super) fn backward(
     }
     let Some(make) = make else { return };
     let params = scratch::from_fn(c, |ch| make(ch, &sums[ch]));
-    let params = &params[..];
+    dx_blocks(ctx, x, dy, &out, &params);
+}
+
+/// `dx = a·dy + b·(x − shift) + c` with the given per-channel parameters, block by block.
+pub(super) fn dx(ctx: &Ctx, x: &[f32], dy: Src<'_>, dx: &mut [f32], params: &[DxParams]) {
+    dx_blocks(ctx, x, dy, &SharedMut::new(dx), params);
+}
+
+fn dx_blocks(ctx: &Ctx, x: &[f32], dy: Src<'_>, out: &SharedMut<'_>, params: &[DxParams]) {
     let lanes = &DxLanes::dx(params);
     let blocks = Blocks::new(ctx);
     ctx.par
@@ -263,7 +271,7 @@ pub(super) fn backward(
             let (offset, len) = blocks.range(b);
             let xs = &x[offset..offset + len];
             // SAFETY: each block is visited once and blocks are disjoint.
-            let io = unsafe { dy.io(&out, offset, len) };
+            let io = unsafe { dy.io(out, offset, len) };
             ctx.backend.dispatch(DxRows {
                 x: xs,
                 io,

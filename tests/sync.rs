@@ -1,0 +1,602 @@
+//! Synchronized batch norm over the in-process communicator (threads as ranks): every rank's
+//! results against the f64 reference on the concatenated batch, against the single-process op on
+//! that batch, bit-identical across ranks, bit-identical to the local op with one rank; uneven
+//! and empty slices, both layouts, every running-update convention; and the errors every rank
+//! gets, with nothing written, when the ranks disagree.
+//!
+//! Tolerance: the same as the local op's, `fwd_tol(M)` with M the global count, relative to the
+//! size of the terms of each output (as tests/forward.rs and tests/backward.rs measure them).
+//! Why it still holds: each rank's statistics and backward sums are the local op's (f32 lanes of
+//! at most `LANE_STEPS` steps folded into f64); the merge of the ranks' (count, mean, M2) and the
+//! sum of their backward sums are f64 operations, orders of magnitude below f32's roundoff. So the
+//! per-rank split changes the last bits of the f64 statistics (a different merge order than one
+//! process's block order) but not the bound; against the single-process op the difference is at
+//! most the sum of both errors, 2·`fwd_tol(M)`.
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use batchnorm::{
+    Affine, BatchNorm, Communicator, Error, GradMode, Layout, Momentum, Parallelism, ParamGrads,
+    RunningUpdate, SavedStats, SavedStatsMut, Shape, SyncBatchNorm, ThreadComm, Variance,
+};
+use batchnorm_check::reference;
+use common::*;
+
+const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+/// The running-update conventions: PyTorch, ONNX, Keras, cumulative average (PyTorch's
+/// `momentum=None`, third batch).
+const CONVENTIONS: [(Momentum, Variance); 4] = [
+    (Momentum::NewWeight(0.1), Variance::Unbiased),
+    (Momentum::OldWeight(0.9), Variance::Biased),
+    (Momentum::OldWeight(0.99), Variance::Biased),
+    (
+        Momentum::CumulativeAverage { batches_tracked: 3 },
+        Variance::Unbiased,
+    ),
+];
+
+/// Runs `f` on every rank of a new group of `k` threads; results in rank order.
+fn on_ranks<T: Send>(k: usize, f: impl Fn(&ThreadComm) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = ThreadComm::group(k)
+            .into_iter()
+            .map(|comm| s.spawn(move || f(&comm)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Everything a training forward and its backward produce on one rank (or one process).
+#[derive(Clone, Debug, PartialEq)]
+struct Outputs {
+    y: Vec<f32>,
+    saved_mean: Vec<f32>,
+    saved_inv_std: Vec<f32>,
+    running_mean: Vec<f32>,
+    running_var: Vec<f32>,
+    dx: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+}
+
+impl Outputs {
+    /// Filled with NaN (outputs) and the initial running statistics (0.5, 2).
+    fn new(len: usize, c: usize) -> Outputs {
+        Outputs {
+            y: vec![f32::NAN; len],
+            saved_mean: vec![f32::NAN; c],
+            saved_inv_std: vec![f32::NAN; c],
+            running_mean: vec![0.5; c],
+            running_var: vec![2.0; c],
+            dx: vec![f32::NAN; len],
+            dgamma: vec![f32::NAN; c],
+            dbeta: vec![f32::NAN; c],
+        }
+    }
+
+    /// The per-channel results as bits, for bit-identity across ranks.
+    fn channel_bits(&self) -> Vec<u32> {
+        [
+            &self.saved_mean,
+            &self.saved_inv_std,
+            &self.running_mean,
+            &self.running_var,
+            &self.dgamma,
+            &self.dbeta,
+        ]
+        .iter()
+        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+        .collect()
+    }
+}
+
+fn update<'a>(o: (&'a mut [f32], &'a mut [f32]), conv: (Momentum, Variance)) -> RunningUpdate<'a> {
+    RunningUpdate {
+        mean: o.0,
+        var: o.1,
+        momentum: conv.0,
+        var_estimator: conv.1,
+    }
+}
+
+/// The data of one case: the concatenated batch and the parameters.
+struct Case {
+    layout: Layout,
+    c: usize,
+    hw: usize,
+    slices: Vec<usize>,
+    conv: (Momentum, Variance),
+    par: Parallelism,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl Case {
+    fn new(rng: &mut Rng, layout: Layout, (c, hw): (usize, usize), slices: &[usize]) -> Case {
+        let n: usize = slices.iter().sum();
+        let shape = Shape::new(n, c, hw).unwrap();
+        let (means, stds) = ordinary(rng, c);
+        Case {
+            layout,
+            c,
+            hw,
+            slices: slices.to_vec(),
+            conv: CONVENTIONS[0],
+            par: Parallelism::Rayon,
+            x: tensor(rng, shape, layout, &means, &stds),
+            dy: rng.normals(shape.len(), 0.0, 1.0),
+            gamma: rng.normals(c, 0.0, 1.0),
+            beta: rng.normals(c, 0.0, 1.0),
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        Shape::new(self.slices.iter().sum(), self.c, self.hw).unwrap()
+    }
+
+    /// Element range of rank r's slice in the concatenated tensors (concatenation along N is
+    /// concatenation of the flat buffers, in both layouts).
+    fn range(&self, r: usize) -> std::ops::Range<usize> {
+        let per = self.c * self.hw;
+        let first: usize = self.slices[..r].iter().sum();
+        first * per..(first + self.slices[r]) * per
+    }
+
+    /// Forward then backward on rank `comm.rank()`'s slice.
+    fn run_rank(&self, comm: &ThreadComm) -> Outputs {
+        let range = self.range(comm.rank());
+        let (x, dy) = (&self.x[range.clone()], &self.dy[range]);
+        let shape = Shape::new(self.slices[comm.rank()], self.c, self.hw).ok();
+        let bn = SyncBatchNorm::new(self.c, self.layout)
+            .unwrap()
+            .with_parallelism(self.par);
+        let mut o = Outputs::new(x.len(), self.c);
+        let affine = Some(Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        });
+        let saved = SavedStatsMut {
+            mean: &mut o.saved_mean,
+            inv_std: &mut o.saved_inv_std,
+        };
+        let up = update((&mut o.running_mean, &mut o.running_var), self.conv);
+        bn.training(x, &mut o.y, shape, affine, Some(saved), Some(up), comm)
+            .unwrap();
+        let saved = SavedStats {
+            mean: &o.saved_mean,
+            inv_std: &o.saved_inv_std,
+        };
+        let grads = ParamGrads {
+            dgamma: &mut o.dgamma,
+            dbeta: &mut o.dbeta,
+            mode: GradMode::Overwrite,
+        };
+        bn.backward((x, dy), &mut o.dx, shape, affine, saved, Some(grads), comm)
+            .unwrap();
+        o
+    }
+
+    /// The local op on the whole concatenated batch, in one process.
+    fn run_single(&self) -> Outputs {
+        let bn = BatchNorm::new(self.shape(), self.layout)
+            .unwrap()
+            .with_parallelism(self.par);
+        let mut o = Outputs::new(self.x.len(), self.c);
+        let affine = Some(Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        });
+        let saved = SavedStatsMut {
+            mean: &mut o.saved_mean,
+            inv_std: &mut o.saved_inv_std,
+        };
+        let up = update((&mut o.running_mean, &mut o.running_var), self.conv);
+        bn.training(&self.x, &mut o.y, affine, Some(saved), Some(up))
+            .unwrap();
+        let mode = batchnorm::BackwardMode::Training(SavedStats {
+            mean: &o.saved_mean,
+            inv_std: &o.saved_inv_std,
+        });
+        let grads = ParamGrads {
+            dgamma: &mut o.dgamma,
+            dbeta: &mut o.dbeta,
+            mode: GradMode::Overwrite,
+        };
+        bn.backward(&self.x, &self.dy, &mut o.dx, affine, mode, Some(grads))
+            .unwrap();
+        o
+    }
+
+    /// Runs the ranks and the single process and checks everything; returns the worst errors
+    /// (y, dx) relative to their scales.
+    fn check(&self) -> (f64, f64) {
+        let ctx = format!(
+            "{:?} C={} HW={} slices {:?} {:?} {:?}",
+            self.layout, self.c, self.hw, self.slices, self.conv, self.par
+        );
+        let ranks = on_ranks(self.slices.len(), |comm| self.run_rank(comm));
+        for (r, o) in ranks.iter().enumerate().skip(1) {
+            assert_eq!(
+                o.channel_bits(),
+                ranks[0].channel_bits(),
+                "rank {r} differs from rank 0: {ctx}"
+            );
+        }
+        let cat = |f: fn(&Outputs) -> &Vec<f32>| -> Vec<f32> {
+            ranks.iter().flat_map(|o| f(o).iter().copied()).collect()
+        };
+        let (y, dx) = (cat(|o| &o.y), cat(|o| &o.dx));
+        let got = Outputs {
+            y,
+            dx,
+            ..ranks[0].clone()
+        };
+        let single = self.run_single();
+        if self.slices.len() == 1 {
+            assert_eq!(got, single, "one rank differs from the local op: {ctx}");
+        }
+
+        let (shape, layout, c) = (self.shape(), self.layout, self.c);
+        let m = shape.per_channel();
+        let tol = fwd_tol(m);
+        let (x, dy, gamma, beta) = (&self.x, &self.dy, &self.gamma, &self.beta);
+        let want = reference::training(x, shape, layout, Some(gamma), Some(beta), 1e-5);
+        let grads = reference::backward_training(x, dy, shape, layout, Some(gamma), 1e-5);
+        let xhat = |i: usize| {
+            let ch = channel_of(shape, layout, i);
+            (x[i] as f64 - want.mean[ch]) * want.inv_std[ch]
+        };
+        let y_scale = |i: usize| {
+            let ch = channel_of(shape, layout, i);
+            (gamma[ch] as f64).abs() * (1.0 + xhat(i).abs()) + (beta[ch] as f64).abs()
+        };
+        // Backward scales: the terms of dx with absolute values; Σ|x̂·dy| for dγ, Σ|dy| for dβ.
+        let (mut sum_dy, mut sum_xdy) = (vec![0.0; c], vec![0.0; c]);
+        for i in 0..x.len() {
+            let ch = channel_of(shape, layout, i);
+            sum_dy[ch] += (dy[i] as f64).abs();
+            sum_xdy[ch] += (xhat(i) * dy[i] as f64).abs();
+        }
+        let dx_scale = |i: usize| {
+            let ch = channel_of(shape, layout, i);
+            let mf = m as f64;
+            (gamma[ch] as f64).abs()
+                * want.inv_std[ch]
+                * ((dy[i] as f64).abs() + sum_dy[ch] / mf + xhat(i).abs() * sum_xdy[ch] / mf)
+        };
+
+        let ey = max_rel_err(&got.y, &want.y, y_scale);
+        assert!(ey <= tol, "y: {ctx}: {ey:e} > {tol:e}");
+        let edx = max_rel_err(&got.dx, &grads.dx, dx_scale);
+        assert!(edx <= tol, "dx: {ctx}: {edx:e} > {tol:e}");
+        let eg = max_rel_err(&got.dgamma, &grads.dgamma, |ch| {
+            sum_xdy[ch] + f64::MIN_POSITIVE
+        });
+        let eb = max_rel_err(&got.dbeta, &grads.dbeta, |ch| {
+            sum_dy[ch] + f64::MIN_POSITIVE
+        });
+        assert!(eg <= tol && eb <= tol, "dgamma {eg:e} dbeta {eb:e}: {ctx}");
+        let (rm, rv) = reference::running_update(
+            &vec![0.5; c],
+            &vec![2.0; c],
+            &want,
+            self.conv.0,
+            self.conv.1,
+        );
+        for ch in 0..c {
+            let std = want.var[ch].sqrt();
+            let em =
+                (got.saved_mean[ch] as f64 - want.mean[ch]).abs() / (std + want.mean[ch].abs());
+            assert!(em <= tol, "saved mean ch {ch}: {em:e}: {ctx}");
+            let ei = (got.saved_inv_std[ch] as f64 / want.inv_std[ch] - 1.0).abs();
+            assert!(ei <= tol, "saved inv_std ch {ch}: {ei:e}: {ctx}");
+            let erm = (got.running_mean[ch] as f64 - rm[ch]).abs() / (rm[ch].abs() + std);
+            assert!(erm <= tol, "running mean ch {ch}: {erm:e}: {ctx}");
+            let erv = (got.running_var[ch] as f64 / rv[ch] - 1.0).abs();
+            assert!(erv <= tol, "running var ch {ch}: {erv:e}: {ctx}");
+        }
+
+        // Against the single-process op: each is within `tol` of the reference.
+        let e = max_rel_err(&got.y, &to_f64(&single.y), y_scale);
+        assert!(e <= 2.0 * tol, "y vs single process: {ctx}: {e:e}");
+        let e = max_rel_err(&got.dx, &to_f64(&single.dx), dx_scale);
+        assert!(e <= 2.0 * tol, "dx vs single process: {ctx}: {e:e}");
+        for ch in 0..c {
+            let d = (got.running_var[ch] as f64 / single.running_var[ch] as f64 - 1.0).abs();
+            assert!(
+                d <= 2.0 * tol,
+                "running var vs single process: {ctx}: {d:e}"
+            );
+        }
+        (ey, edx)
+    }
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
+/// Ranks' slices: uneven, empty ones (first, middle, last), one rank, four ranks.
+const SLICES: &[&[usize]] = &[
+    &[3, 1, 0],
+    &[2, 2],
+    &[1],
+    &[0, 2, 1],
+    &[1, 0, 3],
+    &[1, 1, 1, 1],
+    &[5],
+];
+
+/// (C, HW): 1, primes, not multiples of 16, a run of more than one NCHW piece (16411 > 16384),
+/// wide NHWC rows (more than one 256-channel strip).
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (3, 7),
+    (17, 65),
+    (67, 9),
+    (5, 1000),
+    (2, 16411),
+    (300, 3),
+];
+
+#[test]
+fn ranks_match_the_single_process_op_on_the_concatenated_batch() {
+    let mut worst = Worst::default();
+    let mut rng = Rng::new(131);
+    let mut k = 0;
+    for layout in LAYOUTS {
+        for &shape in SHAPES {
+            for &slices in SLICES {
+                let mut case = Case::new(&mut rng, layout, shape, slices);
+                // Every convention and both parallelism settings across the cases.
+                case.conv = CONVENTIONS[k % CONVENTIONS.len()];
+                case.par = [Parallelism::Rayon, Parallelism::Sequential][(k / 4) % 2];
+                k += 1;
+                if case.conv.1 == Variance::Unbiased && case.shape().per_channel() < 2 {
+                    case.conv = CONVENTIONS[1];
+                }
+                let (ey, edx) = case.check();
+                worst.note(&format!("sync y {layout:?}"), ey);
+                worst.note(&format!("sync dx {layout:?}"), edx);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_convention_on_both_layouts() {
+    let mut rng = Rng::new(132);
+    for layout in LAYOUTS {
+        for conv in CONVENTIONS {
+            let mut case = Case::new(&mut rng, layout, (13, 11), &[2, 0, 3]);
+            case.conv = conv;
+            case.check();
+        }
+    }
+}
+
+/// A rank that fails or disagrees: every rank's result, and every rank's outputs untouched.
+fn training_results(
+    k: usize,
+    f: impl Fn(usize) -> (SyncBatchNorm, Option<Shape>, usize, (Momentum, Variance)) + Sync,
+) -> Vec<Result<(), Error>> {
+    on_ranks(k, |comm| {
+        let (bn, shape, len, conv) = f(comm.rank());
+        let c = bn.channels();
+        let x = vec![1.0f32; len];
+        let mut o = Outputs::new(len, c);
+        let saved = SavedStatsMut {
+            mean: &mut o.saved_mean,
+            inv_std: &mut o.saved_inv_std,
+        };
+        let up = update((&mut o.running_mean, &mut o.running_var), conv);
+        let r = bn.training(&x, &mut o.y, shape, None, Some(saved), Some(up), comm);
+        if r.is_err() {
+            let untouched = Outputs::new(len, c);
+            assert!(o.y.iter().all(|v| v.is_nan()), "y written on error");
+            assert_eq!(
+                o.channel_bits(),
+                untouched.channel_bits(),
+                "written on error"
+            );
+        }
+        r
+    })
+}
+
+fn sync(c: usize, layout: Layout) -> SyncBatchNorm {
+    SyncBatchNorm::new(c, layout).unwrap()
+}
+
+#[test]
+fn disagreeing_ranks_all_get_the_error_and_nothing_is_written() {
+    let pytorch = CONVENTIONS[0];
+    let shape = |c| Shape::new(2, c, 3).ok();
+    // Channels: rank 1 has 4.
+    let r = training_results(3, |r| {
+        let c = if r == 1 { 4 } else { 3 };
+        (sync(c, Layout::Nchw), shape(c), 6 * c, pytorch)
+    });
+    let want = Error::SyncMismatch {
+        what: "channels",
+        rank: 1,
+    };
+    assert_eq!(r, vec![Err(want.clone()), Err(want.clone()), Err(want)]);
+    // Layout, ε, momentum, estimator, on the last of three ranks.
+    type Config<'a> = dyn Fn(usize) -> (SyncBatchNorm, (Momentum, Variance)) + Sync + 'a;
+    let cases: [(&str, &Config); 4] = [
+        ("layout", &|r| {
+            let l = if r == 2 { Layout::Nhwc } else { Layout::Nchw };
+            (sync(3, l), pytorch)
+        }),
+        ("eps", &|r| {
+            let eps = if r == 2 { 1e-3 } else { 1e-5 };
+            (sync(3, Layout::Nchw).with_eps(eps).unwrap(), pytorch)
+        }),
+        ("momentum", &|r| {
+            let conv = if r == 2 { CONVENTIONS[3] } else { pytorch };
+            (sync(3, Layout::Nchw), conv)
+        }),
+        ("variance estimator", &|r| {
+            let est = if r == 2 {
+                Variance::Biased
+            } else {
+                Variance::Unbiased
+            };
+            (sync(3, Layout::Nchw), (pytorch.0, est))
+        }),
+    ];
+    for (what, f) in cases {
+        let r = training_results(3, |r| {
+            let (bn, conv) = f(r);
+            (bn, shape(3), 18, conv)
+        });
+        let want = Err(Error::SyncMismatch { what, rank: 2 });
+        assert_eq!(r, vec![want.clone(), want.clone(), want], "{what}");
+    }
+}
+
+#[test]
+fn a_rank_with_bad_arguments_fails_everywhere() {
+    // Rank 0's x is one element short: it gets its own error, the others name it.
+    let r = training_results(3, |r| {
+        let len = if r == 0 { 17 } else { 18 };
+        (
+            sync(3, Layout::Nhwc),
+            Shape::new(2, 3, 3).ok(),
+            len,
+            CONVENTIONS[0],
+        )
+    });
+    assert!(matches!(
+        r[0],
+        Err(Error::LengthMismatch {
+            arg: "x",
+            expected: 18,
+            actual: 17,
+            ..
+        })
+    ));
+    assert_eq!(r[1], Err(Error::SyncPeerFailed { rank: 0 }));
+    assert_eq!(r[2], Err(Error::SyncPeerFailed { rank: 0 }));
+    // A shape with another channel count than the operator's.
+    let r = training_results(2, |r| {
+        let c = if r == 1 { 4 } else { 3 };
+        (
+            sync(3, Layout::Nchw),
+            Shape::new(1, c, 2).ok(),
+            2 * c,
+            CONVENTIONS[1],
+        )
+    });
+    assert_eq!(r[0], Err(Error::SyncPeerFailed { rank: 1 }));
+    assert_eq!(
+        r[1],
+        Err(Error::ChannelMismatch {
+            expected: 3,
+            actual: 4
+        })
+    );
+}
+
+#[test]
+fn empty_and_too_small_global_batches() {
+    // Every slice empty.
+    let r = training_results(2, |_| (sync(2, Layout::Nchw), None, 0, CONVENTIONS[1]));
+    assert_eq!(r, vec![Err(Error::EmptyBatch), Err(Error::EmptyBatch)]);
+    // One value per channel in the whole batch: the unbiased running variance is rejected on
+    // every rank, the biased one is fine.
+    let one = |r: usize| {
+        if r == 0 {
+            Shape::new(1, 2, 1).ok()
+        } else {
+            None
+        }
+    };
+    let len = |r: usize| if r == 0 { 2 } else { 0 };
+    let r = training_results(2, |r| {
+        (sync(2, Layout::Nhwc), one(r), len(r), CONVENTIONS[0])
+    });
+    let want = Err(Error::TooFewValues { per_channel: 1 });
+    assert_eq!(r, vec![want.clone(), want]);
+    let r = training_results(2, |r| {
+        (sync(2, Layout::Nhwc), one(r), len(r), CONVENTIONS[1])
+    });
+    assert_eq!(r, vec![Ok(()), Ok(())]);
+}
+
+#[test]
+fn ranks_calling_different_operations_get_an_error() {
+    let results = on_ranks(2, |comm| {
+        let bn = sync(2, Layout::Nchw);
+        let shape = Shape::new(1, 2, 2).ok();
+        let x = [1.0f32, 2.0, 3.0, 5.0];
+        let mut out = [f32::NAN; 4];
+        if comm.rank() == 0 {
+            bn.training(&x, &mut out, shape, None, None, None, comm)
+        } else {
+            let saved = SavedStats {
+                mean: &[2.0, 3.0],
+                inv_std: &[1.0, 1.0],
+            };
+            bn.backward((&x, &x), &mut out, shape, None, saved, None, comm)
+        }
+        .map(|()| out)
+    });
+    let want = Err(Error::SyncMismatch {
+        what: "operation",
+        rank: 1,
+    });
+    assert_eq!(results, vec![want.clone(), want]);
+}
+
+#[test]
+fn a_dropped_rank_is_an_error_not_a_hang() {
+    let mut group = ThreadComm::group(2);
+    drop(group.pop());
+    let comm = &group[0];
+    let mut recv = [0.0; 2];
+    assert!(matches!(
+        comm.all_gather(&[1.0], &mut recv),
+        Err(Error::Communication { .. })
+    ));
+}
+
+#[test]
+fn thread_collectives_are_reusable_and_exact() {
+    // Many rounds of different lengths; the sum is in rank order on every rank.
+    let results = on_ranks(3, |comm| {
+        let mut out = Vec::new();
+        for round in 0..50 {
+            let len = round % 5;
+            let send: Vec<f64> = (0..len)
+                .map(|i| (comm.rank() * 10 + i + round) as f64)
+                .collect();
+            let mut recv = vec![f64::NAN; 3 * len];
+            comm.all_gather(&send, &mut recv).unwrap();
+            let mut sum = vec![0.1 * comm.rank() as f64 + 1e16; len];
+            comm.all_reduce_sum(&mut sum).unwrap();
+            out.push((recv, sum));
+        }
+        out
+    });
+    for round in 0..50 {
+        let len = round % 5;
+        let (recv, sum) = &results[0][round];
+        for r in 0..3 {
+            for i in 0..len {
+                assert_eq!(recv[r * len + i], (r * 10 + i + round) as f64);
+            }
+        }
+        let want = (1e16 + 0.0) + (0.1 + 1e16) + (0.2 + 1e16);
+        assert!(sum.iter().all(|&s| s == want), "rank-order sum");
+        for other in &results[1..] {
+            assert_eq!(&other[round], &results[0][round]);
+        }
+    }
+}
