@@ -69,7 +69,8 @@ pub enum Error {
         /// The value of the variable.
         name: String,
     },
-    /// [`crate::BatchNormLayer::backward`] was called before any successful forward.
+    /// [`crate::BatchNormLayer::backward`] was called before any successful forward (or after a
+    /// synchronized one; [`crate::BatchNormLayer::backward_sync`] after a local training one).
     NoForward,
     /// An array view has a rank outside 2 to 5 (`(N, C)` to `(N, C, D, H, W)`; feature `ndarray`).
     UnsupportedRank {
@@ -181,7 +182,8 @@ impl fmt::Display for Error {
             Error::Communication { reason } => write!(f, "communicator failed: {reason}"),
             Error::NoForward => write!(
                 f,
-                "layer backward needs a successful forward first (it differentiates that call)"
+                "layer backward needs a successful forward first (it differentiates that call; \
+                 backward_sync differentiates forward_sync)"
             ),
         }
     }

@@ -600,3 +600,99 @@ fn thread_collectives_are_reusable_and_exact() {
         }
     }
 }
+
+#[test]
+fn synchronized_layers_train_like_one_layer_on_the_whole_batch() {
+    use batchnorm::BatchNormLayer;
+    let mut rng = Rng::new(133);
+    let (c, hw) = (5, 6);
+    let slices = [2usize, 1, 0];
+    let n: usize = slices.iter().sum();
+    let whole = Shape::new(n, c, hw).unwrap();
+    for layout in LAYOUTS {
+        // PyTorch's layer with momentum=None: the cumulative average counts the batches.
+        let make = || {
+            let mut l = BatchNormLayer::pytorch(c, layout).unwrap();
+            l = l.with_momentum(None).unwrap();
+            l.set_affine(&rng_free_gamma(c), &vec![0.25; c]).unwrap();
+            l
+        };
+        let steps: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+            .map(|_| {
+                let (means, stds) = ordinary(&mut rng, c);
+                let x = tensor(&mut rng, whole, layout, &means, &stds);
+                (x, rng.normals(whole.len(), 0.0, 1.0))
+            })
+            .collect();
+        // One layer on the whole batch.
+        let mut single = make();
+        let mut single_out = Vec::new();
+        for (x, dy) in &steps {
+            let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            single.forward(x, &mut y, whole).unwrap();
+            single.backward(x, dy, &mut dx).unwrap();
+            single_out.push((y, dx));
+        }
+        // Three ranks, each a layer with its slice.
+        let per = c * hw;
+        let ranks = on_ranks(slices.len(), |comm| {
+            let r = comm.rank();
+            let first: usize = slices[..r].iter().sum();
+            let range = first * per..(first + slices[r]) * per;
+            let shape = Shape::new(slices[r], c, hw).ok();
+            let mut layer = make();
+            let mut outs = Vec::new();
+            for (x, dy) in &steps {
+                let (x, dy) = (&x[range.clone()], &dy[range.clone()]);
+                let (mut y, mut dx) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+                layer.forward_sync(x, &mut y, shape, comm).unwrap();
+                // The local backward does not differentiate a synchronized forward.
+                let mut scratch = dx.clone();
+                assert_eq!(layer.backward(x, dy, &mut scratch), Err(Error::NoForward));
+                layer.backward_sync(x, dy, &mut dx, comm).unwrap();
+                outs.push((y, dx));
+            }
+            (layer, outs)
+        });
+        let tol = fwd_tol(whole.per_channel());
+        for (r, (layer, outs)) in ranks.iter().enumerate() {
+            let l0 = &ranks[0].0;
+            // Bit-identical state on every rank.
+            assert_eq!(layer.running_mean(), l0.running_mean(), "rank {r}");
+            assert_eq!(layer.running_var(), l0.running_var(), "rank {r}");
+            assert_eq!(layer.dgamma(), l0.dgamma(), "rank {r}");
+            assert_eq!(layer.dbeta(), l0.dbeta(), "rank {r}");
+            assert_eq!(layer.batches_tracked(), 3);
+            // Close to the single layer (each within the stated tolerance of the truth; the
+            // gradients accumulate over 3 steps).
+            let close = |a: &[f32], b: &[f32], k: f64| {
+                a.iter().zip(b).all(|(&a, &b)| {
+                    (a as f64 - b as f64).abs() <= k * tol * (1.0 + (b as f64).abs())
+                })
+            };
+            assert!(close(layer.running_mean(), single.running_mean(), 2.0));
+            assert!(close(layer.running_var(), single.running_var(), 2.0));
+            assert!(close(
+                layer.dbeta(),
+                single.dbeta(),
+                6.0 * n as f64 * hw as f64
+            ));
+            assert!(close(
+                layer.dgamma(),
+                single.dgamma(),
+                6.0 * n as f64 * hw as f64
+            ));
+            let first: usize = slices[..r].iter().sum();
+            for ((y, dx), (sy, sdx)) in outs.iter().zip(&single_out) {
+                let range = first * per..first * per + y.len();
+                assert!(close(y, &sy[range.clone()], 4.0), "y rank {r}");
+                assert!(close(dx, &sdx[range], 8.0), "dx rank {r}");
+            }
+        }
+    }
+}
+
+/// γ away from zero, so the layer test's relative comparisons are meaningful.
+fn rng_free_gamma(c: usize) -> Vec<f32> {
+    (0..c).map(|i| 0.5 + 0.25 * i as f32).collect()
+}

@@ -198,6 +198,11 @@ impl SyncBatchNorm {
         Ok(SyncBatchNorm { template })
     }
 
+    /// Synchronized ops with `bn`'s channels, layout, ε, parallelism and backend.
+    pub(crate) fn from_operator(bn: BatchNorm) -> SyncBatchNorm {
+        SyncBatchNorm { template: bn }
+    }
+
     /// Sets ε (see [`BatchNorm::with_eps`]); every rank must use the same.
     ///
     /// # Errors
