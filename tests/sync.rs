@@ -4,38 +4,21 @@
 //! and empty slices, both layouts, every running-update convention; and the errors every rank
 //! gets, with nothing written, when the ranks disagree.
 //!
-//! Tolerance: the same as the local op's, `fwd_tol(M)` with M the global count, relative to the
-//! size of the terms of each output (as tests/forward.rs and tests/backward.rs measure them).
-//! Why it still holds: each rank's statistics and backward sums are the local op's (f32 lanes of
-//! at most `LANE_STEPS` steps folded into f64); the merge of the ranks' (count, mean, M2) and the
-//! sum of their backward sums are f64 operations, orders of magnitude below f32's roundoff. So the
-//! per-rank split changes the last bits of the f64 statistics (a different merge order than one
-//! process's block order) but not the bound; against the single-process op the difference is at
-//! most the sum of both errors, 2·`fwd_tol(M)`.
+//! The tolerance and its reasoning: tests/common/sync_case.rs.
 #![allow(clippy::needless_range_loop)]
 
 mod common;
+#[path = "common/sync_case.rs"]
+mod sync_case;
 
 use batchnorm::{
-    Affine, BatchNorm, Communicator, Error, GradMode, Layout, Momentum, Parallelism, ParamGrads,
-    RunningUpdate, SavedStats, SavedStatsMut, Shape, SyncBatchNorm, ThreadComm, Variance,
+    Communicator, Error, Layout, Momentum, Parallelism, SavedStats, SavedStatsMut, Shape,
+    SyncBatchNorm, ThreadComm, Variance,
 };
-use batchnorm_check::reference;
 use common::*;
+use sync_case::*;
 
 const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
-
-/// The running-update conventions: PyTorch, ONNX, Keras, cumulative average (PyTorch's
-/// `momentum=None`, third batch).
-const CONVENTIONS: [(Momentum, Variance); 4] = [
-    (Momentum::NewWeight(0.1), Variance::Unbiased),
-    (Momentum::OldWeight(0.9), Variance::Biased),
-    (Momentum::OldWeight(0.99), Variance::Biased),
-    (
-        Momentum::CumulativeAverage { batches_tracked: 3 },
-        Variance::Unbiased,
-    ),
-];
 
 /// Runs `f` on every rank of a new group of `k` threads; results in rank order.
 fn on_ranks<T: Send>(k: usize, f: impl Fn(&ThreadComm) -> T + Sync) -> Vec<T> {
@@ -47,278 +30,6 @@ fn on_ranks<T: Send>(k: usize, f: impl Fn(&ThreadComm) -> T + Sync) -> Vec<T> {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
-}
-
-/// Everything a training forward and its backward produce on one rank (or one process).
-#[derive(Clone, Debug, PartialEq)]
-struct Outputs {
-    y: Vec<f32>,
-    saved_mean: Vec<f32>,
-    saved_inv_std: Vec<f32>,
-    running_mean: Vec<f32>,
-    running_var: Vec<f32>,
-    dx: Vec<f32>,
-    dgamma: Vec<f32>,
-    dbeta: Vec<f32>,
-}
-
-impl Outputs {
-    /// Filled with NaN (outputs) and the initial running statistics (0.5, 2).
-    fn new(len: usize, c: usize) -> Outputs {
-        Outputs {
-            y: vec![f32::NAN; len],
-            saved_mean: vec![f32::NAN; c],
-            saved_inv_std: vec![f32::NAN; c],
-            running_mean: vec![0.5; c],
-            running_var: vec![2.0; c],
-            dx: vec![f32::NAN; len],
-            dgamma: vec![f32::NAN; c],
-            dbeta: vec![f32::NAN; c],
-        }
-    }
-
-    /// The per-channel results as bits, for bit-identity across ranks.
-    fn channel_bits(&self) -> Vec<u32> {
-        [
-            &self.saved_mean,
-            &self.saved_inv_std,
-            &self.running_mean,
-            &self.running_var,
-            &self.dgamma,
-            &self.dbeta,
-        ]
-        .iter()
-        .flat_map(|v| v.iter().map(|x| x.to_bits()))
-        .collect()
-    }
-}
-
-fn update<'a>(o: (&'a mut [f32], &'a mut [f32]), conv: (Momentum, Variance)) -> RunningUpdate<'a> {
-    RunningUpdate {
-        mean: o.0,
-        var: o.1,
-        momentum: conv.0,
-        var_estimator: conv.1,
-    }
-}
-
-/// The data of one case: the concatenated batch and the parameters.
-struct Case {
-    layout: Layout,
-    c: usize,
-    hw: usize,
-    slices: Vec<usize>,
-    conv: (Momentum, Variance),
-    par: Parallelism,
-    x: Vec<f32>,
-    dy: Vec<f32>,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-}
-
-impl Case {
-    fn new(rng: &mut Rng, layout: Layout, (c, hw): (usize, usize), slices: &[usize]) -> Case {
-        let n: usize = slices.iter().sum();
-        let shape = Shape::new(n, c, hw).unwrap();
-        let (means, stds) = ordinary(rng, c);
-        Case {
-            layout,
-            c,
-            hw,
-            slices: slices.to_vec(),
-            conv: CONVENTIONS[0],
-            par: Parallelism::Rayon,
-            x: tensor(rng, shape, layout, &means, &stds),
-            dy: rng.normals(shape.len(), 0.0, 1.0),
-            gamma: rng.normals(c, 0.0, 1.0),
-            beta: rng.normals(c, 0.0, 1.0),
-        }
-    }
-
-    fn shape(&self) -> Shape {
-        Shape::new(self.slices.iter().sum(), self.c, self.hw).unwrap()
-    }
-
-    /// Element range of rank r's slice in the concatenated tensors (concatenation along N is
-    /// concatenation of the flat buffers, in both layouts).
-    fn range(&self, r: usize) -> std::ops::Range<usize> {
-        let per = self.c * self.hw;
-        let first: usize = self.slices[..r].iter().sum();
-        first * per..(first + self.slices[r]) * per
-    }
-
-    /// Forward then backward on rank `comm.rank()`'s slice.
-    fn run_rank(&self, comm: &ThreadComm) -> Outputs {
-        let range = self.range(comm.rank());
-        let (x, dy) = (&self.x[range.clone()], &self.dy[range]);
-        let shape = Shape::new(self.slices[comm.rank()], self.c, self.hw).ok();
-        let bn = SyncBatchNorm::new(self.c, self.layout)
-            .unwrap()
-            .with_parallelism(self.par);
-        let mut o = Outputs::new(x.len(), self.c);
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
-        let saved = SavedStatsMut {
-            mean: &mut o.saved_mean,
-            inv_std: &mut o.saved_inv_std,
-        };
-        let up = update((&mut o.running_mean, &mut o.running_var), self.conv);
-        bn.training(x, &mut o.y, shape, affine, Some(saved), Some(up), comm)
-            .unwrap();
-        let saved = SavedStats {
-            mean: &o.saved_mean,
-            inv_std: &o.saved_inv_std,
-        };
-        let grads = ParamGrads {
-            dgamma: &mut o.dgamma,
-            dbeta: &mut o.dbeta,
-            mode: GradMode::Overwrite,
-        };
-        bn.backward((x, dy), &mut o.dx, shape, affine, saved, Some(grads), comm)
-            .unwrap();
-        o
-    }
-
-    /// The local op on the whole concatenated batch, in one process.
-    fn run_single(&self) -> Outputs {
-        let bn = BatchNorm::new(self.shape(), self.layout)
-            .unwrap()
-            .with_parallelism(self.par);
-        let mut o = Outputs::new(self.x.len(), self.c);
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
-        let saved = SavedStatsMut {
-            mean: &mut o.saved_mean,
-            inv_std: &mut o.saved_inv_std,
-        };
-        let up = update((&mut o.running_mean, &mut o.running_var), self.conv);
-        bn.training(&self.x, &mut o.y, affine, Some(saved), Some(up))
-            .unwrap();
-        let mode = batchnorm::BackwardMode::Training(SavedStats {
-            mean: &o.saved_mean,
-            inv_std: &o.saved_inv_std,
-        });
-        let grads = ParamGrads {
-            dgamma: &mut o.dgamma,
-            dbeta: &mut o.dbeta,
-            mode: GradMode::Overwrite,
-        };
-        bn.backward(&self.x, &self.dy, &mut o.dx, affine, mode, Some(grads))
-            .unwrap();
-        o
-    }
-
-    /// Runs the ranks and the single process and checks everything; returns the worst errors
-    /// (y, dx) relative to their scales.
-    fn check(&self) -> (f64, f64) {
-        let ctx = format!(
-            "{:?} C={} HW={} slices {:?} {:?} {:?}",
-            self.layout, self.c, self.hw, self.slices, self.conv, self.par
-        );
-        let ranks = on_ranks(self.slices.len(), |comm| self.run_rank(comm));
-        for (r, o) in ranks.iter().enumerate().skip(1) {
-            assert_eq!(
-                o.channel_bits(),
-                ranks[0].channel_bits(),
-                "rank {r} differs from rank 0: {ctx}"
-            );
-        }
-        let cat = |f: fn(&Outputs) -> &Vec<f32>| -> Vec<f32> {
-            ranks.iter().flat_map(|o| f(o).iter().copied()).collect()
-        };
-        let (y, dx) = (cat(|o| &o.y), cat(|o| &o.dx));
-        let got = Outputs {
-            y,
-            dx,
-            ..ranks[0].clone()
-        };
-        let single = self.run_single();
-        if self.slices.len() == 1 {
-            assert_eq!(got, single, "one rank differs from the local op: {ctx}");
-        }
-
-        let (shape, layout, c) = (self.shape(), self.layout, self.c);
-        let m = shape.per_channel();
-        let tol = fwd_tol(m);
-        let (x, dy, gamma, beta) = (&self.x, &self.dy, &self.gamma, &self.beta);
-        let want = reference::training(x, shape, layout, Some(gamma), Some(beta), 1e-5);
-        let grads = reference::backward_training(x, dy, shape, layout, Some(gamma), 1e-5);
-        let xhat = |i: usize| {
-            let ch = channel_of(shape, layout, i);
-            (x[i] as f64 - want.mean[ch]) * want.inv_std[ch]
-        };
-        let y_scale = |i: usize| {
-            let ch = channel_of(shape, layout, i);
-            (gamma[ch] as f64).abs() * (1.0 + xhat(i).abs()) + (beta[ch] as f64).abs()
-        };
-        // Backward scales: the terms of dx with absolute values; Σ|x̂·dy| for dγ, Σ|dy| for dβ.
-        let (mut sum_dy, mut sum_xdy) = (vec![0.0; c], vec![0.0; c]);
-        for i in 0..x.len() {
-            let ch = channel_of(shape, layout, i);
-            sum_dy[ch] += (dy[i] as f64).abs();
-            sum_xdy[ch] += (xhat(i) * dy[i] as f64).abs();
-        }
-        let dx_scale = |i: usize| {
-            let ch = channel_of(shape, layout, i);
-            let mf = m as f64;
-            (gamma[ch] as f64).abs()
-                * want.inv_std[ch]
-                * ((dy[i] as f64).abs() + sum_dy[ch] / mf + xhat(i).abs() * sum_xdy[ch] / mf)
-        };
-
-        let ey = max_rel_err(&got.y, &want.y, y_scale);
-        assert!(ey <= tol, "y: {ctx}: {ey:e} > {tol:e}");
-        let edx = max_rel_err(&got.dx, &grads.dx, dx_scale);
-        assert!(edx <= tol, "dx: {ctx}: {edx:e} > {tol:e}");
-        let eg = max_rel_err(&got.dgamma, &grads.dgamma, |ch| {
-            sum_xdy[ch] + f64::MIN_POSITIVE
-        });
-        let eb = max_rel_err(&got.dbeta, &grads.dbeta, |ch| {
-            sum_dy[ch] + f64::MIN_POSITIVE
-        });
-        assert!(eg <= tol && eb <= tol, "dgamma {eg:e} dbeta {eb:e}: {ctx}");
-        let (rm, rv) = reference::running_update(
-            &vec![0.5; c],
-            &vec![2.0; c],
-            &want,
-            self.conv.0,
-            self.conv.1,
-        );
-        for ch in 0..c {
-            let std = want.var[ch].sqrt();
-            let em =
-                (got.saved_mean[ch] as f64 - want.mean[ch]).abs() / (std + want.mean[ch].abs());
-            assert!(em <= tol, "saved mean ch {ch}: {em:e}: {ctx}");
-            let ei = (got.saved_inv_std[ch] as f64 / want.inv_std[ch] - 1.0).abs();
-            assert!(ei <= tol, "saved inv_std ch {ch}: {ei:e}: {ctx}");
-            let erm = (got.running_mean[ch] as f64 - rm[ch]).abs() / (rm[ch].abs() + std);
-            assert!(erm <= tol, "running mean ch {ch}: {erm:e}: {ctx}");
-            let erv = (got.running_var[ch] as f64 / rv[ch] - 1.0).abs();
-            assert!(erv <= tol, "running var ch {ch}: {erv:e}: {ctx}");
-        }
-
-        // Against the single-process op: each is within `tol` of the reference.
-        let e = max_rel_err(&got.y, &to_f64(&single.y), y_scale);
-        assert!(e <= 2.0 * tol, "y vs single process: {ctx}: {e:e}");
-        let e = max_rel_err(&got.dx, &to_f64(&single.dx), dx_scale);
-        assert!(e <= 2.0 * tol, "dx vs single process: {ctx}: {e:e}");
-        for ch in 0..c {
-            let d = (got.running_var[ch] as f64 / single.running_var[ch] as f64 - 1.0).abs();
-            assert!(
-                d <= 2.0 * tol,
-                "running var vs single process: {ctx}: {d:e}"
-            );
-        }
-        (ey, edx)
-    }
-}
-
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| a as f64).collect()
 }
 
 /// Ranks' slices: uneven, empty ones (first, middle, last), one rank, four ranks.
@@ -360,7 +71,9 @@ fn ranks_match_the_single_process_op_on_the_concatenated_batch() {
                 if case.conv.1 == Variance::Unbiased && case.shape().per_channel() < 2 {
                     case.conv = CONVENTIONS[1];
                 }
-                let (ey, edx) = case.check();
+                let errors = on_ranks(case.slices.len(), |comm| case.check(comm));
+                let ey = errors.iter().map(|e| e.0).fold(0.0, f64::max);
+                let edx = errors.iter().map(|e| e.1).fold(0.0, f64::max);
                 worst.note(&format!("sync y {layout:?}"), ey);
                 worst.note(&format!("sync dx {layout:?}"), edx);
             }
@@ -375,7 +88,7 @@ fn every_convention_on_both_layouts() {
         for conv in CONVENTIONS {
             let mut case = Case::new(&mut rng, layout, (13, 11), &[2, 0, 3]);
             case.conv = conv;
-            case.check();
+            on_ranks(case.slices.len(), |comm| case.check(comm));
         }
     }
 }
