@@ -153,20 +153,10 @@ impl BatchNorm {
         self.ctx.backend
     }
 
-    pub(crate) fn check_tensor(
-        &self,
-        op: &'static str,
-        arg: &'static str,
-        t: &[f32],
-    ) -> Result<(), Error> {
+    fn check_tensor(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
         check_len(op, arg, self.ctx.shape.len(), t.len())
     }
-    pub(crate) fn check_channels(
-        &self,
-        op: &'static str,
-        arg: &'static str,
-        t: &[f32],
-    ) -> Result<(), Error> {
+    fn check_channels(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
         check_len(op, arg, self.ctx.shape.c(), t.len())
     }
     pub(crate) fn check_affine(

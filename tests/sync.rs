@@ -409,3 +409,32 @@ fn synchronized_layers_train_like_one_layer_on_the_whole_batch() {
 fn rng_free_gamma(c: usize) -> Vec<f32> {
     (0..c).map(|i| 0.5 + 0.25 * i as f32).collect()
 }
+
+#[test]
+fn backward_ranks_that_disagree_on_the_gradients_get_an_error() {
+    use batchnorm::{GradMode, ParamGrads};
+    let results = on_ranks(2, |comm| {
+        let bn = sync(2, Layout::Nhwc);
+        let shape = Shape::new(1, 2, 2).ok();
+        let x = [1.0f32, 2.0, 3.0, 5.0];
+        let mut dx = [f32::NAN; 4];
+        let (mut dgamma, mut dbeta) = ([f32::NAN; 2], [f32::NAN; 2]);
+        let grads = (comm.rank() == 0).then_some(ParamGrads {
+            dgamma: &mut dgamma,
+            dbeta: &mut dbeta,
+            mode: GradMode::Overwrite,
+        });
+        let saved = SavedStats {
+            mean: &[2.0, 3.0],
+            inv_std: &[1.0, 1.0],
+        };
+        let r = bn.backward((&x, &x), &mut dx, shape, None, saved, grads, comm);
+        assert!(dx.iter().chain(&dgamma).chain(&dbeta).all(|v| v.is_nan()));
+        r
+    });
+    let want = Err(Error::SyncMismatch {
+        what: "parameter gradients",
+        rank: 1,
+    });
+    assert_eq!(results, vec![want.clone(), want]);
+}

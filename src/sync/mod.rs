@@ -139,18 +139,17 @@ enum Op {
 /// Number of `f64` fields of the descriptor every synchronized call gathers first.
 const FIELDS: usize = 11;
 
-/// Field names of the descriptor (after the status and the count), for [`Error::SyncMismatch`].
-const WHAT: [&str; FIELDS - 2] = [
-    "operation",
-    "channels",
-    "layout",
-    "eps",
+/// Names of the descriptor's fields after the status and the count, for
+/// [`Error::SyncMismatch`]: the common ones, then the training forward's or the backward's.
+const WHAT: [&str; 4] = ["operation", "channels", "layout", "eps"];
+const WHAT_TRAINING: [&str; 5] = [
     "affine",
-    "saved statistics or parameter gradients",
-    "running update or gradient mode",
+    "saved statistics",
+    "running update",
     "momentum",
     "variance estimator",
 ];
+const WHAT_BACKWARD: [&str; 5] = ["affine", "parameter gradients", "gradient mode", "", ""];
 
 /// The descriptor of one rank's call: `[status, count, op, channels, layout, eps, ...]`.
 /// Integers travel as exact f64 values (counts below 2⁵³).
@@ -174,10 +173,12 @@ fn agree<T, C: Communicator + ?Sized>(
     let first = &all[..FIELDS];
     for (rank, d) in rows().enumerate().skip(1) {
         if let Some(i) = (2..FIELDS).find(|&i| d[i].to_bits() != first[i].to_bits()) {
-            return Err(Error::SyncMismatch {
-                what: WHAT[i - 2],
-                rank,
-            });
+            let what = match i - 2 {
+                k if k < WHAT.len() => WHAT[k],
+                k if first[2] == Op::Training as u8 as f64 => WHAT_TRAINING[k - WHAT.len()],
+                k => WHAT_BACKWARD[k - WHAT.len()],
+            };
+            return Err(Error::SyncMismatch { what, rank });
         }
     }
     let local = local?; // Ok: this rank's status was 0.

@@ -57,7 +57,9 @@ struct State {
 }
 
 impl ThreadComm {
-    /// The handles of a new group of `size` ranks (at least one), rank r at index r.
+    /// The handles of a new group of `size` ranks, rank r at index r (`size` 0 is taken as 1).
+    /// Run each rank on its own thread (`std::thread`, not a rayon task: a rank blocks in a
+    /// collective until every rank has joined it).
     pub fn group(size: usize) -> Vec<ThreadComm> {
         let size = size.max(1);
         let group = Arc::new(Group {
