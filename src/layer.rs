@@ -235,11 +235,11 @@ impl BatchNormLayer {
     /// unbiased variance).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], shape: Shape) -> Result<(), Error> {
         let op = self.operator(shape)?;
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
         if !self.training {
+            let affine = Some(Affine {
+                gamma: &self.gamma,
+                beta: &self.beta,
+            });
             let running = RunningStats {
                 mean: &self.running_mean,
                 var: &self.running_var,
@@ -249,16 +249,7 @@ impl BatchNormLayer {
             return Ok(());
         }
         let tracked = self.batches_tracked + 1;
-        let update = RunningUpdate {
-            mean: &mut self.running_mean,
-            var: &mut self.running_var,
-            momentum: momentum_at(self.momentum, tracked),
-            var_estimator: self.var_estimator,
-        };
-        let saved = SavedStatsMut {
-            mean: &mut self.saved_mean,
-            inv_std: &mut self.saved_inv_std,
-        };
+        let (affine, saved, update) = self.training_args(tracked);
         let stats = (Epilogue::None, None); // the batch statistics are not kept
         op.train_into("training", (x, y), affine, Some(saved), Some(update), stats)?;
         self.batches_tracked = tracked;
@@ -296,20 +287,7 @@ impl BatchNormLayer {
         }
         let bn = SyncBatchNorm::from_operator(self.operator(Shape::new(1, self.channels, 1)?)?);
         let tracked = self.batches_tracked + 1;
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
-        let update = RunningUpdate {
-            mean: &mut self.running_mean,
-            var: &mut self.running_var,
-            momentum: momentum_at(self.momentum, tracked),
-            var_estimator: self.var_estimator,
-        };
-        let saved = SavedStatsMut {
-            mean: &mut self.saved_mean,
-            inv_std: &mut self.saved_inv_std,
-        };
+        let (affine, saved, update) = self.training_args(tracked);
         bn.training(x, y, shape, affine, Some(saved), Some(update), comm)?;
         self.batches_tracked = tracked;
         self.last = Some(Last::Sync(shape));
@@ -339,19 +317,7 @@ impl BatchNormLayer {
             _ => return Err(Error::NoForward),
         };
         let bn = SyncBatchNorm::from_operator(self.operator(Shape::new(1, self.channels, 1)?)?);
-        let saved = SavedStats {
-            mean: &self.saved_mean,
-            inv_std: &self.saved_inv_std,
-        };
-        let grads = ParamGrads {
-            dgamma: &mut self.dgamma,
-            dbeta: &mut self.dbeta,
-            mode: GradMode::Accumulate,
-        };
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
+        let (affine, saved, grads, _) = self.backward_args();
         bn.backward((x, dy), dx, shape, affine, saved, Some(grads), comm)
     }
 
@@ -378,27 +344,66 @@ impl BatchNormLayer {
             _ => return Err(Error::NoForward),
         };
         let op = self.operator(shape)?;
+        let (affine, saved, grads, running) = self.backward_args();
         let mode = if batch_stats {
-            BackwardMode::Training(SavedStats {
-                mean: &self.saved_mean,
-                inv_std: &self.saved_inv_std,
-            })
+            BackwardMode::Training(saved)
         } else {
-            BackwardMode::Frozen(RunningStats {
-                mean: &self.running_mean,
-                var: &self.running_var,
-            })
+            BackwardMode::Frozen(running)
+        };
+        op.backward(x, dy, dx, affine, mode, Some(grads))
+    }
+
+    /// The layer's arguments of a training forward, the `tracked`-th batch: γ and β, where the
+    /// statistics are saved, and the running update.
+    fn training_args(
+        &mut self,
+        tracked: u64,
+    ) -> (Option<Affine<'_>>, SavedStatsMut<'_>, RunningUpdate<'_>) {
+        let affine = Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        };
+        let saved = SavedStatsMut {
+            mean: &mut self.saved_mean,
+            inv_std: &mut self.saved_inv_std,
+        };
+        let update = RunningUpdate {
+            mean: &mut self.running_mean,
+            var: &mut self.running_var,
+            momentum: momentum_at(self.momentum, tracked),
+            var_estimator: self.var_estimator,
+        };
+        (Some(affine), saved, update)
+    }
+
+    /// The layer's arguments of a backward: γ and β, the saved and the running statistics, and
+    /// the gradients to accumulate into.
+    fn backward_args(
+        &mut self,
+    ) -> (
+        Option<Affine<'_>>,
+        SavedStats<'_>,
+        ParamGrads<'_>,
+        RunningStats<'_>,
+    ) {
+        let affine = Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        };
+        let saved = SavedStats {
+            mean: &self.saved_mean,
+            inv_std: &self.saved_inv_std,
+        };
+        let running = RunningStats {
+            mean: &self.running_mean,
+            var: &self.running_var,
         };
         let grads = ParamGrads {
             dgamma: &mut self.dgamma,
             dbeta: &mut self.dbeta,
             mode: GradMode::Accumulate,
         };
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
-        op.backward(x, dy, dx, affine, mode, Some(grads))
+        (Some(affine), saved, grads, running)
     }
 
     /// Sets dγ and dβ to zero.
