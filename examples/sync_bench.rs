@@ -32,43 +32,14 @@ struct Buffers {
     dbeta: Vec<f32>,
 }
 
-fn local_step(bn: &BatchNorm, b: &mut Buffers) -> Result<(), Error> {
-    let affine = Some(Affine {
-        gamma: &b.gamma,
-        beta: &b.beta,
-    });
-    let saved = SavedStatsMut {
-        mean: &mut b.saved_mean,
-        inv_std: &mut b.inv_std,
-    };
-    let update = RunningUpdate::pytorch(&mut b.mean, &mut b.var);
-    bn.training_into(
-        &b.x,
-        &mut b.y,
-        affine,
-        Some(saved),
-        Some(update),
-        Default::default(),
-        None,
-    )?;
-    let mode = BackwardMode::Training(SavedStats {
-        mean: &b.saved_mean,
-        inv_std: &b.inv_std,
-    });
-    let grads = ParamGrads {
-        dgamma: &mut b.dgamma,
-        dbeta: &mut b.dbeta,
-        mode: GradMode::Overwrite,
-    };
-    bn.backward(&b.x, &b.dy, &mut b.dx, affine, mode, Some(grads))
+/// The op under test: the local one, or the synchronized one on this rank's slice.
+enum Op<'a> {
+    Local(&'a BatchNorm),
+    Sync(&'a SyncBatchNorm, Shape, &'a dyn Communicator),
 }
 
-fn sync_step<C: Communicator>(
-    bn: &SyncBatchNorm,
-    shape: Shape,
-    b: &mut Buffers,
-    comm: &C,
-) -> Result<(), Error> {
+/// One training forward (PyTorch's running update) and its backward.
+fn step(op: &Op<'_>, b: &mut Buffers) -> Result<(), Error> {
     let affine = Some(Affine {
         gamma: &b.gamma,
         beta: &b.beta,
@@ -78,34 +49,35 @@ fn sync_step<C: Communicator>(
         inv_std: &mut b.inv_std,
     };
     let update = RunningUpdate::pytorch(&mut b.mean, &mut b.var);
-    let local = Some(shape);
-    bn.training(
-        &b.x,
-        &mut b.y,
-        local,
-        affine,
-        Some(saved),
-        Some(update),
-        comm,
-    )?;
+    let (x, y) = (&b.x[..], &mut b.y[..]);
+    match op {
+        Op::Local(bn) => {
+            let kept = (Default::default(), None);
+            bn.training_into(x, y, affine, Some(saved), Some(update), kept.0, kept.1)?
+        }
+        Op::Sync(bn, shape, comm) => {
+            bn.training(x, y, Some(*shape), affine, Some(saved), Some(update), *comm)?
+        }
+    }
     let saved = SavedStats {
         mean: &b.saved_mean,
         inv_std: &b.inv_std,
     };
-    let grads = ParamGrads {
+    let grads = Some(ParamGrads {
         dgamma: &mut b.dgamma,
         dbeta: &mut b.dbeta,
         mode: GradMode::Overwrite,
-    };
-    bn.backward(
-        (&b.x, &b.dy),
-        &mut b.dx,
-        local,
-        affine,
-        saved,
-        Some(grads),
-        comm,
-    )
+    });
+    match op {
+        Op::Local(bn) => {
+            let mode = BackwardMode::Training(saved);
+            bn.backward(x, &b.dy, &mut b.dx, affine, mode, grads)
+        }
+        Op::Sync(bn, shape, comm) => {
+            let local = Some(*shape);
+            bn.backward((x, &b.dy), &mut b.dx, local, affine, saved, grads, *comm)
+        }
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -155,14 +127,15 @@ fn main() -> Result<(), Error> {
         dgamma: vec![0.0; c],
         dbeta: vec![0.0; c],
     };
+    let (local_op, sync_op) = (Op::Local(&bn), Op::Sync(&sync, shape, &comm));
     // Every timed step starts together: a gather of one value is a barrier.
     let barrier = || {
         let mut all = vec![0.0; size];
         comm.all_gather(&[0.0], &mut all)
     };
     for _ in 0..3 {
-        local_step(&bn, &mut b)?;
-        sync_step(&sync, shape, &mut b, &comm)?;
+        step(&local_op, &mut b)?;
+        step(&sync_op, &mut b)?;
     }
     // The messages of one synchronized step alone (the descriptor, the forward's 2·C and the
     // backward's 3·C values per rank), to separate communication from waiting for a slower rank.
@@ -180,10 +153,10 @@ fn main() -> Result<(), Error> {
         barrier()?;
         let t = Instant::now();
         if (i + i / 2) % 2 == 0 {
-            local_step(&bn, &mut b)?;
+            step(&local_op, &mut b)?;
             local.push(t.elapsed().as_secs_f64());
         } else {
-            sync_step(&sync, shape, &mut b, &comm)?;
+            step(&sync_op, &mut b)?;
             synced.push(t.elapsed().as_secs_f64());
         }
         if i % 2 == 1 {
