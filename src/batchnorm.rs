@@ -7,7 +7,7 @@ use crate::error::check_len;
 use crate::par::SharedMut;
 use crate::params::{
     Affine, BackwardEpilogue, BackwardMode, Epilogue, GradMode, ParamGrads, RunningStats,
-    RunningUpdate, SavedStatsMut,
+    RunningUpdate, SavedStats, SavedStatsMut,
 };
 use crate::scratch::{self, Scratch};
 use crate::{BatchStats, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance};
@@ -73,6 +73,17 @@ impl BatchNorm {
         backend: crate::Backend,
     ) -> Result<BatchNorm, Error> {
         Self::build(shape, layout, backend).with_backend(backend)
+    }
+
+    /// The same operator for another shape (ε, parallelism and backend kept).
+    pub(crate) fn with_shape(mut self, shape: Shape) -> BatchNorm {
+        self.ctx.shape = shape;
+        self
+    }
+
+    /// What the drivers need to know.
+    pub(crate) fn ctx(&self) -> &Ctx {
+        &self.ctx
     }
 
     fn build(shape: Shape, layout: Layout, backend: crate::Backend) -> BatchNorm {
@@ -149,7 +160,11 @@ impl BatchNorm {
     fn check_channels(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
         check_len(op, arg, self.ctx.shape.c(), t.len())
     }
-    fn check_affine(&self, op: &'static str, affine: Option<&Affine<'_>>) -> Result<(), Error> {
+    pub(crate) fn check_affine(
+        &self,
+        op: &'static str,
+        affine: Option<&Affine<'_>>,
+    ) -> Result<(), Error> {
         if let Some(a) = affine {
             self.check_channels(op, "gamma", a.gamma)?;
             self.check_channels(op, "beta", a.beta)?;
@@ -416,24 +431,8 @@ impl BatchNorm {
             check_len(op, "stats", self.ctx.shape.c(), s.len())?;
         }
         let fuse = self.fuse(op, epilogue)?;
-        self.check_affine(op, affine.as_ref())?;
-        if let Some(saved) = &saved {
-            self.check_channels(op, "saved_mean", saved.mean)?;
-            self.check_channels(op, "saved_inv_std", saved.inv_std)?;
-        }
-        let mut update = update;
-        let weight = match &update {
-            Some(u) => {
-                self.check_channels(op, "running_mean", u.mean)?;
-                self.check_channels(op, "running_var", u.var)?;
-                let per_channel = self.ctx.shape.per_channel() as u64;
-                if u.var_estimator == Variance::Unbiased && per_channel < 2 {
-                    return Err(Error::TooFewValues { per_channel });
-                }
-                Some(u.momentum.weights()?)
-            }
-            None => None,
-        };
+        let weights = self.check_training_channels(op, affine.as_ref(), saved.as_ref(), &update)?;
+        check_values(update.as_ref(), self.ctx.shape.per_channel() as u64)?;
 
         let eps = self.eps;
         // The inverse std of each channel as `make` computes it (the driver calls `make` once per
@@ -453,28 +452,37 @@ impl BatchNorm {
             }
         };
         driver::training(&self.ctx, (x, fuse), y, &make, stats);
-
-        if let Some(saved) = saved {
-            for (c, s) in stats.iter().enumerate() {
-                saved.mean[c] = s.mean() as f32;
-                saved.inv_std[c] = f32::from_bits(inv_std[c].load(Ordering::Relaxed));
-            }
-        }
-        if let (Some(u), Some((old, new))) = (update.as_mut(), weight) {
-            for (c, s) in stats.iter().enumerate() {
-                let var = match u.var_estimator {
-                    Variance::Biased => s.m2() / s.count() as f64,
-                    Variance::Unbiased => s.m2() / (s.count() as f64 - 1.0),
-                };
-                u.mean[c] = (old * u.mean[c] as f64 + new * s.mean()) as f32;
-                u.var[c] = (old * u.var[c] as f64 + new * var) as f32;
-            }
-        }
+        let inv_std = |c: usize| f32::from_bits(inv_std[c].load(Ordering::Relaxed));
+        finish_training(stats, inv_std, saved, update.zip(weights));
         Ok(())
     }
 
+    /// The per-channel arguments of a training forward (everything but the tensors and the
+    /// number of values): their lengths, and the update rule's weights `(old, new)`.
+    pub(crate) fn check_training_channels(
+        &self,
+        op: &'static str,
+        affine: Option<&Affine<'_>>,
+        saved: Option<&SavedStatsMut<'_>>,
+        update: &Option<RunningUpdate<'_>>,
+    ) -> Result<Option<(f64, f64)>, Error> {
+        self.check_affine(op, affine)?;
+        if let Some(saved) = saved {
+            self.check_channels(op, "saved_mean", saved.mean)?;
+            self.check_channels(op, "saved_inv_std", saved.inv_std)?;
+        }
+        match update {
+            Some(u) => {
+                self.check_channels(op, "running_mean", u.mean)?;
+                self.check_channels(op, "running_var", u.var)?;
+                Ok(Some(u.momentum.weights()?))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// The lengths of backward's parameter gradients and statistics.
-    fn check_grads_and_mode(
+    pub(crate) fn check_grads_and_mode(
         &self,
         op: &'static str,
         grads: Option<&ParamGrads<'_>>,
@@ -526,22 +534,7 @@ impl BatchNorm {
         let mut sums = scratch::zeroed::<GradSums>(channels);
         match mode {
             BackwardMode::Training(saved) => {
-                let make = |c: usize, g: &GradSums| {
-                    let (r, gamma) = (saved.inv_std[c] as f64, gamma_of(c));
-                    let (dgamma, dbeta, lo) = training_grads(g, r, m);
-                    // dx = a·dy + b·x̂ + c, x̂ = (x − K)·r; the true x − μ is (x − K) − lo.
-                    let a = gamma * r;
-                    let b = -a * dgamma / m;
-                    let c0 = -a * dbeta / m - b * lo * r;
-                    let (shift, r) = (saved.mean[c], saved.inv_std[c]);
-                    DxParams {
-                        shift,
-                        r,
-                        a: a as f32,
-                        b: b as f32,
-                        c: c0 as f32,
-                    }
-                };
+                let make = |c: usize, g: &GradSums| dx_params(&saved, c, gamma_of(c), g, m);
                 let make = Some(&make as _);
                 driver::backward(&self.ctx, x, grad, dx, saved.mean, make, &mut sums);
             }
@@ -561,7 +554,7 @@ impl BatchNorm {
                 driver::normalize(&self.ctx, (grad.src(), Fuse::default()), dx, &params);
             }
         }
-        if let Some(g) = grads {
+        if let Some(mut g) = grads {
             for (c, sums) in sums.iter().enumerate() {
                 let (dgamma, dbeta) = match mode {
                     BackwardMode::Training(saved) => {
@@ -572,16 +565,7 @@ impl BatchNorm {
                         (frozen_inv_std(running.var[c]) * sums.xdy, sums.dy)
                     }
                 };
-                match g.mode {
-                    GradMode::Overwrite => {
-                        g.dgamma[c] = dgamma as f32;
-                        g.dbeta[c] = dbeta as f32;
-                    }
-                    GradMode::Accumulate => {
-                        g.dgamma[c] = (g.dgamma[c] as f64 + dgamma) as f32;
-                        g.dbeta[c] = (g.dbeta[c] as f64 + dbeta) as f32;
-                    }
-                }
+                write_grads(&mut g, c, (dgamma, dbeta));
             }
         }
         Ok(())
@@ -680,14 +664,94 @@ impl BatchNorm {
     }
 }
 
-fn gamma_beta(affine: Option<&Affine<'_>>, c: usize) -> (f64, f64) {
+/// The TooFewValues check of a running update: the unbiased variance needs `count ≥ 2` values
+/// per channel (N·HW locally, the global count when synchronized).
+pub(crate) fn check_values(update: Option<&RunningUpdate<'_>>, count: u64) -> Result<(), Error> {
+    match update {
+        Some(u) if u.var_estimator == Variance::Unbiased && count < 2 => {
+            Err(Error::TooFewValues { per_channel: count })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a training forward does after normalizing, from the batch statistics `stats` (one per
+/// channel) and the inverse std each channel normalized with: the saved statistics, and the
+/// running update with its weights `(old, new)`.
+pub(crate) fn finish_training(
+    stats: &[ChannelStats],
+    inv_std: impl Fn(usize) -> f32,
+    saved: Option<SavedStatsMut<'_>>,
+    update: Option<(RunningUpdate<'_>, (f64, f64))>,
+) {
+    if let Some(saved) = saved {
+        for (c, s) in stats.iter().enumerate() {
+            saved.mean[c] = s.mean() as f32;
+            saved.inv_std[c] = inv_std(c);
+        }
+    }
+    if let Some((u, (old, new))) = update {
+        for (c, s) in stats.iter().enumerate() {
+            let var = match u.var_estimator {
+                Variance::Biased => s.m2() / s.count() as f64,
+                Variance::Unbiased => s.m2() / (s.count() as f64 - 1.0),
+            };
+            u.mean[c] = (old * u.mean[c] as f64 + new * s.mean()) as f32;
+            u.var[c] = (old * u.var[c] as f64 + new * var) as f32;
+        }
+    }
+}
+
+/// The dx parameters of channel `c` in training mode from its backward sums `g` (relative to the
+/// saved mean), γ, and the number of values `m` the statistics were taken over.
+pub(crate) fn dx_params(
+    saved: &SavedStats<'_>,
+    c: usize,
+    gamma: f64,
+    g: &GradSums,
+    m: f64,
+) -> DxParams {
+    let r = saved.inv_std[c] as f64;
+    let (dgamma, dbeta, lo) = training_grads(g, r, m);
+    // dx = a·dy + b·x̂ + c, x̂ = (x − K)·r; the true x − μ is (x − K) − lo.
+    let a = gamma * r;
+    let b = -a * dgamma / m;
+    let c0 = -a * dbeta / m - b * lo * r;
+    DxParams {
+        shift: saved.mean[c],
+        r: saved.inv_std[c],
+        a: a as f32,
+        b: b as f32,
+        c: c0 as f32,
+    }
+}
+
+/// Writes channel `c`'s (dγ, dβ) into `g`, overwriting or accumulating.
+pub(crate) fn write_grads(g: &mut ParamGrads<'_>, c: usize, (dgamma, dbeta): (f64, f64)) {
+    match g.mode {
+        GradMode::Overwrite => {
+            g.dgamma[c] = dgamma as f32;
+            g.dbeta[c] = dbeta as f32;
+        }
+        GradMode::Accumulate => {
+            g.dgamma[c] = (g.dgamma[c] as f64 + dgamma) as f32;
+            g.dbeta[c] = (g.dbeta[c] as f64 + dbeta) as f32;
+        }
+    }
+}
+
+pub(crate) fn gamma_beta(affine: Option<&Affine<'_>>, c: usize) -> (f64, f64) {
     affine.map_or((1.0, 0.0), |a| (a.gamma[c] as f64, a.beta[c] as f64))
 }
 
 /// Normalization of one channel from its batch statistics, in f64: subtract the f32-rounded mean
 /// `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias. Returns the parameters and
 /// the inverse std r.
-fn normalize_params(s: &ChannelStats, eps: f64, (gamma, beta): (f64, f64)) -> (ChannelAffine, f64) {
+pub(crate) fn normalize_params(
+    s: &ChannelStats,
+    eps: f64,
+    (gamma, beta): (f64, f64),
+) -> (ChannelAffine, f64) {
     let var = s.m2() / s.count() as f64;
     let var = if var < 0.0 { 0.0 } else { var };
     let inv_std = 1.0 / (var + eps).sqrt();
@@ -706,7 +770,7 @@ fn normalize_params(s: &ChannelStats, eps: f64, (gamma, beta): (f64, f64)) -> (C
 }
 
 /// dγ, dβ and the mean residual `mean(x) − K` from the reduction sums (relative to pivot K).
-fn training_grads(g: &GradSums, inv_std: f64, m: f64) -> (f64, f64, f64) {
+pub(crate) fn training_grads(g: &GradSums, inv_std: f64, m: f64) -> (f64, f64, f64) {
     let residual = g.x / m;
     let centered_xdy = g.xdy - residual * g.dy;
     (inv_std * centered_xdy, g.dy, residual)

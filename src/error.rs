@@ -69,7 +69,8 @@ pub enum Error {
         /// The value of the variable.
         name: String,
     },
-    /// [`crate::BatchNormLayer::backward`] was called before any successful forward.
+    /// [`crate::BatchNormLayer::backward`] was called before any successful forward (or after a
+    /// synchronized one; [`crate::BatchNormLayer::backward_sync`] after a local training one).
     NoForward,
     /// An array view has a rank outside 2 to 5 (`(N, C)` to `(N, C, D, H, W)`; feature `ndarray`).
     UnsupportedRank {
@@ -82,6 +83,31 @@ pub enum Error {
         axis: usize,
         /// Its stride, in elements.
         stride: isize,
+    },
+    /// The ranks of a synchronized operation disagree on its configuration (checked on every
+    /// rank before anything is written, so every rank gets this error).
+    SyncMismatch {
+        /// What differs: `"operation"`, `"channels"`, `"layout"`, `"eps"`, `"affine"`,
+        /// `"saved statistics"`, `"running update"`, `"momentum"`, `"variance estimator"`,
+        /// `"parameter gradients"` or `"gradient mode"`.
+        what: &'static str,
+        /// The first rank whose value differs from rank 0's.
+        rank: usize,
+    },
+    /// Another rank of a synchronized operation rejected its own arguments (its error names
+    /// them); this rank stopped before writing anything.
+    SyncPeerFailed {
+        /// The first rank that failed.
+        rank: usize,
+    },
+    /// Every rank of a synchronized training forward has an empty slice: there are no values
+    /// to take statistics of.
+    EmptyBatch,
+    /// The communicator failed (a rank left the group, or the ranks sent buffers of different
+    /// lengths).
+    Communication {
+        /// What went wrong.
+        reason: &'static str,
     },
 }
 
@@ -139,9 +165,25 @@ impl fmt::Display for Error {
                 "axis {axis} has stride {stride}, which fits neither standard (NCHW) nor \
                  channels-last (NHWC) memory order; copy the array into one of them"
             ),
+            Error::SyncMismatch { what, rank } => write!(
+                f,
+                "synchronized batch norm: rank {rank} disagrees with rank 0 on the {what}; \
+                 every rank must call the same operation with the same configuration"
+            ),
+            Error::SyncPeerFailed { rank } => write!(
+                f,
+                "synchronized batch norm: rank {rank} rejected its arguments (see its error); \
+                 nothing was written"
+            ),
+            Error::EmptyBatch => write!(
+                f,
+                "synchronized batch norm: every rank's slice is empty, there are no values"
+            ),
+            Error::Communication { reason } => write!(f, "communicator failed: {reason}"),
             Error::NoForward => write!(
                 f,
-                "layer backward needs a successful forward first (it differentiates that call)"
+                "layer backward needs a successful forward first (it differentiates that call; \
+                 backward_sync differentiates forward_sync)"
             ),
         }
     }

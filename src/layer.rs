@@ -8,6 +8,7 @@ use crate::{
     Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
     Variance,
 };
+use crate::{Communicator, SyncBatchNorm};
 
 /// A batch-norm layer over `C` channels, as `torch.nn.BatchNorm1d/2d/3d` or Keras
 /// `BatchNormalization` hold it: γ (ones), β (zeros), running mean (zeros) and variance (ones),
@@ -53,8 +54,18 @@ pub struct BatchNormLayer {
     saved_inv_std: Vec<f32>,
     dgamma: Vec<f32>,
     dbeta: Vec<f32>,
-    /// The shape and mode of the last successful forward, which backward differentiates.
-    last: Option<(Shape, bool)>,
+    /// The last successful forward, which backward differentiates.
+    last: Option<Last>,
+}
+
+/// What a layer's backward differentiates.
+#[derive(Clone, Copy, Debug)]
+enum Last {
+    /// A local forward (or an evaluation-mode synchronized one): the shape (`None`: an empty
+    /// slice) and whether it normalized with batch statistics.
+    Local(Option<Shape>, bool),
+    /// A synchronized training forward on this rank's slice (`None`: empty).
+    Sync(Option<Shape>),
 }
 
 impl BatchNormLayer {
@@ -224,41 +235,90 @@ impl BatchNormLayer {
     /// unbiased variance).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], shape: Shape) -> Result<(), Error> {
         let op = self.operator(shape)?;
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
         if !self.training {
+            let affine = Some(Affine {
+                gamma: &self.gamma,
+                beta: &self.beta,
+            });
             let running = RunningStats {
                 mean: &self.running_mean,
                 var: &self.running_var,
             };
             op.inference(x, y, affine, running)?;
-            self.last = Some((shape, false));
+            self.last = Some(Last::Local(Some(shape), false));
             return Ok(());
         }
         let tracked = self.batches_tracked + 1;
-        let momentum = match self.momentum {
-            Momentum::CumulativeAverage { .. } => Momentum::CumulativeAverage {
-                batches_tracked: tracked,
-            },
-            m => m,
-        };
-        let update = RunningUpdate {
-            mean: &mut self.running_mean,
-            var: &mut self.running_var,
-            momentum,
-            var_estimator: self.var_estimator,
-        };
-        let saved = SavedStatsMut {
-            mean: &mut self.saved_mean,
-            inv_std: &mut self.saved_inv_std,
-        };
+        let (affine, saved, update) = self.training_args(tracked);
         let stats = (Epilogue::None, None); // the batch statistics are not kept
         op.train_into("training", (x, y), affine, Some(saved), Some(update), stats)?;
         self.batches_tracked = tracked;
-        self.last = Some((shape, true));
+        self.last = Some(Last::Local(Some(shape), true));
         Ok(())
+    }
+
+    /// [`forward`](BatchNormLayer::forward) synchronized over the ranks of `comm`
+    /// ([`SyncBatchNorm::training`]): this rank's slice `x` of `shape` (`None` when it is empty
+    /// this step) is normalized with the statistics of every rank's slice, and the running
+    /// statistics and the batch counter are updated from them, identically on every rank. Every
+    /// rank's layer must be in training mode and configured alike (a disagreement is an error on
+    /// every rank). In evaluation mode nothing is exchanged: this is
+    /// [`forward`](BatchNormLayer::forward) (the running statistics are the same on every rank).
+    ///
+    /// # Errors
+    /// The errors of [`SyncBatchNorm::training`]; in evaluation mode those of
+    /// [`forward`](BatchNormLayer::forward), and [`Error::LengthMismatch`] for a non-empty `x` or
+    /// `y` with `shape` `None`. On error nothing changes.
+    pub fn forward_sync<C: Communicator + ?Sized>(
+        &mut self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: Option<Shape>,
+        comm: &C,
+    ) -> Result<(), Error> {
+        if !self.training {
+            let Some(shape) = shape else {
+                check_len("BatchNormLayer::forward_sync", "x", 0, x.len())?;
+                check_len("BatchNormLayer::forward_sync", "y", 0, y.len())?;
+                self.last = Some(Last::Local(None, false));
+                return Ok(());
+            };
+            return self.forward(x, y, shape);
+        }
+        let bn = SyncBatchNorm::from_operator(self.operator(Shape::new(1, self.channels, 1)?)?);
+        let tracked = self.batches_tracked + 1;
+        let (affine, saved, update) = self.training_args(tracked);
+        bn.training(x, y, shape, affine, Some(saved), Some(update), comm)?;
+        self.batches_tracked = tracked;
+        self.last = Some(Last::Sync(shape));
+        Ok(())
+    }
+
+    /// The backward of [`forward_sync`](BatchNormLayer::forward_sync)
+    /// ([`SyncBatchNorm::backward`]): this rank's dx, and the dγ and dβ of the whole batch
+    /// (the same on every rank) accumulated into the layer's gradients. After an evaluation-mode
+    /// `forward_sync` nothing is exchanged: this is [`backward`](BatchNormLayer::backward), with
+    /// this rank's own dγ and dβ.
+    ///
+    /// # Errors
+    /// [`Error::NoForward`] if the last successful forward was not a `forward_sync` (a local
+    /// training forward is differentiated by [`backward`](BatchNormLayer::backward)); the errors
+    /// of [`SyncBatchNorm::backward`]. On error nothing changes.
+    pub fn backward_sync<C: Communicator + ?Sized>(
+        &mut self,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        comm: &C,
+    ) -> Result<(), Error> {
+        let shape = match self.last {
+            Some(Last::Sync(shape)) => shape,
+            Some(Last::Local(_, false)) => return self.backward(x, dy, dx),
+            _ => return Err(Error::NoForward),
+        };
+        let bn = SyncBatchNorm::from_operator(self.operator(Shape::new(1, self.channels, 1)?)?);
+        let (affine, saved, grads, _) = self.backward_args();
+        bn.backward((x, dy), dx, shape, affine, saved, Some(grads), comm)
     }
 
     /// `dx` from `dy` for the last forward (its shape and mode: batch statistics after a
@@ -268,34 +328,82 @@ impl BatchNormLayer {
     /// forward.
     ///
     /// # Errors
-    /// [`Error::NoForward`] before any successful forward; the errors of
-    /// [`BatchNorm::backward`] (wrong lengths). On error nothing changes.
+    /// [`Error::NoForward`] before any successful forward, or after a synchronized training
+    /// forward (differentiated by [`backward_sync`](BatchNormLayer::backward_sync)); the errors
+    /// of [`BatchNorm::backward`] (wrong lengths). On error nothing changes.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<(), Error> {
-        let Some((shape, batch_stats)) = self.last else {
-            return Err(Error::NoForward);
+        let (shape, batch_stats) = match self.last {
+            Some(Last::Local(Some(shape), batch_stats)) => (shape, batch_stats),
+            Some(Last::Local(None, _)) => {
+                // An empty slice in evaluation mode: nothing to differentiate.
+                const OP: &str = "BatchNormLayer::backward";
+                check_len(OP, "x", 0, x.len())?;
+                check_len(OP, "dy", 0, dy.len())?;
+                return check_len(OP, "dx", 0, dx.len());
+            }
+            _ => return Err(Error::NoForward),
         };
         let op = self.operator(shape)?;
+        let (affine, saved, grads, running) = self.backward_args();
         let mode = if batch_stats {
-            BackwardMode::Training(SavedStats {
-                mean: &self.saved_mean,
-                inv_std: &self.saved_inv_std,
-            })
+            BackwardMode::Training(saved)
         } else {
-            BackwardMode::Frozen(RunningStats {
-                mean: &self.running_mean,
-                var: &self.running_var,
-            })
+            BackwardMode::Frozen(running)
+        };
+        op.backward(x, dy, dx, affine, mode, Some(grads))
+    }
+
+    /// The layer's arguments of a training forward, the `tracked`-th batch: γ and β, where the
+    /// statistics are saved, and the running update.
+    fn training_args(
+        &mut self,
+        tracked: u64,
+    ) -> (Option<Affine<'_>>, SavedStatsMut<'_>, RunningUpdate<'_>) {
+        let affine = Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        };
+        let saved = SavedStatsMut {
+            mean: &mut self.saved_mean,
+            inv_std: &mut self.saved_inv_std,
+        };
+        let update = RunningUpdate {
+            mean: &mut self.running_mean,
+            var: &mut self.running_var,
+            momentum: momentum_at(self.momentum, tracked),
+            var_estimator: self.var_estimator,
+        };
+        (Some(affine), saved, update)
+    }
+
+    /// The layer's arguments of a backward: γ and β, the saved and the running statistics, and
+    /// the gradients to accumulate into.
+    fn backward_args(
+        &mut self,
+    ) -> (
+        Option<Affine<'_>>,
+        SavedStats<'_>,
+        ParamGrads<'_>,
+        RunningStats<'_>,
+    ) {
+        let affine = Affine {
+            gamma: &self.gamma,
+            beta: &self.beta,
+        };
+        let saved = SavedStats {
+            mean: &self.saved_mean,
+            inv_std: &self.saved_inv_std,
+        };
+        let running = RunningStats {
+            mean: &self.running_mean,
+            var: &self.running_var,
         };
         let grads = ParamGrads {
             dgamma: &mut self.dgamma,
             dbeta: &mut self.dbeta,
             mode: GradMode::Accumulate,
         };
-        let affine = Some(Affine {
-            gamma: &self.gamma,
-            beta: &self.beta,
-        });
-        op.backward(x, dy, dx, affine, mode, Some(grads))
+        (Some(affine), saved, grads, running)
     }
 
     /// Sets dγ and dβ to zero.
@@ -401,5 +509,15 @@ impl BatchNormLayer {
         self.gamma.copy_from_slice(gamma);
         self.beta.copy_from_slice(beta);
         Ok(())
+    }
+}
+
+/// The update rule of the `tracked`-th training batch: the cumulative average counts it.
+fn momentum_at(momentum: Momentum, tracked: u64) -> Momentum {
+    match momentum {
+        Momentum::CumulativeAverage { .. } => Momentum::CumulativeAverage {
+            batches_tracked: tracked,
+        },
+        m => m,
     }
 }

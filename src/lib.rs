@@ -16,6 +16,7 @@ mod scratch;
 mod shape;
 mod simd;
 mod stats;
+mod sync;
 
 pub use batchnorm::{BatchNorm, DEFAULT_EPS};
 pub use element::{Element, bf16, f16};
@@ -29,3 +30,6 @@ pub use params::{
 pub use shape::{Layout, Shape};
 pub use simd::Backend;
 pub use stats::{BatchStats, ChannelStats, Variance};
+#[cfg(feature = "mpi")]
+pub use sync::MpiComm;
+pub use sync::{Communicator, SyncBatchNorm, ThreadComm};

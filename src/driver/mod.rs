@@ -240,6 +240,21 @@ pub(crate) fn backward<E: Element>(
     }
 }
 
+/// The dx pass of [`backward`] alone, with per-channel parameters computed beforehand (the
+/// synchronized backward, whose parameters need the sums of every rank).
+pub(crate) fn dx<E: Element>(
+    ctx: &Ctx,
+    x: &[E],
+    dy: Src<'_, E>,
+    dx: &mut [E],
+    params: &[DxParams],
+) {
+    match ctx.effective_layout() {
+        Layout::Nchw => nchw::dx(ctx, x, dy, dx, params),
+        Layout::Nhwc => nhwc::dx(ctx, x, dy, dx, params),
+    }
+}
+
 /// Stages the gradient `grad` over the whole tensor (nothing for `Grad::Dy`), `out` being the
 /// output buffer, for a backward that maps it without reducing it first.
 pub(crate) fn stage<E: Element>(ctx: &Ctx, grad: Grad<'_, E>, out: &mut [E]) {

@@ -466,3 +466,50 @@ fn backward_short_runs<E: Element>(
         }
     });
 }
+
+/// `dx = a·dy + b·(x − shift) + c` with the given per-channel parameters (the second pass of
+/// [`backward`] alone): long runs piece by piece, short runs in tasks of one sample and a group
+/// of consecutive channels (one kernel call each).
+pub(super) fn dx<E: Element>(
+    ctx: &Ctx,
+    x: &[E],
+    dy: Src<'_, E>,
+    dx: &mut [E],
+    params: &[DxParams],
+) {
+    let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
+    let out = SharedMut::new(dx);
+    if hw > BLOCK {
+        let apply = |p: Piece, dp: &DxParams| {
+            // SAFETY: every piece is applied exactly once and pieces are disjoint.
+            let io = unsafe { dy.io(&out, p.offset, p.len) };
+            let x = &x[p.offset..p.offset + p.len];
+            ctx.backend.dispatch(DxRun { x, io, p: *dp })
+        };
+        let mut units = scratch::zeroed::<()>(c);
+        pipeline(
+            ctx,
+            |_| (),
+            |_, _| (),
+            |ch, _| params[ch],
+            Some(&apply),
+            &mut units,
+        );
+        return;
+    }
+    let group = (BLOCK / hw).clamp(1, c);
+    let groups = c.div_ceil(group);
+    ctx.par.for_each(n * groups, group * hw, |t| {
+        let (sample, first) = (t / groups, (t % groups) * group);
+        let k = group.min(c - first);
+        let (offset, len) = ((sample * c + first) * hw, k * hw);
+        // SAFETY: tasks cover disjoint ranges (one sample, disjoint groups of channels).
+        let io = unsafe { dy.io(&out, offset, len) };
+        ctx.backend.dispatch(DxRuns {
+            x: &x[offset..offset + len],
+            io,
+            run: hw,
+            params: &params[first..first + k],
+        });
+    });
+}

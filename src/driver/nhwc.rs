@@ -13,7 +13,7 @@ use super::{
 use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
-    AffineLanes, AffineRows, DxLanes, DxRows, GradSums, GradSumsRows, MomentsRows,
+    AffineLanes, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows, MomentsRows,
 };
 use crate::par::SharedMut;
 use crate::scratch;
@@ -282,7 +282,27 @@ pub(super) fn backward<E: Element>(
     }
     let Some(make) = make else { return };
     let params = scratch::from_fn(c, |ch| make(ch, &sums[ch]));
-    let params = &params[..];
+    dx_blocks(ctx, x, dy, &out, &params);
+}
+
+/// `dx = a·dy + b·(x − shift) + c` with the given per-channel parameters, block by block.
+pub(super) fn dx<E: Element>(
+    ctx: &Ctx,
+    x: &[E],
+    dy: Src<'_, E>,
+    dx: &mut [E],
+    params: &[DxParams],
+) {
+    dx_blocks(ctx, x, dy, &SharedMut::new(dx), params);
+}
+
+fn dx_blocks<E: Element>(
+    ctx: &Ctx,
+    x: &[E],
+    dy: Src<'_, E>,
+    out: &SharedMut<'_, E>,
+    params: &[DxParams],
+) {
     let lanes = &DxLanes::dx(params);
     let blocks = Blocks::new(ctx);
     ctx.par
@@ -290,7 +310,7 @@ pub(super) fn backward<E: Element>(
             let (offset, len) = blocks.range(b);
             let xs = &x[offset..offset + len];
             // SAFETY: each block is visited once and blocks are disjoint.
-            let io = unsafe { dy.io(&out, offset, len) };
+            let io = unsafe { dy.io(out, offset, len) };
             ctx.backend.dispatch(DxRows {
                 x: xs,
                 io,
