@@ -176,7 +176,7 @@ impl BatchNorm {
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] if `x.len() != N·C·HW`.
-    pub fn statistics(&self, x: &[f32]) -> Result<BatchStats, Error> {
+    pub fn statistics<E: Element>(&self, x: &[E]) -> Result<BatchStats, Error> {
         let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
         self.stats_into("statistics", x, &mut stats)?;
         Ok(BatchStats::from_channels(stats))
@@ -187,14 +187,18 @@ impl BatchNorm {
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] naming `x` or `stats`; nothing is written then.
-    pub fn statistics_into(&self, x: &[f32], stats: &mut [ChannelStats]) -> Result<(), Error> {
+    pub fn statistics_into<E: Element>(
+        &self,
+        x: &[E],
+        stats: &mut [ChannelStats],
+    ) -> Result<(), Error> {
         self.stats_into("statistics_into", x, stats)
     }
 
-    fn stats_into(
+    fn stats_into<E: Element>(
         &self,
         op: &'static str,
-        x: &[f32],
+        x: &[E],
         stats: &mut [ChannelStats],
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
@@ -356,10 +360,10 @@ impl BatchNorm {
     /// [`Error::ZeroBatchesTracked`] for the update rule; [`Error::TooFewValues`] if the running
     /// variance is unbiased and there is only one value per channel (N·HW = 1). Nothing is written
     /// when an error is returned.
-    pub fn training(
+    pub fn training<E: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
@@ -374,14 +378,14 @@ impl BatchNorm {
     /// # Errors
     /// As [`BatchNorm::training`], and [`Error::LengthMismatch`] naming `z` for a residual of the
     /// wrong length.
-    pub fn training_fused(
+    pub fn training_fused<E: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
-        epilogue: Epilogue<'_>,
+        epilogue: Epilogue<'_, E>,
     ) -> Result<BatchStats, Error> {
         let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
         let op = match epilogue {
@@ -400,14 +404,14 @@ impl BatchNorm {
     /// # Errors
     /// As [`BatchNorm::training_fused`], and [`Error::LengthMismatch`] naming `stats`.
     #[allow(clippy::too_many_arguments)] // training_fused's arguments and the statistics out
-    pub fn training_into(
+    pub fn training_into<E: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
-        epilogue: Epilogue<'_>,
+        epilogue: Epilogue<'_, E>,
         stats: Option<&mut [ChannelStats]>,
     ) -> Result<(), Error> {
         let op = "training_into";
@@ -416,14 +420,14 @@ impl BatchNorm {
 
     /// The body of the training forwards, errors named after `op`. Statistics not kept go to a
     /// scratch buffer.
-    pub(crate) fn train_into(
+    pub(crate) fn train_into<E: Element>(
         &self,
         op: &'static str,
-        (x, y): (&[f32], &mut [f32]),
+        (x, y): (&[E], &mut [E]),
         affine: Option<Affine<'_>>,
         saved: Option<SavedStatsMut<'_>>,
         update: Option<RunningUpdate<'_>>,
-        (epilogue, stats): (Epilogue<'_>, Option<&mut [ChannelStats]>),
+        (epilogue, stats): (Epilogue<'_, E>, Option<&mut [ChannelStats]>),
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
         self.check_tensor(op, "y", y)?;
@@ -506,11 +510,11 @@ impl BatchNorm {
 
     /// Backward of operation `op` (its name in length errors) of the gradient `grad` (whose
     /// slices the caller checked, but for a separate dy).
-    fn backward_impl(
+    fn backward_impl<E: Element>(
         &self,
-        (op, grad): (&'static str, Grad<'_>),
-        x: &[f32],
-        dx: &mut [f32],
+        (op, grad): (&'static str, Grad<'_, E>),
+        x: &[E],
+        dx: &mut [E],
         affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
         grads: Option<ParamGrads<'_>>,
@@ -587,11 +591,11 @@ impl BatchNorm {
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] naming the slice. Nothing is written when an error is returned.
-    pub fn backward(
+    pub fn backward<E: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
         affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
         grads: Option<ParamGrads<'_>>,
@@ -611,15 +615,15 @@ impl BatchNorm {
     /// As [`BatchNorm::backward`], and [`Error::LengthMismatch`] naming `y` or `dz`. Everything
     /// is checked before anything is written.
     #[allow(clippy::too_many_arguments)] // the plain backward's arguments and the epilogue
-    pub fn backward_fused(
+    pub fn backward_fused<E: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
         affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
         grads: Option<ParamGrads<'_>>,
-        epilogue: BackwardEpilogue<'_>,
+        epilogue: BackwardEpilogue<'_, E>,
     ) -> Result<(), Error> {
         const OP: &str = "backward_fused";
         self.check_tensor(OP, "x", x)?;
@@ -651,10 +655,10 @@ impl BatchNorm {
     ///
     /// # Errors
     /// As [`BatchNorm::backward`] (the gradient buffer is named `dy_dx`).
-    pub fn backward_in_place(
+    pub fn backward_in_place<E: Element>(
         &self,
-        x: &[f32],
-        dy_dx: &mut [f32],
+        x: &[E],
+        dy_dx: &mut [E],
         affine: Option<Affine<'_>>,
         mode: BackwardMode<'_>,
         grads: Option<ParamGrads<'_>>,

@@ -193,17 +193,17 @@ impl<E> Copy for Epilogue<'_, E> {}
 /// ([`crate::BatchNorm::backward_fused`]): the gradient flows through ReLU where the forward's
 /// output `y` is positive (as PyTorch's ReLU backward, from the saved output; no mask is stored).
 #[derive(Debug)]
-pub enum BackwardEpilogue<'a> {
+pub enum BackwardEpilogue<'a, E = f32> {
     /// The forward was `y = relu(bn(x))`.
     Relu {
         /// The forward's output.
-        y: &'a [f32],
+        y: &'a [E],
     },
     /// The forward was `y = relu(bn(x) + z)`; `dz` receives the residual's gradient.
     AddRelu {
         /// The forward's output.
-        y: &'a [f32],
+        y: &'a [E],
         /// dL/dz (overwritten), of the tensor's shape.
-        dz: &'a mut [f32],
+        dz: &'a mut [E],
     },
 }

@@ -1,14 +1,17 @@
-//! Half-precision storage (`f16`, `bf16`) for inference: every output is bit for bit the f32
-//! path on the up-converted data, rounded once to the storage type (the accuracy
-//! contract: no error beyond the f32 path's plus the final rounding), on the sweep and wide
-//! shapes, both layouts, every backend, sequential and on rayon, every epilogue, out of place
-//! and in place, with ordinary and special values (NaN, ±∞, subnormals, values that overflow
-//! f16). Rounding ties are checked against hand-computed values.
+//! Half-precision storage (`f16`, `bf16`): every output of every operation (inference, training,
+//! statistics, backward, their fused and in-place forms) is bit for bit the f32 path on the
+//! up-converted data, rounded once to the storage type (the accuracy contract: no error beyond
+//! the f32 path's plus the final rounding; per-channel outputs, which stay f32, are identical),
+//! on the sweep and wide shapes, both layouts, every backend, sequential and on rayon, with
+//! ordinary and special values (NaN, ±∞, subnormals, values that overflow f16). Rounding ties
+//! are checked against hand-computed values.
 
 mod common;
 
 use batchnorm::{
-    Affine, BatchNorm, Element, Epilogue, Error, Layout, RunningStats, Shape, bf16, f16,
+    Affine, BackwardEpilogue, BackwardMode, BatchNorm, BatchStats, ChannelStats, Element, Epilogue,
+    Error, GradMode, Layout, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+    Shape, bf16, f16,
 };
 use common::*;
 
@@ -119,6 +122,195 @@ fn check_against_f32_path<E: Element>(special: bool, seed: u64) {
             }
         }
     }
+}
+
+/// The outputs of a training forward: y, saved mean, saved inverse std, running mean and
+/// variance (f32 per-channel values), and the batch statistics.
+struct Trained<E> {
+    y: Vec<E>,
+    per_channel: [Vec<f32>; 4],
+    stats: BatchStats,
+}
+
+fn train<E: Element>(
+    bn: &BatchNorm,
+    x: &[E],
+    affine: Affine<'_>,
+    epi: Epilogue<'_, E>,
+) -> Trained<E> {
+    let c = bn.shape().c();
+    let mut y = vec![E::from_f32(f32::NAN); x.len()];
+    let (mut m, mut r) = (vec![0.0; c], vec![0.0; c]);
+    let (mut rm, mut rv) = (vec![0.5; c], vec![2.0; c]);
+    let saved = SavedStatsMut {
+        mean: &mut m,
+        inv_std: &mut r,
+    };
+    let update = (bn.shape().per_channel() > 1).then(|| RunningUpdate::pytorch(&mut rm, &mut rv));
+    let stats = bn
+        .training_fused(x, &mut y, Some(affine), Some(saved), update, epi)
+        .unwrap();
+    Trained {
+        y,
+        per_channel: [m, r, rm, rv],
+        stats,
+    }
+}
+
+/// Same f32 bits or both NaN, elementwise.
+fn same_f32(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+}
+
+/// Same statistics (count, and mean and M2 bits or both NaN).
+fn same_stats(a: &[ChannelStats], b: &[ChannelStats]) -> bool {
+    let f = |x: f64, y: f64| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(p, q)| p.count() == q.count() && f(p.mean(), q.mean()) && f(p.m2(), q.m2()))
+}
+
+/// Backward (`mode`, `epi` as `None`, `Relu` or `AddRelu` from the forward's output `y`):
+/// (dx, dγ, dβ, dz).
+fn backward<E: Element>(
+    bn: &BatchNorm,
+    (x, dy, y): (&[E], &[E], &[E]),
+    affine: Affine<'_>,
+    mode: BackwardMode<'_>,
+    epi: usize,
+) -> (Vec<E>, Vec<f32>, Vec<f32>, Vec<E>) {
+    let c = bn.shape().c();
+    let mut dx = vec![E::from_f32(f32::NAN); x.len()];
+    let mut dz = vec![E::from_f32(f32::NAN); x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
+    let grads = Some(ParamGrads {
+        dgamma: &mut dgamma,
+        dbeta: &mut dbeta,
+        mode: GradMode::Overwrite,
+    });
+    let affine = Some(affine);
+    match epi {
+        0 => bn.backward(x, dy, &mut dx, affine, mode, grads),
+        1 => {
+            let e = BackwardEpilogue::Relu { y };
+            bn.backward_fused(x, dy, &mut dx, affine, mode, grads, e)
+        }
+        _ => {
+            let e = BackwardEpilogue::AddRelu { y, dz: &mut dz };
+            bn.backward_fused(x, dy, &mut dx, affine, mode, grads, e)
+        }
+    }
+    .unwrap();
+    (dx, dgamma, dbeta, dz)
+}
+
+/// Statistics, training (every epilogue) and backward (both modes, every epilogue, and in
+/// place) on `E` data against the f32 path on the up-converted data.
+fn check_training_against_f32_path<E: Element>(special: bool, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut shapes = sweep_shapes();
+    shapes.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
+    for shape in shapes {
+        let c = shape.c();
+        let x: Vec<E> = data(&mut rng, shape.len(), special);
+        let z: Vec<E> = data(&mut rng, shape.len(), false);
+        let dy: Vec<E> = data(&mut rng, shape.len(), false);
+        let (x32, z32, dy32) = (to_f32(&x), to_f32(&z), to_f32(&dy));
+        let (gamma, beta) = (rng.normals(c, 1.0, 0.5), rng.normals(c, 0.0, 1.0));
+        let affine = Affine {
+            gamma: &gamma,
+            beta: &beta,
+        };
+        let rvar = vec![1.3f32; c];
+        for layout in LAYOUTS {
+            for bn in operators(shape, layout, 1e-5) {
+                let ctx = format!(
+                    "{} {shape:?} {layout:?} {:?} {:?}",
+                    E::NAME,
+                    bn.backend(),
+                    bn.parallelism()
+                );
+                let stats = bn.statistics(&x).unwrap();
+                let want = bn.statistics(&x32).unwrap();
+                assert!(
+                    same_stats(stats.channels(), want.channels()),
+                    "statistics {ctx}"
+                );
+
+                let epilogues: [(Epilogue<'_, E>, Epilogue<'_, f32>); 3] = [
+                    (Epilogue::None, Epilogue::None),
+                    (Epilogue::Relu, Epilogue::Relu),
+                    (Epilogue::AddRelu(&z), Epilogue::AddRelu(&z32)),
+                ];
+                for (k, (epi, epi32)) in epilogues.into_iter().enumerate() {
+                    let got = train(&bn, &x, affine, epi);
+                    let want = train(&bn, &x32, affine, epi32);
+                    if let Some(i) = same(&got.y, &from_f32::<E>(&want.y)) {
+                        panic!("training y[{i}] {epi:?} {ctx}");
+                    }
+                    for (g, w) in got.per_channel.iter().zip(&want.per_channel) {
+                        assert!(same_f32(g, w), "training per-channel outputs {epi:?} {ctx}");
+                    }
+                    let (s, w) = (got.stats.channels(), want.stats.channels());
+                    assert!(same_stats(s, w), "training statistics {epi:?} {ctx}");
+
+                    let [m, r, ..] = &got.per_channel;
+                    let modes = [
+                        BackwardMode::Training(SavedStats {
+                            mean: m,
+                            inv_std: r,
+                        }),
+                        BackwardMode::Frozen(RunningStats {
+                            mean: m,
+                            var: &rvar,
+                        }),
+                    ];
+                    let y32 = to_f32(&got.y);
+                    for mode in modes {
+                        let (dx, dg, db, dz) = backward(&bn, (&x, &dy, &got.y), affine, mode, k);
+                        let (dx32, dg32, db32, dz32) =
+                            backward(&bn, (&x32, &dy32, &y32), affine, mode, k);
+                        if let Some(i) = same(&dx, &from_f32::<E>(&dx32)) {
+                            panic!("backward dx[{i}] epilogue {k} {mode:?} {ctx}");
+                        }
+                        assert!(same_f32(&dg, &dg32), "dgamma epilogue {k} {mode:?} {ctx}");
+                        assert!(same_f32(&db, &db32), "dbeta epilogue {k} {mode:?} {ctx}");
+                        if k == 2 && same(&dz, &from_f32::<E>(&dz32)).is_some() {
+                            panic!("dz {mode:?} {ctx}");
+                        }
+                        if k == 0 {
+                            let mut inout = dy.clone();
+                            bn.backward_in_place(&x, &mut inout, Some(affine), mode, None)
+                                .unwrap();
+                            if let Some(i) = same(&inout, &dx) {
+                                panic!("backward in place dx[{i}] {mode:?} {ctx}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_training_statistics_and_backward_are_the_f32_path_rounded_once() {
+    check_training_against_f32_path::<f16>(false, 75);
+}
+
+#[test]
+fn bf16_training_statistics_and_backward_are_the_f32_path_rounded_once() {
+    check_training_against_f32_path::<bf16>(false, 76);
+}
+
+#[test]
+fn half_training_with_special_values_is_the_f32_path_rounded_once() {
+    check_training_against_f32_path::<f16>(true, 77);
+    check_training_against_f32_path::<bf16>(true, 78);
 }
 
 #[test]
