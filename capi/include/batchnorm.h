@@ -100,6 +100,15 @@ typedef enum BnStatus {
   BN_STATUS_PANIC = 17,
   // An error this version of the ABI has no code for.
   BN_STATUS_UNKNOWN = 18,
+  // Synchronized ranks disagree on a setting (the Rust API's synchronized ops; no C function
+  // returns it yet).
+  BN_STATUS_SYNC_MISMATCH = 19,
+  // Another synchronized rank failed its checks.
+  BN_STATUS_SYNC_PEER_FAILED = 20,
+  // A synchronized batch holds no value on any rank.
+  BN_STATUS_EMPTY_BATCH = 21,
+  // The communicator of a synchronized op failed.
+  BN_STATUS_COMMUNICATION = 22,
 } BnStatus;
 
 // A configured batch-norm operator (opaque).

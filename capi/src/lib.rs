@@ -70,6 +70,15 @@ pub enum BnStatus {
     Panic = 17,
     /// An error this version of the ABI has no code for.
     Unknown = 18,
+    /// Synchronized ranks disagree on a setting (the Rust API's synchronized ops; no C function
+    /// returns it yet).
+    SyncMismatch = 19,
+    /// Another synchronized rank failed its checks.
+    SyncPeerFailed = 20,
+    /// A synchronized batch holds no value on any rank.
+    EmptyBatch = 21,
+    /// The communicator of a synchronized op failed.
+    Communication = 22,
 }
 
 /// `BnDesc::layout`: N, C, H, W order.
@@ -320,6 +329,10 @@ fn status_of(e: &Error) -> BnStatus {
         Error::NoForward => BnStatus::NoForward,
         Error::UnsupportedRank { .. } => BnStatus::UnsupportedRank,
         Error::UnsupportedStrides { .. } => BnStatus::UnsupportedStrides,
+        Error::SyncMismatch { .. } => BnStatus::SyncMismatch,
+        Error::SyncPeerFailed { .. } => BnStatus::SyncPeerFailed,
+        Error::EmptyBatch => BnStatus::EmptyBatch,
+        Error::Communication { .. } => BnStatus::Communication,
         _ => BnStatus::Unknown,
     }
 }
