@@ -725,15 +725,63 @@ impl HalfTensor {
     }
 }
 
-/// Inference on f16 / bf16 data (converted inside the kernels) next to f32, each against a copy
-/// of its own bytes: `copy_half` moves the half tensor's bytes (as f32 pairs), `copy` the f32
-/// tensor's.
+/// One op of the `storage` group on data of type `E`: inference, training (saved statistics
+/// kept) or backward (training mode, from the saved statistics in `b`), `y` the output.
+fn run_storage<E: Element>(
+    op: Op,
+    bn: &BatchNorm,
+    (x, dy, y): (&[E], &[E], &mut [E]),
+    b: &mut Buffers,
+) {
+    let affine = Some(Affine {
+        gamma: &b.gamma,
+        beta: &b.beta,
+    });
+    match op {
+        Op::Training => {
+            let saved = SavedStatsMut {
+                mean: &mut b.saved_mean,
+                inv_std: &mut b.saved_inv_std,
+            };
+            black_box(
+                bn.training(x, y, affine, Some(saved), None)
+                    .expect("training"),
+            );
+        }
+        Op::Backward => {
+            let saved = SavedStats {
+                mean: &b.saved_mean,
+                inv_std: &b.saved_inv_std,
+            };
+            let grads = ParamGrads {
+                dgamma: &mut b.dgamma,
+                dbeta: &mut b.dbeta,
+                mode: GradMode::Overwrite,
+            };
+            let mode = BackwardMode::Training(saved);
+            bn.backward(x, dy, y, affine, mode, Some(grads))
+                .expect("backward");
+        }
+        _ => {
+            let running = RunningStats {
+                mean: &b.running_mean,
+                var: &b.running_var,
+            };
+            bn.inference(x, y, affine, running).expect("inference");
+        }
+    }
+}
+
+/// Inference, training and backward on f16 / bf16 data (converted inside the kernels) next to
+/// f32, each against a copy of its own bytes: `copy_half` moves the half tensor's bytes (as f32
+/// pairs), `copy` the f32 tensor's.
 fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
     let mut group = cfg.group(c, "storage");
     for &dims in &cfg.shapes {
         let shape = make_shape(dims);
         let mut b = Buffers::new(shape);
         let values = fill(shape.len(), 1, -1.0, 3.0);
+        let grads = fill(shape.len(), 2, -1.0, 1.0);
         let (x16, mut y16) = (
             HalfTensor::new::<f16>(&values),
             HalfTensor::new::<f16>(&values),
@@ -742,6 +790,16 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
             HalfTensor::new::<bf16>(&values),
             HalfTensor::new::<bf16>(&values),
         );
+        let (dy16, dyb) = (
+            HalfTensor::new::<f16>(&grads),
+            HalfTensor::new::<bf16>(&grads),
+        );
+        // The f32 tensors of the same values, page-aligned as the half ones.
+        let (x32, dy32) = (
+            Buffer::from_slice(&values, 0),
+            Buffer::from_slice(&grads, 0),
+        );
+        let mut y32 = Buffer::new(values.len(), 0);
         let elements = shape.len() as u64;
         let kind = CopyRoof::choose(&b.x, &mut b.y);
         let half_kind = CopyRoof::choose(&x16.bytes, &mut y16.bytes);
@@ -749,38 +807,51 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
             let bn = BatchNorm::new(shape, layout)
                 .unwrap()
                 .with_parallelism(Parallelism::Rayon);
+            prepare(Op::Backward, &bn, &mut b);
             for (&t, pool) in cfg.threads.iter().zip(pools) {
                 let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
                 let (bn, b) = (&bn, &mut b);
-                let affine = Some(Affine {
-                    gamma: &b.gamma,
-                    beta: &b.beta,
-                });
-                let running = RunningStats {
-                    mean: &b.running_mean,
-                    var: &b.running_var,
-                };
                 group.throughput(Throughput::Bytes(8 * elements));
-                group.bench_function(format!("{base}/inference_f32"), |bench| {
-                    let (x, y) = (&b.x[..], &mut b.y[..]);
-                    pool.install(|| bench.iter(|| bn.inference(x, y, affine, running)))
-                });
                 group.bench_function(format!("{base}/copy"), |bench| {
                     pool.install(|| bench.iter(|| copy(kind, &b.x, &mut b.y)))
                 });
                 group.throughput(Throughput::Bytes(4 * elements));
-                group.bench_function(format!("{base}/inference_f16"), |bench| {
-                    let (x, y) = (x16.as_ref::<f16>(), y16.as_mut::<f16>());
-                    pool.install(|| bench.iter(|| bn.inference(x, y, affine, running)))
-                });
-                group.bench_function(format!("{base}/inference_bf16"), |bench| {
-                    let (x, y) = (xb.as_ref::<bf16>(), yb.as_mut::<bf16>());
-                    pool.install(|| bench.iter(|| bn.inference(x, y, affine, running)))
-                });
                 group.bench_function(format!("{base}/copy_half"), |bench| {
                     let (x, y) = (&x16.bytes, &mut y16.bytes);
                     pool.install(|| bench.iter(|| copy(half_kind, x, y)))
                 });
+                for op in [Op::Inference, Op::Training, Op::Backward] {
+                    let name = op.name();
+                    let bytes = op.bytes_per_element();
+                    group.throughput(Throughput::Bytes(bytes * elements));
+                    group.bench_function(format!("{base}/{name}_f32"), |bench| {
+                        let io = (&x32[..], &dy32[..], &mut y32[..]);
+                        pool.install(|| {
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), b))
+                        })
+                    });
+                    group.throughput(Throughput::Bytes(bytes / 2 * elements));
+                    group.bench_function(format!("{base}/{name}_f16"), |bench| {
+                        let io = (
+                            x16.as_ref::<f16>(),
+                            dy16.as_ref::<f16>(),
+                            y16.as_mut::<f16>(),
+                        );
+                        pool.install(|| {
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), b))
+                        })
+                    });
+                    group.bench_function(format!("{base}/{name}_bf16"), |bench| {
+                        let io = (
+                            xb.as_ref::<bf16>(),
+                            dyb.as_ref::<bf16>(),
+                            yb.as_mut::<bf16>(),
+                        );
+                        pool.install(|| {
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), b))
+                        })
+                    });
+                }
             }
         }
     }

@@ -344,18 +344,22 @@ pub fn fused_table(samples: &[Sample]) -> String {
     ratio_table(samples, "fused", "add", &columns)
 }
 
-/// Markdown table of the `storage` group: inference on half-precision data over a copy of the
-/// same (half-size) bytes, and f32 inference over the f32 copy.
+/// Markdown table of the `storage` group: each op on half-precision data over a copy of the same
+/// (half-size) bytes, and on f32 data over the f32 copy.
 pub fn storage_table(samples: &[Sample]) -> String {
     use Column::{Ratio, Time};
     let columns = [
-        Time("f16", "inference_f16"),
-        Ratio("f16 / half copy", "inference_f16", "copy_half"),
-        Time("bf16", "inference_bf16"),
+        Ratio("inference f16 / half copy", "inference_f16", "copy_half"),
         Ratio("bf16 / half copy", "inference_bf16", "copy_half"),
-        Time("f32", "inference_f32"),
         Ratio("f32 / copy", "inference_f32", "copy"),
-        Ratio("f16 / f32", "inference_f16", "inference_f32"),
+        Ratio("training f16 / half copy", "training_f16", "copy_half"),
+        Ratio("bf16 / half copy", "training_bf16", "copy_half"),
+        Ratio("f32 / copy", "training_f32", "copy"),
+        Ratio("backward f16 / half copy", "backward_f16", "copy_half"),
+        Ratio("bf16 / half copy", "backward_bf16", "copy_half"),
+        Ratio("f32 / copy", "backward_f32", "copy"),
+        Time("copy", "copy"),
+        Time("half copy", "copy_half"),
     ];
     ratio_table(samples, "storage", "copy_half", &columns)
 }
@@ -392,7 +396,9 @@ pub fn report(home: &Path, latest_run_only: bool) -> String {
     }
     let storage = storage_table(&samples);
     if !storage.is_empty() {
-        out.push_str("\nStorage types, inference (time ratios to the in-run copies):\n\n");
+        out.push_str(
+            "\nStorage types (time ratios to the in-run copies of each type's bytes):\n\n",
+        );
         out.push_str(&storage);
     }
     let backends = backends_table(&samples);
