@@ -701,24 +701,24 @@ struct HalfTensor {
 }
 
 impl HalfTensor {
-    fn new<E: Element>(values: &[f32]) -> HalfTensor {
+    fn new<E: Element<Param = f32>>(values: &[f32]) -> HalfTensor {
         let mut t = HalfTensor {
             bytes: Buffer::new(values.len().div_ceil(2), 0),
             len: values.len(),
         };
         for (o, &v) in t.as_mut::<E>().iter_mut().zip(values) {
-            *o = E::from_f32(v);
+            *o = E::from_param(v);
         }
         t
     }
-    fn as_ref<E: Element>(&self) -> &[E] {
+    fn as_ref<E: Element<Param = f32>>(&self) -> &[E] {
         assert_eq!(std::mem::size_of::<E>(), 2);
         // SAFETY: `E` is a 2-byte value type (`half`'s f16 / bf16, transparent over u16: any bits
         // are a value); the buffer holds `len.div_ceil(2)` f32, so at least `2·len` bytes, and
         // its 4-byte alignment satisfies E's 2.
         unsafe { std::slice::from_raw_parts(self.bytes.as_ptr().cast::<E>(), self.len) }
     }
-    fn as_mut<E: Element>(&mut self) -> &mut [E] {
+    fn as_mut<E: Element<Param = f32>>(&mut self) -> &mut [E] {
         assert_eq!(std::mem::size_of::<E>(), 2);
         // SAFETY: as in `as_ref`, through the unique borrow of the buffer.
         unsafe { std::slice::from_raw_parts_mut(self.bytes.as_mut_ptr().cast::<E>(), self.len) }
@@ -727,7 +727,7 @@ impl HalfTensor {
 
 /// One op of the `storage` group on data of type `E`: inference, training (saved statistics
 /// kept) or backward (training mode, from the saved statistics in `b`), `y` the output.
-fn run_storage<E: Element>(
+fn run_storage<E: Element<Param = f32>>(
     op: Op,
     bn: &BatchNorm,
     (x, dy, y): (&[E], &[E], &mut [E]),

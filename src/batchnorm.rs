@@ -1,6 +1,6 @@
 //! The configured operator: shape, layout, ε, threads and backend, and the operations.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::driver::{self, ChannelAffine, Ctx, DxParams, Fuse, Grad, GradSums, Src};
 use crate::error::check_len;
@@ -10,6 +10,7 @@ use crate::params::{
     RunningUpdate, SavedStats, SavedStatsMut,
 };
 use crate::scratch::{self, Scratch};
+use crate::simd::Real;
 use crate::{BatchStats, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance};
 
 /// Default ε (PyTorch, ONNX): `1e-5`.
@@ -157,13 +158,13 @@ impl BatchNorm {
     fn check_tensor<E>(&self, op: &'static str, arg: &'static str, t: &[E]) -> Result<(), Error> {
         check_len(op, arg, self.ctx.shape.len(), t.len())
     }
-    fn check_channels(&self, op: &'static str, arg: &'static str, t: &[f32]) -> Result<(), Error> {
+    fn check_channels<P>(&self, op: &'static str, arg: &'static str, t: &[P]) -> Result<(), Error> {
         check_len(op, arg, self.ctx.shape.c(), t.len())
     }
-    pub(crate) fn check_affine(
+    pub(crate) fn check_affine<P>(
         &self,
         op: &'static str,
-        affine: Option<&Affine<'_>>,
+        affine: Option<&Affine<'_, P>>,
     ) -> Result<(), Error> {
         if let Some(a) = affine {
             self.check_channels(op, "gamma", a.gamma)?;
@@ -207,23 +208,23 @@ impl BatchNorm {
         Ok(())
     }
 
-    fn inference_params(
+    fn inference_params<P: Real>(
         &self,
         op: &'static str,
-        affine: Option<&Affine<'_>>,
-        running: &RunningStats<'_>,
-    ) -> Result<Scratch<ChannelAffine>, Error> {
+        affine: Option<&Affine<'_, P>>,
+        running: &RunningStats<'_, P>,
+    ) -> Result<Scratch<ChannelAffine<P>>, Error> {
         self.check_channels(op, "running_mean", running.mean)?;
         self.check_channels(op, "running_var", running.var)?;
         self.check_affine(op, affine)?;
         let eps = self.eps;
         Ok(scratch::from_fn(self.ctx.shape.c(), |c| {
             let (gamma, beta) = gamma_beta(affine, c);
-            let scale = gamma / (running.var[c] as f64 + eps).sqrt();
+            let scale = gamma / (running.var[c].into() + eps).sqrt();
             ChannelAffine {
                 shift: running.mean[c],
-                scale: scale as f32,
-                bias: beta as f32,
+                scale: P::from_f64(scale),
+                bias: P::from_f64(beta),
             }
         }))
     }
@@ -255,8 +256,8 @@ impl BatchNorm {
         &self,
         x: &[E],
         y: &mut [E],
-        affine: Option<Affine<'_>>,
-        running: RunningStats<'_>,
+        affine: Option<Affine<'_, E::Param>>,
+        running: RunningStats<'_, E::Param>,
     ) -> Result<(), Error> {
         self.inference_fused(x, y, affine, running, Epilogue::None)
     }
@@ -272,8 +273,8 @@ impl BatchNorm {
         &self,
         x: &[E],
         y: &mut [E],
-        affine: Option<Affine<'_>>,
-        running: RunningStats<'_>,
+        affine: Option<Affine<'_, E::Param>>,
+        running: RunningStats<'_, E::Param>,
         epilogue: Epilogue<'_, E>,
     ) -> Result<(), Error> {
         let op = match epilogue {
@@ -295,8 +296,8 @@ impl BatchNorm {
     pub fn inference_in_place<E: Element>(
         &self,
         x: &mut [E],
-        affine: Option<Affine<'_>>,
-        running: RunningStats<'_>,
+        affine: Option<Affine<'_, E::Param>>,
+        running: RunningStats<'_, E::Param>,
     ) -> Result<(), Error> {
         self.inference_fused_in_place(x, affine, running, Epilogue::None)
     }
@@ -308,8 +309,8 @@ impl BatchNorm {
     pub fn inference_fused_in_place<E: Element>(
         &self,
         x: &mut [E],
-        affine: Option<Affine<'_>>,
-        running: RunningStats<'_>,
+        affine: Option<Affine<'_, E::Param>>,
+        running: RunningStats<'_, E::Param>,
         epilogue: Epilogue<'_, E>,
     ) -> Result<(), Error> {
         let op = match epilogue {
@@ -364,9 +365,9 @@ impl BatchNorm {
         &self,
         x: &[E],
         y: &mut [E],
-        affine: Option<Affine<'_>>,
-        saved: Option<SavedStatsMut<'_>>,
-        update: Option<RunningUpdate<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        saved: Option<SavedStatsMut<'_, E::Param>>,
+        update: Option<RunningUpdate<'_, E::Param>>,
     ) -> Result<BatchStats, Error> {
         self.training_fused(x, y, affine, saved, update, Epilogue::None)
     }
@@ -382,9 +383,9 @@ impl BatchNorm {
         &self,
         x: &[E],
         y: &mut [E],
-        affine: Option<Affine<'_>>,
-        saved: Option<SavedStatsMut<'_>>,
-        update: Option<RunningUpdate<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        saved: Option<SavedStatsMut<'_, E::Param>>,
+        update: Option<RunningUpdate<'_, E::Param>>,
         epilogue: Epilogue<'_, E>,
     ) -> Result<BatchStats, Error> {
         let mut stats = vec![ChannelStats::default(); self.ctx.shape.c()];
@@ -408,9 +409,9 @@ impl BatchNorm {
         &self,
         x: &[E],
         y: &mut [E],
-        affine: Option<Affine<'_>>,
-        saved: Option<SavedStatsMut<'_>>,
-        update: Option<RunningUpdate<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        saved: Option<SavedStatsMut<'_, E::Param>>,
+        update: Option<RunningUpdate<'_, E::Param>>,
         epilogue: Epilogue<'_, E>,
         stats: Option<&mut [ChannelStats]>,
     ) -> Result<(), Error> {
@@ -424,9 +425,9 @@ impl BatchNorm {
         &self,
         op: &'static str,
         (x, y): (&[E], &mut [E]),
-        affine: Option<Affine<'_>>,
-        saved: Option<SavedStatsMut<'_>>,
-        update: Option<RunningUpdate<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        saved: Option<SavedStatsMut<'_, E::Param>>,
+        update: Option<RunningUpdate<'_, E::Param>>,
         (epilogue, stats): (Epilogue<'_, E>, Option<&mut [ChannelStats]>),
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
@@ -441,10 +442,10 @@ impl BatchNorm {
         let eps = self.eps;
         // The inverse std of each channel as `make` computes it (the driver calls `make` once per
         // channel, possibly from several threads), so it is not computed a second time.
-        let inv_std = scratch::zeroed::<AtomicU32>(self.ctx.shape.c());
+        let inv_std = scratch::zeroed::<AtomicU64>(self.ctx.shape.c());
         let make = |c: usize, s: &ChannelStats| {
             let (p, r) = normalize_params(s, eps, gamma_beta(affine.as_ref(), c));
-            inv_std[c].store((r as f32).to_bits(), Ordering::Relaxed);
+            inv_std[c].store(r.to_bits(), Ordering::Relaxed);
             p
         };
         let mut not_kept;
@@ -456,19 +457,20 @@ impl BatchNorm {
             }
         };
         driver::training(&self.ctx, (x, fuse), y, &make, stats);
-        let inv_std = |c: usize| f32::from_bits(inv_std[c].load(Ordering::Relaxed));
+        let inv_std = |c: usize| f64::from_bits(inv_std[c].load(Ordering::Relaxed));
+        let inv_std = |c: usize| E::Param::from_f64(inv_std(c));
         finish_training(stats, inv_std, saved, update.zip(weights));
         Ok(())
     }
 
     /// The per-channel arguments of a training forward (everything but the tensors and the
     /// number of values): their lengths, and the update rule's weights `(old, new)`.
-    pub(crate) fn check_training_channels(
+    pub(crate) fn check_training_channels<P>(
         &self,
         op: &'static str,
-        affine: Option<&Affine<'_>>,
-        saved: Option<&SavedStatsMut<'_>>,
-        update: &Option<RunningUpdate<'_>>,
+        affine: Option<&Affine<'_, P>>,
+        saved: Option<&SavedStatsMut<'_, P>>,
+        update: &Option<RunningUpdate<'_, P>>,
     ) -> Result<Option<(f64, f64)>, Error> {
         self.check_affine(op, affine)?;
         if let Some(saved) = saved {
@@ -486,11 +488,11 @@ impl BatchNorm {
     }
 
     /// The lengths of backward's parameter gradients and statistics.
-    pub(crate) fn check_grads_and_mode(
+    pub(crate) fn check_grads_and_mode<P>(
         &self,
         op: &'static str,
-        grads: Option<&ParamGrads<'_>>,
-        mode: &BackwardMode<'_>,
+        grads: Option<&ParamGrads<'_, P>>,
+        mode: &BackwardMode<'_, P>,
     ) -> Result<(), Error> {
         if let Some(g) = grads {
             self.check_channels(op, "dgamma", g.dgamma)?;
@@ -515,9 +517,9 @@ impl BatchNorm {
         (op, grad): (&'static str, Grad<'_, E>),
         x: &[E],
         dx: &mut [E],
-        affine: Option<Affine<'_>>,
-        mode: BackwardMode<'_>,
-        grads: Option<ParamGrads<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        mode: BackwardMode<'_, E::Param>,
+        grads: Option<ParamGrads<'_, E::Param>>,
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
         let in_place = matches!(grad, Grad::Dy(Src::InPlace));
@@ -528,13 +530,13 @@ impl BatchNorm {
         self.check_affine(op, affine.as_ref())?;
         let gamma = affine.map(|a| a.gamma);
         self.check_grads_and_mode(op, grads.as_ref(), &mode)?;
-        let gamma_of = |c: usize| gamma.map_or(1.0, |g| g[c] as f64);
+        let gamma_of = |c: usize| gamma.map_or(1.0, |g| g[c].into());
         let m = self.ctx.shape.per_channel() as f64;
 
         // Per channel: (dγ, dβ) from the reduction sums.
         let channels = self.ctx.shape.c();
         let eps = self.eps;
-        let frozen_inv_std = |var: f32| 1.0 / (var as f64 + eps).sqrt();
+        let frozen_inv_std = |var: E::Param| 1.0 / (var.into() + eps).sqrt();
         let mut sums = scratch::zeroed::<GradSums>(channels);
         match mode {
             BackwardMode::Training(saved) => {
@@ -551,9 +553,9 @@ impl BatchNorm {
                     driver::stage(&self.ctx, grad, dx);
                 }
                 let params = scratch::from_fn(channels, |c| ChannelAffine {
-                    shift: 0.0,
-                    scale: (gamma_of(c) * frozen_inv_std(running.var[c])) as f32,
-                    bias: 0.0,
+                    shift: E::Param::ZERO,
+                    scale: E::Param::from_f64(gamma_of(c) * frozen_inv_std(running.var[c])),
+                    bias: E::Param::ZERO,
                 });
                 driver::normalize(&self.ctx, (grad.src(), Fuse::default()), dx, &params);
             }
@@ -562,7 +564,7 @@ impl BatchNorm {
             for (c, sums) in sums.iter().enumerate() {
                 let (dgamma, dbeta) = match mode {
                     BackwardMode::Training(saved) => {
-                        let (dg, db, _) = training_grads(sums, saved.inv_std[c] as f64, m);
+                        let (dg, db, _) = training_grads(sums, saved.inv_std[c].into(), m);
                         (dg, db)
                     }
                     BackwardMode::Frozen(running) => {
@@ -596,9 +598,9 @@ impl BatchNorm {
         x: &[E],
         dy: &[E],
         dx: &mut [E],
-        affine: Option<Affine<'_>>,
-        mode: BackwardMode<'_>,
-        grads: Option<ParamGrads<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        mode: BackwardMode<'_, E::Param>,
+        grads: Option<ParamGrads<'_, E::Param>>,
     ) -> Result<(), Error> {
         let grad = Grad::Dy(Src::Separate(dy));
         self.backward_impl(("backward", grad), x, dx, affine, mode, grads)
@@ -620,9 +622,9 @@ impl BatchNorm {
         x: &[E],
         dy: &[E],
         dx: &mut [E],
-        affine: Option<Affine<'_>>,
-        mode: BackwardMode<'_>,
-        grads: Option<ParamGrads<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        mode: BackwardMode<'_, E::Param>,
+        grads: Option<ParamGrads<'_, E::Param>>,
         epilogue: BackwardEpilogue<'_, E>,
     ) -> Result<(), Error> {
         const OP: &str = "backward_fused";
@@ -659,9 +661,9 @@ impl BatchNorm {
         &self,
         x: &[E],
         dy_dx: &mut [E],
-        affine: Option<Affine<'_>>,
-        mode: BackwardMode<'_>,
-        grads: Option<ParamGrads<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        mode: BackwardMode<'_, E::Param>,
+        grads: Option<ParamGrads<'_, E::Param>>,
     ) -> Result<(), Error> {
         let op = ("backward_in_place", Grad::Dy(Src::InPlace));
         self.backward_impl(op, x, dy_dx, affine, mode, grads)
@@ -670,7 +672,10 @@ impl BatchNorm {
 
 /// The TooFewValues check of a running update: the unbiased variance needs `count ≥ 2` values
 /// per channel (N·HW locally, the global count when synchronized).
-pub(crate) fn check_values(update: Option<&RunningUpdate<'_>>, count: u64) -> Result<(), Error> {
+pub(crate) fn check_values<P>(
+    update: Option<&RunningUpdate<'_, P>>,
+    count: u64,
+) -> Result<(), Error> {
     match update {
         Some(u) if u.var_estimator == Variance::Unbiased && count < 2 => {
             Err(Error::TooFewValues { per_channel: count })
@@ -682,15 +687,15 @@ pub(crate) fn check_values(update: Option<&RunningUpdate<'_>>, count: u64) -> Re
 /// What a training forward does after normalizing, from the batch statistics `stats` (one per
 /// channel) and the inverse std each channel normalized with: the saved statistics, and the
 /// running update with its weights `(old, new)`.
-pub(crate) fn finish_training(
+pub(crate) fn finish_training<P: Real>(
     stats: &[ChannelStats],
-    inv_std: impl Fn(usize) -> f32,
-    saved: Option<SavedStatsMut<'_>>,
-    update: Option<(RunningUpdate<'_>, (f64, f64))>,
+    inv_std: impl Fn(usize) -> P,
+    saved: Option<SavedStatsMut<'_, P>>,
+    update: Option<(RunningUpdate<'_, P>, (f64, f64))>,
 ) {
     if let Some(saved) = saved {
         for (c, s) in stats.iter().enumerate() {
-            saved.mean[c] = s.mean() as f32;
+            saved.mean[c] = P::from_f64(s.mean());
             saved.inv_std[c] = inv_std(c);
         }
     }
@@ -700,22 +705,22 @@ pub(crate) fn finish_training(
                 Variance::Biased => s.m2() / s.count() as f64,
                 Variance::Unbiased => s.m2() / (s.count() as f64 - 1.0),
             };
-            u.mean[c] = (old * u.mean[c] as f64 + new * s.mean()) as f32;
-            u.var[c] = (old * u.var[c] as f64 + new * var) as f32;
+            u.mean[c] = P::from_f64(old * u.mean[c].into() + new * s.mean());
+            u.var[c] = P::from_f64(old * u.var[c].into() + new * var);
         }
     }
 }
 
 /// The dx parameters of channel `c` in training mode from its backward sums `g` (relative to the
 /// saved mean), γ, and the number of values `m` the statistics were taken over.
-pub(crate) fn dx_params(
-    saved: &SavedStats<'_>,
+pub(crate) fn dx_params<P: Real>(
+    saved: &SavedStats<'_, P>,
     c: usize,
     gamma: f64,
     g: &GradSums,
     m: f64,
-) -> DxParams {
-    let r = saved.inv_std[c] as f64;
+) -> DxParams<P> {
+    let r = saved.inv_std[c].into();
     let (dgamma, dbeta, lo) = training_grads(g, r, m);
     // dx = a·dy + b·x̂ + c, x̂ = (x − K)·r; the true x − μ is (x − K) − lo.
     let a = gamma * r;
@@ -724,50 +729,54 @@ pub(crate) fn dx_params(
     DxParams {
         shift: saved.mean[c],
         r: saved.inv_std[c],
-        a: a as f32,
-        b: b as f32,
-        c: c0 as f32,
+        a: P::from_f64(a),
+        b: P::from_f64(b),
+        c: P::from_f64(c0),
     }
 }
 
 /// Writes channel `c`'s (dγ, dβ) into `g`, overwriting or accumulating.
-pub(crate) fn write_grads(g: &mut ParamGrads<'_>, c: usize, (dgamma, dbeta): (f64, f64)) {
+pub(crate) fn write_grads<P: Real>(
+    g: &mut ParamGrads<'_, P>,
+    c: usize,
+    (dgamma, dbeta): (f64, f64),
+) {
     match g.mode {
         GradMode::Overwrite => {
-            g.dgamma[c] = dgamma as f32;
-            g.dbeta[c] = dbeta as f32;
+            g.dgamma[c] = P::from_f64(dgamma);
+            g.dbeta[c] = P::from_f64(dbeta);
         }
         GradMode::Accumulate => {
-            g.dgamma[c] = (g.dgamma[c] as f64 + dgamma) as f32;
-            g.dbeta[c] = (g.dbeta[c] as f64 + dbeta) as f32;
+            g.dgamma[c] = P::from_f64(g.dgamma[c].into() + dgamma);
+            g.dbeta[c] = P::from_f64(g.dbeta[c].into() + dbeta);
         }
     }
 }
 
-pub(crate) fn gamma_beta(affine: Option<&Affine<'_>>, c: usize) -> (f64, f64) {
-    affine.map_or((1.0, 0.0), |a| (a.gamma[c] as f64, a.beta[c] as f64))
+pub(crate) fn gamma_beta<P: Real>(affine: Option<&Affine<'_, P>>, c: usize) -> (f64, f64) {
+    affine.map_or((1.0, 0.0), |a| (a.gamma[c].into(), a.beta[c].into()))
 }
 
 /// Normalization of one channel from its batch statistics, in f64: subtract the f32-rounded mean
 /// `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias. Returns the parameters and
 /// the inverse std r.
-pub(crate) fn normalize_params(
+pub(crate) fn normalize_params<P: Real>(
     s: &ChannelStats,
     eps: f64,
     (gamma, beta): (f64, f64),
-) -> (ChannelAffine, f64) {
+) -> (ChannelAffine<P>, f64) {
     let var = s.m2() / s.count() as f64;
     let var = if var < 0.0 { 0.0 } else { var };
     let inv_std = 1.0 / (var + eps).sqrt();
-    let shift = s.mean() as f32;
-    let residual = s.mean() - shift as f64;
+    let shift = P::from_f64(s.mean());
+    let residual = s.mean() - shift.into();
     let scale = gamma * inv_std;
     let bias = beta - scale * residual;
     (
         ChannelAffine {
             shift,
-            scale: scale as f32,
-            bias: bias as f32,
+            scale: P::from_f64(scale),
+            bias: P::from_f64(bias),
         },
         inv_std,
     )

@@ -1,4 +1,4 @@
-//! Storage types of the data tensors: how a value is stored, and how the kernels' f32 lanes are
+//! Storage types of the data tensors: how a value is stored, and how the kernels' lanes are
 //! loaded from and stored to it.
 //!
 //! Half-precision data (`half::f16`, `half::bf16`) is converted inside the streaming kernels, a
@@ -6,8 +6,11 @@
 //! portable backend and in tails): values are widened to f32 exactly on the way in, the
 //! arithmetic is the f32 path's, and each output is rounded once to the storage type (IEEE
 //! round-to-nearest-even) on the way out. Parameters and statistics stay `f32`.
+//!
+//! `f64` data runs the same kernels in f64 lanes (the backend's f64 vectors), with `f64`
+//! parameters and statistics.
 
-use crate::simd::{MAX_LANES, Simd};
+use crate::simd::{MAX_LANES, Real, Simd};
 
 pub use half::{bf16, f16};
 
@@ -16,6 +19,7 @@ mod sealed {
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub enum Kind {
         F32,
+        F64,
         F16,
         Bf16,
     }
@@ -29,23 +33,30 @@ mod sealed {
 use sealed::Kind;
 
 /// A storage type of data tensors (x, y, dy, dx, and the residual z of the fused ops): `f32`,
-/// [`f16`] (IEEE binary16) or [`bf16`] (bfloat16), the latter two re-exported from the `half`
-/// crate. Sealed: the kernels convert each type with their own instructions.
+/// `f64`, [`f16`] (IEEE binary16) or [`bf16`] (bfloat16), the latter two re-exported from the
+/// `half` crate. Sealed: the kernels convert each type with their own instructions.
+///
+/// Parameters and statistics (γ, β, running and saved statistics, dγ, dβ) are of type
+/// [`Element::Param`]: `f32` for f32, f16 and bf16 data, `f64` for f64 data.
 ///
 /// ```
 /// use batchnorm::{Element, f16};
 /// assert_eq!(f16::from_f32(1.5).to_f32(), 1.5);
 /// assert_eq!(<f16 as Element>::NAME, "f16");
+/// let _: <f64 as Element>::Param = 1.0f64;
 /// ```
 pub trait Element:
     sealed::Sealed + Copy + Default + PartialEq + Into<f64> + std::fmt::Debug + Send + Sync + 'static
 {
-    /// The type's name (`"f32"`, `"f16"`, `"bf16"`).
+    /// The type's name (`"f32"`, `"f64"`, `"f16"`, `"bf16"`).
     const NAME: &'static str;
-    /// The value widened to f32 (exact).
-    fn to_f32(self) -> f32;
+    /// The type of the parameters and statistics that go with this data, and of the lanes the
+    /// kernels compute in: `f32`, or `f64` for f64 data.
+    type Param: Real;
+    /// The value widened to [`Element::Param`] (exact).
+    fn to_param(self) -> Self::Param;
     /// `v` rounded to this type (round to nearest, ties to even; overflow gives ±∞, NaN stays NaN).
-    fn from_f32(v: f32) -> Self;
+    fn from_param(v: Self::Param) -> Self;
 }
 
 impl sealed::Sealed for f32 {
@@ -53,12 +64,29 @@ impl sealed::Sealed for f32 {
 }
 impl Element for f32 {
     const NAME: &'static str = "f32";
+    type Param = f32;
     #[inline(always)]
-    fn to_f32(self) -> f32 {
+    fn to_param(self) -> f32 {
         self
     }
     #[inline(always)]
-    fn from_f32(v: f32) -> f32 {
+    fn from_param(v: f32) -> f32 {
+        v
+    }
+}
+
+impl sealed::Sealed for f64 {
+    const KIND: Kind = Kind::F64;
+}
+impl Element for f64 {
+    const NAME: &'static str = "f64";
+    type Param = f64;
+    #[inline(always)]
+    fn to_param(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_param(v: f64) -> f64 {
         v
     }
 }
@@ -68,12 +96,13 @@ impl sealed::Sealed for f16 {
 }
 impl Element for f16 {
     const NAME: &'static str = "f16";
+    type Param = f32;
     #[inline(always)]
-    fn to_f32(self) -> f32 {
+    fn to_param(self) -> f32 {
         f16::to_f32(self)
     }
     #[inline(always)]
-    fn from_f32(v: f32) -> f16 {
+    fn from_param(v: f32) -> f16 {
         f16::from_f32(v)
     }
 }
@@ -83,26 +112,43 @@ impl sealed::Sealed for bf16 {
 }
 impl Element for bf16 {
     const NAME: &'static str = "bf16";
+    type Param = f32;
     #[inline(always)]
-    fn to_f32(self) -> f32 {
+    fn to_param(self) -> f32 {
         bf16::to_f32(self)
     }
     #[inline(always)]
-    fn from_f32(v: f32) -> bf16 {
+    fn from_param(v: f32) -> bf16 {
         bf16::from_f32(v)
     }
 }
 
-/// `LANES` values of type `E` at `p`, as f32 lanes.
+/// Whether `E` is stored as its lane type (f32, f64): no conversion on load or store.
+#[inline(always)]
+fn is_lane_type<E: Element>() -> bool {
+    matches!(E::KIND, Kind::F32 | Kind::F64)
+}
+
+/// `x` as a slice of its lane type.
+///
+/// # Safety
+/// `E` must be stored as its lane type ([`is_lane_type`]).
+#[inline(always)]
+unsafe fn as_lanes<E: Element>(x: &[E]) -> &[E::Param] {
+    // SAFETY: the caller guarantees `E` is `E::Param` (f32 or f64 `KIND`).
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+}
+
+/// `LANES` values of type `E` at `p`, as lanes of its parameter type.
 ///
 /// # Safety
 /// `p` must be valid for reading `LANES` consecutive `E`.
 #[inline(always)]
-pub(crate) unsafe fn load<S: Simd, E: Element>(s: S, p: *const E) -> S::V {
-    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (f32, or 16 bits).
+pub(crate) unsafe fn load<S: Simd<T = E::Param>, E: Element>(s: S, p: *const E) -> S::V {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (the lane type, or 16 bits).
     unsafe {
         match E::KIND {
-            Kind::F32 => s.load_ptr(p.cast()),
+            Kind::F32 | Kind::F64 => s.load_ptr(p.cast()),
             Kind::F16 => s.load_f16_ptr(p.cast()),
             Kind::Bf16 => s.load_bf16_ptr(p.cast()),
         }
@@ -114,11 +160,11 @@ pub(crate) unsafe fn load<S: Simd, E: Element>(s: S, p: *const E) -> S::V {
 /// # Safety
 /// `p` must be valid for writing `LANES` consecutive `E`.
 #[inline(always)]
-pub(crate) unsafe fn store<S: Simd, E: Element>(s: S, p: *mut E, v: S::V) {
-    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (f32, or 16 bits).
+pub(crate) unsafe fn store<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v: S::V) {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (the lane type, or 16 bits).
     unsafe {
         match E::KIND {
-            Kind::F32 => s.store_ptr(p.cast(), v),
+            Kind::F32 | Kind::F64 => s.store_ptr(p.cast(), v),
             Kind::F16 => s.store_f16_ptr(p.cast(), v),
             Kind::Bf16 => s.store_bf16_ptr(p.cast(), v),
         }
@@ -129,12 +175,15 @@ pub(crate) unsafe fn store<S: Simd, E: Element>(s: S, p: *mut E, v: S::V) {
 /// values go through the vector conversion (on a padded copy), so a tail converts exactly as a
 /// whole vector does.
 #[inline(always)]
-pub(crate) fn load_partial<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::V {
+pub(crate) fn load_partial<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    fill: E::Param,
+) -> S::V {
     let n = x.len().min(S::LANES);
-    if E::KIND == Kind::F32 {
-        // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
-        let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
-        return s.load_partial(x, fill);
+    if is_lane_type::<E>() {
+        // SAFETY: `E` is its lane type (checked above).
+        return s.load_partial(unsafe { as_lanes(x) }, fill);
     }
     // SAFETY: `E` is a 16-bit type (`KIND`), so the slice is a slice of u16.
     let bits = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u16>(), n) };
@@ -142,11 +191,11 @@ pub(crate) fn load_partial<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::
         Kind::F16 => s.load_f16_partial(bits),
         _ => s.load_bf16_partial(bits),
     };
-    if fill == 0.0 {
+    if fill == E::Param::ZERO {
         // The padding converted from zero bits is +0.0 (the streams' fill): no blend needed.
         return v;
     }
-    let mut lanes = [0.0f32; MAX_LANES];
+    let mut lanes = [E::Param::ZERO; MAX_LANES];
     // SAFETY: the array holds MAX_LANES ≥ LANES values.
     unsafe { s.store_ptr(lanes.as_mut_ptr(), v) };
     s.load_partial(&lanes[..n], fill)
@@ -155,11 +204,12 @@ pub(crate) fn load_partial<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::
 /// The low `min(out.len(), LANES)` lanes of `v`, rounded to `E`, into `out` (half values through
 /// the vector conversion, so a tail rounds exactly as a whole vector does).
 #[inline(always)]
-pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
-    if E::KIND == Kind::F32 {
-        // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) };
+pub(crate) fn store_partial<S: Simd<T = E::Param>, E: Element>(s: S, out: &mut [E], v: S::V) {
+    if is_lane_type::<E>() {
+        // SAFETY: `E` is its lane type (checked above), so the slice is a slice of it.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<E::Param>(), out.len())
+        };
         return s.store_partial(out, v);
     }
     let bits = match E::KIND {
@@ -172,31 +222,35 @@ pub(crate) fn store_partial<S: Simd, E: Element>(s: S, out: &mut [E], v: S::V) {
     out[..n].copy_from_slice(&bits[..n]);
 }
 
-/// The first `LANES` values of `x` as f32 lanes; a shorter slice is padded with 0 (as
-/// [`Simd::load`]).
+/// The first `LANES` values of `x` as lanes; a shorter slice is padded with `fill`.
 #[inline(always)]
-pub(crate) fn load_slice<S: Simd, E: Element>(s: S, x: &[E]) -> S::V {
+pub(crate) fn load_padded<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    fill: E::Param,
+) -> S::V {
     if x.len() >= S::LANES {
         // SAFETY: `x` holds at least LANES readable values (checked above).
         unsafe { load(s, x.as_ptr()) }
     } else {
-        load_partial(s, x, 0.0)
+        load_partial(s, x, fill)
     }
+}
+
+/// The first `LANES` values of `x` as lanes; a shorter slice is padded with 0 (as
+/// [`Simd::load`]).
+#[inline(always)]
+pub(crate) fn load_slice<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> S::V {
+    load_padded(s, x, E::Param::ZERO)
 }
 
 /// The first `LANES` values of `x` widened to f64 lanes (exact); a shorter slice is padded with
 /// `fill` (as [`Simd::load_widen`]).
 #[inline(always)]
-pub(crate) fn load_widen<S: Simd, E: Element>(s: S, x: &[E], fill: f32) -> S::W {
-    if E::KIND == Kind::F32 {
-        // SAFETY: `E` is f32 (`KIND`), so the slice is a slice of f32.
-        let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
-        return s.load_widen(x, fill);
+pub(crate) fn load_widen<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E], fill: E::Param) -> S::W {
+    if is_lane_type::<E>() {
+        // SAFETY: `E` is its lane type (checked above).
+        return s.load_widen(unsafe { as_lanes(x) }, fill);
     }
-    if x.len() >= S::LANES {
-        // SAFETY: `x` holds at least LANES readable values (checked above).
-        s.widen(unsafe { load(s, x.as_ptr()) })
-    } else {
-        s.widen(load_partial(s, x, fill))
-    }
+    s.widen(load_padded(s, x, fill))
 }

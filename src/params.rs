@@ -1,24 +1,27 @@
 //! Named argument bundles for the operations, so per-channel slices cannot be swapped by position.
+//!
+//! Per-channel values are of type `P`, the data's [`crate::Element::Param`]: `f32` (the default)
+//! for f32, f16 and bf16 data, `f64` for f64 data.
 
 use crate::Error;
 use crate::stats::Variance;
 
 /// Learned per-channel scale γ and shift β (`y = γ·x̂ + β`), each of length C.
 #[derive(Clone, Copy, Debug)]
-pub struct Affine<'a> {
+pub struct Affine<'a, P = f32> {
     /// γ, one per channel.
-    pub gamma: &'a [f32],
+    pub gamma: &'a [P],
     /// β, one per channel.
-    pub beta: &'a [f32],
+    pub beta: &'a [P],
 }
 
 /// Running (inference-time) statistics, each of length C.
 #[derive(Clone, Copy, Debug)]
-pub struct RunningStats<'a> {
+pub struct RunningStats<'a, P = f32> {
     /// Running mean per channel.
-    pub mean: &'a [f32],
+    pub mean: &'a [P],
     /// Running variance per channel.
-    pub var: &'a [f32],
+    pub var: &'a [P],
 }
 
 /// How the running statistics follow the batch statistics. Weights are f64, as the frameworks'
@@ -63,20 +66,20 @@ impl Momentum {
 
 /// Running statistics to update during a training forward pass, with the update convention.
 #[derive(Debug)]
-pub struct RunningUpdate<'a> {
+pub struct RunningUpdate<'a, P = f32> {
     /// Running mean per channel (read and overwritten).
-    pub mean: &'a mut [f32],
+    pub mean: &'a mut [P],
     /// Running variance per channel (read and overwritten).
-    pub var: &'a mut [f32],
+    pub var: &'a mut [P],
     /// Update rule.
     pub momentum: Momentum,
     /// Which batch variance feeds the running variance.
     pub var_estimator: Variance,
 }
 
-impl<'a> RunningUpdate<'a> {
+impl<'a, P> RunningUpdate<'a, P> {
     /// PyTorch's convention: new-value weight 0.1, unbiased running variance.
-    pub fn pytorch(mean: &'a mut [f32], var: &'a mut [f32]) -> Self {
+    pub fn pytorch(mean: &'a mut [P], var: &'a mut [P]) -> Self {
         RunningUpdate {
             mean,
             var,
@@ -85,7 +88,7 @@ impl<'a> RunningUpdate<'a> {
         }
     }
     /// ONNX `BatchNormalization` (training mode): old-value weight 0.9, population variance.
-    pub fn onnx(mean: &'a mut [f32], var: &'a mut [f32]) -> Self {
+    pub fn onnx(mean: &'a mut [P], var: &'a mut [P]) -> Self {
         RunningUpdate {
             mean,
             var,
@@ -94,7 +97,7 @@ impl<'a> RunningUpdate<'a> {
         }
     }
     /// Keras `BatchNormalization`: old-value weight 0.99, population variance.
-    pub fn keras(mean: &'a mut [f32], var: &'a mut [f32]) -> Self {
+    pub fn keras(mean: &'a mut [P], var: &'a mut [P]) -> Self {
         RunningUpdate {
             mean,
             var,
@@ -120,29 +123,29 @@ impl<'a> RunningUpdate<'a> {
 
 /// Where a training forward pass stores what backward needs, each of length C.
 #[derive(Debug)]
-pub struct SavedStatsMut<'a> {
-    /// Batch mean per channel (rounded to f32).
-    pub mean: &'a mut [f32],
+pub struct SavedStatsMut<'a, P = f32> {
+    /// Batch mean per channel (rounded to `P`).
+    pub mean: &'a mut [P],
     /// `1/sqrt(var + ε)` per channel, with the biased batch variance.
-    pub inv_std: &'a mut [f32],
+    pub inv_std: &'a mut [P],
 }
 
 /// The saved batch statistics of a training forward pass, as input to backward.
 #[derive(Clone, Copy, Debug)]
-pub struct SavedStats<'a> {
+pub struct SavedStats<'a, P = f32> {
     /// Batch mean per channel, as saved by [`crate::BatchNorm::training`].
-    pub mean: &'a [f32],
+    pub mean: &'a [P],
     /// Inverse standard deviation per channel, as saved.
-    pub inv_std: &'a [f32],
+    pub inv_std: &'a [P],
 }
 
 /// Which statistics the forward pass normalized with, and so which gradient backward computes.
 #[derive(Clone, Copy, Debug)]
-pub enum BackwardMode<'a> {
+pub enum BackwardMode<'a, P = f32> {
     /// Batch statistics (training mode): gradients flow through the mean and variance.
-    Training(SavedStats<'a>),
+    Training(SavedStats<'a, P>),
     /// Fixed running statistics (frozen batch norm): `dx = γ·dy/sqrt(var + ε)`.
-    Frozen(RunningStats<'a>),
+    Frozen(RunningStats<'a, P>),
 }
 
 /// Whether parameter gradients overwrite or accumulate into the caller's buffers.
@@ -157,11 +160,11 @@ pub enum GradMode {
 
 /// Outputs for the gradients of γ and β, each of length C.
 #[derive(Debug)]
-pub struct ParamGrads<'a> {
+pub struct ParamGrads<'a, P = f32> {
     /// dL/dγ per channel.
-    pub dgamma: &'a mut [f32],
+    pub dgamma: &'a mut [P],
     /// dL/dβ per channel.
-    pub dbeta: &'a mut [f32],
+    pub dbeta: &'a mut [P],
     /// Overwrite or accumulate.
     pub mode: GradMode,
 }

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use aligned_vec::{AVec, ConstAlign};
 
@@ -25,7 +25,7 @@ const ALIGN: usize = 64;
 ///
 /// # Safety
 /// Implement only for types meeting all three conditions.
-pub(crate) unsafe trait Zeroable: Sized + Send + Sync {}
+pub unsafe trait Zeroable: Sized + Send + Sync {}
 
 // SAFETY: plain numbers (and atomics of them): all-zero is 0, no drop glue, alignment ≤ 8.
 unsafe impl Zeroable for f32 {}
@@ -33,6 +33,8 @@ unsafe impl Zeroable for f32 {}
 unsafe impl Zeroable for f64 {}
 // SAFETY: as above.
 unsafe impl Zeroable for AtomicU32 {}
+// SAFETY: an atomic u64 of zero bits is 0 (the same layout as u64), no drop glue.
+unsafe impl Zeroable for AtomicU64 {}
 // SAFETY: a zero-sized type has no bytes.
 unsafe impl Zeroable for () {}
 

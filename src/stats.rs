@@ -47,13 +47,39 @@ impl ChannelStats {
         if values.is_empty() {
             return ChannelStats::default();
         }
+        let s = Self::corrected_two_pass(values, 0.0, 1.0);
+        if (s.mean.is_finite() && s.m2.is_finite()) || !values.iter().all(|&v| v.into().is_finite())
+        {
+            return s;
+        }
+        // Finite f64 values so large (|x| ≳ 1e154) that the squared deviations from the rounded
+        // mean, or the sum, leave f64's range. Their variance is then 0 (a constant channel) or
+        // beyond f64's range anyway: the same two passes on the deviations from the first value,
+        // in units of 2⁶⁰⁰, give exactly 0 for a constant channel and ∞ otherwise.
+        const SCALE: f64 = f64::from_bits((1023 - 600) << 52); // 2⁻⁶⁰⁰
+        let x0 = values[0].into();
+        let t = Self::corrected_two_pass(values, x0 * SCALE, SCALE);
+        ChannelStats {
+            count: t.count,
+            mean: x0 + t.mean / SCALE,
+            m2: t.m2 / SCALE / SCALE,
+        }
+    }
+
+    /// The corrected two-pass (Chan, Golub & LeVeque) over `x·scale − pivot`.
+    fn corrected_two_pass<T: Copy + Into<f64>>(
+        values: &[T],
+        pivot: f64,
+        scale: f64,
+    ) -> ChannelStats {
+        let v = |x: T| x.into() * scale - pivot;
         let n = values.len() as f64;
-        let mean = values.iter().map(|&v| v.into()).sum::<f64>() / n;
-        let (dev, m2) = values.iter().fold((0.0, 0.0), |(s, q), &v| {
-            let d = v.into() - mean;
+        let mean = values.iter().map(|&x| v(x)).sum::<f64>() / n;
+        let (dev, m2) = values.iter().fold((0.0, 0.0), |(s, q), &x| {
+            let d = v(x) - mean;
             (s + d, q + d * d)
         });
-        // Corrected two-pass (Chan, Golub & LeVeque): removes the rounding left in `mean`.
+        // The correction removes the rounding left in `mean`.
         ChannelStats {
             count: values.len() as u64,
             mean: mean + dev / n,
@@ -122,7 +148,9 @@ impl ChannelStats {
         ChannelStats {
             count: self.count + other.count,
             mean: self.mean + delta * wb,
-            m2: self.m2 + other.m2 + delta * delta * wab,
+            // `δ·w·δ`, not `δ²·w`: merging into an empty total (w = 0, as the drivers' first
+            // block does) must add 0, also when δ² overflows (f64 data near 1e300).
+            m2: self.m2 + other.m2 + delta * wab * delta,
         }
     }
 

@@ -18,8 +18,8 @@ use common::*;
 const LAYOUTS: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
 
 /// Same bits, or both NaN (NaN payloads may differ between conversion instructions).
-fn same<E: Element>(a: &[E], b: &[E]) -> Option<usize> {
-    let bits = |v: E| v.to_f32();
+fn same<E: Element<Param = f32>>(a: &[E], b: &[E]) -> Option<usize> {
+    let bits = |v: E| v.to_param();
     (0..a.len().max(b.len())).find(|&i| match (a.get(i), b.get(i)) {
         (Some(&x), Some(&y)) => {
             let (x, y) = (bits(x), bits(y));
@@ -29,17 +29,17 @@ fn same<E: Element>(a: &[E], b: &[E]) -> Option<usize> {
     })
 }
 
-fn to_f32<E: Element>(v: &[E]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
+fn to_f32<E: Element<Param = f32>>(v: &[E]) -> Vec<f32> {
+    v.iter().map(|x| x.to_param()).collect()
 }
 
-fn from_f32<E: Element>(v: &[f32]) -> Vec<E> {
-    v.iter().map(|&x| E::from_f32(x)).collect()
+fn from_f32<E: Element<Param = f32>>(v: &[f32]) -> Vec<E> {
+    v.iter().map(|&x| E::from_param(x)).collect()
 }
 
 /// Values of `E` for a tensor: ordinary ones, and with `special`, a sprinkling of NaN, ±∞,
 /// subnormals of f16, ±0 and values near f16's largest.
-fn data<E: Element>(rng: &mut Rng, n: usize, special: bool) -> Vec<E> {
+fn data<E: Element<Param = f32>>(rng: &mut Rng, n: usize, special: bool) -> Vec<E> {
     let mut v = rng.normals(n, 0.3, 2.0);
     if special {
         let specials = [
@@ -64,7 +64,7 @@ fn data<E: Element>(rng: &mut Rng, n: usize, special: bool) -> Vec<E> {
 
 /// `inference_fused` (in place with `in_place`) on `E` data against the f32 path on the
 /// up-converted data rounded once to `E`.
-fn check_against_f32_path<E: Element>(special: bool, seed: u64) {
+fn check_against_f32_path<E: Element<Param = f32>>(special: bool, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut shapes = sweep_shapes();
     shapes.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
@@ -103,7 +103,7 @@ fn check_against_f32_path<E: Element>(special: bool, seed: u64) {
                         .unwrap();
                     let want: Vec<E> = from_f32(&y32);
 
-                    let mut y = vec![E::from_f32(f32::NAN); x.len()];
+                    let mut y = vec![E::from_param(f32::NAN); x.len()];
                     bn.inference_fused(&x, &mut y, affine, running, epi)
                         .unwrap();
                     if let Some(i) = same(&y, &want) {
@@ -132,14 +132,14 @@ struct Trained<E> {
     stats: BatchStats,
 }
 
-fn train<E: Element>(
+fn train<E: Element<Param = f32>>(
     bn: &BatchNorm,
     x: &[E],
     affine: Affine<'_>,
     epi: Epilogue<'_, E>,
 ) -> Trained<E> {
     let c = bn.shape().c();
-    let mut y = vec![E::from_f32(f32::NAN); x.len()];
+    let mut y = vec![E::from_param(f32::NAN); x.len()];
     let (mut m, mut r) = (vec![0.0; c], vec![0.0; c]);
     let (mut rm, mut rv) = (vec![0.5; c], vec![2.0; c]);
     let saved = SavedStatsMut {
@@ -176,7 +176,7 @@ fn same_stats(a: &[ChannelStats], b: &[ChannelStats]) -> bool {
 
 /// Backward (`mode`, `epi` as `None`, `Relu` or `AddRelu` from the forward's output `y`):
 /// (dx, dγ, dβ, dz).
-fn backward<E: Element>(
+fn backward<E: Element<Param = f32>>(
     bn: &BatchNorm,
     (x, dy, y): (&[E], &[E], &[E]),
     affine: Affine<'_>,
@@ -184,8 +184,8 @@ fn backward<E: Element>(
     epi: usize,
 ) -> (Vec<E>, Vec<f32>, Vec<f32>, Vec<E>) {
     let c = bn.shape().c();
-    let mut dx = vec![E::from_f32(f32::NAN); x.len()];
-    let mut dz = vec![E::from_f32(f32::NAN); x.len()];
+    let mut dx = vec![E::from_param(f32::NAN); x.len()];
+    let mut dz = vec![E::from_param(f32::NAN); x.len()];
     let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
     let grads = Some(ParamGrads {
         dgamma: &mut dgamma,
@@ -210,7 +210,7 @@ fn backward<E: Element>(
 
 /// Statistics, training (every epilogue) and backward (both modes, every epilogue, and in
 /// place) on `E` data against the f32 path on the up-converted data.
-fn check_training_against_f32_path<E: Element>(special: bool, seed: u64) {
+fn check_training_against_f32_path<E: Element<Param = f32>>(special: bool, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut shapes = sweep_shapes();
     shapes.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
@@ -332,14 +332,14 @@ fn half_inference_with_special_values_is_the_f32_path_rounded_once() {
 /// y = x + β exactly in f32 (ε = 0, variance 1, mean 0, γ = 1), with x = 1 and β chosen so that
 /// y lies exactly halfway between two values of the storage type, or beyond f16's range:
 /// `want` holds the correctly rounded results (to nearest, ties to even), written by hand.
-fn check_rounding<E: Element>(betas: &[f32], want: &[f32]) {
+fn check_rounding<E: Element<Param = f32>>(betas: &[f32], want: &[f32]) {
     let c = betas.len();
     // 37 values per channel: whole vectors and a partial one on every backend.
     for layout in LAYOUTS {
         let shape = Shape::new(1, c, 37).unwrap();
         for bn in operators(shape, layout, 0.0) {
-            let x = vec![E::from_f32(1.0); shape.len()];
-            let mut y = vec![E::from_f32(f32::NAN); shape.len()];
+            let x = vec![E::from_param(1.0); shape.len()];
+            let mut y = vec![E::from_param(f32::NAN); shape.len()];
             let gamma = vec![1.0f32; c];
             let (mean, var) = (vec![0.0f32; c], vec![1.0f32; c]);
             let affine = Some(Affine {
@@ -354,7 +354,7 @@ fn check_rounding<E: Element>(betas: &[f32], want: &[f32]) {
             for (i, v) in y.iter().enumerate() {
                 let ch = channel_of(shape, layout, i);
                 assert_eq!(
-                    v.to_f32().to_bits(),
+                    v.to_param().to_bits(),
                     want[ch].to_bits(),
                     "{} {layout:?} {:?} element {i} (channel {ch}): {:?}, want {}",
                     E::NAME,

@@ -40,9 +40,10 @@ impl Ctx {
 }
 
 /// Per-channel normalization parameters from the channel's statistics.
-pub(crate) type MakeAffine<'a> = &'a (dyn Fn(usize, &ChannelStats) -> ChannelAffine + Sync);
+pub(crate) type MakeAffine<'a, T = f32> =
+    &'a (dyn Fn(usize, &ChannelStats) -> ChannelAffine<T> + Sync);
 /// Per-channel dx parameters from the channel's backward sums.
-pub(crate) type MakeDx<'a> = &'a (dyn Fn(usize, &GradSums) -> DxParams + Sync);
+pub(crate) type MakeDx<'a, T = f32> = &'a (dyn Fn(usize, &GradSums) -> DxParams<T> + Sync);
 
 /// Where a streaming op reads from: a separate slice, the output buffer itself (in place), or
 /// another buffer that the same call writes in disjoint ranges (a staged gradient).
@@ -173,9 +174,9 @@ fn checked_sums(g: GradSums, exact: impl FnOnce() -> GradSums) -> GradSums {
 }
 
 /// Backward sums of paired values `(x, dy)` relative to `pivot`, in f64.
-fn exact_sums<E: Element>(pairs: impl Iterator<Item = (E, E)>, pivot: f32) -> GradSums {
+fn exact_sums<E: Element>(pairs: impl Iterator<Item = (E, E)>, pivot: E::Param) -> GradSums {
     pairs.fold(GradSums::default(), |s, (x, g)| {
-        let (d, g) = (x.into() - pivot as f64, g.into());
+        let (d, g) = (x.into() - pivot.into(), g.into());
         GradSums {
             dy: s.dy + g,
             xdy: s.xdy + d * g,
@@ -198,7 +199,7 @@ pub(crate) fn normalize<E: Element>(
     ctx: &Ctx,
     (src, fuse): (Src<'_, E>, Fuse<'_, E>),
     dst: &mut [E],
-    params: &[ChannelAffine],
+    params: &[ChannelAffine<E::Param>],
 ) {
     match ctx.effective_layout() {
         Layout::Nchw => nchw::normalize(ctx, (src, fuse), dst, params),
@@ -212,7 +213,7 @@ pub(crate) fn training<E: Element>(
     ctx: &Ctx,
     (x, fuse): (&[E], Fuse<'_, E>),
     y: &mut [E],
-    make: MakeAffine<'_>,
+    make: MakeAffine<'_, E::Param>,
     stats: &mut [ChannelStats],
 ) {
     match ctx.effective_layout() {
@@ -230,8 +231,8 @@ pub(crate) fn backward<E: Element>(
     x: &[E],
     dy: Grad<'_, E>,
     dx: &mut [E],
-    pivots: &[f32],
-    make: Option<MakeDx<'_>>,
+    pivots: &[E::Param],
+    make: Option<MakeDx<'_, E::Param>>,
     sums: &mut [GradSums],
 ) {
     match ctx.effective_layout() {
@@ -247,7 +248,7 @@ pub(crate) fn dx<E: Element>(
     x: &[E],
     dy: Src<'_, E>,
     dx: &mut [E],
-    params: &[DxParams],
+    params: &[DxParams<E::Param>],
 ) {
     match ctx.effective_layout() {
         Layout::Nchw => nchw::dx(ctx, x, dy, dx, params),

@@ -156,7 +156,7 @@ fn channel_stats<E: Element>(ctx: &Ctx, x: &[E], c: usize) -> ChannelStats {
     let s = ctx.backend.dispatch(runs);
     checked_stats(s, || {
         let values = scratch::from_fn(n * hw, |i| {
-            x[((i / hw) * channels + c) * hw + i % hw].to_f32()
+            x[((i / hw) * channels + c) * hw + i % hw].to_param()
         });
         ChannelStats::from_values(&values)
     })
@@ -199,7 +199,11 @@ pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats
 
 /// Where the normalize of a training or statistics schedule writes, how it gets each channel's
 /// parameters, and its epilogue.
-type Normalize<'a, E> = (&'a SharedMut<'a, E>, MakeAffine<'a>, Fuse<'a, E>);
+type Normalize<'a, E> = (
+    &'a SharedMut<'a, E>,
+    MakeAffine<'a, <E as Element>::Param>,
+    Fuse<'a, E>,
+);
 
 /// Affine map and epilogue of one piece, reading from `src`, writing into `out`.
 fn affine_piece<E: Element>(
@@ -207,7 +211,7 @@ fn affine_piece<E: Element>(
     (src, fuse): (Src<'_, E>, Fuse<'_, E>),
     out: &SharedMut<'_, E>,
     piece: Piece,
-    p: &ChannelAffine,
+    p: &ChannelAffine<E::Param>,
 ) {
     // SAFETY: every piece is applied exactly once and pieces are disjoint, so no other live slice
     // overlaps this one.
@@ -220,12 +224,13 @@ pub(super) fn normalize<E: Element>(
     ctx: &Ctx,
     (src, fuse): (Src<'_, E>, Fuse<'_, E>),
     dst: &mut [E],
-    params: &[ChannelAffine],
+    params: &[ChannelAffine<E::Param>],
 ) {
     let hw = ctx.shape.hw();
     let out = SharedMut::new(dst);
     if hw > BLOCK {
-        let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, (src, fuse), &out, p, a);
+        let apply =
+            |p: Piece, a: &ChannelAffine<E::Param>| affine_piece(ctx, (src, fuse), &out, p, a);
         let mut units = scratch::zeroed::<()>(ctx.shape.c());
         pipeline(
             ctx,
@@ -261,7 +266,7 @@ pub(super) fn training<E: Element>(
     ctx: &Ctx,
     (x, fuse): (&[E], Fuse<'_, E>),
     y: &mut [E],
-    make: MakeAffine<'_>,
+    make: MakeAffine<'_, E::Param>,
     stats: &mut [ChannelStats],
 ) {
     let out = SharedMut::new(y);
@@ -272,7 +277,7 @@ pub(super) fn training<E: Element>(
         return short_runs(ctx, x, Some((&out, make, fuse)), stats);
     }
     let src = (Src::Separate(x), fuse);
-    let apply = |p: Piece, a: &ChannelAffine| affine_piece(ctx, src, &out, p, a);
+    let apply = |p: Piece, a: &ChannelAffine<E::Param>| affine_piece(ctx, src, &out, p, a);
     pipeline(
         ctx,
         |p| piece_stats(ctx, x, p),
@@ -365,8 +370,8 @@ pub(super) fn backward<E: Element>(
     x: &[E],
     grad: Grad<'_, E>,
     dx: &mut [E],
-    pivots: &[f32],
-    make: Option<MakeDx<'_>>,
+    pivots: &[E::Param],
+    make: Option<MakeDx<'_, E::Param>>,
     sums: &mut [GradSums],
 ) {
     let out = SharedMut::new(dx);
@@ -393,13 +398,13 @@ pub(super) fn backward<E: Element>(
             exact_sums(run.iter().copied().zip(g.iter().copied()), pivot)
         })
     };
-    let apply = |p: Piece, dp: &DxParams| {
+    let apply = |p: Piece, dp: &DxParams<E::Param>| {
         // SAFETY: every piece is applied exactly once and pieces are disjoint.
         let io = unsafe { dy.io(&out, p.offset, p.len) };
         let x = &x[p.offset..p.offset + p.len];
         ctx.backend.dispatch(DxRun { x, io, p: *dp })
     };
-    let apply: Option<Apply<'_, DxParams>> = make.map(|_| &apply as _);
+    let apply: Option<Apply<'_, DxParams<E::Param>>> = make.map(|_| &apply as _);
     let make = |c: usize, g: &GradSums| make.map_or(DxParams::default(), |m| m(c, g));
     pipeline(ctx, reduce, GradSums::add, make, apply, sums)
 }
@@ -410,8 +415,8 @@ fn backward_short_runs<E: Element>(
     ctx: &Ctx,
     (x, grad): (&[E], Grad<'_, E>),
     out: &SharedMut<'_, E>,
-    pivots: &[f32],
-    make: Option<MakeDx<'_>>,
+    pivots: &[E::Param],
+    make: Option<MakeDx<'_, E::Param>>,
     sums: &mut [GradSums],
 ) {
     let dy = grad.src();
@@ -475,12 +480,12 @@ pub(super) fn dx<E: Element>(
     x: &[E],
     dy: Src<'_, E>,
     dx: &mut [E],
-    params: &[DxParams],
+    params: &[DxParams<E::Param>],
 ) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let out = SharedMut::new(dx);
     if hw > BLOCK {
-        let apply = |p: Piece, dp: &DxParams| {
+        let apply = |p: Piece, dp: &DxParams<E::Param>| {
             // SAFETY: every piece is applied exactly once and pieces are disjoint.
             let io = unsafe { dy.io(&out, p.offset, p.len) };
             let x = &x[p.offset..p.offset + p.len];

@@ -143,7 +143,7 @@ pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], total: &mut [ChannelSta
             for (i, s) in out.iter_mut().enumerate() {
                 *s = checked_stats(*s, || {
                     let ch = tile.first + i;
-                    let values = scratch::from_fn(tile.rows, |r| data[r * c + ch].to_f32());
+                    let values = scratch::from_fn(tile.rows, |r| data[r * c + ch].to_param());
                     ChannelStats::from_values(&values)
                 });
             }
@@ -175,7 +175,7 @@ pub(super) fn normalize<E: Element>(
     ctx: &Ctx,
     (src, fuse): (Src<'_, E>, Fuse<'_, E>),
     dst: &mut [E],
-    params: &[ChannelAffine],
+    params: &[ChannelAffine<E::Param>],
 ) {
     let blocks = Blocks::new(ctx);
     let lanes = &AffineLanes::affine(params);
@@ -199,7 +199,7 @@ pub(super) fn training<E: Element>(
     ctx: &Ctx,
     (x, fuse): (&[E], Fuse<'_, E>),
     y: &mut [E],
-    make: MakeAffine<'_>,
+    make: MakeAffine<'_, E::Param>,
     stats: &mut [ChannelStats],
 ) {
     statistics(ctx, x, stats);
@@ -212,8 +212,8 @@ pub(super) fn backward<E: Element>(
     x: &[E],
     grad: Grad<'_, E>,
     dx: &mut [E],
-    pivots: &[f32],
-    make: Option<MakeDx<'_>>,
+    pivots: &[E::Param],
+    make: Option<MakeDx<'_, E::Param>>,
     sums: &mut [GradSums],
 ) {
     // The reduction takes the statistics' tiles (fewer per-channel folds); dx the streaming
@@ -291,7 +291,7 @@ pub(super) fn dx<E: Element>(
     x: &[E],
     dy: Src<'_, E>,
     dx: &mut [E],
-    params: &[DxParams],
+    params: &[DxParams<E::Param>],
 ) {
     dx_blocks(ctx, x, dy, &SharedMut::new(dx), params);
 }
@@ -301,7 +301,7 @@ fn dx_blocks<E: Element>(
     x: &[E],
     dy: Src<'_, E>,
     out: &SharedMut<'_, E>,
-    params: &[DxParams],
+    params: &[DxParams<E::Param>],
 ) {
     let lanes = &DxLanes::dx(params);
     let blocks = Blocks::new(ctx);

@@ -2,7 +2,7 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::stream::{
-    InOut, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
+    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
     stream_strips, use_columns, use_strips,
 };
 use super::{
@@ -10,7 +10,7 @@ use super::{
     zeroed_f64,
 };
 use crate::element::{self, Element};
-use crate::simd::{Kernel, MAX_LANES, Simd};
+use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -35,36 +35,38 @@ impl GradSums {
 }
 
 /// Reduction over one contiguous run of one channel.
-pub(crate) struct GradSumsRun<'a, E = f32> {
+pub(crate) struct GradSumsRun<'a, E: Element = f32> {
     pub x: &'a [E],
     pub dy: &'a [E],
-    pub pivot: f32,
+    pub pivot: E::Param,
 }
 
 impl<E: Element> Kernel for GradSumsRun<'_, E> {
+    type T = E::Param;
     type Output = GradSums;
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) -> GradSums {
+    fn run<S: Simd<T = E::Param>>(self, s: S) -> GradSums {
         grad_sums_run(s, self.x, self.dy, self.pivot)
     }
 }
 
 /// Sums of each of consecutive runs of `run` elements of x and dy, run `i` relative to
 /// `pivots[i]`, into `out[i]` (one call for many short runs).
-pub(crate) struct GradSumsRuns<'a, E = f32> {
+pub(crate) struct GradSumsRuns<'a, E: Element = f32> {
     pub x: &'a [E],
     pub dy: &'a [E],
     pub run: usize,
-    pub pivots: &'a [f32],
+    pub pivots: &'a [E::Param],
     pub out: &'a mut [GradSums],
 }
 
 impl<E: Element> Kernel for GradSumsRuns<'_, E> {
+    type T = E::Param;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = E::Param>>(self, s: S) {
         if self.run == 0 {
             return;
         }
@@ -77,14 +79,19 @@ impl<E: Element> Kernel for GradSumsRuns<'_, E> {
 
 /// Σdy, Σ(x − pivot)·dy and Σ(x − pivot) over one contiguous run.
 #[inline(always)]
-fn grad_sums_run<S: Simd, E: Element>(s: S, x: &[E], dy: &[E], pivot: f32) -> GradSums {
+fn grad_sums_run<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    dy: &[E],
+    pivot: E::Param,
+) -> GradSums {
     const A: usize = ACCUMULATORS;
     let l = S::LANES;
     let w = A * l;
     let n = x.len().min(dy.len());
     let (x, dy) = (&x[..n], &dy[..n]);
     let p = s.splat(pivot);
-    let zero = s.splat(0.0);
+    let zero = s.zero();
     let mut total = GradSums::default();
     for (xc, dc) in x.chunks(KMAX * w).zip(dy.chunks(KMAX * w)) {
         let mut acc = [[zero; 3]; A];
@@ -105,7 +112,7 @@ fn grad_sums_run<S: Simd, E: Element>(s: S, x: &[E], dy: &[E], pivot: f32) -> Gr
         for (a, j) in acc.iter_mut().zip((i..xc.len()).step_by(l)) {
             let end = (j + l).min(xc.len());
             let xd = s.sub(element::load_partial(s, &xc[j..end], pivot), p);
-            let g = element::load_partial(s, &dc[j..end], 0.0);
+            let g = element::load_partial(s, &dc[j..end], S::T::ZERO);
             a[0] = s.add(a[0], g);
             a[1] = s.mul_add(xd, g, a[1]);
             a[2] = s.add(a[2], xd);
@@ -128,10 +135,10 @@ fn grad_sums_run<S: Simd, E: Element>(s: S, x: &[E], dy: &[E], pivot: f32) -> Gr
 /// Reduction of channels `first..first + out.len()` over whole rows of `pivots.len()`
 /// interleaved channels (a strip of the row); adds into `out`. Narrow rows (the periodic path)
 /// are reduced whole: `first` must then be 0. Entries past the row are ignored.
-pub(crate) struct GradSumsRows<'a, E = f32> {
+pub(crate) struct GradSumsRows<'a, E: Element = f32> {
     pub x: &'a [E],
     pub dy: &'a [E],
-    pub pivots: &'a [f32],
+    pub pivots: &'a [E::Param],
     pub first: usize,
     pub out: &'a mut [GradSums],
 }
@@ -142,22 +149,22 @@ const SUM_GROUP: usize = 2;
 /// Sums over the rows for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of
 /// `c` channels, accumulators in registers. Adds into `out[..width]`.
 #[inline(always)]
-fn grad_sums_strided<S: Simd, E: Element, const G: usize>(
+fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
     s: S,
     (x, dy): (&[E], &[E]),
     c: usize,
     first: usize,
-    pivots: &[f32],
+    pivots: &[E::Param],
     out: &mut [GradSums],
 ) {
     let l = S::LANES;
     let width = (c - first).min(G * l).min(pivots.len()).min(out.len());
     let (full, rem) = (width / l, width % l);
     let rows = x.len().min(dy.len()) / c;
-    let zero = s.splat(0.0);
+    let zero = s.zero();
     let mut piv = [zero; G];
     for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
-        *p = s.load_partial(&pivots[g * l..width], 0.0);
+        *p = s.load_partial(&pivots[g * l..width], S::T::ZERO);
     }
     // f32 sums over KMAX rows, then added into f64 vectors (one widening per sum and vector).
     let mut tot = [[s.splat_w(0.0); 3]; G];
@@ -182,8 +189,8 @@ fn grad_sums_strided<S: Simd, E: Element, const G: usize>(
                 } else if g == full && rem > 0 {
                     let r = start + g * l..start + width;
                     (
-                        element::load_partial(s, &x[r.clone()], 0.0),
-                        element::load_partial(s, &dy[r], 0.0),
+                        element::load_partial(s, &x[r.clone()], S::T::ZERO),
+                        element::load_partial(s, &dy[r], S::T::ZERO),
                     )
                 } else {
                     continue;
@@ -221,10 +228,11 @@ fn grad_sums_strided<S: Simd, E: Element, const G: usize>(
 }
 
 impl<E: Element> Kernel for GradSumsRows<'_, E> {
+    type T = E::Param;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = E::Param>>(self, s: S) {
         let c = self.pivots.len();
         if c == 0 {
             return;
@@ -256,7 +264,7 @@ impl<E: Element> Kernel for GradSumsRows<'_, E> {
         let n = self.x.len().min(self.dy.len());
         let (x, dy) = (&self.x[..n], &self.dy[..n]);
         for (xc, dc) in x.chunks(KMAX * per).zip(dy.chunks(KMAX * per)) {
-            acc.fill(0.0);
+            acc.fill(S::T::ZERO);
             let (sdy, rest) = acc.split_at_mut(per);
             let (sxdy, sx) = rest.split_at_mut(per);
             let mut i = 0;
@@ -305,12 +313,12 @@ impl<E: Element> Kernel for GradSumsRows<'_, E> {
 /// overflows f32 for a tiny variance with ε = 0 although every term of dx is ordinary (found by
 /// fuzzing). The extra multiply is free in a memory-bound loop.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct DxParams {
-    pub shift: f32,
-    pub r: f32,
-    pub a: f32,
-    pub b: f32,
-    pub c: f32,
+pub(crate) struct DxParams<T = f32> {
+    pub shift: T,
+    pub r: T,
+    pub a: T,
+    pub b: T,
+    pub c: T,
 }
 
 /// [`DxParams`] splat across the lanes.
@@ -324,7 +332,7 @@ struct SplatDx<V> {
 
 impl<V: Copy> SplatDx<V> {
     #[inline(always)]
-    fn new<S: Simd<V = V>>(s: S, p: &DxParams) -> Self {
+    fn new<S: Simd<V = V>>(s: S, p: &DxParams<S::T>) -> Self {
         let (shift, r) = (s.splat(p.shift), s.splat(p.r));
         SplatDx {
             shift,
@@ -346,15 +354,15 @@ impl<S: Simd> VectorMap<S> for SplatDx<S::V> {
 }
 
 /// [`DxParams`] per position of the period.
-struct PeriodicDx<'a> {
-    shift: &'a [f32],
-    r: &'a [f32],
-    a: &'a [f32],
-    b: &'a [f32],
-    c: &'a [f32],
+struct PeriodicDx<'a, T> {
+    shift: &'a [T],
+    r: &'a [T],
+    a: &'a [T],
+    b: &'a [T],
+    c: &'a [T],
 }
 
-impl<S: Simd> VectorMap<S> for PeriodicDx<'_> {
+impl<S: Simd> VectorMap<S> for PeriodicDx<'_, S::T> {
     const BINARY: bool = true;
     #[inline(always)]
     fn apply(&self, s: S, p: usize, g: S::V, x: S::V) -> S::V {
@@ -363,7 +371,7 @@ impl<S: Simd> VectorMap<S> for PeriodicDx<'_> {
         // SAFETY: the phase `p` lies inside the period and every array holds the period plus
         // MAX_LANES ≥ LANES values (built by `PeriodicLanes::new`).
         unsafe {
-            let at = |f: &[f32]| f.as_ptr().add(p);
+            let at = |f: &[S::T]| f.as_ptr().add(p);
             let xhat = s.mul(s.sub(x, s.load_ptr(at(self.shift))), s.load_ptr(at(self.r)));
             let ag = s.mul_add(s.load_ptr(at(self.a)), g, s.load_ptr(at(self.c)));
             s.mul_add(s.load_ptr(at(self.b)), xhat, ag)
@@ -375,14 +383,15 @@ impl<S: Simd> VectorMap<S> for PeriodicDx<'_> {
 pub(crate) struct DxRun<'a, IO: InOut> {
     pub x: &'a [IO::Elem],
     pub io: IO,
-    pub p: DxParams,
+    pub p: DxParams<Param<IO>>,
 }
 
 impl<IO: InOut> Kernel for DxRun<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         let p = self.p;
         let op = SplatDx::new(s, &p);
         stream(s, self.io, Some(self.x), 4 * S::LANES, &op);
@@ -395,14 +404,15 @@ pub(crate) struct DxRuns<'a, IO: InOut> {
     pub x: &'a [IO::Elem],
     pub io: IO,
     pub run: usize,
-    pub params: &'a [DxParams],
+    pub params: &'a [DxParams<Param<IO>>],
 }
 
 impl<IO: InOut> Kernel for DxRuns<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(mut self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(mut self, s: S) {
         if self.run == 0 {
             return;
         }
@@ -434,13 +444,13 @@ impl<IO: InOut> Kernel for DxRuns<'_, IO> {
 pub(crate) struct DxRows<'a, IO: InOut> {
     pub x: &'a [IO::Elem],
     pub io: IO,
-    pub params: &'a [DxParams],
-    pub lanes: &'a DxLanes,
+    pub params: &'a [DxParams<Param<IO>>],
+    pub lanes: &'a DxLanes<Param<IO>>,
 }
 
-impl DxLanes {
+impl<T: Real> DxLanes<T> {
     /// The periodic lanes of `params`.
-    pub(crate) fn dx(params: &[DxParams]) -> DxLanes {
+    pub(crate) fn dx(params: &[DxParams<T>]) -> DxLanes<T> {
         PeriodicLanes::new(params, |p| [p.shift, p.r, p.a, p.b, p.c])
     }
 }
@@ -450,7 +460,7 @@ impl<IO: InOut> DxRows<'_, IO> {
     /// register group in registers), walks each group of channels down the rows; returns whether
     /// it did (else the periodic lanes are used).
     #[inline(always)]
-    fn columns<S: Simd, const G: usize>(&mut self, s: S) -> bool {
+    fn columns<S: Simd<T = Param<IO>>, const G: usize>(&mut self, s: S) -> bool {
         let c = self.params.len();
         if !use_columns::<S>(c, G) || column_group::<S>(5) < G {
             return false;
@@ -491,10 +501,11 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupDx<S::V, G> {
 }
 
 impl<IO: InOut> Kernel for DxRows<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(mut self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(mut self, s: S) {
         let c = self.params.len();
         if c == 0 {
             return;
@@ -520,8 +531,8 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
 // SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
 unsafe impl crate::scratch::Zeroable for GradSums {}
 
-// SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
-unsafe impl crate::scratch::Zeroable for DxParams {}
+// SAFETY: plain f32/f64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
+unsafe impl<T: Real> crate::scratch::Zeroable for DxParams<T> {}
 
 /// ReLU's backward through its saved output: `out = dy` where `y > 0`, else 0, with `dy` the
 /// stream's input and `y` the second input (the same range).
@@ -541,10 +552,11 @@ impl<S: Simd> VectorMap<S> for WherePositive {
 }
 
 impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         stream(s, self.io, Some(self.y), 4 * S::LANES, &WherePositive);
     }
 }

@@ -18,12 +18,12 @@ pub(crate) use normalize::{AffineRows, AffineRun, AffineRuns, ChannelAffine, Fus
 pub(crate) use stream::Io;
 
 /// The periodic lanes of [`AffineRows`]'s parameters (shift, scale, bias).
-pub(crate) type AffineLanes = PeriodicLanes<3>;
+pub(crate) type AffineLanes<T = f32> = PeriodicLanes<3, T>;
 /// The periodic lanes of [`DxRows`]'s parameters (shift, r, a, b, c).
-pub(crate) type DxLanes = PeriodicLanes<5>;
+pub(crate) type DxLanes<T = f32> = PeriodicLanes<5, T>;
 
 use crate::scratch::{self, Scratch};
-use crate::simd::{MAX_LANES, Simd};
+use crate::simd::{MAX_LANES, Real, Simd};
 
 /// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
 /// accumulation length, and so its rounding error, independently of the tensor size: a recursive
@@ -55,18 +55,18 @@ fn lcm(a: usize, b: usize) -> usize {
 
 /// Scratch lanes for periodic parameters and state, from the thread's scratch pool: aligned to a
 /// cache line (and to the widest vector), so no vector load from them splits a line.
-pub(crate) type Lanes = Scratch<f32>;
+pub(crate) type Lanes<T = f32> = Scratch<T>;
 
 /// Extends a periodic pattern: `lanes[q] = lanes[q − c]` for `q ≥ c`, so position q holds
 /// channel `q mod c` once the first `c` values are set.
-fn repeat_period(lanes: &mut [f32], c: usize) {
+fn repeat_period<T: Copy>(lanes: &mut [T], c: usize) {
     for q in c..lanes.len() {
         lanes[q] = lanes[q - c];
     }
 }
 
 /// Expands per-channel values to one value per position of a period (`pos mod c`).
-pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
+pub(crate) fn expand_periodic<T: Real>(per_channel: &[T], period: usize) -> Lanes<T> {
     let mut lanes = zeroed(period);
     let c = per_channel.len().min(period);
     lanes[..c].copy_from_slice(&per_channel[..c]);
@@ -81,21 +81,21 @@ pub(crate) fn expand_periodic(per_channel: &[f32], period: usize) -> Lanes {
 /// a few wide rows does not pay for the expansion. The period, a multiple of the channel count
 /// and of [`MAX_LANES`] (so of every backend's lane count), serves every backend. Each field holds
 /// `period + MAX_LANES` values.
-pub(crate) struct PeriodicLanes<const F: usize> {
+pub(crate) struct PeriodicLanes<const F: usize, T: Real = f32> {
     period: usize,
-    fields: [Lanes; F],
+    fields: [Lanes<T>; F],
 }
 
-impl<const F: usize> PeriodicLanes<F> {
+impl<const F: usize, T: Real> PeriodicLanes<F, T> {
     /// Expands field `k` of `params` (as returned by `fields`) into `fields[k]`.
-    pub(crate) fn new<P>(params: &[P], fields: impl Fn(&P) -> [f32; F]) -> Self {
+    pub(crate) fn new<P>(params: &[P], fields: impl Fn(&P) -> [T; F]) -> Self {
         let c = params.len();
         let period = period(c.max(1), MAX_LANES);
         // One vector past the period, continuing the pattern: a vector load at any phase inside
         // the period stays in bounds (a strip's row segment may start at any phase and end in a
         // partial vector, see `stream_strips`).
         let len = period + MAX_LANES;
-        let mut lanes: [Lanes; F] = std::array::from_fn(|_| zeroed(len));
+        let mut lanes: [Lanes<T>; F] = std::array::from_fn(|_| zeroed(len));
         if c > 0 {
             for (i, p) in params.iter().enumerate() {
                 for (lane, v) in lanes.iter_mut().zip(fields(p)) {
@@ -114,7 +114,7 @@ impl<const F: usize> PeriodicLanes<F> {
 }
 
 /// `len` zeroed lanes.
-pub(crate) fn zeroed(len: usize) -> Lanes {
+pub(crate) fn zeroed<T: Real>(len: usize) -> Lanes<T> {
     scratch::zeroed(len)
 }
 
@@ -129,5 +129,5 @@ pub(crate) fn zeroed_f64(len: usize) -> Lanes64 {
 /// Sum of the lanes of `v`, widened to f64 for the f64 merges that follow.
 #[inline(always)]
 pub(crate) fn reduce_f64<S: Simd>(s: S, v: S::V) -> f64 {
-    s.reduce_add(v) as f64
+    s.reduce_add(v).into()
 }

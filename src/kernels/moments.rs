@@ -19,25 +19,27 @@ use super::{ACCUMULATORS, KMAX, expand_periodic, period, zeroed, zeroed_f64};
 use crate::ChannelStats;
 use crate::element::{self, Element};
 use crate::scratch;
-use crate::simd::{Kernel, MAX_LANES, Simd};
+use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 
-/// Statistics of `count` values from their f64 mean and `sq = Σ(x − shift)²`.
+/// Statistics of `count` values from their first pass's f64 mean, `sq = Σ(x − shift)²` and
+/// `dev = Σ(x − shift)` (summed in f64 lanes only, see [`Real::WIDE`]).
+///
+/// With f32 lanes the first pass's mean (an f64 sum of f32 values) is exact to far below one f32
+/// rounding of σ. With f64 lanes it errs by up to L·2⁻⁵³·Σ|x| (L values per lane), large next to
+/// σ for data far from zero (mean 3e6, σ 4: ~1e-8·σ); the mean is then corrected by the mean
+/// deviation, `μ = shift + dev/n`, and `M2 = sq − dev²/n` (the corrected two-pass of Chan, Golub
+/// and LeVeque), whose error scales with Σ|x − μ| instead.
 #[inline(always)]
-fn finish(count: usize, mean: f64, shift: f32, sq: f64) -> ChannelStats {
-    let r = mean - shift as f64;
+fn finish<T: Real>(count: usize, mean: f64, shift: T, (sq, dev): (f64, f64)) -> ChannelStats {
+    let (r, mean) = if T::WIDE {
+        let r = dev / count as f64;
+        (r, shift.into() + r)
+    } else {
+        (mean - shift.into(), mean)
+    };
     let m2 = sq - count as f64 * r * r;
     // Rounding of `sq` can leave a tiny negative M2; NaN passes through (the driver's fallback).
     ChannelStats::new(count as u64, mean, if m2 < 0.0 { 0.0 } else { m2 })
-}
-
-/// `LANES` values of `v` (a whole vector, or a shorter tail padded with `fill`).
-#[inline(always)]
-fn load_padded<S: Simd, E: Element>(s: S, v: &[E], fill: f32) -> S::V {
-    if v.len() >= S::LANES {
-        element::load_slice(s, v)
-    } else {
-        element::load_partial(s, v, fill)
-    }
 }
 
 /// Statistics of one contiguous run.
@@ -46,10 +48,11 @@ pub(crate) struct MomentsRun<'a, E = f32> {
 }
 
 impl<E: Element> Kernel for MomentsRun<'_, E> {
+    type T = E::Param;
     type Output = ChannelStats;
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) -> ChannelStats {
+    fn run<S: Simd<T = E::Param>>(self, s: S) -> ChannelStats {
         moments_run(s, self.x)
     }
 }
@@ -63,10 +66,11 @@ pub(crate) struct MomentsRuns<'a, E = f32> {
 }
 
 impl<E: Element> Kernel for MomentsRuns<'_, E> {
+    type T = E::Param;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = E::Param>>(self, s: S) {
         if self.run == 0 {
             return;
         }
@@ -83,7 +87,7 @@ const SUB_RUN: usize = 4096;
 /// Statistics of one contiguous run: [`two_pass`] per sub-run of [`SUB_RUN`] values, merged in
 /// order (Chan, f64).
 #[inline(always)]
-fn moments_run<S: Simd, E: Element>(s: S, x: &[E]) -> ChannelStats {
+fn moments_run<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> ChannelStats {
     if x.len() <= SUB_RUN {
         return two_pass(s, x);
     }
@@ -98,7 +102,7 @@ fn moments_run<S: Simd, E: Element>(s: S, x: &[E]) -> ChannelStats {
 
 /// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
 #[inline(always)]
-fn two_pass<S: Simd, E: Element>(s: S, x: &[E]) -> ChannelStats {
+fn two_pass<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> ChannelStats {
     strided_two_pass(s, x, x.len(), x.len(), 1)
 }
 
@@ -116,10 +120,11 @@ pub(crate) struct MomentsChannel<'a, E = f32> {
 }
 
 impl<E: Element> Kernel for MomentsChannel<'_, E> {
+    type T = E::Param;
     type Output = ChannelStats;
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) -> ChannelStats {
+    fn run<S: Simd<T = E::Param>>(self, s: S) -> ChannelStats {
         strided_two_pass(s, self.x, self.run, self.stride, self.count)
     }
 }
@@ -130,7 +135,7 @@ impl<E: Element> Kernel for MomentsChannel<'_, E> {
 /// lane would take more than [`KMAX`] steps, so a lane's result carries at most `KMAX` + 2
 /// roundings whatever the run lengths.
 #[inline(always)]
-fn strided_two_pass<S: Simd, E: Element>(
+fn strided_two_pass<S: Simd<T = E::Param>, E: Element>(
     s: S,
     x: &[E],
     run: usize,
@@ -150,11 +155,11 @@ fn strided_two_pass<S: Simd, E: Element>(
         let mut blocks = r.chunks_exact(w);
         for b in &mut blocks {
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = s.add_w(*a, element::load_widen(s, &b[j * l..], 0.0));
+                *a = s.add_w(*a, element::load_widen(s, &b[j * l..], S::T::ZERO));
             }
         }
         for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
-            *a = s.add_w(*a, element::load_widen(s, v, 0.0));
+            *a = s.add_w(*a, element::load_widen(s, v, S::T::ZERO));
         }
     }
     if n == 0 {
@@ -162,46 +167,56 @@ fn strided_two_pass<S: Simd, E: Element>(
     }
     let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
     let mean = sum / n as f64;
-    let shift = mean as f32;
+    let shift = S::T::from_f64(mean);
     // Pass 2: Σ(x − S)² in f32 lanes, folded into one f64 vector before any lane would take
     // more than KMAX steps.
-    let (sh, zero) = (s.splat(shift), s.splat(0.0));
-    let mut sq = [zero; A];
+    // With f64 lanes, Σ(x − S) too (see `finish`).
+    let (sh, zero) = (s.splat(shift), s.zero());
+    let (mut sq, mut dv) = ([zero; A], [zero; A]);
     let mut pending = 0;
-    let mut tot = s.splat_w(0.0);
+    let (mut tot, mut dtot) = (s.splat_w(0.0), s.splat_w(0.0));
     for r in runs() {
         for chunk in r.chunks(KMAX * w) {
             // Steps of the busiest lane: the whole blocks, plus one tail vector.
             let steps = chunk.len() / w + usize::from(!chunk.len().is_multiple_of(w));
             if pending + steps > KMAX {
-                fold_squares(s, &mut sq, &mut tot);
+                fold_lanes(s, &mut sq, &mut tot);
+                fold_lanes(s, &mut dv, &mut dtot);
                 pending = 0;
             }
             pending += steps;
             let mut blocks = chunk.chunks_exact(w);
             for b in &mut blocks {
-                for (j, a) in sq.iter_mut().enumerate() {
+                for j in 0..A {
                     let e = s.sub(element::load_slice(s, &b[j * l..]), sh);
-                    *a = s.mul_add(e, e, *a);
+                    sq[j] = s.mul_add(e, e, sq[j]);
+                    if S::T::WIDE {
+                        dv[j] = s.add(dv[j], e);
+                    }
                 }
             }
-            for (a, v) in sq.iter_mut().zip(blocks.remainder().chunks(l)) {
-                let e = s.sub(load_padded(s, v, shift), sh);
-                *a = s.mul_add(e, e, *a);
+            for (j, v) in blocks.remainder().chunks(l).enumerate() {
+                let e = s.sub(element::load_padded(s, v, shift), sh);
+                sq[j] = s.mul_add(e, e, sq[j]);
+                if S::T::WIDE {
+                    dv[j] = s.add(dv[j], e);
+                }
             }
         }
     }
-    fold_squares(s, &mut sq, &mut tot);
-    finish(n, mean, shift, s.reduce_add_w(tot))
+    fold_lanes(s, &mut sq, &mut tot);
+    fold_lanes(s, &mut dv, &mut dtot);
+    let sums = (s.reduce_add_w(tot), s.reduce_add_w(dtot));
+    finish(n, mean, shift, sums)
 }
 
-/// Adds the f32 square sums into the f64 total and clears them (a function, not a closure: a
-/// closure may be compiled outside the target-feature entry point).
+/// Adds lane sums into the f64 total and clears them (a function, not a closure: a closure may
+/// be compiled outside the target-feature entry point).
 #[inline(always)]
-fn fold_squares<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
+fn fold_lanes<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
     let v = s.add(s.add(sq[0], sq[1]), s.add(sq[2], sq[3]));
     *tot = s.add_w(*tot, s.widen(v));
-    *sq = [s.splat(0.0); ACCUMULATORS];
+    *sq = [s.zero(); ACCUMULATORS];
 }
 
 /// Statistics of channels `first..first + out.len()` over a block of whole rows of `c`
@@ -225,7 +240,7 @@ pub(crate) const GROUP: usize = 4;
 /// Vector `g` of a group starting at `start` in a row: whole (`g < full`), the partial last one
 /// (`g == full`, lanes past `width` read as 0), or none.
 #[inline(always)]
-fn group_vector<S: Simd, E: Element>(
+fn group_vector<S: Simd<T = E::Param>, E: Element>(
     s: S,
     x: &[E],
     start: usize,
@@ -241,7 +256,7 @@ fn group_vector<S: Simd, E: Element>(
         Some(element::load_partial(
             s,
             &x[start + g * l..start + width],
-            0.0,
+            S::T::ZERO,
         ))
     } else {
         None
@@ -251,7 +266,7 @@ fn group_vector<S: Simd, E: Element>(
 /// Both passes for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of `c`
 /// channels. Writes `out[..width]`.
 #[inline(always)]
-fn moments_strided<S: Simd, E: Element, const G: usize>(
+fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
     s: S,
     x: &[E],
     c: usize,
@@ -278,7 +293,7 @@ fn moments_strided<S: Simd, E: Element, const G: usize>(
         }
     }
     let mut mean = [0.0f64; GROUP * MAX_LANES];
-    let mut shift = [0.0f32; GROUP * MAX_LANES];
+    let mut shift = [S::T::ZERO; GROUP * MAX_LANES];
     let mut lanes = [0.0f64; MAX_LANES];
     for (g, &a) in acc.iter().enumerate().take(vecs) {
         s.to_lanes_w(a, &mut lanes);
@@ -287,48 +302,55 @@ fn moments_strided<S: Simd, E: Element, const G: usize>(
             // A division, not a product with 1/rows: the mean of a constant channel is then
             // exactly its value (its f64 sum is exact), and its M2 exactly 0.
             mean[i] = sum / rows as f64;
-            shift[i] = mean[i] as f32;
+            shift[i] = S::T::from_f64(mean[i]);
         }
     }
     // Pass 2: Σ(x − S)² in f32 lanes, folded into f64 every KMAX rows.
-    let zero = s.splat(0.0);
+    let zero = s.zero();
     let mut sh = [zero; G];
     for (g, v) in sh.iter_mut().enumerate().take(vecs) {
-        *v = s.load_partial(&shift[g * l..width], 0.0);
+        *v = s.load_partial(&shift[g * l..width], S::T::ZERO);
     }
-    let mut tot = [s.splat_w(0.0); G];
+    let (mut tot, mut dtot) = ([s.splat_w(0.0); G], [s.splat_w(0.0); G]);
     let mut first_row = 0;
     while first_row < rows {
         let steps = KMAX.min(rows - first_row);
-        let mut sq = [zero; G];
+        let (mut sq, mut dv) = ([zero; G], [zero; G]);
         for r in first_row..first_row + steps {
             let start = r * c + first;
             for g in 0..G {
                 if let Some(v) = group_vector(s, x, start, g, shape) {
                     let e = s.sub(v, sh[g]);
                     sq[g] = s.mul_add(e, e, sq[g]);
+                    if S::T::WIDE {
+                        dv[g] = s.add(dv[g], e);
+                    }
                 }
             }
         }
-        for (t, &q) in tot.iter_mut().zip(&sq).take(vecs) {
-            *t = s.add_w(*t, s.widen(q));
+        for g in 0..vecs {
+            tot[g] = s.add_w(tot[g], s.widen(sq[g]));
+            dtot[g] = s.add_w(dtot[g], s.widen(dv[g]));
         }
         first_row += steps;
     }
-    for (g, &t) in tot.iter().enumerate().take(vecs) {
-        s.to_lanes_w(t, &mut lanes);
-        for (lane, &sq) in lanes.iter().enumerate().take(l.min(width - g * l)) {
+    let mut devs = [0.0f64; MAX_LANES];
+    for g in 0..vecs {
+        s.to_lanes_w(tot[g], &mut lanes);
+        s.to_lanes_w(dtot[g], &mut devs);
+        for lane in 0..l.min(width - g * l) {
             let i = g * l + lane;
-            out[i] = finish(rows, mean[i], shift[i], sq);
+            out[i] = finish(rows, mean[i], shift[i], (lanes[lane], devs[lane]));
         }
     }
 }
 
 impl<E: Element> Kernel for MomentsRows<'_, E> {
+    type T = E::Param;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = E::Param>>(self, s: S) {
         let c = self.c;
         if c == 0 {
             return;
@@ -351,7 +373,12 @@ impl<E: Element> Kernel for MomentsRows<'_, E> {
 /// (the period is a multiple of both `c` and the lane count), sums in memory. The last partial
 /// period (fewer than `period` values, whole rows) is summed in scalar f64. Writes `out[..c]`.
 #[inline(always)]
-fn moments_periodic<S: Simd, E: Element>(s: S, x: &[E], c: usize, out: &mut [ChannelStats]) {
+fn moments_periodic<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    c: usize,
+    out: &mut [ChannelStats],
+) {
     let l = S::LANES;
     let rows = x.len() / c;
     if rows == 0 {
@@ -369,7 +396,7 @@ fn moments_periodic<S: Simd, E: Element>(s: S, x: &[E], c: usize, out: &mut [Cha
             unsafe {
                 let a = s.add_w(
                     s.load_w_ptr(acc.as_ptr().add(o)),
-                    element::load_widen(s, &step[o..], 0.0),
+                    element::load_widen(s, &step[o..], S::T::ZERO),
                 );
                 s.store_w_ptr(acc.as_mut_ptr().add(o), a);
             }
@@ -386,36 +413,51 @@ fn moments_periodic<S: Simd, E: Element>(s: S, x: &[E], c: usize, out: &mut [Cha
         *m /= rows as f64; // exact for a constant channel, as in `moments_strided`
     }
     // Pass 2: Σ(x − S)² per lane, f32 for KMAX periods, then f64.
-    let shifts = scratch::from_fn(c, |ch| mean[ch] as f32);
+    let shifts = scratch::from_fn(c, |ch| S::T::from_f64(mean[ch]));
     let sh = expand_periodic(&shifts, per);
-    let mut sq = zeroed(per);
-    let mut tot = zeroed_f64(per);
+    // With f64 lanes, Σ(x − S) per lane too (see `finish`).
+    let (mut sq, mut dv) = (zeroed(per), zeroed(if S::T::WIDE { per } else { 0 }));
+    let (mut tot, mut dtot) = (zeroed_f64(per), zeroed_f64(per));
     for chunk in body.chunks(KMAX * per) {
-        sq.fill(0.0);
+        sq.fill(S::T::ZERO);
+        dv.fill(S::T::ZERO);
         for step in chunk.chunks_exact(per) {
             for o in (0..per).step_by(l) {
                 let e = s.sub(element::load_slice(s, &step[o..]), s.load(&sh[o..]));
                 let q = s.load(&sq[o..]);
                 s.store(&mut sq[o..], s.mul_add(e, e, q));
+                if S::T::WIDE {
+                    let d = s.load(&dv[o..]);
+                    s.store(&mut dv[o..], s.add(d, e));
+                }
             }
         }
         for o in (0..per).step_by(l) {
-            // SAFETY: `o + LANES ≤ per`, the length of `tot`.
+            // SAFETY: `o + LANES ≤ per`, the length of `tot` and `dtot`.
             unsafe {
                 let t = s.add_w(s.load_w_ptr(tot.as_ptr().add(o)), s.widen(s.load(&sq[o..])));
                 s.store_w_ptr(tot.as_mut_ptr().add(o), t);
+                if S::T::WIDE {
+                    let d = s.add_w(
+                        s.load_w_ptr(dtot.as_ptr().add(o)),
+                        s.widen(s.load(&dv[o..])),
+                    );
+                    s.store_w_ptr(dtot.as_mut_ptr().add(o), d);
+                }
             }
         }
     }
     for (q, &v) in rest.iter().enumerate() {
-        let e = (v.to_f32() - sh[q]) as f64;
+        let e: f64 = (v.to_param() - sh[q]).into();
         tot[q] += e * e;
+        dtot[q] += e;
     }
-    let mut sums = zeroed_f64(c);
-    for (q, &t) in tot.iter().enumerate() {
-        sums[q % c] += t;
+    let (mut sums, mut devs) = (zeroed_f64(c), zeroed_f64(c));
+    for q in 0..per {
+        sums[q % c] += tot[q];
+        devs[q % c] += dtot[q];
     }
     for (ch, slot) in out.iter_mut().enumerate().take(c) {
-        *slot = finish(rows, mean[ch], shifts[ch], sums[ch]);
+        *slot = finish(rows, mean[ch], shifts[ch], (sums[ch], devs[ch]));
     }
 }

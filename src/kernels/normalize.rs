@@ -5,18 +5,18 @@
 //! `bias − scale·shift` never enters. A constant channel yields `x − shift = 0` and so `y = bias`.
 
 use super::stream::{
-    InOut, MAX_GROUP, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
-    stream_strips, use_columns, use_strips,
+    InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, stream, stream_columns,
+    stream_raw, stream_strips, use_columns, use_strips,
 };
 use super::{AffineLanes, PeriodicLanes};
-use crate::simd::{Kernel, Simd};
+use crate::simd::{Kernel, Real, Simd};
 
 /// `y = scale·(x − shift) + bias` for one channel.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct ChannelAffine {
-    pub shift: f32,
-    pub scale: f32,
-    pub bias: f32,
+pub(crate) struct ChannelAffine<T = f32> {
+    pub shift: T,
+    pub scale: T,
+    pub bias: T,
 }
 
 /// What a fused normalize does after the affine map, on the kernel's range: add a residual `z`
@@ -135,7 +135,7 @@ struct Splat<V> {
 
 impl<V: Copy> Splat<V> {
     #[inline(always)]
-    fn new<S: Simd<V = V>>(s: S, p: &ChannelAffine) -> Self {
+    fn new<S: Simd<V = V>>(s: S, p: &ChannelAffine<S::T>) -> Self {
         Splat {
             shift: s.splat(p.shift),
             scale: s.splat(p.scale),
@@ -152,13 +152,13 @@ impl<S: Simd> VectorMap<S> for Splat<S::V> {
 }
 
 /// `scale[p]·(x − shift[p]) + bias[p]` with parameters per position of the period.
-struct Periodic<'a> {
-    shift: &'a [f32],
-    scale: &'a [f32],
-    bias: &'a [f32],
+struct Periodic<'a, T> {
+    shift: &'a [T],
+    scale: &'a [T],
+    bias: &'a [T],
 }
 
-impl<S: Simd> VectorMap<S> for Periodic<'_> {
+impl<S: Simd> VectorMap<S> for Periodic<'_, S::T> {
     #[inline(always)]
     fn apply(&self, s: S, p: usize, x: S::V, _: S::V) -> S::V {
         debug_assert!(p + S::LANES <= self.shift.len().min(self.scale.len()).min(self.bias.len()));
@@ -181,7 +181,7 @@ struct GroupAffine<V, const G: usize> {
 
 impl<V: Copy, const G: usize> GroupAffine<V, G> {
     #[inline(always)]
-    fn new<S: Simd<V = V>>(s: S, params: &[ChannelAffine]) -> Self {
+    fn new<S: Simd<V = V>>(s: S, params: &[ChannelAffine<S::T>]) -> Self {
         GroupAffine {
             shift: group_vectors(s, params, |p| p.shift),
             scale: group_vectors(s, params, |p| p.scale),
@@ -201,16 +201,17 @@ impl<S: Simd, const G: usize> VectorMap<S> for GroupAffine<S::V, G> {
 /// `y = scale·(x − shift) + bias` on one contiguous run of one channel, then the epilogue.
 pub(crate) struct AffineRun<'a, IO: InOut> {
     pub io: IO,
-    pub p: ChannelAffine,
+    pub p: ChannelAffine<Param<IO>>,
     /// On the same range as `io`.
     pub fuse: Fuse<'a, IO::Elem>,
 }
 
 impl<IO: InOut> Kernel for AffineRun<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
         with_fuse!(self.fuse, Splat::new(s, &self.p), |op, z| {
             stream(s, self.io, z, 4 * S::LANES, op)
@@ -225,16 +226,17 @@ pub(crate) struct AffineRuns<'a, IO: InOut> {
     pub io: IO,
     pub run: usize,
     pub first: usize,
-    pub params: &'a [ChannelAffine],
+    pub params: &'a [ChannelAffine<Param<IO>>],
     /// On the same range as `io` (its residual at least `io.len()` long).
     pub fuse: Fuse<'a, IO::Elem>,
 }
 
 impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(mut self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(mut self, s: S) {
         let c = self.params.len();
         if c == 0 || self.run == 0 {
             return;
@@ -266,24 +268,25 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
 /// ([`AffineLanes::affine`]).
 pub(crate) struct AffineRows<'a, IO: InOut> {
     pub io: IO,
-    pub params: &'a [ChannelAffine],
-    pub lanes: &'a AffineLanes,
+    pub params: &'a [ChannelAffine<Param<IO>>],
+    pub lanes: &'a AffineLanes<Param<IO>>,
     /// On the same range as `io`.
     pub fuse: Fuse<'a, IO::Elem>,
 }
 
-impl AffineLanes {
+impl<T: Real> AffineLanes<T> {
     /// The periodic lanes of `params`.
-    pub(crate) fn affine(params: &[ChannelAffine]) -> AffineLanes {
+    pub(crate) fn affine(params: &[ChannelAffine<T>]) -> AffineLanes<T> {
         PeriodicLanes::new(params, |p| [p.shift, p.scale, p.bias])
     }
 }
 
 impl<IO: InOut> Kernel for AffineRows<'_, IO> {
+    type T = Param<IO>;
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         let c = self.params.len();
         if c == 0 {
             return;
@@ -313,5 +316,5 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
     }
 }
 
-// SAFETY: plain f32/f64/u64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
-unsafe impl crate::scratch::Zeroable for ChannelAffine {}
+// SAFETY: plain f32/f64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
+unsafe impl<T: Real> crate::scratch::Zeroable for ChannelAffine<T> {}

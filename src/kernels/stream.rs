@@ -4,7 +4,10 @@
 //! ([`stream_columns`]) and strips of wide rows ([`stream_strips`]).
 
 use crate::element::{self, Element};
-use crate::simd::{MAX_LANES, Simd};
+use crate::simd::{MAX_LANES, Real, Simd};
+
+/// The lane type of a stream's storage type.
+pub(crate) type Param<IO> = <<IO as InOut>::Elem as Element>::Param;
 
 /// Where a streaming kernel reads its input and writes its output: two slices, or one in place,
 /// of one storage type.
@@ -79,7 +82,7 @@ type Ptrs<E> = (*const E, *const E, *mut E);
 /// `src`, `x2` and `dst` must be valid for `i + LANES` elements. `src` may equal `dst` (each
 /// vector is read before it is written).
 #[inline(always)]
-unsafe fn map_vector<S: Simd, M: VectorMap<S>, E: Element>(
+unsafe fn map_vector<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
     s: S,
     op: &M,
     (src, x2, dst): Ptrs<E>,
@@ -108,7 +111,7 @@ const GROUP_LOADS: usize = 4;
 /// # Safety
 /// As [`map_vector`], for `i + K·LANES` elements.
 #[inline(always)]
-unsafe fn map_group<S: Simd, M: VectorMap<S>, E: Element, const K: usize>(
+unsafe fn map_group<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
     s: S,
     op: &M,
     (src, x2, dst): Ptrs<E>,
@@ -116,7 +119,7 @@ unsafe fn map_group<S: Simd, M: VectorMap<S>, E: Element, const K: usize>(
     phase: usize,
 ) {
     let l = S::LANES;
-    let zero = s.splat(0.0);
+    let zero = s.zero();
     let (mut a, mut b) = ([zero; K], [zero; K]);
     for k in 0..K {
         // SAFETY: forwarded to the caller; every vector is read before any is written.
@@ -140,7 +143,7 @@ unsafe fn map_group<S: Simd, M: VectorMap<S>, E: Element, const K: usize>(
 /// whole periods with the phase known, then whole vectors, then one partial vector.
 /// `period` is a multiple of the lane count.
 #[inline(always)]
-pub(crate) fn stream<S: Simd, IO: InOut>(
+pub(crate) fn stream<S: Simd<T = Param<IO>>, IO: InOut>(
     s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
@@ -160,7 +163,7 @@ pub(crate) fn stream<S: Simd, IO: InOut>(
 /// `src`, `x2` and `dst` must be valid for `n` elements; `src` may equal `dst`, and `x2` may equal
 /// `src`; no other reference to the output range may be alive.
 #[inline(always)]
-pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>, E: Element>(
+pub(crate) unsafe fn stream_raw<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
     s: S,
     (src, x2, dst): Ptrs<E>,
     n: usize,
@@ -201,9 +204,17 @@ pub(crate) unsafe fn stream_raw<S: Simd, M: VectorMap<S>, E: Element>(
         // SAFETY: `i + o + rest == n`: the ranges lie inside the buffers. The input slices are
         // dropped before the output slice is made, so in place no `&` and `&mut` overlap in time.
         let (a, b) = unsafe {
-            let a = element::load_partial(s, std::slice::from_raw_parts(src.add(i + o), rest), 0.0);
+            let a = element::load_partial(
+                s,
+                std::slice::from_raw_parts(src.add(i + o), rest),
+                E::Param::ZERO,
+            );
             let b = if M::BINARY {
-                element::load_partial(s, std::slice::from_raw_parts(x2.add(i + o), rest), 0.0)
+                element::load_partial(
+                    s,
+                    std::slice::from_raw_parts(x2.add(i + o), rest),
+                    E::Param::ZERO,
+                )
             } else {
                 a
             };
@@ -251,7 +262,7 @@ pub(crate) fn use_strips(period: usize, fields: usize) -> bool {
 /// strip's parameter lanes are in use at a time. Each row segment starts at phase
 /// `(row start + k) mod period` and lies inside the period (the period is a multiple of `c`).
 #[inline(always)]
-pub(crate) fn stream_strips<S: Simd, IO: InOut, M: VectorMap<S>>(
+pub(crate) fn stream_strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
     s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
@@ -310,7 +321,7 @@ pub(crate) fn use_columns<S: Simd>(c: usize, g: usize) -> bool {
 /// elements of `io`, with `op`'s phase = the vector's offset inside the group: the group's
 /// parameters stay in registers while the rows go by. The last vector of a group may be partial.
 #[inline(always)]
-pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
+pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
@@ -346,10 +357,17 @@ pub(crate) fn stream_columns<S: Simd, IO: InOut, const G: usize>(
                 // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
                 // output slice is made (in place they alias).
                 let (a, b) = unsafe {
-                    let a =
-                        element::load_partial(s, std::slice::from_raw_parts(src.add(i), rem), 0.0);
+                    let a = element::load_partial(
+                        s,
+                        std::slice::from_raw_parts(src.add(i), rem),
+                        S::T::ZERO,
+                    );
                     let b = if op_binary(op) {
-                        element::load_partial(s, std::slice::from_raw_parts(x2.add(i), rem), 0.0)
+                        element::load_partial(
+                            s,
+                            std::slice::from_raw_parts(x2.add(i), rem),
+                            S::T::ZERO,
+                        )
                     } else {
                         a
                     };
@@ -378,11 +396,11 @@ fn op_binary<S: Simd, M: VectorMap<S>>(_: &M) -> bool {
 pub(crate) fn group_vectors<S: Simd, P, const G: usize>(
     s: S,
     params: &[P],
-    f: impl Fn(&P) -> f32,
+    f: impl Fn(&P) -> S::T,
 ) -> [S::V; G] {
-    let mut v = [s.splat(0.0); G];
+    let mut v = [s.zero(); G];
     for (g, v) in v.iter_mut().enumerate() {
-        let mut lanes = [0.0f32; MAX_LANES];
+        let mut lanes = [S::T::ZERO; MAX_LANES];
         for (lane, p) in lanes.iter_mut().zip(params.iter().skip(g * S::LANES)) {
             *lane = f(p);
         }

@@ -7,6 +7,7 @@
 //! the selected instruction set, not one vector op at a time.
 
 mod portable;
+mod wide64;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -15,34 +16,116 @@ use std::sync::OnceLock;
 use crate::Error;
 
 pub(crate) use portable::Portable;
+pub(crate) use wide64::{F64, Wide64};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2Fma, Avx512};
 
 /// Largest lane count of any backend (AVX-512: 16 × f32).
 pub(crate) const MAX_LANES: usize = 16;
 
-/// A SIMD instruction set as seen by the kernels: a vector of `LANES` f32 values and the handful of
-/// operations batch normalization needs.
+/// The scalar type of the kernels' lanes: `f32` (f32, f16 and bf16 data) or `f64` (f64 data).
+/// Public only in name (this module is private): [`crate::Element::Param`] is bounded by it.
+pub trait Real:
+    Copy
+    + Default
+    + PartialEq
+    + PartialOrd
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+    + crate::scratch::Zeroable
+    + Into<f64>
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+{
+    /// Zero.
+    const ZERO: Self;
+    /// Whether the lanes are as wide as the f64 accumulators (f64): the statistics then correct
+    /// their first pass's mean by the mean deviation of the second pass.
+    const WIDE: bool;
+    /// The value rounded to this type (to nearest).
+    fn from_f64(x: f64) -> Self;
+    /// Runs `k` on `backend` with lanes of this type.
+    fn run_kernel<K: Kernel<T = Self>>(backend: Backend, k: K) -> K::Output;
+}
+
+impl Real for f32 {
+    const ZERO: f32 = 0.0;
+    const WIDE: bool = false;
+    #[inline(always)]
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    #[inline]
+    fn run_kernel<K: Kernel<T = f32>>(backend: Backend, k: K) -> K::Output {
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2Fma => match Avx2Fma::try_new() {
+                Some(t) => t.vectorize(k),
+                None => k.run(Portable),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => match Avx512::try_new() {
+                Some(t) => t.vectorize(k),
+                None => k.run(Portable),
+            },
+            _ => k.run(Portable),
+        }
+    }
+}
+
+impl Real for f64 {
+    const ZERO: f64 = 0.0;
+    const WIDE: bool = true;
+    #[inline(always)]
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    #[inline]
+    fn run_kernel<K: Kernel<T = f64>>(backend: Backend, k: K) -> K::Output {
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2Fma => match Avx2Fma::try_new() {
+                Some(t) => t.vectorize_f64(k),
+                None => k.run(F64(Portable)),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => match Avx512::try_new() {
+                Some(t) => t.vectorize_f64(k),
+                None => k.run(F64(Portable)),
+            },
+            _ => k.run(F64(Portable)),
+        }
+    }
+}
+
+/// A SIMD instruction set as seen by the kernels: a vector of `LANES` values of the lane type
+/// [`Simd::T`] (f32 on the backends' own tokens, f64 on [`F64`]) and the handful of operations
+/// batch normalization needs.
 ///
 /// Implementations must be `#[inline(always)]` so that they inline into the target-feature entry
 /// point that runs the kernel.
-pub(crate) trait Simd: Copy + Send + Sync + 'static {
-    /// Number of f32 lanes in [`Simd::V`].
+pub trait Simd: Copy + Send + Sync + 'static {
+    /// Number of lanes in [`Simd::V`].
     const LANES: usize;
+    /// The lane type.
+    type T: Real;
     /// The vector type.
     type V: Copy;
 
-    fn splat(self, x: f32) -> Self::V;
+    fn splat(self, x: Self::T) -> Self::V;
     /// Loads `LANES` values from `p`.
     ///
     /// # Safety
-    /// `p` must be valid for reading `LANES` consecutive `f32`.
-    unsafe fn load_ptr(self, p: *const f32) -> Self::V;
+    /// `p` must be valid for reading `LANES` consecutive values.
+    unsafe fn load_ptr(self, p: *const Self::T) -> Self::V;
     /// Stores `LANES` values to `p`.
     ///
     /// # Safety
-    /// `p` must be valid for writing `LANES` consecutive `f32`.
-    unsafe fn store_ptr(self, p: *mut f32, v: Self::V);
+    /// `p` must be valid for writing `LANES` consecutive values.
+    unsafe fn store_ptr(self, p: *mut Self::T, v: Self::V);
     /// Loads `LANES` IEEE binary16 values (their bits) from `p`, widened to f32 (exact).
     ///
     /// # Safety
@@ -79,9 +162,9 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// `LANES` entries (for tails, as [`Simd::f16_bits`]).
     fn bf16_bits(self, v: Self::V) -> [u16; MAX_LANES];
     /// Loads `min(s.len(), LANES)` elements into the low lanes, the others set to `fill`.
-    fn load_partial(self, s: &[f32], fill: f32) -> Self::V;
+    fn load_partial(self, s: &[Self::T], fill: Self::T) -> Self::V;
     /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.
-    fn store_partial(self, s: &mut [f32], v: Self::V);
+    fn store_partial(self, s: &mut [Self::T], v: Self::V);
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
@@ -92,8 +175,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn relu(self, v: Self::V) -> Self::V;
     /// `v` where `m > 0`, else 0 (also where `m` is NaN): ReLU's backward through its output.
     fn where_positive(self, v: Self::V, m: Self::V) -> Self::V;
-    /// Sum of the lanes (a tree of f32 additions).
-    fn reduce_add(self, v: Self::V) -> f32;
+    /// Sum of the lanes (a tree of additions in the lane type).
+    fn reduce_add(self, v: Self::V) -> Self::T;
 
     /// `LANES` f64 values: one [`Simd::V`] widened exactly (two native vectors on x86). The
     /// statistics accumulate their first moment in these, so the mean carries no f32 rounding.
@@ -101,11 +184,11 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn splat_w(self, x: f64) -> Self::W;
     /// The lanes of `v` as f64 (exact).
     fn widen(self, v: Self::V) -> Self::W;
-    /// Loads `LANES` f32 values from `p`, widened to f64 (exact).
+    /// Loads `LANES` values from `p`, widened to f64 (exact).
     ///
     /// # Safety
-    /// `p` must be valid for reading `LANES` consecutive `f32`.
-    unsafe fn load_widen_ptr(self, p: *const f32) -> Self::W;
+    /// `p` must be valid for reading `LANES` consecutive values.
+    unsafe fn load_widen_ptr(self, p: *const Self::T) -> Self::W;
     /// Loads `LANES` f64 values from `p`.
     ///
     /// # Safety
@@ -123,7 +206,7 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// Loads the first `LANES` elements of `s` widened to f64; a shorter slice is padded with
     /// `fill` (never out of bounds).
     #[inline(always)]
-    fn load_widen(self, s: &[f32], fill: f32) -> Self::W {
+    fn load_widen(self, s: &[Self::T], fill: Self::T) -> Self::W {
         if s.len() >= Self::LANES {
             // SAFETY: `s` holds at least LANES readable values (checked above).
             unsafe { self.load_widen_ptr(s.as_ptr()) }
@@ -142,18 +225,18 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// Loads the first `LANES` elements of `s`; a shorter slice is read as with
     /// [`Simd::load_partial`] with fill 0 (never out of bounds, never a panic).
     #[inline(always)]
-    fn load(self, s: &[f32]) -> Self::V {
+    fn load(self, s: &[Self::T]) -> Self::V {
         if s.len() >= Self::LANES {
             // SAFETY: `s` holds at least LANES readable values (checked above).
             unsafe { self.load_ptr(s.as_ptr()) }
         } else {
-            self.load_partial(s, 0.0)
+            self.load_partial(s, Self::T::ZERO)
         }
     }
 
     /// Stores into the first `LANES` elements of `s`; a shorter slice receives a prefix.
     #[inline(always)]
-    fn store(self, s: &mut [f32], v: Self::V) {
+    fn store(self, s: &mut [Self::T], v: Self::V) {
         if s.len() >= Self::LANES {
             // SAFETY: `s` holds at least LANES writable values (checked above).
             unsafe { self.store_ptr(s.as_mut_ptr(), v) }
@@ -162,11 +245,17 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         }
     }
 
+    /// Zero in every lane.
+    #[inline(always)]
+    fn zero(self) -> Self::V {
+        self.splat(Self::T::ZERO)
+    }
+
     /// Mask vector: 1.0 in lanes `< valid`, 0.0 elsewhere.
     #[inline(always)]
     fn mask(self, valid: usize) -> Self::V {
-        const ONES: [f32; MAX_LANES] = [1.0; MAX_LANES];
-        self.load_partial(&ONES[..valid.min(Self::LANES)], 0.0)
+        let ones = [Self::T::from_f64(1.0); MAX_LANES];
+        self.load_partial(&ones[..valid.min(Self::LANES)], Self::T::ZERO)
     }
 }
 
@@ -183,9 +272,11 @@ pub(crate) fn pack_words(bits: &[u16]) -> [u64; 4] {
 
 /// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic
 /// over the SIMD type. `run` must be `#[inline(always)]`.
-pub(crate) trait Kernel {
+pub trait Kernel {
+    /// The lane type the kernel computes in (its storage type's [`crate::Element::Param`]).
+    type T: Real;
     type Output;
-    fn run<S: Simd>(self, s: S) -> Self::Output;
+    fn run<S: Simd<T = Self::T>>(self, s: S) -> Self::Output;
 }
 
 /// The SIMD instruction set the kernels run on.
@@ -271,18 +362,6 @@ impl Backend {
     /// (checked when a [`crate::BatchNorm`] is configured), and the token constructors re-check.
     #[inline]
     pub(crate) fn dispatch<K: Kernel>(self, k: K) -> K::Output {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2Fma => match Avx2Fma::try_new() {
-                Some(t) => t.vectorize(k),
-                None => k.run(Portable),
-            },
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => match Avx512::try_new() {
-                Some(t) => t.vectorize(k),
-                None => k.run(Portable),
-            },
-            _ => k.run(Portable),
-        }
+        K::T::run_kernel(self, k)
     }
 }

@@ -2,7 +2,7 @@
 
 use wide::{f32x8, f64x4};
 
-use super::{MAX_LANES, Simd};
+use super::{MAX_LANES, Simd, Wide64};
 
 /// Token for the portable backend; always available.
 #[derive(Clone, Copy, Debug)]
@@ -10,6 +10,7 @@ pub(crate) struct Portable;
 
 impl Simd for Portable {
     const LANES: usize = 8;
+    type T = f32;
     type V = f32x8;
 
     #[inline(always)]
@@ -167,6 +168,50 @@ impl Simd for Portable {
     #[inline(always)]
     fn store_partial(self, s: &mut [f32], v: f32x8) {
         let buf = v.to_array();
+        let n = s.len().min(8);
+        s[..n].copy_from_slice(&buf[..n]);
+    }
+}
+
+impl Wide64 for Portable {
+    #[inline(always)]
+    fn sub_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
+        [a[0] - b[0], a[1] - b[1]]
+    }
+    #[inline(always)]
+    fn mul_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
+        [a[0] * b[0], a[1] * b[1]]
+    }
+    #[inline(always)]
+    fn mul_add_w(self, a: [f64x4; 2], b: [f64x4; 2], c: [f64x4; 2]) -> [f64x4; 2] {
+        [a[0].mul_add(b[0], c[0]), a[1].mul_add(b[1], c[1])]
+    }
+    #[inline(always)]
+    fn relu_w(self, v: [f64x4; 2]) -> [f64x4; 2] {
+        let zero = f64x4::ZERO;
+        v.map(|v| zero.simd_gt(v).select(zero, v))
+    }
+    #[inline(always)]
+    fn where_positive_w(self, v: [f64x4; 2], m: [f64x4; 2]) -> [f64x4; 2] {
+        let zero = f64x4::ZERO;
+        [
+            m[0].simd_gt(zero).select(v[0], zero),
+            m[1].simd_gt(zero).select(v[1], zero),
+        ]
+    }
+    #[inline(always)]
+    fn load_partial_w(self, s: &[f64], fill: f64) -> [f64x4; 2] {
+        let mut buf = [fill; 8];
+        let n = s.len().min(8);
+        buf[..n].copy_from_slice(&s[..n]);
+        // SAFETY: `buf` holds 8 readable f64.
+        unsafe { self.load_w_ptr(buf.as_ptr()) }
+    }
+    #[inline(always)]
+    fn store_partial_w(self, s: &mut [f64], v: [f64x4; 2]) {
+        let mut buf = [0.0; 8];
+        // SAFETY: `buf` holds 8 writable f64.
+        unsafe { self.store_w_ptr(buf.as_mut_ptr(), v) };
         let n = s.len().min(8);
         s[..n].copy_from_slice(&buf[..n]);
     }

@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Kernel, MAX_LANES, Simd, pack_words};
+use super::{F64, Kernel, MAX_LANES, Simd, Wide64, pack_words};
 
 /// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
 /// field, not MXCSR's).
@@ -27,10 +27,21 @@ impl Avx2Fma {
 
     /// Runs `k` with the whole kernel body compiled for AVX2 + FMA + F16C.
     #[inline]
-    pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
+    pub(crate) fn vectorize<K: Kernel<T = f32>>(self, k: K) -> K::Output {
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn entry<K: Kernel>(t: Avx2Fma, k: K) -> K::Output {
+        fn entry<K: Kernel<T = f32>>(t: Avx2Fma, k: K) -> K::Output {
             k.run(t)
+        }
+        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
+        unsafe { entry(self, k) }
+    }
+
+    /// Runs `k` on this token's f64 lanes ([`F64`]), compiled for AVX2 + FMA + F16C.
+    #[inline]
+    pub(crate) fn vectorize_f64<K: Kernel<T = f64>>(self, k: K) -> K::Output {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn entry<K: Kernel<T = f64>>(t: Avx2Fma, k: K) -> K::Output {
+            k.run(F64(t))
         }
         // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
         unsafe { entry(self, k) }
@@ -39,6 +50,7 @@ impl Avx2Fma {
 
 impl Simd for Avx2Fma {
     const LANES: usize = 8;
+    type T = f32;
     type V = __m256;
 
     #[inline(always)]
@@ -277,10 +289,21 @@ impl Avx512 {
 
     /// Runs `k` with the whole kernel body compiled for AVX-512F.
     #[inline]
-    pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
+    pub(crate) fn vectorize<K: Kernel<T = f32>>(self, k: K) -> K::Output {
         #[target_feature(enable = "avx512f")]
-        fn entry<K: Kernel>(t: Avx512, k: K) -> K::Output {
+        fn entry<K: Kernel<T = f32>>(t: Avx512, k: K) -> K::Output {
             k.run(t)
+        }
+        // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
+        unsafe { entry(self, k) }
+    }
+
+    /// Runs `k` on this token's f64 lanes ([`F64`]), compiled for AVX-512F.
+    #[inline]
+    pub(crate) fn vectorize_f64<K: Kernel<T = f64>>(self, k: K) -> K::Output {
+        #[target_feature(enable = "avx512f")]
+        fn entry<K: Kernel<T = f64>>(t: Avx512, k: K) -> K::Output {
+            k.run(F64(t))
         }
         // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
         unsafe { entry(self, k) }
@@ -316,6 +339,7 @@ fn low_mask(n: usize) -> __mmask16 {
 
 impl Simd for Avx512 {
     const LANES: usize = 16;
+    type T = f32;
     type V = __m512;
 
     #[inline(always)]
@@ -488,5 +512,154 @@ impl Simd for Avx512 {
         // SAFETY: AVX-512F available (token); the mask enables only the first min(len, 16) lanes,
         // all inside `s`, and masked-off lanes are not written.
         unsafe { _mm512_mask_storeu_ps(s.as_mut_ptr(), k, v) }
+    }
+}
+
+impl Wide64 for Avx2Fma {
+    #[inline(always)]
+    fn sub_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available.
+        unsafe { [_mm256_sub_pd(a[0], b[0]), _mm256_sub_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn mul_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available.
+        unsafe { [_mm256_mul_pd(a[0], b[0]), _mm256_mul_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn mul_add_w(self, a: [__m256d; 2], b: [__m256d; 2], c: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves FMA is available.
+        unsafe {
+            [
+                _mm256_fmadd_pd(a[0], b[0], c[0]),
+                _mm256_fmadd_pd(a[1], b[1], c[1]),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn relu_w(self, v: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available. MAXPD as MAXPS in `relu`.
+        unsafe { v.map(|v| _mm256_max_pd(_mm256_setzero_pd(), v)) }
+    }
+    #[inline(always)]
+    fn where_positive_w(self, v: [__m256d; 2], m: [__m256d; 2]) -> [__m256d; 2] {
+        // SAFETY: the token proves AVX is available. An ordered comparison: false for NaN.
+        unsafe {
+            let z = _mm256_setzero_pd();
+            [
+                _mm256_and_pd(v[0], _mm256_cmp_pd::<_CMP_GT_OQ>(m[0], z)),
+                _mm256_and_pd(v[1], _mm256_cmp_pd::<_CMP_GT_OQ>(m[1], z)),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn load_partial_w(self, s: &[f64], fill: f64) -> [__m256d; 2] {
+        let n = s.len().min(8);
+        let (lo, hi) = (avx2_low_mask_pd(n), avx2_low_mask_pd(n.saturating_sub(4)));
+        // SAFETY: AVX available (token); the masks enable only the first min(len, 8) lanes, all
+        // inside `s` (the high half's lanes start at 4 and are enabled only when `n > 4`), and
+        // masked-off lanes are not accessed.
+        unsafe {
+            let f = _mm256_set1_pd(fill);
+            let a = _mm256_maskload_pd(s.as_ptr(), lo);
+            let b = _mm256_maskload_pd(s.as_ptr().wrapping_add(4), hi);
+            [
+                _mm256_blendv_pd(f, a, _mm256_castsi256_pd(lo)),
+                _mm256_blendv_pd(f, b, _mm256_castsi256_pd(hi)),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn store_partial_w(self, s: &mut [f64], v: [__m256d; 2]) {
+        let n = s.len().min(8);
+        let (lo, hi) = (avx2_low_mask_pd(n), avx2_low_mask_pd(n.saturating_sub(4)));
+        // SAFETY: as in `load_partial_w`: only lanes inside `s` are enabled and written.
+        unsafe {
+            _mm256_maskstore_pd(s.as_mut_ptr(), lo, v[0]);
+            _mm256_maskstore_pd(s.as_mut_ptr().wrapping_add(4), hi, v[1]);
+        }
+    }
+}
+
+/// Integer mask with the low `n` of 4 f64 lanes set (all ones), for masked loads and stores.
+#[inline(always)]
+fn avx2_low_mask_pd(n: usize) -> __m256i {
+    const WINDOW: [i64; 8] = [-1, -1, -1, -1, 0, 0, 0, 0];
+    let start = 4 - n.min(4);
+    // SAFETY: AVX available (callers hold the token); `start + 4 <= 8`, so the 4 lanes read lie
+    // inside `WINDOW`.
+    unsafe { _mm256_loadu_si256(WINDOW[start..].as_ptr().cast()) }
+}
+
+impl Wide64 for Avx512 {
+    #[inline(always)]
+    fn sub_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { [_mm512_sub_pd(a[0], b[0]), _mm512_sub_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn mul_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe { [_mm512_mul_pd(a[0], b[0]), _mm512_mul_pd(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn mul_add_w(self, a: [__m512d; 2], b: [__m512d; 2], c: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe {
+            [
+                _mm512_fmadd_pd(a[0], b[0], c[0]),
+                _mm512_fmadd_pd(a[1], b[1], c[1]),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn relu_w(self, v: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available. As `relu`: 0 for v < 0, else v.
+        unsafe { v.map(|v| _mm512_max_pd(_mm512_setzero_pd(), v)) }
+    }
+    #[inline(always)]
+    fn where_positive_w(self, v: [__m512d; 2], m: [__m512d; 2]) -> [__m512d; 2] {
+        // SAFETY: the token proves AVX-512F is available. An ordered comparison: false for NaN.
+        unsafe {
+            let z = _mm512_setzero_pd();
+            [
+                _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GT_OQ>(m[0], z), v[0]),
+                _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GT_OQ>(m[1], z), v[1]),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn load_partial_w(self, s: &[f64], fill: f64) -> [__m512d; 2] {
+        let n = s.len().min(16);
+        let (lo, hi) = (low_mask8(n), low_mask8(n.saturating_sub(8)));
+        // SAFETY: AVX-512F available (token); the masks enable only the first min(len, 16) lanes,
+        // all inside `s`, and masked-off lanes are not accessed.
+        unsafe {
+            let f = _mm512_set1_pd(fill);
+            [
+                _mm512_mask_loadu_pd(f, lo, s.as_ptr()),
+                _mm512_mask_loadu_pd(f, hi, s.as_ptr().wrapping_add(8)),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn store_partial_w(self, s: &mut [f64], v: [__m512d; 2]) {
+        let n = s.len().min(16);
+        let (lo, hi) = (low_mask8(n), low_mask8(n.saturating_sub(8)));
+        // SAFETY: as in `load_partial_w`: only lanes inside `s` are enabled and written.
+        unsafe {
+            _mm512_mask_storeu_pd(s.as_mut_ptr(), lo, v[0]);
+            _mm512_mask_storeu_pd(s.as_mut_ptr().wrapping_add(8), hi, v[1]);
+        }
+    }
+}
+
+/// Mask with the low `n` of 8 lanes set.
+#[inline(always)]
+fn low_mask8(n: usize) -> __mmask8 {
+    if n >= 8 {
+        0xff
+    } else {
+        ((1u32 << n) - 1) as __mmask8
     }
 }
