@@ -725,23 +725,51 @@ impl HalfTensor {
     }
 }
 
+/// The per-channel arguments of the `storage` group's ops, of the data's parameter type.
+struct StorageParams<P> {
+    gamma: Vec<P>,
+    beta: Vec<P>,
+    running_mean: Vec<P>,
+    running_var: Vec<P>,
+    saved_mean: Vec<P>,
+    saved_inv_std: Vec<P>,
+    dgamma: Vec<P>,
+    dbeta: Vec<P>,
+}
+
+impl<P: Copy + From<f32>> StorageParams<P> {
+    fn new(c: usize) -> Self {
+        let v = |x: f32| vec![P::from(x); c];
+        StorageParams {
+            gamma: v(1.5),
+            beta: v(0.1),
+            running_mean: v(0.5),
+            running_var: v(2.0),
+            saved_mean: v(0.0),
+            saved_inv_std: v(1.0),
+            dgamma: v(0.0),
+            dbeta: v(0.0),
+        }
+    }
+}
+
 /// One op of the `storage` group on data of type `E`: inference, training (saved statistics
-/// kept) or backward (training mode, from the saved statistics in `b`), `y` the output.
-fn run_storage<E: Element<Param = f32>>(
+/// kept) or backward (training mode, from the saved statistics in `p`), `y` the output.
+fn run_storage<E: Element>(
     op: Op,
     bn: &BatchNorm,
     (x, dy, y): (&[E], &[E], &mut [E]),
-    b: &mut Buffers,
+    p: &mut StorageParams<E::Param>,
 ) {
     let affine = Some(Affine {
-        gamma: &b.gamma,
-        beta: &b.beta,
+        gamma: &p.gamma,
+        beta: &p.beta,
     });
     match op {
         Op::Training => {
             let saved = SavedStatsMut {
-                mean: &mut b.saved_mean,
-                inv_std: &mut b.saved_inv_std,
+                mean: &mut p.saved_mean,
+                inv_std: &mut p.saved_inv_std,
             };
             black_box(
                 bn.training(x, y, affine, Some(saved), None)
@@ -750,12 +778,12 @@ fn run_storage<E: Element<Param = f32>>(
         }
         Op::Backward => {
             let saved = SavedStats {
-                mean: &b.saved_mean,
-                inv_std: &b.saved_inv_std,
+                mean: &p.saved_mean,
+                inv_std: &p.saved_inv_std,
             };
             let grads = ParamGrads {
-                dgamma: &mut b.dgamma,
-                dbeta: &mut b.dbeta,
+                dgamma: &mut p.dgamma,
+                dbeta: &mut p.dbeta,
                 mode: GradMode::Overwrite,
             };
             let mode = BackwardMode::Training(saved);
@@ -764,17 +792,18 @@ fn run_storage<E: Element<Param = f32>>(
         }
         _ => {
             let running = RunningStats {
-                mean: &b.running_mean,
-                var: &b.running_var,
+                mean: &p.running_mean,
+                var: &p.running_var,
             };
             bn.inference(x, y, affine, running).expect("inference");
         }
     }
 }
 
-/// Inference, training and backward on f16 / bf16 data (converted inside the kernels) next to
-/// f32, each against a copy of its own bytes: `copy_half` moves the half tensor's bytes (as f32
-/// pairs), `copy` the f32 tensor's.
+/// Inference, training and backward on f16 / bf16 data (converted inside the kernels) and on f64
+/// data (f64 lanes and parameters) next to f32, each against a copy of its own bytes: `copy_half`
+/// moves the half tensor's bytes (as f32 pairs), `copy` the f32 tensor's, `copy_f64` the f64
+/// tensor's.
 fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
     let mut group = cfg.group(c, "storage");
     for &dims in &cfg.shapes {
@@ -800,17 +829,36 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
             Buffer::from_slice(&grads, 0),
         );
         let mut y32 = Buffer::new(values.len(), 0);
+        // The f64 tensors, and two f32 buffers of their byte size for the copy.
+        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let (x64, dy64, mut y64) = (to64(&values), to64(&grads), to64(&values));
+        let (c64x, mut c64y) = (
+            Buffer::new(2 * values.len(), 0),
+            Buffer::new(2 * values.len(), 0),
+        );
         let elements = shape.len() as u64;
         let kind = CopyRoof::choose(&b.x, &mut b.y);
         let half_kind = CopyRoof::choose(&x16.bytes, &mut y16.bytes);
+        let kind64 = CopyRoof::choose(&c64x, &mut c64y);
+        let (mut p32, mut p64) = (
+            StorageParams::<f32>::new(shape.c()),
+            StorageParams::<f64>::new(shape.c()),
+        );
         for layout in LAYOUTS {
             let bn = BatchNorm::new(shape, layout)
                 .unwrap()
                 .with_parallelism(Parallelism::Rayon);
-            prepare(Op::Backward, &bn, &mut b);
+            // Saved statistics for the backward rows.
+            run_storage(
+                Op::Training,
+                &bn,
+                (&x32[..], &dy32[..], &mut y32[..]),
+                &mut p32,
+            );
+            run_storage(Op::Training, &bn, (&x64, &dy64, &mut y64), &mut p64);
             for (&t, pool) in cfg.threads.iter().zip(pools) {
                 let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
-                let (bn, b) = (&bn, &mut b);
+                let (bn, b, p32, p64) = (&bn, &mut b, &mut p32, &mut p64);
                 group.throughput(Throughput::Bytes(8 * elements));
                 group.bench_function(format!("{base}/copy"), |bench| {
                     pool.install(|| bench.iter(|| copy(kind, &b.x, &mut b.y)))
@@ -820,6 +868,11 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                     let (x, y) = (&x16.bytes, &mut y16.bytes);
                     pool.install(|| bench.iter(|| copy(half_kind, x, y)))
                 });
+                group.throughput(Throughput::Bytes(16 * elements));
+                group.bench_function(format!("{base}/copy_f64"), |bench| {
+                    let (x, y) = (&c64x, &mut c64y);
+                    pool.install(|| bench.iter(|| copy(kind64, x, y)))
+                });
                 for op in [Op::Inference, Op::Training, Op::Backward] {
                     let name = op.name();
                     let bytes = op.bytes_per_element();
@@ -827,7 +880,7 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                     group.bench_function(format!("{base}/{name}_f32"), |bench| {
                         let io = (&x32[..], &dy32[..], &mut y32[..]);
                         pool.install(|| {
-                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), b))
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p32))
                         })
                     });
                     group.throughput(Throughput::Bytes(bytes / 2 * elements));
@@ -838,7 +891,7 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                             y16.as_mut::<f16>(),
                         );
                         pool.install(|| {
-                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), b))
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p32))
                         })
                     });
                     group.bench_function(format!("{base}/{name}_bf16"), |bench| {
@@ -848,7 +901,14 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                             yb.as_mut::<bf16>(),
                         );
                         pool.install(|| {
-                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), b))
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p32))
+                        })
+                    });
+                    group.throughput(Throughput::Bytes(2 * bytes * elements));
+                    group.bench_function(format!("{base}/{name}_f64"), |bench| {
+                        let io = (&x64[..], &dy64[..], &mut y64[..]);
+                        pool.install(|| {
+                            bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p64))
                         })
                     });
                 }

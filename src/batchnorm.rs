@@ -19,7 +19,9 @@ pub const DEFAULT_EPS: f64 = 1e-5;
 /// Batch normalization for one tensor shape and layout: the entry point of the crate.
 ///
 /// A `BatchNorm` is cheap to build and to copy; it holds no buffers. Every operation takes flat
-/// `f32` slices whose lengths are checked against the shape before anything is written.
+/// slices whose lengths are checked against the shape before anything is written: data tensors of
+/// any [`Element`] (`f32`, `f64`, [`crate::f16`], [`crate::bf16`]) with per-channel values of its
+/// [`Element::Param`] (`f64` for f64 data, else `f32`).
 ///
 /// ```
 /// use batchnorm::{Affine, BatchNorm, Layout, RunningStats, Shape};
@@ -236,7 +238,8 @@ impl BatchNorm {
     /// The data may be stored as `f32`, [`crate::f16`] or [`crate::bf16`] ([`Element`]): half
     /// values are widened to f32 inside the kernel, the arithmetic is the f32 path's, and each
     /// output is rounded once to the storage type (to nearest even; in f16, results beyond ±65504
-    /// become ±∞). The parameters and statistics stay `f32`.
+    /// become ±∞). The parameters and statistics stay `f32`. `f64` data runs in f64 lanes with
+    /// `f64` parameters and statistics.
     ///
     /// ```
     /// use batchnorm::{BatchNorm, Layout, RunningStats, Shape, bf16};

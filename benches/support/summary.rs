@@ -352,14 +352,18 @@ pub fn storage_table(samples: &[Sample]) -> String {
         Ratio("inference f16 / half copy", "inference_f16", "copy_half"),
         Ratio("bf16 / half copy", "inference_bf16", "copy_half"),
         Ratio("f32 / copy", "inference_f32", "copy"),
+        Ratio("f64 / f64 copy", "inference_f64", "copy_f64"),
         Ratio("training f16 / half copy", "training_f16", "copy_half"),
         Ratio("bf16 / half copy", "training_bf16", "copy_half"),
         Ratio("f32 / copy", "training_f32", "copy"),
+        Ratio("f64 / f64 copy", "training_f64", "copy_f64"),
         Ratio("backward f16 / half copy", "backward_f16", "copy_half"),
         Ratio("bf16 / half copy", "backward_bf16", "copy_half"),
         Ratio("f32 / copy", "backward_f32", "copy"),
+        Ratio("f64 / f64 copy", "backward_f64", "copy_f64"),
         Time("copy", "copy"),
         Time("half copy", "copy_half"),
+        Time("f64 copy", "copy_f64"),
     ];
     ratio_table(samples, "storage", "copy_half", &columns)
 }
