@@ -12,6 +12,15 @@
 // `BnDesc::layout`: N, H, W, C order (channels last).
 #define BN_LAYOUT_NHWC 1
 
+// `BnDesc::dtype`: data tensors of `float` (the default of a zero-initialised descriptor).
+#define BN_DTYPE_F32 0
+
+// `BnDesc::dtype`: data tensors of IEEE binary16 values, as `uint16_t` bits.
+#define BN_DTYPE_F16 1
+
+// `BnDesc::dtype`: data tensors of bfloat16 values, as `uint16_t` bits.
+#define BN_DTYPE_BF16 2
+
 // `BnEpilogue::kind`: plain batch norm.
 #define BN_EPILOGUE_NONE 0
 
@@ -65,8 +74,8 @@ typedef enum BnStatus {
   BN_STATUS_OK = 0,
   // A required pointer is null, or a buffer pointer is null with a nonzero length.
   BN_STATUS_NULL_POINTER = 1,
-  // An unknown layout, convention, momentum, epilogue, mode or weight-layout code, or
-  // overlapping buffers.
+  // An unknown layout, data type, convention, momentum, epilogue, mode or weight-layout code,
+  // overlapping buffers, or a buffer not aligned for its element type.
   BN_STATUS_INVALID_ARGUMENT = 2,
   // A dimension is zero.
   BN_STATUS_ZERO_DIMENSION = 3,
@@ -128,11 +137,16 @@ typedef struct BnDesc {
   double eps;
   // 0: run on the calling thread; N ≥ 1: a pool of N threads owned by the operator.
   size_t threads;
+  // The data tensors' type: `BN_DTYPE_F32` (0), `BN_DTYPE_F16` (1) or `BN_DTYPE_BF16` (2); 3
+  // is reserved for `double`. The last member, so a descriptor zero-initialised or initialised
+  // with only the members before it gets `float`.
+  uint32_t dtype;
 } BnDesc;
 
-// A read-only buffer of `len` floats (`data` may be null only if `len` is 0).
+// A read-only buffer of `len` elements (`data` may be null only if `len` is 0): floats, or for a
+// data tensor of a half operator (`BnDesc::dtype`) `uint16_t` bits through a cast pointer.
 typedef struct BnTensor {
-  // First element.
+  // First element (aligned for its element type).
   const float *data;
   // Number of elements.
   size_t len;
@@ -150,9 +164,10 @@ typedef struct BnStatsOut {
   size_t len;
 } BnStatsOut;
 
-// A writable buffer of `len` floats (`data` may be null only if `len` is 0).
+// A writable buffer of `len` elements (`data` may be null only if `len` is 0): floats, or for a
+// data tensor of a half operator (`BnDesc::dtype`) `uint16_t` bits through a cast pointer.
 typedef struct BnTensorMut {
-  // First element.
+  // First element (aligned for its element type).
   float *data;
   // Number of elements.
   size_t len;

@@ -32,6 +32,7 @@ fn calls_after_the_first_allocate_nothing() {
             layout,
             eps: 1e-5,
             threads: 0,
+            dtype: BN_DTYPE_F32,
         };
         let mut op = null_mut();
         // SAFETY: valid descriptor and output slot.

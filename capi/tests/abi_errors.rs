@@ -34,6 +34,7 @@ fn op(layout: u32) -> Op {
         layout,
         eps: 1e-5,
         threads: 0,
+        dtype: BN_DTYPE_F32,
     };
     let mut p = null_mut();
     // SAFETY: valid descriptor and output slot.
@@ -311,6 +312,7 @@ fn an_operator_with_its_own_pool_gives_the_sequential_results() {
             layout: BN_LAYOUT_NCHW,
             eps: 1e-5,
             threads,
+            dtype: BN_DTYPE_F32,
         };
         let mut p = null_mut();
         let mut y = vec![0.0f32; x.len()];

@@ -181,7 +181,9 @@ fn strided_two_pass<S: Simd<T = E::Param>, E: Element>(
             let steps = chunk.len() / w + usize::from(!chunk.len().is_multiple_of(w));
             if pending + steps > KMAX {
                 fold_lanes(s, &mut sq, &mut tot);
-                fold_lanes(s, &mut dv, &mut dtot);
+                if S::T::WIDE {
+                    fold_lanes(s, &mut dv, &mut dtot);
+                }
                 pending = 0;
             }
             pending += steps;
@@ -205,7 +207,9 @@ fn strided_two_pass<S: Simd<T = E::Param>, E: Element>(
         }
     }
     fold_lanes(s, &mut sq, &mut tot);
-    fold_lanes(s, &mut dv, &mut dtot);
+    if S::T::WIDE {
+        fold_lanes(s, &mut dv, &mut dtot);
+    }
     let sums = (s.reduce_add_w(tot), s.reduce_add_w(dtot));
     finish(n, mean, shift, sums)
 }
@@ -330,7 +334,9 @@ fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
         }
         for g in 0..vecs {
             tot[g] = s.add_w(tot[g], s.widen(sq[g]));
-            dtot[g] = s.add_w(dtot[g], s.widen(dv[g]));
+            if S::T::WIDE {
+                dtot[g] = s.add_w(dtot[g], s.widen(dv[g]));
+            }
         }
         first_row += steps;
     }

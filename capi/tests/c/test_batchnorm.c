@@ -1,7 +1,7 @@
 /* The C ABI from C: every operation on odd shapes in both layouts, compared with values the Rust
  * API computed on the same data (written by the Rust test that compiles and runs this program,
- * capi/tests/c_api.rs, into the file given as argv[1]), plus the error paths. Exits 0 when every
- * check passes; prints the first failure otherwise. */
+ * capi/tests/c_api.rs, into the file given as argv[1]), plus the error paths, and one f16 case
+ * computed by hand. Exits 0 when every check passes; prints the first failure otherwise. */
 
 #include <math.h>
 #include <stdio.h>
@@ -63,6 +63,66 @@ static int same(const float *a, const float *b, size_t n) {
     return memcmp(a, b, n * sizeof(float)) == 0;
 }
 
+/* Half data, by hand, as IEEE binary16 bits (the same case is in capi/tests/abi_half.rs).
+ * N = 1, C = 2, HW = 2, NCHW, eps = 0.
+ * Channel 0: mean 0.5, var 0.25, gamma 1, beta 0.25, so y = (x - 0.5)/0.5 + 0.25 = 2x - 0.75:
+ *   1.0 (0x3C00) -> 1.25 (0x3D00);  -1.5 (0xBE00) -> -3.75 (0xC380).
+ * Channel 1: mean 0, var 1, gamma 3, beta 0, so y = 3x:
+ *   1 + 2^-10 (0x3C01) -> 3 + 3*2^-10, exactly halfway between the f16 values 3 + 2*2^-10
+ *   (0x4201) and 3 + 4*2^-10 (0x4202): rounded to the even mantissa, 0x4202;
+ *   0.5 (0x3800) -> 1.5 (0x3E00).
+ * A half tensor goes through BnTensor's float pointer with a cast; its length counts halves. */
+static void half_case(void) {
+    const uint16_t x[4] = {0x3C00, 0xBE00, 0x3C01, 0x3800};
+    const uint16_t want[4] = {0x3D00, 0xC380, 0x4202, 0x3E00};
+    uint16_t y[4] = {0x7E00, 0x7E00, 0x7E00, 0x7E00}; /* NaN: every element must be written */
+    uint16_t buf[4];
+    float gamma[2] = {1.0f, 3.0f}, beta[2] = {0.25f, 0.0f};
+    float mean[2] = {0.5f, 0.0f}, var[2] = {0.25f, 1.0f};
+    BnAffine affine = {in(gamma, 2), in(beta, 2)};
+    BnRunning running = {in(mean, 2), in(var, 2)};
+    BnDesc desc = {1, 2, 2, BN_LAYOUT_NCHW, 0.0, 0, BN_DTYPE_F16};
+    BnOp *op = NULL;
+    CHECK(bn_create(&desc, &op) == BN_STATUS_OK && op != NULL, "create f16");
+    BnTensor xt = {(const float *)x, 4};
+    CHECK(bn_inference(op, xt, out((float *)y, 4), &affine, &running, NULL) == BN_STATUS_OK,
+          "f16 inference");
+    for (int i = 0; i < 4; i++) {
+        CHECK(y[i] == want[i], "f16 y[%d] = 0x%04X, want 0x%04X", i, (unsigned)y[i],
+              (unsigned)want[i]);
+    }
+    memcpy(buf, x, sizeof buf);
+    CHECK(bn_inference_in_place(op, out((float *)buf, 4), &affine, &running, NULL) ==
+                  BN_STATUS_OK &&
+              memcmp(buf, want, sizeof buf) == 0,
+          "f16 inference in place");
+    /* 2, the number of floats in the 8 bytes of x, is a length error: lengths count elements. */
+    CHECK(bn_inference(op, in((const float *)x, 2), out((float *)y, 4), &affine, &running, NULL) ==
+              BN_STATUS_LENGTH_MISMATCH,
+          "f16 length in elements");
+    bn_destroy(op);
+
+    /* A zero-initialised descriptor is float data; the same case in f32 is exact. */
+    BnDesc zero = {0};
+    zero.n = 1;
+    zero.c = 2;
+    zero.hw = 2;
+    const float xf[4] = {1.0f, -1.5f, 1.0009765625f, 0.5f};
+    const float wantf[4] = {1.25f, -3.75f, 3.0029296875f, 1.5f};
+    float yf[4];
+    CHECK(bn_create(&zero, &op) == BN_STATUS_OK && op != NULL, "create zero-initialised");
+    CHECK(bn_inference(op, in(xf, 4), out(yf, 4), &affine, &running, NULL) == BN_STATUS_OK &&
+              same(yf, wantf, 4),
+          "zero-initialised descriptor: f32 inference");
+    bn_destroy(op);
+
+    /* 3 is reserved for double data, which the library does not have yet. */
+    BnDesc f64 = {1, 2, 2, BN_LAYOUT_NCHW, 0.0, 0, 3};
+    op = NULL;
+    CHECK(bn_create(&f64, &op) == BN_STATUS_INVALID_ARGUMENT && op == NULL, "dtype 3");
+    CHECK(strstr(bn_last_error_message(), "`dtype`") != NULL, "message names dtype");
+}
+
 static void run_case(FILE *expected, size_t n, size_t c, size_t hw, uint32_t layout) {
     size_t len = n * c * hw;
     char name[64];
@@ -84,7 +144,7 @@ static void run_case(FILE *expected, size_t n, size_t c, size_t hw, uint32_t lay
         rvar[i] = 1.0f + 0.5f * (float)i;
     }
     for (size_t threads = 0; threads <= 2; threads += 2) {
-        BnDesc desc = {n, c, hw, layout, 1e-5, threads};
+        BnDesc desc = {n, c, hw, layout, 1e-5, threads, BN_DTYPE_F32};
         BnOp *op = NULL;
         CHECK(bn_create(&desc, &op) == BN_STATUS_OK && op != NULL, "create");
         BnAffine affine = {in(gamma, c), in(beta, c)};
@@ -198,14 +258,15 @@ int main(int argc, char **argv) {
         run_case(expected, shapes[s][0], shapes[s][1], shapes[s][2], BN_LAYOUT_NCHW);
         run_case(expected, shapes[s][0], shapes[s][1], shapes[s][2], BN_LAYOUT_NHWC);
     }
+    half_case();
     /* A bad descriptor: unknown layout, zero channel count, null output. */
-    BnDesc bad = {2, 3, 4, 7, 1e-5, 0};
+    BnDesc bad = {2, 3, 4, 7, 1e-5, 0, BN_DTYPE_F32};
     BnOp *op = NULL;
     CHECK(bn_create(&bad, &op) == BN_STATUS_INVALID_ARGUMENT && op == NULL, "unknown layout");
-    BnDesc zero = {2, 0, 4, BN_LAYOUT_NCHW, 1e-5, 0};
+    BnDesc zero = {2, 0, 4, BN_LAYOUT_NCHW, 1e-5, 0, BN_DTYPE_F32};
     CHECK(bn_create(&zero, &op) == BN_STATUS_ZERO_DIMENSION, "zero channels");
     CHECK(bn_create(&zero, NULL) == BN_STATUS_NULL_POINTER, "null out");
-    BnDesc nan_eps = {2, 3, 4, BN_LAYOUT_NCHW, NAN, 0};
+    BnDesc nan_eps = {2, 3, 4, BN_LAYOUT_NCHW, NAN, 0, BN_DTYPE_F32};
     CHECK(bn_create(&nan_eps, &op) == BN_STATUS_INVALID_EPSILON, "NaN eps");
     bn_destroy(NULL);
     fclose(expected);
