@@ -1,16 +1,19 @@
 //! Times one case of the crate against its memory roofs, case by case, so that a driver
 //! (`benches/compare.py`) can alternate the crate with other frameworks in one run.
 //!
-//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS` on standard input (OP one of
-//! `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw` or `nhwc`; OFFSET the byte
-//! offset modulo 4096 of the output tensors relative to x, dy at twice that) and answers each with
-//! one JSON line `{"crate": ns, "copy": ns, "sum": ns, "copy_kind": "memcpy" | "simd"}`: medians
-//! over REPEATS samples of at least SAMPLE_MS each, the crate's call, the copy roof (the better
-//! of memcpy and a SIMD load/store loop, copying x into y) and a SIMD sum over x. A line `cpu`
+//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS [DTYPE]` on standard input (OP
+//! one of `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw` or `nhwc`; OFFSET the
+//! byte offset modulo 4096 of the output tensors relative to x, dy at twice that; DTYPE the data
+//! tensors' element type, `f32` (the default when the field is absent), `bf16` or `f16`, the
+//! parameters and statistics being f32 in every case) and answers each with one JSON line
+//! `{"crate": ns, "copy": ns, "sum": ns, "copy_kind": "memcpy" | "simd", "dtype": "..."}`:
+//! medians over REPEATS samples of at least SAMPLE_MS each, the crate's call, the copy roof (the
+//! better of memcpy and a SIMD load/store loop, copying x's bytes into y's: half the f32 bytes for
+//! bf16 and f16 data) and a SIMD sum over the same bytes of x (read as f32 words). A line `cpu`
 //! answers with the backend the crate runs.
 //!
 //! `cargo run --release --example bench_case` (then type a line, e.g.
-//! `training nhwc 8x64x56x56 1 0 5 20`).
+//! `training nhwc 8x64x56x56 1 0 5 20`, or `training nhwc 8x64x56x56 1 0 5 20 bf16`).
 
 #[path = "../benches/support/roofs.rs"]
 mod roofs;
@@ -18,11 +21,12 @@ mod roofs;
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::io::{BufRead, Write};
+use std::marker::PhantomData;
 use std::time::Instant;
 
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, GradMode, Layout, Parallelism, ParamGrads, RunningStats,
-    RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Affine, BackwardMode, BatchNorm, Element, GradMode, Layout, Parallelism, ParamGrads,
+    RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, bf16, f16,
 };
 use roofs::{Buffer, CopyRoof, fill};
 
@@ -46,6 +50,49 @@ fn time(repeats: usize, sample_s: f64, mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// A data tensor of `len` values of `E` (f32, bf16 or f16) in the f32 words of a [`Buffer`], so
+/// that it starts at the buffer's page offset and the roofs move exactly its bytes.
+struct Tensor<E> {
+    words: Buffer,
+    len: usize,
+    _element: PhantomData<E>,
+}
+
+impl<E: Element<Param = f32>> Tensor<E> {
+    fn new(len: usize, offset: usize) -> Self {
+        assert!(std::mem::size_of::<E>() <= 4 && std::mem::align_of::<E>() <= 4);
+        Tensor {
+            words: Buffer::new((len * std::mem::size_of::<E>()).div_ceil(4), offset),
+            len,
+            _element: PhantomData,
+        }
+    }
+    fn from_f32(values: &[f32], offset: usize) -> Self {
+        let mut t = Tensor::new(values.len(), offset);
+        for (o, &v) in t.as_mut().iter_mut().zip(values) {
+            *o = E::from_param(v);
+        }
+        t
+    }
+    fn as_ref(&self) -> &[E] {
+        // SAFETY: `E: Element<Param = f32>` is f32, bf16 or f16: plain values of at most 4 bytes
+        // for which any bits are a value, aligned to at most 4 (checked in `new`); the buffer holds
+        // at least `len * size_of::<E>()` bytes, 4-byte aligned.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<E>(), self.len) }
+    }
+    fn as_mut(&mut self) -> &mut [E] {
+        // SAFETY: as in `as_ref`, through the unique borrow of the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<E>(), self.len) }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
 struct Case {
     op: String,
     layout: Layout,
@@ -54,13 +101,20 @@ struct Case {
     offset: usize,
     repeats: usize,
     sample_s: f64,
+    dtype: Dtype,
 }
 
 fn parse(line: &str) -> Result<Case, String> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    if f.len() != 7 {
-        return Err(format!("expected 7 fields, got {}", f.len()));
+    if f.len() != 7 && f.len() != 8 {
+        return Err(format!("expected 7 or 8 fields, got {}", f.len()));
     }
+    let dtype = match f.get(7).copied().unwrap_or("f32") {
+        "f32" => Dtype::F32,
+        "bf16" => Dtype::Bf16,
+        "f16" => Dtype::F16,
+        other => return Err(format!("dtype {other}")),
+    };
     let layout = match f[1] {
         "nchw" => Layout::Nchw,
         "nhwc" => Layout::Nhwc,
@@ -77,19 +131,33 @@ fn parse(line: &str) -> Result<Case, String> {
         offset: num(f[4])? % 4096 / 4 * 4,
         repeats: num(f[5])?,
         sample_s: f[6].parse::<f64>().map_err(|e| e.to_string())? / 1e3,
+        dtype,
     })
 }
 
 fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
+    match case.dtype {
+        Dtype::F32 => run_typed::<f32>(case, pool),
+        Dtype::Bf16 => run_typed::<bf16>(case, pool),
+        Dtype::F16 => run_typed::<f16>(case, pool),
+    }
+}
+
+/// One case on data of type `E` (parameters and statistics f32).
+fn run_typed<E: Element<Param = f32>>(
+    case: &Case,
+    pool: &rayon::ThreadPool,
+) -> Result<String, String> {
     let [n, c, h, w] = case.dims;
     let shape = Shape::with_spatial(n, c, &[h, w]).map_err(|e| e.to_string())?;
     let bn = BatchNorm::new(shape, case.layout)
         .unwrap()
         .with_parallelism(Parallelism::Rayon);
     let len = shape.len();
-    let x = Buffer::from_slice(&fill(len, 1, -1.0, 3.0), 0);
-    let dy = Buffer::from_slice(&fill(len, 2, -1.0, 1.0), 2 * case.offset % 4096);
-    let mut y = Buffer::new(len, case.offset);
+    let xt = Tensor::<E>::from_f32(&fill(len, 1, -1.0, 3.0), 0);
+    let dyt = Tensor::<E>::from_f32(&fill(len, 2, -1.0, 1.0), 2 * case.offset % 4096);
+    let mut y = Tensor::<E>::new(len, case.offset);
+    let (x, dy) = (xt.as_ref(), dyt.as_ref());
     let (gamma, beta) = (fill(c, 3, 0.5, 1.5), fill(c, 4, -0.5, 0.5));
     let (mut rmean, mut rvar) = (fill(c, 5, 0.5, 1.5), fill(c, 6, 1.0, 2.0));
     let (mut smean, mut sinv) = (vec![0.0f32; c], vec![0.0f32; c]);
@@ -107,25 +175,26 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
                     var: &rvar,
                 };
                 time(reps, sample, || {
-                    bn.inference(&x, &mut y, Some(affine()), running).unwrap()
+                    bn.inference(x, y.as_mut(), Some(affine()), running)
+                        .unwrap()
                 })
             }
             "training" | "backward" => {
-                let mut train = |y: &mut [f32]| {
+                let mut train = |y: &mut [E]| {
                     let saved = SavedStatsMut {
                         mean: &mut smean,
                         inv_std: &mut sinv,
                     };
                     let update = RunningUpdate::pytorch(&mut rmean, &mut rvar);
                     black_box(
-                        bn.training(&x, y, Some(affine()), Some(saved), Some(update))
+                        bn.training(x, y, Some(affine()), Some(saved), Some(update))
                             .unwrap(),
                     );
                 };
                 if case.op == "training" {
-                    time(reps, sample, || train(&mut y))
+                    time(reps, sample, || train(y.as_mut()))
                 } else {
-                    train(&mut y);
+                    train(y.as_mut());
                     time(reps, sample, || {
                         let saved = SavedStats {
                             mean: &smean,
@@ -138,9 +207,9 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
                         };
                         let mode = BackwardMode::Training(saved);
                         bn.backward(
-                            &x,
-                            &dy,
-                            &mut y,
+                            x,
+                            dy,
+                            y.as_mut(),
                             Some(Affine {
                                 gamma: &gamma,
                                 beta: &beta,
@@ -153,27 +222,30 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
                 }
             }
             "statistics" => time(reps, sample, || {
-                black_box(bn.statistics(&x).unwrap());
+                black_box(bn.statistics(x).unwrap());
             }),
             other => return Err(format!("op {other}")),
         })
     })?;
-    // Roofs, single-threaded at t1, else split over the pool like the crate's work.
-    let kind = CopyRoof::choose(&x, &mut y);
+    // Roofs over the data's bytes (as f32 words), single-threaded at t1, else split over the pool
+    // like the crate's work.
+    let (xw, yw) = (&xt.words, &mut y.words);
+    let words = xw.len();
+    let kind = CopyRoof::choose(xw, yw);
     let copy_s = pool.install(|| {
         time(reps, sample, || {
             use rayon::prelude::*;
-            let chunk = len.div_ceil(case.threads).max(4096);
-            y.par_chunks_mut(chunk)
-                .zip(x.par_chunks(chunk))
+            let chunk = words.div_ceil(case.threads).max(4096);
+            yw.par_chunks_mut(chunk)
+                .zip(xw.par_chunks(chunk))
                 .for_each(|(d, s)| kind.run(s, d));
         })
     });
     let sum_s = pool.install(|| {
         time(reps, sample, || {
             use rayon::prelude::*;
-            let chunk = len.div_ceil(case.threads).max(4096);
-            black_box(x.par_chunks(chunk).map(roofs::simd_sum).sum::<f32>());
+            let chunk = words.div_ceil(case.threads).max(4096);
+            black_box(xw.par_chunks(chunk).map(roofs::simd_sum).sum::<f32>());
         })
     });
     let kind = match kind {
@@ -181,10 +253,12 @@ fn run(case: &Case, pool: &rayon::ThreadPool) -> Result<String, String> {
         CopyRoof::Simd => "simd",
     };
     Ok(format!(
-        "{{\"crate\": {:.1}, \"copy\": {:.1}, \"sum\": {:.1}, \"copy_kind\": \"{kind}\"}}",
+        "{{\"crate\": {:.1}, \"copy\": {:.1}, \"sum\": {:.1}, \"copy_kind\": \"{kind}\", \
+         \"dtype\": \"{}\"}}",
         crate_s * 1e9,
         copy_s * 1e9,
-        sum_s * 1e9
+        sum_s * 1e9,
+        E::NAME
     ))
 }
 
