@@ -25,6 +25,14 @@ number is the median over --rounds rounds of medians over --repeats samples.
   per-channel constants broadcast over the last axis; CPU plugin, INFERENCE_NUM_THREADS = threads.
 
 Ratios are best framework time / crate time: above 1 means the crate is faster.
+
+--dtype bf16 (or f16) times the data tensors (x, y, dy, dx) in that type on both sides, the
+parameters and statistics staying float32: the crate's `Element::Param = f32` ops, and PyTorch's
+mixed path (x and dy torch.bfloat16 / torch.float16, weight, bias, running and saved statistics
+float32; the CPU kernel accepts that mix and returns float32 saved statistics and dgamma / dbeta).
+The crate's roofs then move the half-size tensor's bytes. ONNX Runtime and OpenVINO are timed in
+f32 only (ORT's CPU BatchNormalization kernel is registered for float and double); pass --no-ort
+--no-openvino with another dtype.
 """
 
 import argparse
@@ -97,14 +105,16 @@ class Torch:
     def set_threads(self, t):
         self.torch.set_num_threads(t)
 
-    def case(self, op, layout, shape):
-        """A zero-argument callable running op once, or None."""
+    def case(self, op, layout, shape, dtype="f32"):
+        """A zero-argument callable running op once, or None. x and dy of `dtype`, the
+        parameters and statistics float32."""
         torch, F = self.torch, self.F
         n, c, h, w = shape
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        data = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]
         gen = torch.Generator().manual_seed(0)
-        x = (torch.rand(shape, generator=gen) * 4 - 1).contiguous(memory_format=fmt)
-        dy = (torch.rand(shape, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
+        x = (torch.rand(shape, generator=gen) * 4 - 1).to(data).contiguous(memory_format=fmt)
+        dy = (torch.rand(shape, generator=gen) * 2 - 1).to(data).contiguous(memory_format=fmt)
         gamma = torch.rand(c, generator=gen) + 0.5
         beta = torch.rand(c, generator=gen) - 0.5
         rmean = torch.rand(c, generator=gen) + 0.5
@@ -314,8 +324,10 @@ class Crate:
             raise RuntimeError(f"{line}: {reply['error']}")
         return reply
 
-    def case(self, op, layout, shape, t, offset, repeats, sample_ms):
-        return self.ask(f"{op} {layout} {shape_name(shape)} {t} {offset} {repeats} {sample_ms}")
+    def case(self, op, layout, shape, t, offset, repeats, sample_ms, dtype="f32"):
+        line = f"{op} {layout} {shape_name(shape)} {t} {offset} {repeats} {sample_ms}"
+        # The 8th field only when it is not the default, so older binaries still answer f32.
+        return self.ask(line if dtype == "f32" else f"{line} {dtype}")
 
 
 OFFSETS = [0, 16, 64, 2048]
@@ -378,11 +390,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     ap.add_argument("--repeats", type=int, default=5, help="samples per measurement (median)")
     ap.add_argument("--sample-ms", type=float, default=10.0, help="minimum length of a sample")
+    ap.add_argument(
+        "--dtype",
+        default="f32",
+        choices=["f32", "bf16", "f16"],
+        help="data tensors' type (parameters and statistics stay float32)",
+    )
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-openvino", action="store_true")
     args = ap.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes]
+    if args.dtype != "f32" and not (args.no_ort and args.no_openvino):
+        ap.error(f"--dtype {args.dtype}: ONNX Runtime and OpenVINO are timed in f32 only; "
+                 "pass --no-ort --no-openvino")
 
     crate = Crate(args.binary)
     frameworks = {}
@@ -415,7 +436,7 @@ def main():
                     for name, fw in frameworks.items():
                         if name == "torch":
                             for fmt in LAYOUTS:
-                                fns[f"torch-{fmt}"] = fw.case(op, fmt, shape)
+                                fns[f"torch-{fmt}"] = fw.case(op, fmt, shape, args.dtype)
                         else:
                             fns[name] = fw.case(op, layout, shape)
                     fns = {k: v for k, v in fns.items() if v is not None}
@@ -424,7 +445,9 @@ def main():
                     for _ in range(args.rounds):
                         worst = None
                         for off in args.offsets:
-                            r = crate.case(op, layout, shape, t, off, args.repeats, args.sample_ms)
+                            r = crate.case(
+                                op, layout, shape, t, off, args.repeats, args.sample_ms, args.dtype
+                            )
                             offsets_seen.setdefault(off, []).append(r["crate"])
                             if worst is None or r["crate"] > worst["crate"]:
                                 worst = r
@@ -448,13 +471,14 @@ def main():
     print(
         f"\n{datetime.datetime.now().isoformat(timespec='minutes')}; {machine_header(crate)}; "
         f"Python {platform.python_version()}, {versions or 'no frameworks'}; "
+        f"data {args.dtype} (parameters and statistics float32); "
         f"load average before/after {load_before[0]:.2f}/{os.getloadavg()[0]:.2f}\n"
     )
     print(
         "Times in µs (median of rounds; crate = worst output offset). best fw = the fastest "
         "framework time (torch in either memory format, ORT, OpenVINO); best fw/crate > 1: the "
         "crate is faster. copy = the better of memcpy and a SIMD copy of x into y; sum = a SIMD sum "
-        "of x. offsets = slowest / fastest output offset.\n"
+        "of x (both over the data's bytes). offsets = slowest / fastest output offset.\n"
     )
     names = ["torch-nchw", "torch-nhwc", "ort", "openvino"]
     print(
