@@ -21,6 +21,10 @@
 // `BnDesc::dtype`: data tensors of bfloat16 values, as `uint16_t` bits.
 #define BN_DTYPE_BF16 2
 
+// `BnDesc::dtype`: `double` data, and `double` parameters and statistics (every per-channel
+// buffer of the call, passed through the same `BnTensor` / `BnTensorMut` cast to `float *`).
+#define BN_DTYPE_F64 3
+
 // `BnEpilogue::kind`: plain batch norm.
 #define BN_EPILOGUE_NONE 0
 
@@ -137,8 +141,8 @@ typedef struct BnDesc {
   double eps;
   // 0: run on the calling thread; N ≥ 1: a pool of N threads owned by the operator.
   size_t threads;
-  // The data tensors' type: `BN_DTYPE_F32` (0), `BN_DTYPE_F16` (1) or `BN_DTYPE_BF16` (2); 3
-  // is reserved for `double`. The last member, so a descriptor zero-initialised or initialised
+  // The data tensors' type: `BN_DTYPE_F32` (0), `BN_DTYPE_F16` (1), `BN_DTYPE_BF16` (2) or
+  // `BN_DTYPE_F64` (3, with `double` parameters and statistics). The last member, so a descriptor zero-initialised or initialised
   // with only the members before it gets `float`.
   uint32_t dtype;
 } BnDesc;

@@ -20,12 +20,16 @@
 //!
 //! `BnDesc::dtype` gives the storage type of every data tensor (x, y, dy, dx, the residual z and
 //! its gradient dz) of every call on the operator: `BN_DTYPE_F32` (0, `float`), `BN_DTYPE_F16`
-//! (1, IEEE binary16) or `BN_DTYPE_BF16` (2, bfloat16); half values cross the ABI as their
+//! (1, IEEE binary16), `BN_DTYPE_BF16` (2, bfloat16) or `BN_DTYPE_F64` (3, `double`); half values
+//! cross the ABI as their
 //! `uint16_t` bits. For a half operator a data tensor's `BnTensor::data` holds the address of
 //! those bits, cast to `const float *` (the library reads and writes it only as 16-bit values, so
 //! 2-byte alignment suffices), and `len` counts elements. Parameters and statistics (γ, β,
 //! running, saved and per-channel statistics, dγ, dβ, and the folding functions' arguments) are
-//! `float` (or the statistics' `uint64_t` / `double`) whatever the data type. Each call runs the
+//! `float` (or the statistics' `uint64_t` / `double`) for float and half data; for `double` data
+//! the operations' parameters and statistics are `double` too (their `BnTensor::data` cast to
+//! `float *` likewise, `len` counting `double`s; the folding functions stay `float`). Each call
+//! runs the
 //! Rust API's generic operation for that type, so its outputs are bit for bit the Rust API's on
 //! the same data (each half output is the f32 computation rounded once, to nearest even).
 //!
@@ -120,7 +124,9 @@ pub const BN_DTYPE_F32: u32 = 0;
 pub const BN_DTYPE_F16: u32 = 1;
 /// `BnDesc::dtype`: data tensors of bfloat16 values, as `uint16_t` bits.
 pub const BN_DTYPE_BF16: u32 = 2;
-// 3 is reserved for `double` data (BN_DTYPE_F64), when the Rust API has it.
+/// `BnDesc::dtype`: `double` data, and `double` parameters and statistics (every per-channel
+/// buffer of the call, passed through the same `BnTensor` / `BnTensorMut` cast to `float *`).
+pub const BN_DTYPE_F64: u32 = 3;
 
 /// `BnEpilogue::kind`: plain batch norm.
 pub const BN_EPILOGUE_NONE: u32 = 0;
@@ -197,8 +203,8 @@ pub struct BnDesc {
     pub eps: f64,
     /// 0: run on the calling thread; N ≥ 1: a pool of N threads owned by the operator.
     pub threads: usize,
-    /// The data tensors' type: `BN_DTYPE_F32` (0), `BN_DTYPE_F16` (1) or `BN_DTYPE_BF16` (2); 3
-    /// is reserved for `double`. The last member, so a descriptor zero-initialised or initialised
+    /// The data tensors' type: `BN_DTYPE_F32` (0), `BN_DTYPE_F16` (1), `BN_DTYPE_BF16` (2) or
+    /// `BN_DTYPE_F64` (3, with `double` parameters and statistics). The last member, so a descriptor zero-initialised or initialised
     /// with only the members before it gets `float`.
     pub dtype: u32,
 }
@@ -342,6 +348,7 @@ enum DType {
     F32,
     F16,
     Bf16,
+    F64,
 }
 
 /// `$f::<E>(args…)` with `E` the element type `$dtype` names: the one generic helper of an
@@ -352,6 +359,7 @@ macro_rules! with_dtype {
             DType::F32 => $f::<f32>($($arg),*),
             DType::F16 => $f::<f16>($($arg),*),
             DType::Bf16 => $f::<bf16>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
         }
     };
 }
@@ -582,16 +590,16 @@ unsafe fn req<'a, T>(arg: &str, p: *const T) -> Result<&'a T, Failure> {
 ///
 /// # Safety
 /// As [`opt`] and [`slice`].
-unsafe fn read_affine<'a>(
+unsafe fn read_affine<'a, P>(
     p: *const BnAffine,
     bufs: &mut Buffers,
-) -> Result<Option<Affine<'a>>, Failure> {
+) -> Result<Option<Affine<'a, P>>, Failure> {
     // SAFETY: forwarded to the caller.
     let Some(a) = (unsafe { opt(p) }) else {
         return Ok(None);
     };
-    bufs.read::<f32>("gamma", a.gamma);
-    bufs.read::<f32>("beta", a.beta);
+    bufs.read::<P>("gamma", a.gamma);
+    bufs.read::<P>("beta", a.beta);
     // SAFETY: forwarded to the caller.
     unsafe {
         Ok(Some(Affine {
@@ -603,14 +611,14 @@ unsafe fn read_affine<'a>(
 
 /// # Safety
 /// As [`req`] and [`slice`].
-unsafe fn read_running<'a>(
+unsafe fn read_running<'a, P>(
     p: *const BnRunning,
     bufs: &mut Buffers,
-) -> Result<RunningStats<'a>, Failure> {
+) -> Result<RunningStats<'a, P>, Failure> {
     // SAFETY: forwarded to the caller.
     let r = unsafe { req("running", p)? };
-    bufs.read::<f32>("running_mean", r.mean);
-    bufs.read::<f32>("running_var", r.var);
+    bufs.read::<P>("running_mean", r.mean);
+    bufs.read::<P>("running_var", r.var);
     // SAFETY: forwarded to the caller.
     unsafe {
         Ok(RunningStats {
@@ -624,7 +632,7 @@ unsafe fn read_running<'a>(
 ///
 /// # Safety
 /// As [`opt`] and [`slice`].
-unsafe fn read_epilogue<'a, E: Element<Param = f32>>(
+unsafe fn read_epilogue<'a, E: Element>(
     p: *const BnEpilogue,
     bufs: &mut Buffers,
 ) -> Result<Epilogue<'a, E>, Failure> {
@@ -657,9 +665,10 @@ fn dtype_of(code: u32) -> Result<DType, Failure> {
         BN_DTYPE_F32 => Ok(DType::F32),
         BN_DTYPE_F16 => Ok(DType::F16),
         BN_DTYPE_BF16 => Ok(DType::Bf16),
+        BN_DTYPE_F64 => Ok(DType::F64),
         k => Err(invalid(format!(
-            "unknown data type {k} in `dtype` (expected BN_DTYPE_F32 = 0, BN_DTYPE_F16 = 1 or \
-             BN_DTYPE_BF16 = 2)"
+            "unknown data type {k} in `dtype` (expected BN_DTYPE_F32 = 0, BN_DTYPE_F16 = 1, \
+             BN_DTYPE_BF16 = 2 or BN_DTYPE_F64 = 3)"
         ))),
     }
 }
@@ -768,7 +777,7 @@ pub unsafe extern "C" fn bn_statistics(
 ///
 /// # Safety
 /// As [`bn_statistics`].
-unsafe fn statistics_as<E: Element<Param = f32>>(
+unsafe fn statistics_as<E: Element>(
     op: &BnOp,
     x: BnTensor,
     out: *const BnStatsOut,
@@ -830,7 +839,7 @@ pub unsafe extern "C" fn bn_inference(
 ///
 /// # Safety
 /// As [`bn_inference`].
-unsafe fn inference_as<E: Element<Param = f32>>(
+unsafe fn inference_as<E: Element>(
     op: &BnOp,
     x: BnTensor,
     y: BnTensorMut,
@@ -879,7 +888,7 @@ pub unsafe extern "C" fn bn_inference_in_place(
 ///
 /// # Safety
 /// As [`bn_inference`].
-unsafe fn inference_in_place_as<E: Element<Param = f32>>(
+unsafe fn inference_in_place_as<E: Element>(
     op: &BnOp,
     x: BnTensorMut,
     affine: *const BnAffine,
@@ -957,7 +966,7 @@ pub unsafe extern "C" fn bn_training(
 ///
 /// # Safety
 /// As [`bn_inference`].
-unsafe fn training_as<E: Element<Param = f32>>(
+unsafe fn training_as<E: Element>(
     op: &BnOp,
     x: BnTensor,
     y: BnTensorMut,
@@ -981,13 +990,13 @@ unsafe fn training_as<E: Element<Param = f32>>(
         )
     };
     if let Some(s) = saved {
-        bufs.write::<f32>("saved_mean", s.mean);
-        bufs.write::<f32>("saved_inv_std", s.inv_std);
+        bufs.write::<E::Param>("saved_mean", s.mean);
+        bufs.write::<E::Param>("saved_inv_std", s.inv_std);
     }
     let rule = match update {
         Some(u) => {
-            bufs.write::<f32>("running_mean", u.mean);
-            bufs.write::<f32>("running_var", u.var);
+            bufs.write::<E::Param>("running_mean", u.mean);
+            bufs.write::<E::Param>("running_var", u.var);
             Some(update_rule(u)?)
         }
         None => None,
@@ -1023,10 +1032,10 @@ unsafe fn training_as<E: Element<Param = f32>>(
 
 /// # Safety
 /// As [`req`] and [`slice`].
-unsafe fn backward_mode<'a>(
+unsafe fn backward_mode<'a, P>(
     p: *const BnBackwardStats,
     bufs: &mut Buffers,
-) -> Result<BackwardMode<'a>, Failure> {
+) -> Result<BackwardMode<'a, P>, Failure> {
     // SAFETY: forwarded to the caller.
     let s = unsafe { req("stats", p)? };
     let training = match s.mode {
@@ -1039,8 +1048,8 @@ unsafe fn backward_mode<'a>(
     } else {
         ("running_mean", "running_var")
     };
-    bufs.read::<f32>(a, s.mean);
-    bufs.read::<f32>(b, s.second);
+    bufs.read::<P>(a, s.mean);
+    bufs.read::<P>(b, s.second);
     // SAFETY: forwarded to the caller.
     let (mean, second) = unsafe { (slice(a, s.mean)?, slice(b, s.second)?) };
     Ok(if training {
@@ -1055,7 +1064,7 @@ unsafe fn backward_mode<'a>(
 
 /// # Safety
 /// As [`opt`] and [`slice_mut`] (after `bufs.check`).
-unsafe fn read_grads<'a>(g: Option<&BnGrads>) -> Result<Option<ParamGrads<'a>>, Failure> {
+unsafe fn read_grads<'a, P>(g: Option<&BnGrads>) -> Result<Option<ParamGrads<'a, P>>, Failure> {
     let Some(g) = g else { return Ok(None) };
     let mode = if g.accumulate != 0 {
         GradMode::Accumulate
@@ -1103,7 +1112,7 @@ pub unsafe extern "C" fn bn_backward(
 ///
 /// # Safety
 /// As [`bn_inference`].
-unsafe fn backward_as<E: Element<Param = f32>>(
+unsafe fn backward_as<E: Element>(
     op: &BnOp,
     (x, dy, dx): (BnTensor, BnTensor, BnTensorMut),
     (affine, stats, grads_out, epi): (
@@ -1127,8 +1136,8 @@ unsafe fn backward_as<E: Element<Param = f32>>(
         )
     };
     if let Some(g) = g {
-        bufs.write::<f32>("dgamma", g.dgamma);
-        bufs.write::<f32>("dbeta", g.dbeta);
+        bufs.write::<E::Param>("dgamma", g.dgamma);
+        bufs.write::<E::Param>("dbeta", g.dbeta);
     }
     let kind = epi.map_or(BN_EPILOGUE_NONE, |e| e.kind);
     match (kind, epi) {
@@ -1198,7 +1207,7 @@ pub unsafe extern "C" fn bn_backward_in_place(
 ///
 /// # Safety
 /// As [`bn_inference`].
-unsafe fn backward_in_place_as<E: Element<Param = f32>>(
+unsafe fn backward_in_place_as<E: Element>(
     op: &BnOp,
     x: BnTensor,
     dy_dx: BnTensorMut,
@@ -1216,8 +1225,8 @@ unsafe fn backward_in_place_as<E: Element<Param = f32>>(
         )
     };
     if let Some(g) = g {
-        bufs.write::<f32>("dgamma", g.dgamma);
-        bufs.write::<f32>("dbeta", g.dbeta);
+        bufs.write::<E::Param>("dgamma", g.dgamma);
+        bufs.write::<E::Param>("dbeta", g.dbeta);
     }
     bufs.check()?;
     // SAFETY: forwarded; written buffers overlap no other (checked).

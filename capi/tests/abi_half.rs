@@ -355,8 +355,8 @@ fn half_data_through_the_abi_is_bit_identical_to_the_rust_api() {
 
 #[test]
 fn unknown_data_type_codes_are_invalid_arguments() {
-    // 3 is reserved for f64 data, which the Rust API does not have yet.
-    for code in [3, 4, 99, u32::MAX] {
+    // 3 is BN_DTYPE_F64 (`tests/abi_f64.rs`).
+    for code in [4, 5, 99, u32::MAX] {
         let mut p = null_mut();
         let d = desc(2, 3, 4, BN_LAYOUT_NCHW, 0, code);
         // SAFETY: valid descriptor and output slot.

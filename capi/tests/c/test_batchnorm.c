@@ -116,10 +116,10 @@ static void half_case(void) {
           "zero-initialised descriptor: f32 inference");
     bn_destroy(op);
 
-    /* 3 is reserved for double data, which the library does not have yet. */
-    BnDesc f64 = {1, 2, 2, BN_LAYOUT_NCHW, 0.0, 0, 3};
+    /* 4 names no data type (3 is BN_DTYPE_F64). */
+    BnDesc unknown = {1, 2, 2, BN_LAYOUT_NCHW, 0.0, 0, 4};
     op = NULL;
-    CHECK(bn_create(&f64, &op) == BN_STATUS_INVALID_ARGUMENT && op == NULL, "dtype 3");
+    CHECK(bn_create(&unknown, &op) == BN_STATUS_INVALID_ARGUMENT && op == NULL, "dtype 4");
     CHECK(strstr(bn_last_error_message(), "`dtype`") != NULL, "message names dtype");
 }
 

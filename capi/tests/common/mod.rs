@@ -1,4 +1,5 @@
 //! Helpers shared by the C ABI's Rust tests.
+#![allow(dead_code)] // each test binary uses part of the helpers
 
 use batchnorm_capi::{BnTensor, BnTensorMut};
 
