@@ -137,6 +137,9 @@ fn shapes() -> Vec<Shape> {
         (64, 17, 1),
         (9, 40, 7),
         (4, 70, 9),
+        // Whole vectors of channels per row: the NHWC register-group (column) kernels.
+        (3, 32, 5),
+        (2, 64, 3),
     ] {
         v.push(Shape::new(n, c, hw).unwrap());
     }

@@ -238,8 +238,9 @@ impl<E: Element> Kernel for GradSumsRows<'_, E> {
             return;
         }
         let l = S::LANES;
-        // 16 vector registers (AVX2) hold 2 groups' sums and pivots; 32 (AVX-512) hold 4.
-        let wide = S::LANES >= 16;
+        // 16 vector registers (AVX2, or f64 on AVX-512) hold 2 groups' sums and pivots; 32
+        // (AVX-512) hold 4.
+        let wide = S::REGISTERS >= 32;
         let group = if wide { 2 * SUM_GROUP } else { SUM_GROUP };
         if c >= group * l {
             let end = (self.first + self.out.len()).min(c);
@@ -510,7 +511,7 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
         if c == 0 {
             return;
         }
-        if S::LANES >= 16 {
+        if S::REGISTERS >= 32 {
             if self.columns::<S, 4>(s) {
                 return;
             }

@@ -296,11 +296,11 @@ pub(crate) fn stream_strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
 }
 
 /// Channel vectors per register group of the NHWC column streams ([`stream_columns`]): as many as
-/// keep a map's parameters in registers (16 vector registers on AVX2, 32 on AVX-512).
+/// keep a map's parameters in registers ([`Simd::REGISTERS`]: 16 vectors on AVX2, 32 on AVX-512,
+/// half as many in f64 lanes).
 #[inline(always)]
 pub(crate) fn column_group<S: Simd>(params_per_vector: usize) -> usize {
-    let registers = if S::LANES >= 16 { 32 } else { 16 };
-    ((registers - 4) / params_per_vector).clamp(1, MAX_GROUP)
+    ((S::REGISTERS - 4) / params_per_vector).clamp(1, MAX_GROUP)
 }
 
 /// Largest register group of [`stream_columns`].

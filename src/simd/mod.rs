@@ -110,6 +110,10 @@ impl Real for f64 {
 pub trait Simd: Copy + Send + Sync + 'static {
     /// Number of lanes in [`Simd::V`].
     const LANES: usize;
+    /// How many [`Simd::V`] the register file holds (32 on AVX-512, 16 on AVX2; half as many
+    /// f64 vectors, each two native registers): what register-blocked kernels size their groups
+    /// by.
+    const REGISTERS: usize;
     /// The lane type.
     type T: Real;
     /// The vector type.

@@ -10,6 +10,7 @@ pub(crate) struct Portable;
 
 impl Simd for Portable {
     const LANES: usize = 8;
+    const REGISTERS: usize = 16;
     type T = f32;
     type V = f32x8;
 

@@ -40,6 +40,7 @@ impl<B: Wide64> F64<B> {
 /// complete the trait; each rounds once (from f64).
 impl<B: Wide64> Simd for F64<B> {
     const LANES: usize = B::LANES;
+    const REGISTERS: usize = B::REGISTERS / 2;
     type T = f64;
     type V = B::W;
 

@@ -50,6 +50,7 @@ impl Avx2Fma {
 
 impl Simd for Avx2Fma {
     const LANES: usize = 8;
+    const REGISTERS: usize = 16;
     type T = f32;
     type V = __m256;
 
@@ -339,6 +340,7 @@ fn low_mask(n: usize) -> __mmask16 {
 
 impl Simd for Avx512 {
     const LANES: usize = 16;
+    const REGISTERS: usize = 32;
     type T = f32;
     type V = __m512;
 
