@@ -38,12 +38,14 @@ pub mod data;
 pub mod ops;
 pub mod reference;
 pub mod report;
+mod storage;
 pub mod tolerance;
 
 pub use case::*;
 pub use data::Rng;
 pub use ops::{Op, check, check_with, describe};
 pub use report::Report;
+pub use storage::{BF16_SENTINEL_BITS, F16_SENTINEL_BITS};
 pub use tolerance::*;
 
 /// The `arbitrary` crate that [`Case`] implements `Arbitrary` for (fuzz targets and replays use it).

@@ -8,7 +8,7 @@ use crate::reference;
 pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
     let mut exp = Expected::of("statistics");
     exp.len("x", s.len(), inp.x.len());
-    let got = s.bn.statistics(&inp.x);
+    let got = statistics_as(s.storage, &s.bn, &inp.x);
     if !outcome(ctx, "statistics", &got, &exp) || s.giant {
         return;
     }
@@ -21,7 +21,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
         ));
         return;
     }
-    match s.other.statistics(&inp.x) {
+    match statistics_as(s.storage, &s.other, &inp.x) {
         Ok(again)
             if again
                 .channels()
@@ -34,8 +34,23 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
     }
     let want = reference::statistics(&inp.x, s.shape, s.layout);
     let bad = s.nonfinite_channels(&inp.x);
+    if s.storage != Storage::F32 {
+        // Half data: exactly the f32 op's statistics of the up-converted data, every channel.
+        if let Ok(f32_stats) = statistics_as(Storage::F32, &s.bn, &inp.x) {
+            ctx.report.exact("half statistics", c);
+            for ch in 0..c {
+                if !same_stats(&got.channels()[ch], &f32_stats.channels()[ch]) {
+                    ctx.fail(format!(
+                        "statistics channel {ch}: {:?}, the f32 op gives {:?}",
+                        got.channels()[ch],
+                        f32_stats.channels()[ch]
+                    ));
+                }
+            }
+        }
+    }
     for ch in 0..c {
-        if !bad[ch] {
+        if !bad[ch] && s.storage == Storage::F32 {
             let keys = ("statistics mean", "statistics m2");
             check_stats(ctx, keys, ch, &got.channels()[ch], &want[ch], m, 1.0, 1.0);
         }
@@ -65,7 +80,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
             let bn = BatchNorm::on_backend(shape, s.layout, s.bn.backend())
                 .ok()?
                 .with_parallelism(s.bn.parallelism());
-            bn.statistics(x).ok()
+            statistics_as(s.storage, &bn, x).ok()
         };
         let (Some(mut merged), Some(b)) =
             (part(k, &inp.x[..k * per]), part(n - k, &inp.x[k * per..]))
@@ -119,7 +134,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
 
     if bad.contains(&true) {
         let clean = inp.sanitized(s, &bad);
-        if let Ok(again) = s.bn.statistics(&clean.x) {
+        if let Ok(again) = statistics_as(s.storage, &s.bn, &clean.x) {
             for ch in (0..c).filter(|&ch| !bad[ch]) {
                 if !same_stats(&again.channels()[ch], &got.channels()[ch]) {
                     ctx.fail(format!(
