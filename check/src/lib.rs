@@ -21,6 +21,10 @@
 //!   no arithmetic produces (an operation on a NaN returns a quiet one), and must not contain it
 //!   afterwards. In-place variants must equal the out-of-place ones bit for bit.
 //! - **Determinism.** Sequential and rayon execution give bit-identical results.
+//! - **Storage type.** For f16 and bf16 cases ([`Storage`]) the checks run on f32 tensors holding
+//!   the up-converted data, then on the half tensors, whose outputs must be the f32 op's rounded
+//!   once to the type (bit for bit) and whose parameter and statistics outputs must be the f32
+//!   op's. f64 cases are decoded but not checked yet (counted as skipped).
 //!
 //! A [`Case`] is decoded from raw bytes by a small byte-level codec: one byte per field, lengths
 //! explicit, missing bytes read as zero, so every byte string is a case and short inputs are simple
