@@ -45,6 +45,9 @@ pub(crate) fn compose(y: &[f32], z: Option<&[f32]>) -> Vec<f32> {
     }
 }
 
+/// What [`run_inference`] returns: the result and `y`, then the in-place call's result and buffer.
+pub(crate) type InferenceOut = (Result<(), Error>, Vec<f32>, Result<(), Error>, Vec<f32>);
+
 /// One inference call and its in-place variant, with the epilogue `fused` (its residual is the
 /// `dy` tensor), on data stored as `storage`; the outputs widened to f32 (`y`, and the in-place
 /// buffer).
@@ -54,16 +57,11 @@ pub(crate) fn run_inference(
     inp: &Inputs,
     affine: bool,
     fused: Fused,
-) -> (Result<(), Error>, Vec<f32>, Result<(), Error>, Vec<f32>) {
+) -> InferenceOut {
     with_store!(storage, E => run_as::<E>(bn, inp, affine, fused))
 }
 
-fn run_as<E: Store>(
-    bn: &BatchNorm,
-    inp: &Inputs,
-    affine: bool,
-    fused: Fused,
-) -> (Result<(), Error>, Vec<f32>, Result<(), Error>, Vec<f32>) {
+fn run_as<E: Store>(bn: &BatchNorm, inp: &Inputs, affine: bool, fused: Fused) -> InferenceOut {
     let x = narrow::<E>(&inp.x);
     let z = narrow::<E>(&inp.dy);
     let running = RunningStats {
@@ -87,7 +85,7 @@ fn run_as<E: Store>(
             bn.inference_in_place(&mut buf, aff, running),
         ),
         Some(epi) => (
-            bn.inference_fused(&x, &mut y, aff, running, epi.clone()),
+            bn.inference_fused(&x, &mut y, aff, running, epi),
             bn.inference_fused_in_place(&mut buf, aff, running, epi),
         ),
     };
