@@ -24,7 +24,8 @@
 //! - **Storage type.** For f16 and bf16 cases ([`Storage`]) the checks run on f32 tensors holding
 //!   the up-converted data, then on the half tensors, whose outputs must be the f32 op's rounded
 //!   once to the type (bit for bit) and whose parameter and statistics outputs must be the f32
-//!   op's. f64 cases are decoded but not checked yet (counted as skipped).
+//!   op's. f64 cases are checked for statistics (against the reference within [`f64_tol`]); for
+//!   the other operations they run the f32 pass only (counted as skipped).
 //!
 //! A [`Case`] is decoded from raw bytes by a small byte-level codec: one byte per field, lengths
 //! explicit, missing bytes read as zero, so every byte string is a case and short inputs are simple
