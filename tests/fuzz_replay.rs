@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use batchnorm_check::arbitrary::{Arbitrary, Unstructured};
 use batchnorm_check::{
     self as check, Arg, Case, Data, Delta, Dims, Eps, Fused, Grads, Kind, Op, Report, Rng, Saved,
-    Update, Value, Weight,
+    Storage, Update, Value, Weight,
 };
 
 /// Random bytes of a length below `max_len`, from the checker's generator.
@@ -68,8 +68,22 @@ fn random_structured_cases() {
     for op in Op::ALL {
         let start = std::time::Instant::now();
         let mut rng = Rng::new(0xfeed + op as u64);
-        for _ in 0..cases {
+        // The f64 pass exists for statistics only so far.
+        let others: &[Storage] = match op {
+            Op::Statistics => &[Storage::F16, Storage::Bf16, Storage::F64],
+            _ => &[Storage::F16, Storage::Bf16],
+        };
+        for i in 0..cases {
             let case = decode(&random_bytes(&mut rng, 400));
+            if let Err(e) = check::check_with(op, &case, &mut report) {
+                failures.push(e);
+            }
+            // The same case with another storage type, in turn (random bytes almost never
+            // carry the storage marker).
+            let case = Case {
+                storage: others[i % others.len()],
+                ..case
+            };
             if let Err(e) = check::check_with(op, &case, &mut report) {
                 failures.push(e);
             }
@@ -100,6 +114,18 @@ fn random_structured_cases() {
         "frozen dx",
         "frozen dgamma",
         "frozen dbeta",
+        "half statistics",
+        "half inference y",
+        "half inference fused y",
+        "half training y",
+        "half training fused y",
+        "half training statistics",
+        "half backward dx",
+        "half backward dgamma, dbeta",
+        "f64 statistics mean",
+        "f64 statistics m2",
+        "f64 statistics merged mean",
+        "f64 statistics merged m2",
     ] {
         let n = report.checked(key);
         assert!(n >= 100, "{key}: only {n} comparisons");
@@ -227,6 +253,7 @@ fn simplifications(case: &Case) -> Vec<Case> {
     push(&|c| c.no_affine = true);
     push(&|c| c.fused = Fused::None);
     push(&|c| c.backend = 0);
+    push(&|c| c.storage = Storage::F32);
     push(&|c| c.split = 0);
     push(&|c| c.dims.extreme = 0);
     out
@@ -517,6 +544,40 @@ fn seed_cases() -> Vec<(String, Case)> {
         seeds.push((format!("shape-{name}"), with(&|c| c.dims = d.clone())));
     }
     seeds.push(("unavailable-backend".into(), with(&|c| c.backend = 0x81)));
+    for (name, storage) in [("f16", Storage::F16), ("bf16", Storage::Bf16)] {
+        seeds.push((
+            format!("storage-{name}"),
+            with(&|c| {
+                c.dims = Dims::new(3, 5, &[17]);
+                c.storage = storage;
+                c.update = Update::Pytorch;
+            }),
+        ));
+        seeds.push((
+            format!("storage-{name}-nhwc-fused-add-relu"),
+            with(&|c| {
+                c.dims = Dims::new(2, 33, &[3]);
+                c.nhwc = true;
+                c.storage = storage;
+                c.fused = Fused::AddRelu;
+                c.x = Data::of(Kind::Wide);
+            }),
+        ));
+        seeds.push((
+            format!("storage-{name}-overflow-nan-frozen"),
+            with(&|c| {
+                c.dims = Dims::new(2, 4, &[9]);
+                c.storage = storage;
+                c.frozen = true;
+                c.x = Data {
+                    kinds: vec![Kind::Offset1e4, Kind::Huge38, Kind::Subnormal, Kind::Normal],
+                    ..Data::default()
+                }
+                .with(70, Value::Nan);
+                c.dy = Data::of(Kind::Spread37);
+            }),
+        ));
+    }
     seeds.push((
         "split-batch".into(),
         with(&|c| {

@@ -21,6 +21,11 @@
 //!   no arithmetic produces (an operation on a NaN returns a quiet one), and must not contain it
 //!   afterwards. In-place variants must equal the out-of-place ones bit for bit.
 //! - **Determinism.** Sequential and rayon execution give bit-identical results.
+//! - **Storage type.** For f16 and bf16 cases ([`Storage`]) the checks run on f32 tensors holding
+//!   the up-converted data, then on the half tensors, whose outputs must be the f32 op's rounded
+//!   once to the type (bit for bit) and whose parameter and statistics outputs must be the f32
+//!   op's. f64 cases are checked for statistics (against the reference within [`f64_tol`]); for
+//!   the other operations they run the f32 pass only (counted as skipped).
 //!
 //! A [`Case`] is decoded from raw bytes by a small byte-level codec: one byte per field, lengths
 //! explicit, missing bytes read as zero, so every byte string is a case and short inputs are simple
@@ -38,12 +43,14 @@ pub mod data;
 pub mod ops;
 pub mod reference;
 pub mod report;
+mod storage;
 pub mod tolerance;
 
 pub use case::*;
 pub use data::Rng;
 pub use ops::{Op, check, check_with, describe};
 pub use report::Report;
+pub use storage::{BF16_SENTINEL_BITS, F16_SENTINEL_BITS};
 pub use tolerance::*;
 
 /// The `arbitrary` crate that [`Case`] implements `Arbitrary` for (fuzz targets and replays use it).

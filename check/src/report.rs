@@ -43,6 +43,10 @@ impl Report {
             e.bound_used = frac;
         }
     }
+    /// Counts `n` elements of `key` compared exactly (bit for bit), not against a tolerance.
+    pub(crate) fn exact(&mut self, key: &'static str, n: usize) {
+        self.entries.entry(key).or_default().checked += n as u64;
+    }
     pub(crate) fn skip(&mut self, key: &'static str) {
         self.entries.entry(key).or_default().skipped += 1;
     }

@@ -49,6 +49,24 @@ pub fn stats_tol(per_channel: usize) -> f64 {
     fwd_tol(per_channel)
 }
 
+/// f64 unit roundoff, 2⁻⁵³.
+pub const EPS64: f64 = f64::EPSILON / 2.0;
+
+/// Tolerance on f64-data results, as a multiple of f64's unit roundoff, relative to the same term
+/// sizes as the f32 checks: `(8 + 2·M)·u64`.
+///
+/// Why this size: f64 data run in f64 lanes with f64 parameters and statistics; a handful of
+/// roundings per element (≤ 8u, as in [`fwd_tol`]) plus a recursive f64 sum (or Welford update)
+/// of up to M terms, which errs by at most (M − 1)·u of the magnitudes (Higham §4.2), doubled for
+/// the sums of products and of squared deviations whose terms are rounded themselves. No lane
+/// bound is assumed (the f64 kernels' blocking is not part of the contract), so the bound is the
+/// worst case of one recursive sum over the whole channel. Besides, every `x − μ` carries the
+/// batch mean's own error, which the checks add per use (the mean's scale includes |μ|: the
+/// f64 mean is a sum of the values, whose rounding is relative to their magnitudes).
+pub fn f64_tol(per_channel: usize) -> f64 {
+    (8.0 + 2.0 * per_channel as f64) * EPS64
+}
+
 /// Absolute floor of the mean for `count` values: below the normal range an f32 result rounds by
 /// up to half a subnormal, for at most [`LANE_STEPS`] steps per lane before the f64 fold. (The
 /// crate's mean is an f64 sum and needs none of it; the floor stays as the stated bound.)

@@ -57,6 +57,8 @@ pub(crate) fn saved_stats(s: &Setup, inp: &Inputs) -> (Vec<f32>, Vec<f32>) {
     (mean, inv_std)
 }
 
+/// One backward call on data stored as the pass's storage type (`s.storage`); dx and dz widened to
+/// f32.
 pub(crate) fn run_backward(
     bn: &BatchNorm,
     s: &Setup,
@@ -64,6 +66,23 @@ pub(crate) fn run_backward(
     case: &Case,
     call: Call,
 ) -> BackOut {
+    run_backward_as(s.storage, bn, s, inp, case, call)
+}
+
+/// [`run_backward`] with the storage type given.
+pub(crate) fn run_backward_as(
+    storage: Storage,
+    bn: &BatchNorm,
+    s: &Setup,
+    inp: &Inputs,
+    case: &Case,
+    call: Call,
+) -> BackOut {
+    with_store!(storage, E => run_as::<E>(bn, s, inp, case, call))
+}
+
+fn run_as<E: Store>(bn: &BatchNorm, s: &Setup, inp: &Inputs, case: &Case, call: Call) -> BackOut {
+    let (x, dy) = (narrow::<E>(&inp.x), narrow::<E>(&inp.dy));
     let (saved_mean, saved_inv_std) = saved_stats(s, inp);
     let mode = if case.frozen {
         BackwardMode::Frozen(RunningStats {
@@ -94,45 +113,36 @@ pub(crate) fn run_backward(
         dbeta: &mut dbeta,
         mode,
     });
-    let mut dz = Vec::new();
+    let mut dz: Vec<E> = Vec::new();
     let (result, dx) = match call {
         Call::InPlace => {
-            let mut buf = inp.dy.clone();
-            (
-                bn.backward_in_place(&inp.x, &mut buf, affine, mode, grads),
-                buf,
-            )
+            let mut buf = dy.clone();
+            (bn.backward_in_place(&x, &mut buf, affine, mode, grads), buf)
         }
         Call::Plain => {
-            let mut dx = vec![sentinel(); inp.out_len];
-            (
-                bn.backward(&inp.x, &inp.dy, &mut dx, affine, mode, grads),
-                dx,
-            )
+            let mut dx = vec![E::sentinel(); inp.out_len];
+            (bn.backward(&x, &dy, &mut dx, affine, mode, grads), dx)
         }
         Call::Fused => {
             // The ReLU mask comes from `x` (any tensor serves: the op only reads its sign).
-            let mut dx = vec![sentinel(); inp.out_len];
-            dz = vec![sentinel(); inp.out_len];
+            let mut dx = vec![E::sentinel(); inp.out_len];
+            dz = vec![E::sentinel(); inp.out_len];
             let epi = match case.fused {
-                Fused::AddRelu => BackwardEpilogue::AddRelu {
-                    y: &inp.x,
-                    dz: &mut dz,
-                },
-                _ => BackwardEpilogue::Relu { y: &inp.x },
+                Fused::AddRelu => BackwardEpilogue::AddRelu { y: &x, dz: &mut dz },
+                _ => BackwardEpilogue::Relu { y: &x },
             };
             (
-                bn.backward_fused(&inp.x, &inp.dy, &mut dx, affine, mode, grads, epi),
+                bn.backward_fused(&x, &dy, &mut dx, affine, mode, grads, epi),
                 dx,
             )
         }
     };
     BackOut {
         result,
-        dx,
+        dx: widen(&dx),
         dgamma,
         dbeta,
-        dz,
+        dz: widen(&dz),
     }
 }
 
@@ -287,6 +297,37 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         }
     }
 
+    if bad.contains(&true) {
+        let clean = inp.sanitized(s, &bad);
+        let again = run_backward(&s.bn, s, &clean, case, Call::Plain);
+        for ch in (0..c).filter(|&ch| !bad[ch]) {
+            if out.channel_bits(s, ch) != again.channel_bits(s, ch) {
+                ctx.fail(format!(
+                    "backward: non-finite values of another channel changed channel {ch}"
+                ));
+            }
+        }
+    }
+
+    if s.storage != Storage::F32 {
+        // Half data: dx is the f32 op's rounded once, dγ and dβ are the f32 op's, bit for bit.
+        let mut want = run_backward_as(Storage::F32, &s.bn, s, inp, case, Call::Plain);
+        want.dx = rounded(s, &want.dx);
+        ctx.report.exact("half backward dx", want.dx.len());
+        ctx.report
+            .exact("half backward dgamma, dbeta", want.dgamma.len());
+        if let Some(i) = first_difference(&out.dx, &want.dx) {
+            ctx.fail(format!(
+                "backward dx[{i}] = {:e}, the f32 op rounded once gives {:e}",
+                out.dx[i], want.dx[i]
+            ));
+        }
+        let grads = |o: &BackOut| [o.dgamma.clone(), o.dbeta.clone()].concat();
+        if first_difference(&grads(&out), &grads(&want)).is_some() {
+            ctx.fail("backward: dgamma or dbeta differ from the f32 op's".into());
+        }
+        return;
+    }
     let tol = fwd_tol(m);
     let mf = m as f64;
     // Accumulated gradients: the reference plus the previous value, rounded once more to f32.
@@ -505,18 +546,6 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 ctx.close(key, got as f64, total, scale, (tol, floor), || {
                     format!("channel {ch}")
                 });
-            }
-        }
-    }
-
-    if bad.contains(&true) {
-        let clean = inp.sanitized(s, &bad);
-        let again = run_backward(&s.bn, s, &clean, case, Call::Plain);
-        for ch in (0..c).filter(|&ch| !bad[ch]) {
-            if out.channel_bits(s, ch) != again.channel_bits(s, ch) {
-                ctx.fail(format!(
-                    "backward: non-finite values of another channel changed channel {ch}"
-                ));
             }
         }
     }

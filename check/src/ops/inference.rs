@@ -45,12 +45,25 @@ pub(crate) fn compose(y: &[f32], z: Option<&[f32]>) -> Vec<f32> {
     }
 }
 
-/// The fused inference ops, against the plain op's output `plain` (when it succeeded).
-fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&[f32]>) {
-    let Some((epi, z)) = epilogue(case, inp) else {
-        return;
-    };
-    let affine = !case.no_affine;
+/// What [`run_inference`] returns: the result and `y`, then the in-place call's result and buffer.
+pub(crate) type InferenceOut = (Result<(), Error>, Vec<f32>, Result<(), Error>, Vec<f32>);
+
+/// One inference call and its in-place variant, with the epilogue `fused` (its residual is the
+/// `dy` tensor), on data stored as `storage`; the outputs widened to f32 (`y`, and the in-place
+/// buffer).
+pub(crate) fn run_inference(
+    storage: Storage,
+    bn: &BatchNorm,
+    inp: &Inputs,
+    affine: bool,
+    fused: Fused,
+) -> InferenceOut {
+    with_store!(storage, E => run_as::<E>(bn, inp, affine, fused))
+}
+
+fn run_as<E: Store>(bn: &BatchNorm, inp: &Inputs, affine: bool, fused: Fused) -> InferenceOut {
+    let x = narrow::<E>(&inp.x);
+    let z = narrow::<E>(&inp.dy);
     let running = RunningStats {
         mean: &inp.running_mean,
         var: &inp.running_var,
@@ -59,10 +72,34 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<
         gamma: &inp.gamma,
         beta: &inp.beta,
     });
-    let mut y = vec![sentinel(); inp.out_len];
-    let r = s.bn.inference_fused(&inp.x, &mut y, aff, running, epi);
-    let mut buf = inp.x.clone();
-    let r_in = s.bn.inference_fused_in_place(&mut buf, aff, running, epi);
+    let mut y = vec![E::sentinel(); inp.out_len];
+    let mut buf = x.clone();
+    let epi = match fused {
+        Fused::None => None,
+        Fused::Relu => Some(Epilogue::Relu),
+        Fused::AddRelu => Some(Epilogue::AddRelu(&z[..])),
+    };
+    let (r, r_in) = match epi {
+        None => (
+            bn.inference(&x, &mut y, aff, running),
+            bn.inference_in_place(&mut buf, aff, running),
+        ),
+        Some(epi) => (
+            bn.inference_fused(&x, &mut y, aff, running, epi),
+            bn.inference_fused_in_place(&mut buf, aff, running, epi),
+        ),
+    };
+    (r, widen(&y), r_in, widen(&buf))
+}
+
+/// The fused inference ops, against the f32 plain op's output `plain` (when it succeeded): the
+/// plain output through the epilogue, rounded to the pass's storage type.
+fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&[f32]>) {
+    let Some((_, z)) = epilogue(case, inp) else {
+        return;
+    };
+    let affine = !case.no_affine;
+    let (r, y, r_in, buf) = run_inference(s.storage, &s.bn, inp, affine, case.fused);
     let mut exp = expected("inference_fused", true, s, inp, affine);
     let mut exp_in = expected("inference_fused_in_place", false, s, inp, affine);
     if let Some(z) = z {
@@ -80,7 +117,10 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<
     let (true, Some(plain)) = (ok, plain) else {
         return;
     };
-    let want = compose(plain, z);
+    let want = rounded(s, &compose(plain, z));
+    if s.storage != Storage::F32 {
+        ctx.report.exact("half inference fused y", want.len());
+    }
     if let Some(i) = (0..want.len()).find(|&i| !same_bits(y[i], want[i])) {
         ctx.fail(format!(
             "inference_fused {:?}: y[{i}] = {:e}, the plain op then the epilogue give {:e}",
@@ -195,7 +235,7 @@ fn folding(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
 }
 
 pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
-    if !s.giant {
+    if !s.giant && s.storage == Storage::F32 {
         folding(case, s, inp, ctx);
     }
     let affine = !case.no_affine;
@@ -208,21 +248,7 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
         };
         expected(op, out, s, inp, affine)
     };
-    let run = |bn: &BatchNorm, inp: &Inputs| {
-        let mut y = vec![sentinel(); inp.out_len];
-        let running = RunningStats {
-            mean: &inp.running_mean,
-            var: &inp.running_var,
-        };
-        let aff = affine.then_some(Affine {
-            gamma: &inp.gamma,
-            beta: &inp.beta,
-        });
-        let r = bn.inference(&inp.x, &mut y, aff, running);
-        let mut buf = inp.x.clone();
-        let r_in = bn.inference_in_place(&mut buf, aff, running);
-        (r, y, r_in, buf)
-    };
+    let run = |bn: &BatchNorm, inp: &Inputs| run_inference(s.storage, bn, inp, affine, Fused::None);
     let (r, y, r_in, buf) = run(&s.bn, inp);
     let ok = outcome(ctx, "inference", &r, &expected(true));
     if r.is_err() && y.iter().any(|v| v.to_bits() != SENTINEL_BITS) {
@@ -232,7 +258,12 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
     if r_in.is_err() && bits(&buf) != bits(&inp.x) {
         ctx.fail("inference_in_place changed x before returning an error".into());
     }
-    let plain = (ok && !s.giant).then_some(&y[..]);
+    // The f32 op's output (the reference of half data's outputs, rounded).
+    let y32 = match s.storage {
+        Storage::F32 => y.clone(),
+        _ => run_inference(Storage::F32, &s.bn, inp, affine, Fused::None).1,
+    };
+    let plain = (ok && !s.giant).then_some(&y32[..]);
     fused(case, s, inp, ctx, plain);
     if !ok || s.giant {
         return;
@@ -250,16 +281,6 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
 
     let gamma = affine.then_some(&inp.gamma[..]);
     let beta = affine.then_some(&inp.beta[..]);
-    let want = reference::inference(
-        &inp.x,
-        s.shape,
-        s.layout,
-        &inp.running_mean,
-        &inp.running_var,
-        gamma,
-        beta,
-        s.eps,
-    );
     let mut bad = s.nonfinite_channels(&inp.x);
     for (ch, b) in bad.iter_mut().enumerate() {
         let params = [
@@ -270,6 +291,42 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
         ];
         *b |= params.iter().any(|v| !v.is_finite());
     }
+    if bad.contains(&true) {
+        let clean = inp.sanitized(s, &bad);
+        let (_, y3, _, _) = run(&s.bn, &clean);
+        for i in (0..len).filter(|&i| !bad[s.channel_of(i)]) {
+            if !same_bits(y[i], y3[i]) {
+                ctx.fail(format!(
+                    "inference: non-finite values of another channel changed y[{i}] (channel {})",
+                    s.channel_of(i)
+                ));
+                break;
+            }
+        }
+    }
+
+    if s.storage != Storage::F32 {
+        // Half data: the f32 op's output on the up-converted data, rounded once.
+        ctx.report.exact("half inference y", len);
+        if let Some(i) = first_difference(&y, &rounded(s, &y32)) {
+            ctx.fail(format!(
+                "inference y[{i}] = {:e}, the f32 op rounded once gives {:e}",
+                y[i],
+                round_to(s.storage, y32[i])
+            ));
+        }
+        return;
+    }
+    let want = reference::inference(
+        &inp.x,
+        s.shape,
+        s.layout,
+        &inp.running_mean,
+        &inp.running_var,
+        gamma,
+        beta,
+        s.eps,
+    );
     let tol = fwd_tol(1);
     for i in 0..len {
         let ch = s.channel_of(i);
@@ -303,19 +360,5 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
             (tol, floor),
             || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]),
         );
-    }
-
-    if bad.contains(&true) {
-        let clean = inp.sanitized(s, &bad);
-        let (_, y3, _, _) = run(&s.bn, &clean);
-        for i in (0..len).filter(|&i| !bad[s.channel_of(i)]) {
-            if !same_bits(y[i], y3[i]) {
-                ctx.fail(format!(
-                    "inference: non-finite values of another channel changed y[{i}] (channel {})",
-                    s.channel_of(i)
-                ));
-                break;
-            }
-        }
     }
 }

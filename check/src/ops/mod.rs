@@ -2,6 +2,7 @@
 
 use batchnorm::{Backend, BatchNorm, ChannelStats, Error, Layout, Parallelism, Shape};
 
+use crate::storage::{Store, narrow, round_to, widen, with_store};
 use crate::{case::*, report::*, tolerance::*};
 
 mod backward;
@@ -68,12 +69,30 @@ pub(crate) fn run_check(op: Op, case: &Case, report: &mut Report) -> Result<(), 
         report,
         failures: Vec::new(),
     };
-    if let Some((s, inp)) = prepare(case, &mut ctx) {
-        match op {
-            Op::Statistics => statistics(case, &s, &inp, &mut ctx),
-            Op::Inference => inference(case, &s, &inp, &mut ctx),
-            Op::Training => training(case, &s, &inp, &mut ctx),
-            Op::Backward => backward(case, &s, &inp, &mut ctx),
+    if let Some((mut s, inp)) = prepare(case, &mut ctx) {
+        // The f32 pass (for half data on the up-converted values), then the case's storage type.
+        let mut passes = vec![Storage::F32];
+        match case.storage {
+            Storage::F32 => {}
+            Storage::F16 | Storage::Bf16 => passes.push(case.storage),
+            // The f64 pass is implemented for statistics only so far (see `ops::statistics`).
+            Storage::F64 if op == Op::Statistics => passes.push(Storage::F64),
+            Storage::F64 => ctx.report.skip("f64 storage (pass not implemented)"),
+        }
+        for storage in passes {
+            s.storage = storage;
+            let before = ctx.failures.len();
+            match op {
+                Op::Statistics => statistics(case, &s, &inp, &mut ctx),
+                Op::Inference => inference(case, &s, &inp, &mut ctx),
+                Op::Training => training(case, &s, &inp, &mut ctx),
+                Op::Backward => backward(case, &s, &inp, &mut ctx),
+            }
+            if storage != Storage::F32 {
+                for f in &mut ctx.failures[before..] {
+                    *f = format!("[{}] {f}", storage.name());
+                }
+            }
         }
     }
     if ctx.failures.is_empty() {
@@ -102,6 +121,9 @@ pub(crate) struct Setup {
     pub(crate) giant: bool,
     /// The flat indices of each channel's elements (empty for a giant shape).
     pub(crate) indices: Vec<Vec<usize>>,
+    /// The storage type of this pass's data tensors: f32, or the case's half type (whose outputs
+    /// are checked against the f32 pass's, rounded once).
+    pub(crate) storage: Storage,
 }
 
 impl Setup {
@@ -271,6 +293,7 @@ pub(crate) fn prepare(case: &Case, ctx: &mut Ctx<'_>) -> Option<(Setup, Inputs)>
         eps: bn.eps(),
         giant,
         indices: Vec::new(),
+        storage: Storage::F32,
     };
     let mut s = s;
     if !giant {
@@ -321,7 +344,39 @@ pub(crate) fn prepare(case: &Case, ctx: &mut Ctx<'_>) -> Option<(Setup, Inputs)>
             _ => None,
         },
     };
+    // Half data: x and dy (also the residual z) hold values of the storage type, so the f32
+    // pass runs on exactly the up-converted data.
+    let mut inp = inp;
+    if matches!(case.storage, Storage::F16 | Storage::Bf16) {
+        for t in [&mut inp.x, &mut inp.dy] {
+            for v in t.iter_mut() {
+                *v = round_to(case.storage, *v);
+            }
+        }
+    }
     Some((s, inp))
+}
+
+/// [`BatchNorm::statistics`] on `x` stored as the pass's storage type.
+pub(crate) fn statistics_as(
+    storage: Storage,
+    bn: &BatchNorm,
+    x: &[f32],
+) -> Result<batchnorm::BatchStats, Error> {
+    with_store!(storage, E => bn.statistics(&narrow::<E>(x)))
+}
+
+/// The f32 outputs `v` rounded once to the pass's storage type (identity for f32).
+pub(crate) fn rounded(s: &Setup, v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| round_to(s.storage, x)).collect()
+}
+
+/// Whether two outputs are the same bits (any NaN equal to any NaN); the first differing index.
+pub(crate) fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    (0..a.len()).find(|&i| !same_bits(a[i], b[i]))
 }
 
 /// Checks one channel's statistics against the exact ones. `k_mean` and `k_m2` multiply the
@@ -380,12 +435,13 @@ pub fn describe(case: &Case) -> Option<String> {
     };
     let (s, inp) = prepare(case, &mut ctx)?;
     let mut out = format!(
-        "shape {:?} {:?}, eps {:e}, backend {:?}, {:?}\n",
+        "shape {:?} {:?}, eps {:e}, backend {:?}, {:?}, storage {}\n",
         s.shape,
         s.layout,
         s.eps,
         s.bn.backend(),
-        s.bn.parallelism()
+        s.bn.parallelism(),
+        case.storage.name()
     );
     let mut line = |name: &str, v: &[f32]| out.push_str(&format!("{name} = {v:?}\n"));
     line("x", &inp.x);

@@ -18,30 +18,50 @@ pub(crate) struct TrainOut {
     pub(crate) running_var: Vec<f32>,
 }
 
-/// One training call; with `save == false` no saved statistics are asked for (they stay sentinels).
+/// One training call on data stored as `storage`; with `save == false` no saved statistics are
+/// asked for (they stay sentinels).
 pub(crate) fn run_training(
+    storage: Storage,
     bn: &BatchNorm,
     inp: &Inputs,
     affine: bool,
     update: Update,
     save: bool,
 ) -> TrainOut {
-    run_training_with(bn, inp, (affine, update, save), Epilogue::None)
+    run_training_with(storage, bn, inp, (affine, update, save), Fused::None)
 }
 
-/// [`run_training`] through [`BatchNorm::training_fused`] with `epilogue`.
+/// [`run_training`] through [`BatchNorm::training_fused`] with the epilogue `fused` (its residual
+/// is the `dy` tensor); `y` widened to f32.
 pub(crate) fn run_training_with(
+    storage: Storage,
+    bn: &BatchNorm,
+    inp: &Inputs,
+    args: (bool, Update, bool),
+    fused: Fused,
+) -> TrainOut {
+    with_store!(storage, E => run_as::<E>(bn, inp, args, fused))
+}
+
+fn run_as<E: Store>(
     bn: &BatchNorm,
     inp: &Inputs,
     (affine, update, save): (bool, Update, bool),
-    epilogue: Epilogue<'_>,
+    fused: Fused,
 ) -> TrainOut {
-    let mut y = vec![sentinel(); inp.out_len];
+    let x = narrow::<E>(&inp.x);
+    let z = narrow::<E>(&inp.dy);
+    let epilogue = match fused {
+        Fused::None => Epilogue::None,
+        Fused::Relu => Epilogue::Relu,
+        Fused::AddRelu => Epilogue::AddRelu(&z[..]),
+    };
+    let mut y = vec![E::sentinel(); inp.out_len];
     let mut mean = vec![sentinel(); inp.saved_len[0]];
     let mut inv_std = vec![sentinel(); inp.saved_len[1]];
     let (mut running_mean, mut running_var) = (inp.running_mean.clone(), inp.running_var.clone());
     let result = bn.training_fused(
-        &inp.x,
+        &x,
         &mut y,
         affine.then_some(Affine {
             gamma: &inp.gamma,
@@ -63,7 +83,7 @@ pub(crate) fn run_training_with(
     );
     TrainOut {
         result,
-        y,
+        y: widen(&y),
         mean,
         inv_std,
         running_mean,
@@ -148,14 +168,15 @@ fn expected(op: &'static str, case: &Case, s: &Setup, inp: &Inputs) -> (Expected
 /// The fused training op against the plain op's outputs `plain` (when it succeeded): the
 /// output through the epilogue bit for bit, every other output the same bits.
 fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&TrainOut>) {
-    let Some((epi, z)) = super::inference::epilogue(case, inp) else {
+    let Some((_, z)) = super::inference::epilogue(case, inp) else {
         return;
     };
     let (mut exp, _, _) = expected("training_fused", case, s, inp);
     if let Some(z) = z {
         exp.len("z", s.len(), z.len());
     }
-    let out = run_training_with(&s.bn, inp, (!case.no_affine, case.update, true), epi);
+    let args = (!case.no_affine, case.update, true);
+    let out = run_training_with(s.storage, &s.bn, inp, args, case.fused);
     if !outcome(ctx, "training_fused", &out.result, &exp) {
         let untouched = [&out.y, &out.mean, &out.inv_std]
             .iter()
@@ -168,7 +189,10 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<
         return;
     }
     let Some(plain) = plain else { return };
-    let want = super::inference::compose(&plain.y, z);
+    let want = rounded(s, &super::inference::compose(&plain.y, z));
+    if s.storage != Storage::F32 {
+        ctx.report.exact("half training fused y", want.len());
+    }
     if let Some(i) = (0..want.len()).find(|&i| !same_bits(out.y[i], want[i])) {
         ctx.fail(format!(
             "training_fused {:?}: y[{i}] = {:e}, the plain op then the epilogue give {:e}",
@@ -188,9 +212,22 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     let (c, m) = (s.c(), s.m());
     let update = case.update.convention();
     let (exp, w_old, w_new) = expected("training", case, s, inp);
-    let out = run_training(&s.bn, inp, affine, case.update, true);
-    let plain_ok = out.result.is_ok() && !s.giant;
-    fused(case, s, inp, ctx, plain_ok.then_some(&out));
+    let out = run_training(s.storage, &s.bn, inp, affine, case.update, true);
+    // The f32 op's outputs (those of half data must equal them, y rounded once).
+    let out32 = match s.storage {
+        Storage::F32 => None,
+        _ => Some(run_training(
+            Storage::F32,
+            &s.bn,
+            inp,
+            affine,
+            case.update,
+            true,
+        )),
+    };
+    let plain = out32.as_ref().unwrap_or(&out);
+    let plain_ok = plain.result.is_ok() && !s.giant;
+    fused(case, s, inp, ctx, plain_ok.then_some(plain));
     if !outcome(ctx, "training", &out.result, &exp) {
         if out.result.is_err() {
             let untouched = [&out.y, &out.mean, &out.inv_std]
@@ -218,7 +255,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         }
     }
     // The other parallelism setting, without saved statistics: the same bits otherwise.
-    let again = run_training(&s.other, inp, affine, case.update, false);
+    let again = run_training(s.storage, &s.other, inp, affine, case.update, false);
     if (0..c).any(|ch| out.channel_bits(s, ch, false) != again.channel_bits(s, ch, false)) {
         ctx.fail("training differs between parallelism settings (or with saved = None)".into());
     }
@@ -231,7 +268,6 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
 
     let gamma = affine.then_some(&inp.gamma[..]);
     let beta = affine.then_some(&inp.beta[..]);
-    let want = reference::training(&inp.x, s.shape, s.layout, gamma, beta, s.eps);
     let mut bad = s.nonfinite_channels(&inp.x);
     for (ch, b) in bad.iter_mut().enumerate() {
         *b |= !gamma.map_or(1.0, |g| g[ch]).is_finite() || !beta.map_or(0.0, |b| b[ch]).is_finite();
@@ -239,6 +275,40 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             *b |= !inp.running_mean[ch].is_finite() || !inp.running_var[ch].is_finite();
         }
     }
+    if bad.contains(&true) {
+        let clean = inp.sanitized(s, &bad);
+        let again = run_training(s.storage, &s.bn, &clean, affine, case.update, true);
+        for ch in (0..c).filter(|&ch| !bad[ch]) {
+            if out.channel_bits(s, ch, true) != again.channel_bits(s, ch, true) {
+                ctx.fail(format!(
+                    "training: non-finite values of another channel changed channel {ch}"
+                ));
+            }
+        }
+    }
+
+    if let Some(out32) = &out32 {
+        // Half data: y is the f32 op's output rounded once; the statistics, saved and running
+        // statistics are the f32 op's, bit for bit.
+        let y32 = rounded(s, &out32.y);
+        ctx.report.exact("half training y", y32.len());
+        ctx.report.exact("half training statistics", c);
+        if let Some(i) = first_difference(&out.y, &y32) {
+            ctx.fail(format!(
+                "training y[{i}] = {:e}, the f32 op rounded once gives {:e}",
+                out.y[i], y32[i]
+            ));
+        }
+        let n =
+            |o: &TrainOut, ch: usize| o.channel_bits(s, ch, true)[s.indices[ch].len()..].to_vec();
+        if let Some(ch) = (0..c).find(|&ch| n(&out, ch) != n(out32, ch)) {
+            ctx.fail(format!(
+                "training channel {ch}: statistics differ from the f32 op's"
+            ));
+        }
+        return;
+    }
+    let want = reference::training(&inp.x, s.shape, s.layout, gamma, beta, s.eps);
     let x_bad = s.nonfinite_channels(&inp.x);
     let tol = fwd_tol(m);
     let eps = s.eps;
@@ -364,18 +434,6 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 );
             } else {
                 ctx.report.skip("training running var");
-            }
-        }
-    }
-
-    if bad.contains(&true) {
-        let clean = inp.sanitized(s, &bad);
-        let again = run_training(&s.bn, &clean, affine, case.update, true);
-        for ch in (0..c).filter(|&ch| !bad[ch]) {
-            if out.channel_bits(s, ch, true) != again.channel_bits(s, ch, true) {
-                ctx.fail(format!(
-                    "training: non-finite values of another channel changed channel {ch}"
-                ));
             }
         }
     }
