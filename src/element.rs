@@ -46,7 +46,16 @@ use sealed::Kind;
 /// let _: <f64 as Element>::Param = 1.0f64;
 /// ```
 pub trait Element:
-    sealed::Sealed + Copy + Default + PartialEq + Into<f64> + std::fmt::Debug + Send + Sync + 'static
+    sealed::Sealed
+    + crate::driver::Drive<P = <Self as Element>::Param>
+    + Copy
+    + Default
+    + PartialEq
+    + Into<f64>
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
 {
     /// The type's name (`"f32"`, `"f64"`, `"f16"`, `"bf16"`).
     const NAME: &'static str;

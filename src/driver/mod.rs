@@ -8,11 +8,12 @@
 mod nchw;
 mod nhwc;
 
-use crate::element::Element;
+use crate::element::{Element, bf16, f16};
 pub(crate) use crate::kernels::{ChannelAffine, DxParams, Fuse, GradSums};
 use crate::kernels::{Io, ReluGrad};
 use crate::par::SharedMut;
 use crate::simd::Backend;
+use crate::simd::Real;
 use crate::{ChannelStats, Layout, Parallelism, Shape};
 
 /// Elements per unit of work: an NCHW piece of a run, or the target size of an NHWC row block.
@@ -185,47 +186,169 @@ fn exact_sums<E: Element>(pairs: impl Iterator<Item = (E, E)>, pivot: E::Param) 
     })
 }
 
-/// Per-channel statistics of `x` into `out` (one per channel).
-pub(crate) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats]) {
-    match ctx.effective_layout() {
-        Layout::Nchw => nchw::statistics(ctx, x, out),
-        Layout::Nhwc => nhwc::statistics(ctx, x, out),
-    }
+/// The drivers of one storage type, dispatched on the layout.
+///
+/// Each storage type implements them here by non-generic functions, so the kernels behind them
+/// (every backend, both layouts) are compiled once, into this crate. Called as generic
+/// functions, they would be compiled again into every crate that calls the API: each test binary,
+/// the C library, an engine. The generic functions below forward to them.
+///
+/// A bound of [`Element`], so it is reachable from outside, but it lives in a private module:
+/// other crates can neither name it, call its functions nor implement it (the crate-private types
+/// of its signatures are what `private_interfaces` would warn about).
+#[allow(private_interfaces)]
+pub trait Drive: Sized {
+    /// Per-channel statistics of `x` into `out` (one per channel).
+    fn statistics(ctx: &Ctx, x: &[Self], out: &mut [ChannelStats]);
+
+    /// Applies one affine map per channel (inference, or the frozen-statistics dx), then the
+    /// epilogue `fuse` (its residual a whole tensor).
+    fn normalize(
+        ctx: &Ctx,
+        src: (Src<'_, Self>, Fuse<'_, Self>),
+        dst: &mut [Self],
+        params: &[ChannelAffine<Self::P>],
+    );
+
+    /// Training forward: statistics (into `stats`, one per channel), then `make(c, stats)` per
+    /// channel, then normalize and the epilogue `fuse`.
+    fn training(
+        ctx: &Ctx,
+        x: (&[Self], Fuse<'_, Self>),
+        y: &mut [Self],
+        make: MakeAffine<'_, Self::P>,
+        stats: &mut [ChannelStats],
+    );
+
+    /// Backward: per-channel sums of g, (x − pivot)·g and (x − pivot), then `make(c, sums)`,
+    /// then `dx = a·g + b·(x − shift) + c`, with g the gradient `grad` (staged into its buffer by
+    /// the reduction, so also with `make = None`, which computes only the sums). The sums go to
+    /// `sums` (one per channel).
+    fn backward(
+        ctx: &Ctx,
+        x: &[Self],
+        dy: Grad<'_, Self>,
+        dx: &mut [Self],
+        pivots: &[Self::P],
+        make: Option<MakeDx<'_, Self::P>>,
+        sums: &mut [GradSums],
+    );
+
+    /// The dx pass of [`Drive::backward`] alone, with per-channel parameters computed beforehand
+    /// (the synchronized backward, whose parameters need the sums of every rank).
+    fn dx(ctx: &Ctx, x: &[Self], dy: Src<'_, Self>, dx: &mut [Self], params: &[DxParams<Self::P>]);
+
+    /// The parameter type ([`Element::Param`]).
+    type P: Real;
 }
 
-/// Applies one affine map per channel (inference, or the frozen-statistics dx), then the
-/// epilogue `fuse` (its residual a whole tensor), on data stored as `E`.
+/// [`Drive`] for each storage type: the same bodies, compiled once per type.
+macro_rules! drive {
+    ($($t:ty),*) => {$(
+        #[allow(private_interfaces)] // as on the trait
+        impl Drive for $t {
+            type P = <$t as Element>::Param;
+
+            #[inline(never)]
+            fn statistics(ctx: &Ctx, x: &[$t], out: &mut [ChannelStats]) {
+                match ctx.effective_layout() {
+                    Layout::Nchw => nchw::statistics(ctx, x, out),
+                    Layout::Nhwc => nhwc::statistics(ctx, x, out),
+                }
+            }
+
+            #[inline(never)]
+            fn normalize(
+                ctx: &Ctx,
+                src: (Src<'_, $t>, Fuse<'_, $t>),
+                dst: &mut [$t],
+                params: &[ChannelAffine<Self::P>],
+            ) {
+                match ctx.effective_layout() {
+                    Layout::Nchw => nchw::normalize(ctx, src, dst, params),
+                    Layout::Nhwc => nhwc::normalize(ctx, src, dst, params),
+                }
+            }
+
+            #[inline(never)]
+            fn training(
+                ctx: &Ctx,
+                x: (&[$t], Fuse<'_, $t>),
+                y: &mut [$t],
+                make: MakeAffine<'_, Self::P>,
+                stats: &mut [ChannelStats],
+            ) {
+                match ctx.effective_layout() {
+                    Layout::Nchw => nchw::training(ctx, x, y, make, stats),
+                    Layout::Nhwc => nhwc::training(ctx, x, y, make, stats),
+                }
+            }
+
+            #[inline(never)]
+            fn backward(
+                ctx: &Ctx,
+                x: &[$t],
+                dy: Grad<'_, $t>,
+                dx: &mut [$t],
+                pivots: &[Self::P],
+                make: Option<MakeDx<'_, Self::P>>,
+                sums: &mut [GradSums],
+            ) {
+                match ctx.effective_layout() {
+                    Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make, sums),
+                    Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make, sums),
+                }
+            }
+
+            #[inline(never)]
+            fn dx(
+                ctx: &Ctx,
+                x: &[$t],
+                dy: Src<'_, $t>,
+                dx: &mut [$t],
+                params: &[DxParams<Self::P>],
+            ) {
+                match ctx.effective_layout() {
+                    Layout::Nchw => nchw::dx(ctx, x, dy, dx, params),
+                    Layout::Nhwc => nhwc::dx(ctx, x, dy, dx, params),
+                }
+            }
+        }
+    )*};
+}
+drive!(f32, f64, f16, bf16);
+
+/// [`Drive::statistics`].
+#[inline(always)]
+pub(crate) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats]) {
+    E::statistics(ctx, x, out)
+}
+
+/// [`Drive::normalize`].
+#[inline(always)]
 pub(crate) fn normalize<E: Element>(
     ctx: &Ctx,
-    (src, fuse): (Src<'_, E>, Fuse<'_, E>),
+    src: (Src<'_, E>, Fuse<'_, E>),
     dst: &mut [E],
     params: &[ChannelAffine<E::Param>],
 ) {
-    match ctx.effective_layout() {
-        Layout::Nchw => nchw::normalize(ctx, (src, fuse), dst, params),
-        Layout::Nhwc => nhwc::normalize(ctx, (src, fuse), dst, params),
-    }
+    E::normalize(ctx, src, dst, params)
 }
 
-/// Training forward: statistics (into `stats`, one per channel), then `make(c, stats)` per
-/// channel, then normalize and the epilogue `fuse`.
+/// [`Drive::training`].
+#[inline(always)]
 pub(crate) fn training<E: Element>(
     ctx: &Ctx,
-    (x, fuse): (&[E], Fuse<'_, E>),
+    x: (&[E], Fuse<'_, E>),
     y: &mut [E],
     make: MakeAffine<'_, E::Param>,
     stats: &mut [ChannelStats],
 ) {
-    match ctx.effective_layout() {
-        Layout::Nchw => nchw::training(ctx, (x, fuse), y, make, stats),
-        Layout::Nhwc => nhwc::training(ctx, (x, fuse), y, make, stats),
-    }
+    E::training(ctx, x, y, make, stats)
 }
 
-/// Backward: per-channel sums of g, (x − pivot)·g and (x − pivot), then `make(c, sums)`, then
-/// `dx = a·g + b·(x − shift) + c`, with g the gradient `grad` (staged into its buffer by the
-/// reduction, so also with `make = None`, which computes only the sums). The sums go to `sums`
-/// (one per channel).
+/// [`Drive::backward`].
+#[inline(always)]
 pub(crate) fn backward<E: Element>(
     ctx: &Ctx,
     x: &[E],
@@ -235,14 +358,11 @@ pub(crate) fn backward<E: Element>(
     make: Option<MakeDx<'_, E::Param>>,
     sums: &mut [GradSums],
 ) {
-    match ctx.effective_layout() {
-        Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make, sums),
-        Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make, sums),
-    }
+    E::backward(ctx, x, dy, dx, pivots, make, sums)
 }
 
-/// The dx pass of [`backward`] alone, with per-channel parameters computed beforehand (the
-/// synchronized backward, whose parameters need the sums of every rank).
+/// [`Drive::dx`].
+#[inline(always)]
 pub(crate) fn dx<E: Element>(
     ctx: &Ctx,
     x: &[E],
@@ -250,10 +370,7 @@ pub(crate) fn dx<E: Element>(
     dx: &mut [E],
     params: &[DxParams<E::Param>],
 ) {
-    match ctx.effective_layout() {
-        Layout::Nchw => nchw::dx(ctx, x, dy, dx, params),
-        Layout::Nhwc => nhwc::dx(ctx, x, dy, dx, params),
-    }
+    E::dx(ctx, x, dy, dx, params)
 }
 
 /// Stages the gradient `grad` over the whole tensor (nothing for `Grad::Dy`), `out` being the
