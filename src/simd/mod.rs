@@ -47,8 +47,11 @@ pub trait Real:
     const WIDE: bool;
     /// The value rounded to this type (to nearest).
     fn from_f64(x: f64) -> Self;
-    /// Runs `k` on `backend` with lanes of this type.
-    fn run_kernel<K: Kernel<T = Self>>(backend: Backend, k: K) -> K::Output;
+    /// A backend token `B` computing in lanes of this type: `B` itself for f32, [`F64`] of it
+    /// for f64.
+    type On<B: Wide64>: Simd<T = Self>;
+    /// `b` computing in lanes of this type.
+    fn on<B: Wide64>(b: B) -> Self::On<B>;
 }
 
 impl Real for f32 {
@@ -58,21 +61,10 @@ impl Real for f32 {
     fn from_f64(x: f64) -> f32 {
         x as f32
     }
-    #[inline]
-    fn run_kernel<K: Kernel<T = f32>>(backend: Backend, k: K) -> K::Output {
-        match backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2Fma => match Avx2Fma::try_new() {
-                Some(t) => t.vectorize(k),
-                None => k.run(Portable),
-            },
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => match Avx512::try_new() {
-                Some(t) => t.vectorize(k),
-                None => k.run(Portable),
-            },
-            _ => k.run(Portable),
-        }
+    type On<B: Wide64> = B;
+    #[inline(always)]
+    fn on<B: Wide64>(b: B) -> B {
+        b
     }
 }
 
@@ -83,21 +75,10 @@ impl Real for f64 {
     fn from_f64(x: f64) -> f64 {
         x
     }
-    #[inline]
-    fn run_kernel<K: Kernel<T = f64>>(backend: Backend, k: K) -> K::Output {
-        match backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2Fma => match Avx2Fma::try_new() {
-                Some(t) => t.vectorize_f64(k),
-                None => k.run(F64(Portable)),
-            },
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => match Avx512::try_new() {
-                Some(t) => t.vectorize_f64(k),
-                None => k.run(F64(Portable)),
-            },
-            _ => k.run(F64(Portable)),
-        }
+    type On<B: Wide64> = F64<B>;
+    #[inline(always)]
+    fn on<B: Wide64>(b: B) -> F64<B> {
+        F64(b)
     }
 }
 
@@ -366,6 +347,18 @@ impl Backend {
     /// (checked when a [`crate::BatchNorm`] is configured), and the token constructors re-check.
     #[inline]
     pub(crate) fn dispatch<K: Kernel>(self, k: K) -> K::Output {
-        K::T::run_kernel(self, k)
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2Fma => match Avx2Fma::try_new() {
+                Some(t) => t.vectorize(k),
+                None => k.run(K::T::on(Portable)),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => match Avx512::try_new() {
+                Some(t) => t.vectorize(k),
+                None => k.run(K::T::on(Portable)),
+            },
+            _ => k.run(K::T::on(Portable)),
+        }
     }
 }

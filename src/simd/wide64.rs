@@ -22,8 +22,9 @@ pub trait Wide64: Simd<T = f32> {
 
 /// A backend token computing in f64 lanes: `LANES` f64 values per vector (the backend's
 /// [`Simd::W`]). Made only from a token, so it inherits the token's proof of the CPU features.
+/// Public only in name (this module is private): [`Real::On`] names it.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct F64<B>(pub B);
+pub struct F64<B>(pub B);
 
 impl<B: Wide64> F64<B> {
     /// The lanes of `v` as an array.

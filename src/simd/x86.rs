@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{F64, Kernel, MAX_LANES, Simd, Wide64, pack_words};
+use super::{Kernel, MAX_LANES, Real, Simd, Wide64, pack_words};
 
 /// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
 /// field, not MXCSR's).
@@ -25,23 +25,13 @@ impl Avx2Fma {
         .then_some(Self { _proof: () })
     }
 
-    /// Runs `k` with the whole kernel body compiled for AVX2 + FMA + F16C.
+    /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
+    /// compiled for AVX2 + FMA + F16C.
     #[inline]
-    pub(crate) fn vectorize<K: Kernel<T = f32>>(self, k: K) -> K::Output {
+    pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn entry<K: Kernel<T = f32>>(t: Avx2Fma, k: K) -> K::Output {
-            k.run(t)
-        }
-        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
-        unsafe { entry(self, k) }
-    }
-
-    /// Runs `k` on this token's f64 lanes ([`F64`]), compiled for AVX2 + FMA + F16C.
-    #[inline]
-    pub(crate) fn vectorize_f64<K: Kernel<T = f64>>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn entry<K: Kernel<T = f64>>(t: Avx2Fma, k: K) -> K::Output {
-            k.run(F64(t))
+        fn entry<K: Kernel>(t: Avx2Fma, k: K) -> K::Output {
+            k.run(K::T::on(t))
         }
         // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
         unsafe { entry(self, k) }
@@ -288,23 +278,13 @@ impl Avx512 {
         is_x86_feature_detected!("avx512f").then_some(Self { _proof: () })
     }
 
-    /// Runs `k` with the whole kernel body compiled for AVX-512F.
+    /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
+    /// compiled for AVX-512F.
     #[inline]
-    pub(crate) fn vectorize<K: Kernel<T = f32>>(self, k: K) -> K::Output {
+    pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
         #[target_feature(enable = "avx512f")]
-        fn entry<K: Kernel<T = f32>>(t: Avx512, k: K) -> K::Output {
-            k.run(t)
-        }
-        // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
-        unsafe { entry(self, k) }
-    }
-
-    /// Runs `k` on this token's f64 lanes ([`F64`]), compiled for AVX-512F.
-    #[inline]
-    pub(crate) fn vectorize_f64<K: Kernel<T = f64>>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx512f")]
-        fn entry<K: Kernel<T = f64>>(t: Avx512, k: K) -> K::Output {
-            k.run(F64(t))
+        fn entry<K: Kernel>(t: Avx512, k: K) -> K::Output {
+            k.run(K::T::on(t))
         }
         // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
         unsafe { entry(self, k) }
