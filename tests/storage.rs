@@ -332,7 +332,7 @@ fn half_inference_with_special_values_is_the_f32_path_rounded_once() {
 /// y = x + β exactly in f32 (ε = 0, variance 1, mean 0, γ = 1), with x = 1 and β chosen so that
 /// y lies exactly halfway between two values of the storage type, or beyond f16's range:
 /// `want` holds the correctly rounded results (to nearest, ties to even), written by hand.
-fn check_rounding<E: Element<Param = f32>>(betas: &[f32], want: &[f32]) {
+fn check_rounding<E: Element<Param = f32>>(gamma: f32, betas: &[f32], want: &[f32]) {
     let c = betas.len();
     // 37 values per channel: whole vectors and a partial one on every backend.
     for layout in LAYOUTS {
@@ -340,7 +340,7 @@ fn check_rounding<E: Element<Param = f32>>(betas: &[f32], want: &[f32]) {
         for bn in operators(shape, layout, 0.0) {
             let x = vec![E::from_param(1.0); shape.len()];
             let mut y = vec![E::from_param(f32::NAN); shape.len()];
-            let gamma = vec![1.0f32; c];
+            let gamma = vec![gamma; c];
             let (mean, var) = (vec![0.0f32; c], vec![1.0f32; c]);
             let affine = Some(Affine {
                 gamma: &gamma,
@@ -375,7 +375,34 @@ fn bf16_output_rounds_to_nearest_even() {
     let t = 2f32.powi(-8);
     let betas = [t, 3.0 * t, t + 2f32.powi(-16), -t / 2.0];
     let want = [1.0, 1.0 + 4.0 * t, 1.0 + 2.0 * t, 1.0];
-    check_rounding::<bf16>(&betas, &want);
+    check_rounding::<bf16>(1.0, &betas, &want);
+}
+
+#[test]
+fn bf16_subnormal_output_rounds_to_nearest_even() {
+    // With γ = 0 the output is β. bf16 subnormals are multiples of 2⁻¹³³ (7 fraction bits below
+    // 2⁻¹²⁶, as in f32): 3·2⁻¹³³ is one; 2⁻¹³⁴ is a tie between 0 and 2⁻¹³³ (even: 0); 3·2⁻¹³⁴
+    // a tie between 2⁻¹³³ and 2⁻¹³² (even: 2⁻¹³²); −5·2⁻¹⁴⁰ rounds to −0; the largest f32
+    // subnormal rounds up to the smallest normal 2⁻¹²⁶. (AVX512-BF16's conversion reads
+    // subnormals as zero: these are the lanes it must not be trusted with.)
+    // 2ᵉ from its bits (powi would go through 2⁻ᵉ, which overflows f32 here).
+    let p = |e: i32| match e {
+        -149..=-127 => f32::from_bits(1 << (e + 149)),
+        _ => f32::from_bits(((e + 127) as u32) << 23),
+    };
+    let betas = [
+        3.0 * p(-133),
+        p(-134),
+        3.0 * p(-134),
+        -5.0 * p(-140),
+        p(-126) - p(-149),
+    ];
+    let want = [3.0 * p(-133), 0.0, p(-132), -0.0, p(-126)];
+    check_rounding::<bf16>(0.0, &betas, &want);
+    // A subnormal channel next to normal ones, in one vector (NHWC rows of 4 channels).
+    let betas = [p(-134), 0.5, 3.0 * p(-134), -2.0];
+    let want = [0.0, 0.5, p(-132), -2.0];
+    check_rounding::<bf16>(0.0, &betas, &want);
 }
 
 #[test]
@@ -392,7 +419,7 @@ fn f16_output_rounds_to_nearest_even_and_overflows_to_infinity() {
         // 65001 rounds to the nearest multiple of 32 (f16's spacing there): 64992.
         64992.0,
     ];
-    check_rounding::<f16>(&betas, &want);
+    check_rounding::<f16>(1.0, &betas, &want);
 }
 
 #[test]
