@@ -36,11 +36,13 @@
 //!
 //! Modules: [`tolerance`] (the stated bounds), [`case`] (the case and its codec), [`data`] (the
 //! random generator and the data kinds), [`report`] (failures and measured errors), [`ops`] (the
-//! checker, one submodule per operation) and [`reference`](mod@reference) (the plain f64 implementations).
+//! checker, one submodule per operation), [`reference`](mod@reference) (the plain f64
+//! implementations) and [`precise`] (double-double arithmetic: the reference of f64 data).
 
 pub mod case;
 pub mod data;
 pub mod ops;
+pub mod precise;
 pub mod reference;
 pub mod report;
 mod storage;
