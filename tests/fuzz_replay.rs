@@ -553,7 +553,11 @@ fn seed_cases() -> Vec<(String, Case)> {
         seeds.push((format!("shape-{name}"), with(&|c| c.dims = d.clone())));
     }
     seeds.push(("unavailable-backend".into(), with(&|c| c.backend = 0x81)));
-    for (name, storage) in [("f16", Storage::F16), ("bf16", Storage::Bf16)] {
+    for (name, storage) in [
+        ("f16", Storage::F16),
+        ("bf16", Storage::Bf16),
+        ("f64", Storage::F64),
+    ] {
         seeds.push((
             format!("storage-{name}"),
             with(&|c| {
