@@ -1,6 +1,6 @@
 //! f64 data (f64 lanes, f64 parameters and statistics) against a reference computed more
-//! precisely: the batch mean as a double-double (compensated sum, then a double-double division),
-//! the deviations `x − μ` from it, and every sum compensated (Neumaier). Every operation, both
+//! precisely (`batchnorm_check::precise`, shared with the fuzz checker): the batch mean, the
+//! deviations `x − μ` from it and every sum in double-double arithmetic. Every operation, both
 //! layouts, every backend, sequential and rayon, odd sizes, and the offset data that cost f32
 //! batch norm its digits (mean 1e4 with σ 1e-2, mean 3e6 with σ 4), values near 1e300, constant
 //! channels, and NaN kept in its channel.
@@ -19,76 +19,14 @@ use batchnorm::{
     Affine, BackwardEpilogue, BackwardMode, BatchNorm, Epilogue, Error, GradMode, Layout,
     ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
+use batchnorm_check::precise::{Moments, sum};
+use batchnorm_check::reference::channel;
 use common::{Rng, channel_of, operators};
 
 const U: f64 = f64::EPSILON / 2.0;
 
 fn tol(m: usize) -> f64 {
     (8.0 + 2.0 * m as f64) * U
-}
-
-/// `a + b` as an unevaluated sum `(s, e)`, exactly (Knuth's TwoSum).
-fn two_sum(a: f64, b: f64) -> (f64, f64) {
-    let s = a + b;
-    let bb = s - a;
-    (s, (a - (s - bb)) + (b - bb))
-}
-
-/// Neumaier's compensated sum.
-fn sum(v: impl IntoIterator<Item = f64>) -> f64 {
-    let (mut s, mut c) = (0.0, 0.0);
-    for x in v {
-        let (t, e) = two_sum(s, x);
-        s = t;
-        c += e;
-    }
-    s + c
-}
-
-/// The reference statistics of one channel: the mean as a double-double `(hi, lo)` and the
-/// biased variance from the deviations to it.
-struct Channel {
-    mean: (f64, f64),
-    var: f64,
-}
-
-impl Channel {
-    fn new(v: &[f64]) -> Channel {
-        let n = v.len() as f64;
-        // Double-double sum, then a double-double by double division.
-        let (mut hi, mut lo) = (0.0, 0.0);
-        for &x in v {
-            let (s, e) = two_sum(hi, x);
-            hi = s;
-            lo += e;
-        }
-        let (hi, lo) = two_sum(hi, lo);
-        let q1 = hi / n;
-        let r = (hi - q1 * n) - q1.mul_add(n, -(q1 * n)) + lo;
-        let q2 = r / n;
-        let mean = two_sum(q1, q2);
-        let ch = Channel { mean, var: 0.0 };
-        let var = sum(v.iter().map(|&x| ch.dev(x).powi(2))) / n;
-        Channel { var, ..ch }
-    }
-    /// `x − μ` from the double-double mean.
-    fn dev(&self, x: f64) -> f64 {
-        (x - self.mean.0) - self.mean.1
-    }
-    fn mean(&self) -> f64 {
-        self.mean.0 + self.mean.1
-    }
-}
-
-/// Channel `c`'s values of `x`.
-fn channel(x: &[f64], shape: Shape, layout: Layout, c: usize) -> Vec<f64> {
-    let mut v = Vec::with_capacity(shape.per_channel());
-    for n in 0..shape.n() {
-        for s in 0..shape.hw() {
-            v.push(x[shape.index(layout, n, c, s)]);
-        }
-    }
-    v
 }
 
 /// The data of one channel.
@@ -170,8 +108,8 @@ fn training_forward_matches_the_precise_reference() {
             let x = data(&mut rng, shape, layout, &KINDS);
             let (gamma, beta) = params(&mut rng, shape.c());
             let m = shape.per_channel();
-            let refs: Vec<Channel> = (0..shape.c())
-                .map(|c| Channel::new(&channel(&x, shape, layout, c)))
+            let refs: Vec<Moments> = (0..shape.c())
+                .map(|c| Moments::new(&channel(&x, shape, layout, c)))
                 .collect();
             let eps = 1e-5;
             let mut first: Option<Vec<u64>> = None;
@@ -197,7 +135,7 @@ fn training_forward_matches_the_precise_reference() {
                     .unwrap();
                 let label = format!("{shape:?} {layout:?} {:?}", bn.backend());
                 for (ch, r) in refs.iter().enumerate() {
-                    let sd = r.var.sqrt();
+                    let sd = r.var().sqrt();
                     let what = format!("{label} channel {ch} mean");
                     close(
                         &what,
@@ -207,8 +145,8 @@ fn training_forward_matches_the_precise_reference() {
                     );
                     let s = &stats.channels()[ch];
                     let what = format!("{label} channel {ch} variance");
-                    close(&what, s.m2() / m as f64, r.var, tol(m) * r.var);
-                    let want_r = 1.0 / (r.var + eps).sqrt();
+                    close(&what, s.m2() / m as f64, r.var(), tol(m) * r.var());
+                    let want_r = 1.0 / (r.var() + eps).sqrt();
                     let what = format!("{label} channel {ch} inv_std");
                     close(&what, inv_std[ch], want_r, tol(m) * want_r);
                     // ONNX: old-value weight 0.9, biased variance.
@@ -216,8 +154,8 @@ fn training_forward_matches_the_precise_reference() {
                     close(
                         &what,
                         rv[ch],
-                        0.9 * 2.0 + 0.1 * r.var,
-                        tol(m) * (1.8 + r.var),
+                        0.9 * 2.0 + 0.1 * r.var(),
+                        tol(m) * (1.8 + r.var()),
                     );
                     let (want, mean_bound) = (
                         0.45 + 0.1 * r.mean(),
@@ -233,10 +171,10 @@ fn training_forward_matches_the_precise_reference() {
                 for (i, &got) in y.iter().enumerate() {
                     let ch = channel_of(shape, layout, i);
                     let r = &refs[ch];
-                    let alpha = gamma[ch] / (r.var + eps).sqrt();
+                    let alpha = gamma[ch] / (r.var() + eps).sqrt();
                     let d = r.dev(x[i]);
                     let want = alpha * d + beta[ch];
-                    let terms = alpha.abs() * (r.var.sqrt() + d.abs()) + beta[ch].abs();
+                    let terms = alpha.abs() * (r.var().sqrt() + d.abs()) + beta[ch].abs();
                     let bound = tol(m) * terms + 2.0 * U * alpha.abs() * r.mean().abs();
                     close(&format!("{label} y[{i}] (channel {ch})"), got, want, bound);
                     if let Data::Constant(_) = KINDS[ch % KINDS.len()] {
@@ -323,8 +261,8 @@ fn backward_matches_the_precise_reference() {
             let x = data(&mut rng, shape, layout, &KINDS[..3]);
             let dy = data(&mut rng, shape, layout, &[Data::Ordinary]);
             let (gamma, beta) = params(&mut rng, c);
-            let refs: Vec<Channel> = (0..c)
-                .map(|ch| Channel::new(&channel(&x, shape, layout, ch)))
+            let refs: Vec<Moments> = (0..c)
+                .map(|ch| Moments::new(&channel(&x, shape, layout, ch)))
                 .collect();
             let eps = 1e-5;
             for bn in operators(shape, layout, eps) {
@@ -376,7 +314,7 @@ fn backward_matches_the_precise_reference() {
                 let label = format!("{shape:?} {layout:?} {:?}", bn.backend());
                 let mut want_dx = vec![0.0; x.len()];
                 for (ch, r) in refs.iter().enumerate() {
-                    let rr = 1.0 / (r.var + eps).sqrt();
+                    let rr = 1.0 / (r.var() + eps).sqrt();
                     let idx: Vec<usize> = (0..x.len())
                         .filter(|&i| channel_of(shape, layout, i) == ch)
                         .collect();
@@ -442,14 +380,14 @@ fn statistics_of_f64_data_and_nan_stays_in_its_channel() {
             let poisoned = bn.statistics(&bad).unwrap();
             for c in 0..shape.c() {
                 let (a, b) = (&stats.channels()[c], &poisoned.channels()[c]);
-                let r = Channel::new(&channel(&x, shape, layout, c));
+                let r = Moments::new(&channel(&x, shape, layout, c));
                 let m = shape.per_channel();
                 let what = format!("{layout:?} {:?} channel {c}", bn.backend());
                 close(
                     &what,
                     a.mean(),
                     r.mean(),
-                    tol(m) * r.var.sqrt() + 2.0 * U * r.mean().abs(),
+                    tol(m) * r.var().sqrt() + 2.0 * U * r.mean().abs(),
                 );
                 if c == 3 || c == 5 {
                     assert!(!b.mean().is_finite() || !b.m2().is_finite(), "{what}");

@@ -68,11 +68,7 @@ fn random_structured_cases() {
     for op in Op::ALL {
         let start = std::time::Instant::now();
         let mut rng = Rng::new(0xfeed + op as u64);
-        // The f64 pass exists for statistics only so far.
-        let others: &[Storage] = match op {
-            Op::Statistics => &[Storage::F16, Storage::Bf16, Storage::F64],
-            _ => &[Storage::F16, Storage::Bf16],
-        };
+        let others = [Storage::F16, Storage::Bf16, Storage::F64];
         for i in 0..cases {
             let case = decode(&random_bytes(&mut rng, 400));
             if let Err(e) = check::check_with(op, &case, &mut report) {
@@ -126,6 +122,19 @@ fn random_structured_cases() {
         "f64 statistics m2",
         "f64 statistics merged mean",
         "f64 statistics merged m2",
+        "f64 inference y",
+        "f64 training y",
+        "f64 training saved mean",
+        "f64 training saved inv_std",
+        "f64 training running mean",
+        "f64 training running var",
+        "f64 training stats mean",
+        "f64 training dx",
+        "f64 training dgamma",
+        "f64 training dbeta",
+        "f64 frozen dx",
+        "f64 frozen dgamma",
+        "f64 frozen dbeta",
     ] {
         let n = report.checked(key);
         assert!(n >= 100, "{key}: only {n} comparisons");
@@ -544,7 +553,11 @@ fn seed_cases() -> Vec<(String, Case)> {
         seeds.push((format!("shape-{name}"), with(&|c| c.dims = d.clone())));
     }
     seeds.push(("unavailable-backend".into(), with(&|c| c.backend = 0x81)));
-    for (name, storage) in [("f16", Storage::F16), ("bf16", Storage::Bf16)] {
+    for (name, storage) in [
+        ("f16", Storage::F16),
+        ("bf16", Storage::Bf16),
+        ("f64", Storage::F64),
+    ] {
         seeds.push((
             format!("storage-{name}"),
             with(&|c| {

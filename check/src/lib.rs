@@ -17,15 +17,17 @@
 //! - **Containment.** NaN or ±Inf in one channel's inputs never changes another channel's outputs:
 //!   the operation is rerun with the non-finite channels replaced by ordinary values, and every
 //!   other channel's outputs must be bit-identical.
-//! - **Every element written.** Outputs are pre-filled with a signaling NaN ([`SENTINEL_BITS`]) that
-//!   no arithmetic produces (an operation on a NaN returns a quiet one), and must not contain it
+//! - **Every element written.** Outputs are pre-filled with a signaling NaN ([`SENTINEL_BITS`];
+//!   [`SENTINEL64_BITS`] for f64 outputs, and the half types' own) that no arithmetic produces (an operation on a NaN returns a quiet one), and must not contain it
 //!   afterwards. In-place variants must equal the out-of-place ones bit for bit.
 //! - **Determinism.** Sequential and rayon execution give bit-identical results.
 //! - **Storage type.** For f16 and bf16 cases ([`Storage`]) the checks run on f32 tensors holding
 //!   the up-converted data, then on the half tensors, whose outputs must be the f32 op's rounded
 //!   once to the type (bit for bit) and whose parameter and statistics outputs must be the f32
-//!   op's. f64 cases are checked for statistics (against the reference within [`f64_tol`]); for
-//!   the other operations they run the f32 pass only (counted as skipped).
+//!   op's. f64 cases run the f32 pass on the same values, then every call on f64 tensors with
+//!   f64 parameters, against the precise (double-double) reference ([`precise`]) within
+//!   [`f64_tol`] of the terms plus the batch mean's share, with the same structural checks.
+//!   Outputs of every storage type are widened to f64 (exactly) for the checks.
 //!
 //! A [`Case`] is decoded from raw bytes by a small byte-level codec: one byte per field, lengths
 //! explicit, missing bytes read as zero, so every byte string is a case and short inputs are simple
@@ -36,11 +38,13 @@
 //!
 //! Modules: [`tolerance`] (the stated bounds), [`case`] (the case and its codec), [`data`] (the
 //! random generator and the data kinds), [`report`] (failures and measured errors), [`ops`] (the
-//! checker, one submodule per operation) and [`reference`](mod@reference) (the plain f64 implementations).
+//! checker, one submodule per operation), [`reference`](mod@reference) (the plain f64
+//! implementations) and [`precise`] (double-double arithmetic: the reference of f64 data).
 
 pub mod case;
 pub mod data;
 pub mod ops;
+pub mod precise;
 pub mod reference;
 pub mod report;
 mod storage;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::tolerance::*;
-/// Worst errors seen per checked quantity, in units of f32 roundoff relative to the quantity's
-/// scale, with the number of elements checked and skipped (reference not finite or not
+/// Worst errors seen per checked quantity, in units of f32 roundoff (of f64 roundoff for the
+/// quantities of f64 data, whose keys start with "f64") relative to the quantity's scale, with the number of elements checked and skipped (reference not finite or not
 /// representable in f32). Accumulates over many cases.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -35,7 +35,11 @@ impl Report {
         // In units of u relative to the scale where the floors are negligible (elsewhere the
         // floors, not the relative error, decide).
         if relative || err == 0.0 {
-            let u = if err == 0.0 { 0.0 } else { err / scale / EPS32 };
+            let u = if err == 0.0 {
+                0.0
+            } else {
+                err / scale / unit(key)
+            };
             e.worst = e.worst.max(u);
         }
         let frac = if err == 0.0 { 0.0 } else { err / bound };
@@ -54,7 +58,8 @@ impl Report {
     pub fn checked(&self, key: &str) -> u64 {
         self.entries.get(key).map_or(0, |e| e.checked)
     }
-    /// The worst error of `key`, in units of f32 roundoff relative to its scale.
+    /// The worst error of `key`, in units of roundoff relative to its scale (f64's for keys
+    /// starting with "f64", f32's otherwise).
     pub fn worst(&self, key: &str) -> f64 {
         self.entries.get(key).map_or(0.0, |e| e.worst)
     }
@@ -96,6 +101,11 @@ impl fmt::Display for Report {
     }
 }
 
+/// The roundoff that errors of `key` are reported in: f64's for f64 data, f32's otherwise.
+pub(crate) fn unit(key: &str) -> f64 {
+    if key.starts_with("f64") { EPS64 } else { EPS32 }
+}
+
 /// What one check run collects.
 pub(crate) struct Ctx<'r> {
     pub(crate) report: &'r mut Report,
@@ -130,29 +140,59 @@ impl Ctx<'_> {
                 "{key} {}: got {got:e}, want {want:e}, error {err:e} = {:.1}u of scale {scale:e} \
                  (bound {tol:e}·scale + {floor:e})",
                 at(),
-                err / scale / EPS32
+                err / scale / unit(key)
             ));
         }
     }
 }
 
+/// A float whose bits the checks compare: f32 (the folded parameters) or f64 (every widened
+/// output).
+pub(crate) trait Bits: Copy {
+    fn bits(self) -> u64;
+    fn nan(self) -> bool;
+}
+
+impl Bits for f32 {
+    fn bits(self) -> u64 {
+        self.to_bits().into()
+    }
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+}
+
+impl Bits for f64 {
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+}
+
 /// Bit equality with any NaN equal to any NaN (payloads may differ between code paths that are
 /// allowed to differ, e.g. an input NaN propagated through different operand orders).
-pub(crate) fn same_bits(a: f32, b: f32) -> bool {
-    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+pub(crate) fn same_bits<T: Bits>(a: T, b: T) -> bool {
+    a.bits() == b.bits() || (a.nan() && b.nan())
 }
 
 pub(crate) fn same_stats(a: &ChannelStats, b: &ChannelStats) -> bool {
-    let eq = |x: f64, y: f64| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
-    a.count() == b.count() && eq(a.mean(), b.mean()) && eq(a.m2(), b.m2())
+    a.count() == b.count() && same_bits(a.mean(), b.mean()) && same_bits(a.m2(), b.m2())
 }
 
-pub(crate) fn has_sentinel(v: &[f32]) -> Option<usize> {
-    v.iter().position(|x| x.to_bits() == SENTINEL_BITS)
+/// The first element of a widened output that is the sentinel (was not written).
+pub(crate) fn has_sentinel(v: &[f64]) -> Option<usize> {
+    v.iter().position(|x| x.to_bits() == SENTINEL64_BITS)
 }
 
-pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
+/// Whether every element of a widened output is the sentinel (nothing was written).
+pub(crate) fn untouched(v: &[f64]) -> bool {
+    v.iter().all(|x| x.to_bits() == SENTINEL64_BITS)
+}
+
+pub(crate) fn bits<T: Bits>(v: &[T]) -> Vec<u64> {
+    v.iter().map(|x| x.bits()).collect()
 }
 
 pub(crate) fn finite_in(v: f64) -> bool {

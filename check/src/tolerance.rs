@@ -89,6 +89,14 @@ pub(crate) fn sentinel() -> f32 {
     f32::from_bits(SENTINEL_BITS)
 }
 
+/// The f64 sentinel: a signaling NaN (exponent all ones, quiet bit clear), pre-filled into f64
+/// outputs; every storage type's sentinel widens to it, so unwritten outputs are found alike.
+pub const SENTINEL64_BITS: u64 = 0x7ff5_a55a_5a5a_5a5a;
+
+pub(crate) fn sentinel64() -> f64 {
+    f64::from_bits(SENTINEL64_BITS)
+}
+
 /// The backends under test: the one forced by `BATCHNORM_BACKEND`, else every one this CPU has.
 pub fn backends() -> Vec<Backend> {
     match Backend::forced() {

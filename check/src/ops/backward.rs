@@ -8,57 +8,59 @@ use batchnorm::{
 use super::*;
 use crate::reference;
 
-/// Outputs of one backward call.
+/// Outputs of one backward call, widened to f64.
 pub(crate) struct BackOut {
     pub(crate) result: Result<(), Error>,
     /// dx (out of place) or the `dy_dx` buffer (in place).
-    pub(crate) dx: Vec<f32>,
-    pub(crate) dgamma: Vec<f32>,
-    pub(crate) dbeta: Vec<f32>,
+    pub(crate) dx: Vec<f64>,
+    pub(crate) dgamma: Vec<f64>,
+    pub(crate) dbeta: Vec<f64>,
     /// dz of the fused add + ReLU backward (empty otherwise).
-    pub(crate) dz: Vec<f32>,
+    pub(crate) dz: Vec<f64>,
 }
 
 impl BackOut {
-    pub(crate) fn channel_bits(&self, s: &Setup, ch: usize) -> Vec<u32> {
-        let f = |v: f32| if v.is_nan() { u32::MAX } else { v.to_bits() };
-        let mut out: Vec<u32> = s.indices[ch].iter().map(|&i| f(self.dx[i])).collect();
+    pub(crate) fn channel_bits(&self, s: &Setup, ch: usize) -> Vec<u64> {
+        let f = |v: f64| if v.is_nan() { u64::MAX } else { v.to_bits() };
+        let mut out: Vec<u64> = s.indices[ch].iter().map(|&i| f(self.dx[i])).collect();
         out.push(self.dgamma.get(ch).map_or(0, |&v| f(v)));
         out.push(self.dbeta.get(ch).map_or(0, |&v| f(v)));
         out
     }
     pub(crate) fn same(&self, other: &BackOut) -> bool {
-        let eq = |a: &[f32], b: &[f32]| {
+        let eq = |a: &[f64], b: &[f64]| {
             a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| same_bits(x, y))
         };
         eq(&self.dx, &other.dx) && eq(&self.dgamma, &other.dgamma) && eq(&self.dbeta, &other.dbeta)
     }
 }
 
-/// The saved statistics backward gets: the crate's own training forward on `x` (zeros when `x`
-/// has the wrong length), or the case's given values.
-pub(crate) fn saved_stats(s: &Setup, inp: &Inputs) -> (Vec<f32>, Vec<f32>) {
-    if let Some(given) = &inp.saved {
-        return given.clone();
+/// The saved statistics backward gets on data stored as `E`: the crate's own training forward
+/// on `x` stored as `E` (zeros when `x` has the wrong length), or the case's given values.
+/// (Half data's forward gives the f32 op's statistics, as the training check verifies.)
+fn saved_stats<E: Store>(s: &Setup, inp: &Inputs) -> (Vec<E::Param>, Vec<E::Param>) {
+    if let Some((mean, inv_std)) = &inp.saved {
+        return (params::<E>(mean), params::<E>(inv_std));
     }
     let c = s.c();
-    let (mut mean, mut inv_std) = (vec![0.0; c], vec![0.0; c]);
+    let (mut mean, mut inv_std) = (params::<E>(&vec![0.0; c]), params::<E>(&vec![0.0; c]));
     if inp.x.len() == s.len() && !s.giant {
-        let mut y = vec![0.0; inp.x.len()];
+        let x = narrow::<E>(&inp.x);
+        let mut y = x.clone();
         let saved = SavedStatsMut {
             mean: &mut mean,
             inv_std: &mut inv_std,
         };
         // Cannot fail: every length is right and there is no running update.
-        let _ = s.bn.training(&inp.x, &mut y, None, Some(saved), None);
+        let _ = s.bn.training(&x, &mut y, None, Some(saved), None);
     }
-    mean.resize(inp.saved_len[0], 0.0);
-    inv_std.resize(inp.saved_len[1], 1.0);
+    mean.resize(inp.saved_len[0], E::param(0.0));
+    inv_std.resize(inp.saved_len[1], E::param(1.0));
     (mean, inv_std)
 }
 
-/// One backward call on data stored as the pass's storage type (`s.storage`); dx and dz widened to
-/// f32.
+/// One backward call on data stored as the pass's storage type (`s.storage`); the outputs
+/// widened to f64.
 pub(crate) fn run_backward(
     bn: &BatchNorm,
     s: &Setup,
@@ -83,11 +85,16 @@ pub(crate) fn run_backward_as(
 
 fn run_as<E: Store>(bn: &BatchNorm, s: &Setup, inp: &Inputs, case: &Case, call: Call) -> BackOut {
     let (x, dy) = (narrow::<E>(&inp.x), narrow::<E>(&inp.dy));
-    let (saved_mean, saved_inv_std) = saved_stats(s, inp);
+    let (saved_mean, saved_inv_std) = saved_stats::<E>(s, inp);
+    let (running_mean, running_var) = (
+        params::<E>(&inp.running_mean),
+        params::<E>(&inp.running_var),
+    );
+    let (gamma, beta) = (params::<E>(&inp.gamma), params::<E>(&inp.beta));
     let mode = if case.frozen {
         BackwardMode::Frozen(RunningStats {
-            mean: &inp.running_mean,
-            var: &inp.running_var,
+            mean: &running_mean,
+            var: &running_var,
         })
     } else {
         BackwardMode::Training(SavedStats {
@@ -96,15 +103,15 @@ fn run_as<E: Store>(bn: &BatchNorm, s: &Setup, inp: &Inputs, case: &Case, call: 
         })
     };
     let affine = (!case.no_affine).then_some(Affine {
-        gamma: &inp.gamma,
-        beta: &inp.beta,
+        gamma: &gamma,
+        beta: &beta,
     });
     let (mut dgamma, mut dbeta, mode_g) = match &inp.prev {
-        Some((g, b)) => (g.clone(), b.clone(), Some(GradMode::Accumulate)),
+        Some((g, b)) => (params::<E>(g), params::<E>(b), Some(GradMode::Accumulate)),
         None if case.grads == Grads::None => (Vec::new(), Vec::new(), None),
         None => (
-            vec![sentinel(); inp.grads_len[0]],
-            vec![sentinel(); inp.grads_len[1]],
+            vec![E::param_sentinel(); inp.grads_len[0]],
+            vec![E::param_sentinel(); inp.grads_len[1]],
             Some(GradMode::Overwrite),
         ),
     };
@@ -140,8 +147,8 @@ fn run_as<E: Store>(bn: &BatchNorm, s: &Setup, inp: &Inputs, case: &Case, call: 
     BackOut {
         result,
         dx: widen(&dx),
-        dgamma,
-        dbeta,
+        dgamma: widen_params::<E>(&dgamma),
+        dbeta: widen_params::<E>(&dbeta),
         dz: widen(&dz),
     }
 }
@@ -168,7 +175,7 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, mut exp: Expec
     }
     let out = run_backward(&s.bn, s, inp, case, Call::Fused);
     let ok = outcome(ctx, "backward_fused", &out.result, &exp);
-    if out.result.is_err() && (has_written(&out.dx) || has_written(&out.dz)) {
+    if out.result.is_err() && !(untouched(&out.dx) && untouched(&out.dz)) {
         ctx.fail("backward_fused wrote an output before returning an error".into());
     }
     if !ok || s.giant {
@@ -188,14 +195,9 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, mut exp: Expec
             case.fused
         ));
     }
-    if case.fused == Fused::AddRelu && bits(&out.dz) != bits(&through.dy) {
+    if case.fused == Fused::AddRelu && bits(&out.dz) != bits(&wide(&through.dy)) {
         ctx.fail("backward_fused: dz is not the gradient through ReLU".into());
     }
-}
-
-/// Whether any element of `v` is not the sentinel.
-fn has_written(v: &[f32]) -> bool {
-    v.iter().any(|x| x.to_bits() != SENTINEL_BITS)
 }
 
 pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
@@ -232,17 +234,13 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     let inp_out = run_backward(&s.bn, s, inp, case, Call::InPlace);
     let untouched = |o: &BackOut, in_place: bool| {
         let dx_ok = if in_place {
-            bits(&o.dx) == bits(&inp.dy)
+            bits(&o.dx) == bits(&wide(&inp.dy))
         } else {
-            o.dx.iter().all(|v| v.to_bits() == SENTINEL_BITS)
+            untouched(&o.dx)
         };
         let grads_ok = match &inp.prev {
-            Some((g, b)) => bits(&o.dgamma) == bits(g) && bits(&o.dbeta) == bits(b),
-            None => o
-                .dgamma
-                .iter()
-                .chain(&o.dbeta)
-                .all(|v| v.to_bits() == SENTINEL_BITS),
+            Some((g, b)) => bits(&o.dgamma) == bits(&wide(g)) && bits(&o.dbeta) == bits(&wide(b)),
+            None => untouched(&o.dgamma) && untouched(&o.dbeta),
         };
         dx_ok && grads_ok
     };
@@ -279,7 +277,6 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     }
 
     let gamma = affine.then_some(&inp.gamma[..]);
-    let (saved_mean, saved_inv_std) = saved_stats(s, inp);
     let mut bad = s.nonfinite_channels(&inp.x);
     for (ch, (b, dy_bad)) in bad
         .iter_mut()
@@ -289,8 +286,8 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         *b |= dy_bad || !gamma.map_or(1.0, |g| g[ch]).is_finite();
         if case.frozen {
             *b |= !inp.running_mean[ch].is_finite() || !inp.running_var[ch].is_finite();
-        } else if inp.saved.is_some() {
-            *b |= !saved_mean[ch].is_finite() || !saved_inv_std[ch].is_finite();
+        } else if let Some((mean, inv_std)) = &inp.saved {
+            *b |= !mean[ch].is_finite() || !inv_std[ch].is_finite();
         }
         if let Some((g, bb)) = &inp.prev {
             *b |= !g[ch].is_finite() || !bb[ch].is_finite();
@@ -309,6 +306,10 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         }
     }
 
+    if s.storage == Storage::F64 {
+        backward64(case, s, inp, ctx, &out, gamma, &bad);
+        return;
+    }
     if s.storage != Storage::F32 {
         // Half data: dx is the f32 op's rounded once, dγ and dβ are the f32 op's, bit for bit.
         let mut want = run_backward_as(Storage::F32, &s.bn, s, inp, case, Call::Plain);
@@ -373,7 +374,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 let floor = SUB_ULP * (1.0 + dy.abs());
                 ctx.close(
                     "frozen dx",
-                    out.dx[i] as f64,
+                    out.dx[i],
                     want.dx[i],
                     scale,
                     (fwd_tol(1), floor),
@@ -385,7 +386,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             }
             // Sums of f32 products: below the normal range half a subnormal per step.
             let check_grad =
-                |ctx: &mut Ctx<'_>, key, k: usize, got: f32, want: f64, scale: f64, floor: f64| {
+                |ctx: &mut Ctx<'_>, key, k: usize, got: f64, want: f64, scale: f64, floor: f64| {
                     let p = prev(k, ch);
                     let total = p + want;
                     if !(finite_in(scale) && finite_in(total)) {
@@ -393,7 +394,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                         return;
                     }
                     let floor = floor + 1.01 * EPS32 * (p.abs() + want.abs());
-                    ctx.close(key, got as f64, total, scale, (tol, floor), || {
+                    ctx.close(key, got, total, scale, (tol, floor), || {
                         format!("channel {ch}")
                     });
                 };
@@ -482,7 +483,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 // and dγ (see below) through the formula: |γ|·r·(floor(dβ) + |x̂|·floor(dγ))/M.
                 let floor = SUB_ULP * (2.0 + dy.abs() + xhat.abs())
                     + g.abs() * r * SUB_ULP * (1.0 + xhat.abs() * r * (1.0 + s_dy / mf));
-                let err = (out.dx[i] as f64 - want.dx[i]).abs();
+                let err = (out.dx[i] - want.dx[i]).abs();
                 let key = "training dx [narrow scale]";
                 ctx.report.note(
                     key,
@@ -493,7 +494,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 );
                 ctx.close(
                     "training dx",
-                    out.dx[i] as f64,
+                    out.dx[i],
                     want.dx[i],
                     scale,
                     (tol, floor),
@@ -537,16 +538,142 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 }
                 let floor = floor + 1.01 * EPS32 * (p.abs() + want.abs());
                 if k == 0 {
-                    let err = (got as f64 - total).abs();
+                    let err = (got - total).abs();
                     let key = "training dgamma [narrow scale]";
                     let relative = floor <= 0.01 * tol * s_xdy;
                     ctx.report
                         .note(key, err, s_xdy, relative, tol * s_xdy + floor);
                 }
-                ctx.close(key, got as f64, total, scale, (tol, floor), || {
+                ctx.close(key, got, total, scale, (tol, floor), || {
                     format!("channel {ch}")
                 });
             }
+        }
+    }
+}
+
+/// f64 data: dx, dγ and dβ against the precise reference (double-double statistics, inverse std,
+/// sums and dx), for the channels whose inputs are finite; given saved statistics are checked
+/// for the structural properties only, as for f32.
+///
+/// Bounds, with tol = [`f64_tol`] of the channel's M values and u = 2⁻⁵³:
+/// - frozen: dx = γ·r·dy within `f64_tol(1)` of `|γ·r·dy|` (`+ ε`, the root, `1/·`, `γ·`, the
+///   FMA: 4½u); dβ = Σdy within `tol·Σ|dy|` (a recursive sum, (M − 1)·u); dγ = r·Σ(x − μ)·dy
+///   within `tol·Σ|x̂·dy|` (`x − μ`, the product, the sum and r: (M + 5)·u);
+/// - training (saved statistics from the crate's forward, relative to which the sums are taken
+///   and whose mean's error the op corrects with `Σ(x − K)/M`, so the mean enters only as
+///   `tol·(σ + δ)`, δ the mean's bound): the f32 check's scales (`Σ(1 + |x̂|)·|dy|` for dγ,
+///   `|γ|·r·(|dy| + mean|dy| + (1 + |x̂|)·mean((1 + |x̂|)·|dy|))` for dx) with `tol + 4u + t`
+///   (t the variance's share in r, [`Exact64::r_share`]; ½·tol of r and the sums' (M + 7½)·u
+///   exceed tol by at most 3½u), plus the second-order products of the mean's correction with
+///   δ (`2·tol·r·δ·Σ|dy|` in dγ, and through dγ and x̂ in dx);
+/// - accumulated gradients: one more rounding, `u·(|previous| + |gradient|)`.
+fn backward64(
+    case: &Case,
+    s: &Setup,
+    inp: &Inputs,
+    ctx: &mut Ctx<'_>,
+    out: &BackOut,
+    gamma: Option<&[f32]>,
+    bad: &[bool],
+) {
+    use crate::precise::{Dd, sum_dd};
+    if !case.frozen && inp.saved.is_some() {
+        return;
+    }
+    let u = EPS64;
+    let mf = s.m() as f64;
+    let m = Dd::new(mf);
+    let exact = Exact64::channels(s, &inp.x, s.shape);
+    let wide = |v: f32| Dd::new(f64::from(v));
+    for ch in (0..s.c()).filter(|&ch| !bad[ch]) {
+        let idx = &s.indices[ch];
+        let e = &exact[ch];
+        let tol = e.tol;
+        let g = gamma.map_or(1.0, |g| f64::from(g[ch]));
+        // The inverse std, the centre and the extra relative error share of r.
+        let (r_dd, centre, t, delta) = if case.frozen {
+            let var = wide(inp.running_var[ch]);
+            let centre = wide(inp.running_mean[ch]);
+            let r = Dd::new(1.0) / (var + Dd::new(s.eps)).sqrt();
+            (r, centre, Some(0.0), 0.0)
+        } else {
+            let r = Dd::new(1.0) / (e.moments.m2 / m + Dd::new(s.eps)).sqrt();
+            let t = e.r_share(s.eps);
+            (r, e.moments.mean, t, e.delta)
+        };
+        let r = r_dd.value();
+        let Some(t) = t.filter(|_| r.is_finite() && r > 0.0) else {
+            ctx.report.skip("f64 backward (inverse std not determined)");
+            continue;
+        };
+        let a_dd = Dd::new(g) * r_dd;
+        let a = a_dd.value().abs();
+        let dy = |i: usize| f64::from(inp.dy[i]);
+        let xhat = |i: usize| (wide(inp.x[i]) - centre) * r_dd;
+        let dbeta = sum_dd(idx.iter().map(|&i| Dd::new(dy(i))));
+        let dgamma = sum_dd(idx.iter().map(|&i| xhat(i) * Dd::new(dy(i))));
+        let s_dy: f64 = idx.iter().map(|&i| dy(i).abs()).sum();
+        let s_xdy: f64 = idx.iter().map(|&i| (xhat(i).value() * dy(i)).abs()).sum();
+        let s_wdy = s_dy + s_xdy;
+        // Second order: the mean's correction (tol·(σ + δ)) times δ, through r.
+        let second = 2.0 * tol * r * delta;
+        let (dx_key, dg_key, db_key) = if case.frozen {
+            ("f64 frozen dx", "f64 frozen dgamma", "f64 frozen dbeta")
+        } else {
+            (
+                "f64 training dx",
+                "f64 training dgamma",
+                "f64 training dbeta",
+            )
+        };
+        for &i in idx {
+            let (want, scale, tol_dx, floor) = if case.frozen {
+                let want = (a_dd * Dd::new(dy(i))).value();
+                (want, want.abs(), f64_tol(1), 0.0)
+            } else {
+                let xh = xhat(i);
+                let inner = Dd::new(dy(i)) - dbeta / m - xh * dgamma / m;
+                let xh = xh.value().abs();
+                let scale = a * (dy(i).abs() + s_dy / mf + (1.0 + xh) * s_wdy / mf);
+                let floor = a * second * ((1.0 + xh) * s_dy + s_xdy) / mf;
+                ((a_dd * inner).value(), scale, tol + 4.0 * u + t, floor)
+            };
+            if !(want.is_finite() && scale.is_finite() && floor.is_finite()) {
+                ctx.report.skip(dx_key);
+                continue;
+            }
+            ctx.close(dx_key, out.dx[i], want, scale, (tol_dx, floor), || {
+                format!(
+                    "element {i} (channel {ch}, x = {:e}, dy = {:e})",
+                    inp.x[i], inp.dy[i]
+                )
+            });
+        }
+        if case.grads == Grads::None {
+            continue;
+        }
+        let (tol_dg, floor_dg) = if case.frozen {
+            (tol, 0.0)
+        } else {
+            (tol + 4.0 * u + t, second * s_dy)
+        };
+        let scale_dg = if case.frozen { s_xdy } else { s_wdy };
+        for (k, key, want, scale, (tol, floor)) in [
+            (0, dg_key, dgamma, scale_dg, (tol_dg, floor_dg)),
+            (1, db_key, dbeta, s_dy, (tol, 0.0)),
+        ] {
+            let prev = inp.prev.as_ref().map_or(0.0, |p| [&p.0, &p.1][k][ch]);
+            let total = (wide(prev) + want).value();
+            let got = [&out.dgamma, &out.dbeta][k][ch];
+            let floor = floor + 1.01 * u * (f64::from(prev).abs() + want.value().abs());
+            if !(total.is_finite() && scale.is_finite()) {
+                ctx.report.skip(key);
+                continue;
+            }
+            ctx.close(key, got, total, scale, (tol, floor), || {
+                format!("channel {ch}")
+            });
         }
     }
 }

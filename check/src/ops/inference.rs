@@ -35,21 +35,27 @@ pub(crate) fn epilogue<'a>(
     }
 }
 
-/// What a fused op must equal bit for bit: the plain op's output `y`, plus `z`, through the
-/// kernels' ReLU (`0 > v ? 0 : v`, so NaN and −0 pass through).
-pub(crate) fn compose(y: &[f32], z: Option<&[f32]>) -> Vec<f32> {
-    let relu = |v: f32| if 0.0 > v { 0.0 } else { v };
+/// What a fused op must equal bit for bit: the plain op's widened output `y`, plus `z`, through
+/// the kernels' ReLU (`0 > v ? 0 : v`, so NaN and −0 pass through). The sum is rounded as the
+/// op's lanes round it: to f64 for f64 data, else to f32 (`y` and `z` hold f32 values).
+pub(crate) fn compose(storage: Storage, y: &[f64], z: Option<&[f32]>) -> Vec<f64> {
+    let relu = |v: f64| if 0.0 > v { 0.0 } else { v };
+    let add = |y: f64, z: f32| match storage {
+        Storage::F64 => y + f64::from(z),
+        _ => f64::from(y as f32 + z),
+    };
     match z {
-        Some(z) => y.iter().zip(z).map(|(&y, &z)| relu(y + z)).collect(),
+        Some(z) => y.iter().zip(z).map(|(&y, &z)| relu(add(y, z))).collect(),
         None => y.iter().map(|&y| relu(y)).collect(),
     }
 }
 
-/// What [`run_inference`] returns: the result and `y`, then the in-place call's result and buffer.
-pub(crate) type InferenceOut = (Result<(), Error>, Vec<f32>, Result<(), Error>, Vec<f32>);
+/// What [`run_inference`] returns: the result and `y`, then the in-place call's result and
+/// buffer, widened to f64.
+pub(crate) type InferenceOut = (Result<(), Error>, Vec<f64>, Result<(), Error>, Vec<f64>);
 
 /// One inference call and its in-place variant, with the epilogue `fused` (its residual is the
-/// `dy` tensor), on data stored as `storage`; the outputs widened to f32 (`y`, and the in-place
+/// `dy` tensor), on data stored as `storage`; the outputs widened to f64 (`y`, and the in-place
 /// buffer).
 pub(crate) fn run_inference(
     storage: Storage,
@@ -64,13 +70,18 @@ pub(crate) fn run_inference(
 fn run_as<E: Store>(bn: &BatchNorm, inp: &Inputs, affine: bool, fused: Fused) -> InferenceOut {
     let x = narrow::<E>(&inp.x);
     let z = narrow::<E>(&inp.dy);
+    let (mean, var) = (
+        params::<E>(&inp.running_mean),
+        params::<E>(&inp.running_var),
+    );
+    let (gamma, beta) = (params::<E>(&inp.gamma), params::<E>(&inp.beta));
     let running = RunningStats {
-        mean: &inp.running_mean,
-        var: &inp.running_var,
+        mean: &mean,
+        var: &var,
     };
     let aff = affine.then_some(Affine {
-        gamma: &inp.gamma,
-        beta: &inp.beta,
+        gamma: &gamma,
+        beta: &beta,
     });
     let mut y = vec![E::sentinel(); inp.out_len];
     let mut buf = x.clone();
@@ -92,9 +103,10 @@ fn run_as<E: Store>(bn: &BatchNorm, inp: &Inputs, affine: bool, fused: Fused) ->
     (r, widen(&y), r_in, widen(&buf))
 }
 
-/// The fused inference ops, against the f32 plain op's output `plain` (when it succeeded): the
-/// plain output through the epilogue, rounded to the pass's storage type.
-fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&[f32]>) {
+/// The fused inference ops, against the plain op's output `plain` (when it succeeded; the f32
+/// op's for half data): the plain output through the epilogue, rounded to the pass's storage
+/// type.
+fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<&[f64]>) {
     let Some((_, z)) = epilogue(case, inp) else {
         return;
     };
@@ -107,18 +119,18 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<
         exp_in.len("z", s.len(), z.len());
     }
     let ok = outcome(ctx, "inference_fused", &r, &exp);
-    if r.is_err() && y.iter().any(|v| v.to_bits() != SENTINEL_BITS) {
+    if r.is_err() && !untouched(&y) {
         ctx.fail("inference_fused wrote y before returning an error".into());
     }
     let ok_in = outcome(ctx, "inference_fused_in_place", &r_in, &exp_in);
-    if r_in.is_err() && bits(&buf) != bits(&inp.x) {
+    if r_in.is_err() && bits(&buf) != bits(&wide(&inp.x)) {
         ctx.fail("inference_fused_in_place changed x before returning an error".into());
     }
     let (true, Some(plain)) = (ok, plain) else {
         return;
     };
-    let want = rounded(s, &compose(plain, z));
-    if s.storage != Storage::F32 {
+    let want = rounded(s, &compose(s.storage, plain, z));
+    if matches!(s.storage, Storage::F16 | Storage::Bf16) {
         ctx.report.exact("half inference fused y", want.len());
     }
     if let Some(i) = (0..want.len()).find(|&i| !same_bits(y[i], want[i])) {
@@ -251,17 +263,19 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
     let run = |bn: &BatchNorm, inp: &Inputs| run_inference(s.storage, bn, inp, affine, Fused::None);
     let (r, y, r_in, buf) = run(&s.bn, inp);
     let ok = outcome(ctx, "inference", &r, &expected(true));
-    if r.is_err() && y.iter().any(|v| v.to_bits() != SENTINEL_BITS) {
+    if r.is_err() && !untouched(&y) {
         ctx.fail("inference wrote y before returning an error".into());
     }
     let ok_in = outcome(ctx, "inference_in_place", &r_in, &expected(false));
-    if r_in.is_err() && bits(&buf) != bits(&inp.x) {
+    if r_in.is_err() && bits(&buf) != bits(&wide(&inp.x)) {
         ctx.fail("inference_in_place changed x before returning an error".into());
     }
     // The f32 op's output (the reference of half data's outputs, rounded).
     let y32 = match s.storage {
-        Storage::F32 => y.clone(),
-        _ => run_inference(Storage::F32, &s.bn, inp, affine, Fused::None).1,
+        Storage::F16 | Storage::Bf16 => {
+            run_inference(Storage::F32, &s.bn, inp, affine, Fused::None).1
+        }
+        Storage::F32 | Storage::F64 => y.clone(),
     };
     let plain = (ok && !s.giant).then_some(&y32[..]);
     fused(case, s, inp, ctx, plain);
@@ -305,16 +319,20 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
         }
     }
 
-    if s.storage != Storage::F32 {
+    if matches!(s.storage, Storage::F16 | Storage::Bf16) {
         // Half data: the f32 op's output on the up-converted data, rounded once.
         ctx.report.exact("half inference y", len);
         if let Some(i) = first_difference(&y, &rounded(s, &y32)) {
             ctx.fail(format!(
                 "inference y[{i}] = {:e}, the f32 op rounded once gives {:e}",
                 y[i],
-                round_to(s.storage, y32[i])
+                round_wide(s.storage, y32[i])
             ));
         }
+        return;
+    }
+    if s.storage == Storage::F64 {
+        inference64(s, inp, ctx, &y, (gamma, beta), &bad);
         return;
     }
     let want = reference::inference(
@@ -352,13 +370,45 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
         // α = γ·r and the output are f32: half a subnormal each below the normal range, α's
         // multiplied by |x − mean|.
         let floor = SUB_ULP * (2.0 + d.abs());
-        ctx.close(
-            "inference y",
-            y[i] as f64,
-            want[i],
-            scale,
-            (tol, floor),
-            || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]),
-        );
+        ctx.close("inference y", y[i], want[i], scale, (tol, floor), || {
+            format!("element {i} (channel {ch}, x = {:e})", inp.x[i])
+        });
+    }
+}
+
+/// f64 data: y against `α·(x − mean) + β` in double-double, `α = γ/sqrt(var + ε)`, within
+/// `f64_tol(1) = 10u` of the terms `|α·(x − mean)| + |β|`. The op rounds `x − mean` (u of
+/// |x − mean|), `var + ε`, the root, `γ/·` (2½u of α) and the FMA (u of the terms): 4½u of the
+/// terms, inside the handful of roundings that [`f64_tol`]'s 8u states; the reference errs by
+/// about u/2 (rounded once). Every value of f32 data keeps these intermediates in f64's normal
+/// range, so no absolute floor is needed.
+fn inference64(
+    s: &Setup,
+    inp: &Inputs,
+    ctx: &mut Ctx<'_>,
+    y: &[f64],
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    bad: &[bool],
+) {
+    use crate::precise::Dd;
+    let tol = f64_tol(1);
+    for ch in (0..s.c()).filter(|&ch| !bad[ch]) {
+        let g = gamma.map_or(1.0, |g| f64::from(g[ch]));
+        let b = beta.map_or(0.0, |b| f64::from(b[ch]));
+        let (mean, var) = (inp.running_mean[ch], inp.running_var[ch]);
+        let alpha = Dd::new(g) / (Dd::new(f64::from(var)) + Dd::new(s.eps)).sqrt();
+        for &i in &s.indices[ch] {
+            let d = Dd::new(f64::from(inp.x[i])) - Dd::new(f64::from(mean));
+            let want = (alpha * d + Dd::new(b)).value();
+            let scale = (alpha * d).value().abs() + b.abs();
+            if !(want.is_finite() && scale.is_finite()) {
+                // A negative var + ε (NaN), or ε = 0 with a zero variance.
+                ctx.report.skip("f64 inference y");
+                continue;
+            }
+            ctx.close("f64 inference y", y[i], want, scale, (tol, 0.0), || {
+                format!("element {i} (channel {ch}, x = {:e})", inp.x[i])
+            });
+        }
     }
 }

@@ -2,8 +2,11 @@
 
 use batchnorm::{Backend, BatchNorm, ChannelStats, Error, Layout, Parallelism, Shape};
 
-use crate::storage::{Store, narrow, round_to, widen, with_store};
-use crate::{case::*, report::*, tolerance::*};
+use crate::precise::Moments;
+use crate::storage::{
+    Store, narrow, params, round_to, round_wide, wide, widen, widen_params, with_store,
+};
+use crate::{case::*, reference, report::*, tolerance::*};
 
 mod backward;
 mod inference;
@@ -70,14 +73,11 @@ pub(crate) fn run_check(op: Op, case: &Case, report: &mut Report) -> Result<(), 
         failures: Vec::new(),
     };
     if let Some((mut s, inp)) = prepare(case, &mut ctx) {
-        // The f32 pass (for half data on the up-converted values), then the case's storage type.
+        // The f32 pass (for half data on the up-converted values, for f64 data on the same
+        // values), then the case's storage type.
         let mut passes = vec![Storage::F32];
-        match case.storage {
-            Storage::F32 => {}
-            Storage::F16 | Storage::Bf16 => passes.push(case.storage),
-            // The f64 pass is implemented for statistics only so far (see `ops::statistics`).
-            Storage::F64 if op == Op::Statistics => passes.push(Storage::F64),
-            Storage::F64 => ctx.report.skip("f64 storage (pass not implemented)"),
+        if case.storage != Storage::F32 {
+            passes.push(case.storage);
         }
         for storage in passes {
             s.storage = storage;
@@ -122,7 +122,8 @@ pub(crate) struct Setup {
     /// The flat indices of each channel's elements (empty for a giant shape).
     pub(crate) indices: Vec<Vec<usize>>,
     /// The storage type of this pass's data tensors: f32, or the case's half type (whose outputs
-    /// are checked against the f32 pass's, rounded once).
+    /// are checked against the f32 pass's, rounded once), or f64 (checked against the precise
+    /// reference, [`crate::precise`]).
     pub(crate) storage: Storage,
 }
 
@@ -366,13 +367,13 @@ pub(crate) fn statistics_as(
     with_store!(storage, E => bn.statistics(&narrow::<E>(x)))
 }
 
-/// The f32 outputs `v` rounded once to the pass's storage type (identity for f32).
-pub(crate) fn rounded(s: &Setup, v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| round_to(s.storage, x)).collect()
+/// The f32 op's widened outputs `v` rounded once to the pass's storage type (identity for f32).
+pub(crate) fn rounded(s: &Setup, v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| round_wide(s.storage, x)).collect()
 }
 
 /// Whether two outputs are the same bits (any NaN equal to any NaN); the first differing index.
-pub(crate) fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
+pub(crate) fn first_difference(a: &[f64], b: &[f64]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
     }
@@ -423,6 +424,100 @@ pub(crate) fn check_stats(
         (k_m2 * tol, k_m2 * m2_floor(m)),
         || format!("channel {ch}"),
     );
+}
+
+/// One channel of f64 data: its statistics in double-double ([`Moments`]), rounded, and the
+/// bound `delta` on the error of the mean the crate computes, as [`check_stats64`] checks it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Exact64 {
+    pub(crate) moments: Moments,
+    pub(crate) mean: f64,
+    pub(crate) m2: f64,
+    /// The biased variance M2/M.
+    pub(crate) var: f64,
+    pub(crate) sigma: f64,
+    /// [`f64_tol`] of the channel's M values.
+    pub(crate) tol: f64,
+    /// `tol·(σ + |μ|)`: the computed mean's error bound (see [`check_stats64`]).
+    pub(crate) delta: f64,
+}
+
+impl Exact64 {
+    /// Per channel of `x` (of `shape`, in the pass's layout), its values widened to f64.
+    pub(crate) fn channels(s: &Setup, x: &[f32], shape: Shape) -> Vec<Exact64> {
+        (0..shape.c())
+            .map(|ch| {
+                let v = wide(&reference::channel(x, shape, s.layout, ch));
+                let moments = Moments::new(&v);
+                let (mean, m2, var) = (moments.mean(), moments.m2(), moments.var());
+                let sigma = var.sqrt();
+                let tol = f64_tol(v.len());
+                Exact64 {
+                    moments,
+                    mean,
+                    m2,
+                    var,
+                    sigma,
+                    tol,
+                    delta: tol * (sigma + mean.abs()),
+                }
+            })
+            .collect()
+    }
+
+    /// The relative error bound of an inverse std `1/sqrt(var + ε)` computed from the crate's
+    /// variance, beyond `tol`: the variance's error is `tol·var` (covered: `½·tol` relative in
+    /// the root, with the 4½ roundings of `M2/M`, `+ ε`, the root and the division inside tol's
+    /// 8u) plus `δ²` (the M·δ² share of M2, see [`check_stats64`]), which moves the root by
+    /// `t = δ²/(var + ε)` relative at most while `t ≤ ½` (`1/sqrt(1 − t) − 1 ≤ t` there: twice
+    /// the first order, covering the second). `None` where `t > ½`: the statistics' bounds do
+    /// not determine the inverse std (a constant channel with a tiny ε), skipped and counted.
+    pub(crate) fn r_share(&self, eps: f64) -> Option<f64> {
+        let t = self.delta * self.delta / (self.var + eps);
+        (t <= 0.5).then_some(t)
+    }
+}
+
+/// One channel's f64-data statistics against the exact ones ([`f64_tol`], times `k` for merged
+/// partial statistics as in [`check_stats`]): the mean relative to σ + |μ| (an f64 sum of values
+/// of magnitude up to |μ| + |x − μ|, merged over blocks), M2 relative to M2, plus M·δ² for the
+/// deviations' shift by the computed mean's error δ (Σ(x − μ − δ)² = M2 + M·δ² since
+/// Σ(x − μ) = 0) and `merge_floor` (the split merge's share, see `statistics`).
+///
+/// `keys.2` records the mean's error against the crate's documented, narrower bound
+/// `tol·σ + 2u·|μ|` (README, "Double-precision data") for information: its "bound used"
+/// column shows whether the contract held on these cases.
+pub(crate) fn check_stats64(
+    ctx: &mut Ctx<'_>,
+    keys: (&'static str, &'static str, Option<&'static str>),
+    ch: usize,
+    (got, want): (&ChannelStats, &Exact64),
+    (k_mean, k_m2, merge_floor): (f64, f64, f64),
+) {
+    let m = want.moments.count;
+    if got.count() != m as u64 {
+        ctx.fail(format!(
+            "{}: channel {ch} count {} != {m}",
+            keys.0,
+            got.count()
+        ));
+    }
+    let (mu, m2, tol) = (want.mean, want.m2, want.tol);
+    let scale = want.sigma + mu.abs();
+    if !(mu.is_finite() && m2.is_finite() && scale.is_finite()) {
+        ctx.report.skip(keys.0);
+        return;
+    }
+    let delta = k_mean * tol * scale;
+    let at = || format!("channel {ch}");
+    ctx.close(keys.0, got.mean(), mu, scale, (k_mean * tol, 0.0), at);
+    if let Some(key) = keys.2 {
+        let err = (got.mean() - mu).abs();
+        let bound = tol * want.sigma + 2.0 * EPS64 * mu.abs();
+        ctx.report.note(key, err, want.sigma, false, bound);
+    }
+    let floor = m as f64 * delta * delta + merge_floor;
+    ctx.close(keys.1, got.m2(), m2, m2, (k_m2 * tol, floor), at);
 }
 
 /// The arguments a case generates (shape, layout, ε and every slice), for reports and debugging.

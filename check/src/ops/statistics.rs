@@ -1,15 +1,60 @@
 //! The statistics check: [`BatchNorm::statistics`], and merging the statistics of a split batch.
+//! One path for every storage type; only the accuracy check differs: f32 (and half) data against
+//! the f64 reference ([`check_stats`]), f64 data against the precise one ([`check_stats64`]);
+//! half data also bit for bit against the f32 op on the up-converted values.
 
 use batchnorm::{BatchNorm, BatchStats, ChannelStats, Error, Shape, Variance};
 
 use super::*;
-use crate::reference;
+
+/// The accuracy of `got`, statistics of the case's data (or merged from its split), per finite
+/// channel. `k` multiplies the bounds (1 for one call; more for merged partial statistics, see
+/// `statistics`); `merge_floor` is the f64 merge's own floor per channel.
+fn accuracy(
+    ctx: &mut Ctx<'_>,
+    s: &Setup,
+    (x, bad): (&[f32], &[bool]),
+    got: &BatchStats,
+    merged: bool,
+    merge_floor: &dyn Fn(usize) -> f64,
+) {
+    let (k_mean, k_m2) = if merged { (2.0, 3.0) } else { (1.0, 1.0) };
+    let channels = (0..s.c()).filter(|&ch| !bad[ch]);
+    match s.storage {
+        // Half data's statistics are the f32 op's (checked bit for bit), so within its bounds.
+        Storage::F32 | Storage::F16 | Storage::Bf16 => {
+            let want = reference::statistics(x, s.shape, s.layout);
+            let keys = if merged {
+                ("statistics merged mean", "statistics merged m2")
+            } else {
+                ("statistics mean", "statistics m2")
+            };
+            for ch in channels {
+                let got = &got.channels()[ch];
+                check_stats(ctx, keys, ch, got, &want[ch], s.m(), k_mean, k_m2);
+            }
+        }
+        Storage::F64 => {
+            let want = Exact64::channels(s, x, s.shape);
+            let keys = if merged {
+                (
+                    "f64 statistics merged mean",
+                    "f64 statistics merged m2",
+                    None,
+                )
+            } else {
+                let narrow = "f64 statistics mean [documented bound]";
+                ("f64 statistics mean", "f64 statistics m2", Some(narrow))
+            };
+            for ch in channels {
+                let pair = (&got.channels()[ch], &want[ch]);
+                check_stats64(ctx, keys, ch, pair, (k_mean, k_m2, merge_floor(ch)));
+            }
+        }
+    }
+}
 
 pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
-    if s.storage == Storage::F64 {
-        statistics_f64(case, s, inp, ctx);
-        return;
-    }
     let mut exp = Expected::of("statistics");
     exp.len("x", s.len(), inp.x.len());
     let got = statistics_as(s.storage, &s.bn, &inp.x);
@@ -25,20 +70,20 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
         ));
         return;
     }
+    let same = |a: &BatchStats, b: &BatchStats| {
+        a.channels()
+            .iter()
+            .zip(b.channels())
+            .all(|(a, b)| same_stats(a, b))
+    };
     match statistics_as(s.storage, &s.other, &inp.x) {
-        Ok(again)
-            if again
-                .channels()
-                .iter()
-                .zip(got.channels())
-                .all(|(a, b)| same_stats(a, b)) => {}
+        Ok(again) if same(&again, &got) => {}
         other => ctx.fail(format!(
             "statistics differ between parallelism settings: {other:?}"
         )),
     }
-    let want = reference::statistics(&inp.x, s.shape, s.layout);
     let bad = s.nonfinite_channels(&inp.x);
-    if s.storage != Storage::F32 {
+    if matches!(s.storage, Storage::F16 | Storage::Bf16) {
         // Half data: exactly the f32 op's statistics of the up-converted data, every channel.
         if let Ok(f32_stats) = statistics_as(Storage::F32, &s.bn, &inp.x) {
             ctx.report.exact("half statistics", c);
@@ -53,12 +98,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
             }
         }
     }
-    for ch in 0..c {
-        if !bad[ch] && s.storage == Storage::F32 {
-            let keys = ("statistics mean", "statistics m2");
-            check_stats(ctx, keys, ch, &got.channels()[ch], &want[ch], m, 1.0, 1.0);
-        }
-    }
+    accuracy(ctx, s, (&inp.x, &bad), &got, false, &|_| 0.0);
     let unbiased = got.variances(Variance::Unbiased);
     if (m < 2) != unbiased.is_err() {
         ctx.fail(format!(
@@ -79,16 +119,15 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
     if n >= 2 {
         let k = 1 + case.split as usize % (n - 1);
         let per = c * s.shape.hw();
+        let shape_of = |rows: usize| Shape::with_spatial(rows, c, &s.spatial).ok();
         let part = |rows: usize, x: &[f32]| {
-            let shape = Shape::with_spatial(rows, c, &s.spatial).ok()?;
-            let bn = BatchNorm::on_backend(shape, s.layout, s.bn.backend())
+            let bn = BatchNorm::on_backend(shape_of(rows)?, s.layout, s.bn.backend())
                 .ok()?
                 .with_parallelism(s.bn.parallelism());
             statistics_as(s.storage, &bn, x).ok()
         };
-        let (Some(mut merged), Some(b)) =
-            (part(k, &inp.x[..k * per]), part(n - k, &inp.x[k * per..]))
-        else {
+        let (xa, xb) = inp.x.split_at(k * per);
+        let (Some(mut merged), Some(b)) = (part(k, xa), part(n - k, xb)) else {
             ctx.fail(format!(
                 "statistics of a split batch ({k} + {}) failed",
                 n - k
@@ -99,21 +138,24 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
             ctx.fail(format!("merge: {e:?}"));
             return;
         }
-        for ch in 0..c {
-            if !bad[ch] {
-                let keys = ("statistics merged mean", "statistics merged m2");
-                check_stats(
-                    ctx,
-                    keys,
-                    ch,
-                    &merged.channels()[ch],
-                    &want[ch],
-                    m,
-                    2.0,
-                    3.0,
-                );
+        // f64 data: the parts' mean errors relative to σ_a, σ_b are covered by the 3× bound
+        // (as in f32); those relative to |μ_a|, |μ_b| (the f64 mean's scale) move δ = μ_a − μ_b
+        // by up to tol·(|μ_a| + |μ_b|), hence the term δ²·n_a·n_b/n by
+        // 2·|δ|·(n_a·n_b/n)·tol·(|μ_a| + |μ_b|), per channel.
+        let parts = match (s.storage, shape_of(k), shape_of(n - k)) {
+            (Storage::F64, Some(sa), Some(sb)) => {
+                Some((Exact64::channels(s, xa, sa), Exact64::channels(s, xb, sb)))
             }
-        }
+            _ => None,
+        };
+        let (na, nb) = ((k * s.shape.hw()) as f64, ((n - k) * s.shape.hw()) as f64);
+        let merge_floor = |ch: usize| {
+            let Some((a, b)) = &parts else { return 0.0 };
+            let (ma, mb) = (a[ch].mean, b[ch].mean);
+            let tol = f64_tol(m);
+            2.0 * (ma - mb).abs() * (na * nb / (na + nb)) * tol * (ma.abs() + mb.abs())
+        };
+        accuracy(ctx, s, (&inp.x, &bad), &merged, true, &merge_floor);
         // Merging statistics of another channel count fails and leaves the receiver alone;
         // merging empty statistics is the identity.
         let before = merged.clone();
@@ -125,13 +167,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
         });
         outcome(ctx, "merge (channel mismatch)", &merged.merge(&wrong), &exp);
         let empty = BatchStats::from_channels(vec![ChannelStats::default(); c]);
-        if merged.merge(&empty).is_err()
-            || !merged
-                .channels()
-                .iter()
-                .zip(before.channels())
-                .all(|(a, b)| same_stats(a, b))
-        {
+        if merged.merge(&empty).is_err() || !same(&merged, &before) {
             ctx.fail("merging a channel mismatch or empty statistics changed the receiver".into());
         }
     }
@@ -139,148 +175,6 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
     if bad.contains(&true) {
         let clean = inp.sanitized(s, &bad);
         if let Ok(again) = statistics_as(s.storage, &s.bn, &clean.x) {
-            for ch in (0..c).filter(|&ch| !bad[ch]) {
-                if !same_stats(&again.channels()[ch], &got.channels()[ch]) {
-                    ctx.fail(format!(
-                        "statistics: non-finite values of another channel changed channel {ch}"
-                    ));
-                }
-            }
-        }
-    }
-}
-
-/// One channel's f64-data statistics against the exact ones ([`f64_tol`], times `k` for merged
-/// partial statistics as in [`check_stats`]): the mean relative to σ + |μ| (an f64 sum of values
-/// of magnitude up to |μ| + |x − μ|), M2 relative to M2, plus M·δ² for the deviations' shift by
-/// the computed mean's error δ (Σ(x − μ − δ)² = M2 + M·δ² since Σ(x − μ) = 0).
-fn check_stats64(
-    ctx: &mut Ctx<'_>,
-    keys: (&'static str, &'static str),
-    ch: usize,
-    (got, want): (&ChannelStats, &ChannelStats),
-    m: usize,
-    (k_mean, k_m2, merge_floor): (f64, f64, f64),
-) {
-    if got.count() != m as u64 {
-        ctx.fail(format!(
-            "{}: channel {ch} count {} != {m}",
-            keys.0,
-            got.count()
-        ));
-    }
-    let (mu, m2) = (want.mean(), want.m2());
-    let scale = (m2 / m as f64).sqrt() + mu.abs();
-    if !(mu.is_finite() && m2.is_finite() && scale.is_finite()) {
-        ctx.report.skip(keys.0);
-        return;
-    }
-    let tol = f64_tol(m);
-    let delta = k_mean * tol * scale;
-    let at = || format!("channel {ch}");
-    ctx.close(keys.0, got.mean(), mu, scale, (k_mean * tol, 0.0), at);
-    let floor = m as f64 * delta * delta + merge_floor;
-    ctx.close(keys.1, got.m2(), m2, m2, (k_m2 * tol, floor), at);
-}
-
-/// The f64 pass: x widened to f64 (the f32 kinds' values), against the reference with
-/// [`f64_tol`]; the other parallelism setting, the split-batch merge and containment as in f32.
-fn statistics_f64(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) {
-    let x: Vec<f64> = inp.x.iter().map(|&v| f64::from(v)).collect();
-    let mut exp = Expected::of("statistics");
-    exp.len("x", s.len(), x.len());
-    let got = s.bn.statistics(&x);
-    if !outcome(ctx, "statistics", &got, &exp) || s.giant {
-        return;
-    }
-    let Ok(got) = got else { return };
-    let (c, m) = (s.c(), s.m());
-    if got.num_channels() != c {
-        ctx.fail(format!(
-            "statistics: {} channels, expected {c}",
-            got.num_channels()
-        ));
-        return;
-    }
-    let same = |a: &BatchStats, b: &BatchStats| {
-        a.channels()
-            .iter()
-            .zip(b.channels())
-            .all(|(a, b)| same_stats(a, b))
-    };
-    if !s.other.statistics(&x).is_ok_and(|again| same(&again, &got)) {
-        ctx.fail("statistics differ between parallelism settings".into());
-    }
-    let want = reference::statistics(&x, s.shape, s.layout);
-    let bad = s.nonfinite_channels(&inp.x);
-    for ch in (0..c).filter(|&ch| !bad[ch]) {
-        let keys = ("f64 statistics mean", "f64 statistics m2");
-        check_stats64(
-            ctx,
-            keys,
-            ch,
-            (&got.channels()[ch], &want[ch]),
-            m,
-            (1.0, 1.0, 0.0),
-        );
-    }
-    let n = s.shape.n();
-    if n >= 2 {
-        let k = 1 + case.split as usize % (n - 1);
-        let per = c * s.shape.hw();
-        let part = |rows: usize, x: &[f64]| {
-            let shape = Shape::with_spatial(rows, c, &s.spatial).ok()?;
-            let bn = BatchNorm::on_backend(shape, s.layout, s.bn.backend())
-                .ok()?
-                .with_parallelism(s.bn.parallelism());
-            Some((
-                bn.statistics(x).ok()?,
-                reference::statistics(x, shape, s.layout),
-            ))
-        };
-        let (a, b) = (part(k, &x[..k * per]), part(n - k, &x[k * per..]));
-        // The merge adds δ²·n_a·n_b/n (δ = μ_a − μ_b) to the parts' M2. The parts' mean errors
-        // relative to σ_a, σ_b are covered by the 3× bound (as in f32); those relative to |μ_a|,
-        // |μ_b| (the f64 mean's scale) move δ by up to tol·(|μ_a| + |μ_b|), hence the term by
-        // 2·|δ|·(n_a·n_b/n)·tol·(|μ_a| + |μ_b|), per channel.
-        let tol = f64_tol(m);
-        let (na, nb) = ((k * s.shape.hw()) as f64, ((n - k) * s.shape.hw()) as f64);
-        let merge_floor = |ch: usize| {
-            let (Some((_, ra)), Some((_, rb))) = (&a, &b) else {
-                return 0.0;
-            };
-            let (ma, mb) = (ra[ch].mean(), rb[ch].mean());
-            2.0 * (ma - mb).abs() * (na * nb / (na + nb)) * tol * (ma.abs() + mb.abs())
-        };
-        let merged = match (&a, &b) {
-            (Some((a, _)), Some((b, _))) => {
-                let mut a = a.clone();
-                a.merge(b).is_ok().then_some(a)
-            }
-            _ => None,
-        };
-        match merged {
-            Some(merged) => {
-                for ch in (0..c).filter(|&ch| !bad[ch]) {
-                    let keys = ("f64 statistics merged mean", "f64 statistics merged m2");
-                    let pair = (&merged.channels()[ch], &want[ch]);
-                    check_stats64(ctx, keys, ch, pair, m, (2.0, 3.0, merge_floor(ch)));
-                }
-            }
-            _ => ctx.fail(format!(
-                "f64 statistics of a split batch ({k} + {}) failed",
-                n - k
-            )),
-        }
-    }
-    if bad.contains(&true) {
-        let clean: Vec<f64> = inp
-            .sanitized(s, &bad)
-            .x
-            .iter()
-            .map(|&v| f64::from(v))
-            .collect();
-        if let Ok(again) = s.bn.statistics(&clean) {
             for ch in (0..c).filter(|&ch| !bad[ch]) {
                 if !same_stats(&again.channels()[ch], &got.channels()[ch]) {
                     ctx.fail(format!(

@@ -8,14 +8,14 @@ use batchnorm::{
 use super::*;
 use crate::reference;
 
-/// Outputs of one training forward call.
+/// Outputs of one training forward call, widened to f64.
 pub(crate) struct TrainOut {
     pub(crate) result: Result<BatchStats, Error>,
-    pub(crate) y: Vec<f32>,
-    pub(crate) mean: Vec<f32>,
-    pub(crate) inv_std: Vec<f32>,
-    pub(crate) running_mean: Vec<f32>,
-    pub(crate) running_var: Vec<f32>,
+    pub(crate) y: Vec<f64>,
+    pub(crate) mean: Vec<f64>,
+    pub(crate) inv_std: Vec<f64>,
+    pub(crate) running_mean: Vec<f64>,
+    pub(crate) running_var: Vec<f64>,
 }
 
 /// One training call on data stored as `storage`; with `save == false` no saved statistics are
@@ -32,7 +32,7 @@ pub(crate) fn run_training(
 }
 
 /// [`run_training`] through [`BatchNorm::training_fused`] with the epilogue `fused` (its residual
-/// is the `dy` tensor); `y` widened to f32.
+/// is the `dy` tensor); the outputs widened to f64.
 pub(crate) fn run_training_with(
     storage: Storage,
     bn: &BatchNorm,
@@ -57,15 +57,17 @@ fn run_as<E: Store>(
         Fused::AddRelu => Epilogue::AddRelu(&z[..]),
     };
     let mut y = vec![E::sentinel(); inp.out_len];
-    let mut mean = vec![sentinel(); inp.saved_len[0]];
-    let mut inv_std = vec![sentinel(); inp.saved_len[1]];
-    let (mut running_mean, mut running_var) = (inp.running_mean.clone(), inp.running_var.clone());
+    let mut mean = vec![E::param_sentinel(); inp.saved_len[0]];
+    let mut inv_std = vec![E::param_sentinel(); inp.saved_len[1]];
+    let mut running_mean = params::<E>(&inp.running_mean);
+    let mut running_var = params::<E>(&inp.running_var);
+    let (gamma, beta) = (params::<E>(&inp.gamma), params::<E>(&inp.beta));
     let result = bn.training_fused(
         &x,
         &mut y,
         affine.then_some(Affine {
-            gamma: &inp.gamma,
-            beta: &inp.beta,
+            gamma: &gamma,
+            beta: &beta,
         }),
         save.then_some(SavedStatsMut {
             mean: &mut mean,
@@ -84,25 +86,29 @@ fn run_as<E: Store>(
     TrainOut {
         result,
         y: widen(&y),
-        mean,
-        inv_std,
-        running_mean,
-        running_var,
+        mean: widen_params::<E>(&mean),
+        inv_std: widen_params::<E>(&inv_std),
+        running_mean: widen_params::<E>(&running_mean),
+        running_var: widen_params::<E>(&running_var),
     }
 }
 
 impl TrainOut {
+    /// Whether nothing was written: y and the saved statistics all sentinels, the running
+    /// statistics as given.
+    fn untouched(&self, inp: &Inputs) -> bool {
+        untouched(&self.y)
+            && untouched(&self.mean)
+            && untouched(&self.inv_std)
+            && bits(&self.running_mean) == bits(&wide(&inp.running_mean))
+            && bits(&self.running_var) == bits(&wide(&inp.running_var))
+    }
+
     /// The outputs of channel `ch` as bits, for comparisons between runs (the saved statistics
     /// only `with_saved`).
     pub(crate) fn channel_bits(&self, s: &Setup, ch: usize, with_saved: bool) -> Vec<u64> {
-        let f = |v: f32| {
-            if v.is_nan() {
-                u64::MAX
-            } else {
-                v.to_bits() as u64
-            }
-        };
-        let g = |v: f64| if v.is_nan() { u64::MAX } else { v.to_bits() };
+        let f = |v: f64| if v.is_nan() { u64::MAX } else { v.to_bits() };
+        let g = f;
         let mut out: Vec<u64> = s.indices[ch].iter().map(|&i| f(self.y[i])).collect();
         let saved = [&self.mean, &self.inv_std];
         let running = [&self.running_mean, &self.running_var];
@@ -178,19 +184,14 @@ fn fused(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>, plain: Option<
     let args = (!case.no_affine, case.update, true);
     let out = run_training_with(s.storage, &s.bn, inp, args, case.fused);
     if !outcome(ctx, "training_fused", &out.result, &exp) {
-        let untouched = [&out.y, &out.mean, &out.inv_std]
-            .iter()
-            .all(|v| v.iter().all(|x| x.to_bits() == SENTINEL_BITS))
-            && bits(&out.running_mean) == bits(&inp.running_mean)
-            && bits(&out.running_var) == bits(&inp.running_var);
-        if out.result.is_err() && !untouched {
+        if out.result.is_err() && !out.untouched(inp) {
             ctx.fail("training_fused wrote an output before returning an error".into());
         }
         return;
     }
     let Some(plain) = plain else { return };
-    let want = rounded(s, &super::inference::compose(&plain.y, z));
-    if s.storage != Storage::F32 {
+    let want = rounded(s, &super::inference::compose(s.storage, &plain.y, z));
+    if matches!(s.storage, Storage::F16 | Storage::Bf16) {
         ctx.report.exact("half training fused y", want.len());
     }
     if let Some(i) = (0..want.len()).find(|&i| !same_bits(out.y[i], want[i])) {
@@ -215,8 +216,8 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     let out = run_training(s.storage, &s.bn, inp, affine, case.update, true);
     // The f32 op's outputs (those of half data must equal them, y rounded once).
     let out32 = match s.storage {
-        Storage::F32 => None,
-        _ => Some(run_training(
+        Storage::F32 | Storage::F64 => None,
+        Storage::F16 | Storage::Bf16 => Some(run_training(
             Storage::F32,
             &s.bn,
             inp,
@@ -229,15 +230,8 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     let plain_ok = plain.result.is_ok() && !s.giant;
     fused(case, s, inp, ctx, plain_ok.then_some(plain));
     if !outcome(ctx, "training", &out.result, &exp) {
-        if out.result.is_err() {
-            let untouched = [&out.y, &out.mean, &out.inv_std]
-                .iter()
-                .all(|v| v.iter().all(|x| x.to_bits() == SENTINEL_BITS))
-                && bits(&out.running_mean) == bits(&inp.running_mean)
-                && bits(&out.running_var) == bits(&inp.running_var);
-            if !untouched {
-                ctx.fail("training wrote an output before returning an error".into());
-            }
+        if out.result.is_err() && !out.untouched(inp) {
+            ctx.fail("training wrote an output before returning an error".into());
         }
         return;
     }
@@ -259,10 +253,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
     if (0..c).any(|ch| out.channel_bits(s, ch, false) != again.channel_bits(s, ch, false)) {
         ctx.fail("training differs between parallelism settings (or with saved = None)".into());
     }
-    if [&again.mean, &again.inv_std]
-        .iter()
-        .any(|v| v.iter().any(|x| x.to_bits() != SENTINEL_BITS))
-    {
+    if !(untouched(&again.mean) && untouched(&again.inv_std)) {
         ctx.fail("training wrote saved statistics that were not asked for".into());
     }
 
@@ -308,6 +299,20 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         }
         return;
     }
+    if s.storage == Storage::F64 {
+        let weights = (w_old, w_new);
+        training64(
+            s,
+            inp,
+            ctx,
+            (&out, stats),
+            (gamma, beta),
+            &bad,
+            update,
+            weights,
+        );
+        return;
+    }
     let want = reference::training(&inp.x, s.shape, s.layout, gamma, beta, s.eps);
     let x_bad = s.nonfinite_channels(&inp.x);
     let tol = fwd_tol(m);
@@ -338,7 +343,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         let floor = mean_floor(m) + 1.01 * EPS32 * mu.abs() + SUB_ULP;
         ctx.close(
             "training saved mean",
-            out.mean[ch] as f64,
+            out.mean[ch],
             mu,
             scale,
             (tol, floor),
@@ -353,7 +358,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         let r_floor = m2_floor(m) / m as f64 / (var + eps);
         ctx.close(
             "training saved inv_std",
-            out.inv_std[ch] as f64,
+            out.inv_std[ch],
             r,
             r,
             (tol, r * r_floor + SUB_ULP),
@@ -379,7 +384,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             let floor = SUB_ULP * (2.0 + d.abs()) + (alpha * d).abs() * r_floor;
             ctx.close(
                 "training y",
-                out.y[i] as f64,
+                out.y[i],
                 want.y[i],
                 scale,
                 (tol, floor),
@@ -408,7 +413,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 let floor = w * mean_floor(m) + SUB_ULP + f64::EPSILON * (old_m.abs() + mu.abs());
                 ctx.close(
                     "training running mean",
-                    out.running_mean[ch] as f64,
+                    out.running_mean[ch],
                     want_mean[ch],
                     terms,
                     (tol, floor),
@@ -426,7 +431,7 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
                 let floor = w * var_floor + SUB_ULP + f64::EPSILON * (old_v.abs() + var_b);
                 ctx.close(
                     "training running var",
-                    out.running_var[ch] as f64,
+                    out.running_var[ch],
                     want_var[ch],
                     terms,
                     (tol, floor),
@@ -435,6 +440,167 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             } else {
                 ctx.report.skip("training running var");
             }
+        }
+    }
+}
+
+/// f64 data: every output of the training forward against the precise reference (double-double
+/// statistics, inverse std, output and running blend), for the channels whose inputs are finite.
+///
+/// Bounds, with tol = [`f64_tol`] of the channel's M values, δ = tol·(σ + |μ|) the mean's bound
+/// and t the variance's share in the inverse std ([`Exact64::r_share`]):
+/// - the returned statistics and the saved mean: as [`check_stats64`] (the same values);
+/// - saved inverse std: `tol·r + t·r` (½·tol from the variance and 4½ roundings, within tol);
+/// - y: `tol·(|α|·(σ + |x − μ|) + |β|) + |α|·(tol·|μ| + t·(|x − μ| + δ) + 2·tol·δ)`: the mean's
+///   error δ times |α| (its σ part inside the first term, its |μ| part the second), r's error
+///   (½·tol, and t) times |α|·|x − μ|, the roundings of `M2/M`, `+ ε`, the root, `1/·`, `γ·r`,
+///   `x − μ` and the FMA (6½u of the terms: within tol with ½·tol for M ≥ 3; for M ≤ 2 the
+///   variance is within a few u), and the second-order products of these errors with δ (ρ·δ,
+///   u·δ: at most 2·tol·δ·|α|);
+/// - running mean and variance: the batch value's bound times its weight, and the blend's own
+///   roundings (the weight, two products and the sum, 4u of the blended terms), against the
+///   blend with the convention's exact weights.
+#[allow(clippy::too_many_arguments)]
+fn training64(
+    s: &Setup,
+    inp: &Inputs,
+    ctx: &mut Ctx<'_>,
+    (out, stats): (&TrainOut, &BatchStats),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    bad: &[bool],
+    update: Option<(Momentum, Variance)>,
+    (w_old, w_new): (f64, f64),
+) {
+    use crate::precise::Dd;
+    let exact = Exact64::channels(s, &inp.x, s.shape);
+    let x_bad = s.nonfinite_channels(&inp.x);
+    let u = EPS64;
+    for ch in (0..s.c()).filter(|&ch| !x_bad[ch]) {
+        let e = &exact[ch];
+        let at = || format!("channel {ch}");
+        let keys = ("f64 training stats mean", "f64 training stats m2", None);
+        check_stats64(ctx, keys, ch, (&stats.channels()[ch], e), (1.0, 1.0, 0.0));
+        if bad[ch] {
+            continue;
+        }
+        let (tol, mu, sigma, delta) = (e.tol, e.mean, e.sigma, e.delta);
+        let scale = sigma + mu.abs();
+        if scale.is_finite() {
+            ctx.close(
+                "f64 training saved mean",
+                out.mean[ch],
+                mu,
+                scale,
+                (tol, 0.0),
+                at,
+            );
+            let err = (out.mean[ch] - mu).abs();
+            let bound = tol * sigma + 2.0 * u * mu.abs();
+            let key = "f64 training saved mean [documented bound]";
+            ctx.report.note(key, err, sigma, false, bound);
+        }
+        let m = Dd::new(e.moments.count as f64);
+        let r_dd = Dd::new(1.0) / (e.moments.m2 / m + Dd::new(s.eps)).sqrt();
+        let r = r_dd.value();
+        let Some(t) = e.r_share(s.eps).filter(|_| r.is_finite() && r > 0.0) else {
+            ctx.report.skip("f64 training saved inv_std");
+            ctx.report.skip("f64 training y");
+            continue;
+        };
+        ctx.close(
+            "f64 training saved inv_std",
+            out.inv_std[ch],
+            r,
+            r,
+            (tol, r * t),
+            at,
+        );
+        let g = gamma.map_or(1.0, |g| f64::from(g[ch]));
+        let b = beta.map_or(0.0, |b| f64::from(b[ch]));
+        let alpha_dd = Dd::new(g) * r_dd;
+        let alpha = alpha_dd.value().abs();
+        for &i in &s.indices[ch] {
+            let d_dd = e.moments.dev_dd(f64::from(inp.x[i]));
+            let want = (alpha_dd * d_dd + Dd::new(b)).value();
+            let d = d_dd.value().abs();
+            let terms = alpha * (sigma + d) + b.abs();
+            let share = t * (d + delta) + 2.0 * tol * delta;
+            let floor = alpha * (tol * mu.abs() + share);
+            if !(want.is_finite() && terms.is_finite() && floor.is_finite()) {
+                ctx.report.skip("f64 training y");
+                continue;
+            }
+            ctx.close(
+                "f64 training y",
+                out.y[i],
+                want,
+                terms,
+                (tol, floor),
+                || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]),
+            );
+            let err = (out.y[i] - want).abs();
+            let bound = tol * terms + alpha * (2.0 * u * mu.abs() + share);
+            let key = "f64 training y [documented bound]";
+            ctx.report.note(key, err, terms, false, bound);
+        }
+    }
+
+    let Some((momentum, estimator)) = update else {
+        return;
+    };
+    // The convention's weights (old, new), exactly.
+    let one = Dd::new(1.0);
+    let (wo, wn) = match momentum {
+        Momentum::NewWeight(w) => (one - Dd::new(w), Dd::new(w)),
+        Momentum::OldWeight(w) => (Dd::new(w), one - Dd::new(w)),
+        Momentum::CumulativeAverage { batches_tracked } => {
+            let w = one / Dd::new(batches_tracked as f64);
+            (one - w, w)
+        }
+    };
+    for ch in (0..s.c()).filter(|&ch| !bad[ch]) {
+        let e = &exact[ch];
+        let (old_m, old_v) = (inp.running_mean[ch], inp.running_var[ch]);
+        let (old_m, old_v) = (f64::from(old_m), f64::from(old_v));
+        let tol = e.tol + 4.0 * EPS64;
+        let blend = |old: f64, new: Dd| (wo * Dd::new(old) + wn * new).value();
+        let want = blend(old_m, e.moments.mean);
+        let terms = w_old * old_m.abs() + w_new * (e.sigma + e.mean.abs());
+        if want.is_finite() && terms.is_finite() {
+            let got = out.running_mean[ch];
+            ctx.close(
+                "f64 training running mean",
+                got,
+                want,
+                terms,
+                (tol, 0.0),
+                || format!("channel {ch} ({momentum:?}, old {old_m:e})"),
+            );
+        } else {
+            ctx.report.skip("f64 training running mean");
+        }
+        // The variance of the estimator: M2/M or M2/(M − 1), with M2's bound
+        // `tol·M2 + M·δ²` (check_stats64) divided alike.
+        let denom = match estimator {
+            Variance::Biased => e.moments.count as f64,
+            Variance::Unbiased => e.moments.count as f64 - 1.0,
+        };
+        let var_b = e.moments.m2 / Dd::new(denom);
+        let want = blend(old_v, var_b);
+        let terms = w_old * old_v.abs() + w_new * var_b.value();
+        let floor = w_new * e.moments.count as f64 * e.delta * e.delta / denom;
+        if want.is_finite() && terms.is_finite() && floor.is_finite() {
+            let got = out.running_var[ch];
+            ctx.close(
+                "f64 training running var",
+                got,
+                want,
+                terms,
+                (tol, floor),
+                || format!("channel {ch} ({momentum:?} {estimator:?}, old {old_v:e})"),
+            );
+        } else {
+            ctx.report.skip("f64 training running var");
         }
     }
 }
