@@ -132,6 +132,11 @@ impl Element for bf16 {
     }
 }
 
+/// A number naming `E` (distinct per storage type), for the synchronized ops' descriptor.
+pub(crate) fn type_code<E: Element>() -> u8 {
+    E::KIND as u8
+}
+
 /// Whether `E` is stored as its lane type (f32, f64): no conversion on load or store.
 #[inline(always)]
 fn is_lane_type<E: Element>() -> bool {

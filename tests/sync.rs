@@ -2,7 +2,9 @@
 //! results against the f64 reference on the concatenated batch, against the single-process op on
 //! that batch, bit-identical across ranks, bit-identical to the local op with one rank; uneven
 //! and empty slices, both layouts, every running-update convention; and the errors every rank
-//! gets, with nothing written, when the ranks disagree.
+//! gets, with nothing written, when the ranks disagree. The other storage types (f64, f16, bf16)
+//! for the operations: one rank bit for bit the local op, half data bit for bit
+//! the f32 path rounded once, f64 data within the f64 tolerance of the single-process op.
 //!
 //! The tolerance and its reasoning: tests/common/sync_case.rs.
 #![allow(clippy::needless_range_loop)]
@@ -13,7 +15,7 @@ mod sync_case;
 
 use batchnorm::{
     Communicator, Error, Layout, Momentum, Parallelism, SavedStats, SavedStatsMut, Shape,
-    SyncBatchNorm, ThreadComm, Variance,
+    SyncBatchNorm, ThreadComm, Variance, bf16, f16,
 };
 use common::*;
 use sync_case::*;
@@ -63,14 +65,11 @@ fn ranks_match_the_single_process_op_on_the_concatenated_batch() {
     for layout in LAYOUTS {
         for &shape in SHAPES {
             for &slices in SLICES {
-                let mut case = Case::new(&mut rng, layout, shape, slices);
                 // Every convention and both parallelism settings across the cases.
-                case.conv = CONVENTIONS[k % CONVENTIONS.len()];
+                let mut case = Case::<f32>::new(&mut rng, layout, shape, slices)
+                    .with_conv(CONVENTIONS[k % CONVENTIONS.len()]);
                 case.par = [Parallelism::Rayon, Parallelism::Sequential][(k / 4) % 2];
                 k += 1;
-                if case.conv.1 == Variance::Unbiased && case.shape().per_channel() < 2 {
-                    case.conv = CONVENTIONS[1];
-                }
                 let errors = on_ranks(case.slices.len(), |comm| case.check(comm));
                 let ey = errors.iter().map(|e| e.0).fold(0.0, f64::max);
                 let edx = errors.iter().map(|e| e.1).fold(0.0, f64::max);
@@ -86,7 +85,7 @@ fn every_convention_on_both_layouts() {
     let mut rng = Rng::new(132);
     for layout in LAYOUTS {
         for conv in CONVENTIONS {
-            let mut case = Case::new(&mut rng, layout, (13, 11), &[2, 0, 3]);
+            let mut case = Case::<f32>::new(&mut rng, layout, (13, 11), &[2, 0, 3]);
             case.conv = conv;
             on_ranks(case.slices.len(), |comm| case.check(comm));
         }
@@ -102,7 +101,7 @@ fn training_results(
         let (bn, shape, len, conv) = f(comm.rank());
         let c = bn.channels();
         let x = vec![1.0f32; len];
-        let mut o = Outputs::new(len, c);
+        let mut o = Outputs::<f32>::new(len, c);
         let saved = SavedStatsMut {
             mean: &mut o.saved_mean,
             inv_std: &mut o.saved_inv_std,
@@ -110,7 +109,7 @@ fn training_results(
         let up = update((&mut o.running_mean, &mut o.running_var), conv);
         let r = bn.training(&x, &mut o.y, shape, None, Some(saved), Some(up), comm);
         if r.is_err() {
-            let untouched = Outputs::new(len, c);
+            let untouched = Outputs::<f32>::new(len, c);
             assert!(o.y.iter().all(|v| v.is_nan()), "y written on error");
             assert_eq!(
                 o.channel_bits(),
@@ -434,6 +433,80 @@ fn backward_ranks_that_disagree_on_the_gradients_get_an_error() {
     });
     let want = Err(Error::SyncMismatch {
         what: "parameter gradients",
+        rank: 1,
+    });
+    assert_eq!(results, vec![want.clone(), want]);
+}
+
+/// Shapes and slices of the storage-type cases: one to three ranks (an empty slice among them),
+/// C = 1 and primes, HW = 1, odd, and a run of more than one NCHW piece.
+const STORAGE_CASES: &[((usize, usize), &[usize])] = &[
+    ((1, 1), &[3]),
+    ((3, 7), &[2, 1]),
+    ((17, 65), &[1, 0, 2]),
+    ((67, 9), &[2]),
+    ((5, 1000), &[1, 2, 1]),
+    ((2, 16411), &[1, 1]),
+    ((300, 3), &[0, 2, 1]),
+];
+
+/// Every storage-type case, both layouts, both parallelism settings, the conventions in turn:
+/// `check` on every rank.
+fn storage_cases<E: Store>(seed: u64, check: impl Fn(&Case<E>, &ThreadComm) + Sync) {
+    let mut rng = Rng::new(seed);
+    let mut k = 0;
+    for layout in LAYOUTS {
+        for &(shape, slices) in STORAGE_CASES {
+            for par in [Parallelism::Sequential, Parallelism::Rayon] {
+                let mut case = Case::<E>::new(&mut rng, layout, shape, slices)
+                    .with_conv(CONVENTIONS[k % CONVENTIONS.len()]);
+                case.par = par;
+                k += 1;
+                on_ranks(slices.len(), |comm| check(&case, comm));
+            }
+        }
+    }
+}
+
+#[test]
+fn f64_ranks_agree_and_match_the_single_process_op() {
+    storage_cases::<f64>(134, |case, comm| case.check_f64(comm));
+}
+
+#[test]
+fn half_ranks_are_the_f32_path_rounded_once() {
+    storage_cases::<f16>(135, |case, comm| case.check_half(comm));
+    storage_cases::<bf16>(136, |case, comm| case.check_half(comm));
+}
+
+#[test]
+fn ranks_with_different_storage_types_get_an_error() {
+    let results = on_ranks(2, |comm| {
+        let bn = sync(2, Layout::Nchw);
+        let shape = Shape::new(1, 2, 2).ok();
+        if comm.rank() == 0 {
+            let mut y = [f32::NAN; 4];
+            let r = bn.training(
+                &[1.0f32, 2.0, 3.0, 5.0],
+                &mut y,
+                shape,
+                None,
+                None,
+                None,
+                comm,
+            );
+            assert!(y.iter().all(|v| v.is_nan()), "y written on error");
+            r
+        } else {
+            let mut y = [f16::NAN; 4];
+            let x = [1.0, 2.0, 3.0, 5.0].map(f16::from_f32);
+            let r = bn.training(&x, &mut y, shape, None, None, None, comm);
+            assert!(y.iter().all(|v| v.is_nan()), "y written on error");
+            r
+        }
+    });
+    let want = Err(Error::SyncMismatch {
+        what: "storage type",
         rank: 1,
     });
     assert_eq!(results, vec![want.clone(), want]);
