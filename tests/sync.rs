@@ -3,7 +3,7 @@
 //! that batch, bit-identical across ranks, bit-identical to the local op with one rank; uneven
 //! and empty slices, both layouts, every running-update convention; and the errors every rank
 //! gets, with nothing written, when the ranks disagree. The other storage types (f64, f16, bf16)
-//! for the operations: one rank bit for bit the local op, half data bit for bit
+//! for the operations and for the layer: one rank bit for bit the local op, half data bit for bit
 //! the f32 path rounded once, f64 data within the f64 tolerance of the single-process op.
 //!
 //! The tolerance and its reasoning: tests/common/sync_case.rs.
@@ -14,8 +14,9 @@ mod common;
 mod sync_case;
 
 use batchnorm::{
-    Communicator, Error, Layout, Momentum, Parallelism, SavedStats, SavedStatsMut, Shape,
-    SyncBatchNorm, ThreadComm, Variance, bf16, f16,
+    Affine, BatchNormLayer, Communicator, Error, GradMode, Layout, Momentum, Parallelism,
+    ParamGrads, Preset, RunningUpdate, SavedStats, SavedStatsMut, Shape, SyncBatchNorm, ThreadComm,
+    Variance, bf16, f16,
 };
 use common::*;
 use sync_case::*;
@@ -510,4 +511,108 @@ fn ranks_with_different_storage_types_get_an_error() {
         rank: 1,
     });
     assert_eq!(results, vec![want.clone(), want]);
+}
+
+/// The synchronized layers of every rank, two training steps and an evaluation step on data of
+/// type `E`, against the synchronized ops (and in evaluation the local layer) called with the
+/// layer's arguments on the same rank: y, dx and the layer's state, bit for bit.
+fn layers_are_the_sync_ops<E: Store>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    for layout in LAYOUTS {
+        for &((c, hw), slices) in STORAGE_CASES {
+            let n: usize = slices.iter().sum();
+            let whole = Shape::new(n, c, hw).unwrap();
+            let steps: Vec<(Vec<E>, Vec<E>)> = (0..3)
+                .map(|_| {
+                    let (means, stds) = ordinary(&mut rng, c);
+                    let x = tensor_of(&mut rng, whole, layout, &means, &stds);
+                    (x, normals_of::<E>(&mut rng, whole.len(), 0.0, 1.0))
+                })
+                .collect();
+            let gamma = params_of::<E>(&mut rng, c, 0.5, 1.0);
+            let beta = params_of::<E>(&mut rng, c, 0.0, 1.0);
+            let par = [Parallelism::Sequential, Parallelism::Rayon][slices.len() % 2];
+            on_ranks(slices.len(), |comm| {
+                let r = comm.rank();
+                let ctx = format!("{} {layout:?} C={c} HW={hw} {slices:?} rank {r}", E::NAME);
+                let per = c * hw;
+                let first: usize = slices[..r].iter().sum();
+                let range = first * per..(first + slices[r]) * per;
+                let shape = Shape::new(slices[r], c, hw).ok();
+                // Keras: old-value weight, biased variance (a single value per channel is fine).
+                let mut layer = BatchNormLayer::<E::Param>::new(c, layout, Preset::Keras)
+                    .unwrap()
+                    .with_parallelism(par);
+                layer.set_affine(&gamma, &beta).unwrap();
+                let bn = SyncBatchNorm::new(c, layout)
+                    .unwrap()
+                    .with_eps(layer.eps())
+                    .unwrap()
+                    .with_parallelism(par);
+                let affine = Some(Affine {
+                    gamma: &gamma,
+                    beta: &beta,
+                });
+                let nan = E::round(f64::NAN);
+                for (t, (x, dy)) in steps.iter().enumerate() {
+                    let (x, dy) = (&x[range.clone()], &dy[range.clone()]);
+                    let (mut rm, mut rv) =
+                        (layer.running_mean().to_vec(), layer.running_var().to_vec());
+                    let (mut sm, mut si) =
+                        (vec![E::param(f64::NAN); c], vec![E::param(f64::NAN); c]);
+                    let (mut dg, mut db) = (layer.dgamma().to_vec(), layer.dbeta().to_vec());
+                    let (mut y, mut y_op) = (vec![nan; x.len()], vec![nan; x.len()]);
+                    let (mut dx, mut dx_op) = (vec![nan; x.len()], vec![nan; x.len()]);
+                    if t == 2 {
+                        // Evaluation: no exchange, the local layer's forward and backward.
+                        layer.eval();
+                        let mut local = layer.clone();
+                        layer.forward_sync(x, &mut y, shape, comm).unwrap();
+                        layer.backward_sync(x, dy, &mut dx, comm).unwrap();
+                        if let Some(shape) = shape {
+                            local.forward(x, &mut y_op, shape).unwrap();
+                            local.backward(x, dy, &mut dx_op).unwrap();
+                        }
+                        assert_eq!(bits(&y), bits(&y_op), "{ctx}: eval y");
+                        assert_eq!(bits(&dx), bits(&dx_op), "{ctx}: eval dx");
+                        assert_eq!(bits(layer.dgamma()), bits(local.dgamma()), "{ctx}");
+                        assert_eq!(bits(layer.dbeta()), bits(local.dbeta()), "{ctx}");
+                        continue;
+                    }
+                    let update = RunningUpdate::keras(&mut rm, &mut rv);
+                    let saved = SavedStatsMut {
+                        mean: &mut sm,
+                        inv_std: &mut si,
+                    };
+                    bn.training(x, &mut y_op, shape, affine, Some(saved), Some(update), comm)
+                        .unwrap();
+                    layer.forward_sync(x, &mut y, shape, comm).unwrap();
+                    let saved = SavedStats {
+                        mean: &sm,
+                        inv_std: &si,
+                    };
+                    let grads = ParamGrads {
+                        dgamma: &mut dg,
+                        dbeta: &mut db,
+                        mode: GradMode::Accumulate,
+                    };
+                    bn.backward((x, dy), &mut dx_op, shape, affine, saved, Some(grads), comm)
+                        .unwrap();
+                    layer.backward_sync(x, dy, &mut dx, comm).unwrap();
+                    assert_eq!(bits(&y), bits(&y_op), "{ctx} step {t}: y");
+                    assert_eq!(bits(&dx), bits(&dx_op), "{ctx} step {t}: dx");
+                    assert_layer_state(&layer, [&sm, &si, &rm, &rv, &dg, &db], &ctx);
+                    assert_eq!(layer.batches_tracked(), t as u64 + 1, "{ctx}");
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn synchronized_layers_are_the_sync_ops_for_every_storage_type() {
+    layers_are_the_sync_ops::<f32>(137);
+    layers_are_the_sync_ops::<f64>(138);
+    layers_are_the_sync_ops::<f16>(139);
+    layers_are_the_sync_ops::<bf16>(140);
 }

@@ -2,7 +2,8 @@
 #![allow(dead_code, unused_imports)]
 
 use batchnorm::{
-    Backend, BatchNorm, Element, Layout, Parallelism, SavedStatsMut, Shape, bf16, f16,
+    Backend, BatchNorm, BatchNormLayer, Element, Layout, Parallelism, Param, SavedStatsMut, Shape,
+    bf16, f16,
 };
 
 pub use batchnorm_check::{EPS32, fwd_tol, stats_tol};
@@ -104,6 +105,30 @@ pub fn params_of<E: Store>(rng: &mut Rng, len: usize, mean: f64, std: f64) -> Ve
 /// bit.
 pub fn bits<T: Copy + Into<f64>>(v: &[T]) -> Vec<u64> {
     v.iter().map(|&x| x.into().to_bits()).collect()
+}
+
+/// The layer's per-channel state, bit for bit `want`: the saved mean and inverse std, the running
+/// mean and variance, dγ and dβ, in that order.
+pub fn assert_layer_state<P: Param>(layer: &BatchNormLayer<P>, want: [&[P]; 6], ctx: &str) {
+    let got = [
+        layer.saved_mean(),
+        layer.saved_inv_std(),
+        layer.running_mean(),
+        layer.running_var(),
+        layer.dgamma(),
+        layer.dbeta(),
+    ];
+    let names = [
+        "saved mean",
+        "inv std",
+        "running mean",
+        "running var",
+        "dgamma",
+        "dbeta",
+    ];
+    for ((got, want), name) in got.iter().zip(want).zip(names) {
+        assert_eq!(bits(got), bits(want), "{ctx}: {name}");
+    }
 }
 
 /// A tensor whose channel `c` is `means[c] + stds[c]·N(0,1)`, in `layout`.
