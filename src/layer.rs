@@ -44,7 +44,7 @@ use crate::{Communicator, SyncBatchNorm};
 /// let x: Vec<f64> = (0..shape.len()).map(|i| i as f64).collect();
 /// let mut y = vec![0.0; x.len()];
 /// bn.forward(&x, &mut y, shape)?;
-/// assert!((bn.running_mean()[0] - 0.15).abs() < 1e-12); // 0.1 · mean(0, 1, 2, 3, 12, ..., 15)
+/// assert!((bn.running_mean()[0] - 0.75).abs() < 1e-12); // 0.1 · mean(0, 1, 2, 3, 12, ..., 15)
 /// # Ok::<(), batchnorm::Error>(())
 /// ```
 #[derive(Clone, Debug)]
