@@ -61,12 +61,33 @@ pub trait Element:
     const NAME: &'static str;
     /// The type of the parameters and statistics that go with this data, and of the lanes the
     /// kernels compute in: `f32`, or `f64` for f64 data.
-    type Param: Real;
+    type Param: Param;
     /// The value widened to [`Element::Param`] (exact).
     fn to_param(self) -> Self::Param;
     /// `v` rounded to this type (round to nearest, ties to even; overflow gives ±∞, NaN stays NaN).
     fn from_param(v: Self::Param) -> Self;
 }
+
+/// A type of parameters and statistics (γ, β, running and saved statistics, dγ, dβ): `f32` or
+/// `f64`, the [`Element::Param`] of the data types. It names the parameter type of a
+/// [`crate::BatchNormLayer`] in generic code. Sealed: its first supertrait is private to the
+/// crate, so only `f32` and `f64` implement it.
+///
+/// ```
+/// use batchnorm::{BatchNormLayer, Layout, Param, Preset};
+/// fn running_mean_sum<P: Param>(layer: &BatchNormLayer<P>) -> f64 {
+///     layer.running_mean().iter().map(|&m| m.into()).sum()
+/// }
+/// let layer = BatchNormLayer::<f64>::new(3, Layout::Nchw, Preset::PyTorch)?;
+/// assert_eq!(running_mean_sum(&layer), 0.0);
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
+pub trait Param:
+    Real + Copy + Default + PartialEq + PartialOrd + Into<f64> + std::fmt::Debug + Send + Sync + 'static
+{
+}
+impl Param for f32 {}
+impl Param for f64 {}
 
 impl sealed::Sealed for f32 {
     const KIND: Kind = Kind::F32;
@@ -130,6 +151,11 @@ impl Element for bf16 {
     fn from_param(v: f32) -> bf16 {
         bf16::from_f32(v)
     }
+}
+
+/// A number naming `E` (distinct per storage type), for the synchronized ops' descriptor.
+pub(crate) fn type_code<E: Element>() -> u8 {
+    E::KIND as u8
 }
 
 /// Whether `E` is stored as its lane type (f32, f64): no conversion on load or store.

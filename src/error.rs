@@ -87,9 +87,9 @@ pub enum Error {
     /// The ranks of a synchronized operation disagree on its configuration (checked on every
     /// rank before anything is written, so every rank gets this error).
     SyncMismatch {
-        /// What differs: `"operation"`, `"channels"`, `"layout"`, `"eps"`, `"affine"`,
-        /// `"saved statistics"`, `"running update"`, `"momentum"`, `"variance estimator"`,
-        /// `"parameter gradients"` or `"gradient mode"`.
+        /// What differs: `"operation"`, `"channels"`, `"layout"`, `"eps"`, `"storage type"`,
+        /// `"affine"`, `"saved statistics"`, `"running update"`, `"momentum"`,
+        /// `"variance estimator"`, `"parameter gradients"` or `"gradient mode"`.
         what: &'static str,
         /// The first rank whose value differs from rank 0's.
         rank: usize,

@@ -4,8 +4,8 @@
 
 use crate::error::check_len;
 use crate::{
-    Affine, Backend, BackwardMode, BatchNorm, Epilogue, Error, GradMode, Layout, Momentum,
-    Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
+    Affine, Backend, BackwardMode, BatchNorm, Element, Epilogue, Error, GradMode, Layout, Momentum,
+    Parallelism, Param, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
     Variance,
 };
 use crate::{Communicator, SyncBatchNorm};
@@ -18,8 +18,15 @@ use crate::{Communicator, SyncBatchNorm};
 /// The batch size and spatial extent may change from call to call (the shape is given to every
 /// [`forward`](BatchNormLayer::forward)); the channel count and layout are fixed.
 ///
+/// The layer owns its parameters and statistics, of type `P` ([`Param`]): the default
+/// `BatchNormLayer` (`P = f32`, built by [`pytorch`](BatchNormLayer::pytorch),
+/// [`keras`](BatchNormLayer::keras), [`onnx`](BatchNormLayer::onnx)) takes `f32`,
+/// [`crate::f16`] and [`crate::bf16`] data; a `BatchNormLayer<f64>` (built by
+/// [`BatchNormLayer::<f64>::new`](BatchNormLayer::new)) takes `f64` data. Every operation is the
+/// plain [`BatchNorm`] one on the same data, bit for bit.
+///
 /// ```
-/// use batchnorm::{BatchNormLayer, Layout, Shape};
+/// use batchnorm::{BatchNormLayer, Layout, Preset, Shape};
 /// let mut bn = BatchNormLayer::pytorch(3, Layout::Nchw)?;
 /// let shape = Shape::with_spatial(2, 3, &[2, 2])?;
 /// let x: Vec<f32> = (0..shape.len()).map(|i| i as f32).collect();
@@ -31,10 +38,17 @@ use crate::{Communicator, SyncBatchNorm};
 /// assert_eq!(bn.dbeta(), &[8.0, 8.0, 8.0]);
 /// bn.eval();
 /// bn.forward(&x, &mut y, shape)?; // evaluation: running statistics
+///
+/// // The same layer over f64 data, with f64 parameters and statistics.
+/// let mut bn = BatchNormLayer::<f64>::new(3, Layout::Nchw, Preset::PyTorch)?;
+/// let x: Vec<f64> = (0..shape.len()).map(|i| i as f64).collect();
+/// let mut y = vec![0.0; x.len()];
+/// bn.forward(&x, &mut y, shape)?;
+/// assert!((bn.running_mean()[0] - 0.75).abs() < 1e-12); // 0.1 · mean(0, 1, 2, 3, 12, ..., 15)
 /// # Ok::<(), batchnorm::Error>(())
 /// ```
 #[derive(Clone, Debug)]
-pub struct BatchNormLayer {
+pub struct BatchNormLayer<P = f32> {
     channels: usize,
     layout: Layout,
     eps: f64,
@@ -45,15 +59,15 @@ pub struct BatchNormLayer {
     parallelism: Parallelism,
     /// Resolved when the layer is built (forced by `BATCHNORM_BACKEND`, or the best available).
     backend: Backend,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    running_mean: Vec<f32>,
-    running_var: Vec<f32>,
+    gamma: Vec<P>,
+    beta: Vec<P>,
+    running_mean: Vec<P>,
+    running_var: Vec<P>,
     batches_tracked: u64,
-    saved_mean: Vec<f32>,
-    saved_inv_std: Vec<f32>,
-    dgamma: Vec<f32>,
-    dbeta: Vec<f32>,
+    saved_mean: Vec<P>,
+    saved_inv_std: Vec<P>,
+    dgamma: Vec<P>,
+    dbeta: Vec<P>,
     /// The last successful forward, which backward differentiates.
     last: Option<Last>,
 }
@@ -68,14 +82,62 @@ enum Last {
     Sync(Option<Shape>),
 }
 
+/// A framework's batch-norm defaults, for [`BatchNormLayer::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// `torch.nn.BatchNorm1d/2d/3d(channels)`: ε = 1e-5, momentum 0.1 weighing the new batch
+    /// value, unbiased running variance.
+    PyTorch,
+    /// Keras `BatchNormalization()`: ε = 1e-3, momentum 0.99 weighing the old running value,
+    /// population (biased) running variance.
+    Keras,
+    /// ONNX `BatchNormalization` in training mode: ε = 1e-5, momentum 0.9 weighing the old
+    /// running value, population (biased) running variance.
+    Onnx,
+}
+
+/// The f32 layer's presets (for f32, f16 and bf16 data).
 impl BatchNormLayer {
-    fn preset(
-        channels: usize,
-        layout: Layout,
-        eps: f64,
-        momentum: Momentum,
-        var_estimator: Variance,
-    ) -> Result<BatchNormLayer, Error> {
+    /// `torch.nn.BatchNorm1d/2d/3d(channels)` ([`Preset::PyTorch`]), in training mode.
+    ///
+    /// # Errors
+    /// As [`BatchNormLayer::new`].
+    pub fn pytorch(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
+        Self::new(channels, layout, Preset::PyTorch)
+    }
+
+    /// Keras `BatchNormalization()` ([`Preset::Keras`]), in training mode.
+    ///
+    /// # Errors
+    /// As [`BatchNormLayer::new`].
+    pub fn keras(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
+        Self::new(channels, layout, Preset::Keras)
+    }
+
+    /// ONNX `BatchNormalization` in training mode ([`Preset::Onnx`]).
+    ///
+    /// # Errors
+    /// As [`BatchNormLayer::new`].
+    pub fn onnx(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
+        Self::new(channels, layout, Preset::Onnx)
+    }
+}
+
+impl<P: Param> BatchNormLayer<P> {
+    /// A layer over `channels` channels in `layout` with `preset`'s ε, momentum and running
+    /// variance estimator, in training mode, with parameters and statistics of type `P`:
+    /// `BatchNormLayer::<f64>::new(c, layout, Preset::PyTorch)` for f64 data
+    /// (`BatchNormLayer::pytorch(c, layout)` is the f32 one).
+    ///
+    /// # Errors
+    /// [`Error::ZeroDimension`] if `channels` is 0; the invalid `BATCHNORM_BACKEND` errors of
+    /// [`BatchNorm::new`].
+    pub fn new(channels: usize, layout: Layout, preset: Preset) -> Result<Self, Error> {
+        let (eps, momentum, var_estimator) = match preset {
+            Preset::PyTorch => (1e-5, Momentum::NewWeight(0.1), Variance::Unbiased),
+            Preset::Keras => (1e-3, Momentum::OldWeight(0.99), Variance::Biased),
+            Preset::Onnx => (1e-5, Momentum::OldWeight(0.9), Variance::Biased),
+        };
         if channels == 0 {
             return Err(Error::ZeroDimension { dim: "C" });
         }
@@ -83,7 +145,7 @@ impl BatchNormLayer {
             Some(forced) => forced?,
             None => Backend::detect(),
         };
-        let c = |v: f32| vec![v; channels];
+        let c = |v: f64| vec![P::from_f64(v); channels];
         Ok(BatchNormLayer {
             channels,
             layout,
@@ -106,59 +168,13 @@ impl BatchNormLayer {
         })
     }
 
-    /// `torch.nn.BatchNorm1d/2d/3d(channels)`: ε = 1e-5, momentum 0.1 weighing the new batch
-    /// value, unbiased running variance, training mode.
-    ///
-    /// # Errors
-    /// [`Error::ZeroDimension`] if `channels` is 0; the invalid `BATCHNORM_BACKEND` errors of
-    /// [`BatchNorm::new`] (so do the other presets).
-    pub fn pytorch(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
-        Self::preset(
-            channels,
-            layout,
-            1e-5,
-            Momentum::NewWeight(0.1),
-            Variance::Unbiased,
-        )
-    }
-
-    /// Keras `BatchNormalization()`: ε = 1e-3, momentum 0.99 weighing the old running value,
-    /// population (biased) running variance, training mode.
-    ///
-    /// # Errors
-    /// [`Error::ZeroDimension`] if `channels` is 0.
-    pub fn keras(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
-        Self::preset(
-            channels,
-            layout,
-            1e-3,
-            Momentum::OldWeight(0.99),
-            Variance::Biased,
-        )
-    }
-
-    /// ONNX `BatchNormalization` in training mode: ε = 1e-5, momentum 0.9 weighing the old
-    /// running value, population (biased) running variance.
-    ///
-    /// # Errors
-    /// [`Error::ZeroDimension`] if `channels` is 0.
-    pub fn onnx(channels: usize, layout: Layout) -> Result<BatchNormLayer, Error> {
-        Self::preset(
-            channels,
-            layout,
-            1e-5,
-            Momentum::OldWeight(0.9),
-            Variance::Biased,
-        )
-    }
-
     /// Sets the momentum in the preset's convention (PyTorch: the new batch's weight; Keras and
     /// ONNX: the old running value's weight); `None` is PyTorch's `momentum=None`, the cumulative
     /// average over the batches tracked.
     ///
     /// # Errors
     /// [`Error::InvalidMomentum`] if the momentum is outside `[0, 1]` or NaN.
-    pub fn with_momentum(mut self, momentum: Option<f64>) -> Result<BatchNormLayer, Error> {
+    pub fn with_momentum(mut self, momentum: Option<f64>) -> Result<Self, Error> {
         self.momentum = match (momentum, self.momentum) {
             (None, _) => Momentum::CumulativeAverage { batches_tracked: 0 },
             (Some(m), _) if !(0.0..=1.0).contains(&m) => {
@@ -174,7 +190,7 @@ impl BatchNormLayer {
     ///
     /// # Errors
     /// [`Error::InvalidEpsilon`] if ε is negative, NaN or infinite.
-    pub fn with_eps(mut self, eps: f64) -> Result<BatchNormLayer, Error> {
+    pub fn with_eps(mut self, eps: f64) -> Result<Self, Error> {
         BatchNorm::on_backend(Shape::new(1, 1, 1)?, self.layout, Backend::Portable)?
             .with_eps(eps)?;
         self.eps = eps;
@@ -182,7 +198,7 @@ impl BatchNormLayer {
     }
 
     /// Sets how the operations use threads (see [`BatchNorm::with_parallelism`]).
-    pub fn with_parallelism(mut self, parallelism: Parallelism) -> BatchNormLayer {
+    pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
         self.parallelism = parallelism;
         self
     }
@@ -191,7 +207,7 @@ impl BatchNormLayer {
     ///
     /// # Errors
     /// [`Error::BackendUnavailable`] if this CPU cannot run it.
-    pub fn with_backend(mut self, backend: Backend) -> Result<BatchNormLayer, Error> {
+    pub fn with_backend(mut self, backend: Backend) -> Result<Self, Error> {
         BatchNorm::on_backend(Shape::new(1, 1, 1)?, self.layout, backend)?;
         self.backend = backend;
         Ok(self)
@@ -233,7 +249,12 @@ impl BatchNormLayer {
     /// [`Error::ChannelMismatch`] if `shape.c()` is not the layer's channel count; the errors of
     /// [`BatchNorm::training`] and [`BatchNorm::inference`] (wrong lengths, too few values for the
     /// unbiased variance).
-    pub fn forward(&mut self, x: &[f32], y: &mut [f32], shape: Shape) -> Result<(), Error> {
+    pub fn forward<E: Element<Param = P>>(
+        &mut self,
+        x: &[E],
+        y: &mut [E],
+        shape: Shape,
+    ) -> Result<(), Error> {
         let op = self.operator(shape)?;
         if !self.training {
             let affine = Some(Affine {
@@ -269,10 +290,10 @@ impl BatchNormLayer {
     /// The errors of [`SyncBatchNorm::training`]; in evaluation mode those of
     /// [`forward`](BatchNormLayer::forward), and [`Error::LengthMismatch`] for a non-empty `x` or
     /// `y` with `shape` `None`. On error nothing changes.
-    pub fn forward_sync<C: Communicator + ?Sized>(
+    pub fn forward_sync<E: Element<Param = P>, C: Communicator + ?Sized>(
         &mut self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         shape: Option<Shape>,
         comm: &C,
     ) -> Result<(), Error> {
@@ -304,11 +325,11 @@ impl BatchNormLayer {
     /// [`Error::NoForward`] if the last successful forward was not a `forward_sync` (a local
     /// training forward is differentiated by [`backward`](BatchNormLayer::backward)); the errors
     /// of [`SyncBatchNorm::backward`]. On error nothing changes.
-    pub fn backward_sync<C: Communicator + ?Sized>(
+    pub fn backward_sync<E: Element<Param = P>, C: Communicator + ?Sized>(
         &mut self,
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
         comm: &C,
     ) -> Result<(), Error> {
         let shape = match self.last {
@@ -331,7 +352,12 @@ impl BatchNormLayer {
     /// [`Error::NoForward`] before any successful forward, or after a synchronized training
     /// forward (differentiated by [`backward_sync`](BatchNormLayer::backward_sync)); the errors
     /// of [`BatchNorm::backward`] (wrong lengths). On error nothing changes.
-    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<(), Error> {
+    pub fn backward<E: Element<Param = P>>(
+        &mut self,
+        x: &[E],
+        dy: &[E],
+        dx: &mut [E],
+    ) -> Result<(), Error> {
         let (shape, batch_stats) = match self.last {
             Some(Last::Local(Some(shape), batch_stats)) => (shape, batch_stats),
             Some(Last::Local(None, _)) => {
@@ -358,7 +384,11 @@ impl BatchNormLayer {
     fn training_args(
         &mut self,
         tracked: u64,
-    ) -> (Option<Affine<'_>>, SavedStatsMut<'_>, RunningUpdate<'_>) {
+    ) -> (
+        Option<Affine<'_, P>>,
+        SavedStatsMut<'_, P>,
+        RunningUpdate<'_, P>,
+    ) {
         let affine = Affine {
             gamma: &self.gamma,
             beta: &self.beta,
@@ -381,10 +411,10 @@ impl BatchNormLayer {
     fn backward_args(
         &mut self,
     ) -> (
-        Option<Affine<'_>>,
-        SavedStats<'_>,
-        ParamGrads<'_>,
-        RunningStats<'_>,
+        Option<Affine<'_, P>>,
+        SavedStats<'_, P>,
+        ParamGrads<'_, P>,
+        RunningStats<'_, P>,
     ) {
         let affine = Affine {
             gamma: &self.gamma,
@@ -408,8 +438,8 @@ impl BatchNormLayer {
 
     /// Sets dγ and dβ to zero.
     pub fn zero_grad(&mut self) {
-        self.dgamma.fill(0.0);
-        self.dbeta.fill(0.0);
+        self.dgamma.fill(P::ZERO);
+        self.dbeta.fill(P::ZERO);
     }
 
     /// Channels.
@@ -446,35 +476,35 @@ impl BatchNormLayer {
         self.batches_tracked
     }
     /// γ.
-    pub fn gamma(&self) -> &[f32] {
+    pub fn gamma(&self) -> &[P] {
         &self.gamma
     }
     /// β.
-    pub fn beta(&self) -> &[f32] {
+    pub fn beta(&self) -> &[P] {
         &self.beta
     }
     /// γ, to load or update (an optimizer step).
-    pub fn gamma_mut(&mut self) -> &mut [f32] {
+    pub fn gamma_mut(&mut self) -> &mut [P] {
         &mut self.gamma
     }
     /// β, to load or update.
-    pub fn beta_mut(&mut self) -> &mut [f32] {
+    pub fn beta_mut(&mut self) -> &mut [P] {
         &mut self.beta
     }
     /// The running mean.
-    pub fn running_mean(&self) -> &[f32] {
+    pub fn running_mean(&self) -> &[P] {
         &self.running_mean
     }
     /// The running variance.
-    pub fn running_var(&self) -> &[f32] {
+    pub fn running_var(&self) -> &[P] {
         &self.running_var
     }
     /// The running mean, to load a checkpoint.
-    pub fn running_mean_mut(&mut self) -> &mut [f32] {
+    pub fn running_mean_mut(&mut self) -> &mut [P] {
         &mut self.running_mean
     }
     /// The running variance, to load a checkpoint.
-    pub fn running_var_mut(&mut self) -> &mut [f32] {
+    pub fn running_var_mut(&mut self) -> &mut [P] {
         &mut self.running_var
     }
     /// Sets the batch counter (to load a checkpoint).
@@ -482,19 +512,19 @@ impl BatchNormLayer {
         self.batches_tracked = batches;
     }
     /// The batch mean saved by the last training forward.
-    pub fn saved_mean(&self) -> &[f32] {
+    pub fn saved_mean(&self) -> &[P] {
         &self.saved_mean
     }
     /// The inverse standard deviation `1/sqrt(var + ε)` saved by the last training forward.
-    pub fn saved_inv_std(&self) -> &[f32] {
+    pub fn saved_inv_std(&self) -> &[P] {
         &self.saved_inv_std
     }
     /// dγ accumulated since the last [`zero_grad`](BatchNormLayer::zero_grad).
-    pub fn dgamma(&self) -> &[f32] {
+    pub fn dgamma(&self) -> &[P] {
         &self.dgamma
     }
     /// dβ accumulated since the last [`zero_grad`](BatchNormLayer::zero_grad).
-    pub fn dbeta(&self) -> &[f32] {
+    pub fn dbeta(&self) -> &[P] {
         &self.dbeta
     }
 
@@ -502,7 +532,7 @@ impl BatchNormLayer {
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] naming `gamma` or `beta`; nothing changes then.
-    pub fn set_affine(&mut self, gamma: &[f32], beta: &[f32]) -> Result<(), Error> {
+    pub fn set_affine(&mut self, gamma: &[P], beta: &[P]) -> Result<(), Error> {
         const OP: &str = "BatchNormLayer::set_affine";
         check_len(OP, "gamma", self.channels, gamma.len())?;
         check_len(OP, "beta", self.channels, beta.len())?;

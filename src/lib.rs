@@ -19,9 +19,9 @@ mod stats;
 mod sync;
 
 pub use batchnorm::{BatchNorm, DEFAULT_EPS};
-pub use element::{Element, bf16, f16};
+pub use element::{Element, Param, bf16, f16};
 pub use error::Error;
-pub use layer::BatchNormLayer;
+pub use layer::{BatchNormLayer, Preset};
 pub use par::Parallelism;
 pub use params::{
     Affine, BackwardEpilogue, BackwardMode, Epilogue, GradMode, Momentum, ParamGrads, RunningStats,

@@ -3,8 +3,9 @@
 //! rank). Every rank runs the same cases in the same order: its slice of the batch against the f64
 //! reference on the concatenated batch and against the single-process op, per-channel results
 //! bit-identical on every rank (tests/common/sync_case.rs, shared with the threads test), uneven
-//! and empty slices, both layouts, every convention; then the errors every rank gets when the ranks
-//! disagree.
+//! and empty slices, both layouts, every convention; f64, f16 and bf16 data (half data bit for bit
+//! the f32 path rounded once, f64 data within the f64 tolerance of the single-process op); then
+//! the errors every rank gets when the ranks disagree.
 //!
 //! No test harness: a failed check panics, and the panic aborts the whole MPI job
 //! (`MPI_Abort`), so no rank waits forever in a collective for a rank that failed.
@@ -15,7 +16,9 @@ mod sync_case;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use batchnorm::{Communicator, Error, Layout, MpiComm, Parallelism, Shape, SyncBatchNorm};
+use batchnorm::{
+    Communicator, Error, Layout, MpiComm, Parallelism, Shape, SyncBatchNorm, bf16, f16,
+};
 use common::Rng;
 use mpi::traits::Communicator as _;
 use sync_case::{CONVENTIONS, Case};
@@ -41,14 +44,29 @@ fn run<C: Communicator>(comm: &C) -> usize {
     for layout in [Layout::Nchw, Layout::Nhwc] {
         for shape in shapes {
             for slices in slice_patterns(k) {
-                let mut case = Case::new(&mut rng, layout, shape, &slices);
-                case.conv = CONVENTIONS[cases % CONVENTIONS.len()];
+                let mut case = Case::<f32>::new(&mut rng, layout, shape, &slices)
+                    .with_conv(CONVENTIONS[cases % CONVENTIONS.len()]);
                 case.par = [Parallelism::Rayon, Parallelism::Sequential][(cases / 4) % 2];
-                if case.conv.1 == batchnorm::Variance::Unbiased && case.shape().per_channel() < 2 {
-                    case.conv = CONVENTIONS[1];
-                }
                 case.check(comm);
                 cases += 1;
+            }
+        }
+    }
+    // The other storage types.
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        for shape in [(3, 7), (17, 65), (2, 16411)] {
+            for slices in slice_patterns(k) {
+                let conv = CONVENTIONS[cases % CONVENTIONS.len()];
+                Case::<f64>::new(&mut rng, layout, shape, &slices)
+                    .with_conv(conv)
+                    .check_f64(comm);
+                Case::<f16>::new(&mut rng, layout, shape, &slices)
+                    .with_conv(conv)
+                    .check_half(comm);
+                Case::<bf16>::new(&mut rng, layout, shape, &slices)
+                    .with_conv(conv)
+                    .check_half(comm);
+                cases += 3;
             }
         }
     }
@@ -87,7 +105,7 @@ fn run<C: Communicator>(comm: &C) -> usize {
     }
     // Every slice empty.
     let bn = SyncBatchNorm::new(2, Layout::Nchw).unwrap();
-    let r = bn.training(&[], &mut [], None, None, None, None, comm);
+    let r = bn.training::<f32, _>(&[], &mut [], None, None, None, None, comm);
     assert_eq!(r, Err(Error::EmptyBatch));
     cases
 }

@@ -2,7 +2,9 @@
 //! results against the f64 reference on the concatenated batch, against the single-process op on
 //! that batch, bit-identical across ranks, bit-identical to the local op with one rank; uneven
 //! and empty slices, both layouts, every running-update convention; and the errors every rank
-//! gets, with nothing written, when the ranks disagree.
+//! gets, with nothing written, when the ranks disagree. The other storage types (f64, f16, bf16)
+//! for the operations and for the layer: one rank bit for bit the local op, half data bit for bit
+//! the f32 path rounded once, f64 data within the f64 tolerance of the single-process op.
 //!
 //! The tolerance and its reasoning: tests/common/sync_case.rs.
 #![allow(clippy::needless_range_loop)]
@@ -12,8 +14,9 @@ mod common;
 mod sync_case;
 
 use batchnorm::{
-    Communicator, Error, Layout, Momentum, Parallelism, SavedStats, SavedStatsMut, Shape,
-    SyncBatchNorm, ThreadComm, Variance,
+    Affine, BatchNormLayer, Communicator, Error, GradMode, Layout, Momentum, Parallelism,
+    ParamGrads, Preset, RunningUpdate, SavedStats, SavedStatsMut, Shape, SyncBatchNorm, ThreadComm,
+    Variance, bf16, f16,
 };
 use common::*;
 use sync_case::*;
@@ -63,14 +66,11 @@ fn ranks_match_the_single_process_op_on_the_concatenated_batch() {
     for layout in LAYOUTS {
         for &shape in SHAPES {
             for &slices in SLICES {
-                let mut case = Case::new(&mut rng, layout, shape, slices);
                 // Every convention and both parallelism settings across the cases.
-                case.conv = CONVENTIONS[k % CONVENTIONS.len()];
+                let mut case = Case::<f32>::new(&mut rng, layout, shape, slices)
+                    .with_conv(CONVENTIONS[k % CONVENTIONS.len()]);
                 case.par = [Parallelism::Rayon, Parallelism::Sequential][(k / 4) % 2];
                 k += 1;
-                if case.conv.1 == Variance::Unbiased && case.shape().per_channel() < 2 {
-                    case.conv = CONVENTIONS[1];
-                }
                 let errors = on_ranks(case.slices.len(), |comm| case.check(comm));
                 let ey = errors.iter().map(|e| e.0).fold(0.0, f64::max);
                 let edx = errors.iter().map(|e| e.1).fold(0.0, f64::max);
@@ -86,7 +86,7 @@ fn every_convention_on_both_layouts() {
     let mut rng = Rng::new(132);
     for layout in LAYOUTS {
         for conv in CONVENTIONS {
-            let mut case = Case::new(&mut rng, layout, (13, 11), &[2, 0, 3]);
+            let mut case = Case::<f32>::new(&mut rng, layout, (13, 11), &[2, 0, 3]);
             case.conv = conv;
             on_ranks(case.slices.len(), |comm| case.check(comm));
         }
@@ -102,7 +102,7 @@ fn training_results(
         let (bn, shape, len, conv) = f(comm.rank());
         let c = bn.channels();
         let x = vec![1.0f32; len];
-        let mut o = Outputs::new(len, c);
+        let mut o = Outputs::<f32>::new(len, c);
         let saved = SavedStatsMut {
             mean: &mut o.saved_mean,
             inv_std: &mut o.saved_inv_std,
@@ -110,7 +110,7 @@ fn training_results(
         let up = update((&mut o.running_mean, &mut o.running_var), conv);
         let r = bn.training(&x, &mut o.y, shape, None, Some(saved), Some(up), comm);
         if r.is_err() {
-            let untouched = Outputs::new(len, c);
+            let untouched = Outputs::<f32>::new(len, c);
             assert!(o.y.iter().all(|v| v.is_nan()), "y written on error");
             assert_eq!(
                 o.channel_bits(),
@@ -437,4 +437,182 @@ fn backward_ranks_that_disagree_on_the_gradients_get_an_error() {
         rank: 1,
     });
     assert_eq!(results, vec![want.clone(), want]);
+}
+
+/// Shapes and slices of the storage-type cases: one to three ranks (an empty slice among them),
+/// C = 1 and primes, HW = 1, odd, and a run of more than one NCHW piece.
+const STORAGE_CASES: &[((usize, usize), &[usize])] = &[
+    ((1, 1), &[3]),
+    ((3, 7), &[2, 1]),
+    ((17, 65), &[1, 0, 2]),
+    ((67, 9), &[2]),
+    ((5, 1000), &[1, 2, 1]),
+    ((2, 16411), &[1, 1]),
+    ((300, 3), &[0, 2, 1]),
+];
+
+/// Every storage-type case, both layouts, both parallelism settings, the conventions in turn:
+/// `check` on every rank.
+fn storage_cases<E: Store>(seed: u64, check: impl Fn(&Case<E>, &ThreadComm) + Sync) {
+    let mut rng = Rng::new(seed);
+    let mut k = 0;
+    for layout in LAYOUTS {
+        for &(shape, slices) in STORAGE_CASES {
+            for par in [Parallelism::Sequential, Parallelism::Rayon] {
+                let mut case = Case::<E>::new(&mut rng, layout, shape, slices)
+                    .with_conv(CONVENTIONS[k % CONVENTIONS.len()]);
+                case.par = par;
+                k += 1;
+                on_ranks(slices.len(), |comm| check(&case, comm));
+            }
+        }
+    }
+}
+
+#[test]
+fn f64_ranks_agree_and_match_the_single_process_op() {
+    storage_cases::<f64>(134, |case, comm| case.check_f64(comm));
+}
+
+#[test]
+fn half_ranks_are_the_f32_path_rounded_once() {
+    storage_cases::<f16>(135, |case, comm| case.check_half(comm));
+    storage_cases::<bf16>(136, |case, comm| case.check_half(comm));
+}
+
+#[test]
+fn ranks_with_different_storage_types_get_an_error() {
+    let results = on_ranks(2, |comm| {
+        let bn = sync(2, Layout::Nchw);
+        let shape = Shape::new(1, 2, 2).ok();
+        if comm.rank() == 0 {
+            let mut y = [f32::NAN; 4];
+            let r = bn.training(
+                &[1.0f32, 2.0, 3.0, 5.0],
+                &mut y,
+                shape,
+                None,
+                None,
+                None,
+                comm,
+            );
+            assert!(y.iter().all(|v| v.is_nan()), "y written on error");
+            r
+        } else {
+            let mut y = [f16::NAN; 4];
+            let x = [1.0, 2.0, 3.0, 5.0].map(f16::from_f32);
+            let r = bn.training(&x, &mut y, shape, None, None, None, comm);
+            assert!(y.iter().all(|v| v.is_nan()), "y written on error");
+            r
+        }
+    });
+    let want = Err(Error::SyncMismatch {
+        what: "storage type",
+        rank: 1,
+    });
+    assert_eq!(results, vec![want.clone(), want]);
+}
+
+/// The synchronized layers of every rank, two training steps and an evaluation step on data of
+/// type `E`, against the synchronized ops (and in evaluation the local layer) called with the
+/// layer's arguments on the same rank: y, dx and the layer's state, bit for bit.
+fn layers_are_the_sync_ops<E: Store>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    for layout in LAYOUTS {
+        for &((c, hw), slices) in STORAGE_CASES {
+            let n: usize = slices.iter().sum();
+            let whole = Shape::new(n, c, hw).unwrap();
+            let steps: Vec<(Vec<E>, Vec<E>)> = (0..3)
+                .map(|_| {
+                    let (means, stds) = ordinary(&mut rng, c);
+                    let x = tensor_of(&mut rng, whole, layout, &means, &stds);
+                    (x, normals_of::<E>(&mut rng, whole.len(), 0.0, 1.0))
+                })
+                .collect();
+            let gamma = params_of::<E>(&mut rng, c, 0.5, 1.0);
+            let beta = params_of::<E>(&mut rng, c, 0.0, 1.0);
+            let par = [Parallelism::Sequential, Parallelism::Rayon][slices.len() % 2];
+            on_ranks(slices.len(), |comm| {
+                let r = comm.rank();
+                let ctx = format!("{} {layout:?} C={c} HW={hw} {slices:?} rank {r}", E::NAME);
+                let per = c * hw;
+                let first: usize = slices[..r].iter().sum();
+                let range = first * per..(first + slices[r]) * per;
+                let shape = Shape::new(slices[r], c, hw).ok();
+                // Keras: old-value weight, biased variance (a single value per channel is fine).
+                let mut layer = BatchNormLayer::<E::Param>::new(c, layout, Preset::Keras)
+                    .unwrap()
+                    .with_parallelism(par);
+                layer.set_affine(&gamma, &beta).unwrap();
+                let bn = SyncBatchNorm::new(c, layout)
+                    .unwrap()
+                    .with_eps(layer.eps())
+                    .unwrap()
+                    .with_parallelism(par);
+                let affine = Some(Affine {
+                    gamma: &gamma,
+                    beta: &beta,
+                });
+                let nan = E::round(f64::NAN);
+                for (t, (x, dy)) in steps.iter().enumerate() {
+                    let (x, dy) = (&x[range.clone()], &dy[range.clone()]);
+                    let (mut rm, mut rv) =
+                        (layer.running_mean().to_vec(), layer.running_var().to_vec());
+                    let (mut sm, mut si) =
+                        (vec![E::param(f64::NAN); c], vec![E::param(f64::NAN); c]);
+                    let (mut dg, mut db) = (layer.dgamma().to_vec(), layer.dbeta().to_vec());
+                    let (mut y, mut y_op) = (vec![nan; x.len()], vec![nan; x.len()]);
+                    let (mut dx, mut dx_op) = (vec![nan; x.len()], vec![nan; x.len()]);
+                    if t == 2 {
+                        // Evaluation: no exchange, the local layer's forward and backward.
+                        layer.eval();
+                        let mut local = layer.clone();
+                        layer.forward_sync(x, &mut y, shape, comm).unwrap();
+                        layer.backward_sync(x, dy, &mut dx, comm).unwrap();
+                        if let Some(shape) = shape {
+                            local.forward(x, &mut y_op, shape).unwrap();
+                            local.backward(x, dy, &mut dx_op).unwrap();
+                        }
+                        assert_eq!(bits(&y), bits(&y_op), "{ctx}: eval y");
+                        assert_eq!(bits(&dx), bits(&dx_op), "{ctx}: eval dx");
+                        assert_eq!(bits(layer.dgamma()), bits(local.dgamma()), "{ctx}");
+                        assert_eq!(bits(layer.dbeta()), bits(local.dbeta()), "{ctx}");
+                        continue;
+                    }
+                    let update = RunningUpdate::keras(&mut rm, &mut rv);
+                    let saved = SavedStatsMut {
+                        mean: &mut sm,
+                        inv_std: &mut si,
+                    };
+                    bn.training(x, &mut y_op, shape, affine, Some(saved), Some(update), comm)
+                        .unwrap();
+                    layer.forward_sync(x, &mut y, shape, comm).unwrap();
+                    let saved = SavedStats {
+                        mean: &sm,
+                        inv_std: &si,
+                    };
+                    let grads = ParamGrads {
+                        dgamma: &mut dg,
+                        dbeta: &mut db,
+                        mode: GradMode::Accumulate,
+                    };
+                    bn.backward((x, dy), &mut dx_op, shape, affine, saved, Some(grads), comm)
+                        .unwrap();
+                    layer.backward_sync(x, dy, &mut dx, comm).unwrap();
+                    assert_eq!(bits(&y), bits(&y_op), "{ctx} step {t}: y");
+                    assert_eq!(bits(&dx), bits(&dx_op), "{ctx} step {t}: dx");
+                    assert_layer_state(&layer, [&sm, &si, &rm, &rv, &dg, &db], &ctx);
+                    assert_eq!(layer.batches_tracked(), t as u64 + 1, "{ctx}");
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn synchronized_layers_are_the_sync_ops_for_every_storage_type() {
+    layers_are_the_sync_ops::<f32>(137);
+    layers_are_the_sync_ops::<f64>(138);
+    layers_are_the_sync_ops::<f16>(139);
+    layers_are_the_sync_ops::<bf16>(140);
 }

@@ -17,8 +17,11 @@
 //!   totals are bit-identical on every rank), and each rank computes its dx with the global
 //!   count.
 //!
+//! Both take data of any [`Element`] type with parameters and statistics of its
+//! [`Element::Param`], as the local ops do; the exchanged sums are `f64` whatever the type.
+//!
 //! Before either exchange the ranks gather a small descriptor of the call (operation, channels,
-//! layout, ε, which optional arguments are present, the update rule, whether the rank's own
+//! layout, ε, the storage type, which optional arguments are present, the update rule, whether the rank's own
 //! arguments passed validation, its number of values). A disagreement is an error on every rank,
 //! and nothing is written: no rank waits for a message that will not come.
 
@@ -27,11 +30,15 @@ use crate::batchnorm::{
     write_grads,
 };
 use crate::driver::{self, Fuse, Grad, GradSums, Src};
+use crate::element::type_code;
 use crate::error::check_len;
 use crate::params::{Affine, GradMode, Momentum, ParamGrads, RunningUpdate, SavedStats};
 use crate::params::{BackwardMode, SavedStatsMut};
 use crate::scratch;
-use crate::{Backend, BatchNorm, ChannelStats, Error, Layout, Parallelism, Shape, Variance};
+use crate::simd::Real;
+use crate::{
+    Backend, BatchNorm, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance,
+};
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -93,7 +100,10 @@ pub trait Communicator {
 /// statistics of the concatenation of all slices, as one process would on the whole batch.
 ///
 /// The channel count, layout and ε are fixed at construction (and must agree between ranks);
-/// every call takes the local shape, `None` for a rank whose slice is empty this step.
+/// every call takes the local shape, `None` for a rank whose slice is empty this step. The data
+/// may be of any [`Element`] type (`f32`, `f64`, [`crate::f16`], [`crate::bf16`]; the same on
+/// every rank), with parameters and statistics of its [`Element::Param`], as in [`BatchNorm`]:
+/// with one rank the results are the local ops' bit for bit.
 ///
 /// ```
 /// use batchnorm::{Communicator, Layout, RunningUpdate, SavedStatsMut, Shape, SyncBatchNorm, ThreadComm};
@@ -137,11 +147,11 @@ enum Op {
 }
 
 /// Number of `f64` fields of the descriptor every synchronized call gathers first.
-const FIELDS: usize = 11;
+const FIELDS: usize = 12;
 
 /// Names of the descriptor's fields after the status and the count, for
 /// [`Error::SyncMismatch`]: the common ones, then the training forward's or the backward's.
-const WHAT: [&str; 4] = ["operation", "channels", "layout", "eps"];
+const WHAT: [&str; 5] = ["operation", "channels", "layout", "eps", "storage type"];
 const WHAT_TRAINING: [&str; 5] = [
     "affine",
     "saved statistics",
@@ -244,8 +254,8 @@ impl SyncBatchNorm {
         self.template.eps()
     }
 
-    /// The descriptor fields common to every call.
-    fn descriptor(&self, ok: bool, count: u64, op: Op) -> Descriptor {
+    /// The descriptor fields common to every call, for data of type `E`.
+    fn descriptor<E: Element>(&self, ok: bool, count: u64, op: Op) -> Descriptor {
         let mut d = [0.0; FIELDS];
         d[0] = if ok { 0.0 } else { 1.0 };
         d[1] = count as f64;
@@ -256,6 +266,7 @@ impl SyncBatchNorm {
             Layout::Nhwc => 1.0,
         };
         d[5] = self.eps();
+        d[6] = type_code::<E>() as f64;
         d
     }
 
@@ -294,14 +305,14 @@ impl SyncBatchNorm {
     /// running variance with fewer than two values in the whole batch, and
     /// [`Error::Communication`]. Nothing is written when an error is returned.
     #[allow(clippy::too_many_arguments)] // the local op's arguments, the local shape, the group
-    pub fn training<C: Communicator + ?Sized>(
+    pub fn training<E: Element, C: Communicator + ?Sized>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[E],
+        y: &mut [E],
         shape: Option<Shape>,
-        affine: Option<Affine<'_>>,
-        saved: Option<SavedStatsMut<'_>>,
-        update: Option<RunningUpdate<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        saved: Option<SavedStatsMut<'_, E::Param>>,
+        update: Option<RunningUpdate<'_, E::Param>>,
         comm: &C,
     ) -> Result<(), Error> {
         const OP: &str = "SyncBatchNorm::training";
@@ -317,17 +328,17 @@ impl SyncBatchNorm {
             Ok((bn, weights))
         });
         let count = shape.map_or(0, |s| s.per_channel() as u64);
-        let mut desc = self.descriptor(checked.is_ok(), count, Op::Training);
-        desc[6] = affine.is_some() as u8 as f64;
-        desc[7] = saved.is_some() as u8 as f64;
-        desc[8] = update.is_some() as u8 as f64;
+        let mut desc = self.descriptor::<E>(checked.is_ok(), count, Op::Training);
+        desc[7] = affine.is_some() as u8 as f64;
+        desc[8] = saved.is_some() as u8 as f64;
+        desc[9] = update.is_some() as u8 as f64;
         if let Some(u) = &update {
-            desc[9] = match u.momentum {
+            desc[10] = match u.momentum {
                 Momentum::NewWeight(m) => m,
                 Momentum::OldWeight(m) => -1.0 - m,
                 Momentum::CumulativeAverage { batches_tracked } => -3.0 - batches_tracked as f64,
             };
-            desc[10] = match u.var_estimator {
+            desc[11] = match u.var_estimator {
                 Variance::Biased => 0.0,
                 Variance::Unbiased => 1.0,
             };
@@ -360,10 +371,10 @@ impl SyncBatchNorm {
         // Normalize the local slice with the global statistics; then the saved statistics and
         // the running update, as the local op does.
         let eps = self.eps();
-        let mut inv_std = scratch::zeroed::<f32>(channels);
+        let mut inv_std = scratch::zeroed::<E::Param>(channels);
         let params = scratch::from_fn(channels, |c| {
             let (p, r) = normalize_params(&global[c], eps, gamma_beta(affine.as_ref(), c));
-            inv_std[c] = r as f32;
+            inv_std[c] = E::Param::from_f64(r);
             p
         });
         if let Some(bn) = &bn {
@@ -391,14 +402,14 @@ impl SyncBatchNorm {
     /// [`Error::SyncPeerFailed`], [`Error::SyncMismatch`], [`Error::EmptyBatch`],
     /// [`Error::Communication`] on every rank). Nothing is written when an error is returned.
     #[allow(clippy::too_many_arguments)] // the local op's arguments, the local shape, the group
-    pub fn backward<C: Communicator + ?Sized>(
+    pub fn backward<E: Element, C: Communicator + ?Sized>(
         &self,
-        (x, dy): (&[f32], &[f32]),
-        dx: &mut [f32],
+        (x, dy): (&[E], &[E]),
+        dx: &mut [E],
         shape: Option<Shape>,
-        affine: Option<Affine<'_>>,
-        saved: SavedStats<'_>,
-        grads: Option<ParamGrads<'_>>,
+        affine: Option<Affine<'_, E::Param>>,
+        saved: SavedStats<'_, E::Param>,
+        grads: Option<ParamGrads<'_, E::Param>>,
         comm: &C,
     ) -> Result<(), Error> {
         const OP: &str = "SyncBatchNorm::backward";
@@ -413,10 +424,10 @@ impl SyncBatchNorm {
             Ok(bn)
         });
         let count = shape.map_or(0, |s| s.per_channel() as u64);
-        let mut desc = self.descriptor(checked.is_ok(), count, Op::Backward);
-        desc[6] = affine.is_some() as u8 as f64;
-        desc[7] = grads.is_some() as u8 as f64;
-        desc[8] = match grads.as_ref().map(|g| g.mode) {
+        let mut desc = self.descriptor::<E>(checked.is_ok(), count, Op::Backward);
+        desc[7] = affine.is_some() as u8 as f64;
+        desc[8] = grads.is_some() as u8 as f64;
+        desc[9] = match grads.as_ref().map(|g| g.mode) {
             None => 0.0,
             Some(GradMode::Overwrite) => 1.0,
             Some(GradMode::Accumulate) => 2.0,
@@ -446,7 +457,7 @@ impl SyncBatchNorm {
         }
 
         let m = total as f64;
-        let gamma_of = |c: usize| affine.map_or(1.0, |a| a.gamma[c] as f64);
+        let gamma_of = |c: usize| affine.map_or(1.0, |a| a.gamma[c].into());
         if let Some(bn) = &bn {
             let params =
                 scratch::from_fn(channels, |c| dx_params(&saved, c, gamma_of(c), &sums[c], m));
@@ -454,7 +465,7 @@ impl SyncBatchNorm {
         }
         if let Some(mut g) = grads {
             for (c, s) in sums.iter().enumerate() {
-                let (dgamma, dbeta, _) = training_grads(s, saved.inv_std[c] as f64, m);
+                let (dgamma, dbeta, _) = training_grads(s, saved.inv_std[c].into(), m);
                 write_grads(&mut g, c, (dgamma, dbeta));
             }
         }

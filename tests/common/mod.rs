@@ -1,7 +1,10 @@
 //! Shared test helpers: deterministic data, backends under test, tolerances, error metrics.
 #![allow(dead_code, unused_imports)]
 
-use batchnorm::{Backend, BatchNorm, Layout, Parallelism, SavedStatsMut, Shape};
+use batchnorm::{
+    Backend, BatchNorm, BatchNormLayer, Element, Layout, Parallelism, Param, SavedStatsMut, Shape,
+    bf16, f16,
+};
 
 pub use batchnorm_check::{EPS32, fwd_tol, stats_tol};
 
@@ -39,6 +42,95 @@ pub fn operators(shape: Shape, layout: Layout, eps: f64) -> Vec<BatchNorm> {
 /// The checker's random generator (SplitMix64), shared so tests and fuzz replays draw alike.
 pub use batchnorm_check::Rng;
 
+/// A storage type under test, built from f64 values: data of type `Self`, parameters of type
+/// `Self::Param`, each rounded to nearest.
+pub trait Store: Element {
+    /// `x` rounded to this type.
+    fn round(x: f64) -> Self;
+    /// `x` rounded to the parameter type.
+    fn param(x: f64) -> Self::Param;
+}
+
+impl Store for f32 {
+    fn round(x: f64) -> f32 {
+        x as f32
+    }
+    fn param(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+impl Store for f64 {
+    fn round(x: f64) -> f64 {
+        x
+    }
+    fn param(x: f64) -> f64 {
+        x
+    }
+}
+
+impl Store for f16 {
+    fn round(x: f64) -> f16 {
+        f16::from_f64(x)
+    }
+    fn param(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+impl Store for bf16 {
+    fn round(x: f64) -> bf16 {
+        bf16::from_f64(x)
+    }
+    fn param(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+/// `len` values `mean + std·N(0,1)` of type `E` (for f32, [`Rng::normals`]).
+pub fn normals_of<E: Store>(rng: &mut Rng, len: usize, mean: f64, std: f64) -> Vec<E> {
+    (0..len)
+        .map(|_| E::round(mean + std * rng.normal()))
+        .collect()
+}
+
+/// `len` parameters `mean + std·N(0,1)` of `E`'s parameter type.
+pub fn params_of<E: Store>(rng: &mut Rng, len: usize, mean: f64, std: f64) -> Vec<E::Param> {
+    (0..len)
+        .map(|_| E::param(mean + std * rng.normal()))
+        .collect()
+}
+
+/// The values as bits (widened to f64 first, exactly), to compare outputs of any type bit for
+/// bit.
+pub fn bits<T: Copy + Into<f64>>(v: &[T]) -> Vec<u64> {
+    v.iter().map(|&x| x.into().to_bits()).collect()
+}
+
+/// The layer's per-channel state, bit for bit `want`: the saved mean and inverse std, the running
+/// mean and variance, dγ and dβ, in that order.
+pub fn assert_layer_state<P: Param>(layer: &BatchNormLayer<P>, want: [&[P]; 6], ctx: &str) {
+    let got = [
+        layer.saved_mean(),
+        layer.saved_inv_std(),
+        layer.running_mean(),
+        layer.running_var(),
+        layer.dgamma(),
+        layer.dbeta(),
+    ];
+    let names = [
+        "saved mean",
+        "inv std",
+        "running mean",
+        "running var",
+        "dgamma",
+        "dbeta",
+    ];
+    for ((got, want), name) in got.iter().zip(want).zip(names) {
+        assert_eq!(bits(got), bits(want), "{ctx}: {name}");
+    }
+}
+
 /// A tensor whose channel `c` is `means[c] + stds[c]·N(0,1)`, in `layout`.
 pub fn tensor(
     rng: &mut Rng,
@@ -47,11 +139,22 @@ pub fn tensor(
     means: &[f64],
     stds: &[f64],
 ) -> Vec<f32> {
-    let mut x = vec![0.0; shape.len()];
+    tensor_of(rng, shape, layout, means, stds)
+}
+
+/// [`tensor`] of type `E`.
+pub fn tensor_of<E: Store>(
+    rng: &mut Rng,
+    shape: Shape,
+    layout: Layout,
+    means: &[f64],
+    stds: &[f64],
+) -> Vec<E> {
+    let mut x = vec![E::default(); shape.len()];
     for n in 0..shape.n() {
         for c in 0..shape.c() {
             for s in 0..shape.hw() {
-                x[shape.index(layout, n, c, s)] = (means[c] + stds[c] * rng.normal()) as f32;
+                x[shape.index(layout, n, c, s)] = E::round(means[c] + stds[c] * rng.normal());
             }
         }
     }
