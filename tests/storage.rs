@@ -383,8 +383,8 @@ fn bf16_subnormal_output_rounds_to_nearest_even() {
     // With γ = 0 the output is β. bf16 subnormals are multiples of 2⁻¹³³ (7 fraction bits below
     // 2⁻¹²⁶, as in f32): 3·2⁻¹³³ is one; 2⁻¹³⁴ is a tie between 0 and 2⁻¹³³ (even: 0); 3·2⁻¹³⁴
     // a tie between 2⁻¹³³ and 2⁻¹³² (even: 2⁻¹³²); −5·2⁻¹⁴⁰ rounds to −0; the largest f32
-    // subnormal rounds up to the smallest normal 2⁻¹²⁶. (AVX512-BF16's conversion reads
-    // subnormals as zero: these are the lanes it must not be trusted with.)
+    // subnormal rounds up to the smallest normal 2⁻¹²⁶. (AVX512-BF16's `vcvtneps2bf16` would
+    // read these as zero.)
     // 2ᵉ from its bits (powi would go through 2⁻ᵉ, which overflows f32 here).
     let p = |e: i32| match e {
         -149..=-127 => f32::from_bits(1 << (e + 149)),

@@ -267,42 +267,15 @@ fn avx2_low_mask(n: usize) -> __m256i {
     unsafe { _mm256_loadu_si256(WINDOW[start..].as_ptr().cast()) }
 }
 
-/// Token proving the CPU supports AVX-512F, and whether it has AVX512-BF16 too.
+/// Token proving the CPU supports AVX-512F.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512 {
-    /// `vcvtneps2bf16` is available (detected with the token).
-    bf16: bool,
+    _proof: (),
 }
 
 impl Avx512 {
     pub(crate) fn try_new() -> Option<Self> {
-        is_x86_feature_detected!("avx512f").then(|| Self {
-            bf16: is_x86_feature_detected!("avx512bf16"),
-        })
-    }
-
-    /// 16 f32 lanes rounded to bfloat16 as [`Simd::store_bf16_ptr`] specifies: one
-    /// `vcvtneps2bf16` where the CPU has it, else the integer rounding of [`avx512_bf16`].
-    ///
-    /// The instruction rounds to nearest even and quiets NaN exactly as the integer code does,
-    /// but it reads subnormal inputs as zero; a vector with a subnormal lane (rare: a result
-    /// below 2⁻¹²⁶ in magnitude) takes the integer code, so the result is the same bit for bit.
-    #[inline(always)]
-    fn bf16(self, v: __m512) -> __m256i {
-        if self.bf16 {
-            // SAFETY: AVX-512F and AVX512-BF16 were detected with the token (`self.bf16`).
-            let out = unsafe { vcvtneps2bf16(v) };
-            // SAFETY: AVX-512F available (token); register operations only.
-            let subnormal = unsafe {
-                let bits = _mm512_castps_si512(v);
-                let zero_exponent = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7F80_0000));
-                _mm512_mask_test_epi32_mask(zero_exponent, bits, _mm512_set1_epi32(0x007F_FFFF))
-            };
-            if subnormal == 0 {
-                return out;
-            }
-        }
-        avx512_bf16(v)
+        is_x86_feature_detected!("avx512f").then_some(Self { _proof: () })
     }
 
     /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
@@ -316,28 +289,6 @@ impl Avx512 {
         // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
         unsafe { entry(self, k) }
     }
-}
-
-/// `vcvtneps2bf16`: 16 f32 lanes rounded to bfloat16 (to nearest even, NaN quiet, subnormal
-/// inputs read as zero). Written as assembly because the kernels are compiled for AVX-512F only:
-/// a target feature of its own would need a kernel entry point per feature set.
-///
-/// # Safety
-/// The CPU must have AVX512-BF16.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn vcvtneps2bf16(v: __m512) -> __m256i {
-    let out: __m256i;
-    // SAFETY: the caller guarantees AVX512-BF16; the instruction reads and writes registers only.
-    unsafe {
-        std::arch::asm!(
-            "vcvtneps2bf16 {out}, {v}",
-            v = in(zmm_reg) v,
-            out = lateout(ymm_reg) out,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    out
 }
 
 /// 16 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 16 × u16.
@@ -409,7 +360,7 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m512) {
         // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`.
-        unsafe { _mm256_storeu_si256(p.cast(), self.bf16(v)) }
+        unsafe { _mm256_storeu_si256(p.cast(), avx512_bf16(v)) }
     }
     #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> __m512 {
@@ -437,7 +388,7 @@ impl Simd for Avx512 {
     #[inline(always)]
     fn bf16_bits(self, v: __m512) -> [u16; MAX_LANES] {
         // SAFETY: AVX-512F available (token). `black_box` keeps the conversion in registers.
-        unsafe { std::mem::transmute(std::hint::black_box(self.bf16(v))) }
+        unsafe { std::mem::transmute(std::hint::black_box(avx512_bf16(v))) }
     }
     #[inline(always)]
     fn add(self, a: __m512, b: __m512) -> __m512 {
