@@ -8,43 +8,11 @@ use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
 use batchnorm_capi::*;
-use common::{t, tm};
-
-fn message() -> String {
-    // SAFETY: the library returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(bn_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-struct Op(*mut BnOp);
-
-impl Drop for Op {
-    fn drop(&mut self) {
-        // SAFETY: from `bn_create`, destroyed once.
-        unsafe { bn_destroy(self.0) }
-    }
-}
-
-fn op(layout: u32) -> Op {
-    let desc = BnDesc {
-        n: 2,
-        c: 3,
-        hw: 4,
-        layout,
-        eps: 1e-5,
-        threads: 0,
-        dtype: BN_DTYPE_F32,
-    };
-    let mut p = null_mut();
-    // SAFETY: valid descriptor and output slot.
-    assert_eq!(unsafe { bn_create(&desc, &mut p) }, BnStatus::Ok);
-    Op(p)
-}
+use common::{Op, create, desc, message, t, tm};
 
 #[test]
 fn every_function_reports_bad_arguments_and_writes_nothing() {
-    let op = op(BN_LAYOUT_NHWC);
+    let op = create(&desc(2, 3, 4, BN_LAYOUT_NHWC, 0, BN_DTYPE_F32));
     let x: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
     let (mean, var) = ([0.0f32; 3], [1.0f32; 3]);
     let running = BnRunning {

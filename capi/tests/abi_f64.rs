@@ -6,39 +6,14 @@
 
 mod common;
 
-use std::ptr::{null, null_mut};
+use std::ptr::null;
 
 use batchnorm::{
     Affine, BackwardMode, BatchNorm, GradMode, Layout, Parallelism, ParamGrads, RunningStats,
     RunningUpdate, SavedStats, SavedStatsMut, Shape,
 };
 use batchnorm_capi::*;
-use common::{td, tdm};
-
-struct Op(*mut BnOp);
-
-impl Drop for Op {
-    fn drop(&mut self) {
-        // SAFETY: from `bn_create`, destroyed once.
-        unsafe { bn_destroy(self.0) }
-    }
-}
-
-fn create(n: usize, c: usize, hw: usize, layout: u32) -> Op {
-    let desc = BnDesc {
-        n,
-        c,
-        hw,
-        layout,
-        eps: 1e-5,
-        threads: 0,
-        dtype: BN_DTYPE_F64,
-    };
-    let mut p = null_mut();
-    // SAFETY: valid descriptor and output slot.
-    assert_eq!(unsafe { bn_create(&desc, &mut p) }, BnStatus::Ok);
-    Op(p)
-}
+use common::{create, desc, td, tdm};
 
 fn fill(n: usize, seed: usize, offset: f64) -> Vec<f64> {
     (0..n)
@@ -58,7 +33,7 @@ fn f64_operations_match_the_rust_api() {
             (Layout::Nhwc, BN_LAYOUT_NHWC),
         ] {
             let case = format!("{layout:?} {n}x{c}x{hw}");
-            let op = create(n, c, hw, code);
+            let op = create(&desc(n, c, hw, code, 0, BN_DTYPE_F64));
             let shape = Shape::new(n, c, hw).unwrap();
             let bn = BatchNorm::new(shape, layout)
                 .unwrap()
@@ -170,7 +145,7 @@ fn f64_operations_match_the_rust_api() {
 
 #[test]
 fn f64_parameter_lengths_are_checked() {
-    let op = create(2, 3, 4, BN_LAYOUT_NCHW);
+    let op = create(&desc(2, 3, 4, BN_LAYOUT_NCHW, 0, BN_DTYPE_F64));
     let (x, mut y) = (vec![1.0f64; 24], vec![7.0f64; 24]);
     let (mean, var) = (vec![0.0f64; 2], vec![1.0f64; 3]);
     let running = BnRunning {

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
 use batchnorm::{
@@ -19,7 +18,7 @@ use batchnorm::{
     f16,
 };
 use batchnorm_capi::*;
-use common::{t, td, tdm, tm};
+use common::{create, desc, message, t, td, tdm, tm};
 
 /// A half storage type with its ABI code and its bits (the comparisons are bit for bit).
 trait Half: Element<Param = f32> {
@@ -47,42 +46,6 @@ fn bits<E: Half>(v: &[E]) -> Vec<u16> {
 
 fn f32_bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|e| e.to_bits()).collect()
-}
-
-fn message() -> String {
-    // SAFETY: the library returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(bn_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-struct Op(*mut BnOp);
-
-impl Drop for Op {
-    fn drop(&mut self) {
-        // SAFETY: from `bn_create`, destroyed once.
-        unsafe { bn_destroy(self.0) }
-    }
-}
-
-fn create(desc: &BnDesc) -> Op {
-    let mut p = null_mut();
-    // SAFETY: valid descriptor and output slot.
-    let status = unsafe { bn_create(desc, &mut p) };
-    assert_eq!(status, BnStatus::Ok, "{}", message());
-    Op(p)
-}
-
-fn desc(n: usize, c: usize, hw: usize, layout: u32, threads: usize, dtype: u32) -> BnDesc {
-    BnDesc {
-        n,
-        c,
-        hw,
-        layout,
-        eps: 1e-5,
-        threads,
-        dtype,
-    }
 }
 
 /// `(((37·i + 11·seed) mod 101)/16 − 3)·1.1`: most values are not exact in half precision, so
