@@ -206,7 +206,7 @@ impl BatchNorm {
     ) -> Result<(), Error> {
         self.check_tensor(op, "x", x)?;
         check_len(op, "stats", self.ctx.shape.c(), stats.len())?;
-        driver::statistics(&self.ctx, x, stats);
+        E::statistics(&self.ctx, x, stats);
         Ok(())
     }
 
@@ -288,7 +288,7 @@ impl BatchNorm {
         self.check_tensor(op, "y", y)?;
         let fuse = self.fuse(op, epilogue)?;
         let params = self.inference_params(op, affine.as_ref(), &running)?;
-        driver::normalize(&self.ctx, (Src::Separate(x), fuse), y, &params);
+        E::normalize(&self.ctx, (Src::Separate(x), fuse), y, &params);
         Ok(())
     }
 
@@ -323,7 +323,7 @@ impl BatchNorm {
         self.check_tensor(op, "x", x)?;
         let fuse = self.fuse(op, epilogue)?;
         let params = self.inference_params(op, affine.as_ref(), &running)?;
-        driver::normalize(&self.ctx, (Src::InPlace, fuse), x, &params);
+        E::normalize(&self.ctx, (Src::InPlace, fuse), x, &params);
         Ok(())
     }
 
@@ -459,7 +459,7 @@ impl BatchNorm {
                 &mut not_kept[..]
             }
         };
-        driver::training(&self.ctx, (x, fuse), y, &make, stats);
+        E::training(&self.ctx, (x, fuse), y, &make, stats);
         let inv_std = |c: usize| f64::from_bits(inv_std[c].load(Ordering::Relaxed));
         let inv_std = |c: usize| E::Param::from_f64(inv_std(c));
         finish_training(stats, inv_std, saved, update.zip(weights));
@@ -545,13 +545,13 @@ impl BatchNorm {
             BackwardMode::Training(saved) => {
                 let make = |c: usize, g: &GradSums| dx_params(&saved, c, gamma_of(c), g, m);
                 let make = Some(&make as _);
-                driver::backward(&self.ctx, x, grad, dx, saved.mean, make, &mut sums);
+                E::backward(&self.ctx, x, grad, dx, saved.mean, make, &mut sums);
             }
             BackwardMode::Frozen(running) => {
                 if grads.is_some() {
                     // Reduction first (it stages a staged gradient): in place, dy is overwritten
                     // by dx afterwards.
-                    driver::backward(&self.ctx, x, grad, dx, running.mean, None, &mut sums);
+                    E::backward(&self.ctx, x, grad, dx, running.mean, None, &mut sums);
                 } else {
                     driver::stage(&self.ctx, grad, dx);
                 }
@@ -560,7 +560,7 @@ impl BatchNorm {
                     scale: E::Param::from_f64(gamma_of(c) * frozen_inv_std(running.var[c])),
                     bias: E::Param::ZERO,
                 });
-                driver::normalize(&self.ctx, (grad.src(), Fuse::default()), dx, &params);
+                E::normalize(&self.ctx, (grad.src(), Fuse::default()), dx, &params);
             }
         }
         if let Some(mut g) = grads {

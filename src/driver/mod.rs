@@ -191,7 +191,7 @@ fn exact_sums<E: Element>(pairs: impl Iterator<Item = (E, E)>, pivot: E::Param) 
 /// Each storage type implements them here by non-generic functions, so the kernels behind them
 /// (every backend, both layouts) are compiled once, into this crate. Called as generic
 /// functions, they would be compiled again into every crate that calls the API: each test binary,
-/// the C library, an engine. The generic functions below forward to them.
+/// the C library, an engine. Generic code calls them as `E::statistics(..)` and so on.
 ///
 /// A bound of [`Element`], so it is reachable from outside, but it lives in a private module:
 /// other crates can neither name it, call its functions nor implement it (the crate-private types
@@ -317,61 +317,6 @@ macro_rules! drive {
     )*};
 }
 drive!(f32, f64, f16, bf16);
-
-/// [`Drive::statistics`].
-#[inline(always)]
-pub(crate) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats]) {
-    E::statistics(ctx, x, out)
-}
-
-/// [`Drive::normalize`].
-#[inline(always)]
-pub(crate) fn normalize<E: Element>(
-    ctx: &Ctx,
-    src: (Src<'_, E>, Fuse<'_, E>),
-    dst: &mut [E],
-    params: &[ChannelAffine<E::Param>],
-) {
-    E::normalize(ctx, src, dst, params)
-}
-
-/// [`Drive::training`].
-#[inline(always)]
-pub(crate) fn training<E: Element>(
-    ctx: &Ctx,
-    x: (&[E], Fuse<'_, E>),
-    y: &mut [E],
-    make: MakeAffine<'_, E::Param>,
-    stats: &mut [ChannelStats],
-) {
-    E::training(ctx, x, y, make, stats)
-}
-
-/// [`Drive::backward`].
-#[inline(always)]
-pub(crate) fn backward<E: Element>(
-    ctx: &Ctx,
-    x: &[E],
-    dy: Grad<'_, E>,
-    dx: &mut [E],
-    pivots: &[E::Param],
-    make: Option<MakeDx<'_, E::Param>>,
-    sums: &mut [GradSums],
-) {
-    E::backward(ctx, x, dy, dx, pivots, make, sums)
-}
-
-/// [`Drive::dx`].
-#[inline(always)]
-pub(crate) fn dx<E: Element>(
-    ctx: &Ctx,
-    x: &[E],
-    dy: Src<'_, E>,
-    dx: &mut [E],
-    params: &[DxParams<E::Param>],
-) {
-    E::dx(ctx, x, dy, dx, params)
-}
 
 /// Stages the gradient `grad` over the whole tensor (nothing for `Grad::Dy`), `out` being the
 /// output buffer, for a backward that maps it without reducing it first.

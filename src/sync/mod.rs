@@ -21,15 +21,15 @@
 //! [`Element::Param`], as the local ops do; the exchanged sums are `f64` whatever the type.
 //!
 //! Before either exchange the ranks gather a small descriptor of the call (operation, channels,
-//! layout, ε, the storage type, which optional arguments are present, the update rule, whether the rank's own
-//! arguments passed validation, its number of values). A disagreement is an error on every rank,
+//! layout, ε, the storage type, which optional arguments are present, the update rule, whether
+//! the rank's own arguments passed validation, its number of values). A disagreement is an error on every rank,
 //! and nothing is written: no rank waits for a message that will not come.
 
 use crate::batchnorm::{
     check_values, dx_params, finish_training, gamma_beta, normalize_params, training_grads,
     write_grads,
 };
-use crate::driver::{self, Fuse, Grad, GradSums, Src};
+use crate::driver::{Fuse, Grad, GradSums, Src};
 use crate::element::type_code;
 use crate::error::check_len;
 use crate::params::{Affine, GradMode, Momentum, ParamGrads, RunningUpdate, SavedStats};
@@ -353,7 +353,7 @@ impl SyncBatchNorm {
         let channels = self.channels();
         let mut local = scratch::zeroed::<ChannelStats>(channels);
         if let Some(bn) = &bn {
-            driver::statistics(bn.ctx(), x, &mut local);
+            E::statistics(bn.ctx(), x, &mut local);
         }
         let send = scratch::from_fn(2 * channels, |i| {
             let s = &local[i / 2];
@@ -379,7 +379,7 @@ impl SyncBatchNorm {
         });
         if let Some(bn) = &bn {
             let src = (Src::Separate(x), Fuse::default());
-            driver::normalize(bn.ctx(), src, y, &params);
+            E::normalize(bn.ctx(), src, y, &params);
         }
         finish_training(&global, |c| inv_std[c], saved, update.zip(weights));
         Ok(())
@@ -441,7 +441,7 @@ impl SyncBatchNorm {
         let mut sums = scratch::zeroed::<GradSums>(channels);
         if let Some(bn) = &bn {
             let dy = Grad::Dy(Src::Separate(dy));
-            driver::backward(bn.ctx(), x, dy, dx, saved.mean, None, &mut sums);
+            E::backward(bn.ctx(), x, dy, dx, saved.mean, None, &mut sums);
         }
         let mut buf = scratch::from_fn(3 * channels, |i| {
             let g = &sums[i / 3];
@@ -461,7 +461,7 @@ impl SyncBatchNorm {
         if let Some(bn) = &bn {
             let params =
                 scratch::from_fn(channels, |c| dx_params(&saved, c, gamma_of(c), &sums[c], m));
-            driver::dx(bn.ctx(), x, Src::Separate(dy), dx, &params);
+            E::dx(bn.ctx(), x, Src::Separate(dy), dx, &params);
         }
         if let Some(mut g) = grads {
             for (c, s) in sums.iter().enumerate() {
