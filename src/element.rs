@@ -247,14 +247,12 @@ pub(crate) fn store_partial<S: Simd<T = E::Param>, E: Element>(s: S, out: &mut [
         };
         return s.store_partial(out, v);
     }
-    let bits = match E::KIND {
-        Kind::F16 => s.f16_bits(v),
-        _ => s.bf16_bits(v),
-    };
-    let n = out.len().min(S::LANES);
     // SAFETY: `E` is a 16-bit type (`KIND`), so the slice is a slice of u16.
     let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), out.len()) };
-    out[..n].copy_from_slice(&bits[..n]);
+    match E::KIND {
+        Kind::F16 => s.store_f16_partial(out, v),
+        _ => s.store_bf16_partial(out, v),
+    }
 }
 
 /// The first `LANES` values of `x` as lanes; a shorter slice is padded with `fill`.

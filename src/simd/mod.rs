@@ -133,19 +133,18 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// `p` must be valid for writing `LANES` consecutive `u16`.
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: Self::V);
     /// The first `min(bits.len(), LANES)` binary16 values (bits) widened to f32 in the low lanes,
-    /// the others 0. Built in registers from scalar loads: a vector load of values just written
-    /// one by one to a buffer would wait for the stores (no store-to-load forwarding across
-    /// several stores), about 20 ns per tail.
+    /// the others 0. Loaded in registers (masked or piecewise loads), never through a buffer
+    /// written one value at a time: a vector load of such a buffer waits for the stores (no
+    /// store-to-load forwarding across several stores), about 20 ns per tail.
     fn load_f16_partial(self, bits: &[u16]) -> Self::V;
     /// As [`Simd::load_f16_partial`] for bfloat16.
     fn load_bf16_partial(self, bits: &[u16]) -> Self::V;
-    /// The lanes of `v` rounded to binary16, as bits in the low `LANES` entries (for tails: the
-    /// conversion runs in registers, so reading single entries back does not wait on a converting
-    /// store, which the store-to-load forwarding of x86 cores does not serve).
-    fn f16_bits(self, v: Self::V) -> [u16; MAX_LANES];
-    /// The lanes of `v` rounded to bfloat16 as [`Simd::store_bf16_ptr`] does, as bits in the low
-    /// `LANES` entries (for tails, as [`Simd::f16_bits`]).
-    fn bf16_bits(self, v: Self::V) -> [u16; MAX_LANES];
+    /// The low `min(out.len(), LANES)` lanes of `v` rounded to binary16 as
+    /// [`Simd::store_f16_ptr`] does, as bits into `out` (for tails: the same conversion as a
+    /// whole vector, then only the lanes inside `out` written).
+    fn store_f16_partial(self, out: &mut [u16], v: Self::V);
+    /// As [`Simd::store_f16_partial`] for bfloat16.
+    fn store_bf16_partial(self, out: &mut [u16], v: Self::V);
     /// Loads `min(s.len(), LANES)` elements into the low lanes, the others set to `fill`.
     fn load_partial(self, s: &[Self::T], fill: Self::T) -> Self::V;
     /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.
@@ -244,17 +243,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     }
 }
 
-/// The first `min(bits.len(), 16)` 16-bit values packed into four little-endian words (the rest
-/// zero), with scalar loads only.
-#[inline(always)]
-pub(crate) fn pack_words(bits: &[u16]) -> [u64; 4] {
-    let mut words = [0u64; 4];
-    for (i, &b) in bits.iter().take(MAX_LANES).enumerate() {
-        words[i / 4] |= (b as u64) << (16 * (i % 4));
-    }
-    words
-}
-
 /// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic
 /// over the SIMD type. `run` must be `#[inline(always)]`.
 pub trait Kernel {
@@ -276,7 +264,9 @@ pub enum Backend {
     Portable,
     /// 256-bit AVX2 with fused multiply-add (x86-64, runtime-detected).
     Avx2Fma,
-    /// 512-bit AVX-512F (x86-64, runtime-detected).
+    /// 512-bit AVX-512 (x86-64, runtime-detected): AVX-512F, with AVX-512BW and AVX-512VL for
+    /// masked 16-bit loads and stores (the tails of f16 / bf16 data). Every AVX-512 CPU since
+    /// Skylake-SP has all three; one without BW/VL (Xeon Phi) gets [`Backend::Avx2Fma`].
     Avx512,
 }
 
@@ -359,6 +349,82 @@ impl Backend {
                 None => k.run(K::T::on(Portable)),
             },
             _ => k.run(K::T::on(Portable)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bits of `count` distinct half values (f16 and bf16 alike: small normal numbers, each
+    /// exactly representable in both, with the sign alternating).
+    fn bits(count: usize) -> Vec<u16> {
+        (0..count)
+            .map(|i| (0x3C00 + 0x40 * i as u16) | if i % 2 == 1 { 0x8000 } else { 0 })
+            .collect()
+    }
+
+    /// The half tails of one backend, every length from 0 to LANES: the loads fill exactly the
+    /// first `n` lanes (the others 0) and the stores write exactly the first `n` values, on
+    /// buffers with guard values after them.
+    fn half_tails<S: Simd<T = f32>>(s: S) {
+        for n in 0..=S::LANES {
+            let all = bits(S::LANES + 1);
+            let src = &all[..n];
+            for bf in [false, true] {
+                let widen = |b: u16| {
+                    if bf {
+                        half::bf16::from_bits(b).to_f32()
+                    } else {
+                        half::f16::from_bits(b).to_f32()
+                    }
+                };
+                let v = if bf {
+                    s.load_bf16_partial(src)
+                } else {
+                    s.load_f16_partial(src)
+                };
+                let mut lanes = [f32::NAN; MAX_LANES];
+                s.store_partial(&mut lanes, v);
+                for (i, &lane) in lanes.iter().enumerate().take(S::LANES) {
+                    let want = if i < n { widen(src[i]) } else { 0.0 };
+                    assert_eq!(lane.to_bits(), want.to_bits(), "n {n} lane {i} bf16 {bf}");
+                }
+                // Store a whole vector of known values into the first n of n + 1 slots.
+                let full = if bf {
+                    s.load_bf16_partial(&all[..S::LANES])
+                } else {
+                    s.load_f16_partial(&all[..S::LANES])
+                };
+                let mut out = vec![0xFFFFu16; n + 1];
+                if bf {
+                    s.store_bf16_partial(&mut out[..n], full);
+                } else {
+                    s.store_f16_partial(&mut out[..n], full);
+                }
+                assert_eq!(&out[..n], &all[..n], "n {n} bf16 {bf}");
+                assert_eq!(out[n], 0xFFFF, "n {n} bf16 {bf}: wrote past the slice");
+            }
+        }
+    }
+
+    /// Runs [`half_tails`] inside a backend's target-feature entry point.
+    struct HalfTails;
+
+    impl Kernel for HalfTails {
+        type T = f32;
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd<T = f32>>(self, s: S) {
+            half_tails(s)
+        }
+    }
+
+    #[test]
+    fn half_tails_load_and_store_exactly_n_values_on_every_backend() {
+        for backend in Backend::available() {
+            backend.dispatch(HalfTails);
         }
     }
 }

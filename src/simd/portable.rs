@@ -2,7 +2,7 @@
 
 use wide::{f32x8, f64x4};
 
-use super::{MAX_LANES, Simd, Wide64};
+use super::{Simd, Wide64};
 
 /// Token for the portable backend; always available.
 #[derive(Clone, Copy, Debug)]
@@ -58,18 +58,20 @@ impl Simd for Portable {
         f32x8::new(lanes)
     }
     #[inline(always)]
-    fn f16_bits(self, v: f32x8) -> [u16; MAX_LANES] {
-        let mut bits = [0; MAX_LANES];
-        // SAFETY: `bits` holds MAX_LANES ≥ 8 writable u16.
+    fn store_f16_partial(self, out: &mut [u16], v: f32x8) {
+        let mut bits = [0; 8];
+        // SAFETY: `bits` holds 8 writable u16.
         unsafe { self.store_f16_ptr(bits.as_mut_ptr(), v) };
-        bits
+        let n = out.len().min(8);
+        out[..n].copy_from_slice(&bits[..n]);
     }
     #[inline(always)]
-    fn bf16_bits(self, v: f32x8) -> [u16; MAX_LANES] {
-        let mut bits = [0; MAX_LANES];
-        // SAFETY: `bits` holds MAX_LANES ≥ 8 writable u16.
+    fn store_bf16_partial(self, out: &mut [u16], v: f32x8) {
+        let mut bits = [0; 8];
+        // SAFETY: `bits` holds 8 writable u16.
         unsafe { self.store_bf16_ptr(bits.as_mut_ptr(), v) };
-        bits
+        let n = out.len().min(8);
+        out[..n].copy_from_slice(&bits[..n]);
     }
     #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> f32x8 {

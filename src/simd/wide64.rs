@@ -70,9 +70,8 @@ impl<B: Wide64> Simd for F64<B> {
     }
     #[inline(always)]
     unsafe fn store_f16_ptr(self, p: *mut u16, v: B::W) {
-        let bits = self.f16_bits(v);
         // SAFETY: the caller guarantees LANES writable u16 at `p`.
-        unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), p, B::LANES) }
+        self.store_f16_partial(unsafe { std::slice::from_raw_parts_mut(p, B::LANES) }, v)
     }
     #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> B::W {
@@ -85,9 +84,8 @@ impl<B: Wide64> Simd for F64<B> {
     }
     #[inline(always)]
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: B::W) {
-        let bits = self.bf16_bits(v);
         // SAFETY: the caller guarantees LANES writable u16 at `p`.
-        unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), p, B::LANES) }
+        self.store_bf16_partial(unsafe { std::slice::from_raw_parts_mut(p, B::LANES) }, v)
     }
     #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> B::W {
@@ -106,12 +104,16 @@ impl<B: Wide64> Simd for F64<B> {
         self.load(&a[..B::LANES])
     }
     #[inline(always)]
-    fn f16_bits(self, v: B::W) -> [u16; MAX_LANES] {
-        self.lanes(v).map(|x| half::f16::from_f64(x).to_bits())
+    fn store_f16_partial(self, out: &mut [u16], v: B::W) {
+        let bits = self.lanes(v).map(|x| half::f16::from_f64(x).to_bits());
+        let n = out.len().min(B::LANES);
+        out[..n].copy_from_slice(&bits[..n]);
     }
     #[inline(always)]
-    fn bf16_bits(self, v: B::W) -> [u16; MAX_LANES] {
-        self.lanes(v).map(|x| half::bf16::from_f64(x).to_bits())
+    fn store_bf16_partial(self, out: &mut [u16], v: B::W) {
+        let bits = self.lanes(v).map(|x| half::bf16::from_f64(x).to_bits());
+        let n = out.len().min(B::LANES);
+        out[..n].copy_from_slice(&bits[..n]);
     }
     #[inline(always)]
     fn load_partial(self, s: &[f64], fill: f64) -> B::W {

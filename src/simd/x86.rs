@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Kernel, MAX_LANES, Real, Simd, Wide64, pack_words};
+use super::{Kernel, Real, Simd, Wide64};
 
 /// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
 /// field, not MXCSR's).
@@ -84,32 +84,25 @@ impl Simd for Avx2Fma {
     }
     #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> __m256 {
-        let w = pack_words(&bits[..bits.len().min(8)]);
-        // SAFETY: AVX2 and F16C available (token); register operations only.
-        unsafe { _mm256_cvtph_ps(_mm_set_epi64x(w[1] as i64, w[0] as i64)) }
+        // SAFETY: AVX2 and F16C available (token); `load_words` reads inside `bits` only.
+        unsafe { _mm256_cvtph_ps(load_words(bits)) }
     }
     #[inline(always)]
     fn load_bf16_partial(self, bits: &[u16]) -> __m256 {
-        let w = pack_words(&bits[..bits.len().min(8)]);
-        // SAFETY: AVX2 available (token); register operations only.
+        // SAFETY: AVX2 available (token); `load_words` reads inside `bits` only.
         unsafe {
-            let wide = _mm256_cvtepu16_epi32(_mm_set_epi64x(w[1] as i64, w[0] as i64));
+            let wide = _mm256_cvtepu16_epi32(load_words(bits));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
         }
     }
     #[inline(always)]
-    fn f16_bits(self, v: __m256) -> [u16; MAX_LANES] {
-        // SAFETY: F16C available (token). `black_box` keeps the conversion in registers.
-        let half: [u16; 8] = unsafe {
-            std::mem::transmute(std::hint::black_box(_mm256_cvtps_ph::<ROUND_NEAREST>(v)))
-        };
-        widen_bits(half)
+    fn store_f16_partial(self, out: &mut [u16], v: __m256) {
+        // SAFETY: F16C available (token); `store_words` writes inside `out` only.
+        unsafe { store_words(out, _mm256_cvtps_ph::<ROUND_NEAREST>(v)) }
     }
     #[inline(always)]
-    fn bf16_bits(self, v: __m256) -> [u16; MAX_LANES] {
-        // SAFETY: AVX2 available (token). `black_box` keeps the conversion in registers.
-        let half: [u16; 8] = unsafe { std::mem::transmute(std::hint::black_box(avx2_bf16(v))) };
-        widen_bits(half)
+    fn store_bf16_partial(self, out: &mut [u16], v: __m256) {
+        store_words(out, avx2_bf16(v))
     }
     #[inline(always)]
     fn add(self, a: __m256, b: __m256) -> __m256 {
@@ -249,12 +242,64 @@ fn avx2_bf16(v: __m256) -> __m128i {
     }
 }
 
-/// 8 lanes of bits in the low half of a `MAX_LANES` array.
+/// The first `min(bits.len(), 8)` values of `bits` in the low 16-bit lanes, the others 0: one
+/// vector load for 8 values, else at most three scalar loads (2, 4 and 8 bytes, the last piece
+/// first, each shifted up before the next), never past the slice and never through memory.
 #[inline(always)]
-fn widen_bits(half: [u16; 8]) -> [u16; MAX_LANES] {
-    let mut bits = [0; MAX_LANES];
-    bits[..8].copy_from_slice(&half);
-    bits
+fn load_words(bits: &[u16]) -> __m128i {
+    let n = bits.len().min(8);
+    let p = bits.as_ptr();
+    // SAFETY: SSE2 is part of x86-64. Each load reads values `at..at + k` with `at + k ≤ n`,
+    // all inside `bits`.
+    unsafe {
+        if n == 8 {
+            return _mm_loadu_si128(p.cast());
+        }
+        let mut v = _mm_setzero_si128();
+        let mut at = n;
+        if n & 1 != 0 {
+            at -= 1;
+            v = _mm_loadu_si16(p.add(at).cast());
+        }
+        if n & 2 != 0 {
+            at -= 2;
+            v = _mm_or_si128(_mm_slli_si128::<4>(v), _mm_loadu_si32(p.add(at).cast()));
+        }
+        if n & 4 != 0 {
+            at -= 4;
+            v = _mm_or_si128(_mm_slli_si128::<8>(v), _mm_loadu_si64(p.add(at).cast()));
+        }
+        v
+    }
+}
+
+/// Writes the low `min(out.len(), 8)` 16-bit lanes of `v` to `out`: one vector store for 8
+/// values, else at most three scalar stores (8, 4 and 2 bytes), never past the slice.
+#[inline(always)]
+fn store_words(out: &mut [u16], v: __m128i) {
+    let n = out.len().min(8);
+    let p = out.as_mut_ptr();
+    // SAFETY: SSE2 is part of x86-64. Each store writes values `at..at + k` with `at + k ≤ n`,
+    // all inside `out`.
+    unsafe {
+        if n == 8 {
+            return _mm_storeu_si128(p.cast(), v);
+        }
+        let (mut v, mut at) = (v, 0);
+        if n & 4 != 0 {
+            _mm_storeu_si64(p.add(at).cast(), v);
+            v = _mm_srli_si128::<8>(v);
+            at += 4;
+        }
+        if n & 2 != 0 {
+            _mm_storeu_si32(p.add(at).cast(), v);
+            v = _mm_srli_si128::<4>(v);
+            at += 2;
+        }
+        if n & 1 != 0 {
+            _mm_storeu_si16(p.add(at).cast(), v);
+        }
+    }
 }
 
 /// Integer mask with the low `n` of 8 lanes set (all ones), for masked loads and stores.
@@ -267,7 +312,8 @@ fn avx2_low_mask(n: usize) -> __m256i {
     unsafe { _mm256_loadu_si256(WINDOW[start..].as_ptr().cast()) }
 }
 
-/// Token proving the CPU supports AVX-512F.
+/// Token proving the CPU supports AVX-512F, AVX-512BW and AVX-512VL (BW and VL for the masked
+/// 16-bit loads and stores of half-precision tails).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512 {
     _proof: (),
@@ -275,18 +321,21 @@ pub(crate) struct Avx512 {
 
 impl Avx512 {
     pub(crate) fn try_new() -> Option<Self> {
-        is_x86_feature_detected!("avx512f").then_some(Self { _proof: () })
+        (is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl"))
+        .then_some(Self { _proof: () })
     }
 
     /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
-    /// compiled for AVX-512F.
+    /// compiled for AVX-512F/BW/VL.
     #[inline]
     pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         fn entry<K: Kernel>(t: Avx512, k: K) -> K::Output {
             k.run(K::T::on(t))
         }
-        // SAFETY: `self` exists, so AVX-512F was detected on this CPU.
+        // SAFETY: `self` exists, so AVX-512F, BW and VL were detected on this CPU.
         unsafe { entry(self, k) }
     }
 }
@@ -306,6 +355,23 @@ fn avx512_bf16(v: __m512) -> __m256i {
         let halves = _mm512_mask_mov_epi32(rounded, nan, quiet);
         _mm512_cvtepi32_epi16(halves)
     }
+}
+
+/// The first `min(bits.len(), 16)` values of `bits` in the low 16-bit lanes, the others 0 (one
+/// masked load).
+#[inline(always)]
+fn load_words_masked(bits: &[u16]) -> __m256i {
+    // SAFETY: AVX-512BW/VL available (callers hold the token); the mask enables only the first
+    // min(len, 16) lanes, all inside `bits`, and masked-off lanes are not accessed.
+    unsafe { _mm256_maskz_loadu_epi16(low_mask(bits.len()), bits.as_ptr().cast()) }
+}
+
+/// Writes the low `min(out.len(), 16)` 16-bit lanes of `v` to `out` (one masked store).
+#[inline(always)]
+fn store_words_masked(out: &mut [u16], v: __m256i) {
+    // SAFETY: AVX-512BW/VL available (callers hold the token); the mask enables only the first
+    // min(len, 16) lanes, all inside `out`, and masked-off lanes are not written.
+    unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().cast(), low_mask(out.len()), v) }
 }
 
 /// Mask with the low `n` of 16 lanes set.
@@ -364,31 +430,25 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> __m512 {
-        let w = pack_words(bits);
-        // SAFETY: AVX-512F available (token); register operations only.
-        unsafe {
-            let h = _mm256_set_epi64x(w[3] as i64, w[2] as i64, w[1] as i64, w[0] as i64);
-            _mm512_cvtph_ps(h)
-        }
+        // SAFETY: AVX-512F/BW/VL available (token); `load_words_masked` reads inside `bits` only.
+        unsafe { _mm512_cvtph_ps(load_words_masked(bits)) }
     }
     #[inline(always)]
     fn load_bf16_partial(self, bits: &[u16]) -> __m512 {
-        let w = pack_words(bits);
-        // SAFETY: AVX-512F available (token); register operations only.
+        // SAFETY: AVX-512F/BW/VL available (token); `load_words_masked` reads inside `bits` only.
         unsafe {
-            let h = _mm256_set_epi64x(w[3] as i64, w[2] as i64, w[1] as i64, w[0] as i64);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            let wide = _mm512_cvtepu16_epi32(load_words_masked(bits));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
         }
     }
     #[inline(always)]
-    fn f16_bits(self, v: __m512) -> [u16; MAX_LANES] {
-        // SAFETY: AVX-512F available (token). `black_box` keeps the conversion in registers.
-        unsafe { std::mem::transmute(std::hint::black_box(_mm512_cvtps_ph::<ROUND_NEAREST>(v))) }
+    fn store_f16_partial(self, out: &mut [u16], v: __m512) {
+        // SAFETY: AVX-512F/BW/VL available (token); `store_words_masked` writes inside `out` only.
+        unsafe { store_words_masked(out, _mm512_cvtps_ph::<ROUND_NEAREST>(v)) }
     }
     #[inline(always)]
-    fn bf16_bits(self, v: __m512) -> [u16; MAX_LANES] {
-        // SAFETY: AVX-512F available (token). `black_box` keeps the conversion in registers.
-        unsafe { std::mem::transmute(std::hint::black_box(avx512_bf16(v))) }
+    fn store_bf16_partial(self, out: &mut [u16], v: __m512) {
+        store_words_masked(out, avx512_bf16(v))
     }
     #[inline(always)]
     fn add(self, a: __m512, b: __m512) -> __m512 {
