@@ -71,14 +71,34 @@ impl<E: Element> Kernel for MomentsRuns<'_, E> {
 
     #[inline(always)]
     fn run<S: Simd<T = E::Param>>(self, s: S) {
-        if self.run == 0 {
+        let len = self.run;
+        if len == 0 {
             return;
         }
-        for (slot, run) in self.out.iter_mut().zip(self.x.chunks(self.run)) {
-            *slot = moments_run(s, run);
+        if len > SUB_RUN {
+            for (slot, run) in self.out.iter_mut().zip(self.x.chunks(len)) {
+                *slot = moments_run(s, run);
+            }
+            return;
+        }
+        // Short runs, a group at a time: the first passes of the group's runs, then their second
+        // passes, so no run's second pass waits on the reduction of its own first pass (for a
+        // 49-value run that wait was most of its time). Each run's arithmetic is `two_pass`'s.
+        let per = (SUB_RUN / len).clamp(1, GROUP_RUNS);
+        for (outs, xs) in self.out.chunks_mut(per).zip(self.x.chunks(per * len)) {
+            let mut means = [(0, 0.0); GROUP_RUNS];
+            for (m, run) in means.iter_mut().zip(xs.chunks(len)) {
+                *m = first_pass(s, run, len, len, 1);
+            }
+            for ((slot, run), &m) in outs.iter_mut().zip(xs.chunks(len)).zip(&means) {
+                *slot = second_pass(s, run, len, len, 1, m);
+            }
         }
     }
 }
+
+/// Runs per group of [`MomentsRuns`] (at most [`SUB_RUN`] values in all).
+const GROUP_RUNS: usize = 64;
 
 /// Values per sub-run of [`moments_run`]: 16 KiB, so the second pass reads from L1. A multiple of
 /// every backend's `KMAX · ACCUMULATORS · LANES`.
@@ -142,15 +162,31 @@ fn strided_two_pass<S: Simd<T = E::Param>, E: Element>(
     stride: usize,
     count: usize,
 ) -> ChannelStats {
-    // A function of plain slicing (no SIMD), so it is harmless if compiled out of line.
-    let runs = || (0..count).map_while(move |i| x.get(i * stride..i * stride + run));
-    const A: usize = ACCUMULATORS;
+    let first = first_pass(s, x, run, stride, count);
+    second_pass(s, x, run, stride, count, first)
+}
+
+/// The runs of [`strided_two_pass`] (a function of plain slicing, no SIMD, so it is harmless if
+/// compiled out of line).
+#[inline(always)]
+fn runs<E>(x: &[E], run: usize, stride: usize, count: usize) -> impl Iterator<Item = &[E]> {
+    (0..count).map_while(move |i| x.get(i * stride..i * stride + run))
+}
+
+/// Pass 1 of [`strided_two_pass`]: the number of values and their mean, Σx in f64 lanes.
+#[inline(always)]
+fn first_pass<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    run: usize,
+    stride: usize,
+    count: usize,
+) -> (usize, f64) {
     let l = S::LANES;
-    let w = A * l;
-    // Pass 1: Σx in f64 lanes over every run.
-    let mut acc = [s.splat_w(0.0); A];
+    let w = ACCUMULATORS * l;
+    let mut acc = [s.splat_w(0.0); ACCUMULATORS];
     let mut n = 0usize;
-    for r in runs() {
+    for r in runs(x, run, stride, count) {
         n += r.len();
         let mut blocks = r.chunks_exact(w);
         for b in &mut blocks {
@@ -163,10 +199,28 @@ fn strided_two_pass<S: Simd<T = E::Param>, E: Element>(
         }
     }
     if n == 0 {
-        return ChannelStats::default();
+        return (0, 0.0);
     }
     let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
-    let mean = sum / n as f64;
+    (n, sum / n as f64)
+}
+
+/// Pass 2 of [`strided_two_pass`], from pass 1's count and mean.
+#[inline(always)]
+fn second_pass<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    run: usize,
+    stride: usize,
+    count: usize,
+    (n, mean): (usize, f64),
+) -> ChannelStats {
+    if n == 0 {
+        return ChannelStats::default();
+    }
+    const A: usize = ACCUMULATORS;
+    let l = S::LANES;
+    let w = A * l;
     let shift = S::T::from_f64(mean);
     // Pass 2: Σ(x − S)² in f32 lanes, folded into one f64 vector before any lane would take
     // more than KMAX steps.
@@ -175,7 +229,7 @@ fn strided_two_pass<S: Simd<T = E::Param>, E: Element>(
     let (mut sq, mut dv) = ([zero; A], [zero; A]);
     let mut pending = 0;
     let (mut tot, mut dtot) = (s.splat_w(0.0), s.splat_w(0.0));
-    for r in runs() {
+    for r in runs(x, run, stride, count) {
         for chunk in r.chunks(KMAX * w) {
             // Steps of the busiest lane: the whole blocks, plus one tail vector.
             let steps = chunk.len() / w + usize::from(!chunk.len().is_multiple_of(w));
