@@ -340,20 +340,43 @@ impl Avx512 {
     }
 }
 
+/// 16 bfloat16 values (bits) widened to f32 (exact): each word moved to the high half of its
+/// lane, the low half zeroed, in one zero-masking word permutation.
+#[inline(always)]
+fn avx512_from_bf16(bits: __m256i) -> __m512 {
+    // SAFETY: AVX-512F/BW available (callers hold the token).
+    unsafe {
+        const SPREAD: [i16; 32] = [
+            0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, //
+            0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15,
+        ];
+        let index = _mm512_loadu_si512(SPREAD.as_ptr().cast());
+        let odd_words = 0xAAAA_AAAA;
+        let wide = _mm512_maskz_permutexvar_epi16(odd_words, index, _mm512_zextsi256_si512(bits));
+        _mm512_castsi512_ps(wide)
+    }
+}
+
 /// 16 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 16 × u16.
 #[inline(always)]
 fn avx512_bf16(v: __m512) -> __m256i {
-    // SAFETY: AVX-512F available (callers hold the token).
+    // SAFETY: AVX-512F/BW available (callers hold the token).
     unsafe {
         let bits = _mm512_castps_si512(v);
-        // As on AVX2: round to nearest even in the integer bits; NaN quiet.
+        // As on AVX2: round to nearest even in the integer bits, the result in the high half of
+        // each lane. A NaN lane takes its own bits with the quiet bit set instead (rounding could
+        // carry it into an infinity). One word permutation then gathers the high halves.
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
         let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
-        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+        let rounded = _mm512_add_epi32(bits, bias);
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        let halves = _mm512_mask_mov_epi32(rounded, nan, quiet);
-        _mm512_cvtepi32_epi16(halves)
+        let high = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x0040_0000));
+        const ODD_WORDS: [i16; 32] = [
+            1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, //
+            1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+        ];
+        let index = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
+        _mm512_castsi512_si256(_mm512_permutexvar_epi16(index, high))
     }
 }
 
@@ -417,11 +440,8 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> __m512 {
-        // SAFETY: AVX-512F available (token); the caller guarantees 16 readable u16 at `p`.
-        unsafe {
-            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
-        }
+        // SAFETY: AVX-512F/BW available (token); the caller guarantees 16 readable u16 at `p`.
+        unsafe { avx512_from_bf16(_mm256_loadu_si256(p.cast())) }
     }
     #[inline(always)]
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m512) {
@@ -435,11 +455,7 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     fn load_bf16_partial(self, bits: &[u16]) -> __m512 {
-        // SAFETY: AVX-512F/BW/VL available (token); `load_words_masked` reads inside `bits` only.
-        unsafe {
-            let wide = _mm512_cvtepu16_epi32(load_words_masked(bits));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
-        }
+        avx512_from_bf16(load_words_masked(bits))
     }
     #[inline(always)]
     fn store_f16_partial(self, out: &mut [u16], v: __m512) {
