@@ -205,6 +205,20 @@ fn first_pass<S: Simd<T = E::Param>, E: Element>(
     (n, sum / n as f64)
 }
 
+/// Asks for the cache lines of `block` one sub-run ([`SUB_RUN`] values) further on to be brought
+/// into L2, from the second pass, which reads L1 only: memory would otherwise idle while it runs,
+/// and the next first pass would wait for it. Measured (one thread, AMD EPYC family 26,
+/// 32x64x112x112 NCHW, the two builds alternated): statistics 5.3–5.9 → 2.9–4.0 ms on bf16 data
+/// and 5.0–5.5 → 4.6–5.5 ms on f32 data, training on bf16 7.8–9.2 → 5.7–6.7 ms; on in-cache
+/// f32 tensors (1x64x112x112) up to 4% slower (the extra instructions).
+#[inline(always)]
+fn prefetch_ahead<E>(block: &[E]) {
+    let ahead = block.as_ptr().wrapping_add(SUB_RUN).cast::<u8>();
+    for line in (0..std::mem::size_of_val(block)).step_by(64) {
+        crate::simd::prefetch_l2(ahead.wrapping_add(line));
+    }
+}
+
 /// Pass 2 of [`strided_two_pass`], from pass 1's count and mean.
 #[inline(always)]
 fn second_pass<S: Simd<T = E::Param>, E: Element>(
@@ -243,6 +257,7 @@ fn second_pass<S: Simd<T = E::Param>, E: Element>(
             pending += steps;
             let mut blocks = chunk.chunks_exact(w);
             for b in &mut blocks {
+                prefetch_ahead(b);
                 for j in 0..A {
                     let e = s.sub(element::load_slice(s, &b[j * l..]), sh);
                     sq[j] = s.mul_add(e, e, sq[j]);

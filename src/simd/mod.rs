@@ -243,6 +243,20 @@ pub trait Simd: Copy + Send + Sync + 'static {
     }
 }
 
+/// Hints that the cache line holding `p` be brought into L2 (`prefetcht1` on x86-64, nothing
+/// elsewhere). Any address may be passed: a prefetch never faults and changes no memory.
+#[inline(always)]
+pub(crate) fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64; a prefetch is a hint that neither faults nor accesses
+    // memory architecturally, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A kernel invocation that can run on any backend: the crate's stand-in for a closure generic
 /// over the SIMD type. `run` must be `#[inline(always)]`.
 pub trait Kernel {
