@@ -30,6 +30,12 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// Runs one operation (see [`Parallelism::run_op`]) with the context it should use.
+    fn run_op<R: Send>(&self, op: impl FnOnce(&Ctx) -> R + Send) -> R {
+        self.par
+            .run_op(self.shape.len(), |par| op(&Ctx { par, ..*self }))
+    }
+
     /// NCHW with HW = 1 is the same memory as NHWC: use the row driver, which vectorizes it.
     fn effective_layout(&self) -> Layout {
         if self.shape.hw() == 1 {
@@ -251,10 +257,10 @@ macro_rules! drive {
 
             #[inline(never)]
             fn statistics(ctx: &Ctx, x: &[$t], out: &mut [ChannelStats]) {
-                match ctx.effective_layout() {
+                ctx.run_op(|ctx| match ctx.effective_layout() {
                     Layout::Nchw => nchw::statistics(ctx, x, out),
                     Layout::Nhwc => nhwc::statistics(ctx, x, out),
-                }
+                })
             }
 
             #[inline(never)]
@@ -264,10 +270,10 @@ macro_rules! drive {
                 dst: &mut [$t],
                 params: &[ChannelAffine<Self::P>],
             ) {
-                match ctx.effective_layout() {
+                ctx.run_op(|ctx| match ctx.effective_layout() {
                     Layout::Nchw => nchw::normalize(ctx, src, dst, params),
                     Layout::Nhwc => nhwc::normalize(ctx, src, dst, params),
-                }
+                })
             }
 
             #[inline(never)]
@@ -278,10 +284,10 @@ macro_rules! drive {
                 make: MakeAffine<'_, Self::P>,
                 stats: &mut [ChannelStats],
             ) {
-                match ctx.effective_layout() {
+                ctx.run_op(|ctx| match ctx.effective_layout() {
                     Layout::Nchw => nchw::training(ctx, x, y, make, stats),
                     Layout::Nhwc => nhwc::training(ctx, x, y, make, stats),
-                }
+                })
             }
 
             #[inline(never)]
@@ -294,10 +300,10 @@ macro_rules! drive {
                 make: Option<MakeDx<'_, Self::P>>,
                 sums: &mut [GradSums],
             ) {
-                match ctx.effective_layout() {
+                ctx.run_op(|ctx| match ctx.effective_layout() {
                     Layout::Nchw => nchw::backward(ctx, x, dy, dx, pivots, make, sums),
                     Layout::Nhwc => nhwc::backward(ctx, x, dy, dx, pivots, make, sums),
-                }
+                })
             }
 
             #[inline(never)]
@@ -308,10 +314,10 @@ macro_rules! drive {
                 dx: &mut [$t],
                 params: &[DxParams<Self::P>],
             ) {
-                match ctx.effective_layout() {
+                ctx.run_op(|ctx| match ctx.effective_layout() {
                     Layout::Nchw => nchw::dx(ctx, x, dy, dx, params),
                     Layout::Nhwc => nhwc::dx(ctx, x, dy, dx, params),
-                }
+                })
             }
         }
     )*};
@@ -321,6 +327,11 @@ drive!(f32, f64, f16, bf16);
 /// Stages the gradient `grad` over the whole tensor (nothing for `Grad::Dy`), `out` being the
 /// output buffer, for a backward that maps it without reducing it first.
 pub(crate) fn stage<E: Element>(ctx: &Ctx, grad: Grad<'_, E>, out: &mut [E]) {
+    ctx.run_op(|ctx| stage_blocks(ctx, grad, out))
+}
+
+/// [`stage`] block by block.
+fn stage_blocks<E: Element>(ctx: &Ctx, grad: Grad<'_, E>, out: &mut [E]) {
     let n = out.len();
     let out = SharedMut::new(out);
     ctx.par.for_each(n.div_ceil(BLOCK), BLOCK, |b| {
