@@ -308,10 +308,20 @@ fn fused(ctx: &Ctx) -> bool {
     threads == 1 || ctx.shape.c() >= 4 * threads
 }
 
-/// Channels per task of the short-run schedules: about 2·BLOCK elements, at least one channel.
+/// Channels per task of the short-run schedules: at most about 2·BLOCK elements, at least one
+/// channel, the groups as even as the channel count allows (1024 channels of 49 values: two
+/// groups of 512, not 668 and 356).
 fn channel_group(ctx: &Ctx) -> usize {
-    (2 * BLOCK / ctx.shape.per_channel()).clamp(1, ctx.shape.c())
+    let c = ctx.shape.c();
+    let most = (2 * BLOCK / ctx.shape.per_channel()).clamp(1, c);
+    c.div_ceil(c.div_ceil(most))
 }
+
+/// The work of a short-run task per element, in elements of a streaming pass (the unit of
+/// [`crate::par::GRAIN`]): both passes of the reduction and the normalizing (or dx) pass, and a
+/// per-channel share that dominates short runs. Measured (one thread, AMD EPYC family 26):
+/// bf16 1x1024x7x7 NCHW backward 0.6 ns per element, inference of the same tensor 0.07 ns.
+const SHORT_RUN_COST: usize = 4;
 
 /// The fused schedule for short runs, with one kernel call per sample and
 /// group of channels (not per run): each task takes a group of channels small enough to stay in
@@ -326,7 +336,7 @@ fn short_runs<E: Element>(
 ) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
-    let elems = group * ctx.shape.per_channel();
+    let elems = group * ctx.shape.per_channel() * SHORT_RUN_COST;
     ctx.par.for_chunks(out, group, elems, |g, stats| {
         let first = g * group;
         let k = stats.len();
@@ -422,7 +432,7 @@ fn backward_short_runs<E: Element>(
     let dy = grad.src();
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
     let group = channel_group(ctx);
-    let elems = group * ctx.shape.per_channel();
+    let elems = group * ctx.shape.per_channel() * SHORT_RUN_COST;
     ctx.par.for_chunks(sums, group, elems, |g, sums| {
         let first = g * group;
         let k = sums.len();
