@@ -494,10 +494,8 @@ fn training64(
                 (tol, 0.0),
                 at,
             );
-            let err = (out.mean[ch] - mu).abs();
-            let bound = tol * sigma + 2.0 * u * mu.abs();
             let key = "f64 training saved mean [documented bound]";
-            ctx.report.note(key, err, sigma, false, bound);
+            ctx.close(key, out.mean[ch], mu, sigma, (tol, 2.0 * u * mu.abs()), at);
         }
         let m = Dd::new(e.moments.count as f64);
         let r_dd = Dd::new(1.0) / (e.moments.m2 / m + Dd::new(s.eps)).sqrt();
@@ -538,10 +536,11 @@ fn training64(
                 (tol, floor),
                 || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]),
             );
-            let err = (out.y[i] - want).abs();
-            let bound = tol * terms + alpha * (2.0 * u * mu.abs() + share);
+            // The README's bound (and tests/f64.rs's): tol of the terms plus 2u·|μ| in x − μ.
             let key = "f64 training y [documented bound]";
-            ctx.report.note(key, err, terms, false, bound);
+            let floor = alpha * (2.0 * u * mu.abs() + share);
+            let at = || format!("element {i} (channel {ch}, x = {:e})", inp.x[i]);
+            ctx.close(key, out.y[i], want, terms, (tol, floor), at);
         }
     }
 
