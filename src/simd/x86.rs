@@ -244,7 +244,7 @@ fn avx2_bf16(v: __m256) -> __m128i {
 
 /// The first `min(bits.len(), 8)` values of `bits` in the low 16-bit lanes, the others 0: one
 /// vector load for 8 values, else at most three scalar loads (2, 4 and 8 bytes, the last piece
-/// first, each shifted up before the next), never past the slice and never through memory.
+/// first, each shifted up before the next), never past the slice and never through a buffer.
 #[inline(always)]
 fn load_words(bits: &[u16]) -> __m128i {
     let n = bits.len().min(8);
