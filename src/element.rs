@@ -206,6 +206,28 @@ pub(crate) unsafe fn store<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v
     }
 }
 
+/// Stores `K` vectors at `p`, `K·LANES` consecutive values, each rounded to `E` as [`store`]
+/// rounds it (bfloat16 through [`Simd::store_bf16_group`], which may check the group once).
+///
+/// # Safety
+/// `p` must be valid for writing `K·LANES` consecutive `E`.
+#[inline(always)]
+pub(crate) unsafe fn store_group<S: Simd<T = E::Param>, E: Element, const K: usize>(
+    s: S,
+    p: *mut E,
+    v: [S::V; K],
+) {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout.
+    unsafe {
+        if let Kind::Bf16 = E::KIND {
+            return s.store_bf16_group(p.cast(), v);
+        }
+        for (k, v) in v.into_iter().enumerate() {
+            store(s, p.add(k * S::LANES), v);
+        }
+    }
+}
+
 /// The first `min(x.len(), LANES)` values of `x` in the low lanes, the others `fill`. Half
 /// values go through the vector conversion (on a padded copy), so a tail converts exactly as a
 /// whole vector does.

@@ -132,11 +132,12 @@ unsafe fn map_group<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K:
             };
         }
     }
+    let mut y = [zero; K];
     for k in 0..K {
-        let v = op.apply(s, phase + k * l, a[k], b[k]);
-        // SAFETY: forwarded to the caller.
-        unsafe { element::store(s, dst.add(i + k * l), v) };
+        y[k] = op.apply(s, phase + k * l, a[k], b[k]);
     }
+    // SAFETY: forwarded to the caller.
+    unsafe { element::store_group(s, dst.add(i), y) };
 }
 
 /// Applies `op` to every vector of `io` (paired with the same vector of `second`, if given):

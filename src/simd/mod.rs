@@ -1,7 +1,7 @@
 //! The crate-private SIMD lane trait, its backends and the runtime dispatch between them.
 //!
-//! Kernels are written once, generic over [`Simd`]. A backend value (a zero-sized token) can only
-//! be obtained once the CPU is known to support its instructions, so every intrinsic call inside a
+//! Kernels are written once, generic over [`Simd`]. A backend value (a token, zero-sized or holding
+//! the optional instructions detected) can only be obtained once the CPU is known to support its instructions, so every intrinsic call inside a
 //! backend is justified by the token's existence. [`Kernel`] bodies are monomorphized inside
 //! `#[target_feature]` entry points ([`Backend::dispatch`]) so the whole hot loop is compiled for
 //! the selected instruction set, not one vector op at a time.
@@ -132,6 +132,20 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for writing `LANES` consecutive `u16`.
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: Self::V);
+    /// Stores `K` vectors rounded to bfloat16 at `p`, `K·LANES` consecutive values, exactly as
+    /// `K` calls of [`Simd::store_bf16_ptr`] would: the streams' groups of whole vectors. A
+    /// backend whose conversion instruction cannot take every input checks the group once and
+    /// converts it in integers otherwise (`Avx512` with AVX512-BF16).
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `K·LANES` consecutive `u16`.
+    #[inline(always)]
+    unsafe fn store_bf16_group<const K: usize>(self, p: *mut u16, v: [Self::V; K]) {
+        for (k, v) in v.into_iter().enumerate() {
+            // SAFETY: `k·LANES + LANES ≤ K·LANES` values from `p`, valid per the caller.
+            unsafe { self.store_bf16_ptr(p.add(k * Self::LANES), v) }
+        }
+    }
     /// The first `min(bits.len(), LANES)` binary16 values (bits) widened to f32 in the low lanes,
     /// the others 0. Loaded in registers (masked or piecewise loads), never through a buffer
     /// written one value at a time: a vector load of such a buffer waits for the stores (no
@@ -439,6 +453,101 @@ mod tests {
     fn half_tails_load_and_store_exactly_n_values_on_every_backend() {
         for backend in Backend::available() {
             backend.dispatch(HalfTails);
+        }
+    }
+
+    /// f32 bit patterns for the bfloat16 conversion: zeros, subnormals, the normal range's ends,
+    /// infinities, NaNs whose payload sits only in the low 16 bits or fills the fraction, ties
+    /// (even and odd) and their neighbours, then pseudo-random bits (about one lane in 256 is
+    /// subnormal, so about a fifth of the 64-value groups hold one).
+    fn bf16_cases() -> Vec<u32> {
+        let mut v = vec![
+            0x0000_0000,
+            0x8000_0000,
+            0x0000_0001,
+            0x8000_8000,
+            0x007F_FFFF,
+            0x0000_8000,
+            0x0080_0000,
+            0x8080_0000,
+            0x7F7F_FFFF,
+            0xFF7F_FFFF,
+            0x7F7F_8000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7F80_0001,
+            0x7FFF_FFFF,
+            0xFFFF_FFFF,
+            0x7FC0_0000,
+            0x7F80_8000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_7FFF,
+            0x3F80_8001,
+            0xBF81_8000,
+            0x3F7F_FFFF,
+        ];
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        while v.len() < 64 * 64 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            v.push((state >> 32) as u32);
+        }
+        v
+    }
+
+    /// The bfloat16 conversion of one backend: groups of 4 vectors (64 values, as the streams
+    /// store them) and single vectors both equal the scalar conversion (`half`: to nearest even,
+    /// a NaN's upper half with the quiet bit set), bit for bit, on every case.
+    fn bf16_groups<S: Simd<T = f32>>(s: S) {
+        let cases = bf16_cases();
+        let lanes = S::LANES;
+        for group in cases.chunks_exact(4 * lanes) {
+            let v: [S::V; 4] = std::array::from_fn(|k| {
+                let values: Vec<f32> = group[k * lanes..][..lanes]
+                    .iter()
+                    .map(|&b| f32::from_bits(b))
+                    .collect();
+                s.load_partial(&values, 0.0)
+            });
+            let (mut grouped, mut single) = (vec![0u16; 4 * lanes], vec![0u16; 4 * lanes]);
+            // SAFETY: both buffers hold 4·LANES values.
+            unsafe {
+                s.store_bf16_group(grouped.as_mut_ptr(), v);
+                for (k, &v) in v.iter().enumerate() {
+                    s.store_bf16_ptr(single.as_mut_ptr().add(k * lanes), v);
+                }
+            }
+            for (i, &b) in group.iter().enumerate() {
+                let want = half::bf16::from_f32(f32::from_bits(b)).to_bits();
+                assert_eq!(grouped[i], want, "group: {b:#010x}");
+                assert_eq!(single[i], want, "single: {b:#010x}");
+            }
+        }
+    }
+
+    /// Runs [`bf16_groups`] inside a backend's target-feature entry point.
+    struct Bf16Groups;
+
+    impl Kernel for Bf16Groups {
+        type T = f32;
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd<T = f32>>(self, s: S) {
+            bf16_groups(s)
+        }
+    }
+
+    #[test]
+    fn bf16_stores_round_to_nearest_even_on_every_backend() {
+        for backend in Backend::available() {
+            backend.dispatch(Bf16Groups);
+        }
+        // The integer conversion of AVX-512, also where the CPU has `vcvtneps2bf16`.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = Avx512::try_new() {
+            t.without_bf16_instructions().vectorize(Bf16Groups);
         }
     }
 }

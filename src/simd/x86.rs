@@ -313,10 +313,11 @@ fn avx2_low_mask(n: usize) -> __m256i {
 }
 
 /// Token proving the CPU supports AVX-512F, AVX-512BW and AVX-512VL (BW and VL for the masked
-/// 16-bit loads and stores of half-precision tails).
+/// 16-bit loads and stores of half-precision tails), and whether it has AVX512-BF16.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512 {
-    _proof: (),
+    /// AVX512-BF16 detected: bfloat16 groups are stored with `vcvtneps2bf16`.
+    bf16: bool,
 }
 
 impl Avx512 {
@@ -324,7 +325,16 @@ impl Avx512 {
         (is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl"))
-        .then_some(Self { _proof: () })
+        .then(|| Self {
+            bf16: is_x86_feature_detected!("avx512bf16"),
+        })
+    }
+
+    /// The same token with the bfloat16 instruction left unused even where the CPU has it:
+    /// for tests of the integer conversion on such CPUs.
+    #[cfg(test)]
+    pub(crate) fn without_bf16_instructions(self) -> Self {
+        Self { bf16: false }
     }
 
     /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
@@ -377,6 +387,48 @@ fn avx512_bf16(v: __m512) -> __m256i {
         ];
         let index = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
         _mm512_castsi512_si256(_mm512_permutexvar_epi16(index, high))
+    }
+}
+
+/// 16 f32 lanes rounded to bfloat16 by `vcvtneps2bf16`: to nearest even, a NaN quieted as in
+/// [`avx512_bf16`] (its upper 16 bits with the quiet bit set), so equal to it on every lane
+/// except subnormal ones, which the instruction reads as ±0 (callers exclude them). Inline
+/// assembly, because the intrinsic needs `avx512bf16` enabled on the whole kernel entry, which
+/// CPUs without it must never run; this function only needs AVX-512F for its registers.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16 (the token's `bf16`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn avx512_bf16_instruction(v: __m512) -> __m256i {
+    let out: __m256i;
+    // SAFETY: the caller guarantees AVX512-BF16; the instruction reads and writes only these
+    // registers (no memory, no stack, no flags).
+    unsafe {
+        std::arch::asm!(
+            "vcvtneps2bf16 {out}, {v}",
+            out = lateout(ymm_reg) out,
+            v = in(zmm_reg) v,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    out
+}
+
+/// Whether any lane of the vectors is subnormal (nonzero with a zero exponent field): one
+/// unsigned minimum of `|bits| − 1` per vector (zeros wrap to the top) and one compare per group.
+/// A compare per vector costs more than the conversion saves (measured, AMD Zen 5 class).
+#[inline(always)]
+fn avx512_any_subnormal<const K: usize>(v: &[__m512; K]) -> bool {
+    // SAFETY: AVX-512F available (callers hold the token).
+    unsafe {
+        let (magnitude, one) = (_mm512_set1_epi32(0x7FFF_FFFF), _mm512_set1_epi32(1));
+        let mut least = _mm512_set1_epi32(-1);
+        for &v in v {
+            let m = _mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(v), magnitude), one);
+            least = _mm512_min_epu32(least, m);
+        }
+        _mm512_cmplt_epu32_mask(least, _mm512_set1_epi32(0x007F_FFFF)) != 0
     }
 }
 
@@ -447,6 +499,22 @@ impl Simd for Avx512 {
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m512) {
         // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`.
         unsafe { _mm256_storeu_si256(p.cast(), avx512_bf16(v)) }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16_group<const K: usize>(self, p: *mut u16, v: [__m512; K]) {
+        let native = self.bf16 && !avx512_any_subnormal(&v);
+        for (k, v) in v.into_iter().enumerate() {
+            // SAFETY: AVX-512F available (token), AVX512-BF16 where `native`; the caller
+            // guarantees `16·K` writable u16 at `p`, and `16·k + 16 ≤ 16·K`.
+            unsafe {
+                let bits = if native {
+                    avx512_bf16_instruction(v)
+                } else {
+                    avx512_bf16(v)
+                };
+                _mm256_storeu_si256(p.add(16 * k).cast(), bits);
+            }
+        }
     }
     #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> __m512 {
