@@ -3,7 +3,7 @@
 
 use super::stream::{
     InOut, Param, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
-    stream_strips, use_columns, use_strips,
+    stream_strips, strip_width, use_columns,
 };
 use super::{
     ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, period, reduce_f64, zeroed,
@@ -546,10 +546,12 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
         let [shift, r, a, b, c] = &self.lanes.fields;
         let op = PeriodicDx { shift, r, a, b, c };
         let period = self.lanes.period;
-        if use_strips(period, 5) {
-            stream_strips(s, self.io, Some(self.x), (self.params.len(), period), &op);
-        } else {
-            stream(s, self.io, Some(self.x), period, &op);
+        match strip_width::<S::T>(period, 5) {
+            Some(strip) => {
+                let cols = (self.params.len(), period, strip);
+                stream_strips(s, self.io, Some(self.x), cols, &op)
+            }
+            None => stream(s, self.io, Some(self.x), period, &op),
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, stream, stream_columns,
-    stream_raw, stream_strips, use_columns, use_strips,
+    stream_raw, stream_strips, strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -307,10 +307,9 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
         let op = Periodic { shift, scale, bias };
         let period = self.lanes.period;
         with_fuse!(self.fuse, op, |op, z| {
-            if use_strips(period, 3) {
-                stream_strips(s, self.io, z, (c, period), op);
-            } else {
-                stream(s, self.io, z, period, op);
+            match strip_width::<S::T>(period, 3) {
+                Some(strip) => stream_strips(s, self.io, z, (c, period, strip), op),
+                None => stream(s, self.io, z, period, op),
             }
         });
     }

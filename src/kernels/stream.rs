@@ -245,41 +245,43 @@ impl<S: Simd, M: VectorMap<S>> VectorMap<S> for Offset<'_, M> {
     }
 }
 
-/// Channels per strip of [`stream_strips`]: the strip's parameter lanes (a few KiB) stay in L1
-/// while the rows go by.
-const STRIP: usize = 256;
-
-/// Whether a periodic map with `fields` parameter lanes of `period` values goes through
-/// [`stream_strips`]: when the lanes would take more than a quarter of a 32 KiB L1 next to the
-/// streamed data. Measured (AMD Zen 4, AVX-512, NHWC inference, rows of 2048 channels): the
-/// lanes of a whole row (24 KiB) reloaded from L2 cost 2.2× a copy; strips of 256 channels ~1.1×.
+/// The strip width of a periodic map with `fields` parameter lanes of `period` values of `T`,
+/// or `None` to stream whole rows: lanes over a quarter of the L1 data cache
+/// ([`crate::simd::l1d_bytes`]) go through [`stream_strips`], in strips whose lanes take at most
+/// that quarter (whole register groups of 64 channels). Measured, NHWC inference with rows of
+/// 2048 channels: on AMD Zen 4 (32 KiB L1), the lanes of a whole row (24 KiB) reloaded from L2
+/// cost 2.2× a copy, strips of 256 channels ~1.1×; on an AMD Zen 5 class EPYC (48 KiB L1),
+/// strips of 256 channels were 1.2–1.4× slower than whole rows of 1024 channels (12 KiB of
+/// lanes) and strips of 1024 as fast as whole rows.
 #[inline(always)]
-pub(crate) fn use_strips(period: usize, fields: usize) -> bool {
-    period * fields > 2048
+pub(crate) fn strip_width<T>(period: usize, fields: usize) -> Option<usize> {
+    let budget = crate::simd::l1d_bytes() / 4;
+    let per_channel = fields * size_of::<T>();
+    (period * per_channel > budget).then(|| (budget / per_channel / 64 * 64).max(64))
 }
 
 /// [`stream`] of whole rows of `c` elements (a periodic `op` of period `period`, a multiple of
-/// `c`), strip by strip: channels `k..k + STRIP` of every row, then the next strip, so only one
-/// strip's parameter lanes are in use at a time. Each row segment starts at phase
+/// `c`), strip by strip: channels `k..k + strip` of every row, then the next strip, so only one
+/// strip's parameter lanes are in use at a time ([`strip_width`]). Each row segment starts at phase
 /// `(row start + k) mod period` and lies inside the period (the period is a multiple of `c`).
 #[inline(always)]
 pub(crate) fn stream_strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
     s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
-    (c, period): (usize, usize),
+    (c, period, strip): (usize, usize, usize),
     op: &M,
 ) {
     let l = S::LANES;
     let n = second.map_or(io.len(), |x| x.len().min(io.len()));
-    if c == 0 {
+    if c == 0 || strip == 0 {
         return;
     }
     let rows = n / c;
     let (src, dst) = io.ptrs();
     let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
-    for k in (0..c).step_by(STRIP) {
-        let w = STRIP.min(c - k);
+    for k in (0..c).step_by(strip) {
+        let w = strip.min(c - k);
         // Larger than the segment: `stream_raw` then takes whole vectors and one partial one,
         // with phases from 0.
         let span = (w / l + 1) * l;

@@ -20,6 +20,21 @@ pub(crate) use wide64::{F64, Wide64};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2Fma, Avx512};
 
+/// Size of the L1 data cache of the CPU running the process (of its first core), read once
+/// from CPUID's cache descriptors (leaf 4 on Intel, 0x8000001D on AMD); 32 KiB where they are
+/// missing or implausible, and on other architectures. The streams size their parameter strips by
+/// it.
+pub(crate) fn l1d_bytes() -> usize {
+    static L1D: OnceLock<usize> = OnceLock::new();
+    *L1D.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(bytes) = x86::l1d_bytes().filter(|b| (16 << 10..=256 << 10).contains(b)) {
+            return bytes;
+        }
+        32 << 10
+    })
+}
+
 /// Largest lane count of any backend (AVX-512: 16 × f32).
 pub(crate) const MAX_LANES: usize = 16;
 
@@ -453,6 +468,29 @@ mod tests {
     fn half_tails_load_and_store_exactly_n_values_on_every_backend() {
         for backend in Backend::available() {
             backend.dispatch(HalfTails);
+        }
+    }
+
+    /// The detected L1 data cache agrees with what Linux reports for the first core, where it
+    /// reports one (a VM's CPUID and the kernel's view come from the same descriptors).
+    #[test]
+    fn l1d_size_matches_the_kernels_view() {
+        let bytes = l1d_bytes();
+        assert!((16 << 10..=256 << 10).contains(&bytes), "{bytes}");
+        let read = |i: usize, f: &str| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/{f}"))
+                .map(|s| s.trim().to_string())
+        };
+        for i in 0..8 {
+            let (Ok(level), Ok(kind), Ok(size)) =
+                (read(i, "level"), read(i, "type"), read(i, "size"))
+            else {
+                continue;
+            };
+            if level == "1" && kind == "Data" {
+                let kib: usize = size.trim_end_matches('K').parse().expect("size in KiB");
+                assert_eq!(bytes, kib << 10);
+            }
         }
     }
 

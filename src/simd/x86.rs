@@ -312,6 +312,34 @@ fn avx2_low_mask(n: usize) -> __m256i {
     unsafe { _mm256_loadu_si256(WINDOW[start..].as_ptr().cast()) }
 }
 
+/// The L1 data cache's size from CPUID's deterministic cache parameters (leaf 4 on Intel,
+/// 0x8000001D on AMD and Hygon, same layout): ways × partitions × line size × sets of the first
+/// level-1 data (or unified) cache listed. `None` where the leaf is missing.
+pub(super) fn l1d_bytes() -> Option<usize> {
+    #[allow(unused_unsafe)] // `__cpuid` is an unsafe fn before Rust 1.94 (our MSRV is older).
+    // SAFETY: CPUID exists on every x86-64 CPU; leaves above the reported maximum are not read.
+    let cpuid = |leaf: u32, sub: u32| unsafe { __cpuid_count(leaf, sub) };
+    let vendor = cpuid(0, 0);
+    // "AuthenticAMD" and "HygonGenuine" start with "Auth" and "Hygo" in EBX.
+    let amd = matches!(vendor.ebx, 0x6874_7541 | 0x6F67_7948);
+    let leaf = if amd { 0x8000_001D } else { 4 };
+    if cpuid(leaf & 0x8000_0000, 0).eax < leaf {
+        return None;
+    }
+    (0..16)
+        .map(|sub| cpuid(leaf, sub))
+        .take_while(|r| r.eax & 0x1F != 0)
+        .find_map(|r| {
+            let (kind, level) = (r.eax & 0x1F, (r.eax >> 5) & 0x7);
+            (level == 1 && (kind == 1 || kind == 3)).then(|| {
+                let ways = (r.ebx >> 22) as usize + 1;
+                let partitions = ((r.ebx >> 12) & 0x3FF) as usize + 1;
+                let line = (r.ebx & 0xFFF) as usize + 1;
+                ways * partitions * line * (r.ecx as usize + 1)
+            })
+        })
+}
+
 /// Token proving the CPU supports AVX-512F, AVX-512BW and AVX-512VL (BW and VL for the masked
 /// 16-bit loads and stores of half-precision tails), and whether it has AVX512-BF16.
 #[derive(Clone, Copy, Debug)]
