@@ -311,9 +311,10 @@ pub(crate) struct MomentsRows<'a, E = f32> {
 pub(crate) const GROUP: usize = 4;
 
 /// Vector `g` of a group starting at `start` in a row: whole (`g < full`), the partial last one
-/// (`g == full`, lanes past `width` read as 0), or none.
+/// (`g == full`, lanes past `width` read as 0), or none. `FULL` promises that every vector of the
+/// group is whole (`full` = the group's size), so the checks fold away.
 #[inline(always)]
-fn group_vector<S: Simd<T = E::Param>, E: Element>(
+fn group_vector<S: Simd<T = E::Param>, E: Element, const FULL: bool>(
     s: S,
     x: &[E],
     start: usize,
@@ -321,7 +322,7 @@ fn group_vector<S: Simd<T = E::Param>, E: Element>(
     (full, width): (usize, usize),
 ) -> Option<S::V> {
     let l = S::LANES;
-    if g < full {
+    if FULL || g < full {
         debug_assert!(start + (g + 1) * l <= x.len());
         // SAFETY: callers pass `start + width ≤ x.len()` and `(g + 1)·LANES ≤ width` here.
         Some(unsafe { element::load(s, x.as_ptr().add(start + g * l)) })
@@ -337,9 +338,11 @@ fn group_vector<S: Simd<T = E::Param>, E: Element>(
 }
 
 /// Both passes for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of `c`
-/// channels. Writes `out[..width]`.
+/// channels. Writes `out[..width]`. `FULL`: the group is `G` whole vectors (`width = G·LANES`),
+/// the common case, whose loops then carry no per-vector checks (measured, AMD EPYC family 26:
+/// NHWC 1x256x56x56 statistics 93 → 83 µs, f32, one thread).
 #[inline(always)]
-fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
+fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL: bool>(
     s: S,
     x: &[E],
     c: usize,
@@ -350,7 +353,7 @@ fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
     let l = S::LANES;
     let width = (c - first).min(G * l).min(out.len());
     let rows = x.len() / c;
-    if width == 0 || rows == 0 {
+    if width == 0 || rows == 0 || (FULL && width != G * l) {
         return;
     }
     let shape = (width / l, width);
@@ -360,7 +363,7 @@ fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
     for r in 0..rows {
         let start = r * c + first;
         for (g, a) in acc.iter_mut().enumerate() {
-            if let Some(v) = group_vector(s, x, start, g, shape) {
+            if let Some(v) = group_vector::<S, E, FULL>(s, x, start, g, shape) {
                 *a = s.add_w(*a, s.widen(v));
             }
         }
@@ -392,7 +395,7 @@ fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
         for r in first_row..first_row + steps {
             let start = r * c + first;
             for g in 0..G {
-                if let Some(v) = group_vector(s, x, start, g, shape) {
+                if let Some(v) = group_vector::<S, E, FULL>(s, x, start, g, shape) {
                     let e = s.sub(v, sh[g]);
                     sq[g] = s.mul_add(e, e, sq[g]);
                     if S::T::WIDE {
@@ -434,7 +437,12 @@ impl<E: Element> Kernel for MomentsRows<'_, E> {
         if c >= GROUP * S::LANES {
             for first in (self.first..end).step_by(GROUP * S::LANES) {
                 let o = first - self.first;
-                moments_strided::<S, E, GROUP>(s, self.x, c, first, &mut self.out[o..]);
+                let out = &mut self.out[o..];
+                if c - first >= GROUP * S::LANES && out.len() >= GROUP * S::LANES {
+                    moments_strided::<S, E, GROUP, true>(s, self.x, c, first, out);
+                } else {
+                    moments_strided::<S, E, GROUP, false>(s, self.x, c, first, out);
+                }
             }
             return;
         }
