@@ -172,9 +172,10 @@ pub(crate) struct GradSumsRows<'a, E: Element = f32> {
 const SUM_GROUP: usize = 2;
 
 /// Sums over the rows for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of
-/// `c` channels, accumulators in registers. Adds into `out[..width]`.
+/// `c` channels, accumulators in registers. Adds into `out[..width]`. `FULL`: the group is `G`
+/// whole vectors (`width = G·LANES`), so the loop carries no per-vector checks.
 #[inline(always)]
-fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
+fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL: bool>(
     s: S,
     (x, dy): (&[E], &[E]),
     c: usize,
@@ -184,6 +185,9 @@ fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
 ) {
     let l = S::LANES;
     let width = (c - first).min(G * l).min(pivots.len()).min(out.len());
+    if FULL && width != G * l {
+        return;
+    }
     let (full, rem) = (width / l, width % l);
     let rows = x.len().min(dy.len()) / c;
     let zero = s.zero();
@@ -200,7 +204,7 @@ fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize>(
         for k in 0..steps {
             let start = (first_row + k) * c + first;
             for g in 0..G {
-                let (xv, gv) = if g < full {
+                let (xv, gv) = if FULL || g < full {
                     debug_assert!(start + (g + 1) * l <= x.len().min(dy.len()));
                     // SAFETY: `start + (g + 1)·LANES ≤ start + width ≤ row end ≤ rows·c`, and
                     // both slices hold `rows·c` elements.
@@ -272,10 +276,20 @@ impl<E: Element> Kernel for GradSumsRows<'_, E> {
             for first in (self.first..end).step_by(group * l) {
                 let o = first - self.first;
                 let (xs, p, out) = ((self.x, self.dy), &self.pivots[first..], &mut self.out[o..]);
-                if wide {
-                    grad_sums_strided::<S, E, { 2 * SUM_GROUP }>(s, xs, c, first, p, out);
-                } else {
-                    grad_sums_strided::<S, E, SUM_GROUP>(s, xs, c, first, p, out);
+                let whole = (c - first).min(p.len()).min(out.len()) >= group * l;
+                match (wide, whole) {
+                    (true, true) => {
+                        grad_sums_strided::<S, E, { 2 * SUM_GROUP }, true>(s, xs, c, first, p, out)
+                    }
+                    (true, false) => {
+                        grad_sums_strided::<S, E, { 2 * SUM_GROUP }, false>(s, xs, c, first, p, out)
+                    }
+                    (false, true) => {
+                        grad_sums_strided::<S, E, SUM_GROUP, true>(s, xs, c, first, p, out)
+                    }
+                    (false, false) => {
+                        grad_sums_strided::<S, E, SUM_GROUP, false>(s, xs, c, first, p, out)
+                    }
                 }
             }
             return;
