@@ -83,6 +83,26 @@ impl Simd for Avx2Fma {
         unsafe { _mm_storeu_si128(p.cast(), avx2_bf16(v)) }
     }
     #[inline(always)]
+    unsafe fn store_bf16_group<const K: usize>(self, p: *mut u16, v: [__m256; K]) {
+        // Pairs of vectors share one pack and one lane permutation (16 values per store).
+        for (j, pair) in v.chunks_exact(2).enumerate() {
+            // SAFETY: AVX2 available (token); the caller guarantees `8·K` writable u16 at `p`,
+            // and pair `j` writes `16·j..16·j + 16`.
+            unsafe {
+                let (a, b) = (avx2_bf16_halves(pair[0]), avx2_bf16_halves(pair[1]));
+                // Per 128-bit lane: a's 4 values, then b's; then the quadwords reordered to
+                // a0..a7, b0..b7.
+                let packed = _mm256_packus_epi32(a, b);
+                let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+                _mm256_storeu_si256(p.add(16 * j).cast(), ordered);
+            }
+        }
+        if K % 2 == 1 {
+            // SAFETY: as above, the last vector's 8 values.
+            unsafe { self.store_bf16_ptr(p.add(8 * (K - 1)), v[K - 1]) };
+        }
+    }
+    #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> __m256 {
         // SAFETY: AVX2 and F16C available (token); `load_words` reads inside `bits` only.
         unsafe { _mm256_cvtph_ps(load_words(bits)) }
@@ -224,21 +244,32 @@ impl Simd for Avx2Fma {
 fn avx2_bf16(v: __m256) -> __m128i {
     // SAFETY: AVX2 available (callers hold the token).
     unsafe {
+        // 8 × i32 in 0..=0xFFFF to 8 × u16: packs work per 128-bit lane, then the two lanes' low
+        // quadwords are joined.
+        let halves = avx2_bf16_halves(v);
+        let packed = _mm256_packus_epi32(halves, halves);
+        let joined = _mm256_permute4x64_epi64::<0b1000>(packed);
+        _mm256_castsi256_si128(joined)
+    }
+}
+
+/// 8 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), each in the low half of
+/// its 32-bit lane (the high half zero), ready for an unsigned pack.
+#[inline(always)]
+fn avx2_bf16_halves(v: __m256) -> __m256i {
+    // SAFETY: AVX2 available (callers hold the token).
+    unsafe {
         let bits = _mm256_castps_si256(v);
         // Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the high
         // half. A NaN keeps its high half with the quiet bit set (rounding could carry it
         // into an infinity).
-        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let high = _mm256_srli_epi32::<16>(bits);
+        let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
         let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
         let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
-        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+        let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
         let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        let halves = _mm256_blendv_epi8(rounded, quiet, nan);
-        // 8 × i32 in 0..=0xFFFF to 8 × u16: packs work per 128-bit lane, then the two
-        // lanes' low quadwords are joined.
-        let packed = _mm256_packus_epi32(halves, halves);
-        let joined = _mm256_permute4x64_epi64::<0b1000>(packed);
-        _mm256_castsi256_si128(joined)
+        _mm256_blendv_epi8(rounded, quiet, nan)
     }
 }
 
