@@ -195,6 +195,14 @@ pub(crate) unsafe fn stream_raw<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
         unsafe { map_group::<S, M, E, GROUP_LOADS>(s, op, (src, x2, dst), i + o, o) };
         o += g;
     }
+    if i + o + 2 * l <= n {
+        // A pair left over (short runs: 49 values are 3 vectors and one value): stored as a group,
+        // so half data converts the pair together (one bfloat16 instruction on AVX512-BF16).
+        // Measured, bf16 1x1024x7x7 NCHW inference, one thread, AMD EPYC family 26: 9.0 → 8.0 µs.
+        // SAFETY: `i + o + 2·LANES <= n` (condition).
+        unsafe { map_group::<S, M, E, 2>(s, op, (src, x2, dst), i + o, o) };
+        o += 2 * l;
+    }
     while i + o + l <= n {
         // SAFETY: `i + o + LANES <= n` (loop condition).
         unsafe { map_vector(s, op, (src, x2, dst), i + o, o) };
