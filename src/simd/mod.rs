@@ -1,10 +1,11 @@
 //! The crate-private SIMD lane trait, its backends and the runtime dispatch between them.
 //!
-//! Kernels are written once, generic over [`Simd`]. A backend value (a token, zero-sized or holding
-//! the optional instructions detected) can only be obtained once the CPU is known to support its instructions, so every intrinsic call inside a
-//! backend is justified by the token's existence. [`Kernel`] bodies are monomorphized inside
-//! `#[target_feature]` entry points ([`Backend::dispatch`]) so the whole hot loop is compiled for
-//! the selected instruction set, not one vector op at a time.
+//! Kernels are written once, generic over [`Simd`]. A backend value (a token, zero-sized or
+//! holding the optional instructions detected) can only be obtained once the CPU is known to
+//! support its instructions, so every intrinsic call inside a backend is justified by the token's
+//! existence. [`Kernel`] bodies are monomorphized inside `#[target_feature]` entry points
+//! ([`Backend::dispatch`]) so the whole hot loop is compiled for the selected instruction set, not
+//! one vector op at a time.
 
 mod portable;
 mod wide64;
@@ -472,9 +473,9 @@ mod tests {
     }
 
     /// The detected L1 data cache agrees with what Linux reports for the first core, where it
-    /// reports one (a VM's CPUID and the kernel's view come from the same descriptors).
+    /// reports one (Linux reads the same CPUID descriptors, also in a VM).
     #[test]
-    fn l1d_size_matches_the_kernels_view() {
+    fn l1d_size_matches_linux_sysfs() {
         let bytes = l1d_bytes();
         assert!((16 << 10..=256 << 10).contains(&bytes), "{bytes}");
         let read = |i: usize, f: &str| {

@@ -375,7 +375,7 @@ pub(super) fn l1d_bytes() -> Option<usize> {
 /// 16-bit loads and stores of half-precision tails), and whether it has AVX512-BF16.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512 {
-    /// AVX512-BF16 detected: bfloat16 groups are stored with `vcvtneps2bf16`.
+    /// AVX512-BF16 detected: bfloat16 groups are stored with `vcvtne2ps2bf16`.
     bf16: bool,
 }
 
