@@ -84,12 +84,27 @@ impl Simd for Avx2Fma {
     }
     #[inline(always)]
     unsafe fn store_bf16_group<const K: usize>(self, p: *mut u16, v: [__m256; K]) {
+        // One unordered compare per pair finds a NaN anywhere in the group; without one (the
+        // usual case) the NaN fix-up of every vector is skipped.
+        // SAFETY: AVX available (token).
+        let any_nan = unsafe {
+            let mut nan = _mm256_setzero_ps();
+            for pair in v.chunks(2) {
+                let unordered = _mm256_cmp_ps::<_CMP_UNORD_Q>(pair[0], pair[pair.len() - 1]);
+                nan = _mm256_or_ps(nan, unordered);
+            }
+            _mm256_testz_ps(nan, nan) == 0
+        };
         // Pairs of vectors share one pack and one lane permutation (16 values per store).
         for (j, pair) in v.chunks_exact(2).enumerate() {
             // SAFETY: AVX2 available (token); the caller guarantees `8·K` writable u16 at `p`,
             // and pair `j` writes `16·j..16·j + 16`.
             unsafe {
-                let (a, b) = (avx2_bf16_halves(pair[0]), avx2_bf16_halves(pair[1]));
+                let (a, b) = if any_nan {
+                    (avx2_bf16_halves(pair[0]), avx2_bf16_halves(pair[1]))
+                } else {
+                    (avx2_bf16_rounded(pair[0]), avx2_bf16_rounded(pair[1]))
+                };
                 // Per 128-bit lane: a's 4 values, then b's; then the quadwords reordered to
                 // a0..a7, b0..b7.
                 let packed = _mm256_packus_epi32(a, b);
@@ -259,17 +274,27 @@ fn avx2_bf16(v: __m256) -> __m128i {
 fn avx2_bf16_halves(v: __m256) -> __m256i {
     // SAFETY: AVX2 available (callers hold the token).
     unsafe {
-        let bits = _mm256_castps_si256(v);
-        // Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the high
-        // half. A NaN keeps its high half with the quiet bit set (rounding could carry it
-        // into an infinity).
-        let high = _mm256_srli_epi32::<16>(bits);
-        let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
-        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
-        let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+        // A NaN keeps its high half with the quiet bit set (rounding could carry it into an
+        // infinity).
+        let quiet = _mm256_or_si256(
+            _mm256_srli_epi32::<16>(_mm256_castps_si256(v)),
+            _mm256_set1_epi32(0x40),
+        );
         let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        _mm256_blendv_epi8(rounded, quiet, nan)
+        _mm256_blendv_epi8(avx2_bf16_rounded(v), quiet, nan)
+    }
+}
+
+/// [`avx2_bf16_halves`] for lanes known not to be NaN: round to nearest, ties to even, by adding
+/// 0x7FFF plus the lowest kept bit and keeping the high half.
+#[inline(always)]
+fn avx2_bf16_rounded(v: __m256) -> __m256i {
+    // SAFETY: AVX2 available (callers hold the token).
+    unsafe {
+        let bits = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+        _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias))
     }
 }
 
