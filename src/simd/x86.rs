@@ -456,21 +456,56 @@ fn avx512_from_bf16(bits: __m256i) -> __m512 {
 fn avx512_bf16(v: __m512) -> __m256i {
     // SAFETY: AVX-512F/BW available (callers hold the token).
     unsafe {
-        let bits = _mm512_castps_si512(v);
-        // As on AVX2: round to nearest even in the integer bits, the result in the high half of
-        // each lane. A NaN lane takes its own bits with the quiet bit set instead (rounding could
-        // carry it into an infinity). One word permutation then gathers the high halves.
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-        let rounded = _mm512_add_epi32(bits, bias);
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        let high = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x0040_0000));
+        // One word permutation gathers the high halves.
         const ODD_WORDS: [i16; 32] = [
             1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, //
             1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
         ];
         let index = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
-        _mm512_castsi512_si256(_mm512_permutexvar_epi16(index, high))
+        _mm512_castsi512_si256(_mm512_permutexvar_epi16(index, avx512_bf16_high(v)))
+    }
+}
+
+/// 16 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), each in the high half
+/// of its 32-bit lane (the low half is garbage).
+#[inline(always)]
+fn avx512_bf16_high(v: __m512) -> __m512i {
+    // SAFETY: AVX-512F available (callers hold the token).
+    unsafe {
+        // A NaN lane takes its own bits with the quiet bit set instead (rounding could carry it
+        // into an infinity).
+        let bits = _mm512_castps_si512(v);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let quiet = _mm512_set1_epi32(0x0040_0000);
+        _mm512_mask_or_epi32(avx512_bf16_rounded_high(v), nan, bits, quiet)
+    }
+}
+
+/// [`avx512_bf16_high`] for lanes known not to be NaN: as on AVX2, round to nearest even in the
+/// integer bits (add 0x7FFF plus the lowest kept bit), the result in the high halves.
+#[inline(always)]
+fn avx512_bf16_rounded_high(v: __m512) -> __m512i {
+    // SAFETY: AVX-512F available (callers hold the token).
+    unsafe {
+        let bits = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+        _mm512_add_epi32(bits, bias)
+    }
+}
+
+/// Two vectors' bfloat16 values (each in the high halves of its 32-bit lanes) gathered into one
+/// vector of 32 words, `low`'s first, by one two-source word permutation.
+#[inline(always)]
+fn avx512_join_high_words(low: __m512i, high: __m512i) -> __m512i {
+    // SAFETY: AVX-512BW available (callers hold the token).
+    unsafe {
+        const ODD_WORDS: [i16; 32] = [
+            1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, //
+            33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63,
+        ];
+        let index = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
+        _mm512_permutex2var_epi16(low, index, high)
     }
 }
 
@@ -595,7 +630,8 @@ impl Simd for Avx512 {
         let mut rewrite = !self.bf16;
         if self.bf16 {
             // SAFETY: AVX-512F/BW and AVX512-BF16 available (token and `bf16`); the caller
-            // guarantees `16·K` writable u16 at `p`, and each pair writes `32·j..32·j + 32`.
+            // guarantees `16·K` writable u16 at `p`; pair `j` writes `32·j..32·j + 32`, the last
+            // vector of an odd group `16·(K − 1)..16·K`.
             unsafe {
                 let mut zeros = 0;
                 for (j, pair) in v.chunks_exact(2).enumerate() {
@@ -603,13 +639,37 @@ impl Simd for Avx512 {
                     zeros |= _mm512_testn_epi16_mask(words, _mm512_set1_epi16(0x7FFF));
                     _mm512_storeu_si512(p.add(32 * j).cast(), words);
                 }
-                rewrite = (zeros != 0 && avx512_any_subnormal(&v)) || K % 2 == 1;
+                if K % 2 == 1 {
+                    self.store_bf16_ptr(p.add(16 * (K - 1)), v[K - 1]);
+                }
+                rewrite = zeros != 0 && avx512_any_subnormal(&v);
             }
         }
         if rewrite {
-            for (k, v) in v.into_iter().enumerate() {
-                // SAFETY: as above, `16·k + 16 ≤ 16·K`.
-                unsafe { _mm256_storeu_si256(p.add(16 * k).cast(), avx512_bf16(v)) };
+            // The integer conversion, a pair at a time (one permutation and one store per 32
+            // values), with the NaN fix-up only in groups that hold a NaN (one unordered compare
+            // per pair finds them), as on AVX2.
+            // SAFETY: AVX-512F/BW available (token); as above, pair `j` writes
+            // `32·j..32·j + 32` and the last vector of an odd group `16·(K − 1)..16·K`.
+            unsafe {
+                let mut nan = 0;
+                for pair in v.chunks(2) {
+                    nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(pair[0], pair[pair.len() - 1]);
+                }
+                for (j, pair) in v.chunks_exact(2).enumerate() {
+                    let (a, b) = if nan != 0 {
+                        (avx512_bf16_high(pair[0]), avx512_bf16_high(pair[1]))
+                    } else {
+                        (
+                            avx512_bf16_rounded_high(pair[0]),
+                            avx512_bf16_rounded_high(pair[1]),
+                        )
+                    };
+                    _mm512_storeu_si512(p.add(32 * j).cast(), avx512_join_high_words(a, b));
+                }
+                if K % 2 == 1 {
+                    self.store_bf16_ptr(p.add(16 * (K - 1)), v[K - 1]);
+                }
             }
         }
     }
