@@ -456,11 +456,8 @@ fn avx512_from_bf16(bits: __m256i) -> __m512 {
 fn avx512_bf16(v: __m512) -> __m256i {
     // SAFETY: AVX-512F/BW available (callers hold the token).
     unsafe {
-        // One word permutation gathers the high halves.
-        const ODD_WORDS: [i16; 32] = [
-            1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, //
-            1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
-        ];
+        // One word permutation gathers the high halves (a single-source permutation reads the
+        // indices modulo 32, so the low 16 results are the odd words of `v`).
         let index = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
         _mm512_castsi512_si256(_mm512_permutexvar_epi16(index, avx512_bf16_high(v)))
     }
@@ -500,14 +497,17 @@ fn avx512_bf16_rounded_high(v: __m512) -> __m512i {
 fn avx512_join_high_words(low: __m512i, high: __m512i) -> __m512i {
     // SAFETY: AVX-512BW available (callers hold the token).
     unsafe {
-        const ODD_WORDS: [i16; 32] = [
-            1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, //
-            33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63,
-        ];
         let index = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
         _mm512_permutex2var_epi16(low, index, high)
     }
 }
+
+/// The odd 16-bit words of two 512-bit vectors (indices 32 and up name the second): the high
+/// halves of their 32-bit lanes, where the bfloat16 conversions leave their results.
+const ODD_WORDS: [i16; 32] = [
+    1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, //
+    33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63,
+];
 
 /// 32 f32 lanes (`low`, then `high`) rounded to bfloat16 by `vcvtne2ps2bf16`: to nearest even, a
 /// NaN quieted as in [`avx512_bf16`] (its upper 16 bits with the quiet bit set), so equal to it on
