@@ -66,9 +66,7 @@ impl Parallelism {
             _ => out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c)),
         }
     }
-}
 
-impl Parallelism {
     /// Runs one operation over `elems` elements, `op` getting the parallelism its passes should
     /// use. Each parallel pass started from a thread outside the rayon pool hands its work to the
     /// pool and waits for it: a wake-up round trip, measured at 10–20 µs on a 2-vCPU VM (AMD EPYC

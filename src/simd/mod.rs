@@ -453,22 +453,29 @@ mod tests {
         }
     }
 
-    /// Runs [`half_tails`] inside a backend's target-feature entry point.
-    struct HalfTails;
+    /// Runs [`half_tails`] and [`bf16_groups`] inside a backend's target-feature entry point.
+    struct HalfConversions;
 
-    impl Kernel for HalfTails {
+    impl Kernel for HalfConversions {
         type T = f32;
         type Output = ();
         #[inline(always)]
         fn run<S: Simd<T = f32>>(self, s: S) {
-            half_tails(s)
+            half_tails(s);
+            bf16_groups(s);
         }
     }
 
+    /// Half tails ([`half_tails`]) and bfloat16 groups ([`bf16_groups`]) on every backend, and on
+    /// AVX-512's integer conversion also where the CPU has `vcvtne2ps2bf16`.
     #[test]
-    fn half_tails_load_and_store_exactly_n_values_on_every_backend() {
+    fn half_conversions_on_every_backend() {
         for backend in Backend::available() {
-            backend.dispatch(HalfTails);
+            backend.dispatch(HalfConversions);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = Avx512::try_new() {
+            t.without_bf16_instructions().vectorize(HalfConversions);
         }
     }
 
@@ -563,30 +570,6 @@ mod tests {
                 assert_eq!(grouped[i], want, "group: {b:#010x}");
                 assert_eq!(single[i], want, "single: {b:#010x}");
             }
-        }
-    }
-
-    /// Runs [`bf16_groups`] inside a backend's target-feature entry point.
-    struct Bf16Groups;
-
-    impl Kernel for Bf16Groups {
-        type T = f32;
-        type Output = ();
-        #[inline(always)]
-        fn run<S: Simd<T = f32>>(self, s: S) {
-            bf16_groups(s)
-        }
-    }
-
-    #[test]
-    fn bf16_stores_round_to_nearest_even_on_every_backend() {
-        for backend in Backend::available() {
-            backend.dispatch(Bf16Groups);
-        }
-        // The integer conversion of AVX-512, also where the CPU has `vcvtneps2bf16`.
-        #[cfg(target_arch = "x86_64")]
-        if let Some(t) = Avx512::try_new() {
-            t.without_bf16_instructions().vectorize(Bf16Groups);
         }
     }
 }
