@@ -6,10 +6,11 @@ use super::stream::{
     stream_strips, strip_width, use_columns,
 };
 use super::{
-    ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, period, reduce_f64, zeroed,
-    zeroed_f64,
+    ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, period, reduce_f64,
+    rows_as_they_are,
 };
 use crate::element::{self, Element};
+use crate::scratch;
 use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 
 /// Per-channel sums of the backward reduction, relative to a pivot K (the saved mean).
@@ -267,82 +268,92 @@ impl<E: Element> Kernel for GradSumsRows<'_, E> {
             return;
         }
         let l = S::LANES;
-        // 16 vector registers (AVX2, or f64 on AVX-512) hold 2 groups' sums and pivots; 32
-        // (AVX-512) hold 4.
-        let wide = S::REGISTERS >= 32;
-        let group = if wide { 2 * SUM_GROUP } else { SUM_GROUP };
-        if c >= group * l {
+        if c >= sum_group::<S>() * l {
             let end = (self.first + self.out.len()).min(c);
-            for first in (self.first..end).step_by(group * l) {
-                let o = first - self.first;
-                let (xs, p, out) = ((self.x, self.dy), &self.pivots[first..], &mut self.out[o..]);
-                let whole = (c - first).min(p.len()).min(out.len()) >= group * l;
-                match (wide, whole) {
-                    (true, true) => {
-                        grad_sums_strided::<S, E, { 2 * SUM_GROUP }, true>(s, xs, c, first, p, out)
-                    }
-                    (true, false) => {
-                        grad_sums_strided::<S, E, { 2 * SUM_GROUP }, false>(s, xs, c, first, p, out)
-                    }
-                    (false, true) => {
-                        grad_sums_strided::<S, E, SUM_GROUP, true>(s, xs, c, first, p, out)
-                    }
-                    (false, false) => {
-                        grad_sums_strided::<S, E, SUM_GROUP, false>(s, xs, c, first, p, out)
-                    }
-                }
+            if let Some(pivots) = self.pivots.get(self.first..) {
+                column_groups(s, (self.x, self.dy), c, self.first..end, pivots, self.out);
             }
             return;
         }
         if self.first != 0 {
             return;
         }
+        // Narrow rows: lane `q` always holds channel `q mod c` (the period is a multiple of both
+        // `c` and the lane count), so whole periods are rows of `per` values, reduced by the
+        // same register groups; each position's sums are then added to its channel's. The rows
+        // after the last whole period are one narrow group, and a partial row (none from the
+        // drivers) is summed in scalar f64. Measured against lane sums kept in memory (one
+        // thread, AMD EPYC family 26): NHWC 1x32x112x112 backward 162 → 97 µs (f32), 112 → 65
+        // µs (bf16).
+        let n = self.x.len().min(self.dy.len());
+        if rows_as_they_are(c, l, n / c) {
+            column_groups(s, (self.x, self.dy), c, 0..c, self.pivots, self.out);
+            return;
+        }
         let per = period(c, l);
         let piv = expand_periodic(self.pivots, per);
-        let mut acc = zeroed(3 * per);
-        let mut tot = zeroed_f64(3 * per);
-        let n = self.x.len().min(self.dy.len());
-        let (x, dy) = (&self.x[..n], &self.dy[..n]);
-        for (xc, dc) in x.chunks(KMAX * per).zip(dy.chunks(KMAX * per)) {
-            acc.fill(S::T::ZERO);
-            let (sdy, rest) = acc.split_at_mut(per);
-            let (sxdy, sx) = rest.split_at_mut(per);
-            let mut i = 0;
-            while i < xc.len() {
-                let end = (i + per).min(xc.len());
-                for o in (0..end - i).step_by(l) {
-                    let keep = s.mask(end - i - o);
-                    let xv = element::load_slice(s, &xc[i + o..end]);
-                    let xd = s.mul(s.sub(xv, s.load(&piv[o..])), keep);
-                    let g = element::load_slice(s, &dc[i + o..end]);
-                    let (a0, a1, a2) = (s.load(&sdy[o..]), s.load(&sxdy[o..]), s.load(&sx[o..]));
-                    s.store(&mut sdy[o..], s.add(a0, g));
-                    s.store(&mut sxdy[o..], s.mul_add(xd, g, a1));
-                    s.store(&mut sx[o..], s.add(a2, xd));
-                }
-                i = end;
-            }
-            for (t, a) in tot.chunks_exact_mut(per).zip([&*sdy, &*sxdy, &*sx]) {
-                for o in (0..per).step_by(l) {
-                    // SAFETY: `o + LANES ≤ per`, the length of this part of `tot`.
-                    unsafe {
-                        let v = s.add_w(s.load_w_ptr(t.as_ptr().add(o)), s.widen(s.load(&a[o..])));
-                        s.store_w_ptr(t.as_mut_ptr().add(o), v);
-                    }
-                }
+        let (body, rows) = (n / per * per, n / c * c);
+        let mut parts = scratch::zeroed::<GradSums>(per);
+        let xs = (&self.x[..body], &self.dy[..body]);
+        column_groups(s, xs, per, 0..per, &piv, &mut parts);
+        let xs = (&self.x[body..rows], &self.dy[body..rows]);
+        column_groups(s, xs, c, 0..c, self.pivots, &mut parts);
+        for (q, (&x, &g)) in self.x[rows..n].iter().zip(&self.dy[rows..n]).enumerate() {
+            let (d, g): (f64, f64) = ((x.to_param() - piv[q]).into(), g.into());
+            let p = &mut parts[q];
+            *p = p.add(GradSums {
+                dy: g,
+                xdy: d * g,
+                x: d,
+            });
+        }
+        for (q, part) in parts.iter().enumerate() {
+            if let Some(slot) = self.out.get_mut(q % c) {
+                *slot = slot.add(*part);
             }
         }
-        let (tdy, rest) = tot.split_at(per);
-        let (txdy, tx) = rest.split_at(per);
-        for q in 0..per {
-            if let Some(slot) = self.out.get_mut(q % c) {
-                let part = GradSums {
-                    dy: tdy[q],
-                    xdy: txdy[q],
-                    x: tx[q],
-                };
-                *slot = slot.add(part);
+    }
+}
+
+/// Vectors of channels per register group of [`grad_sums_strided`] on this backend: 16 vector
+/// registers (AVX2, or f64 on AVX-512) hold 2 groups' sums and pivots; 32 (AVX-512) hold 4.
+#[inline(always)]
+fn sum_group<S: Simd>() -> usize {
+    if S::REGISTERS >= 32 {
+        2 * SUM_GROUP
+    } else {
+        SUM_GROUP
+    }
+}
+
+/// [`grad_sums_strided`] for the channels `cols` of rows of `c` values, a register group at a
+/// time; `pivots[0]` and `out[0]` belong to channel `cols.start`.
+#[inline(always)]
+fn column_groups<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    xs: (&[E], &[E]),
+    c: usize,
+    cols: std::ops::Range<usize>,
+    pivots: &[E::Param],
+    out: &mut [GradSums],
+) {
+    let group = sum_group::<S>();
+    let wide = group > SUM_GROUP;
+    for first in cols.clone().step_by(group * S::LANES) {
+        let o = first - cols.start;
+        let (Some(p), Some(out)) = (pivots.get(o..), out.get_mut(o..)) else {
+            return;
+        };
+        let whole = (c - first).min(p.len()).min(out.len()) >= group * S::LANES;
+        match (wide, whole) {
+            (true, true) => {
+                grad_sums_strided::<S, E, { 2 * SUM_GROUP }, true>(s, xs, c, first, p, out)
             }
+            (true, false) => {
+                grad_sums_strided::<S, E, { 2 * SUM_GROUP }, false>(s, xs, c, first, p, out)
+            }
+            (false, true) => grad_sums_strided::<S, E, SUM_GROUP, true>(s, xs, c, first, p, out),
+            (false, false) => grad_sums_strided::<S, E, SUM_GROUP, false>(s, xs, c, first, p, out),
         }
     }
 }

@@ -45,6 +45,21 @@ pub(crate) fn period(c: usize, lanes: usize) -> usize {
     base * min.div_ceil(base).max(1)
 }
 
+/// Whether narrow rows of `c` channels (fewer than a register group) are reduced as they are, one
+/// partial register group per row, rather than as rows of one lane [`period`]. Rows as they are
+/// waste the lanes past `c` in their last vector; period rows use every lane but pay per position
+/// of the period (the sums' merge into channels, and a zeroed buffer), measured at about
+/// [`PERIOD_COST`] values' work each. So channel counts that fill their vectors (16, 32, 48 on
+/// AVX-512) and tensors of few rows go as they are.
+pub(crate) fn rows_as_they_are(c: usize, lanes: usize, rows: usize) -> bool {
+    let waste = c.div_ceil(lanes) * lanes - c;
+    rows.saturating_mul(waste) <= PERIOD_COST * period(c, lanes)
+}
+
+/// Work per position of a lane period in the narrow-row reductions, in values (see
+/// [`rows_as_they_are`]).
+const PERIOD_COST: usize = 16;
+
 fn lcm(a: usize, b: usize) -> usize {
     let (mut x, mut y) = (a, b);
     while y != 0 {
