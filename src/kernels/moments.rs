@@ -15,6 +15,7 @@
 //! bound (a fuzz finding, `tests/fuzz_regressions.rs`), and because the f64 first moment costs no
 //! more than Welford's dependent updates.
 
+use super::stream::lane_group;
 use super::{ACCUMULATORS, KMAX, expand_periodic, period, rows_as_they_are, zeroed_f64};
 use crate::ChannelStats;
 use crate::element::{self, Element};
@@ -400,18 +401,6 @@ fn column_squares<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL:
     (tot, dtot)
 }
 
-/// The lanes of `values[..width]` as `G` vectors (lanes past `width` are 0).
-#[inline(always)]
-fn group_lanes<S: Simd, const G: usize>(s: S, values: &[S::T], width: usize) -> [S::V; G] {
-    let mut v = [s.zero(); G];
-    for (g, v) in v.iter_mut().enumerate() {
-        if let Some(lanes) = values.get(g * S::LANES..width) {
-            *v = s.load_partial(lanes, S::T::ZERO);
-        }
-    }
-    v
-}
-
 /// Both passes for channels `first..first + width` (`width ≤ G·LANES`) of a block of rows of `c`
 /// channels ([`column_sums`], then [`column_squares`]). Writes `out[..width]`. `FULL`: the group
 /// is `G` whole vectors (`width = G·LANES`), the common case, whose loops then carry no
@@ -447,7 +436,7 @@ fn moments_strided<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL
             shift[i] = S::T::from_f64(mean[i]);
         }
     }
-    let sh = group_lanes::<S, G>(s, &shift, width);
+    let sh = lane_group::<S, G>(s, &shift[..width]);
     let (tot, dtot) = column_squares::<S, E, G, FULL>(s, x, cols, &sh);
     let mut devs = [0.0f64; MAX_LANES];
     for g in 0..width.div_ceil(l) {
@@ -563,7 +552,7 @@ fn periodic_sums<S: Simd<T = E::Param>, E: Element>(
             None if full => (column_sums::<S, E, GROUP, true>(s, body, cols), None),
             None => (column_sums::<S, E, GROUP, false>(s, body, cols), None),
             Some(shift) => {
-                let sh = group_lanes::<S, GROUP>(s, shift.get(first..).unwrap_or(&[]), width);
+                let sh = lane_group::<S, GROUP>(s, shift.get(first..first + width).unwrap_or(&[]));
                 let (sq, dev) = if full {
                     column_squares::<S, E, GROUP, true>(s, body, cols, &sh)
                 } else {

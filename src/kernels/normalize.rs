@@ -5,8 +5,8 @@
 //! `bias − scale·shift` never enters. A constant channel yields `x − shift = 0` and so `y = bias`.
 
 use super::stream::{
-    InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, stream, stream_columns,
-    stream_raw, stream_strips, strip_width, use_columns,
+    InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
+    stream_columns, stream_periods, stream_raw, stream_strips, strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -188,6 +188,16 @@ impl<V: Copy, const G: usize> GroupAffine<V, G> {
             bias: group_vectors(s, params, |p| p.bias),
         }
     }
+
+    /// The first `G·LANES` positions of periodic lanes (missing positions 0).
+    #[inline(always)]
+    fn from_lanes<S: Simd<V = V>>(s: S, [shift, scale, bias]: [&[S::T]; 3]) -> Self {
+        GroupAffine {
+            shift: lane_group(s, shift),
+            scale: lane_group(s, scale),
+            bias: lane_group(s, bias),
+        }
+    }
 }
 
 impl<S: Simd, const G: usize> VectorMap<S> for GroupAffine<S::V, G> {
@@ -292,6 +302,17 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
             return;
         }
         const G: usize = MAX_GROUP;
+        let [shift, scale, bias] = &self.lanes.fields;
+        let period = self.lanes.period;
+        if period <= G * S::LANES && column_group::<S>(3) >= G {
+            // Narrow rows whose period fits a register group (C = 16 or 32 on AVX-512, 8 or 16 on
+            // AVX2): the period's parameters in registers, whole groups per row of one period.
+            let op = GroupAffine::<S::V, G>::from_lanes(s, [shift, scale, bias]);
+            with_fuse!(self.fuse, op, |op, z| {
+                stream_periods::<S, _, G>(s, self.io, z, period, op)
+            });
+            return;
+        }
         if use_columns::<S>(c, G) && column_group::<S>(3) >= G {
             let mut io = self.io;
             for first in (0..c).step_by(G * S::LANES) {
@@ -303,9 +324,7 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
             }
             return;
         }
-        let [shift, scale, bias] = &self.lanes.fields;
         let op = Periodic { shift, scale, bias };
-        let period = self.lanes.period;
         with_fuse!(self.fuse, op, |op, z| {
             match strip_width::<S::T>(period, 3) {
                 Some(strip) => stream_strips(s, self.io, z, (c, period, strip), op),

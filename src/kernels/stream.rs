@@ -396,10 +396,56 @@ pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     }
 }
 
+/// [`stream`] of narrow rows whose lane period fits one register group (`period ≤ G·LANES`, a
+/// multiple of the lane count): whole periods as rows of `period` elements through
+/// [`stream_columns`], so `op` (phase = offset in the period) can hold its parameters in
+/// registers, then the last partial period by [`stream_raw`].
+#[inline(always)]
+pub(crate) fn stream_periods<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
+    s: S,
+    mut io: IO,
+    second: Option<&[IO::Elem]>,
+    period: usize,
+    op: &impl VectorMap<S>,
+) {
+    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    if period == 0 || period > G * S::LANES {
+        return;
+    }
+    stream_columns::<S, _, G>(s, &mut io, second, (period, 0, period), op);
+    let body = n / period * period;
+    let (src, dst) = io.ptrs();
+    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
+    // SAFETY: the pointers are valid for `n` elements (as in `stream`), so from `body ≤ n` on for
+    // `n − body`; `stream_raw` stays inside that range.
+    unsafe {
+        stream_raw(
+            s,
+            (src.add(body), x2.add(body), dst.add(body)),
+            n - body,
+            period,
+            op,
+        )
+    };
+}
+
 /// [`VectorMap::BINARY`] of a map value's type.
 #[inline(always)]
 fn op_binary<S: Simd, M: VectorMap<S>>(_: &M) -> bool {
     M::BINARY
+}
+
+/// The first `G·LANES` of `values` as `G` vectors (lanes past its end are 0).
+#[inline(always)]
+pub(crate) fn lane_group<S: Simd, const G: usize>(s: S, values: &[S::T]) -> [S::V; G] {
+    let l = S::LANES;
+    let mut v = [s.zero(); G];
+    for (g, v) in v.iter_mut().enumerate() {
+        if g * l < values.len() {
+            *v = s.load_partial(&values[g * l..values.len().min((g + 1) * l)], S::T::ZERO);
+        }
+    }
+    v
 }
 
 /// Field `f` of the first `G·LANES` channel parameters as `G` vectors (missing channels 0).
