@@ -146,16 +146,36 @@ unsafe fn map_group<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K:
 #[inline(always)]
 pub(crate) fn stream<S: Simd<T = Param<IO>>, IO: InOut>(
     s: S,
-    mut io: IO,
+    io: IO,
     second: Option<&[IO::Elem]>,
     period: usize,
     op: &impl VectorMap<S>,
 ) {
+    stream_from(s, io, second, 0, period, op);
+}
+
+/// [`stream`] of the elements from `start` on, `op`'s phase counted from `start`.
+#[inline(always)]
+fn stream_from<S: Simd<T = Param<IO>>, IO: InOut>(
+    s: S,
+    mut io: IO,
+    second: Option<&[IO::Elem]>,
+    start: usize,
+    period: usize,
+    op: &impl VectorMap<S>,
+) {
     let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    if start >= n {
+        return;
+    }
     let (src, dst) = io.ptrs();
     let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
-    // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length.
-    unsafe { stream_raw(s, (src, x2, dst), n, period, op) };
+    // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length, so
+    // from `start < n` on for `n − start`; `stream_raw` stays inside that range.
+    unsafe {
+        let at = (src.add(start), x2.add(start), dst.add(start));
+        stream_raw(s, at, n - start, period, op)
+    };
 }
 
 /// [`stream`] on raw pointers.
@@ -399,7 +419,7 @@ pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
 /// [`stream`] of narrow rows whose lane period fits one register group (`period ≤ G·LANES`, a
 /// multiple of the lane count): whole periods as rows of `period` elements through
 /// [`stream_columns`], so `op` (phase = offset in the period) can hold its parameters in
-/// registers, then the last partial period by [`stream_raw`].
+/// registers, then the last partial period as [`stream`] does.
 #[inline(always)]
 pub(crate) fn stream_periods<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     s: S,
@@ -413,20 +433,7 @@ pub(crate) fn stream_periods<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
         return;
     }
     stream_columns::<S, _, G>(s, &mut io, second, (period, 0, period), op);
-    let body = n / period * period;
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
-    // SAFETY: the pointers are valid for `n` elements (as in `stream`), so from `body ≤ n` on for
-    // `n − body`; `stream_raw` stays inside that range.
-    unsafe {
-        stream_raw(
-            s,
-            (src.add(body), x2.add(body), dst.add(body)),
-            n - body,
-            period,
-            op,
-        )
-    };
+    stream_from(s, io, second, n / period * period, period, op);
 }
 
 /// [`VectorMap::BINARY`] of a map value's type.
