@@ -372,18 +372,21 @@ pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
     for r in 0..rows {
         let base = r * c + first;
-        if full == G {
-            // SAFETY: `base + G·LANES = r·c + first + width ≤ (r + 1)·c ≤ n`, the length the
-            // pointers are valid for.
-            unsafe { map_group::<S, _, _, G>(s, op, (src, x2, dst), base, 0) };
-            continue;
+        // The whole vectors as one group (stored together: half data converts them in pairs).
+        // SAFETY: `base + full·LANES ≤ r·c + first + width ≤ (r + 1)·c ≤ n`, the length the
+        // pointers are valid for.
+        unsafe {
+            let ptrs = (src, x2, dst);
+            match full {
+                4 => map_group::<S, _, _, 4>(s, op, ptrs, base, 0),
+                3 => map_group::<S, _, _, 3>(s, op, ptrs, base, 0),
+                2 => map_group::<S, _, _, 2>(s, op, ptrs, base, 0),
+                1 => map_vector(s, op, ptrs, base, 0),
+                _ => {}
+            }
         }
         for g in 0..G {
-            if g < full {
-                // SAFETY: `base + (g + 1)·LANES ≤ r·c + first + width ≤ (r + 1)·c ≤ n`, the
-                // length the pointers are valid for.
-                unsafe { map_vector(s, op, (src, x2, dst), base + g * l, g * l) };
-            } else if g == full && rem > 0 {
+            if g == full && rem > 0 {
                 let i = base + g * l;
                 // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
                 // output slice is made (in place they alias).

@@ -212,8 +212,12 @@ pub const SWEEP_N: &[usize] = &[1, 2, 5];
 /// Wide rows `(n, c, hw)`, beyond the sweep's channel counts: NHWC reductions split rows of more
 /// than 256 channels into strips (a partial last strip here) and more than 256 rows into row
 /// blocks (300 and 325 rows); streaming passes take parameter lanes strip by strip once a
-/// period's lanes outgrow L1 (c = 250 has a period of 2000 values, c = 1030 of 8240).
+/// period's lanes outgrow L1 (c = 250 has a period of 2000 values, c = 1030 of 8240). Besides,
+/// rows of three whole vectors (c = 48 on AVX-512, 24 on AVX2), which the column streams store
+/// as a group of 3.
 pub const WIDE: &[(usize, usize, usize)] = &[
+    (2, 24, 9),
+    (3, 48, 5),
     (1, 250, 3),
     (2, 257, 5),
     (300, 300, 1),
