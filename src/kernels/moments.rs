@@ -114,11 +114,83 @@ fn moments_run<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> ChannelStats
     }
     // A loop, not a fold with a closure: a closure may be compiled out of line, outside the
     // target-feature entry point, where every intrinsic becomes a call (measured: 40× slower).
+    // Whole sub-runs of half data overlap: the second pass of one runs in the same loop as the
+    // first pass of the next ([`overlapped_passes`]).
     let mut total = ChannelStats::default();
+    let mut pending = None;
     for sub in x.chunks(SUB_RUN) {
-        total = total.merge(&two_pass(s, sub));
+        let whole = overlap::<E>() && sub.len() == SUB_RUN;
+        match pending.take() {
+            Some((cur, mean)) if whole => {
+                let (stats, next) = overlapped_passes(s, cur, mean, sub);
+                total = total.merge(&stats);
+                pending = Some((sub, next));
+            }
+            Some((cur, mean)) => {
+                total = total.merge(&second_pass(s, cur, SUB_RUN, SUB_RUN, 1, mean));
+                total = total.merge(&two_pass(s, sub));
+            }
+            None if whole => pending = Some((sub, first_pass(s, sub, SUB_RUN, SUB_RUN, 1))),
+            None => total = total.merge(&two_pass(s, sub)),
+        }
+    }
+    if let Some((cur, mean)) = pending {
+        total = total.merge(&second_pass(s, cur, SUB_RUN, SUB_RUN, 1, mean));
     }
     total
+}
+
+/// Whether [`moments_run`] overlaps the passes of consecutive sub-runs: for 2-byte (half) data,
+/// whose first pass converts twice per vector and so is bound by arithmetic, and whose two
+/// sub-runs take 16 KiB of L1. Measured (one thread, AMD EPYC family 26, 48 KiB L1, NCHW
+/// 1x64x112x112 statistics, min of 5 alternated): bf16 65.8 → 60.3 µs, but f32 56.8 → 58.4 µs and
+/// f64 90.6 → 110.7 µs (two sub-runs of 32 or 64 KiB push the second pass out of L1).
+#[inline(always)]
+fn overlap<E>() -> bool {
+    size_of::<E>() == 2
+}
+
+/// Pass 2 of the whole sub-run `cur` (from its pass 1's count and mean) in one loop with pass 1
+/// of the whole sub-run `next`: the same sums in the same order as [`second_pass`] and
+/// [`first_pass`], but the f64 widening and adds of one and the f32 squares of the other keep
+/// different execution ports busy at once. Measured in a standalone loop (AMD EPYC family 26,
+/// f32): 0.85 → 0.69 ns per vector from L1, 1.04 → 0.89 from L2.
+#[inline(always)]
+fn overlapped_passes<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    cur: &[E],
+    (n, mean): (usize, f64),
+    next: &[E],
+) -> (ChannelStats, (usize, f64)) {
+    const A: usize = ACCUMULATORS;
+    let l = S::LANES;
+    let w = A * l;
+    let shift = S::T::from_f64(mean);
+    let sh = s.splat(shift);
+    let zero = s.zero();
+    let (mut tot, mut dtot) = (s.splat_w(0.0), s.splat_w(0.0));
+    let mut acc = [s.splat_w(0.0); A];
+    for (c, d) in cur.chunks_exact(KMAX * w).zip(next.chunks_exact(KMAX * w)) {
+        let (mut sq, mut dv) = ([zero; A], [zero; A]);
+        for (b, v) in c.chunks_exact(w).zip(d.chunks_exact(w)) {
+            prefetch_ahead(v);
+            for j in 0..A {
+                let e = s.sub(element::load_slice(s, &b[j * l..]), sh);
+                sq[j] = s.mul_add(e, e, sq[j]);
+                if S::T::WIDE {
+                    dv[j] = s.add(dv[j], e);
+                }
+                acc[j] = s.add_w(acc[j], element::load_widen(s, &v[j * l..], S::T::ZERO));
+            }
+        }
+        fold_lanes(s, &mut sq, &mut tot);
+        if S::T::WIDE {
+            fold_lanes(s, &mut dv, &mut dtot);
+        }
+    }
+    let stats = finish(n, mean, shift, (s.reduce_add_w(tot), s.reduce_add_w(dtot)));
+    let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
+    (stats, (next.len(), sum / next.len() as f64))
 }
 
 /// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
