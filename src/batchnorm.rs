@@ -10,7 +10,7 @@ use crate::params::{
     RunningUpdate, SavedStats, SavedStatsMut,
 };
 use crate::scratch::{self, Scratch};
-use crate::simd::Real;
+use crate::simd::{Backend, Real};
 use crate::{BatchStats, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance};
 
 /// Default ε (PyTorch, ONNX): `1e-5`.
@@ -219,16 +219,23 @@ impl BatchNorm {
         self.check_channels(op, "running_mean", running.mean)?;
         self.check_channels(op, "running_var", running.var)?;
         self.check_affine(op, affine)?;
-        let eps = self.eps;
+        let inv_std = self.inv_stds(running.var);
         Ok(scratch::from_fn(self.ctx.shape.c(), |c| {
             let (gamma, beta) = gamma_beta(affine, c);
-            let scale = gamma / (running.var[c].into() + eps).sqrt();
             ChannelAffine {
                 shift: running.mean[c],
-                scale: P::from_f64(scale),
+                scale: P::from_f64(gamma * inv_std[c]),
                 bias: P::from_f64(beta),
             }
         }))
+    }
+
+    /// `1/√(var + ε)` of every channel, computed in the backend's vectors.
+    fn inv_stds<P: Real>(&self, var: &[P]) -> Scratch<f64> {
+        let eps = self.eps;
+        let mut inv_std = scratch::from_fn(var.len(), |c| var[c].into() + eps);
+        driver::inv_sqrt(self.ctx.backend, &mut inv_std);
+        inv_std
     }
 
     /// Inference forward: `y = γ·(x − running_mean)/sqrt(running_var + ε) + β`, one subtract and
@@ -442,14 +449,15 @@ impl BatchNorm {
         let weights = self.check_training_channels(op, affine.as_ref(), saved.as_ref(), &update)?;
         check_values(update.as_ref(), self.ctx.shape.per_channel() as u64)?;
 
-        let eps = self.eps;
+        let (eps, backend) = (self.eps, self.ctx.backend);
         // The inverse std of each channel as `make` computes it (the driver calls `make` once per
-        // channel, possibly from several threads), so it is not computed a second time.
+        // channel or group of channels, possibly from several threads), so it is not computed a
+        // second time.
         let inv_std = scratch::zeroed::<AtomicU64>(self.ctx.shape.c());
-        let make = |c: usize, s: &ChannelStats| {
-            let (p, r) = normalize_params(s, eps, gamma_beta(affine.as_ref(), c));
-            inv_std[c].store(r.to_bits(), Ordering::Relaxed);
-            p
+        let make = |first: usize, stats: &[ChannelStats], out: &mut [ChannelAffine<E::Param>]| {
+            let inv_std = &inv_std[first..];
+            let keep = |j: usize, r: f64| inv_std[j].store(r.to_bits(), Ordering::Relaxed);
+            normalize_params(backend, (first, stats), eps, affine.as_ref(), out, keep);
         };
         let mut not_kept;
         let stats = match stats {
@@ -538,12 +546,16 @@ impl BatchNorm {
 
         // Per channel: (dγ, dβ) from the reduction sums.
         let channels = self.ctx.shape.c();
-        let eps = self.eps;
-        let frozen_inv_std = |var: E::Param| 1.0 / (var.into() + eps).sqrt();
+        let frozen_inv_std = match mode {
+            BackwardMode::Frozen(running) => self.inv_stds(running.var),
+            BackwardMode::Training(_) => scratch::zeroed(0),
+        };
         let mut sums = scratch::zeroed::<GradSums>(channels);
         match mode {
             BackwardMode::Training(saved) => {
-                let make = |c: usize, g: &GradSums| dx_params(&saved, c, gamma_of(c), g, m);
+                let make = |first: usize, sums: &[GradSums], out: &mut [DxParams<E::Param>]| {
+                    dx_params(&saved, gamma, m, (first, sums), out)
+                };
                 let make = Some(&make as _);
                 E::backward(&self.ctx, x, grad, dx, saved.mean, make, &mut sums);
             }
@@ -557,22 +569,21 @@ impl BatchNorm {
                 }
                 let params = scratch::from_fn(channels, |c| ChannelAffine {
                     shift: E::Param::ZERO,
-                    scale: E::Param::from_f64(gamma_of(c) * frozen_inv_std(running.var[c])),
+                    scale: E::Param::from_f64(gamma_of(c) * frozen_inv_std[c]),
                     bias: E::Param::ZERO,
                 });
                 E::normalize(&self.ctx, (grad.src(), Fuse::default()), dx, &params);
             }
         }
         if let Some(mut g) = grads {
+            let inv_m = 1.0 / m;
             for (c, sums) in sums.iter().enumerate() {
                 let (dgamma, dbeta) = match mode {
                     BackwardMode::Training(saved) => {
-                        let (dg, db, _) = training_grads(sums, saved.inv_std[c].into(), m);
+                        let (dg, db, _) = training_grads(sums, saved.inv_std[c].into(), inv_m);
                         (dg, db)
                     }
-                    BackwardMode::Frozen(running) => {
-                        (frozen_inv_std(running.var[c]) * sums.xdy, sums.dy)
-                    }
+                    BackwardMode::Frozen(_) => (frozen_inv_std[c] * sums.xdy, sums.dy),
                 };
                 write_grads(&mut g, c, (dgamma, dbeta));
             }
@@ -714,24 +725,51 @@ pub(crate) fn finish_training<P: Real>(
     }
 }
 
-/// The dx parameters of channel `c` in training mode from its backward sums `g` (relative to the
-/// saved mean), γ, and the number of values `m` the statistics were taken over.
+/// The dx parameters in training mode of channels `first..first + sums.len()` into `out`, from
+/// their backward sums (relative to the saved mean), the saved statistics, γ (`None`: 1) and the
+/// number of values `m` the statistics were taken over. The slices hold every channel.
 pub(crate) fn dx_params<P: Real>(
     saved: &SavedStats<'_, P>,
-    c: usize,
-    gamma: f64,
-    g: &GradSums,
+    gamma: Option<&[P]>,
     m: f64,
+    (first, sums): (usize, &[GradSums]),
+    out: &mut [DxParams<P>],
+) {
+    let range = first..first + sums.len();
+    let (mean, inv_std) = (&saved.mean[range.clone()], &saved.inv_std[range.clone()]);
+    // A product rather than three quotients per channel: a division costs several products.
+    let inv_m = 1.0 / m;
+    let channels = sums.iter().zip(mean).zip(inv_std).zip(out.iter_mut());
+    match gamma {
+        Some(gamma) => {
+            for ((((g, &k), &r), out), &gamma) in channels.zip(&gamma[range]) {
+                *out = channel_dx_params(g, (k, r), gamma.into(), inv_m);
+            }
+        }
+        None => {
+            for (((g, &k), &r), out) in channels {
+                *out = channel_dx_params(g, (k, r), 1.0, inv_m);
+            }
+        }
+    }
+}
+
+/// The dx parameters of one channel with saved mean `shift` and inverse std `r`.
+#[inline(always)]
+fn channel_dx_params<P: Real>(
+    g: &GradSums,
+    (shift, r): (P, P),
+    gamma: f64,
+    inv_m: f64,
 ) -> DxParams<P> {
-    let r = saved.inv_std[c].into();
-    let (dgamma, dbeta, lo) = training_grads(g, r, m);
+    let (dgamma, dbeta, lo) = training_grads(g, r.into(), inv_m);
     // dx = a·dy + b·x̂ + c, x̂ = (x − K)·r; the true x − μ is (x − K) − lo.
-    let a = gamma * r;
-    let b = -a * dgamma / m;
-    let c0 = -a * dbeta / m - b * lo * r;
+    let a = gamma * r.into();
+    let b = -a * dgamma * inv_m;
+    let c0 = -a * dbeta * inv_m - b * lo * r.into();
     DxParams {
-        shift: saved.mean[c],
-        r: saved.inv_std[c],
+        shift,
+        r,
         a: P::from_f64(a),
         b: P::from_f64(b),
         c: P::from_f64(c0),
@@ -760,34 +798,78 @@ pub(crate) fn gamma_beta<P: Real>(affine: Option<&Affine<'_, P>>, c: usize) -> (
     affine.map_or((1.0, 0.0), |a| (a.gamma[c].into(), a.beta[c].into()))
 }
 
-/// Normalization of one channel from its batch statistics, in f64: subtract the f32-rounded mean
-/// `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias. Returns the parameters and
-/// the inverse std r.
+/// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`
+/// (see [`channel_params`]); `keep(j, r)` receives the inverse std r of channel `first + j`. The
+/// inverse stds are computed first, for all the channels at once in the backend's vectors
+/// ([`InvSqrt`]).
 pub(crate) fn normalize_params<P: Real>(
-    s: &ChannelStats,
+    backend: Backend,
+    (first, stats): (usize, &[ChannelStats]),
     eps: f64,
+    affine: Option<&Affine<'_, P>>,
+    out: &mut [ChannelAffine<P>],
+    mut keep: impl FnMut(usize, f64),
+) {
+    // The biased variance + ε; 1 / count once (every channel of a batch has the same count): a
+    // product per channel instead of a quotient.
+    let count = stats.first().map_or(0, ChannelStats::count);
+    let inv_count = 1.0 / count as f64;
+    let mut inv_std = scratch::from_fn(stats.len(), |j| {
+        let s = &stats[j];
+        let var = if s.count() == count {
+            s.m2() * inv_count
+        } else {
+            s.m2() / s.count() as f64
+        };
+        (if var < 0.0 { 0.0 } else { var }) + eps
+    });
+    driver::inv_sqrt(backend, &mut inv_std);
+    let channels = stats
+        .iter()
+        .zip(inv_std.iter())
+        .zip(out.iter_mut())
+        .enumerate();
+    match affine {
+        Some(a) => {
+            let (gamma, beta) = (&a.gamma[first..], &a.beta[first..]);
+            for ((j, ((s, &r), out)), (&g, &b)) in channels.zip(gamma.iter().zip(beta)) {
+                *out = channel_params(s, r, (g.into(), b.into()));
+                keep(j, r);
+            }
+        }
+        None => {
+            for (j, ((s, &r), out)) in channels {
+                *out = channel_params(s, r, (1.0, 0.0));
+                keep(j, r);
+            }
+        }
+    }
+}
+
+/// Normalization of one channel from its batch statistics and inverse std r, in f64: subtract
+/// the f32-rounded mean `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias.
+#[inline(always)]
+fn channel_params<P: Real>(
+    s: &ChannelStats,
+    inv_std: f64,
     (gamma, beta): (f64, f64),
-) -> (ChannelAffine<P>, f64) {
-    let var = s.m2() / s.count() as f64;
-    let var = if var < 0.0 { 0.0 } else { var };
-    let inv_std = 1.0 / (var + eps).sqrt();
+) -> ChannelAffine<P> {
     let shift = P::from_f64(s.mean());
     let residual = s.mean() - shift.into();
     let scale = gamma * inv_std;
     let bias = beta - scale * residual;
-    (
-        ChannelAffine {
-            shift,
-            scale: P::from_f64(scale),
-            bias: P::from_f64(bias),
-        },
-        inv_std,
-    )
+    ChannelAffine {
+        shift,
+        scale: P::from_f64(scale),
+        bias: P::from_f64(bias),
+    }
 }
 
-/// dγ, dβ and the mean residual `mean(x) − K` from the reduction sums (relative to pivot K).
-pub(crate) fn training_grads(g: &GradSums, inv_std: f64, m: f64) -> (f64, f64, f64) {
-    let residual = g.x / m;
+/// dγ, dβ and the mean residual `mean(x) − K` from the reduction sums (relative to pivot K), with
+/// `inv_m` = 1 / the number of values.
+#[inline(always)]
+pub(crate) fn training_grads(g: &GradSums, inv_std: f64, inv_m: f64) -> (f64, f64, f64) {
+    let residual = g.x * inv_m;
     let centered_xdy = g.xdy - residual * g.dy;
     (inv_std * centered_xdy, g.dy, residual)
 }

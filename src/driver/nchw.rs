@@ -7,8 +7,8 @@
 //! pieces normalized in parallel) when there are few channels.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
-    exact_sums,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, Make, MakeAffine, MakeDx, Src, checked_stats,
+    checked_sums, exact_sums, make_all, make_one,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -67,18 +67,23 @@ impl Pieces {
     }
 }
 
+/// A [`pipeline`] maker handing out parameters computed beforehand.
+fn given<P: Copy + Sync>(params: &[P]) -> impl Fn(usize, &[()], &mut [P]) + Sync {
+    |first, _, out| out.copy_from_slice(&params[first..first + out.len()])
+}
+
 /// Reduce every piece, fold per channel (into `out`, one per channel), derive per-channel
 /// parameters, then apply them to every piece.
 fn pipeline<R, P>(
     ctx: &Ctx,
     reduce: impl Fn(Piece) -> R + Sync,
     fold: impl Fn(R, R) -> R + Sync,
-    make: impl Fn(usize, &R) -> P + Sync,
+    make: Make<'_, R, P>,
     apply: Option<Apply<'_, P>>,
     out: &mut [R],
 ) where
     R: Copy + Default + Zeroable,
-    P: Zeroable,
+    P: Zeroable + Default,
 {
     let pieces = Pieces::new(ctx);
     if fused(ctx) {
@@ -92,7 +97,7 @@ fn pipeline<R, P>(
                 }
             }
             if let Some(apply) = apply {
-                let params = make(c, &r);
+                let params = make_one(make, c, &r);
                 for n in 0..pieces.n {
                     for p in 0..pieces.per_run {
                         apply(pieces.piece(c, n, p), &params);
@@ -113,7 +118,7 @@ fn pipeline<R, P>(
         *folded = channel.iter().fold(R::default(), |acc, &p| fold(acc, p));
     }
     if let Some(apply) = apply {
-        let params = scratch::from_fn(pieces.c, |c| make(c, &out[c]));
+        let params = make_all(make, 0, out);
         ctx.par.for_each(pieces.c * per, piece, |u| {
             let c = u / per;
             apply(pieces.get(c, u % per), &params[c]);
@@ -174,7 +179,7 @@ fn channels_whole<E: Element>(
     ctx.par.fill(out, ctx.shape.per_channel(), |ch| {
         let stats = channel_stats(ctx, x, ch);
         if let Some((out, make, fuse)) = normalize {
-            let p = make(ch, &stats);
+            let p = make_one(make, ch, &stats);
             for sample in 0..n {
                 let start = (sample * c + ch) * hw;
                 // SAFETY: each run belongs to one channel and each channel to one task.
@@ -194,7 +199,15 @@ pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], out: &mut [ChannelStats
     if short_runs_fused(ctx) {
         return short_runs(ctx, x, None, out);
     }
-    pipeline(ctx, |p| piece_stats(ctx, x, p), merge, |_, _| (), None, out)
+    let no_params = |_: usize, _: &[ChannelStats], _: &mut [()]| {};
+    pipeline(
+        ctx,
+        |p| piece_stats(ctx, x, p),
+        merge,
+        &no_params,
+        None,
+        out,
+    )
 }
 
 /// Where the normalize of a training or statistics schedule writes, how it gets each channel's
@@ -236,7 +249,7 @@ pub(super) fn normalize<E: Element>(
             ctx,
             |_| (),
             |_, _| (),
-            |c, _| params[c],
+            &given(params),
             Some(&apply),
             &mut units,
         );
@@ -359,7 +372,7 @@ fn short_runs<E: Element>(
         let Some((out, make, fuse)) = normalize else {
             return;
         };
-        let params = scratch::from_fn(k, |j| make(first + j, &stats[j]));
+        let params = make_all(make, first, stats);
         for sample in 0..n {
             let (start, len) = ((sample * c + first) * hw, k * hw);
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
@@ -415,8 +428,16 @@ pub(super) fn backward<E: Element>(
         ctx.backend.dispatch(DxRun { x, io, p: *dp })
     };
     let apply: Option<Apply<'_, DxParams<E::Param>>> = make.map(|_| &apply as _);
-    let make = |c: usize, g: &GradSums| make.map_or(DxParams::default(), |m| m(c, g));
-    pipeline(ctx, reduce, GradSums::add, make, apply, sums)
+    // Without `make` there is no `apply`, and the pipeline makes no parameters.
+    let none = |_: usize, _: &[GradSums], _: &mut [DxParams<E::Param>]| {};
+    pipeline(
+        ctx,
+        reduce,
+        GradSums::add,
+        make.unwrap_or(&none),
+        apply,
+        sums,
+    )
 }
 
 /// The backward counterpart of [`short_runs`]: per group of channels, the sums of its runs sample
@@ -466,7 +487,7 @@ fn backward_short_runs<E: Element>(
             }
         }
         let Some(make) = make else { return };
-        let params = scratch::from_fn(k, |j| make(first + j, &sums[j]));
+        let params = make_all(make, first, sums);
         for sample in 0..n {
             let offset = (sample * c + first) * hw;
             let xs = &x[offset..offset + len];
@@ -506,7 +527,7 @@ pub(super) fn dx<E: Element>(
             ctx,
             |_| (),
             |_, _| (),
-            |ch, _| params[ch],
+            &given(params),
             Some(&apply),
             &mut units,
         );

@@ -8,7 +8,7 @@
 
 use super::{
     BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
-    exact_sums,
+    exact_sums, make_all,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -203,7 +203,7 @@ pub(super) fn training<E: Element>(
     stats: &mut [ChannelStats],
 ) {
     statistics(ctx, x, stats);
-    let params = scratch::from_fn(stats.len(), |c| make(c, &stats[c]));
+    let params = make_all(make, 0, stats);
     normalize(ctx, (Src::Separate(x), fuse), y, &params);
 }
 
@@ -281,7 +281,7 @@ pub(super) fn backward<E: Element>(
         }
     }
     let Some(make) = make else { return };
-    let params = scratch::from_fn(c, |ch| make(ch, &sums[ch]));
+    let params = make_all(make, 0, sums);
     dx_blocks(ctx, x, dy, &out, &params);
 }
 

@@ -26,8 +26,7 @@
 //! and nothing is written: no rank waits for a message that will not come.
 
 use crate::batchnorm::{
-    check_values, dx_params, finish_training, gamma_beta, normalize_params, training_grads,
-    write_grads,
+    check_values, dx_params, finish_training, normalize_params, training_grads, write_grads,
 };
 use crate::driver::{Fuse, Grad, GradSums, Src};
 use crate::element::type_code;
@@ -372,11 +371,17 @@ impl SyncBatchNorm {
         // the running update, as the local op does.
         let eps = self.eps();
         let mut inv_std = scratch::zeroed::<E::Param>(channels);
-        let params = scratch::from_fn(channels, |c| {
-            let (p, r) = normalize_params(&global[c], eps, gamma_beta(affine.as_ref(), c));
-            inv_std[c] = E::Param::from_f64(r);
-            p
-        });
+        let mut params = scratch::zeroed(channels);
+        let keep = |c: usize, r: f64| inv_std[c] = E::Param::from_f64(r);
+        let backend = self.template.backend();
+        normalize_params(
+            backend,
+            (0, &global),
+            eps,
+            affine.as_ref(),
+            &mut params,
+            keep,
+        );
         if let Some(bn) = &bn {
             let src = (Src::Separate(x), Fuse::default());
             E::normalize(bn.ctx(), src, y, &params);
@@ -457,15 +462,15 @@ impl SyncBatchNorm {
         }
 
         let m = total as f64;
-        let gamma_of = |c: usize| affine.map_or(1.0, |a| a.gamma[c].into());
         if let Some(bn) = &bn {
-            let params =
-                scratch::from_fn(channels, |c| dx_params(&saved, c, gamma_of(c), &sums[c], m));
+            let mut params = scratch::zeroed(channels);
+            dx_params(&saved, affine.map(|a| a.gamma), m, (0, &sums), &mut params);
             E::dx(bn.ctx(), x, Src::Separate(dy), dx, &params);
         }
         if let Some(mut g) = grads {
+            let inv_m = 1.0 / m;
             for (c, s) in sums.iter().enumerate() {
-                let (dgamma, dbeta, _) = training_grads(s, saved.inv_std[c].into(), m);
+                let (dgamma, dbeta, _) = training_grads(s, saved.inv_std[c].into(), inv_m);
                 write_grads(&mut g, c, (dgamma, dbeta));
             }
         }
