@@ -220,20 +220,36 @@ impl BatchNorm {
         self.check_channels(op, "running_var", running.var)?;
         self.check_affine(op, affine)?;
         let inv_std = self.inv_stds(running.var);
-        Ok(scratch::from_fn(self.ctx.shape.c(), |c| {
-            let (gamma, beta) = gamma_beta(affine, c);
-            ChannelAffine {
-                shift: running.mean[c],
-                scale: P::from_f64(gamma * inv_std[c]),
-                bias: P::from_f64(beta),
+        let mut params = scratch::zeroed(self.ctx.shape.c());
+        // Zipped slices, the branch on `affine` outside the loop: no bounds check or branch per
+        // channel, so the loop vectorizes.
+        let channels = params.iter_mut().zip(running.mean).zip(inv_std.iter());
+        let map = |mean, scale: f64, bias| ChannelAffine {
+            shift: mean,
+            scale: P::from_f64(scale),
+            bias,
+        };
+        match affine {
+            Some(a) => {
+                for (((p, &mean), &r), (&g, &b)) in channels.zip(a.gamma.iter().zip(a.beta)) {
+                    *p = map(mean, g.into() * r, b);
+                }
             }
-        }))
+            None => {
+                for ((p, &mean), &r) in channels {
+                    *p = map(mean, r, P::ZERO);
+                }
+            }
+        }
+        Ok(params)
     }
 
     /// `1/√(var + ε)` of every channel, computed in the backend's vectors.
     fn inv_stds<P: Real>(&self, var: &[P]) -> Scratch<f64> {
-        let eps = self.eps;
-        let mut inv_std = scratch::from_fn(var.len(), |c| var[c].into() + eps);
+        let mut inv_std = scratch::zeroed(var.len());
+        for (r, &v) in inv_std.iter_mut().zip(var) {
+            *r = v.into() + self.eps;
+        }
         driver::inv_sqrt(self.ctx.backend, &mut inv_std);
         inv_std
     }
@@ -792,10 +808,6 @@ pub(crate) fn write_grads<P: Real>(
             g.dbeta[c] = P::from_f64(g.dbeta[c].into() + dbeta);
         }
     }
-}
-
-pub(crate) fn gamma_beta<P: Real>(affine: Option<&Affine<'_, P>>, c: usize) -> (f64, f64) {
-    affine.map_or((1.0, 0.0), |a| (a.gamma[c].into(), a.beta[c].into()))
 }
 
 /// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`

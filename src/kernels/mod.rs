@@ -75,8 +75,14 @@ pub(crate) type Lanes<T = f32> = Scratch<T>;
 /// Extends a periodic pattern: `lanes[q] = lanes[q − c]` for `q ≥ c`, so position q holds
 /// channel `q mod c` once the first `c` values are set.
 fn repeat_period<T: Copy>(lanes: &mut [T], c: usize) {
-    for q in c..lanes.len() {
-        lanes[q] = lanes[q - c];
+    if c == 0 || c >= lanes.len() {
+        return;
+    }
+    // Copies of the whole first period: a loop of single values, each reading the value stored
+    // `c` positions back, does not vectorize.
+    let (first, rest) = lanes.split_at_mut(c);
+    for chunk in rest.chunks_mut(c) {
+        chunk.copy_from_slice(&first[..chunk.len()]);
     }
 }
 
@@ -112,12 +118,11 @@ impl<const F: usize, T: Real> PeriodicLanes<F, T> {
         let len = period + MAX_LANES;
         let mut lanes: [Lanes<T>; F] = std::array::from_fn(|_| zeroed(len));
         if c > 0 {
-            for (i, p) in params.iter().enumerate() {
-                for (lane, v) in lanes.iter_mut().zip(fields(p)) {
-                    lane[i] = v;
+            // One field at a time over zipped slices: no bounds check per value.
+            for (k, lane) in lanes.iter_mut().enumerate() {
+                for (v, p) in lane.iter_mut().zip(params) {
+                    *v = fields(p)[k];
                 }
-            }
-            for lane in &mut lanes {
                 repeat_period(lane, c);
             }
         }
