@@ -813,7 +813,7 @@ pub(crate) fn write_grads<P: Real>(
 /// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`
 /// (see [`channel_params`]); `keep(j, r)` receives the inverse std r of channel `first + j`. The
 /// inverse stds are computed first, for all the channels at once in the backend's vectors
-/// ([`InvSqrt`]).
+/// ([`driver::inv_sqrt`]).
 pub(crate) fn normalize_params<P: Real>(
     backend: Backend,
     (first, stats): (usize, &[ChannelStats]),

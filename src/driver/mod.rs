@@ -259,9 +259,9 @@ pub trait Drive: Sized {
     );
 
     /// Backward: per-channel sums of g, (x − pivot)·g and (x − pivot), then the channels' dx
-    /// parameters from `make`, then `dx = a·g + b·(x − shift) + c`, with g the gradient `grad` (staged into its buffer by
-    /// the reduction, so also with `make = None`, which computes only the sums). The sums go to
-    /// `sums` (one per channel).
+    /// parameters from `make`, then `dx = a·g + b·(x − shift) + c`, with g the gradient `grad`
+    /// (staged into its buffer by the reduction, so also with `make = None`, which computes only
+    /// the sums). The sums go to `sums` (one per channel).
     fn backward(
         ctx: &Ctx,
         x: &[Self],
