@@ -33,8 +33,8 @@ mod sealed {
 use sealed::Kind;
 
 /// A storage type of data tensors (x, y, dy, dx, and the residual z of the fused ops): `f32`,
-/// `f64`, [`f16`] (IEEE binary16) or [`bf16`] (bfloat16), the latter two re-exported from the
-/// `half` crate. Sealed: the kernels convert each type with their own instructions.
+/// `f64`, [`f16`](struct@f16) (IEEE binary16) or [`bf16`] (bfloat16), the latter two re-exported
+/// from the `half` crate. Sealed: the kernels convert each type with their own instructions.
 ///
 /// Parameters and statistics (γ, β, running and saved statistics, dγ, dβ) are of type
 /// [`Element::Param`]: `f32` for f32, f16 and bf16 data, `f64` for f64 data.
