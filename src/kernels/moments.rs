@@ -189,8 +189,7 @@ fn overlapped_passes<S: Simd<T = E::Param>, E: Element>(
         }
     }
     let stats = finish(n, mean, shift, (s.reduce_add_w(tot), s.reduce_add_w(dtot)));
-    let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
-    (stats, (next.len(), sum / next.len() as f64))
+    (stats, first_pass_mean(s, &acc, next.len()))
 }
 
 /// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
@@ -274,6 +273,12 @@ fn first_pass<S: Simd<T = E::Param>, E: Element>(
     if n == 0 {
         return (0, 0.0);
     }
+    first_pass_mean(s, &acc, n)
+}
+
+/// Pass 1's count and mean from its f64 lane sums of `n > 0` values.
+#[inline(always)]
+fn first_pass_mean<S: Simd>(s: S, acc: &[S::W; ACCUMULATORS], n: usize) -> (usize, f64) {
     let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
     (n, sum / n as f64)
 }
