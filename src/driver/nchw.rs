@@ -13,8 +13,8 @@ use super::{
 use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
-    AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns,
-    MomentsChannel, MomentsRun, MomentsRuns,
+    AffineRun, AffineRuns, AffineRunsOf, DxParams, DxRun, DxRuns, GradSums, GradSumsRun,
+    GradSumsRuns, MomentsChannel, MomentsRun, MomentsRuns,
 };
 use crate::par::{Parallelism, SharedMut};
 use crate::scratch::{self, Zeroable};
@@ -180,13 +180,15 @@ fn channels_whole<E: Element>(
         let stats = channel_stats(ctx, x, ch);
         if let Some((out, make, fuse)) = normalize {
             let p = make_one(make, ch, &stats);
-            for sample in 0..n {
+            let run_at = |sample: usize| {
                 let start = (sample * c + ch) * hw;
-                // SAFETY: each run belongs to one channel and each channel to one task.
+                // SAFETY: each run belongs to one channel and each channel to one task; the
+                // kernel drops each run's stream before it asks for the next.
                 let io = unsafe { Src::Separate(x).io(out, start, hw) };
-                let fuse = fuse.range(start, hw);
-                ctx.backend.dispatch(AffineRun { io, p, fuse });
-            }
+                (io, fuse.range(start, hw))
+            };
+            let count = n;
+            ctx.backend.dispatch(AffineRunsOf { count, run_at, p });
         }
         stats
     })
