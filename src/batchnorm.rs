@@ -244,14 +244,10 @@ impl BatchNorm {
         Ok(params)
     }
 
-    /// `1/√(var + ε)` of every channel, computed in the backend's vectors.
+    /// `1/√(var + ε)` of every channel of the running variance `var`.
     fn inv_stds<P: Real>(&self, var: &[P]) -> Scratch<f64> {
-        let mut inv_std = scratch::zeroed(var.len());
-        for (r, &v) in inv_std.iter_mut().zip(var) {
-            *r = v.into() + self.eps;
-        }
-        driver::inv_sqrt(self.ctx.backend, &mut inv_std);
-        inv_std
+        let var = var.iter().map(|&v| v.into());
+        inv_stds(self.ctx.backend, self.eps, var)
     }
 
     /// Inference forward: `y = γ·(x − running_mean)/sqrt(running_var + ε) + β`, one subtract and
@@ -822,20 +818,19 @@ pub(crate) fn normalize_params<P: Real>(
     out: &mut [ChannelAffine<P>],
     mut keep: impl FnMut(usize, f64),
 ) {
-    // The biased variance + ε; 1 / count once (every channel of a batch has the same count): a
+    // The biased variance; 1 / count once (every channel of a batch has the same count): a
     // product per channel instead of a quotient.
     let count = stats.first().map_or(0, ChannelStats::count);
     let inv_count = 1.0 / count as f64;
-    let mut inv_std = scratch::from_fn(stats.len(), |j| {
-        let s = &stats[j];
+    let var = stats.iter().map(|s| {
         let var = if s.count() == count {
             s.m2() * inv_count
         } else {
             s.m2() / s.count() as f64
         };
-        (if var < 0.0 { 0.0 } else { var }) + eps
+        if var < 0.0 { 0.0 } else { var }
     });
-    driver::inv_sqrt(backend, &mut inv_std);
+    let inv_std = inv_stds(backend, eps, var);
     let channels = stats
         .iter()
         .zip(inv_std.iter())
@@ -856,6 +851,16 @@ pub(crate) fn normalize_params<P: Real>(
             }
         }
     }
+}
+
+/// `1/√(v + ε)` of every variance `v`, computed in the backend's vectors ([`driver::inv_sqrt`]).
+fn inv_stds(backend: Backend, eps: f64, var: impl ExactSizeIterator<Item = f64>) -> Scratch<f64> {
+    let mut inv_std = scratch::zeroed(var.len());
+    for (r, v) in inv_std.iter_mut().zip(var) {
+        *r = v + eps;
+    }
+    driver::inv_sqrt(backend, &mut inv_std);
+    inv_std
 }
 
 /// Normalization of one channel from its batch statistics and inverse std r, in f64: subtract
