@@ -355,20 +355,33 @@ fn short_runs<E: Element>(
     ctx.par.for_chunks(out, group, elems, |g, stats| {
         let first = g * group;
         let k = stats.len();
-        stats.fill(ChannelStats::default());
-        let mut runs = scratch::zeroed::<ChannelStats>(k);
+        // Sample 0's runs go straight into `stats` (merging into an empty total is a copy); the
+        // later samples' through `runs`, merged in sample order.
+        let mut runs = scratch::zeroed::<ChannelStats>(if n > 1 { k } else { 0 });
         for sample in 0..n {
             let offset = (sample * c + first) * hw;
             let seg = &x[offset..offset + k * hw];
-            let kernel = MomentsRuns {
+            let out = if sample == 0 {
+                &mut *stats
+            } else {
+                &mut runs[..]
+            };
+            ctx.backend.dispatch(MomentsRuns {
                 x: seg,
                 run: hw,
-                out: &mut runs,
+                out,
+            });
+            let checked = |j: usize, d: &ChannelStats| {
+                checked_stats(*d, || ChannelStats::from_values(&seg[j * hw..(j + 1) * hw]))
             };
-            ctx.backend.dispatch(kernel);
-            for (j, (acc, d)) in stats.iter_mut().zip(runs.iter()).enumerate() {
-                let run = &seg[j * hw..(j + 1) * hw];
-                *acc = acc.merge(&checked_stats(*d, || ChannelStats::from_values(run)));
+            if sample == 0 {
+                for (j, acc) in stats.iter_mut().enumerate() {
+                    *acc = checked(j, acc);
+                }
+            } else {
+                for (j, (acc, d)) in stats.iter_mut().zip(runs.iter()).enumerate() {
+                    *acc = acc.merge(&checked(j, d));
+                }
             }
         }
         let Some((out, make, fuse)) = normalize else {

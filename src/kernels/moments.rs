@@ -266,8 +266,13 @@ fn first_pass<S: Simd<T = E::Param>, E: Element>(
                 *a = s.add_w(*a, element::load_widen(s, &b[j * l..], S::T::ZERO));
             }
         }
-        for (a, v) in acc.iter_mut().zip(blocks.remainder().chunks(l)) {
-            *a = s.add_w(*a, element::load_widen(s, v, S::T::ZERO));
+        // The tail's vectors into accumulators 0, 1, ...: constant indices (the loop unrolls),
+        // so the lanes stay in registers.
+        let rest = blocks.remainder();
+        for (j, a) in acc.iter_mut().enumerate() {
+            if let Some(v) = rest.get(j * l..).filter(|v| !v.is_empty()) {
+                *a = s.add_w(*a, element::load_widen(s, v, S::T::ZERO));
+            }
         }
     }
     if n == 0 {
@@ -344,11 +349,14 @@ fn second_pass<S: Simd<T = E::Param>, E: Element>(
                     }
                 }
             }
-            for (j, v) in blocks.remainder().chunks(l).enumerate() {
-                let e = s.sub(element::load_padded(s, v, shift), sh);
-                sq[j] = s.mul_add(e, e, sq[j]);
-                if S::T::WIDE {
-                    dv[j] = s.add(dv[j], e);
+            let rest = blocks.remainder();
+            for j in 0..A {
+                if let Some(v) = rest.get(j * l..).filter(|v| !v.is_empty()) {
+                    let e = s.sub(element::load_padded(s, v, shift), sh);
+                    sq[j] = s.mul_add(e, e, sq[j]);
+                    if S::T::WIDE {
+                        dv[j] = s.add(dv[j], e);
+                    }
                 }
             }
         }
