@@ -240,19 +240,15 @@ fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize, const FU
         }
         first_row += steps;
     }
-    let mut lanes = [[0.0; MAX_LANES]; 3];
+    let (mut dys, mut xdys, mut xs) = ([0.0; MAX_LANES], [0.0; MAX_LANES], [0.0; MAX_LANES]);
     for (g, t) in tot.iter().enumerate().take(width.div_ceil(l)) {
-        for (k, buf) in lanes.iter_mut().enumerate() {
-            s.to_lanes_w(t[k], buf);
-        }
+        s.to_lanes_w(t[0], &mut dys);
+        s.to_lanes_w(t[1], &mut xdys);
+        s.to_lanes_w(t[2], &mut xs);
         let n = l.min(width - g * l);
-        for (lane, slot) in out[g * l..g * l + n].iter_mut().enumerate() {
-            let [sdy, sxdy, sx] = lanes.map(|b| b[lane]);
-            *slot = slot.add(GradSums {
-                dy: sdy,
-                xdy: sxdy,
-                x: sx,
-            });
+        let sums = dys.iter().zip(&xdys).zip(&xs);
+        for (slot, ((&dy, &xdy), &x)) in out[g * l..g * l + n].iter_mut().zip(sums) {
+            *slot = slot.add(GradSums { dy, xdy, x });
         }
     }
 }
