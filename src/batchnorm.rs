@@ -467,9 +467,10 @@ impl BatchNorm {
         // second time.
         let inv_std = scratch::zeroed::<AtomicU64>(self.ctx.shape.c());
         let make = |first: usize, stats: &[ChannelStats], out: &mut [ChannelAffine<E::Param>]| {
-            let inv_std = &inv_std[first..];
-            let keep = |j: usize, r: f64| inv_std[j].store(r.to_bits(), Ordering::Relaxed);
-            normalize_params(backend, (first, stats), eps, affine.as_ref(), out, keep);
+            let r = normalize_params(backend, (first, stats), eps, affine.as_ref(), out);
+            for (kept, &r) in inv_std[first..].iter().zip(r.iter()) {
+                kept.store(r.to_bits(), Ordering::Relaxed);
+            }
         };
         let mut not_kept;
         let stats = match stats {
@@ -720,19 +721,28 @@ pub(crate) fn finish_training<P: Real>(
     update: Option<(RunningUpdate<'_, P>, (f64, f64))>,
 ) {
     if let Some(saved) = saved {
-        for (c, s) in stats.iter().enumerate() {
-            saved.mean[c] = P::from_f64(s.mean());
-            saved.inv_std[c] = inv_std(c);
+        let channels = saved.mean.iter_mut().zip(saved.inv_std.iter_mut());
+        for (c, ((mean, r), s)) in channels.zip(stats).enumerate() {
+            *mean = P::from_f64(s.mean());
+            *r = inv_std(c);
         }
     }
     if let Some((u, (old, new))) = update {
-        for (c, s) in stats.iter().enumerate() {
-            let var = match u.var_estimator {
-                Variance::Biased => s.m2() / s.count() as f64,
-                Variance::Unbiased => s.m2() / (s.count() as f64 - 1.0),
+        let divisor = |count: u64| match u.var_estimator {
+            Variance::Biased => count as f64,
+            Variance::Unbiased => count as f64 - 1.0,
+        };
+        // Every channel of a batch has the same count: one reciprocal, a product per channel.
+        let count = stats.first().map_or(0, ChannelStats::count);
+        let inv = 1.0 / divisor(count);
+        for ((mean, var), s) in u.mean.iter_mut().zip(u.var.iter_mut()).zip(stats) {
+            let v = if s.count() == count {
+                s.m2() * inv
+            } else {
+                s.m2() / divisor(s.count())
             };
-            u.mean[c] = P::from_f64(old * u.mean[c].into() + new * s.mean());
-            u.var[c] = P::from_f64(old * u.var[c].into() + new * var);
+            *mean = P::from_f64(old * (*mean).into() + new * s.mean());
+            *var = P::from_f64(old * (*var).into() + new * v);
         }
     }
 }
@@ -807,17 +817,15 @@ pub(crate) fn write_grads<P: Real>(
 }
 
 /// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`
-/// (see [`channel_params`]); `keep(j, r)` receives the inverse std r of channel `first + j`. The
-/// inverse stds are computed first, for all the channels at once in the backend's vectors
-/// ([`driver::inv_sqrt`]).
+/// (see [`channel_params`]); returns their inverse stds, computed first for all the channels at
+/// once in the backend's vectors ([`driver::inv_sqrt`]).
 pub(crate) fn normalize_params<P: Real>(
     backend: Backend,
     (first, stats): (usize, &[ChannelStats]),
     eps: f64,
     affine: Option<&Affine<'_, P>>,
     out: &mut [ChannelAffine<P>],
-    mut keep: impl FnMut(usize, f64),
-) {
+) -> Scratch<f64> {
     // The biased variance; 1 / count once (every channel of a batch has the same count): a
     // product per channel instead of a quotient.
     let count = stats.first().map_or(0, ChannelStats::count);
@@ -831,29 +839,24 @@ pub(crate) fn normalize_params<P: Real>(
         if var < 0.0 { 0.0 } else { var }
     });
     let inv_std = inv_stds(backend, eps, var);
-    let channels = stats
-        .iter()
-        .zip(inv_std.iter())
-        .zip(out.iter_mut())
-        .enumerate();
+    let channels = stats.iter().zip(inv_std.iter()).zip(out.iter_mut());
     match affine {
         Some(a) => {
             let (gamma, beta) = (&a.gamma[first..], &a.beta[first..]);
-            for ((j, ((s, &r), out)), (&g, &b)) in channels.zip(gamma.iter().zip(beta)) {
+            for (((s, &r), out), (&g, &b)) in channels.zip(gamma.iter().zip(beta)) {
                 *out = channel_params(s, r, (g.into(), b.into()));
-                keep(j, r);
             }
         }
         None => {
-            for (j, ((s, &r), out)) in channels {
+            for ((s, &r), out) in channels {
                 *out = channel_params(s, r, (1.0, 0.0));
-                keep(j, r);
             }
         }
     }
+    inv_std
 }
 
-/// `1/√(v + ε)` of every variance `v`, computed in the backend's vectors ([`driver::inv_sqrt`]).
+/// `1/√(v + ε)` of every variance `v` of `var`, in the backend's vectors.
 fn inv_stds(backend: Backend, eps: f64, var: impl ExactSizeIterator<Item = f64>) -> Scratch<f64> {
     let mut inv_std = scratch::zeroed(var.len());
     for (r, v) in inv_std.iter_mut().zip(var) {

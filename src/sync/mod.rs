@@ -370,23 +370,15 @@ impl SyncBatchNorm {
         // Normalize the local slice with the global statistics; then the saved statistics and
         // the running update, as the local op does.
         let eps = self.eps();
-        let mut inv_std = scratch::zeroed::<E::Param>(channels);
         let mut params = scratch::zeroed(channels);
-        let keep = |c: usize, r: f64| inv_std[c] = E::Param::from_f64(r);
         let backend = self.template.backend();
-        normalize_params(
-            backend,
-            (0, &global),
-            eps,
-            affine.as_ref(),
-            &mut params,
-            keep,
-        );
+        let inv_std = normalize_params(backend, (0, &global), eps, affine.as_ref(), &mut params);
+        let inv_std = |c: usize| E::Param::from_f64(inv_std[c]);
         if let Some(bn) = &bn {
             let src = (Src::Separate(x), Fuse::default());
             E::normalize(bn.ctx(), src, y, &params);
         }
-        finish_training(&global, |c| inv_std[c], saved, update.zip(weights));
+        finish_training(&global, inv_std, saved, update.zip(weights));
         Ok(())
     }
 
