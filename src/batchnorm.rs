@@ -467,7 +467,20 @@ impl BatchNorm {
         // second time.
         let inv_std = scratch::zeroed::<AtomicU64>(self.ctx.shape.c());
         let make = |first: usize, stats: &[ChannelStats], out: &mut [ChannelAffine<E::Param>]| {
-            let r = normalize_params(backend, (first, stats), eps, affine.as_ref(), out);
+            // The per-channel schedules make one channel at a time: its inverse std on the
+            // stack, not in a scratch buffer.
+            let (mut one, mut many) = ([0.0], None);
+            let r = match stats.len() {
+                1 => &mut one[..],
+                k => &mut many.insert(scratch::zeroed(k))[..],
+            };
+            normalize_params(
+                backend,
+                (first, stats),
+                eps,
+                affine.as_ref(),
+                (out, &mut *r),
+            );
             for (kept, &r) in inv_std[first..].iter().zip(r.iter()) {
                 kept.store(r.to_bits(), Ordering::Relaxed);
             }
@@ -817,15 +830,15 @@ pub(crate) fn write_grads<P: Real>(
 }
 
 /// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`
-/// (see [`channel_params`]); returns their inverse stds, computed first for all the channels at
-/// once in the backend's vectors ([`driver::inv_sqrt`]).
+/// (see [`channel_params`]), and their inverse stds into `inv_std`, computed first for all the
+/// channels at once in the backend's vectors ([`driver::inv_sqrt`]).
 pub(crate) fn normalize_params<P: Real>(
     backend: Backend,
     (first, stats): (usize, &[ChannelStats]),
     eps: f64,
     affine: Option<&Affine<'_, P>>,
-    out: &mut [ChannelAffine<P>],
-) -> Scratch<f64> {
+    (out, inv_std): (&mut [ChannelAffine<P>], &mut [f64]),
+) {
     // The biased variance; 1 / count once (every channel of a batch has the same count): a
     // product per channel instead of a quotient.
     let count = stats.first().map_or(0, ChannelStats::count);
@@ -838,7 +851,7 @@ pub(crate) fn normalize_params<P: Real>(
         };
         if var < 0.0 { 0.0 } else { var }
     });
-    let inv_std = inv_stds(backend, eps, var);
+    inv_stds_into(backend, eps, var, inv_std);
     let channels = stats.iter().zip(inv_std.iter()).zip(out.iter_mut());
     match affine {
         Some(a) => {
@@ -853,17 +866,21 @@ pub(crate) fn normalize_params<P: Real>(
             }
         }
     }
-    inv_std
 }
 
 /// `1/√(v + ε)` of every variance `v` of `var`, in the backend's vectors.
 fn inv_stds(backend: Backend, eps: f64, var: impl ExactSizeIterator<Item = f64>) -> Scratch<f64> {
     let mut inv_std = scratch::zeroed(var.len());
-    for (r, v) in inv_std.iter_mut().zip(var) {
+    inv_stds_into(backend, eps, var, &mut inv_std);
+    inv_std
+}
+
+/// [`inv_stds`] into `out` (one value per variance).
+fn inv_stds_into(backend: Backend, eps: f64, var: impl Iterator<Item = f64>, out: &mut [f64]) {
+    for (r, v) in out.iter_mut().zip(var) {
         *r = v + eps;
     }
-    driver::inv_sqrt(backend, &mut inv_std);
-    inv_std
+    driver::inv_sqrt(backend, out);
 }
 
 /// Normalization of one channel from its batch statistics and inverse std r, in f64: subtract

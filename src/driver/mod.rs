@@ -59,8 +59,16 @@ pub(crate) type MakeAffine<'a, T = f32> = Make<'a, ChannelStats, ChannelAffine<T
 pub(crate) type MakeDx<'a, T = f32> = Make<'a, GradSums, DxParams<T>>;
 
 /// `v ← 1/√v` for every value, in the backend's vectors: the inverse stds of many channels at once
-/// (their square roots and quotients are the costliest per-channel arithmetic).
+/// (their square roots and quotients are the costliest per-channel arithmetic). A value or two
+/// (the per-channel schedules) skip the dispatch; square root and quotient are correctly rounded
+/// either way, so the results are the same.
 pub(crate) fn inv_sqrt(backend: Backend, values: &mut [f64]) {
+    if values.len() <= 2 {
+        for v in values {
+            *v = 1.0 / v.sqrt();
+        }
+        return;
+    }
     backend.dispatch(InvSqrt(values))
 }
 

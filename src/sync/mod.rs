@@ -372,7 +372,9 @@ impl SyncBatchNorm {
         let eps = self.eps();
         let mut params = scratch::zeroed(channels);
         let backend = self.template.backend();
-        let inv_std = normalize_params(backend, (0, &global), eps, affine.as_ref(), &mut params);
+        let mut inv_std = scratch::zeroed::<f64>(channels);
+        let outs = (&mut params[..], &mut inv_std[..]);
+        normalize_params(backend, (0, &global), eps, affine.as_ref(), outs);
         let inv_std = |c: usize| E::Param::from_f64(inv_std[c]);
         if let Some(bn) = &bn {
             let src = (Src::Separate(x), Fuse::default());
