@@ -473,8 +473,10 @@ fn backward_short_runs<E: Element>(
         let first = g * group;
         let k = sums.len();
         let len = k * hw;
-        sums.fill(GradSums::default());
-        let mut runs = scratch::zeroed::<GradSums>(k);
+        // Sample 0's sums go straight into `sums` (then added to zero, as the later samples' are
+        // added to the total, so a −0 sum becomes +0 as in the other schedules); the later
+        // samples' through `runs`.
+        let mut runs = scratch::zeroed::<GradSums>(if n > 1 { k } else { 0 });
         for sample in 0..n {
             let offset = (sample * c + first) * hw;
             // SAFETY: only this task touches this group's ranges: it stages g (no other slice of
@@ -485,20 +487,32 @@ fn backward_short_runs<E: Element>(
             };
             let xs = &x[offset..offset + len];
             let p = &pivots[first..first + k];
-            let kernel = GradSumsRuns {
+            let out = if sample == 0 {
+                &mut *sums
+            } else {
+                &mut runs[..]
+            };
+            ctx.backend.dispatch(GradSumsRuns {
                 x: xs,
                 dy: gs,
                 run: hw,
                 pivots: p,
-                out: &mut runs,
-            };
-            ctx.backend.dispatch(kernel);
-            for (j, (s, r)) in sums.iter_mut().zip(runs.iter()).enumerate() {
+                out,
+            });
+            let checked = |j: usize, r: &GradSums| {
                 let pairs = xs[j * hw..(j + 1) * hw]
                     .iter()
                     .zip(&gs[j * hw..(j + 1) * hw]);
-                let exact = || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]);
-                *s = s.add(checked_sums(*r, exact));
+                checked_sums(*r, || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]))
+            };
+            if sample == 0 {
+                for (j, s) in sums.iter_mut().enumerate() {
+                    *s = GradSums::default().add(checked(j, s));
+                }
+            } else {
+                for (j, (s, r)) in sums.iter_mut().zip(runs.iter()).enumerate() {
+                    *s = s.add(checked(j, r));
+                }
             }
         }
         let Some(make) = make else { return };
