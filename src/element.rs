@@ -299,13 +299,30 @@ pub(crate) fn load_slice<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> S:
     load_padded(s, x, E::Param::ZERO)
 }
 
+/// `LANES` values of type `E` at `p`, widened to f64 lanes (exact).
+///
+/// # Safety
+/// `p` must be valid for reading `LANES` consecutive `E`.
+#[inline(always)]
+pub(crate) unsafe fn load_widen_ptr<S: Simd<T = E::Param>, E: Element>(s: S, p: *const E) -> S::W {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout (the lane type, or 16 bits).
+    unsafe {
+        match E::KIND {
+            Kind::F32 | Kind::F64 => s.load_widen_ptr(p.cast()),
+            Kind::F16 => s.load_widen_f16_ptr(p.cast()),
+            Kind::Bf16 => s.load_widen_bf16_ptr(p.cast()),
+        }
+    }
+}
+
 /// The first `LANES` values of `x` widened to f64 lanes (exact); a shorter slice is padded with
 /// `fill` (as [`Simd::load_widen`]).
 #[inline(always)]
 pub(crate) fn load_widen<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E], fill: E::Param) -> S::W {
-    if is_lane_type::<E>() {
-        // SAFETY: `E` is its lane type (checked above).
-        return s.load_widen(unsafe { as_lanes(x) }, fill);
+    if x.len() >= S::LANES {
+        // SAFETY: `x` holds at least LANES readable values (checked above).
+        unsafe { load_widen_ptr(s, x.as_ptr()) }
+    } else {
+        s.widen(load_partial(s, x, fill))
     }
-    s.widen(load_padded(s, x, fill))
 }

@@ -432,12 +432,21 @@ fn column_sums<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL: bo
     x: &[E],
     (c, first, width): (usize, usize, usize),
 ) -> [S::W; G] {
-    let shape = (width / S::LANES, width);
+    let l = S::LANES;
+    let shape = (width / l, width);
     let mut acc = [s.splat_w(0.0); G];
     for r in 0..x.len() / c {
         let start = r * c + first;
         for (g, a) in acc.iter_mut().enumerate() {
-            if let Some(v) = group_vector::<S, E, FULL>(s, x, start, g, shape) {
+            if FULL || g < shape.0 {
+                // Whole vectors straight to f64 lanes (half data: no f32 vector to split).
+                debug_assert!(start + (g + 1) * l <= x.len());
+                // SAFETY: as in `group_vector`: callers pass `start + width ≤ x.len()`, and
+                // `(g + 1)·LANES ≤ width` here.
+                *a = s.add_w(*a, unsafe {
+                    element::load_widen_ptr(s, x.as_ptr().add(start + g * l))
+                });
+            } else if let Some(v) = group_vector::<S, E, FULL>(s, x, start, g, shape) {
                 *a = s.add_w(*a, s.widen(v));
             }
         }

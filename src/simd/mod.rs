@@ -203,6 +203,26 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for reading `LANES` consecutive values.
     unsafe fn load_widen_ptr(self, p: *const Self::T) -> Self::W;
+    /// Loads `LANES` binary16 values (bits) from `p`, widened to f64 (exact), as
+    /// `widen(load_f16_ptr(p))`. A backend may convert each half of the vector straight to f64
+    /// instead (the statistics' first pass: no f32 vector to split).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `u16`.
+    #[inline(always)]
+    unsafe fn load_widen_f16_ptr(self, p: *const u16) -> Self::W {
+        // SAFETY: forwarded to the caller.
+        self.widen(unsafe { self.load_f16_ptr(p) })
+    }
+    /// As [`Simd::load_widen_f16_ptr`] for bfloat16.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `u16`.
+    #[inline(always)]
+    unsafe fn load_widen_bf16_ptr(self, p: *const u16) -> Self::W {
+        // SAFETY: forwarded to the caller.
+        self.widen(unsafe { self.load_bf16_ptr(p) })
+    }
     /// Loads `LANES` f64 values from `p`.
     ///
     /// # Safety

@@ -72,10 +72,7 @@ impl Simd for Avx2Fma {
     #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> __m256 {
         // SAFETY: AVX2 available (token); the caller guarantees 8 readable u16 at `p`.
-        unsafe {
-            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-        }
+        unsafe { avx2_from_bf16(_mm_loadu_si128(p.cast())) }
     }
     #[inline(always)]
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m256) {
@@ -124,11 +121,7 @@ impl Simd for Avx2Fma {
     }
     #[inline(always)]
     fn load_bf16_partial(self, bits: &[u16]) -> __m256 {
-        // SAFETY: AVX2 available (token); `load_words` reads inside `bits` only.
-        unsafe {
-            let wide = _mm256_cvtepu16_epi32(load_words(bits));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-        }
+        avx2_from_bf16(load_words(bits))
     }
     #[inline(always)]
     fn store_f16_partial(self, out: &mut [u16], v: __m256) {
@@ -252,6 +245,14 @@ impl Simd for Avx2Fma {
         // inside `s`, and masked-off lanes are not written.
         unsafe { _mm256_maskstore_ps(s.as_mut_ptr(), mask, v) }
     }
+}
+
+/// 8 bfloat16 values (bits) widened to f32 (exact): each word zero-extended, then shifted into
+/// the high half of its lane.
+#[inline(always)]
+fn avx2_from_bf16(bits: __m128i) -> __m256 {
+    // SAFETY: AVX2 available (callers hold the token).
+    unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits))) }
 }
 
 /// 8 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 8 × u16.
@@ -755,6 +756,31 @@ impl Simd for Avx512 {
             [
                 _mm512_cvtps_pd(_mm256_loadu_ps(p)),
                 _mm512_cvtps_pd(_mm256_loadu_ps(p.add(8))),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_widen_f16_ptr(self, p: *const u16) -> [__m512d; 2] {
+        // Each 8 values converted to f32 then f64 in 256-bit registers: measured on AMD Zen 4
+        // (first pass alone, from L1), 7.8 → 5.7 cycles per 16 values against a 512-bit
+        // conversion split by `widen`.
+        // SAFETY: AVX-512F (so F16C) available (token); the caller guarantees 16 readable u16
+        // at `p`.
+        unsafe {
+            [
+                _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(p.cast()))),
+                _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast()))),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_widen_bf16_ptr(self, p: *const u16) -> [__m512d; 2] {
+        // SAFETY: AVX-512F (so AVX2) available (token); the caller guarantees 16 readable u16
+        // at `p`.
+        unsafe {
+            [
+                _mm512_cvtps_pd(avx2_from_bf16(_mm_loadu_si128(p.cast()))),
+                _mm512_cvtps_pd(avx2_from_bf16(_mm_loadu_si128(p.add(8).cast()))),
             ]
         }
     }
