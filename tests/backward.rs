@@ -393,3 +393,39 @@ fn without_affine_gamma_is_one() {
         }
     }
 }
+
+/// A gradient of negative zeros sums to +0 in every schedule: dβ = Σdy and dγ = Σdy·x̂ come out
+/// as +0.0, never −0.0, whether the runs are short (one kernel call per sample and group of
+/// channels, sample 0's sums written in place), long (pieces) or rows of interleaved channels,
+/// for one sample and several.
+#[test]
+fn negative_zero_gradients_sum_to_positive_zero() {
+    let mut rng = Rng::new(27);
+    for (n, hw) in [(1, 7), (3, 7), (1, 1), (2, 3000)] {
+        let shape = Shape::new(n, 9, hw).unwrap();
+        for layout in LAYOUTS {
+            let x = rng.normals(shape.len(), 1.0, 2.0);
+            let dy = vec![-0.0f32; shape.len()];
+            for bn in operators(shape, layout, 1e-5) {
+                let (m, r) = forward_saved(&bn, &x);
+                let mode = BackwardMode::Training(SavedStats {
+                    mean: &m,
+                    inv_std: &r,
+                });
+                let (mut dg, mut db) = (vec![f32::NAN; 9], vec![f32::NAN; 9]);
+                let grads = ParamGrads {
+                    dgamma: &mut dg,
+                    dbeta: &mut db,
+                    mode: GradMode::Overwrite,
+                };
+                let mut dx = vec![f32::NAN; x.len()];
+                bn.backward(&x, &dy, &mut dx, None, mode, Some(grads))
+                    .unwrap();
+                for (what, v) in [("dgamma", &dg), ("dbeta", &db)] {
+                    let bits: Vec<u32> = v.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(bits, vec![0; 9], "{what}, {n}x9x{hw} {layout:?}: {v:?}");
+                }
+            }
+        }
+    }
+}

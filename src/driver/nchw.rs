@@ -332,6 +332,34 @@ fn channel_group(ctx: &Ctx) -> usize {
     c.div_ceil(c.div_ceil(most))
 }
 
+/// The per-channel results of a group of channels, reduced sample by sample and folded in sample
+/// order into `total`. `reduce(sample, out)` writes that sample's result for each channel of the
+/// group into `out` and returns its check, `check(j, result)` for channel `j` (the exact
+/// fallback of a non-finite result). Sample 0 writes straight into `total` (merging into an
+/// empty total is a copy); later samples go through one scratch row and `merge`. One loop per
+/// sample checks and folds.
+fn fold_samples<T: Zeroable + Copy, C: Fn(usize, &T) -> T>(
+    n: usize,
+    total: &mut [T],
+    mut reduce: impl FnMut(usize, &mut [T]) -> C,
+    merge: impl Fn(&T, T) -> T,
+) {
+    let mut row = scratch::zeroed::<T>(if n > 1 { total.len() } else { 0 });
+    for sample in 0..n {
+        if sample == 0 {
+            let check = reduce(0, total);
+            for (j, t) in total.iter_mut().enumerate() {
+                *t = check(j, t);
+            }
+        } else {
+            let check = reduce(sample, &mut row);
+            for (j, (t, r)) in total.iter_mut().zip(row.iter()).enumerate() {
+                *t = merge(t, check(j, r));
+            }
+        }
+    }
+}
+
 /// The work of a short-run task per element, in elements of a streaming pass (the unit of
 /// [`crate::par::GRAIN`]): both passes of the reduction and the normalizing (or dx) pass, and a
 /// per-channel share that dominates short runs. Measured (one thread, AMD EPYC family 26):
@@ -355,35 +383,19 @@ fn short_runs<E: Element>(
     ctx.par.for_chunks(out, group, elems, |g, stats| {
         let first = g * group;
         let k = stats.len();
-        // Sample 0's runs go straight into `stats` (merging into an empty total is a copy); the
-        // later samples' through `runs`, merged in sample order.
-        let mut runs = scratch::zeroed::<ChannelStats>(if n > 1 { k } else { 0 });
-        for sample in 0..n {
+        let reduce = |sample: usize, out: &mut [ChannelStats]| {
             let offset = (sample * c + first) * hw;
             let seg = &x[offset..offset + k * hw];
-            let out = if sample == 0 {
-                &mut *stats
-            } else {
-                &mut runs[..]
-            };
             ctx.backend.dispatch(MomentsRuns {
                 x: seg,
                 run: hw,
                 out,
             });
-            let checked = |j: usize, d: &ChannelStats| {
+            move |j: usize, d: &ChannelStats| {
                 checked_stats(*d, || ChannelStats::from_values(&seg[j * hw..(j + 1) * hw]))
-            };
-            if sample == 0 {
-                for (j, acc) in stats.iter_mut().enumerate() {
-                    *acc = checked(j, acc);
-                }
-            } else {
-                for (j, (acc, d)) in stats.iter_mut().zip(runs.iter()).enumerate() {
-                    *acc = acc.merge(&checked(j, d));
-                }
             }
-        }
+        };
+        fold_samples(n, stats, reduce, |a, b| a.merge(&b));
         let Some((out, make, fuse)) = normalize else {
             return;
         };
@@ -473,11 +485,8 @@ fn backward_short_runs<E: Element>(
         let first = g * group;
         let k = sums.len();
         let len = k * hw;
-        // Sample 0's sums go straight into `sums` (then added to zero, as the later samples' are
-        // added to the total, so a −0 sum becomes +0 as in the other schedules); the later
-        // samples' through `runs`.
-        let mut runs = scratch::zeroed::<GradSums>(if n > 1 { k } else { 0 });
-        for sample in 0..n {
+        let p = &pivots[first..first + k];
+        let reduce = |sample: usize, sums: &mut [GradSums]| {
             let offset = (sample * c + first) * hw;
             // SAFETY: only this task touches this group's ranges: it stages g (no other slice of
             // the range alive), reads it, and writes dx below, after all of its reads.
@@ -486,35 +495,23 @@ fn backward_short_runs<E: Element>(
                 dy.view(out, offset, len)
             };
             let xs = &x[offset..offset + len];
-            let p = &pivots[first..first + k];
-            let out = if sample == 0 {
-                &mut *sums
-            } else {
-                &mut runs[..]
-            };
             ctx.backend.dispatch(GradSumsRuns {
                 x: xs,
                 dy: gs,
                 run: hw,
                 pivots: p,
-                out,
+                out: sums,
             });
-            let checked = |j: usize, r: &GradSums| {
+            move |j: usize, r: &GradSums| {
                 let pairs = xs[j * hw..(j + 1) * hw]
                     .iter()
                     .zip(&gs[j * hw..(j + 1) * hw]);
                 checked_sums(*r, || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]))
-            };
-            if sample == 0 {
-                for (j, s) in sums.iter_mut().enumerate() {
-                    *s = GradSums::default().add(checked(j, s));
-                }
-            } else {
-                for (j, (s, r)) in sums.iter_mut().zip(runs.iter()).enumerate() {
-                    *s = s.add(checked(j, r));
-                }
             }
-        }
+        };
+        // The kernel's sums start from +0, so sample 0's are what adding them to an empty total
+        // gives (a gradient of −0 sums to +0, as in the other schedules: tested).
+        fold_samples(n, sums, reduce, |a: &GradSums, b| a.add(b));
         let Some(make) = make else { return };
         let params = make_all(make, first, sums);
         for sample in 0..n {
