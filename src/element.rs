@@ -316,7 +316,7 @@ pub(crate) unsafe fn load_widen_ptr<S: Simd<T = E::Param>, E: Element>(s: S, p: 
 }
 
 /// The first `LANES` values of `x` widened to f64 lanes (exact); a shorter slice is padded with
-/// `fill` (as [`Simd::load_widen`]).
+/// `fill` (never read out of bounds).
 #[inline(always)]
 pub(crate) fn load_widen<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E], fill: E::Param) -> S::W {
     if x.len() >= S::LANES {

@@ -237,18 +237,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Sum of the f64 lanes.
     fn reduce_add_w(self, v: Self::W) -> f64;
 
-    /// Loads the first `LANES` elements of `s` widened to f64; a shorter slice is padded with
-    /// `fill` (never out of bounds).
-    #[inline(always)]
-    fn load_widen(self, s: &[Self::T], fill: Self::T) -> Self::W {
-        if s.len() >= Self::LANES {
-            // SAFETY: `s` holds at least LANES readable values (checked above).
-            unsafe { self.load_widen_ptr(s.as_ptr()) }
-        } else {
-            self.widen(self.load_partial(s, fill))
-        }
-    }
-
     /// Writes the f64 lanes of `v` to `out[..LANES]`.
     #[inline(always)]
     fn to_lanes_w(self, v: Self::W, out: &mut [f64; MAX_LANES]) {
