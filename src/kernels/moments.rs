@@ -396,28 +396,67 @@ pub(crate) struct MomentsRows<'a, E = f32> {
 /// Vectors of channels per register group in [`moments_strided`].
 pub(crate) const GROUP: usize = 4;
 
-/// Vector `g` of a group starting at `start` in a row: whole (`g < full`), the partial last one
-/// (`g == full`, lanes past `width` read as 0), or none. `FULL` promises that every vector of the
-/// group is whole (`full` = the group's size), so the checks fold away.
+/// How [`group_vector`] reads a vector: as lanes ([`Lanes`], f32 or f64 lanes as the backend's
+/// `V`) or widened straight to f64 lanes ([`Widened`]: half data then needs no f32 vector to
+/// split).
+trait GroupLoad<S: Simd<T = E::Param>, E: Element> {
+    type Out;
+    /// `LANES` values at `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` consecutive `E`.
+    unsafe fn whole(s: S, p: *const E) -> Self::Out;
+    /// The values of `x` (fewer than `LANES`), lanes past it read as 0.
+    fn partial(s: S, x: &[E]) -> Self::Out;
+}
+
+struct Lanes;
+struct Widened;
+
+impl<S: Simd<T = E::Param>, E: Element> GroupLoad<S, E> for Lanes {
+    type Out = S::V;
+    #[inline(always)]
+    unsafe fn whole(s: S, p: *const E) -> S::V {
+        // SAFETY: forwarded to the caller.
+        unsafe { element::load(s, p) }
+    }
+    #[inline(always)]
+    fn partial(s: S, x: &[E]) -> S::V {
+        element::load_partial(s, x, S::T::ZERO)
+    }
+}
+
+impl<S: Simd<T = E::Param>, E: Element> GroupLoad<S, E> for Widened {
+    type Out = S::W;
+    #[inline(always)]
+    unsafe fn whole(s: S, p: *const E) -> S::W {
+        // SAFETY: forwarded to the caller.
+        unsafe { element::load_widen_ptr(s, p) }
+    }
+    #[inline(always)]
+    fn partial(s: S, x: &[E]) -> S::W {
+        s.widen(element::load_partial(s, x, S::T::ZERO))
+    }
+}
+
+/// Vector `g` of a group starting at `start` in a row, read by `L`: whole (`g < full`), the
+/// partial last one (`g == full`, lanes past `width` read as 0), or none. `FULL` promises that
+/// every vector of the group is whole (`full` = the group's size), so the checks fold away.
 #[inline(always)]
-fn group_vector<S: Simd<T = E::Param>, E: Element, const FULL: bool>(
+fn group_vector<S: Simd<T = E::Param>, E: Element, L: GroupLoad<S, E>, const FULL: bool>(
     s: S,
     x: &[E],
     start: usize,
     g: usize,
     (full, width): (usize, usize),
-) -> Option<S::V> {
+) -> Option<L::Out> {
     let l = S::LANES;
     if FULL || g < full {
         debug_assert!(start + (g + 1) * l <= x.len());
         // SAFETY: callers pass `start + width ≤ x.len()` and `(g + 1)·LANES ≤ width` here.
-        Some(unsafe { element::load(s, x.as_ptr().add(start + g * l)) })
+        Some(unsafe { L::whole(s, x.as_ptr().add(start + g * l)) })
     } else if g * l < width {
-        Some(element::load_partial(
-            s,
-            &x[start + g * l..start + width],
-            S::T::ZERO,
-        ))
+        Some(L::partial(s, &x[start + g * l..start + width]))
     } else {
         None
     }
@@ -438,16 +477,8 @@ fn column_sums<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL: bo
     for r in 0..x.len() / c {
         let start = r * c + first;
         for (g, a) in acc.iter_mut().enumerate() {
-            if FULL || g < shape.0 {
-                // Whole vectors straight to f64 lanes (half data: no f32 vector to split).
-                debug_assert!(start + (g + 1) * l <= x.len());
-                // SAFETY: as in `group_vector`: callers pass `start + width ≤ x.len()`, and
-                // `(g + 1)·LANES ≤ width` here.
-                *a = s.add_w(*a, unsafe {
-                    element::load_widen_ptr(s, x.as_ptr().add(start + g * l))
-                });
-            } else if let Some(v) = group_vector::<S, E, FULL>(s, x, start, g, shape) {
-                *a = s.add_w(*a, s.widen(v));
+            if let Some(v) = group_vector::<S, E, Widened, FULL>(s, x, start, g, shape) {
+                *a = s.add_w(*a, v);
             }
         }
     }
@@ -475,7 +506,7 @@ fn column_squares<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL:
         for r in first_row..first_row + steps {
             let start = r * c + first;
             for g in 0..G {
-                if let Some(v) = group_vector::<S, E, FULL>(s, x, start, g, shape) {
+                if let Some(v) = group_vector::<S, E, Lanes, FULL>(s, x, start, g, shape) {
                     let e = s.sub(v, shift[g]);
                     sq[g] = s.mul_add(e, e, sq[g]);
                     if S::T::WIDE {
