@@ -391,17 +391,22 @@ impl Backend {
     pub(crate) fn dispatch<K: Kernel>(self, k: K) -> K::Output {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2Fma => match Avx2Fma::try_new() {
-                Some(t) => t.vectorize(k),
-                None => k.run(K::T::on(Portable)),
-            },
+            Backend::Avx2Fma => {
+                if let Some(t) = Avx2Fma::try_new() {
+                    return t.vectorize(k);
+                }
+            }
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => match Avx512::try_new() {
-                Some(t) => t.vectorize(k),
-                None => k.run(K::T::on(Portable)),
-            },
-            _ => k.run(K::T::on(Portable)),
+            Backend::Avx512 => {
+                if let Some(t) = Avx512::try_new() {
+                    return t.vectorize(k);
+                }
+            }
+            _ => {}
         }
+        // One call site of the portable kernel, so that it is inlined once (three sites
+        // tripled the library's code: 6.5 of its 10 MB of text).
+        k.run(K::T::on(Portable))
     }
 }
 
