@@ -214,7 +214,9 @@ pub const SWEEP_N: &[usize] = &[1, 2, 5];
 /// blocks (300 and 325 rows); streaming passes take parameter lanes strip by strip once a
 /// period's lanes outgrow L1 (c = 250 has a period of 2000 values, c = 1030 of 8240). Besides,
 /// rows of three whole vectors (c = 48 on AVX-512, 24 on AVX2), which the column streams store
-/// as a group of 3.
+/// as a group of 3; and rows of 2 and 4 KiB in f32 (c = 512, 1024), which the NHWC backward sums
+/// of the AVX2 and portable backends walk in chunks of rows, all the groups of a strip per chunk
+/// (a partial chunk and a partial band of 16 rows here: 21 and 18 rows).
 pub const WIDE: &[(usize, usize, usize)] = &[
     (2, 24, 9),
     (3, 48, 5),
@@ -225,6 +227,8 @@ pub const WIDE: &[(usize, usize, usize)] = &[
     (5, 600, 65),
     (2, 1030, 3),
     (1, 2049, 2),
+    (3, 512, 7),
+    (2, 1024, 9),
 ];
 
 pub fn sweep_shapes() -> Vec<Shape> {
