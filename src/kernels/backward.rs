@@ -6,8 +6,8 @@ use super::stream::{
     stream_strips, strip_width, use_columns,
 };
 use super::{
-    ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, period, reduce_f64,
-    rows_as_they_are,
+    ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, l1_sets_walked, period,
+    reduce_f64, rows_as_they_are,
 };
 use crate::element::{self, Element};
 use crate::scratch;
@@ -374,9 +374,9 @@ fn write_sums<S: Simd, const G: usize>(
 const CHUNKED_GROUPS: usize = 16;
 
 /// Rows a register group of `G` vectors of `E` may walk down rows of `c` values before its lines
-/// meet again in the same L1 set ([`KMAX`]: no chunks). The L1 caches of x86 CPUs index their 64
-/// sets by address bits 6–11, so rows 4 KiB apart land in one set (of 8 or 12 ways), 2 KiB apart
-/// in two. Where the group's row is one cache line of f32 (AVX2 and portable groups), a walk of x
+/// meet again in the same L1 set ([`KMAX`]: no chunks; see [`l1_sets_walked`]: rows 4 KiB apart
+/// start in one set of 8 or 12 ways). Where the group's row is one cache line of f32 (AVX2 and
+/// portable groups), a walk of x
 /// and dy down 16 rows 4 KiB apart keeps 32 lines in flight in one set, which evict each other
 /// before use; four rows per set (8 lines of x and dy) fit. Measured, AMD EPYC family 25, AVX2
 /// backend, NHWC f32 backward, one thread: 1x1024x7x7 44.0 → 27.7 µs (26.6 at 1040 channels),
@@ -385,20 +385,11 @@ const CHUNKED_GROUPS: usize = 16;
 /// chunks, so they walk whole columns.
 #[inline(always)]
 fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
-    const SET_SPAN: usize = 4096;
     let size = std::mem::size_of::<E>();
     if size != 4 || G * S::LANES * size != 64 {
         return KMAX;
     }
-    let sets = SET_SPAN / gcd(c * size, SET_SPAN);
-    (4 * sets).min(KMAX)
-}
-
-fn gcd(mut a: usize, mut b: usize) -> usize {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
+    (4 * l1_sets_walked(c * size)).min(KMAX)
 }
 
 /// As [`grad_sums_strided`] for up to [`CHUNKED_GROUPS`] register groups side by side (channels

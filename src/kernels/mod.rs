@@ -33,6 +33,20 @@ use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 /// that follows costs a few instructions per lane every 16 steps.
 pub(crate) const KMAX: usize = 16;
 
+/// L1 sets in which the rows of a column walk start, for rows `row_bytes` apart: the L1 data
+/// caches of x86 CPUs index their 64 sets of 64-byte lines by address bits 6–11, so rows 4 KiB
+/// apart all start in one set, 2 KiB apart in two, and rows whose distance is not a multiple of
+/// 64 bytes in all of them. A walk down more rows than its set's ways keeps lines in flight that
+/// evict each other before use.
+pub(crate) fn l1_sets_walked(row_bytes: usize) -> usize {
+    const SET_SPAN: usize = 4096;
+    let (mut a, mut b) = (row_bytes, SET_SPAN);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    SET_SPAN / a
+}
+
 /// Independent accumulators per contiguous run, for instruction-level parallelism.
 pub(crate) const ACCUMULATORS: usize = 4;
 
