@@ -112,8 +112,10 @@ fn make_shape([n, c, h, w]: [usize; 4]) -> Shape {
 
 /// Every buffer one shape needs, allocated once, outside the timed loops.
 struct Buffers {
-    // x, y and dy start on page boundaries (relative offset 0 mod 4096; `examples/bench_case.rs`
-    // measures other offsets).
+    // x, y and dy start `offset` bytes past page boundaries: 0 in the main rows (`Buffers::new`;
+    // `examples/bench_case.rs` measures other offsets), 16 in the backward rows `batchnorm_off16`
+    // (where a large `Vec` from malloc starts: groups of 16 f32 channels then straddle two cache
+    // lines per row).
     x: Buffer,
     y: Buffer,
     dy: Buffer,
@@ -130,11 +132,15 @@ struct Buffers {
 
 impl Buffers {
     fn new(shape: Shape) -> Buffers {
+        Buffers::at(shape, 0)
+    }
+
+    fn at(shape: Shape, offset: usize) -> Buffers {
         let (len, c) = (shape.len(), shape.c());
         Buffers {
-            x: Buffer::from_slice(&fill(len, 1, -1.0, 3.0), 0),
-            y: Buffer::new(len, 0),
-            dy: Buffer::from_slice(&fill(len, 2, -1.0, 1.0), 0),
+            x: Buffer::from_slice(&fill(len, 1, -1.0, 3.0), offset),
+            y: Buffer::new(len, offset),
+            dy: Buffer::from_slice(&fill(len, 2, -1.0, 1.0), offset),
             gamma: fill(c, 3, 0.5, 1.5),
             beta: fill(c, 4, -0.5, 0.5),
             running_mean: fill(c, 5, 0.5, 1.5),
@@ -506,6 +512,14 @@ fn bench_op(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool], op: Op
                 group.bench_function(format!("{base}/copy"), |bench| {
                     pool.install(|| bench.iter(|| op.run_copy(kind, &mut b)))
                 });
+                if t == 1 && op == Op::Backward {
+                    let mut u = Buffers::at(shape, 16);
+                    prepare(op, &bn, &mut u);
+                    group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
+                    group.bench_function(format!("{base}/batchnorm_off16"), |bench| {
+                        bench.iter(|| op.run(&bn, &mut u))
+                    });
+                }
                 if t == 1 {
                     group.throughput(Throughput::Bytes(op.bytes_per_element() * elements));
                     group.bench_function(format!("{base}/scalar"), |bench| {
