@@ -379,8 +379,10 @@ const CHUNKED_GROUPS: usize = 16;
 /// portable groups), a walk of x
 /// and dy down 16 rows 4 KiB apart keeps 32 lines in flight in one set, which evict each other
 /// before use; four rows per set (8 lines of x and dy) fit. Measured, AMD EPYC family 25, AVX2
-/// backend, NHWC f32 backward, one thread: 1x1024x7x7 44.0 → 27.7 µs (26.6 at 1040 channels),
-/// 1x2048x7x7 93.3 → 58.4, 1x512x14x14 50.1 → 42.7 (44.8 at 528). Wider groups (AVX-512: four
+/// backend, NHWC f32 backward, one thread, buffers 16 bytes past a page boundary (as malloc
+/// places a large `Vec`; each group then straddles two lines per row, and page-aligned buffers
+/// lose little): 1x1024x7x7 44.0 → 27.7 µs (26.6 at 1040 channels), 1x2048x7x7 93.3 → 58.4,
+/// 1x512x14x14 50.1 → 42.7 (44.8 at 528). Wider groups (AVX-512: four
 /// lines per row) and half or f64 data showed no such loss there and measured 2–20% slower in
 /// chunks, so they walk whole columns.
 #[inline(always)]
