@@ -201,17 +201,24 @@ impl<S: Simd, const G: usize> GroupSums<S, G> {
     /// channel `first`.
     #[inline(always)]
     fn new(s: S, (rows, first, width): (usize, usize, usize), pivots: &[S::T]) -> Self {
-        let l = S::LANES;
-        let width = width.min(G * l).min(pivots.len());
-        let mut piv = [s.zero(); G];
-        for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
-            *p = s.load_partial(&pivots[g * l..width], S::T::ZERO);
-        }
+        let width = width.min(G * S::LANES).min(pivots.len());
         GroupSums {
             first,
             width,
             rows,
-            piv,
+            piv: load_pivots(s, pivots, width),
+            tot: [[s.splat_w(0.0); 3]; G],
+        }
+    }
+
+    /// A group of no channels and no rows (a slot not in use).
+    #[inline(always)]
+    fn empty(s: S) -> Self {
+        GroupSums {
+            first: 0,
+            width: 0,
+            rows: 0,
+            piv: [s.zero(); G],
             tot: [[s.splat_w(0.0); 3]; G],
         }
     }
@@ -319,10 +326,7 @@ fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize, const FU
     }
     let rows = x.len().min(dy.len()) / c;
     let zero = s.zero();
-    let mut piv = [zero; G];
-    for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
-        *p = s.load_partial(&pivots[g * l..width], S::T::ZERO);
-    }
+    let piv = load_pivots::<S, G>(s, pivots, width);
     // f32 sums over KMAX rows, then added into f64 vectors (one widening per sum and vector).
     let mut tot = [[s.splat_w(0.0); 3]; G];
     let mut first_row = 0;
@@ -335,6 +339,18 @@ fn grad_sums_strided<S: Simd<T = E::Param>, E: Element, const G: usize, const FU
         first_row += steps;
     }
     write_sums(s, &tot, width, out);
+}
+
+/// The first `width` pivots (`width ≤ G·LANES`) as a register group's vectors, lanes past
+/// `width` 0.
+#[inline(always)]
+fn load_pivots<S: Simd, const G: usize>(s: S, pivots: &[S::T], width: usize) -> [S::V; G] {
+    let l = S::LANES;
+    let mut piv = [s.zero(); G];
+    for (g, p) in piv.iter_mut().enumerate().take(width.div_ceil(l)) {
+        *p = s.load_partial(&pivots[g * l..width], S::T::ZERO);
+    }
+    piv
 }
 
 /// Adds a group's f32 sums `acc` into its f64 sums `tot` (one widening per sum and vector).
@@ -416,7 +432,7 @@ fn grad_sums_chunked<S: Simd<T = E::Param>, E: Element, const G: usize>(
     // Loops, not closures, here and below: a closure may be compiled outside the target-feature
     // entry point.
     let rows = xs.0.len().min(xs.1.len()) / c;
-    let mut sums = [GroupSums::<S, G>::new(s, (rows, first, 0), pivots); CHUNKED_GROUPS];
+    let mut sums = [GroupSums::<S, G>::empty(s); CHUNKED_GROUPS];
     for (g, group) in sums.iter_mut().enumerate().take(groups) {
         let o = g * w;
         *group = GroupSums::new(s, (rows, first + o, width - o), &pivots[o..]);
