@@ -6,6 +6,7 @@
 //! bias becomes `scale·(bias − mean) + β`, so the batch norm disappears from the graph. Every
 //! quantity is computed in f64 and rounded to f32 once.
 
+use crate::channel;
 use crate::error::check_len;
 use crate::scratch;
 use crate::{Affine, Error, RunningStats};
@@ -56,18 +57,6 @@ fn check_params(
     Ok(())
 }
 
-/// `(scale, shift)` of channel `c` in f64.
-fn channel(
-    affine: Option<&Affine<'_>>,
-    running: &RunningStats<'_>,
-    eps: f64,
-    c: usize,
-) -> (f64, f64) {
-    let (gamma, beta) = affine.map_or((1.0, 0.0), |a| (a.gamma[c] as f64, a.beta[c] as f64));
-    let scale = gamma / (running.var[c] as f64 + eps).sqrt();
-    (scale, beta - running.mean[c] as f64 * scale)
-}
-
 /// The per-channel map inference applies, `y = scale·x + shift`: `scale = γ/sqrt(var + ε)`,
 /// `shift = β − mean·scale` (without `affine`, γ = 1 and β = 0), for engines that fold on their
 /// own. (The crate's own inference subtracts the mean first, `scale·(x − mean) + β`, which keeps
@@ -87,7 +76,7 @@ pub fn scale_shift(
     check_len(OP, "shift", c, shift.len())?;
     check_params(OP, c, affine.as_ref(), &running, eps)?;
     for ch in 0..c {
-        let (a, b) = channel(affine.as_ref(), &running, eps, ch);
+        let (a, b) = channel::folded(affine.as_ref(), &running, eps, ch);
         scale[ch] = a as f32;
         shift[ch] = b as f32;
     }
@@ -106,7 +95,7 @@ fn fold_bias(
         check_len(op, "bias", c, b.len())?;
     }
     for ch in 0..c {
-        let (scale, _) = channel(affine, running, eps, ch);
+        let (scale, _) = channel::folded(affine, running, eps, ch);
         let b = bias.map_or(0.0, |b| b[ch] as f64);
         let beta = affine.map_or(0.0, |a| a.beta[ch] as f64);
         bias_out[ch] = (scale * (b - running.mean[ch] as f64) + beta) as f32;
@@ -159,7 +148,9 @@ pub fn fold_conv(
     let params = (affine.as_ref(), &running, eps);
     fold_bias(OP, params, bias, bias_out)?;
     // Each channel's scale once (HWIO visits every channel for every kernel position).
-    let scales = scratch::from_fn(o, |ch| channel(affine.as_ref(), &running, eps, ch).0);
+    let scales = scratch::from_fn(o, |ch| {
+        channel::folded(affine.as_ref(), &running, eps, ch).0
+    });
     match conv.layout {
         WeightLayout::Oihw | WeightLayout::Ohwi => {
             for (w, &s) in weights.chunks_exact_mut(per_out).zip(scales.iter()) {

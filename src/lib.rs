@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod batchnorm;
+mod channel;
 mod driver;
 mod element;
 mod error;

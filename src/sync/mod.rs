@@ -25,9 +25,8 @@
 //! the rank's own arguments passed validation, its number of values). A disagreement is an error on every rank,
 //! and nothing is written: no rank waits for a message that will not come.
 
-use crate::batchnorm::{
-    check_values, dx_params, finish_training, normalize_params, training_grads, write_grads,
-};
+use crate::batchnorm::check_values;
+use crate::channel::{dx_params, finish_training, normalize_params, training_grads, write_grads};
 use crate::driver::{Fuse, Grad, GradSums, Src};
 use crate::element::type_code;
 use crate::error::check_len;

@@ -1,0 +1,250 @@
+//! Per-channel scalar math between the passes, in f64: the normalize coefficients (inference
+//! and training), the inverse stds, the saved statistics and the running update, the dx
+//! coefficients and dγ, dβ, and folding's scale and shift. Shared by the operator, the
+//! synchronized operator and folding; no data tensor is touched here.
+
+use crate::driver::{self, ChannelAffine, DxParams, GradSums};
+use crate::params::{
+    Affine, GradMode, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
+};
+use crate::scratch::{self, Scratch};
+use crate::simd::{Backend, Real};
+use crate::{ChannelStats, Variance};
+
+/// Normalization of every channel in inference, from the running statistics: shift by the
+/// running mean, scale by `γ/√(var + ε)` (γ = 1 and β = 0 without `affine`). The slices hold
+/// every channel (checked by the caller).
+pub(crate) fn inference_params<P: Real>(
+    backend: Backend,
+    eps: f64,
+    affine: Option<&Affine<'_, P>>,
+    running: &RunningStats<'_, P>,
+) -> Scratch<ChannelAffine<P>> {
+    let inv_std = inv_stds(backend, eps, running.var.iter().map(|&v| v.into()));
+    let mut params = scratch::zeroed(running.mean.len());
+    // Zipped slices, the branch on `affine` outside the loop: no bounds check or branch per
+    // channel, so the loop vectorizes.
+    let channels = params.iter_mut().zip(running.mean).zip(inv_std.iter());
+    let map = |mean, scale: f64, bias| ChannelAffine {
+        shift: mean,
+        scale: P::from_f64(scale),
+        bias,
+    };
+    match affine {
+        Some(a) => {
+            for (((p, &mean), &r), (&g, &b)) in channels.zip(a.gamma.iter().zip(a.beta)) {
+                *p = map(mean, g.into() * r, b);
+            }
+        }
+        None => {
+            for ((p, &mean), &r) in channels {
+                *p = map(mean, r, P::ZERO);
+            }
+        }
+    }
+    params
+}
+
+/// What a training forward does after normalizing, from the batch statistics `stats` (one per
+/// channel) and the inverse std each channel normalized with: the saved statistics, and the
+/// running update with its weights `(old, new)`.
+pub(crate) fn finish_training<P: Real>(
+    stats: &[ChannelStats],
+    inv_std: impl Fn(usize) -> P,
+    saved: Option<SavedStatsMut<'_, P>>,
+    update: Option<(RunningUpdate<'_, P>, (f64, f64))>,
+) {
+    if let Some(saved) = saved {
+        let channels = saved.mean.iter_mut().zip(saved.inv_std.iter_mut());
+        for (c, ((mean, r), s)) in channels.zip(stats).enumerate() {
+            *mean = P::from_f64(s.mean());
+            *r = inv_std(c);
+        }
+    }
+    if let Some((u, (old, new))) = update {
+        let divisor = |count: u64| match u.var_estimator {
+            Variance::Biased => count as f64,
+            Variance::Unbiased => count as f64 - 1.0,
+        };
+        // Every channel of a batch has the same count: one reciprocal, a product per channel.
+        let count = stats.first().map_or(0, ChannelStats::count);
+        let inv = 1.0 / divisor(count);
+        for ((mean, var), s) in u.mean.iter_mut().zip(u.var.iter_mut()).zip(stats) {
+            let v = if s.count() == count {
+                s.m2() * inv
+            } else {
+                s.m2() / divisor(s.count())
+            };
+            *mean = P::from_f64(old * (*mean).into() + new * s.mean());
+            *var = P::from_f64(old * (*var).into() + new * v);
+        }
+    }
+}
+
+/// The dx parameters in training mode of channels `first..first + sums.len()` into `out`, from
+/// their backward sums (relative to the saved mean), the saved statistics, γ (`None`: 1) and the
+/// number of values `m` the statistics were taken over. The slices hold every channel.
+pub(crate) fn dx_params<P: Real>(
+    saved: &SavedStats<'_, P>,
+    gamma: Option<&[P]>,
+    m: f64,
+    (first, sums): (usize, &[GradSums]),
+    out: &mut [DxParams<P>],
+) {
+    let range = first..first + sums.len();
+    let (mean, inv_std) = (&saved.mean[range.clone()], &saved.inv_std[range.clone()]);
+    // A product rather than three quotients per channel: a division costs several products.
+    let inv_m = 1.0 / m;
+    let channels = sums.iter().zip(mean).zip(inv_std).zip(out.iter_mut());
+    match gamma {
+        Some(gamma) => {
+            for ((((g, &k), &r), out), &gamma) in channels.zip(&gamma[range]) {
+                *out = channel_dx_params(g, (k, r), gamma.into(), inv_m);
+            }
+        }
+        None => {
+            for (((g, &k), &r), out) in channels {
+                *out = channel_dx_params(g, (k, r), 1.0, inv_m);
+            }
+        }
+    }
+}
+
+/// The dx parameters of one channel with saved mean `shift` and inverse std `r`.
+#[inline(always)]
+fn channel_dx_params<P: Real>(
+    g: &GradSums,
+    (shift, r): (P, P),
+    gamma: f64,
+    inv_m: f64,
+) -> DxParams<P> {
+    let (dgamma, dbeta, lo) = training_grads(g, r.into(), inv_m);
+    // dx = a·dy + b·x̂ + c, x̂ = (x − K)·r; the true x − μ is (x − K) − lo.
+    let a = gamma * r.into();
+    let b = -a * dgamma * inv_m;
+    let c0 = -a * dbeta * inv_m - b * lo * r.into();
+    DxParams {
+        shift,
+        r,
+        a: P::from_f64(a),
+        b: P::from_f64(b),
+        c: P::from_f64(c0),
+    }
+}
+
+/// Writes channel `c`'s (dγ, dβ) into `g`, overwriting or accumulating.
+pub(crate) fn write_grads<P: Real>(
+    g: &mut ParamGrads<'_, P>,
+    c: usize,
+    (dgamma, dbeta): (f64, f64),
+) {
+    match g.mode {
+        GradMode::Overwrite => {
+            g.dgamma[c] = P::from_f64(dgamma);
+            g.dbeta[c] = P::from_f64(dbeta);
+        }
+        GradMode::Accumulate => {
+            g.dgamma[c] = P::from_f64(g.dgamma[c].into() + dgamma);
+            g.dbeta[c] = P::from_f64(g.dbeta[c].into() + dbeta);
+        }
+    }
+}
+
+/// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`
+/// (see [`channel_params`]), and their inverse stds into `inv_std`, computed first for all the
+/// channels at once in the backend's vectors ([`driver::inv_sqrt`]).
+pub(crate) fn normalize_params<P: Real>(
+    backend: Backend,
+    (first, stats): (usize, &[ChannelStats]),
+    eps: f64,
+    affine: Option<&Affine<'_, P>>,
+    (out, inv_std): (&mut [ChannelAffine<P>], &mut [f64]),
+) {
+    // The biased variance; 1 / count once (every channel of a batch has the same count): a
+    // product per channel instead of a quotient.
+    let count = stats.first().map_or(0, ChannelStats::count);
+    let inv_count = 1.0 / count as f64;
+    let var = stats.iter().map(|s| {
+        let var = if s.count() == count {
+            s.m2() * inv_count
+        } else {
+            s.m2() / s.count() as f64
+        };
+        if var < 0.0 { 0.0 } else { var }
+    });
+    inv_stds_into(backend, eps, var, inv_std);
+    let channels = stats.iter().zip(inv_std.iter()).zip(out.iter_mut());
+    match affine {
+        Some(a) => {
+            let (gamma, beta) = (&a.gamma[first..], &a.beta[first..]);
+            for (((s, &r), out), (&g, &b)) in channels.zip(gamma.iter().zip(beta)) {
+                *out = channel_params(s, r, (g.into(), b.into()));
+            }
+        }
+        None => {
+            for ((s, &r), out) in channels {
+                *out = channel_params(s, r, (1.0, 0.0));
+            }
+        }
+    }
+}
+
+/// `1/√(v + ε)` of every variance `v` of `var`, in the backend's vectors.
+pub(crate) fn inv_stds(
+    backend: Backend,
+    eps: f64,
+    var: impl ExactSizeIterator<Item = f64>,
+) -> Scratch<f64> {
+    let mut inv_std = scratch::zeroed(var.len());
+    inv_stds_into(backend, eps, var, &mut inv_std);
+    inv_std
+}
+
+/// [`inv_stds`] into `out` (one value per variance).
+fn inv_stds_into(backend: Backend, eps: f64, var: impl Iterator<Item = f64>, out: &mut [f64]) {
+    for (r, v) in out.iter_mut().zip(var) {
+        *r = v + eps;
+    }
+    driver::inv_sqrt(backend, out);
+}
+
+/// Normalization of one channel from its batch statistics and inverse std r, in f64: subtract
+/// the f32-rounded mean `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias.
+#[inline(always)]
+fn channel_params<P: Real>(
+    s: &ChannelStats,
+    inv_std: f64,
+    (gamma, beta): (f64, f64),
+) -> ChannelAffine<P> {
+    let shift = P::from_f64(s.mean());
+    let residual = s.mean() - shift.into();
+    let scale = gamma * inv_std;
+    let bias = beta - scale * residual;
+    ChannelAffine {
+        shift,
+        scale: P::from_f64(scale),
+        bias: P::from_f64(bias),
+    }
+}
+
+/// dγ, dβ and the mean residual `mean(x) − K` from the reduction sums (relative to pivot K), with
+/// `inv_m` = 1 / the number of values.
+#[inline(always)]
+pub(crate) fn training_grads(g: &GradSums, inv_std: f64, inv_m: f64) -> (f64, f64, f64) {
+    let residual = g.x * inv_m;
+    let centered_xdy = g.xdy - residual * g.dy;
+    (inv_std * centered_xdy, g.dy, residual)
+}
+
+/// `(scale, shift)` of channel `c` for folding: `scale = γ/√(var + ε)`, `shift = β − mean·scale`
+/// (γ = 1 and β = 0 without `affine`), in f64.
+pub(crate) fn folded(
+    affine: Option<&Affine<'_>>,
+    running: &RunningStats<'_>,
+    eps: f64,
+    c: usize,
+) -> (f64, f64) {
+    let (gamma, beta) = affine.map_or((1.0, 0.0), |a| (a.gamma[c] as f64, a.beta[c] as f64));
+    let scale = gamma / (running.var[c] as f64 + eps).sqrt();
+    (scale, beta - running.mean[c] as f64 * scale)
+}
