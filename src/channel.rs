@@ -21,28 +21,24 @@ pub(crate) fn inference_params<P: Real>(
     running: &RunningStats<'_, P>,
 ) -> Scratch<ChannelAffine<P>> {
     let inv_std = inv_stds(backend, eps, running.var.iter().map(|&v| v.into()));
-    let mut params = scratch::zeroed(running.mean.len());
     // Zipped slices, the branch on `affine` outside the loop: no bounds check or branch per
-    // channel, so the loop vectorizes.
-    let channels = params.iter_mut().zip(running.mean).zip(inv_std.iter());
+    // channel.
+    let c = running.mean.len();
+    let channels = running.mean.iter().zip(inv_std.iter());
     let map = |mean, scale: f64, bias| ChannelAffine {
         shift: mean,
         scale: P::from_f64(scale),
         bias,
     };
     match affine {
-        Some(a) => {
-            for (((p, &mean), &r), (&g, &b)) in channels.zip(a.gamma.iter().zip(a.beta)) {
-                *p = map(mean, g.into() * r, b);
-            }
-        }
-        None => {
-            for ((p, &mean), &r) in channels {
-                *p = map(mean, r, P::ZERO);
-            }
-        }
+        Some(a) => scratch::collect(
+            c,
+            channels
+                .zip(a.gamma.iter().zip(a.beta))
+                .map(|((&mean, &r), (&g, &b))| map(mean, g.into() * r, b)),
+        ),
+        None => scratch::collect(c, channels.map(|(&mean, &r)| map(mean, r, P::ZERO))),
     }
-    params
 }
 
 /// What a training forward does after normalizing, from the batch statistics `stats` (one per
@@ -195,8 +191,8 @@ pub(crate) fn inv_stds(
     eps: f64,
     var: impl ExactSizeIterator<Item = f64>,
 ) -> Scratch<f64> {
-    let mut inv_std = scratch::zeroed(var.len());
-    inv_stds_into(backend, eps, var, &mut inv_std);
+    let mut inv_std = scratch::collect(var.len(), var.map(|v| v + eps));
+    driver::inv_sqrt(backend, &mut inv_std);
     inv_std
 }
 

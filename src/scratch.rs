@@ -108,6 +108,30 @@ pub(crate) fn zeroed<T: Zeroable>(len: usize) -> Scratch<T> {
     }
 }
 
+/// A buffer of `len` values: the first `len` items of `values`, then zeros if it ends early.
+/// The items are written without zeroing their slots first.
+pub(crate) fn collect<T: Zeroable>(len: usize, values: impl Iterator<Item = T>) -> Scratch<T> {
+    let bytes = len.saturating_mul(size_of::<T>());
+    let block = (bytes > 0).then(|| {
+        let mut block = block(bytes);
+        let p = block.mem.as_mut_ptr().cast::<T>();
+        let mut written = 0;
+        for v in values.take(len) {
+            // SAFETY: `written < len`: the slot lies inside the block's `len·size_of::<T>()`
+            // bytes, aligned to `ALIGN ≥ align_of::<T>()`; writing needs no valid old value.
+            unsafe { p.add(written).write(v) };
+            written += 1;
+        }
+        block.mem[written * size_of::<T>()..bytes].fill(0);
+        block
+    });
+    Scratch {
+        block,
+        len,
+        _values: PhantomData,
+    }
+}
+
 /// A buffer holding `f(0), f(1), …, f(len − 1)`.
 pub(crate) fn from_fn<T: Zeroable>(len: usize, mut f: impl FnMut(usize) -> T) -> Scratch<T> {
     let mut s = zeroed(len);
@@ -180,5 +204,22 @@ mod tests {
         assert_eq!(zeroed::<()>(1000).len(), 1000);
         assert!(zeroed::<f32>(0).is_empty());
         assert_eq!(&from_fn(4, |i| i as f32)[..], &[0.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn collect_writes_the_items_then_zeros() {
+        let dirty = {
+            let mut a = zeroed::<f32>(8);
+            a.fill(7.0);
+            a.as_ptr() as usize
+        };
+        // The dirty block comes back: two items, the rest zeroed; extra items are not written.
+        let short = collect(5, [1.0f32, 2.0].into_iter());
+        assert_eq!(short.as_ptr() as usize, dirty);
+        assert_eq!(&short[..], &[1.0, 2.0, 0.0, 0.0, 0.0]);
+        drop(short);
+        let long = collect(3, (0..10).map(|i| i as f32));
+        assert_eq!(&long[..], &[0.0, 1.0, 2.0]);
+        assert!(collect::<f64>(0, std::iter::once(1.0)).is_empty());
     }
 }
