@@ -247,12 +247,24 @@ impl Simd for Avx2Fma {
     }
 }
 
-/// 8 bfloat16 values (bits) widened to f32 (exact): each word zero-extended, then shifted into
-/// the high half of its lane.
+/// 8 bfloat16 values (bits) widened to f32 (exact): the 16 bytes copied into both 128-bit lanes
+/// (from memory, one `vbroadcasti128` load), then one byte shuffle moves each word into the high
+/// half of its lane and zeroes the low half. Measured on AMD EPYC family 25 model 17 (Zen 4), AVX2
+/// backend forced, one thread, bf16 1x64x112x112, the builds alternated (4 rounds' minima), against
+/// the zero extension and shift (two operations after the load): NCHW inference 104.8–130.6 →
+/// 97.0–97.8 µs, NCHW statistics 146.3–151.9 → 121.6–121.8 µs, NHWC backward 259.7–263.9 →
+/// 242.2–247.4 µs (and one slow round of 305.8).
 #[inline(always)]
 fn avx2_from_bf16(bits: __m128i) -> __m256 {
     // SAFETY: AVX2 available (callers hold the token).
-    unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits))) }
+    unsafe {
+        let spread = _mm256_setr_epi8(
+            -1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, //
+            -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15,
+        );
+        let both = _mm256_broadcastsi128_si256(bits);
+        _mm256_castsi256_ps(_mm256_shuffle_epi8(both, spread))
+    }
 }
 
 /// 8 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 8 × u16.
