@@ -133,12 +133,8 @@ pub(crate) fn collect<T: Zeroable>(len: usize, values: impl Iterator<Item = T>) 
 }
 
 /// A buffer holding `f(0), f(1), …, f(len − 1)`.
-pub(crate) fn from_fn<T: Zeroable>(len: usize, mut f: impl FnMut(usize) -> T) -> Scratch<T> {
-    let mut s = zeroed(len);
-    for (i, v) in s.iter_mut().enumerate() {
-        *v = f(i);
-    }
-    s
+pub(crate) fn from_fn<T: Zeroable>(len: usize, f: impl FnMut(usize) -> T) -> Scratch<T> {
+    collect(len, (0..len).map(f))
 }
 
 impl<T: Zeroable> Deref for Scratch<T> {
