@@ -58,22 +58,43 @@ pub(crate) fn finish_training<P: Real>(
         }
     }
     if let Some((u, (old, new))) = update {
-        let divisor = |count: u64| match u.var_estimator {
+        let estimator = u.var_estimator;
+        let divisor = move |count: u64| match estimator {
             Variance::Biased => count as f64,
             Variance::Unbiased => count as f64 - 1.0,
         };
-        // Every channel of a batch has the same count: one reciprocal, a product per channel.
-        let count = stats.first().map_or(0, ChannelStats::count);
-        let inv = 1.0 / divisor(count);
-        for ((mean, var), s) in u.mean.iter_mut().zip(u.var.iter_mut()).zip(stats) {
-            let v = if s.count() == count {
-                s.m2() * inv
-            } else {
-                s.m2() / divisor(s.count())
-            };
-            *mean = P::from_f64(old * (*mean).into() + new * s.mean());
-            *var = P::from_f64(old * (*var).into() + new * v);
+        match common_reciprocal(stats, divisor) {
+            Some(inv) => update_running(u, stats, (old, new), |s| s.m2() * inv),
+            None => update_running(u, stats, (old, new), |s| s.m2() / divisor(s.count())),
         }
+    }
+}
+
+/// `1/divisor(count)` when every channel of `stats` has the same count (a batch's channels
+/// always do), so that the per-channel loop multiplies: with a division for the odd channel left
+/// in the loop, the compiler computed the quotient for every channel and selected (measured, AMD
+/// EPYC family 25 model 17, bf16 NHWC 1x1024x7x7 training: the running update and the normalize
+/// coefficients took 19% of the call).
+fn common_reciprocal(stats: &[ChannelStats], divisor: impl Fn(u64) -> f64) -> Option<f64> {
+    let count = stats.first()?.count();
+    stats
+        .iter()
+        .all(|s| s.count() == count)
+        .then(|| 1.0 / divisor(count))
+}
+
+/// The running update of every channel with weights `(old, new)` and the variance estimate
+/// `var(s)` of each channel's statistics.
+#[inline(always)]
+fn update_running<P: Real>(
+    u: RunningUpdate<'_, P>,
+    stats: &[ChannelStats],
+    (old, new): (f64, f64),
+    var: impl Fn(&ChannelStats) -> f64,
+) {
+    for ((mean, v), s) in u.mean.iter_mut().zip(u.var.iter_mut()).zip(stats) {
+        *mean = P::from_f64(old * (*mean).into() + new * s.mean());
+        *v = P::from_f64(old * (*v).into() + new * var(s));
     }
 }
 
@@ -158,17 +179,17 @@ pub(crate) fn normalize_params<P: Real>(
 ) {
     // The biased variance; 1 / count once (every channel of a batch has the same count): a
     // product per channel instead of a quotient.
-    let count = stats.first().map_or(0, ChannelStats::count);
-    let inv_count = 1.0 / count as f64;
-    let var = stats.iter().map(|s| {
-        let var = if s.count() == count {
-            s.m2() * inv_count
-        } else {
-            s.m2() / s.count() as f64
-        };
-        if var < 0.0 { 0.0 } else { var }
-    });
-    inv_stds_into(backend, eps, var, inv_std);
+    let clamp = |var: f64| if var < 0.0 { 0.0 } else { var };
+    match common_reciprocal(stats, |count| count as f64) {
+        Some(inv) => {
+            let var = stats.iter().map(|s| clamp(s.m2() * inv));
+            inv_stds_into(backend, eps, var, inv_std);
+        }
+        None => {
+            let var = stats.iter().map(|s| clamp(s.m2() / s.count() as f64));
+            inv_stds_into(backend, eps, var, inv_std);
+        }
+    }
     let channels = stats.iter().zip(inv_std.iter()).zip(out.iter_mut());
     match affine {
         Some(a) => {
