@@ -198,25 +198,27 @@ impl<'a, E: Element> Grad<'a, E> {
     }
 }
 
-/// Checks the statistics of one run or block channel: a non-finite result (squares that
-/// overflowed the f32 lanes, or NaN/Inf data) is recomputed from the values in f64 by `exact`.
+/// Checks the statistics of one run or block channel in place: a non-finite result (squares
+/// that overflowed the f32 lanes, or NaN/Inf data) is recomputed from the values in f64 by
+/// `exact`. The fields are read one by one and the struct is written only when it is replaced: a
+/// kernel has just stored it field by field, and a copy of the whole struct (a 16-byte load
+/// across two 8-byte stores) waits for the stores to retire instead of taking their values
+/// (measured, AMD EPYC family 25 model 17: the copy and write-back took 7% of bf16 NHWC
+/// 1x1024x7x7 training; statistics 10.2–10.5 → 9.4 µs without it).
 #[inline(always)]
-fn checked_stats(s: ChannelStats, exact: impl FnOnce() -> ChannelStats) -> ChannelStats {
-    if s.mean().is_finite() && s.m2().is_finite() {
-        s
-    } else {
-        exact()
+fn check_stats(s: &mut ChannelStats, exact: impl FnOnce() -> ChannelStats) {
+    if !(s.mean().is_finite() && s.m2().is_finite()) {
+        *s = exact();
     }
 }
 
-/// Checks the f32-lane backward sums of one run or block channel: non-finite sums (products that
-/// overflowed f32, or NaN/Inf data) are recomputed from the values in f64 by `exact`.
+/// Checks the f32-lane backward sums of one run or block channel in place (as [`check_stats`]):
+/// non-finite sums (products that overflowed f32, or NaN/Inf data) are recomputed from the values
+/// in f64 by `exact`.
 #[inline(always)]
-fn checked_sums(g: GradSums, exact: impl FnOnce() -> GradSums) -> GradSums {
-    if g.dy.is_finite() && g.xdy.is_finite() && g.x.is_finite() {
-        g
-    } else {
-        exact()
+fn check_sums(g: &mut GradSums, exact: impl FnOnce() -> GradSums) {
+    if !(g.dy.is_finite() && g.xdy.is_finite() && g.x.is_finite()) {
+        *g = exact();
     }
 }
 

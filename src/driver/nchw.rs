@@ -7,8 +7,8 @@
 //! pieces normalized in parallel) when there are few channels.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, Grad, Make, MakeAffine, MakeDx, Src, checked_stats,
-    checked_sums, exact_sums, make_all, make_one,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, Make, MakeAffine, MakeDx, Src, check_stats, check_sums,
+    exact_sums, make_all, make_one,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -128,8 +128,9 @@ fn pipeline<R, P>(
 
 fn piece_stats<E: Element>(ctx: &Ctx, x: &[E], p: Piece) -> ChannelStats {
     let run = &x[p.offset..p.offset + p.len];
-    let s = ctx.backend.dispatch(MomentsRun { x: run });
-    checked_stats(s, || ChannelStats::from_values(run))
+    let mut s = ctx.backend.dispatch(MomentsRun { x: run });
+    check_stats(&mut s, || ChannelStats::from_values(run));
+    s
 }
 
 fn merge(a: ChannelStats, b: ChannelStats) -> ChannelStats {
@@ -158,13 +159,14 @@ fn channel_stats<E: Element>(ctx: &Ctx, x: &[E], c: usize) -> ChannelStats {
         stride: channels * hw,
         count: n,
     };
-    let s = ctx.backend.dispatch(runs);
-    checked_stats(s, || {
+    let mut s = ctx.backend.dispatch(runs);
+    check_stats(&mut s, || {
         let values = scratch::from_fn(n * hw, |i| {
             x[((i / hw) * channels + c) * hw + i % hw].to_param()
         });
         ChannelStats::from_values(&values)
-    })
+    });
+    s
 }
 
 /// The whole-channel schedule: one task per channel (or group of small channels): its
@@ -334,11 +336,11 @@ fn channel_group(ctx: &Ctx) -> usize {
 
 /// The per-channel results of a group of channels, reduced sample by sample and folded in sample
 /// order into `total`. `reduce(sample, out)` writes that sample's result for each channel of the
-/// group into `out` and returns its check, `check(j, result)` for channel `j` (the exact
-/// fallback of a non-finite result). Sample 0 writes straight into `total` (merging into an
-/// empty total is a copy); later samples go through one scratch row and `merge`. One loop per
-/// sample checks and folds.
-fn fold_samples<T: Zeroable + Copy, C: Fn(usize, &T) -> T>(
+/// group into `out` and returns its check, `check(j, result)` for channel `j` (in place: the exact
+/// fallback of a non-finite result, see `check_stats`). Sample 0 writes straight into `total`
+/// (merging into an empty total is a copy); later samples go through one scratch row and `merge`.
+/// One loop per sample checks and folds.
+fn fold_samples<T: Zeroable + Copy, C: Fn(usize, &mut T)>(
     n: usize,
     total: &mut [T],
     mut reduce: impl FnMut(usize, &mut [T]) -> C,
@@ -349,12 +351,13 @@ fn fold_samples<T: Zeroable + Copy, C: Fn(usize, &T) -> T>(
         if sample == 0 {
             let check = reduce(0, total);
             for (j, t) in total.iter_mut().enumerate() {
-                *t = check(j, t);
+                check(j, t);
             }
         } else {
             let check = reduce(sample, &mut row);
-            for (j, (t, r)) in total.iter_mut().zip(row.iter()).enumerate() {
-                *t = merge(t, check(j, r));
+            for (j, (t, r)) in total.iter_mut().zip(row.iter_mut()).enumerate() {
+                check(j, r);
+                *t = merge(t, *r);
             }
         }
     }
@@ -391,8 +394,8 @@ fn short_runs<E: Element>(
                 run: hw,
                 out,
             });
-            move |j: usize, d: &ChannelStats| {
-                checked_stats(*d, || ChannelStats::from_values(&seg[j * hw..(j + 1) * hw]))
+            move |j: usize, d: &mut ChannelStats| {
+                check_stats(d, || ChannelStats::from_values(&seg[j * hw..(j + 1) * hw]))
             }
         };
         fold_samples(n, stats, reduce, |a, b| a.merge(&b));
@@ -444,9 +447,11 @@ pub(super) fn backward<E: Element>(
             dy: g,
             pivot,
         });
-        checked_sums(sums, || {
+        let mut sums = sums;
+        check_sums(&mut sums, || {
             exact_sums(run.iter().copied().zip(g.iter().copied()), pivot)
-        })
+        });
+        sums
     };
     let apply = |p: Piece, dp: &DxParams<E::Param>| {
         // SAFETY: every piece is applied exactly once and pieces are disjoint.
@@ -502,11 +507,11 @@ fn backward_short_runs<E: Element>(
                 pivots: p,
                 out: sums,
             });
-            move |j: usize, r: &GradSums| {
+            move |j: usize, r: &mut GradSums| {
                 let pairs = xs[j * hw..(j + 1) * hw]
                     .iter()
                     .zip(&gs[j * hw..(j + 1) * hw]);
-                checked_sums(*r, || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]))
+                check_sums(r, || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]))
             }
         };
         // The kernel's sums start from +0, so sample 0's are what adding them to an empty total

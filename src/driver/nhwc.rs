@@ -7,7 +7,7 @@
 //! tensor has few rows). Tile results are folded per channel in row-block order.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, checked_stats, checked_sums,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, check_stats, check_sums,
     exact_sums, make_all,
 };
 use crate::ChannelStats;
@@ -141,7 +141,7 @@ pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], total: &mut [ChannelSta
                 out,
             });
             for (i, s) in out.iter_mut().enumerate() {
-                *s = checked_stats(*s, || {
+                check_stats(s, || {
                     let ch = tile.first + i;
                     let values = scratch::from_fn(tile.rows, |r| data[r * c + ch].to_param());
                     ChannelStats::from_values(&values)
@@ -248,7 +248,7 @@ pub(super) fn backward<E: Element>(
             out: part,
         });
         for (i, s) in part.iter_mut().enumerate() {
-            *s = checked_sums(*s, || {
+            check_sums(s, || {
                 let ch = tile.first + i;
                 let pairs = xs.iter().zip(g).skip(ch).step_by(c);
                 exact_sums(pairs.map(|(&a, &b)| (a, b)), pivots[ch])
