@@ -589,15 +589,18 @@ impl BatchNorm {
         }
         if let Some(mut g) = grads {
             let inv_m = 1.0 / m;
-            for (c, sums) in sums.iter().enumerate() {
-                let (dgamma, dbeta) = match mode {
-                    BackwardMode::Training(saved) => {
-                        let (dg, db, _) = training_grads(sums, saved.inv_std[c].into(), inv_m);
-                        (dg, db)
-                    }
-                    BackwardMode::Frozen(_) => (frozen_inv_std[c] * sums.xdy, sums.dy),
-                };
-                write_grads(&mut g, c, (dgamma, dbeta));
+            match mode {
+                BackwardMode::Training(saved) => {
+                    let grads = sums.iter().zip(saved.inv_std).map(|(s, &r)| {
+                        let (dgamma, dbeta, _) = training_grads(s, r.into(), inv_m);
+                        (dgamma, dbeta)
+                    });
+                    write_grads(&mut g, grads);
+                }
+                BackwardMode::Frozen(_) => {
+                    let grads = sums.iter().zip(frozen_inv_std.iter());
+                    write_grads(&mut g, grads.map(|(s, &r)| (r * s.xdy, s.dy)));
+                }
             }
         }
         Ok(())

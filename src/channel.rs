@@ -149,20 +149,26 @@ fn channel_dx_params<P: Real>(
     }
 }
 
-/// Writes channel `c`'s (dγ, dβ) into `g`, overwriting or accumulating.
+/// Writes every channel's (dγ, dβ), in channel order from `grads`, into `g`, overwriting or
+/// accumulating (the mode chosen once, not per channel).
 pub(crate) fn write_grads<P: Real>(
     g: &mut ParamGrads<'_, P>,
-    c: usize,
-    (dgamma, dbeta): (f64, f64),
+    grads: impl Iterator<Item = (f64, f64)>,
 ) {
-    match g.mode {
+    let mode = g.mode;
+    let channels = g.dgamma.iter_mut().zip(g.dbeta.iter_mut()).zip(grads);
+    match mode {
         GradMode::Overwrite => {
-            g.dgamma[c] = P::from_f64(dgamma);
-            g.dbeta[c] = P::from_f64(dbeta);
+            for ((dg, db), (dgamma, dbeta)) in channels {
+                *dg = P::from_f64(dgamma);
+                *db = P::from_f64(dbeta);
+            }
         }
         GradMode::Accumulate => {
-            g.dgamma[c] = P::from_f64(g.dgamma[c].into() + dgamma);
-            g.dbeta[c] = P::from_f64(g.dbeta[c].into() + dbeta);
+            for ((dg, db), (dgamma, dbeta)) in channels {
+                *dg = P::from_f64((*dg).into() + dgamma);
+                *db = P::from_f64((*db).into() + dbeta);
+            }
         }
     }
 }

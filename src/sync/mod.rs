@@ -462,10 +462,11 @@ impl SyncBatchNorm {
         }
         if let Some(mut g) = grads {
             let inv_m = 1.0 / m;
-            for (c, s) in sums.iter().enumerate() {
-                let (dgamma, dbeta, _) = training_grads(s, saved.inv_std[c].into(), inv_m);
-                write_grads(&mut g, c, (dgamma, dbeta));
-            }
+            let grads = sums.iter().zip(saved.inv_std).map(|(s, &r)| {
+                let (dgamma, dbeta, _) = training_grads(s, r.into(), inv_m);
+                (dgamma, dbeta)
+            });
+            write_grads(&mut g, grads);
         }
         Ok(())
     }
