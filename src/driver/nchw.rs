@@ -508,10 +508,12 @@ fn backward_short_runs<E: Element>(
                 out: sums,
             });
             move |j: usize, r: &mut GradSums| {
-                let pairs = xs[j * hw..(j + 1) * hw]
-                    .iter()
-                    .zip(&gs[j * hw..(j + 1) * hw]);
-                check_sums(r, || exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j]))
+                check_sums(r, || {
+                    let pairs = xs[j * hw..(j + 1) * hw]
+                        .iter()
+                        .zip(&gs[j * hw..(j + 1) * hw]);
+                    exact_sums(pairs.map(|(&a, &b)| (a, b)), p[j])
+                })
             }
         };
         // The kernel's sums start from +0, so sample 0's are what adding them to an empty total
