@@ -203,8 +203,8 @@ impl<'a, E: Element> Grad<'a, E> {
 /// `exact`. The fields are read one by one and the struct is written only when it is replaced: a
 /// kernel has just stored it field by field, and a copy of the whole struct (a 16-byte load
 /// across two 8-byte stores) waits for the stores to retire instead of taking their values
-/// (measured, AMD EPYC family 25 model 17: the copy and write-back took 7% of bf16 NHWC
-/// 1x1024x7x7 training; statistics 10.2–10.5 → 9.4 µs without it).
+/// (measured, AMD EPYC family 25 model 17, one thread, the builds alternated: bf16 NHWC
+/// 1x1024x7x7 statistics 10.2–10.7 → 9.5 µs without the copy).
 #[inline(always)]
 fn check_stats(s: &mut ChannelStats, exact: impl FnOnce() -> ChannelStats) {
     if !(s.mean().is_finite() && s.m2().is_finite()) {

@@ -442,12 +442,11 @@ pub(super) fn backward<E: Element>(
             dy.view(&out, p.offset, p.len)
         };
         let (run, pivot) = (&x[p.offset..p.offset + p.len], pivots[p.c]);
-        let sums = ctx.backend.dispatch(GradSumsRun {
+        let mut sums = ctx.backend.dispatch(GradSumsRun {
             x: run,
             dy: g,
             pivot,
         });
-        let mut sums = sums;
         check_sums(&mut sums, || {
             exact_sums(run.iter().copied().zip(g.iter().copied()), pivot)
         });

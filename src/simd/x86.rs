@@ -448,8 +448,12 @@ impl Avx512 {
 }
 
 /// 16 bfloat16 values (bits) widened to f32 (exact): each word moved to the high half of its
-/// lane, the low half zeroed, in one word permutation ([`avx512_permute_words`]) whose even
-/// indices read word 16, in the zeroed upper half of the source.
+/// lane, the low half zeroed, in one word permutation whose even indices read word 16, in the
+/// zeroed upper half of the source. (The zero-masking form of the same permutation, which LLVM
+/// compiled to a permutation and a `vpandq`, one more 512-bit operation per vector, measured on
+/// AMD EPYC family 25 model 17 (Zen 4), one thread, bf16 1x64x112x112 inference: NCHW 48.7–56.2
+/// → 42.7–43.6 µs, NHWC 50.1–51.8 → 44.2–44.6 µs with the single permutation, the builds
+/// alternated, best of 7 rounds, three times each.)
 #[inline(always)]
 fn avx512_from_bf16(bits: __m256i) -> __m512 {
     // SAFETY: AVX-512F/BW available (callers hold the token).
@@ -459,35 +463,11 @@ fn avx512_from_bf16(bits: __m256i) -> __m512 {
             16, 8, 16, 9, 16, 10, 16, 11, 16, 12, 16, 13, 16, 14, 16, 15,
         ];
         let index = _mm512_loadu_si512(SPREAD.as_ptr().cast());
-        _mm512_castsi512_ps(avx512_permute_words(index, _mm512_zextsi256_si512(bits)))
+        _mm512_castsi512_ps(_mm512_permutexvar_epi16(
+            index,
+            _mm512_zextsi256_si512(bits),
+        ))
     }
-}
-
-/// `vpermw`: word `i` of the result is word `index[i] mod 32` of `words`. Inline assembly, not
-/// the intrinsic: LLVM sees that [`avx512_from_bf16`]'s permutation leaves every even word zero
-/// and lowers it (as it did the zero-masking form before) to a permutation and a `vpandq`, one
-/// more 512-bit operation per vector. Measured on AMD EPYC family 25 model 17 (Zen 4), one
-/// thread, bf16 1x64x112x112 inference: NCHW 48.7–56.2 → 42.7–43.6 µs, NHWC 50.1–51.8 →
-/// 44.2–44.6 µs (the builds alternated, best of 7 rounds, three times each).
-///
-/// # Safety
-/// The CPU must have AVX-512BW.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn avx512_permute_words(index: __m512i, words: __m512i) -> __m512i {
-    let out: __m512i;
-    // SAFETY: the caller guarantees AVX-512BW; the instruction reads and writes only these
-    // registers (no memory, no stack, no flags).
-    unsafe {
-        std::arch::asm!(
-            "vpermw {out}, {index}, {words}",
-            out = lateout(zmm_reg) out,
-            index = in(zmm_reg) index,
-            words = in(zmm_reg) words,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    out
 }
 
 /// 16 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), as 16 × u16.
