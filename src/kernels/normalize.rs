@@ -229,31 +229,6 @@ impl<IO: InOut> Kernel for AffineRun<'_, IO> {
     }
 }
 
-/// [`AffineRun`] over `count` runs of one channel, run `i` (its stream and epilogue) from
-/// `run_at(i)`: one kernel call for a channel whose runs lie apart (NCHW, one run per sample).
-/// Measured (one thread, AMD EPYC family 26, bf16 NCHW 32x256x14x14 training): with a call per
-/// run, normalizing in the whole-channel schedule cost 132 µs, against 75 µs for the same
-/// tensor's inference; one call per channel took the training from 307 to 265 µs.
-pub(crate) struct AffineRunsOf<IO: InOut, F> {
-    pub count: usize,
-    pub run_at: F,
-    pub p: ChannelAffine<Param<IO>>,
-}
-
-impl<'a, IO: InOut, F: Fn(usize) -> (IO, Fuse<'a, IO::Elem>)> Kernel for AffineRunsOf<IO, F> {
-    type T = Param<IO>;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        let op = Splat::new(s, &self.p);
-        for i in 0..self.count {
-            let (io, fuse) = (self.run_at)(i);
-            with_fuse!(fuse, op, |op, z| stream(s, io, z, 4 * S::LANES, op));
-        }
-    }
-}
-
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over consecutive runs of `run` elements, one channel per
 /// run, channels cycling through `0..shift.len()` starting at `first` (NCHW memory order), then
 /// the epilogue. Short runs in one call avoid a dispatch per run.

@@ -231,6 +231,12 @@ pub const WIDE: &[(usize, usize, usize)] = &[
     (2, 1024, 9),
 ];
 
+/// Long channels `(n, c, hw)` of several samples: more values per channel than the NCHW driver
+/// keeps whole in L2, so it reduces piece by piece and writes in memory order, with runs longer
+/// than one piece (16384 values; fewer and more samples than channels) and runs of one piece.
+pub const LONG: &[(usize, usize, usize)] = &[(2, 3, 16411), (3, 2, 16390), (3, 2, 11001)];
+
+/// Every shape of the sweep: `SWEEP_N × SWEEP_C × SWEEP_HW`, then [`WIDE`] and [`LONG`].
 pub fn sweep_shapes() -> Vec<Shape> {
     let mut v = Vec::new();
     for &n in SWEEP_N {
@@ -240,7 +246,11 @@ pub fn sweep_shapes() -> Vec<Shape> {
             }
         }
     }
-    v.extend(WIDE.iter().map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()));
+    v.extend(
+        WIDE.iter()
+            .chain(LONG)
+            .map(|&(n, c, hw)| Shape::new(n, c, hw).unwrap()),
+    );
     v
 }
 
