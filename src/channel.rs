@@ -25,20 +25,66 @@ pub(crate) fn inference_params<P: Real>(
     // channel.
     let c = running.mean.len();
     let channels = running.mean.iter().zip(inv_std.iter());
-    let map = |mean, scale: f64, bias| ChannelAffine {
-        shift: mean,
-        scale: P::from_f64(scale),
-        bias,
+    let fused = backend.fused_mul_add();
+    let map = |mean: P, r: f64, (gamma, beta): (f64, f64)| {
+        let scale = P::from_f64(gamma * r);
+        let shifted = ChannelAffine {
+            shift: mean,
+            scale,
+            bias: P::from_f64(beta),
+        };
+        let folded = fused.then(|| fold_shift(shifted, mean.into(), (gamma, beta)));
+        folded.flatten().unwrap_or(shifted)
     };
     match affine {
         Some(a) => scratch::collect(
             c,
             channels
                 .zip(a.gamma.iter().zip(a.beta))
-                .map(|((&mean, &r), (&g, &b))| map(mean, g.into() * r, b)),
+                .map(|((&mean, &r), (&g, &b))| map(mean, r, (g.into(), b.into()))),
         ),
-        None => scratch::collect(c, channels.map(|(&mean, &r)| map(mean, r, P::ZERO))),
+        None => scratch::collect(c, channels.map(|(&mean, &r)| map(mean, r, (1.0, 0.0)))),
     }
+}
+
+/// How large `|scale·μ|` may be, relative to `|γ| + |β|`, for [`fold_shift`].
+const FOLD_LIMIT: f64 = 2.0;
+
+/// `p` with its shift folded into the bias, `y = scale·x + (β − scale·μ)`: one FMA per element
+/// where `p` takes a subtract and an FMA (the kernels skip the subtract of a +0 shift), when that
+/// costs no accuracy. `mean` is the channel's exact mean μ, `(gamma, beta)` its affine.
+///
+/// Against the exact `y = α·(x − μ) + β` (α the unrounded scale, `scale` = α rounded), the folded
+/// map errs by the rounding of the scale, `u·|γ·x̂|` (the same as the shifted map's), of the bias,
+/// `u·|β − scale·μ|` (the product and difference are exact or f64), and of the FMA, `u·|y|`. With
+/// `|scale·μ| ≤ 2·(|γ| + |β|)` that is at most `4u` of the size of the terms `|γ|·(1 + |x̂|) + |β|`,
+/// inside the `8u` the forward tolerance allows for the kernel's own roundings. Data whose mean is
+/// large next to its spread (`NUMERICS.md`: mean 1e4 with σ 1e-2 gives `|scale·μ|` ≈ 1e6·|γ|)
+/// keeps the subtract, and so does a non-finite scale or mean (the comparison fails). Callers fold
+/// only for a backend whose multiply-add rounds once ([`Backend::fused_mul_add`]): a separate
+/// product `scale·x` may overflow where `y` does not (γ near the largest f32).
+///
+/// f64 parameters (f64 data) keep the subtract: their stated tolerance is relative to the terms
+/// `α·(x − μ)` and `β` alone, which `u·|scale·μ|` may exceed when both are small.
+#[inline(always)]
+fn fold_shift<P: Real>(
+    p: ChannelAffine<P>,
+    mean: f64,
+    (gamma, beta): (f64, f64),
+) -> Option<ChannelAffine<P>> {
+    if P::WIDE {
+        return None;
+    }
+    let product = p.scale.into() * mean;
+    let bias = P::from_f64(beta - product);
+    // A bias that overflows the parameter type (β and scale·μ near its largest values) keeps the
+    // subtract as well.
+    let small = product.abs() <= FOLD_LIMIT * (gamma.abs() + beta.abs());
+    (small && bias.into().is_finite()).then_some(ChannelAffine {
+        shift: P::ZERO,
+        scale: p.scale,
+        bias,
+    })
 }
 
 /// What a training forward does after normalizing, from the batch statistics `stats` (one per
@@ -197,16 +243,17 @@ pub(crate) fn normalize_params<P: Real>(
         }
     }
     let channels = stats.iter().zip(inv_std.iter()).zip(out.iter_mut());
+    let fused = backend.fused_mul_add();
     match affine {
         Some(a) => {
             let (gamma, beta) = (&a.gamma[first..], &a.beta[first..]);
             for (((s, &r), out), (&g, &b)) in channels.zip(gamma.iter().zip(beta)) {
-                *out = channel_params(s, r, (g.into(), b.into()));
+                *out = channel_params(s, r, (g.into(), b.into()), fused);
             }
         }
         None => {
             for ((s, &r), out) in channels {
-                *out = channel_params(s, r, (1.0, 0.0));
+                *out = channel_params(s, r, (1.0, 0.0), fused);
             }
         }
     }
@@ -232,22 +279,30 @@ fn inv_stds_into(backend: Backend, eps: f64, var: impl Iterator<Item = f64>, out
 }
 
 /// Normalization of one channel from its batch statistics and inverse std r, in f64: subtract
-/// the f32-rounded mean `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias.
+/// the f32-rounded mean `K`, scale by `α = γ·r`, and fold the residual `μ − K` into the bias; or,
+/// for a channel that is not constant, the whole mean folded into the bias where that costs no
+/// accuracy ([`fold_shift`]; only with `fused`, a multiply-add that rounds once). A constant
+/// channel keeps `x − K = 0`, so that its y is β exactly.
 #[inline(always)]
 fn channel_params<P: Real>(
     s: &ChannelStats,
     inv_std: f64,
     (gamma, beta): (f64, f64),
+    fused: bool,
 ) -> ChannelAffine<P> {
     let shift = P::from_f64(s.mean());
     let residual = s.mean() - shift.into();
     let scale = gamma * inv_std;
     let bias = beta - scale * residual;
-    ChannelAffine {
+    let shifted = ChannelAffine {
         shift,
         scale: P::from_f64(scale),
         bias: P::from_f64(bias),
-    }
+    };
+    let folded = (fused && s.m2() > 0.0)
+        .then(|| fold_shift(shifted, s.mean(), (gamma, beta)))
+        .flatten();
+    folded.unwrap_or(shifted)
 }
 
 /// dγ, dβ and the mean residual `mean(x) − K` from the reduction sums (relative to pivot K), with

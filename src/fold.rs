@@ -59,8 +59,9 @@ fn check_params(
 
 /// The per-channel map inference applies, `y = scale·x + shift`: `scale = γ/sqrt(var + ε)`,
 /// `shift = β − mean·scale` (without `affine`, γ = 1 and β = 0), for engines that fold on their
-/// own. (The crate's own inference subtracts the mean first, `scale·(x − mean) + β`, which keeps
-/// the digits of data with a large mean; the folded form cannot.)
+/// own. (The crate's own inference folds the same way only where `|scale·mean|` is small next to
+/// `|γ| + |β|`; elsewhere it subtracts the mean first, `scale·(x − mean) + β`, which keeps the
+/// digits of data with a large mean, where the folded form cannot.)
 ///
 /// # Errors
 /// [`Error::InvalidEpsilon`]; [`Error::LengthMismatch`] naming the argument whose length differs

@@ -14,6 +14,7 @@ use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
     AffineLanes, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows, MomentsRows,
+    any_shifted,
 };
 use crate::par::SharedMut;
 use crate::scratch;
@@ -179,6 +180,7 @@ pub(super) fn normalize<E: Element>(
 ) {
     let blocks = Blocks::new(ctx);
     let lanes = &AffineLanes::affine(params);
+    let shifted = any_shifted(params);
     let out = SharedMut::new(dst);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
@@ -190,6 +192,7 @@ pub(super) fn normalize<E: Element>(
                 io,
                 params,
                 lanes,
+                shifted,
                 fuse,
             });
         });

@@ -3,6 +3,10 @@
 //! The subtract keeps the accuracy of large-offset data (see `NUMERICS.md`): `x − shift` is exact
 //! when x is within a factor of two of the shift (Sterbenz), so the rounding of the folded bias
 //! `bias − scale·shift` never enters. A constant channel yields `x − shift = 0` and so `y = bias`.
+//!
+//! Where the shift is +0 (the per-channel math folds it into the bias when that costs no accuracy,
+//! see `channel::fold_shift`), `x − shift` is `x` itself for every x, −0 and NaN included, and the
+//! maps skip the subtract: one FMA per element, the same results.
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
@@ -126,14 +130,46 @@ macro_rules! with_fuse {
     }};
 }
 
+/// Whether a shift is +0, so that `x − shift` is `x` for every x and a map may skip the subtract.
+#[inline(always)]
+fn unshifted<T: Real>(shift: T) -> bool {
+    let v: f64 = shift.into();
+    v.to_bits() == 0
+}
+
+/// Whether any of `params` has a shift other than +0 ([`unshifted`]).
+pub(crate) fn any_shifted<T: Real>(params: &[ChannelAffine<T>]) -> bool {
+    !params.iter().all(|p| unshifted(p.shift))
+}
+
+/// `x − shift` where the map subtracts (`SHIFT`), `x` itself where every shift is +0.
+#[inline(always)]
+fn shifted<S: Simd, const SHIFT: bool>(s: S, x: S::V, shift: impl FnOnce() -> S::V) -> S::V {
+    if SHIFT { s.sub(x, shift()) } else { x }
+}
+
+/// Evaluates `$body` with the constant `$shift` true when `$cond` holds, false otherwise (one
+/// monomorphized loop each).
+macro_rules! with_shift {
+    ($cond:expr, |$shift:ident| $body:expr) => {{
+        if $cond {
+            const $shift: bool = true;
+            $body
+        } else {
+            const $shift: bool = false;
+            $body
+        }
+    }};
+}
+
 /// `scale·(x − shift) + bias` with the same parameters in every lane.
-struct Splat<V> {
+struct Splat<V, const SHIFT: bool> {
     shift: V,
     scale: V,
     bias: V,
 }
 
-impl<V: Copy> Splat<V> {
+impl<V: Copy, const SHIFT: bool> Splat<V, SHIFT> {
     #[inline(always)]
     fn new<S: Simd<V = V>>(s: S, p: &ChannelAffine<S::T>) -> Self {
         Splat {
@@ -144,42 +180,43 @@ impl<V: Copy> Splat<V> {
     }
 }
 
-impl<S: Simd> VectorMap<S> for Splat<S::V> {
+impl<S: Simd, const SHIFT: bool> VectorMap<S> for Splat<S::V, SHIFT> {
     #[inline(always)]
     fn apply(&self, s: S, _: usize, x: S::V, _: S::V) -> S::V {
-        s.mul_add(s.sub(x, self.shift), self.scale, self.bias)
+        let x = shifted::<S, SHIFT>(s, x, || self.shift);
+        s.mul_add(x, self.scale, self.bias)
     }
 }
 
 /// `scale[p]·(x − shift[p]) + bias[p]` with parameters per position of the period.
-struct Periodic<'a, T> {
+struct Periodic<'a, T, const SHIFT: bool> {
     shift: &'a [T],
     scale: &'a [T],
     bias: &'a [T],
 }
 
-impl<S: Simd> VectorMap<S> for Periodic<'_, S::T> {
+impl<S: Simd, const SHIFT: bool> VectorMap<S> for Periodic<'_, S::T, SHIFT> {
     #[inline(always)]
     fn apply(&self, s: S, p: usize, x: S::V, _: S::V) -> S::V {
         debug_assert!(p + S::LANES <= self.shift.len().min(self.scale.len()).min(self.bias.len()));
         // SAFETY: the phase `p` lies inside the period and every array holds the period plus
         // MAX_LANES ≥ LANES values (built by `PeriodicLanes::new`).
         unsafe {
-            let k = s.load_ptr(self.shift.as_ptr().add(p));
+            let x = shifted::<S, SHIFT>(s, x, || s.load_ptr(self.shift.as_ptr().add(p)));
             let a = s.load_ptr(self.scale.as_ptr().add(p));
-            s.mul_add(s.sub(x, k), a, s.load_ptr(self.bias.as_ptr().add(p)))
+            s.mul_add(x, a, s.load_ptr(self.bias.as_ptr().add(p)))
         }
     }
 }
 
 /// `scale·(x − shift) + bias` with one parameter vector per vector of a register group.
-struct GroupAffine<V, const G: usize> {
+struct GroupAffine<V, const G: usize, const SHIFT: bool> {
     shift: [V; G],
     scale: [V; G],
     bias: [V; G],
 }
 
-impl<V: Copy, const G: usize> GroupAffine<V, G> {
+impl<V: Copy, const G: usize, const SHIFT: bool> GroupAffine<V, G, SHIFT> {
     #[inline(always)]
     fn new<S: Simd<V = V>>(s: S, params: &[ChannelAffine<S::T>]) -> Self {
         GroupAffine {
@@ -200,11 +237,12 @@ impl<V: Copy, const G: usize> GroupAffine<V, G> {
     }
 }
 
-impl<S: Simd, const G: usize> VectorMap<S> for GroupAffine<S::V, G> {
+impl<S: Simd, const G: usize, const SHIFT: bool> VectorMap<S> for GroupAffine<S::V, G, SHIFT> {
     #[inline(always)]
     fn apply(&self, s: S, phase: usize, x: S::V, _: S::V) -> S::V {
         let g = phase / S::LANES;
-        s.mul_add(s.sub(x, self.shift[g]), self.scale[g], self.bias[g])
+        let x = shifted::<S, SHIFT>(s, x, || self.shift[g]);
+        s.mul_add(x, self.scale[g], self.bias[g])
     }
 }
 
@@ -223,8 +261,15 @@ impl<IO: InOut> Kernel for AffineRun<'_, IO> {
     #[inline(always)]
     fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
-        with_fuse!(self.fuse, Splat::new(s, &self.p), |op, z| {
-            stream(s, self.io, z, 4 * S::LANES, op)
+        with_shift!(!unshifted(self.p.shift), |SHIFT| {
+            let op = Splat::<S::V, SHIFT>::new(s, &self.p);
+            with_fuse!(self.fuse, op, |op, z| stream(
+                s,
+                self.io,
+                z,
+                4 * S::LANES,
+                op
+            ))
         });
     }
 }
@@ -259,13 +304,18 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
         let (mut ch, mut start) = (self.first % c, 0);
         while start < n {
             let len = self.run.min(n - start);
-            with_fuse!(self.fuse, Splat::new(s, &self.params[ch]), |op, z| {
-                let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
-                // SAFETY: `start + len <= n`, the length `ptrs` (and the residual) are valid for.
-                unsafe {
-                    let p = (src.add(start), x2.add(start), dst.add(start));
-                    stream_raw(s, p, len, 4 * S::LANES, op);
-                }
+            let params = &self.params[ch];
+            with_shift!(!unshifted(params.shift), |SHIFT| {
+                let op = Splat::<S::V, SHIFT>::new(s, params);
+                with_fuse!(self.fuse, op, |op, z| {
+                    let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
+                    // SAFETY: `start + len <= n`, the length `ptrs` (and the residual) are valid
+                    // for.
+                    unsafe {
+                        let p = (src.add(start), x2.add(start), dst.add(start));
+                        stream_raw(s, p, len, 4 * S::LANES, op);
+                    }
+                })
             });
             start += len;
             ch = if ch + 1 == c { 0 } else { ch + 1 };
@@ -280,6 +330,9 @@ pub(crate) struct AffineRows<'a, IO: InOut> {
     pub io: IO,
     pub params: &'a [ChannelAffine<Param<IO>>],
     pub lanes: &'a AffineLanes<Param<IO>>,
+    /// Whether any channel's shift is other than +0 ([`any_shifted`]; false: the maps skip the
+    /// subtract).
+    pub shifted: bool,
     /// On the same range as `io`.
     pub fuse: Fuse<'a, IO::Elem>,
 }
@@ -301,13 +354,22 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
         if c == 0 {
             return;
         }
+        with_shift!(self.shifted, |SHIFT| self.rows::<S, SHIFT>(s))
+    }
+}
+
+impl<IO: InOut> AffineRows<'_, IO> {
+    /// The rows, with (`SHIFT`) or without the subtract.
+    #[inline(always)]
+    fn rows<S: Simd<T = Param<IO>>, const SHIFT: bool>(self, s: S) {
+        let c = self.params.len();
         const G: usize = MAX_GROUP;
         let [shift, scale, bias] = &self.lanes.fields;
         let period = self.lanes.period;
         if period <= G * S::LANES && column_group::<S>(3) >= G {
             // Narrow rows whose period fits a register group (C = 16 or 32 on AVX-512, 8 or 16 on
             // AVX2): the period's parameters in registers, whole groups per row of one period.
-            let op = GroupAffine::<S::V, G>::from_lanes(s, [shift, scale, bias]);
+            let op = GroupAffine::<S::V, G, SHIFT>::from_lanes(s, [shift, scale, bias]);
             with_fuse!(self.fuse, op, |op, z| {
                 stream_periods::<S, _, G>(s, self.io, z, period, op)
             });
@@ -316,7 +378,7 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
         if use_columns::<S>(c, G) && column_group::<S>(3) >= G {
             let mut io = self.io;
             for first in (0..c).step_by(G * S::LANES) {
-                let op = GroupAffine::<S::V, G>::new(s, &self.params[first..]);
+                let op = GroupAffine::<S::V, G, SHIFT>::new(s, &self.params[first..]);
                 let cols = (c, first, G * S::LANES);
                 with_fuse!(self.fuse, op, |op, z| {
                     stream_columns::<S, _, G>(s, &mut io, z, cols, op)
@@ -324,7 +386,7 @@ impl<IO: InOut> Kernel for AffineRows<'_, IO> {
             }
             return;
         }
-        let op = Periodic { shift, scale, bias };
+        let op = Periodic::<_, SHIFT> { shift, scale, bias };
         with_fuse!(self.fuse, op, |op, z| {
             match strip_width::<S::T>(period, 3) {
                 Some(strip) => stream_strips(s, self.io, z, (c, period, strip), op),

@@ -323,6 +323,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Whether the backend's multiply-add rounds once: the x86 backends always; the portable one
+    /// only when the crate was built with FMA (`wide` rounds the product, then the sum, otherwise).
+    pub(crate) fn fused_mul_add(self) -> bool {
+        match self {
+            Backend::Portable => cfg!(target_feature = "fma"),
+            Backend::Avx2Fma | Backend::Avx512 => true,
+        }
+    }
+
     /// Every backend, best first.
     pub const ALL: [Backend; 3] = [Backend::Avx512, Backend::Avx2Fma, Backend::Portable];
 
