@@ -326,3 +326,65 @@ pub(crate) fn folded(
     let scale = gamma / (running.var[c] as f64 + eps).sqrt();
     (scale, beta - running.mean[c] as f64 * scale)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(scale: f32, mean: f32) -> ChannelAffine<f32> {
+        ChannelAffine {
+            shift: mean,
+            scale,
+            bias: 0.25,
+        }
+    }
+
+    #[test]
+    fn fold_shift_folds_small_means_only() {
+        // |scale·μ| = 1.5 ≤ 2·(|γ| + |β|) = 2.5: folded, bias β − scale·μ, shift +0.
+        let p = fold_shift(params(1.5, 1.0), 1.0, (1.0, 0.25)).expect("a small mean folds");
+        assert_eq!(p.shift.to_bits(), 0);
+        assert_eq!((p.scale, p.bias), (1.5, 0.25 - 1.5));
+        // At the limit still folded, just past it not: 2·(0.5 + 0.25) = 1.5.
+        assert!(fold_shift(params(1.5, 1.0), 1.0, (0.5, 0.25)).is_some());
+        assert!(fold_shift(params(1.5, 1.0), 1.0 + 1e-9, (0.5, 0.25)).is_none());
+        // Offset data (NUMERICS.md: mean 1e4, σ 1e-2, so scale ≈ 100·γ) keeps the subtract.
+        assert!(fold_shift(params(100.0, 1e4), 1e4, (1.0, 0.25)).is_none());
+        // A non-finite scale or mean never folds.
+        assert!(fold_shift(params(f32::NAN, 1.0), 1.0, (1.0, 0.25)).is_none());
+        assert!(fold_shift(params(1.0, f32::INFINITY), f64::INFINITY, (1.0, 0.25)).is_none());
+    }
+
+    #[test]
+    fn fold_shift_keeps_biases_in_range_and_f64_shifted() {
+        // β and scale·μ near f32's largest value: the folded bias would overflow.
+        let (beta, scale, mean) = (3.0e38, 1.0f32, -3.0e38f32);
+        let p = ChannelAffine {
+            shift: mean,
+            scale,
+            bias: beta as f32,
+        };
+        assert!(fold_shift(p, mean as f64, (3.0e38, beta)).is_none());
+        // f64 parameters never fold (their tolerance is relative to α·(x − μ) and β alone).
+        let p = ChannelAffine {
+            shift: 1.0f64,
+            scale: 1.0,
+            bias: 0.0,
+        };
+        assert!(fold_shift(p, 1.0, (1.0, 0.0)).is_none());
+    }
+
+    #[test]
+    fn channel_params_fold_neither_constant_channels_nor_without_fused_fma() {
+        let stats = |m2| ChannelStats::new(4, 0.5, m2);
+        let folded: ChannelAffine<f32> = channel_params(&stats(1.0), 1.0, (1.0, 0.0), true);
+        assert_eq!(folded.shift.to_bits(), 0);
+        assert_eq!(folded.bias, -0.5);
+        // A constant channel keeps x − K = 0 (so y = β exactly).
+        let constant: ChannelAffine<f32> = channel_params(&stats(0.0), 1.0, (1.0, 0.0), true);
+        assert_eq!((constant.shift, constant.bias), (0.5, 0.0));
+        // A multiply-add that rounds twice keeps the subtract.
+        let unfused: ChannelAffine<f32> = channel_params(&stats(1.0), 1.0, (1.0, 0.0), false);
+        assert_eq!((unfused.shift, unfused.bias), (0.5, 0.0));
+    }
+}
