@@ -238,9 +238,10 @@ impl BatchNorm {
 
     /// Inference forward: `y = γ·(x − running_mean)/sqrt(running_var + ε) + β`, one fused
     /// multiply-add per element (`y = α·x + (β − α·mean)`) in channels whose `|α·mean|` is at most
-    /// twice `|γ| + |β|`, where folding the mean into the bias costs no accuracy; a subtract and a
-    /// fused multiply-add (`α·(x − mean) + β`) in the others, so data with a large mean next to its
-    /// spread keeps its digits. Without `affine`, γ = 1 and β = 0. A negative running variance
+    /// twice `|γ| + |β|`, where folding the mean into the bias costs no accuracy (f32 parameters,
+    /// a backend whose multiply-add rounds once); a subtract and a fused multiply-add
+    /// (`α·(x − mean) + β`) in the others (and for `f64` data), so data with a large mean next to
+    /// its spread keeps its digits. Without `affine`, γ = 1 and β = 0. A negative running variance
     /// (below −ε) gives NaN in its channel.
     ///
     /// The data may be stored as `f32`, [`crate::f16`] or [`crate::bf16`] ([`Element`]): half
@@ -366,8 +367,9 @@ impl BatchNorm {
     /// deviations from the block mean) merged in f64, and the normalization subtracts the
     /// f32-rounded mean and corrects the rounding residual in the bias, so data with a large mean
     /// relative to its spread keeps full accuracy, and a constant channel gives exactly `y = β`
-    /// (with ε > 0). Channels whose mean is small next to their spread (as in inference) fold the
-    /// mean into the bias instead: one fused multiply-add per element.
+    /// (with ε > 0). Channels that are not constant and whose mean is small next to their spread
+    /// fold the mean into the bias instead, on the same conditions as in inference: one fused
+    /// multiply-add per element.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] for any slice; [`Error::InvalidMomentum`] or

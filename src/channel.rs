@@ -12,7 +12,8 @@ use crate::simd::{Backend, Real};
 use crate::{ChannelStats, Variance};
 
 /// Normalization of every channel in inference, from the running statistics: shift by the
-/// running mean, scale by `γ/√(var + ε)` (γ = 1 and β = 0 without `affine`). The slices hold
+/// running mean, scale by `γ/√(var + ε)` (γ = 1 and β = 0 without `affine`), or the mean folded
+/// into the bias where that costs no accuracy ([`fold_shift`]). The slices hold
 /// every channel (checked by the caller).
 pub(crate) fn inference_params<P: Real>(
     backend: Backend,

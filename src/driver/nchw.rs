@@ -134,10 +134,7 @@ fn pipeline<R, P>(
     });
     if let Some(apply) = apply {
         let params = make_all(make, 0, out);
-        ctx.par.for_each(parts.len(), piece, |u| {
-            let p = pieces.in_memory_order(u);
-            apply(p, &params[p.c]);
-        });
+        pieces.for_each_in_memory_order(ctx, |p| apply(p, &params[p.c]));
     }
 }
 
