@@ -458,7 +458,7 @@ impl BatchNorm {
         // The inverse std of each channel as `make` computes it (the driver calls `make` once per
         // channel or group of channels, possibly from several threads), so it is not computed a
         // second time.
-        let inv_std = scratch::zeroed::<AtomicU64>(self.ctx.shape.c());
+        let mut inv_std = scratch::zeroed::<AtomicU64>(self.ctx.shape.c());
         let make = |first: usize, stats: &[ChannelStats], out: &mut [ChannelAffine<E::Param>]| {
             // The per-channel schedules make one channel at a time: its inverse std on the
             // stack, not in a scratch buffer.
@@ -487,9 +487,10 @@ impl BatchNorm {
             }
         };
         E::training(&self.ctx, (x, fuse), y, &make, stats);
-        let inv_std = |c: usize| f64::from_bits(inv_std[c].load(Ordering::Relaxed));
-        let inv_std = |c: usize| E::Param::from_f64(inv_std(c));
-        finish_training(stats, inv_std, saved, update.zip(weights));
+        // Every writer has finished: plain reads, in a loop that vectorizes.
+        let c = inv_std.len();
+        let inv_std = scratch::collect(c, inv_std.iter_mut().map(|r| f64::from_bits(*r.get_mut())));
+        finish_training(backend, stats, &inv_std, saved, update.zip(weights));
         Ok(())
     }
 

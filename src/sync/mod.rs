@@ -33,7 +33,6 @@ use crate::error::check_len;
 use crate::params::{Affine, GradMode, Momentum, ParamGrads, RunningUpdate, SavedStats};
 use crate::params::{BackwardMode, SavedStatsMut};
 use crate::scratch;
-use crate::simd::Real;
 use crate::{
     Backend, BatchNorm, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance,
 };
@@ -374,12 +373,11 @@ impl SyncBatchNorm {
         let mut inv_std = scratch::zeroed::<f64>(channels);
         let outs = (&mut params[..], &mut inv_std[..]);
         normalize_params(backend, (0, &global), eps, affine.as_ref(), outs);
-        let inv_std = |c: usize| E::Param::from_f64(inv_std[c]);
         if let Some(bn) = &bn {
             let src = (Src::Separate(x), Fuse::default());
             E::normalize(bn.ctx(), src, y, &params);
         }
-        finish_training(&global, inv_std, saved, update.zip(weights));
+        finish_training(backend, &global, &inv_std, saved, update.zip(weights));
         Ok(())
     }
 
