@@ -11,6 +11,35 @@ use crate::scratch::{self, Scratch};
 use crate::simd::{Backend, Kernel, Real, Simd};
 use crate::{ChannelStats, Variance};
 
+/// A loop over channels, written branch-free so that it vectorizes.
+trait ChannelLoop {
+    /// Runs the loop.
+    fn write(self);
+    /// The number of channels.
+    fn channels(&self) -> usize;
+}
+
+/// Runs `l` inside the backend's target-feature entry, so that it is compiled for the backend's
+/// vectors (outside, it is baseline code: SSE2 scalar on x86-64); a channel or two (the
+/// per-channel schedules) skip the dispatch. The arithmetic is the same either way (correctly
+/// rounded square roots and quotients, no contraction), so are the bits.
+fn in_vectors(backend: Backend, l: impl ChannelLoop) {
+    struct Entry<L>(L);
+    impl<L: ChannelLoop> Kernel for Entry<L> {
+        type T = f64;
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd<T = f64>>(self, _: S) {
+            self.0.write()
+        }
+    }
+    if l.channels() <= 2 {
+        l.write()
+    } else {
+        backend.dispatch(Entry(l))
+    }
+}
+
 /// Normalization of every channel in inference, from the running statistics: shift by the
 /// running mean, scale by `γ/√(var + ε)` (γ = 1 and β = 0 without `affine`), or the mean folded
 /// into the bias where that costs no accuracy ([`fold_shift`]). The slices hold
@@ -29,16 +58,11 @@ pub(crate) fn inference_params<P: Real>(
         out: &mut out,
         fused: backend.fused_mul_add(),
     };
-    if k.out.len() <= 2 {
-        k.write()
-    } else {
-        backend.dispatch(k)
-    }
+    in_vectors(backend, k);
     out
 }
 
-/// The per-channel loop of [`inference_params`], inside the backend's target-feature entry (see
-/// [`ChannelParams`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NCHW
+/// The per-channel loop of [`inference_params`] ([`in_vectors`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NCHW
 /// 1x1024x7x7 inference: this loop took 21% of the call compiled for SSE2.
 struct InferenceParams<'a, P: Real> {
     eps: f64,
@@ -49,17 +73,11 @@ struct InferenceParams<'a, P: Real> {
     fused: bool,
 }
 
-impl<P: Real> Kernel for InferenceParams<'_, P> {
-    type T = f64;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = f64>>(self, _: S) {
-        self.write()
+impl<P: Real> ChannelLoop for InferenceParams<'_, P> {
+    fn channels(&self) -> usize {
+        self.out.len()
     }
-}
 
-impl<P: Real> InferenceParams<'_, P> {
     #[inline(always)]
     fn write(self) {
         let (eps, fused) = (self.eps, self.fused);
@@ -148,8 +166,7 @@ fn fold_shift<P: Real>(
 
 /// What a training forward does after normalizing, from the batch statistics `stats` (one per
 /// channel) and the inverse std `inv_std[c]` each channel normalized with: the saved statistics,
-/// and the running update with its weights `(old, new)`. The loops are compiled for the backend's
-/// vectors ([`FinishTraining`]).
+/// and the running update with its weights `(old, new)`, in the backend's vectors ([`in_vectors`]).
 pub(crate) fn finish_training<P: Real>(
     backend: Backend,
     stats: &[ChannelStats],
@@ -163,15 +180,10 @@ pub(crate) fn finish_training<P: Real>(
         saved,
         update,
     };
-    if stats.len() <= 2 {
-        k.write()
-    } else {
-        backend.dispatch(k)
-    }
+    in_vectors(backend, k);
 }
 
-/// The per-channel loops of [`finish_training`], inside the backend's target-feature entry (see
-/// [`ChannelParams`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NHWC
+/// The per-channel loops of [`finish_training`] ([`in_vectors`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NHWC
 /// 1x1024x7x7 training: these loops took 7% of the call compiled for SSE2.
 struct FinishTraining<'a, 'b, P: Real> {
     stats: &'a [ChannelStats],
@@ -180,17 +192,11 @@ struct FinishTraining<'a, 'b, P: Real> {
     update: Option<(RunningUpdate<'b, P>, (f64, f64))>,
 }
 
-impl<P: Real> Kernel for FinishTraining<'_, '_, P> {
-    type T = f64;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = f64>>(self, _: S) {
-        self.write()
+impl<P: Real> ChannelLoop for FinishTraining<'_, '_, P> {
+    fn channels(&self) -> usize {
+        self.stats.len()
     }
-}
 
-impl<P: Real> FinishTraining<'_, '_, P> {
     #[inline(always)]
     fn write(self) {
         let stats = self.stats;
@@ -320,8 +326,8 @@ pub(crate) fn write_grads<P: Real>(
 }
 
 /// Normalization of channels `first..first + stats.len()` from their batch statistics into `out`
-/// (see [`channel_params`]), and their inverse stds into `inv_std`: both loops compiled for the
-/// backend's vectors ([`ChannelParams`]).
+/// (see [`channel_params`]), and their inverse stds into `inv_std`, in the backend's vectors
+/// ([`in_vectors`]).
 pub(crate) fn normalize_params<P: Real>(
     backend: Backend,
     (first, stats): (usize, &[ChannelStats]),
@@ -337,18 +343,11 @@ pub(crate) fn normalize_params<P: Real>(
         inv_std,
         fused: backend.fused_mul_add(),
     };
-    // A channel or two (the per-channel schedules) skip the dispatch; the arithmetic is the same
-    // either way (correctly rounded square roots and quotients, no contraction), so are the bits.
-    if stats.len() <= 2 {
-        k.write()
-    } else {
-        backend.dispatch(k)
-    }
+    in_vectors(backend, k);
 }
 
-/// The per-channel loops of [`normalize_params`], run inside the backend's target-feature entry so
-/// that they are compiled for its vectors: the square roots, quotients and folding tests of many
-/// channels at once. Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NHWC
+/// The per-channel loops of [`normalize_params`] ([`in_vectors`]): the square roots, quotients and
+/// folding tests of many channels at once. Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NHWC
 /// 1x1024x7x7 training: these loops took 15% of the call compiled for SSE2.
 struct ChannelParams<'a, P: Real> {
     stats: &'a [ChannelStats],
@@ -360,17 +359,11 @@ struct ChannelParams<'a, P: Real> {
     fused: bool,
 }
 
-impl<P: Real> Kernel for ChannelParams<'_, P> {
-    type T = f64;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = f64>>(self, _: S) {
-        self.write()
+impl<P: Real> ChannelLoop for ChannelParams<'_, P> {
+    fn channels(&self) -> usize {
+        self.stats.len()
     }
-}
 
-impl<P: Real> ChannelParams<'_, P> {
     #[inline(always)]
     fn write(self) {
         let (stats, eps, fused) = (self.stats, self.eps, self.fused);
