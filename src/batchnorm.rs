@@ -574,7 +574,7 @@ impl BatchNorm {
         match mode {
             BackwardMode::Training(saved) => {
                 let make = |first: usize, sums: &[GradSums], out: &mut [DxParams<E::Param>]| {
-                    dx_params(&saved, gamma, m, (first, sums), out)
+                    dx_params(self.ctx.backend, &saved, gamma, m, (first, sums), out)
                 };
                 let make = Some(&make as _);
                 E::backward(&self.ctx, x, grad, dx, saved.mean, make, &mut sums);

@@ -252,8 +252,10 @@ fn update_running<P: Real>(
 
 /// The dx parameters in training mode of channels `first..first + sums.len()` into `out`, from
 /// their backward sums (relative to the saved mean), the saved statistics, γ (`None`: 1) and the
-/// number of values `m` the statistics were taken over. The slices hold every channel.
+/// number of values `m` the statistics were taken over, in the backend's vectors
+/// ([`in_vectors`]). The slices hold every channel.
 pub(crate) fn dx_params<P: Real>(
+    backend: Backend,
     saved: &SavedStats<'_, P>,
     gamma: Option<&[P]>,
     m: f64,
@@ -261,19 +263,52 @@ pub(crate) fn dx_params<P: Real>(
     out: &mut [DxParams<P>],
 ) {
     let range = first..first + sums.len();
-    let (mean, inv_std) = (&saved.mean[range.clone()], &saved.inv_std[range.clone()]);
-    // A product rather than three quotients per channel: a division costs several products.
-    let inv_m = 1.0 / m;
-    let channels = sums.iter().zip(mean).zip(inv_std).zip(out.iter_mut());
-    match gamma {
-        Some(gamma) => {
-            for ((((g, &k), &r), out), &gamma) in channels.zip(&gamma[range]) {
-                *out = channel_dx_params(g, (k, r), gamma.into(), inv_m);
+    let k = DxLoop {
+        sums,
+        saved: (&saved.mean[range.clone()], &saved.inv_std[range.clone()]),
+        gamma: gamma.map(|g| &g[range]),
+        m,
+        out,
+    };
+    in_vectors(backend, k);
+}
+
+/// The per-channel loop of [`dx_params`] ([`in_vectors`]).
+struct DxLoop<'a, P: Real> {
+    sums: &'a [GradSums],
+    /// The saved means and inverse stds of the channels.
+    saved: (&'a [P], &'a [P]),
+    gamma: Option<&'a [P]>,
+    m: f64,
+    out: &'a mut [DxParams<P>],
+}
+
+impl<P: Real> ChannelLoop for DxLoop<'_, P> {
+    fn channels(&self) -> usize {
+        self.sums.len()
+    }
+
+    #[inline(always)]
+    fn write(self) {
+        let (mean, inv_std) = self.saved;
+        // A product rather than three quotients per channel: a division costs several products.
+        let inv_m = 1.0 / self.m;
+        let channels = self
+            .sums
+            .iter()
+            .zip(mean)
+            .zip(inv_std)
+            .zip(self.out.iter_mut());
+        match self.gamma {
+            Some(gamma) => {
+                for ((((g, &k), &r), out), &gamma) in channels.zip(gamma) {
+                    *out = channel_dx_params(g, (k, r), gamma.into(), inv_m);
+                }
             }
-        }
-        None => {
-            for (((g, &k), &r), out) in channels {
-                *out = channel_dx_params(g, (k, r), 1.0, inv_m);
+            None => {
+                for (((g, &k), &r), out) in channels {
+                    *out = channel_dx_params(g, (k, r), 1.0, inv_m);
+                }
             }
         }
     }

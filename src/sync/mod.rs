@@ -455,7 +455,15 @@ impl SyncBatchNorm {
         let m = total as f64;
         if let Some(bn) = &bn {
             let mut params = scratch::zeroed(channels);
-            dx_params(&saved, affine.map(|a| a.gamma), m, (0, &sums), &mut params);
+            let backend = self.template.backend();
+            dx_params(
+                backend,
+                &saved,
+                affine.map(|a| a.gamma),
+                m,
+                (0, &sums),
+                &mut params,
+            );
             E::dx(bn.ctx(), x, Src::Separate(dy), dx, &params);
         }
         if let Some(mut g) = grads {
