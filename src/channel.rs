@@ -62,8 +62,9 @@ pub(crate) fn inference_params<P: Real>(
     out
 }
 
-/// The per-channel loop of [`inference_params`] ([`in_vectors`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NCHW
-/// 1x1024x7x7 inference: this loop took 21% of the call compiled for SSE2.
+/// The per-channel loop of [`inference_params`] ([`in_vectors`]). Measured (one thread, AMD EPYC
+/// family 25 model 17 (Zen 4)), bf16 NCHW 1x1024x7x7 inference: this loop took 21% of the call
+/// compiled for SSE2.
 struct InferenceParams<'a, P: Real> {
     eps: f64,
     affine: Option<(&'a [P], &'a [P])>,
@@ -183,8 +184,9 @@ pub(crate) fn finish_training<P: Real>(
     in_vectors(backend, k);
 }
 
-/// The per-channel loops of [`finish_training`] ([`in_vectors`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NHWC
-/// 1x1024x7x7 training: these loops took 7% of the call compiled for SSE2.
+/// The per-channel loops of [`finish_training`] ([`in_vectors`]). Measured (one thread, AMD EPYC
+/// family 25 model 17 (Zen 4)), bf16 NHWC 1x1024x7x7 training: these loops took 7% of the call
+/// compiled for SSE2.
 struct FinishTraining<'a, 'b, P: Real> {
     stats: &'a [ChannelStats],
     inv_std: &'a [f64],
@@ -382,8 +384,8 @@ pub(crate) fn normalize_params<P: Real>(
 }
 
 /// The per-channel loops of [`normalize_params`] ([`in_vectors`]): the square roots, quotients and
-/// folding tests of many channels at once. Measured (one thread, AMD EPYC family 25 model 17 (Zen 4)), bf16 NHWC
-/// 1x1024x7x7 training: these loops took 15% of the call compiled for SSE2.
+/// folding tests of many channels at once. Measured (one thread, AMD EPYC family 25 model 17
+/// (Zen 4)), bf16 NHWC 1x1024x7x7 training: these loops took 15% of the call compiled for SSE2.
 struct ChannelParams<'a, P: Real> {
     stats: &'a [ChannelStats],
     eps: f64,
