@@ -3,7 +3,7 @@
 //! coefficients and dγ, dβ, and folding's scale and shift. Shared by the operator, the
 //! synchronized operator and folding; no data tensor is touched here.
 
-use crate::driver::{self, ChannelAffine, DxParams, GradSums};
+use crate::driver::{ChannelAffine, DxParams, GradSums};
 use crate::params::{
     Affine, GradMode, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut,
 };
@@ -443,8 +443,26 @@ pub(crate) fn inv_stds(
     var: impl ExactSizeIterator<Item = f64>,
 ) -> Scratch<f64> {
     let mut inv_std = scratch::collect(var.len(), var.map(|v| v + eps));
-    driver::inv_sqrt(backend, &mut inv_std);
+    in_vectors(backend, InvSqrt(&mut inv_std));
     inv_std
+}
+
+/// `v ← 1/√v` for every value ([`in_vectors`]): each value the correctly rounded square root,
+/// then the correctly rounded quotient, as in scalar code. Measured, 2048 channels, AMD EPYC
+/// family 26: the scalar loop took about 3 ns per channel.
+struct InvSqrt<'a>(&'a mut [f64]);
+
+impl ChannelLoop for InvSqrt<'_> {
+    fn channels(&self) -> usize {
+        self.0.len()
+    }
+
+    #[inline(always)]
+    fn write(self) {
+        for v in self.0.iter_mut() {
+            *v = 1.0 / v.sqrt();
+        }
+    }
 }
 
 /// Normalization of one channel from its batch statistics and inverse std r, in f64: subtract

@@ -10,7 +10,7 @@ mod nhwc;
 
 use crate::element::{Element, bf16, f16};
 pub(crate) use crate::kernels::{ChannelAffine, DxParams, Fuse, GradSums};
-use crate::kernels::{InvSqrt, Io, ReluGrad};
+use crate::kernels::{Io, ReluGrad};
 use crate::par::SharedMut;
 use crate::scratch::{self, Scratch, Zeroable};
 use crate::simd::Backend;
@@ -57,20 +57,6 @@ pub(crate) type Make<'a, R, P> = &'a (dyn Fn(usize, &[R], &mut [P]) + Sync);
 pub(crate) type MakeAffine<'a, T = f32> = Make<'a, ChannelStats, ChannelAffine<T>>;
 /// Per-channel dx parameters from the channels' backward sums.
 pub(crate) type MakeDx<'a, T = f32> = Make<'a, GradSums, DxParams<T>>;
-
-/// `v ← 1/√v` for every value, in the backend's vectors: the inverse stds of many channels at once
-/// (their square roots and quotients are the costliest per-channel arithmetic). A value or two
-/// (the per-channel schedules) skip the dispatch; square root and quotient are correctly rounded
-/// either way, so the results are the same.
-pub(crate) fn inv_sqrt(backend: Backend, values: &mut [f64]) {
-    if values.len() <= 2 {
-        for v in values {
-            *v = 1.0 / v.sqrt();
-        }
-        return;
-    }
-    backend.dispatch(InvSqrt(values))
-}
 
 /// The parameters of channels `first..first + values.len()` from `make` ([`MakeAffine`],
 /// [`MakeDx`]).

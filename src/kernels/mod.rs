@@ -23,7 +23,7 @@ pub(crate) type AffineLanes<T = f32> = PeriodicLanes<3, T>;
 pub(crate) type DxLanes<T = f32> = PeriodicLanes<5, T>;
 
 use crate::scratch::{self, Scratch};
-use crate::simd::{Kernel, MAX_LANES, Real, Simd};
+use crate::simd::{MAX_LANES, Real, Simd};
 
 /// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
 /// accumulation length, and so its rounding error, independently of the tensor size: a recursive
@@ -158,26 +158,6 @@ pub(crate) type Lanes64 = Scratch<f64>;
 /// `len` zeroed f64 lanes.
 pub(crate) fn zeroed_f64(len: usize) -> Lanes64 {
     scratch::zeroed(len)
-}
-
-/// `v ← 1/√v` for every value: the square root and the quotient of each channel's inverse std,
-/// the costliest per-channel arithmetic, in the backend's widest f64 vectors. A plain loop that
-/// the compiler vectorizes for the backend's instruction set (one vector square root and one
-/// vector division per 8 values on AVX-512); each value is the correctly rounded square root, then
-/// the correctly rounded quotient, as in scalar code. Measured, 2048 channels, AMD EPYC family 26:
-/// the scalar loop took about 3 ns per channel.
-pub(crate) struct InvSqrt<'a>(pub &'a mut [f64]);
-
-impl Kernel for InvSqrt<'_> {
-    type T = f64;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = f64>>(self, _: S) {
-        for v in self.0.iter_mut() {
-            *v = 1.0 / v.sqrt();
-        }
-    }
 }
 
 /// Sum of the lanes of `v`, widened to f64 for the f64 merges that follow.
