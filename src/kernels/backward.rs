@@ -787,7 +787,7 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
         let [shift, r, a, b, c] = &self.lanes.fields;
         let op = PeriodicDx { shift, r, a, b, c };
         let period = self.lanes.period;
-        match strip_width::<S::T>(period, 5) {
+        match strip_width::<S::T, IO::Elem>(period, 5) {
             Some(strip) => {
                 let cols = (self.params.len(), period, strip);
                 stream_strips(s, self.io, Some(self.x), cols, &op)

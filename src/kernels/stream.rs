@@ -273,17 +273,25 @@ impl<S: Simd, M: VectorMap<S>> VectorMap<S> for Offset<'_, M> {
     }
 }
 
-/// The strip width of a periodic map with `fields` parameter lanes of `period` values of `T`,
-/// or `None` to stream whole rows: lanes over a quarter of the L1 data cache
-/// ([`crate::simd::l1d_bytes`]) go through [`stream_strips`], in strips whose lanes take at most
-/// that quarter (whole register groups of 64 channels). Measured, NHWC inference with rows of
-/// 2048 channels: on AMD Zen 4 (32 KiB L1), the lanes of a whole row (24 KiB) reloaded from L2
-/// cost 2.2× a copy, strips of 256 channels ~1.1×; on an AMD Zen 5 class EPYC (48 KiB L1),
-/// strips of 256 channels were 1.2–1.4× slower than whole rows of 1024 channels (12 KiB of
-/// lanes) and strips of 1024 as fast as whole rows.
+/// The strip width of a periodic map that reads `fields` parameter lanes of `period` values of `T`
+/// over rows of `E`, or `None` to stream whole rows: lanes over a quarter of the L1 data cache
+/// ([`crate::simd::l1d_bytes`]), half of it for 2-byte data, go through [`stream_strips`], in
+/// strips whose lanes take at most that share (whole register groups of 64 channels).
+///
+/// Measured on AMD Zen 4 (EPYC family 25 model 17, 32 KiB L1), one thread, NHWC inference and
+/// backward with rows of 1024 to 8192 channels, the lanes' share of L1 set to 1/8, 1/4 and 1/2:
+/// - f32 and f64 data are fastest at 1/4: f32 inference 1x2048x7x7 16.4 µs against 17.7 at 1/2,
+///   64x8192x1x1 83.8 against 89.7; f64 inference 256x2048x1x1 155 µs against 166 at 1/2 and 171
+///   at 1/8 (backward 1–4% faster at 1/2, within the noise of the reduction it shares a call with);
+/// - bf16 and f16 data, half the bytes per row, at 1/2: bf16 inference 256x2048x1x1 43.0 µs
+///   against 48.0 at 1/4, 8x2048x7x7 63.3 against 71.3; f16 alike.
+///
+/// An AMD Zen 5 class EPYC (48 KiB L1) had strips of 256 channels 1.2–1.4× slower than whole rows
+/// of 1024 channels (12 KiB of lanes) and strips of 1024 as fast as whole rows.
 #[inline(always)]
-pub(crate) fn strip_width<T>(period: usize, fields: usize) -> Option<usize> {
-    let budget = crate::simd::l1d_bytes() / 4;
+pub(crate) fn strip_width<T, E>(period: usize, fields: usize) -> Option<usize> {
+    let share = if size_of::<E>() == 2 { 2 } else { 4 };
+    let budget = crate::simd::l1d_bytes() / share;
     let per_channel = fields * size_of::<T>();
     (period * per_channel > budget).then(|| (budget / per_channel / 64 * 64).max(64))
 }
