@@ -2,7 +2,7 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::stream::{
-    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_columns, stream_raw,
+    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_columns, stream_run,
     stream_strips, strip_width, use_columns,
 };
 use super::{
@@ -700,7 +700,7 @@ impl<IO: InOut> Kernel for DxRuns<'_, IO> {
             // within `x`.
             unsafe {
                 let ptrs = (src.add(start), self.x.as_ptr().add(start), dst.add(start));
-                stream_raw(s, ptrs, len, 4 * S::LANES, &op);
+                stream_run(s, ptrs, len, &op);
             }
         }
     }

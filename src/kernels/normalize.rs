@@ -10,7 +10,7 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_columns, stream_periods, stream_raw, stream_strips, strip_width, use_columns,
+    stream_columns, stream_periods, stream_run, stream_strips, strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -313,7 +313,7 @@ impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
                     // for.
                     unsafe {
                         let p = (src.add(start), x2.add(start), dst.add(start));
-                        stream_raw(s, p, len, 4 * S::LANES, op);
+                        stream_run(s, p, len, op);
                     }
                 })
             });

@@ -259,6 +259,42 @@ pub(crate) unsafe fn stream_raw<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
     }
 }
 
+/// [`stream_raw`] of one run of `n` elements with a map that ignores its phase, whose last
+/// partial vector, if any, is instead the whole vector ending at `n` (overlapping the one before
+/// it): loaded before anything is stored, so an in-place run reads its inputs, and the overlap is
+/// written twice with the same values.
+///
+/// # Safety
+/// As [`stream_raw`].
+#[inline(always)]
+pub(crate) unsafe fn stream_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
+    s: S,
+    (src, x2, dst): Ptrs<E>,
+    n: usize,
+    op: &M,
+) {
+    let l = S::LANES;
+    let whole = n / l * l;
+    if n < l || whole == n {
+        // SAFETY: forwarded to the caller.
+        return unsafe { stream_raw(s, (src, x2, dst), n, 4 * l, op) };
+    }
+    // SAFETY: `n − LANES + LANES = n`: the last vector lies inside the run.
+    let (a, b) = unsafe {
+        let a = element::load(s, src.add(n - l));
+        let b = if M::BINARY {
+            element::load(s, x2.add(n - l))
+        } else {
+            a
+        };
+        (a, b)
+    };
+    // SAFETY: forwarded to the caller (`whole < n`).
+    unsafe { stream_raw(s, (src, x2, dst), whole, 4 * l, op) };
+    // SAFETY: as the loads above.
+    unsafe { element::store(s, dst.add(n - l), op.apply(s, 0, a, b)) };
+}
+
 /// `op` with its phases offset by `phase0`: a segment of a period streamed on its own.
 struct Offset<'a, M> {
     op: &'a M,
