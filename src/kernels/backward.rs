@@ -71,9 +71,56 @@ impl<E: Element> Kernel for GradSumsRuns<'_, E> {
         if self.run == 0 {
             return;
         }
-        let runs = self.x.chunks(self.run).zip(self.dy.chunks(self.run));
-        for ((slot, &pivot), (x, dy)) in self.out.iter_mut().zip(self.pivots).zip(runs) {
-            *slot = grad_sums_run(s, x, dy, pivot);
+        // The chains as in `grad_sums_run`.
+        match S::REGISTERS {
+            32.. => self.runs::<S, ACCUMULATORS>(s),
+            16.. => self.runs::<S, 2>(s),
+            _ => self.runs::<S, 1>(s),
+        }
+    }
+}
+
+impl<E: Element> GradSumsRuns<'_, E> {
+    /// The runs with `A` chains per sum. Runs of one chunk (at most `KMAX·A·LANES` values, so
+    /// each sum is one vector before its reduction) go `LANES` at a time, their vectors reduced
+    /// together ([`Simd::reduce_add_each`], the same bits as one reduction each): per run of 49
+    /// values the three reductions had cost about as much as the sums themselves.
+    #[inline(always)]
+    fn runs<S: Simd<T = E::Param>, const A: usize>(self, s: S) {
+        let (run, l) = (self.run, S::LANES);
+        if run > KMAX * A * l {
+            let runs = self.x.chunks(run).zip(self.dy.chunks(run));
+            for ((slot, &pivot), (x, dy)) in self.out.iter_mut().zip(self.pivots).zip(runs) {
+                *slot = grad_sums_chains::<S, E, A>(s, x, dy, pivot);
+            }
+            return;
+        }
+        let zero = s.zero();
+        let mut lanes = [[0.0f64; MAX_LANES]; 3];
+        let groups = (self.out.chunks_mut(l).zip(self.pivots.chunks(l)))
+            .zip(self.x.chunks(l * run).zip(self.dy.chunks(l * run)));
+        for ((outs, pivots), (xs, dys)) in groups {
+            let mut vectors = [[zero; MAX_LANES]; 3];
+            let runs = pivots.iter().zip(xs.chunks(run).zip(dys.chunks(run)));
+            let mut count = 0;
+            for (j, (&pivot, (x, dy))) in runs.take(outs.len()).enumerate() {
+                let n = x.len().min(dy.len());
+                let [dys, xdys, xds] = chain_sums::<S, E, A>(s, (&x[..n], &dy[..n]), pivot);
+                (vectors[0][j], vectors[1][j], vectors[2][j]) = (dys, xdys, xds);
+                count = j + 1;
+            }
+            for (k, lanes) in lanes.iter_mut().enumerate() {
+                s.to_lanes_w(s.widen(s.reduce_add_each(&vectors[k])), lanes);
+            }
+            for (j, slot) in outs.iter_mut().take(count).enumerate() {
+                let sums = GradSums {
+                    dy: lanes[0][j],
+                    xdy: lanes[1][j],
+                    x: lanes[2][j],
+                };
+                // Added to zero as `grad_sums_chains` does (a sum of −0 reads +0).
+                *slot = GradSums::default().add(sums);
+            }
         }
     }
 }
@@ -109,46 +156,14 @@ fn grad_sums_chains<S: Simd<T = E::Param>, E: Element, const A: usize>(
     let w = A * l;
     let n = x.len().min(dy.len());
     let (x, dy) = (&x[..n], &dy[..n]);
-    let p = s.splat(pivot);
-    let zero = s.zero();
     let mut total = GradSums::default();
     for (xc, dc) in x.chunks(KMAX * w).zip(dy.chunks(KMAX * w)) {
-        let mut acc = [[zero; 3]; A];
-        let mut i = 0;
-        while i + w <= xc.len() {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let o = i + j * l;
-                let xd = s.sub(element::load_slice(s, &xc[o..]), p);
-                let g = element::load_slice(s, &dc[o..]);
-                a[0] = s.add(a[0], g);
-                a[1] = s.mul_add(xd, g, a[1]);
-                a[2] = s.add(a[2], xd);
-            }
-            i += w;
-        }
-        // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0), one per
-        // accumulator so no lane takes more than one extra step.
-        for (a, j) in acc.iter_mut().zip((i..xc.len()).step_by(l)) {
-            let end = (j + l).min(xc.len());
-            let xd = s.sub(element::load_partial(s, &xc[j..end], pivot), p);
-            let g = element::load_partial(s, &dc[j..end], S::T::ZERO);
-            a[0] = s.add(a[0], g);
-            a[1] = s.mul_add(xd, g, a[1]);
-            a[2] = s.add(a[2], xd);
-        }
-        // Accumulators combined as a pairwise tree, then the lanes (a tree inside reduce_add).
-        let mut sums = [0.0f64; 3];
-        for (k, sum) in sums.iter_mut().enumerate() {
-            let mut v = acc.map(|a| a[k]);
-            let mut width = A;
-            while width > 1 {
-                for i in 0..width / 2 {
-                    v[i] = s.add(v[2 * i], v[2 * i + 1]);
-                }
-                width /= 2;
-            }
-            *sum = reduce_f64(s, v[0]);
-        }
+        let v = chain_sums::<S, E, A>(s, (xc, dc), pivot);
+        let sums = [
+            reduce_f64(s, v[0]),
+            reduce_f64(s, v[1]),
+            reduce_f64(s, v[2]),
+        ];
         total = total.add(GradSums {
             dy: sums[0],
             xdy: sums[1],
@@ -156,6 +171,57 @@ fn grad_sums_chains<S: Simd<T = E::Param>, E: Element, const A: usize>(
         });
     }
     total
+}
+
+/// Σdy, Σ(x − pivot)·dy and Σ(x − pivot) over one chunk of at most `KMAX·A·LANES` values of x
+/// and dy (the same length), each as one vector: `A` chains, combined as a pairwise tree.
+#[inline(always)]
+fn chain_sums<S: Simd<T = E::Param>, E: Element, const A: usize>(
+    s: S,
+    (xc, dc): (&[E], &[E]),
+    pivot: E::Param,
+) -> [S::V; 3] {
+    let l = S::LANES;
+    let w = A * l;
+    let p = s.splat(pivot);
+    let zero = s.zero();
+    let mut acc = [[zero; 3]; A];
+    let mut i = 0;
+    while i + w <= xc.len() {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let o = i + j * l;
+            let xd = s.sub(element::load_slice(s, &xc[o..]), p);
+            let g = element::load_slice(s, &dc[o..]);
+            a[0] = s.add(a[0], g);
+            a[1] = s.mul_add(xd, g, a[1]);
+            a[2] = s.add(a[2], xd);
+        }
+        i += w;
+    }
+    // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0), one per
+    // accumulator so no lane takes more than one extra step.
+    for (a, j) in acc.iter_mut().zip((i..xc.len()).step_by(l)) {
+        let end = (j + l).min(xc.len());
+        let xd = s.sub(element::load_padded(s, &xc[j..end], pivot), p);
+        let g = element::load_padded(s, &dc[j..end], S::T::ZERO);
+        a[0] = s.add(a[0], g);
+        a[1] = s.mul_add(xd, g, a[1]);
+        a[2] = s.add(a[2], xd);
+    }
+    // Accumulators combined as a pairwise tree (the lanes are then reduced by the caller).
+    let mut out = [zero; 3];
+    for (k, out) in out.iter_mut().enumerate() {
+        let mut v = acc.map(|a| a[k]);
+        let mut width = A;
+        while width > 1 {
+            for i in 0..width / 2 {
+                v[i] = s.add(v[2 * i], v[2 * i + 1]);
+            }
+            width /= 2;
+        }
+        *out = v[0];
+    }
+    out
 }
 
 /// Reduction of channels `first..first + out.len()` over whole rows of `pivots.len()`

@@ -191,6 +191,18 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn where_positive(self, v: Self::V, m: Self::V) -> Self::V;
     /// Sum of the lanes (a tree of additions in the lane type).
     fn reduce_add(self, v: Self::V) -> Self::T;
+    /// Lane `j` = [`Simd::reduce_add`]`(v[j])` bit for bit, for `j < LANES` (`v[LANES..]` unused):
+    /// the sums of many vectors at once, by a transposed tree on the x86 backends (a few
+    /// instructions per vector instead of a reduction each).
+    #[inline(always)]
+    fn reduce_add_each(self, v: &[Self::V; MAX_LANES]) -> Self::V {
+        let mut lanes = [Self::T::ZERO; MAX_LANES];
+        for (lane, &v) in lanes.iter_mut().zip(v).take(Self::LANES) {
+            *lane = self.reduce_add(v);
+        }
+        // SAFETY: `lanes` holds MAX_LANES ≥ LANES readable values.
+        unsafe { self.load_ptr(lanes.as_ptr()) }
+    }
 
     /// `LANES` f64 values: one [`Simd::V`] widened exactly (two native vectors on x86). The
     /// statistics accumulate their first moment in these, so the mean carries no f32 rounding.
@@ -498,6 +510,53 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if let Some(t) = Avx512::try_new() {
             t.without_bf16_instructions().vectorize(HalfConversions);
+        }
+    }
+
+    /// [`Simd::reduce_add_each`] against [`Simd::reduce_add`] of each vector, bit for bit, on
+    /// values whose sum depends on the order of the additions (magnitudes from 1e-3 to 1e8 of
+    /// both signs).
+    struct ReduceEach<T>(std::marker::PhantomData<T>);
+
+    impl<T: Real> Kernel for ReduceEach<T> {
+        type T = T;
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd<T = T>>(self, s: S) {
+            let mut seed = 0x2545_F491_4F6C_DD1Du64;
+            for round in 0..50 {
+                let mut v = [s.zero(); MAX_LANES];
+                for (j, v) in v.iter_mut().enumerate() {
+                    let mut lanes = [T::ZERO; MAX_LANES];
+                    for lane in lanes.iter_mut() {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let scale = 10f64.powi((seed % 12) as i32 - 3);
+                        let sign = if seed & 0x100 == 0 { 1.0 } else { -1.0 };
+                        let frac = (seed >> 40) as f64 / (1u64 << 24) as f64;
+                        *lane = T::from_f64(sign * scale * (1.0 + frac) + j as f64);
+                    }
+                    // SAFETY: `lanes` holds MAX_LANES ≥ LANES values.
+                    *v = unsafe { s.load_ptr(lanes.as_ptr()) };
+                }
+                let mut got = [T::ZERO; MAX_LANES];
+                // SAFETY: `got` holds MAX_LANES ≥ LANES writable values.
+                unsafe { s.store_ptr(got.as_mut_ptr(), s.reduce_add_each(&v)) };
+                for (j, &got) in got.iter().enumerate().take(S::LANES) {
+                    let want: f64 = s.reduce_add(v[j]).into();
+                    let got: f64 = got.into();
+                    assert_eq!(got.to_bits(), want.to_bits(), "round {round} vector {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_add_each_matches_reduce_add_on_every_backend() {
+        for backend in Backend::available() {
+            backend.dispatch(ReduceEach::<f32>(std::marker::PhantomData));
+            backend.dispatch(ReduceEach::<f64>(std::marker::PhantomData));
         }
     }
 

@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Kernel, Real, Simd, Wide64};
+use super::{Kernel, MAX_LANES, Real, Simd, Wide64};
 
 /// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
 /// field, not MXCSR's).
@@ -171,6 +171,24 @@ impl Simd for Avx2Fma {
             let odd = _mm_movehdup_ps(s);
             let s = _mm_add_ps(s, odd);
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(odd, s)))
+        }
+    }
+    #[inline(always)]
+    fn reduce_add_each(self, v: &[__m256; MAX_LANES]) -> __m256 {
+        // `reduce_add`'s tree for all 8 vectors at once: the two 128-bit halves added (pairs
+        // of vectors per register), then the adjacent pairs (two horizontal adds), leaving
+        // lanes [v0, v2, v4, v6, v1, v3, v5, v7]; one permutation puts lane j on vector j.
+        // SAFETY: the token proves AVX and AVX2 (the permutation) are available.
+        unsafe {
+            let mut h = [_mm256_setzero_ps(); 4];
+            for (i, h) in h.iter_mut().enumerate() {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                let lo = _mm256_permute2f128_ps::<0x20>(a, b);
+                let hi = _mm256_permute2f128_ps::<0x31>(a, b);
+                *h = _mm256_add_ps(lo, hi);
+            }
+            let q = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+            _mm256_permutevar8x32_ps(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
         }
     }
 
@@ -747,6 +765,48 @@ impl Simd for Avx512 {
     fn reduce_add(self, v: __m512) -> f32 {
         // SAFETY: the token proves AVX-512F is available.
         unsafe { _mm512_reduce_add_ps(v) }
+    }
+    #[inline(always)]
+    fn reduce_add_each(self, v: &[__m512; MAX_LANES]) -> __m512 {
+        // `_mm512_reduce_add_ps`'s tree for all 16 vectors at once: the 256-bit halves added,
+        // then the 128-bit halves, then lanes 0 + 2 and 1 + 3, then 0 + 1 (`sums` below), each
+        // step on two registers' worth of vectors per instruction.
+        // SAFETY: the token proves AVX-512F is available.
+        unsafe {
+            // Step 1, vectors 2i and 2i + 1: [a.lo + a.hi, b.lo + b.hi] (256-bit halves).
+            let mut h = [_mm512_setzero_ps(); 8];
+            for (i, h) in h.iter_mut().enumerate() {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+                let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+                *h = _mm512_add_ps(lo, hi);
+            }
+            // Step 2, 128-bit blocks: h[2i] = [a, b, c, d] (blocks of vectors 4i, 4i + 1) and
+            // h[2i + 1] likewise for 4i + 2, 4i + 3: [a + b, c + d, ...] for the four vectors.
+            let mut q = [_mm512_setzero_ps(); 4];
+            for (i, q) in q.iter_mut().enumerate() {
+                let (a, b) = (h[2 * i], h[2 * i + 1]);
+                let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+                let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+                *q = _mm512_add_ps(even, odd);
+            }
+            // Steps 3 and 4 inside each 128-bit block (block k of q[i] holds vector 4i + k):
+            // lanes 0 + 2 and 1 + 3, then their sum.
+            let mut r = [_mm512_setzero_ps(); 2];
+            for (i, r) in r.iter_mut().enumerate() {
+                let (a, b) = (q[2 * i], q[2 * i + 1]);
+                let x = _mm512_shuffle_ps::<0b01_00_01_00>(a, b);
+                let y = _mm512_shuffle_ps::<0b11_10_11_10>(a, b);
+                *r = _mm512_add_ps(x, y);
+            }
+            let (r0, r1) = (r[0], r[1]);
+            let x = _mm512_shuffle_ps::<0b10_00_10_00>(r0, r1);
+            let y = _mm512_shuffle_ps::<0b11_01_11_01>(r0, r1);
+            let sums = _mm512_add_ps(x, y);
+            // Block k of `sums` holds vectors k, 4 + k, 8 + k, 12 + k.
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            _mm512_permutexvar_ps(order, sums)
+        }
     }
 
     type W = [__m512d; 2];
