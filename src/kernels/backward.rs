@@ -95,12 +95,13 @@ impl<E: Element> GradSumsRuns<'_, E> {
             }
             return;
         }
-        let zero = s.zero();
         let mut lanes = [[0.0f64; MAX_LANES]; 3];
+        // Cleared once: a last partial group leaves the previous group's vectors in its unused
+        // entries, whose sums are not read.
+        let mut vectors = [[s.zero(); MAX_LANES]; 3];
         let groups = (self.out.chunks_mut(l).zip(self.pivots.chunks(l)))
             .zip(self.x.chunks(l * run).zip(self.dy.chunks(l * run)));
         for ((outs, pivots), (xs, dys)) in groups {
-            let mut vectors = [[zero; MAX_LANES]; 3];
             let runs = pivots.iter().zip(xs.chunks(run).zip(dys.chunks(run)));
             let mut count = 0;
             for (j, (&pivot, (x, dy))) in runs.take(outs.len()).enumerate() {
