@@ -83,8 +83,8 @@ impl<E: Element> Kernel for GradSumsRuns<'_, E> {
 impl<E: Element> GradSumsRuns<'_, E> {
     /// The runs with `A` chains per sum. Runs of one chunk (at most `KMAX·A·LANES` values, so
     /// each sum is one vector before its reduction) go `LANES` at a time, their vectors reduced
-    /// together ([`Simd::reduce_add_each`], the same bits as one reduction each): per run of 49
-    /// values the three reductions had cost about as much as the sums themselves.
+    /// together ([`Simd::reduce_add_each`], the same bits as one reduction each): for runs of 49
+    /// values a perf profile had put about 40% of this kernel in the three lane reductions.
     #[inline(always)]
     fn runs<S: Simd<T = E::Param>, const A: usize>(self, s: S) {
         let (run, l) = (self.run, S::LANES);
