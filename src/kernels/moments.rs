@@ -22,7 +22,7 @@ use crate::element::{self, Element};
 use crate::scratch;
 use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 
-/// Statistics of `count` values from their first pass's f64 mean, `sq = Σ(x − shift)²` and
+/// Statistics of `count` values (none: the empty statistics) from their first pass's f64 mean, `sq = Σ(x − shift)²` and
 /// `dev = Σ(x − shift)` (summed in f64 lanes only, see [`Real::WIDE`]).
 ///
 /// With f32 lanes the first pass's mean (an f64 sum of f32 values) is exact to far below one f32
@@ -32,7 +32,12 @@ use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 /// and LeVeque), whose error scales with Σ|x − μ| instead.
 #[inline(always)]
 fn finish<T: Real>(count: usize, mean: f64, shift: T, (sq, dev): (f64, f64)) -> ChannelStats {
+    if count == 0 {
+        return ChannelStats::default();
+    }
     let (r, mean) = if T::WIDE {
+        // `dev` may read −0 (a sum started from its first values, see `mean_of`); harmless:
+        // `shift` is never −0 (a mean from `mean_of`), so `shift + r` and `r·r` are unchanged.
         let r = dev / count as f64;
         (r, shift.into() + r)
     } else {
@@ -83,23 +88,42 @@ impl<E: Element> Kernel for MomentsRuns<'_, E> {
             return;
         }
         // Short runs, a group at a time: the first passes of the group's runs, then their second
-        // passes, so no run's second pass waits on the reduction of its own first pass (for a
-        // 49-value run that wait was most of its time). Each run's arithmetic is `two_pass`'s.
+        // passes, so no run's second pass waits on the reduction of its own first pass, and the
+        // lane sums of each pass reduced together ([`Simd::reduce_add_w_each`], the same bits as
+        // one reduction each). Each run's arithmetic is `two_pass`'s.
         let per = (SUB_RUN / len).clamp(1, GROUP_RUNS);
+        // Cleared once: a last partial group leaves the previous group's lanes in its unused
+        // entries, whose sums are not read.
+        let (mut sums, mut devs) = ([s.splat_w(0.0); GROUP_RUNS], [s.splat_w(0.0); GROUP_RUNS]);
         for (outs, xs) in self.out.chunks_mut(per).zip(self.x.chunks(per * len)) {
-            let mut means = [(0, 0.0); GROUP_RUNS];
-            for (m, run) in means.iter_mut().zip(xs.chunks(len)) {
-                *m = first_pass(s, run, len, len, 1);
+            let mut counts = [0; GROUP_RUNS];
+            for (j, run) in xs.chunks(len).enumerate() {
+                (counts[j], sums[j]) = first_pass_lanes(s, run, len, len, 1);
             }
-            for ((slot, run), &m) in outs.iter_mut().zip(xs.chunks(len)).zip(&means) {
-                *slot = second_pass(s, run, len, len, 1, m);
+            let totals = s.reduce_add_w_each(&sums);
+            let mut means = [0.0; GROUP_RUNS];
+            for (j, run) in xs.chunks(len).enumerate() {
+                means[j] = mean_of(counts[j], totals[j]);
+                let shift = S::T::from_f64(means[j]);
+                (sums[j], devs[j]) = second_pass_lanes(s, run, len, len, 1, shift);
+            }
+            let squares = s.reduce_add_w_each(&sums);
+            let devs = if S::T::WIDE {
+                s.reduce_add_w_each(&devs)
+            } else {
+                [0.0; GROUP_RUNS]
+            };
+            for (j, slot) in outs.iter_mut().enumerate().take(xs.len().div_ceil(len)) {
+                let shift = S::T::from_f64(means[j]);
+                *slot = finish(counts[j], means[j], shift, (squares[j], devs[j]));
             }
         }
     }
 }
 
-/// Runs per group of [`MomentsRuns`] (at most [`SUB_RUN`] values in all).
-const GROUP_RUNS: usize = 64;
+/// Runs per group of [`MomentsRuns`] (at most [`SUB_RUN`] values in all): as many as
+/// [`Simd::reduce_add_w_each`] reduces at once.
+const GROUP_RUNS: usize = MAX_LANES;
 
 /// Values per sub-run of [`moments_run`]: 16 KiB, so the second pass reads from L1. A multiple of
 /// every backend's `KMAX · ACCUMULATORS · LANES`.
@@ -189,7 +213,8 @@ fn overlapped_passes<S: Simd<T = E::Param>, E: Element>(
         }
     }
     let stats = finish(n, mean, shift, (s.reduce_add_w(tot), s.reduce_add_w(dtot)));
-    (stats, first_pass_mean(s, &acc, next.len()))
+    let n = next.len();
+    (stats, (n, mean_of(n, s.reduce_add_w(lane_sums(s, &acc)))))
 }
 
 /// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
@@ -254,13 +279,44 @@ fn first_pass<S: Simd<T = E::Param>, E: Element>(
     stride: usize,
     count: usize,
 ) -> (usize, f64) {
+    let (n, sums) = first_pass_lanes(s, x, run, stride, count);
+    (n, mean_of(n, s.reduce_add_w(sums)))
+}
+
+/// The mean of `n` values from their sum (0 for no values). The sum's zero is made +0: a sum
+/// of accumulators that started from their first values, not from +0, reads −0 where all its
+/// values are −0, and is otherwise bit for bit the sum from +0 (an IEEE sum is −0 only when
+/// both terms are, so the two trees differ at most in the signs of zeros).
+#[inline(always)]
+fn mean_of(n: usize, sum: f64) -> f64 {
+    if n == 0 { 0.0 } else { (sum + 0.0) / n as f64 }
+}
+
+/// Pass 1's count and f64 lane sums: [`first_pass`] before the reduction of its lanes.
+#[inline(always)]
+fn first_pass_lanes<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    run: usize,
+    stride: usize,
+    count: usize,
+) -> (usize, S::W) {
     let l = S::LANES;
     let w = ACCUMULATORS * l;
     let mut acc = [s.splat_w(0.0); ACCUMULATORS];
     let mut n = 0usize;
     for r in runs(x, run, stride, count) {
+        // The first vectors of the channel are the accumulators' first values, not added to
+        // zero (for a run of a few vectors those adds were a third of this pass): the sums
+        // differ from added-to-zero ones at most in the sign of a zero, which `mean_of` clears.
+        let fresh = n == 0;
         n += r.len();
         let mut blocks = r.chunks_exact(w);
+        if fresh && let Some(b) = blocks.next() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = element::load_widen(s, &b[j * l..], S::T::ZERO);
+            }
+        }
         for b in &mut blocks {
             for (j, a) in acc.iter_mut().enumerate() {
                 *a = s.add_w(*a, element::load_widen(s, &b[j * l..], S::T::ZERO));
@@ -269,23 +325,28 @@ fn first_pass<S: Simd<T = E::Param>, E: Element>(
         // The tail's vectors into accumulators 0, 1, ...: constant indices (the loop unrolls),
         // so the lanes stay in registers.
         let rest = blocks.remainder();
-        for (j, a) in acc.iter_mut().enumerate() {
-            if let Some(v) = rest.get(j * l..).filter(|v| !v.is_empty()) {
-                *a = s.add_w(*a, element::load_widen(s, v, S::T::ZERO));
+        let tail = |j: usize| rest.get(j * l..).filter(|v| !v.is_empty());
+        if fresh && r.len() < w {
+            for (j, a) in acc.iter_mut().enumerate() {
+                if let Some(v) = tail(j) {
+                    *a = element::load_widen(s, v, S::T::ZERO);
+                }
+            }
+        } else {
+            for (j, a) in acc.iter_mut().enumerate() {
+                if let Some(v) = tail(j) {
+                    *a = s.add_w(*a, element::load_widen(s, v, S::T::ZERO));
+                }
             }
         }
     }
-    if n == 0 {
-        return (0, 0.0);
-    }
-    first_pass_mean(s, &acc, n)
+    (n, lane_sums(s, &acc))
 }
 
-/// Pass 1's count and mean from its f64 lane sums of `n > 0` values.
+/// The accumulators of pass 1 added into one vector of f64 lane sums (a pairwise tree).
 #[inline(always)]
-fn first_pass_mean<S: Simd>(s: S, acc: &[S::W; ACCUMULATORS], n: usize) -> (usize, f64) {
-    let sum = s.reduce_add_w(s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3])));
-    (n, sum / n as f64)
+fn lane_sums<S: Simd>(s: S, acc: &[S::W; ACCUMULATORS]) -> S::W {
+    s.add_w(s.add_w(acc[0], acc[1]), s.add_w(acc[2], acc[3]))
 }
 
 /// Asks for the cache lines of `block` one sub-run ([`SUB_RUN`] values) further on to be brought
@@ -312,19 +373,31 @@ fn second_pass<S: Simd<T = E::Param>, E: Element>(
     count: usize,
     (n, mean): (usize, f64),
 ) -> ChannelStats {
-    if n == 0 {
-        return ChannelStats::default();
-    }
+    let shift = S::T::from_f64(mean);
+    let (sq, dev) = second_pass_lanes(s, x, run, stride, count, shift);
+    finish(n, mean, shift, (s.reduce_add_w(sq), s.reduce_add_w(dev)))
+}
+
+/// Pass 2's f64 lane sums of `(x − shift)²` and (with f64 lanes, else 0) of `x − shift`:
+/// [`second_pass`] before the reduction of its lanes.
+#[inline(always)]
+fn second_pass_lanes<S: Simd<T = E::Param>, E: Element>(
+    s: S,
+    x: &[E],
+    run: usize,
+    stride: usize,
+    count: usize,
+    shift: S::T,
+) -> (S::W, S::W) {
     const A: usize = ACCUMULATORS;
     let l = S::LANES;
     let w = A * l;
-    let shift = S::T::from_f64(mean);
     // Pass 2: Σ(x − S)² in f32 lanes, folded into one f64 vector before any lane would take
     // more than KMAX steps.
     // With f64 lanes, Σ(x − S) too (see `finish`).
     let (sh, zero) = (s.splat(shift), s.zero());
     let (mut sq, mut dv) = ([zero; A], [zero; A]);
-    let mut pending = 0;
+    let (mut pending, mut folded) = (0, false);
     let (mut tot, mut dtot) = (s.splat_w(0.0), s.splat_w(0.0));
     for r in runs(x, run, stride, count) {
         for chunk in r.chunks(KMAX * w) {
@@ -335,7 +408,7 @@ fn second_pass<S: Simd<T = E::Param>, E: Element>(
                 if S::T::WIDE {
                     fold_lanes(s, &mut dv, &mut dtot);
                 }
-                pending = 0;
+                (pending, folded) = (0, true);
             }
             pending += steps;
             let mut blocks = chunk.chunks_exact(w);
@@ -361,12 +434,18 @@ fn second_pass<S: Simd<T = E::Param>, E: Element>(
             }
         }
     }
-    fold_lanes(s, &mut sq, &mut tot);
-    if S::T::WIDE {
-        fold_lanes(s, &mut dv, &mut dtot);
+    if folded {
+        fold_lanes(s, &mut sq, &mut tot);
+        if S::T::WIDE {
+            fold_lanes(s, &mut dv, &mut dtot);
+        }
+    } else {
+        tot = first_fold(s, &mut sq);
+        if S::T::WIDE {
+            dtot = first_fold(s, &mut dv);
+        }
     }
-    let sums = (s.reduce_add_w(tot), s.reduce_add_w(dtot));
-    finish(n, mean, shift, sums)
+    (tot, dtot)
 }
 
 /// Adds lane sums into the f64 total and clears them (a function, not a closure: a closure may
@@ -376,6 +455,16 @@ fn fold_lanes<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
     let v = s.add(s.add(sq[0], sq[1]), s.add(sq[2], sq[3]));
     *tot = s.add_w(*tot, s.widen(v));
     *sq = [s.zero(); ACCUMULATORS];
+}
+
+/// [`fold_lanes`] into a total that holds nothing yet: the lane sums become the total, not
+/// added to zero (for a run of a few vectors, the adds saved are a tenth of its pass 2). The
+/// total differs from one added to +0 at most in the sign of a zero (see [`mean_of`]).
+#[inline(always)]
+fn first_fold<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS]) -> S::W {
+    let v = s.add(s.add(sq[0], sq[1]), s.add(sq[2], sq[3]));
+    *sq = [s.zero(); ACCUMULATORS];
+    s.widen(v)
 }
 
 /// Statistics of channels `first..first + out.len()` over a block of whole rows of `c`

@@ -248,6 +248,17 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn add_w(self, a: Self::W, b: Self::W) -> Self::W;
     /// Sum of the f64 lanes.
     fn reduce_add_w(self, v: Self::W) -> f64;
+    /// `out[j]` = [`Simd::reduce_add_w`]`(v[j])` bit for bit, for every `j`: the sums of many
+    /// f64 vectors at once, by transposed trees on the x86 backends (a few instructions per
+    /// vector instead of a reduction each, and no chain of them per vector).
+    #[inline(always)]
+    fn reduce_add_w_each(self, v: &[Self::W; MAX_LANES]) -> [f64; MAX_LANES] {
+        let mut out = [0.0; MAX_LANES];
+        for (out, &v) in out.iter_mut().zip(v) {
+            *out = self.reduce_add_w(v);
+        }
+        out
+    }
 
     /// Writes the f64 lanes of `v` to `out[..LANES]`.
     #[inline(always)]
@@ -515,8 +526,19 @@ mod tests {
 
     /// [`Simd::reduce_add_each`] against [`Simd::reduce_add`] of each vector, bit for bit, on
     /// values whose sum depends on the order of the additions (magnitudes from 1e-3 to 1e8 of
-    /// both signs).
+    /// both signs), and [`Simd::reduce_add_w_each`] against [`Simd::reduce_add_w`] likewise.
     struct ReduceEach<T>(std::marker::PhantomData<T>);
+
+    /// A value of either sign, `10^(k mod decades − low)·(1 + f)` for a fraction `f` of `bits`
+    /// bits, from the xorshift state `seed` (advanced).
+    fn spread(seed: &mut u64, decades: u64, low: i32, bits: u32) -> f64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let scale = 10f64.powi((*seed % decades) as i32 - low);
+        let sign = if *seed & 0x100 == 0 { 1.0 } else { -1.0 };
+        sign * scale * (1.0 + (*seed >> (64 - bits)) as f64 / (1u64 << bits) as f64)
+    }
 
     impl<T: Real> Kernel for ReduceEach<T> {
         type T = T;
@@ -529,13 +551,7 @@ mod tests {
                 for (j, v) in v.iter_mut().enumerate() {
                     let mut lanes = [T::ZERO; MAX_LANES];
                     for lane in lanes.iter_mut() {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        let scale = 10f64.powi((seed % 12) as i32 - 3);
-                        let sign = if seed & 0x100 == 0 { 1.0 } else { -1.0 };
-                        let frac = (seed >> 40) as f64 / (1u64 << 24) as f64;
-                        *lane = T::from_f64(sign * scale * (1.0 + frac) + j as f64);
+                        *lane = T::from_f64(spread(&mut seed, 12, 3, 24) + j as f64);
                     }
                     // SAFETY: `lanes` holds MAX_LANES ≥ LANES values.
                     *v = unsafe { s.load_ptr(lanes.as_ptr()) };
@@ -548,12 +564,33 @@ mod tests {
                     let got: f64 = got.into();
                     assert_eq!(got.to_bits(), want.to_bits(), "round {round} vector {j}");
                 }
+                // The f64 sums, of f64 vectors of the same values spread over 10 decades (so
+                // the order of the additions shows in the bits).
+                let mut w = [s.splat_w(0.0); MAX_LANES];
+                for (j, w) in w.iter_mut().enumerate() {
+                    let mut lanes = [0.0f64; MAX_LANES];
+                    for lane in lanes.iter_mut() {
+                        *lane = spread(&mut seed, 10, 5, 53);
+                    }
+                    lanes[0] += j as f64;
+                    // SAFETY: `lanes` holds MAX_LANES ≥ LANES f64.
+                    *w = unsafe { s.load_w_ptr(lanes.as_ptr()) };
+                }
+                let got = s.reduce_add_w_each(&w);
+                for (j, (&got, &w)) in got.iter().zip(&w).enumerate() {
+                    let want = s.reduce_add_w(w);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "round {round} f64 vector {j}"
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn reduce_add_each_matches_reduce_add_on_every_backend() {
+    fn reduce_add_each_and_w_each_match_one_reduction_each_on_every_backend() {
         for backend in Backend::available() {
             backend.dispatch(ReduceEach::<f32>(std::marker::PhantomData));
             backend.dispatch(ReduceEach::<f64>(std::marker::PhantomData));

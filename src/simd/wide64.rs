@@ -184,4 +184,8 @@ impl<B: Wide64> Simd for F64<B> {
     fn reduce_add_w(self, v: B::W) -> f64 {
         self.0.reduce_add_w(v)
     }
+    #[inline(always)]
+    fn reduce_add_w_each(self, v: &[B::W; MAX_LANES]) -> [f64; MAX_LANES] {
+        self.0.reduce_add_w_each(v)
+    }
 }

@@ -245,6 +245,34 @@ impl Simd for Avx2Fma {
             _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
         }
     }
+    #[inline(always)]
+    fn reduce_add_w_each(self, v: &[[__m256d; 2]; MAX_LANES]) -> [f64; MAX_LANES] {
+        // `reduce_add_w`'s tree four vectors at a time: the two halves added, then the 128-bit
+        // halves (pairs of vectors per register), then lane 0 + lane 1 (four vectors per
+        // register, lanes [a, c, b, d]; one permutation puts them in order).
+        let mut out = [0.0; MAX_LANES];
+        // SAFETY: the token proves AVX and AVX2 (the permutation) are available; each store
+        // writes 4 f64 inside `out` (`4i + 4 ≤ MAX_LANES`).
+        unsafe {
+            for (i, v) in v.chunks_exact(4).enumerate() {
+                // Loops, not closures: a closure may be compiled outside the target-feature
+                // entry point, where every intrinsic becomes a call.
+                let mut h = [_mm256_setzero_pd(); 2];
+                for (k, h) in h.iter_mut().enumerate() {
+                    let a = _mm256_add_pd(v[2 * k][0], v[2 * k][1]);
+                    let b = _mm256_add_pd(v[2 * k + 1][0], v[2 * k + 1][1]);
+                    let lo = _mm256_permute2f128_pd::<0x20>(a, b);
+                    let hi = _mm256_permute2f128_pd::<0x31>(a, b);
+                    *h = _mm256_add_pd(lo, hi);
+                }
+                let lo = _mm256_unpacklo_pd(h[0], h[1]);
+                let hi = _mm256_unpackhi_pd(h[0], h[1]);
+                let sums = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_add_pd(lo, hi));
+                _mm256_storeu_pd(out.as_mut_ptr().add(4 * i), sums);
+            }
+        }
+        out
+    }
 
     #[inline(always)]
     fn load_partial(self, s: &[f32], fill: f32) -> __m256 {
@@ -882,8 +910,53 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     fn reduce_add_w(self, v: [__m512d; 2]) -> f64 {
+        // The tree spelled out (not `_mm512_reduce_add_pd`, whose order is the library's) so that
+        // `reduce_add_w_each` can repeat it: the 256-bit halves added, then the 128-bit halves,
+        // then lane 0 + lane 1.
         // SAFETY: the token proves AVX-512F is available.
-        unsafe { _mm512_reduce_add_pd(_mm512_add_pd(v[0], v[1])) }
+        unsafe {
+            let s = _mm512_add_pd(v[0], v[1]);
+            let s = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd::<1>(s));
+            let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd::<1>(s));
+            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+        }
+    }
+    #[inline(always)]
+    fn reduce_add_w_each(self, v: &[[__m512d; 2]; MAX_LANES]) -> [f64; MAX_LANES] {
+        // `reduce_add_w`'s tree eight vectors at a time, each step on two registers' worth of
+        // vectors per instruction (as `reduce_add_each`).
+        let mut out = [0.0; MAX_LANES];
+        // SAFETY: the token proves AVX-512F is available; each store writes 8 f64 inside `out`
+        // (`8i + 8 ≤ MAX_LANES`).
+        unsafe {
+            for (i, v) in v.chunks_exact(8).enumerate() {
+                // Loops, not closures (see the AVX2 backend). Vectors 2k and 2k + 1, each the
+                // sum of its two registers: [a.lo + a.hi, b.lo + b.hi] (256-bit halves).
+                let mut h = [_mm512_setzero_pd(); 4];
+                for (k, h) in h.iter_mut().enumerate() {
+                    let a = _mm512_add_pd(v[2 * k][0], v[2 * k][1]);
+                    let b = _mm512_add_pd(v[2 * k + 1][0], v[2 * k + 1][1]);
+                    let lo = _mm512_shuffle_f64x2::<0b01_00_01_00>(a, b);
+                    let hi = _mm512_shuffle_f64x2::<0b11_10_11_10>(a, b);
+                    *h = _mm512_add_pd(lo, hi);
+                }
+                // 128-bit blocks of vectors 4k .. 4k + 3: block j holds vector 4k + j's pair.
+                let mut q = [_mm512_setzero_pd(); 2];
+                for (k, q) in q.iter_mut().enumerate() {
+                    let (a, b) = (h[2 * k], h[2 * k + 1]);
+                    let even = _mm512_shuffle_f64x2::<0b10_00_10_00>(a, b);
+                    let odd = _mm512_shuffle_f64x2::<0b11_01_11_01>(a, b);
+                    *q = _mm512_add_pd(even, odd);
+                }
+                // Lane 0 + lane 1 of each block: block k holds vectors k and 4 + k.
+                let lo = _mm512_unpacklo_pd(q[0], q[1]);
+                let hi = _mm512_unpackhi_pd(q[0], q[1]);
+                let order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+                let sums = _mm512_permutexvar_pd(order, _mm512_add_pd(lo, hi));
+                _mm512_storeu_pd(out.as_mut_ptr().add(8 * i), sums);
+            }
+        }
+        out
     }
 
     #[inline(always)]
