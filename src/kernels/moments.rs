@@ -101,9 +101,14 @@ impl<E: Element> Kernel for MomentsRuns<'_, E> {
                 (counts[j], sums[j]) = first_pass_lanes(s, run, len, len, 1);
             }
             let totals = s.reduce_add_w_each(&sums);
+            // All the group's means first (one loop of independent quotients), so that no pass 2
+            // waits on its own division: f64 NCHW 1x1024x7x7 statistics 20.7 → 18.8 µs, bf16
+            // 16.3 → 15.1 µs (one thread, AMD EPYC family 25 model 17 (Zen 4)).
             let mut means = [0.0; GROUP_RUNS];
+            for ((mean, &n), &total) in means.iter_mut().zip(&counts).zip(&totals) {
+                *mean = mean_of(n, total);
+            }
             for (j, run) in xs.chunks(len).enumerate() {
-                means[j] = mean_of(counts[j], totals[j]);
                 let shift = S::T::from_f64(means[j]);
                 (sums[j], devs[j]) = second_pass_lanes(s, run, len, len, 1, shift);
             }
