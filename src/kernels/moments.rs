@@ -22,8 +22,8 @@ use crate::element::{self, Element};
 use crate::scratch;
 use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 
-/// Statistics of `count` values (none: the empty statistics) from their first pass's f64 mean, `sq = Σ(x − shift)²` and
-/// `dev = Σ(x − shift)` (summed in f64 lanes only, see [`Real::WIDE`]).
+/// Statistics of `count` values (none: the empty statistics) from their first pass's f64 mean,
+/// `sq = Σ(x − shift)²` and `dev = Σ(x − shift)` (summed in f64 lanes only, see [`Real::WIDE`]).
 ///
 /// With f32 lanes the first pass's mean (an f64 sum of f32 values) is exact to far below one f32
 /// rounding of σ. With f64 lanes it errs by up to L·2⁻⁵³·Σ|x| (L values per lane), large next to
@@ -312,8 +312,9 @@ fn first_pass_lanes<S: Simd<T = E::Param>, E: Element>(
     let mut n = 0usize;
     for r in runs(x, run, stride, count) {
         // The first vectors of the channel are the accumulators' first values, not added to
-        // zero (for a run of a few vectors those adds were a third of this pass): the sums
-        // differ from added-to-zero ones at most in the sign of a zero, which `mean_of` clears.
+        // zero (for a 49-value run on AVX-512, 8 of this pass's 22 vector conversions and adds):
+        // the sums differ from added-to-zero ones at most in the sign of a zero, which `mean_of`
+        // clears.
         let fresh = n == 0;
         n += r.len();
         let mut blocks = r.chunks_exact(w);
