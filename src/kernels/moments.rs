@@ -458,9 +458,7 @@ fn second_pass_lanes<S: Simd<T = E::Param>, E: Element>(
 /// be compiled outside the target-feature entry point).
 #[inline(always)]
 fn fold_lanes<S: Simd>(s: S, sq: &mut [S::V; ACCUMULATORS], tot: &mut S::W) {
-    let v = s.add(s.add(sq[0], sq[1]), s.add(sq[2], sq[3]));
-    *tot = s.add_w(*tot, s.widen(v));
-    *sq = [s.zero(); ACCUMULATORS];
+    *tot = s.add_w(*tot, first_fold(s, sq));
 }
 
 /// [`fold_lanes`] into a total that holds nothing yet: the lane sums become the total, not

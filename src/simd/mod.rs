@@ -564,8 +564,8 @@ mod tests {
                     let got: f64 = got.into();
                     assert_eq!(got.to_bits(), want.to_bits(), "round {round} vector {j}");
                 }
-                // The f64 sums, of f64 vectors of the same values spread over 10 decades (so
-                // the order of the additions shows in the bits).
+                // The f64 sums, of f64 vectors of values spread over 10 decades (so the order
+                // of the additions shows in the bits).
                 let mut w = [s.splat_w(0.0); MAX_LANES];
                 for (j, w) in w.iter_mut().enumerate() {
                     let mut lanes = [0.0f64; MAX_LANES];
