@@ -206,6 +206,39 @@ pub(crate) unsafe fn store<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v
     }
 }
 
+/// `2·LANES` values of type `E` at `p` as two vectors, in [`Simd::load_bf16_pair`]'s order for
+/// bfloat16 and in order otherwise: for maps that treat every lane alike, whose results
+/// [`store_pair`] puts back in place.
+///
+/// # Safety
+/// `p` must be valid for reading `2·LANES` consecutive `E`.
+#[inline(always)]
+pub(crate) unsafe fn load_pair<S: Simd<T = E::Param>, E: Element>(s: S, p: *const E) -> [S::V; 2] {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout.
+    unsafe {
+        if let Kind::Bf16 = E::KIND {
+            return s.load_bf16_pair(p.cast());
+        }
+        [load(s, p), load(s, p.add(S::LANES))]
+    }
+}
+
+/// Stores two vectors in [`load_pair`]'s order at `p`, `2·LANES` consecutive values, each
+/// rounded to `E` as [`store`] rounds it.
+///
+/// # Safety
+/// `p` must be valid for writing `2·LANES` consecutive `E`.
+#[inline(always)]
+pub(crate) unsafe fn store_pair<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v: [S::V; 2]) {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout.
+    unsafe {
+        if let Kind::Bf16 = E::KIND {
+            return s.store_bf16_pair(p.cast(), v);
+        }
+        store_group(s, p, v)
+    }
+}
+
 /// Stores `K` vectors at `p`, `K·LANES` consecutive values, each rounded to `E` as [`store`]
 /// rounds it (bfloat16 through [`Simd::store_bf16_group`], which may check the group once).
 ///

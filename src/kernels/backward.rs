@@ -2,8 +2,8 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::stream::{
-    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_columns, stream_run,
-    stream_strips, strip_width, use_columns,
+    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_alike, stream_columns,
+    stream_run, stream_strips, strip_width, use_columns,
 };
 use super::{
     ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, l1_sets_walked, period,
@@ -201,17 +201,21 @@ fn chain_sums<S: Simd<T = E::Param>, E: Element, const A: usize>(
         }
         i = w;
     }
-    while i + w <= xc.len() {
+    // Whole blocks of `w` values: exact chunks, so that every vector's bounds check folds away.
+    let whole = (xc.len() - i) / w * w;
+    for (xb, db) in xc[i..i + whole]
+        .chunks_exact(w)
+        .zip(dc[i..i + whole].chunks_exact(w))
+    {
         for (j, a) in acc.iter_mut().enumerate() {
-            let o = i + j * l;
-            let xd = s.sub(element::load_slice(s, &xc[o..]), p);
-            let g = element::load_slice(s, &dc[o..]);
+            let xd = s.sub(element::load_slice(s, &xb[j * l..]), p);
+            let g = element::load_slice(s, &db[j * l..]);
             a[0] = s.add(a[0], g);
             a[1] = s.mul_add(xd, g, a[1]);
             a[2] = s.add(a[2], xd);
         }
-        i += w;
     }
+    i += whole;
     // Tail: whole vectors then a partial one (x padded with the pivot, dy with 0), one per
     // accumulator so no lane takes more than one extra step.
     let tail = |j: usize| {
@@ -754,7 +758,7 @@ impl<IO: InOut> Kernel for DxRun<'_, IO> {
     fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         let p = self.p;
         let op = SplatDx::new(s, &p);
-        stream(s, self.io, Some(self.x), 4 * S::LANES, &op);
+        stream_alike(s, self.io, Some(self.x), &op);
     }
 }
 
@@ -919,6 +923,6 @@ impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        stream(s, self.io, Some(self.y), 4 * S::LANES, &WherePositive);
+        stream_alike(s, self.io, Some(self.y), &WherePositive);
     }
 }

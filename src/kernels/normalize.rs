@@ -10,7 +10,8 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_columns, stream_periods, stream_run, stream_strips, strip_width, use_columns,
+    stream_alike, stream_columns, stream_periods, stream_run, stream_strips, strip_width,
+    use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -260,16 +261,9 @@ impl<IO: InOut> Kernel for AffineRun<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        // Any multiple of the lane count works for constant parameters: 4 unrolls the loop.
         with_shift!(!unshifted(self.p.shift), |SHIFT| {
             let op = Splat::<S::V, SHIFT>::new(s, &self.p);
-            with_fuse!(self.fuse, op, |op, z| stream(
-                s,
-                self.io,
-                z,
-                4 * S::LANES,
-                op
-            ))
+            with_fuse!(self.fuse, op, |op, z| stream_alike(s, self.io, z, op))
         });
     }
 }

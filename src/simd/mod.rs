@@ -162,6 +162,36 @@ pub trait Simd: Copy + Send + Sync + 'static {
             unsafe { self.store_bf16_ptr(p.add(k * Self::LANES), v) }
         }
     }
+    /// Loads `2·LANES` bfloat16 values (their bits) from `p`, widened to f32 (exact), as two
+    /// vectors whose lanes hold them in an order of the backend's choosing, which
+    /// [`Simd::store_bf16_pair`] undoes: for maps that treat every lane alike (one channel's
+    /// splat parameters), where the order changes nothing. The default is the plain order, two
+    /// [`Simd::load_bf16_ptr`].
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `2·LANES` consecutive `u16`.
+    #[inline(always)]
+    unsafe fn load_bf16_pair(self, p: *const u16) -> [Self::V; 2] {
+        // SAFETY: both vectors lie inside the `2·LANES` values the caller guarantees.
+        unsafe {
+            [
+                self.load_bf16_ptr(p),
+                self.load_bf16_ptr(p.add(Self::LANES)),
+            ]
+        }
+    }
+    /// Stores two vectors in the order of [`Simd::load_bf16_pair`] as `2·LANES` bfloat16 values
+    /// at `p`, each rounded as [`Simd::store_bf16_ptr`] rounds it: lane `j` of `v` lands where
+    /// lane `j` of the loaded pair came from. The default is the plain order, as
+    /// [`Simd::store_bf16_group`].
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `2·LANES` consecutive `u16`.
+    #[inline(always)]
+    unsafe fn store_bf16_pair(self, p: *mut u16, v: [Self::V; 2]) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.store_bf16_group(p, v) }
+    }
     /// The first `min(bits.len(), LANES)` binary16 values (bits) widened to f32 in the low lanes,
     /// the others 0. Loaded in registers (masked or piecewise loads), never through a buffer
     /// written one value at a time: a vector load of such a buffer waits for the stores (no
@@ -662,8 +692,9 @@ mod tests {
     }
 
     /// The bfloat16 conversion of one backend: groups of 4 vectors (64 values, as the streams
-    /// store them) and single vectors both equal the scalar conversion (`half`: to nearest even,
-    /// a NaN's upper half with the quiet bit set), bit for bit, on every case.
+    /// store them), single vectors and pairs in the backend's pair order all equal the scalar
+    /// conversion (`half`: to nearest even, a NaN's upper half with the quiet bit set), bit for
+    /// bit, on every case.
     fn bf16_groups<S: Simd<T = f32>>(s: S) {
         let cases = bf16_cases();
         let lanes = S::LANES;
@@ -687,6 +718,41 @@ mod tests {
                 let want = half::bf16::from_f32(f32::from_bits(b)).to_bits();
                 assert_eq!(grouped[i], want, "group: {b:#010x}");
                 assert_eq!(single[i], want, "single: {b:#010x}");
+            }
+        }
+        // The pair order, read off a load of the values 0..2·LANES (exact in bfloat16): lane `j`
+        // of vector `h` came from value `order[h·LANES + j]`; it must be a permutation.
+        let index: Vec<u16> = (0..2 * lanes)
+            .map(|i| half::bf16::from_f32(i as f32).to_bits())
+            .collect();
+        // SAFETY: `index` holds 2·LANES values.
+        let pair = unsafe { s.load_bf16_pair(index.as_ptr()) };
+        let mut order = vec![0.0f32; 2 * lanes];
+        for (h, &v) in pair.iter().enumerate() {
+            s.store_partial(&mut order[h * lanes..][..lanes], v);
+        }
+        let order: Vec<usize> = order.iter().map(|&i| i as usize).collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert!(
+            sorted.iter().copied().eq(0..2 * lanes),
+            "pair order {order:?}"
+        );
+        // Stored from that order, every case lands in its place, rounded as one value is.
+        for group in cases.chunks_exact(2 * lanes) {
+            let v: [S::V; 2] = std::array::from_fn(|h| {
+                let values: Vec<f32> = order[h * lanes..][..lanes]
+                    .iter()
+                    .map(|&i| f32::from_bits(group[i]))
+                    .collect();
+                s.load_partial(&values, 0.0)
+            });
+            let mut out = vec![0u16; 2 * lanes];
+            // SAFETY: `out` holds 2·LANES values.
+            unsafe { s.store_bf16_pair(out.as_mut_ptr(), v) };
+            for (i, &b) in group.iter().enumerate() {
+                let want = half::bf16::from_f32(f32::from_bits(b)).to_bits();
+                assert_eq!(out[i], want, "pair: {b:#010x}");
             }
         }
     }

@@ -114,6 +114,35 @@ impl Simd for Avx2Fma {
             unsafe { self.store_bf16_ptr(p.add(8 * (K - 1)), v[K - 1]) };
         }
     }
+    /// Even-numbered values in the first vector, odd-numbered ones in the second: each 32-bit
+    /// word of the load holds one of each, so a shift and a mask widen them, with no shuffle.
+    #[inline(always)]
+    unsafe fn load_bf16_pair(self, p: *const u16) -> [__m256; 2] {
+        // SAFETY: AVX2 available (token); the caller guarantees 16 readable u16 at `p`.
+        unsafe {
+            let words = _mm256_loadu_si256(p.cast());
+            let even = _mm256_slli_epi32::<16>(words);
+            let odd = _mm256_and_si256(words, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+            [_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd)]
+        }
+    }
+    /// Each 32-bit word of the store takes the even value's rounded bits in its low half (a
+    /// shift) and the odd value's in its high half (a word blend): no pack and no lane
+    /// permutation.
+    #[inline(always)]
+    unsafe fn store_bf16_pair(self, p: *mut u16, [even, odd]: [__m256; 2]) {
+        // SAFETY: AVX2 available (token); the caller guarantees 16 writable u16 at `p`.
+        unsafe {
+            let unordered = _mm256_cmp_ps::<_CMP_UNORD_Q>(even, odd);
+            let (e, o) = if _mm256_testz_ps(unordered, unordered) == 0 {
+                (avx2_bf16_high(even), avx2_bf16_high(odd))
+            } else {
+                (avx2_bf16_rounded_high(even), avx2_bf16_rounded_high(odd))
+            };
+            let words = _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(e), o);
+            _mm256_storeu_si256(p.cast(), words);
+        }
+    }
     #[inline(always)]
     fn load_f16_partial(self, bits: &[u16]) -> __m256 {
         // SAFETY: AVX2 and F16C available (token); `load_words` reads inside `bits` only.
@@ -332,28 +361,40 @@ fn avx2_bf16(v: __m256) -> __m128i {
 #[inline(always)]
 fn avx2_bf16_halves(v: __m256) -> __m256i {
     // SAFETY: AVX2 available (callers hold the token).
+    unsafe { _mm256_srli_epi32::<16>(avx2_bf16_high(v)) }
+}
+
+/// 8 f32 lanes rounded to bfloat16 (to nearest, ties to even; NaN quiet), each in the high half
+/// of its 32-bit lane (the low half is left over from the rounding).
+#[inline(always)]
+fn avx2_bf16_high(v: __m256) -> __m256i {
+    // SAFETY: AVX2 available (callers hold the token).
     unsafe {
         // A NaN keeps its high half with the quiet bit set (rounding could carry it into an
         // infinity).
-        let quiet = _mm256_or_si256(
-            _mm256_srli_epi32::<16>(_mm256_castps_si256(v)),
-            _mm256_set1_epi32(0x40),
-        );
+        let quiet = _mm256_or_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x40_0000));
         let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        _mm256_blendv_epi8(avx2_bf16_rounded(v), quiet, nan)
+        _mm256_blendv_epi8(avx2_bf16_rounded_high(v), quiet, nan)
     }
 }
 
-/// [`avx2_bf16_halves`] for lanes known not to be NaN: round to nearest, ties to even, by adding
-/// 0x7FFF plus the lowest kept bit and keeping the high half.
+/// [`avx2_bf16_halves`] for lanes known not to be NaN.
 #[inline(always)]
 fn avx2_bf16_rounded(v: __m256) -> __m256i {
+    // SAFETY: AVX2 available (callers hold the token).
+    unsafe { _mm256_srli_epi32::<16>(avx2_bf16_rounded_high(v)) }
+}
+
+/// [`avx2_bf16_high`] for lanes known not to be NaN: round to nearest, ties to even, by adding
+/// 0x7FFF plus the lowest kept bit (the carry lands in the high half).
+#[inline(always)]
+fn avx2_bf16_rounded_high(v: __m256) -> __m256i {
     // SAFETY: AVX2 available (callers hold the token).
     unsafe {
         let bits = _mm256_castps_si256(v);
         let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
         let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-        _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias))
+        _mm256_add_epi32(bits, bias)
     }
 }
 
