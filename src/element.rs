@@ -206,6 +206,12 @@ pub(crate) unsafe fn store<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v
     }
 }
 
+/// Whether `E` is bfloat16 (whose pairs may load in another order, [`load_pair`]).
+#[inline(always)]
+pub(crate) fn is_bf16<E: Element>() -> bool {
+    E::KIND == Kind::Bf16
+}
+
 /// `2·LANES` values of type `E` at `p` as two vectors, in [`Simd::load_bf16_pair`]'s order for
 /// bfloat16 and in order otherwise: for maps that treat every lane alike, whose results
 /// [`store_pair`] puts back in place.

@@ -14,7 +14,7 @@ use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
     AffineLanes, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows, MomentsRows,
-    any_shifted,
+    any_shifted, paired_lanes,
 };
 use crate::par::SharedMut;
 use crate::scratch;
@@ -181,6 +181,9 @@ pub(super) fn normalize<E: Element>(
     let blocks = Blocks::new(ctx);
     let lanes = &AffineLanes::affine(params);
     let shifted = any_shifted(params);
+    // The maps read 3 lanes with the subtract, 2 without (as `AffineRows` counts them).
+    let read = if shifted { 3 } else { 2 };
+    let paired = paired_lanes::<E, 3, _>(ctx.backend, lanes, dst.len(), read);
     let out = SharedMut::new(dst);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
@@ -192,6 +195,7 @@ pub(super) fn normalize<E: Element>(
                 io,
                 params,
                 lanes,
+                paired: paired.as_ref(),
                 shifted,
                 fuse,
             });
@@ -307,6 +311,7 @@ fn dx_blocks<E: Element>(
     params: &[DxParams<E::Param>],
 ) {
     let lanes = &DxLanes::dx(params);
+    let paired = paired_lanes::<E, 5, _>(ctx.backend, lanes, x.len(), 5);
     let blocks = Blocks::new(ctx);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
@@ -319,6 +324,7 @@ fn dx_blocks<E: Element>(
                 io,
                 params,
                 lanes,
+                paired: paired.as_ref(),
             });
         });
 }

@@ -3,7 +3,7 @@
 
 use super::stream::{
     InOut, Param, VectorMap, column_group, group_vectors, stream, stream_alike, stream_columns,
-    stream_run, stream_strips, strip_width, use_columns,
+    stream_paired, stream_run, stream_strips, strip_width, use_columns,
 };
 use super::{
     ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, l1_sets_walked, period,
@@ -810,6 +810,9 @@ pub(crate) struct DxRows<'a, IO: InOut> {
     pub io: IO,
     pub params: &'a [DxParams<Param<IO>>],
     pub lanes: &'a DxLanes<Param<IO>>,
+    /// `lanes` in the order of interleaved bfloat16 pairs ([`super::paired_lanes`]), where the
+    /// data and backend want them.
+    pub paired: Option<&'a DxLanes<Param<IO>>>,
 }
 
 impl<T: Real> DxLanes<T> {
@@ -889,7 +892,14 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
                 let cols = (self.params.len(), period, strip);
                 stream_strips(s, self.io, Some(self.x), cols, &op)
             }
-            None => stream(s, self.io, Some(self.x), period, &op),
+            None => match self.paired {
+                Some(paired) => {
+                    let [shift, r, a, b, c] = &paired.fields;
+                    let paired = PeriodicDx { shift, r, a, b, c };
+                    stream_paired(s, self.io, Some(self.x), period, (&op, &paired))
+                }
+                None => stream(s, self.io, Some(self.x), period, &op),
+            },
         }
     }
 }

@@ -22,8 +22,9 @@ pub(crate) type AffineLanes<T = f32> = PeriodicLanes<3, T>;
 /// The periodic lanes of [`DxRows`]'s parameters (shift, r, a, b, c).
 pub(crate) type DxLanes<T = f32> = PeriodicLanes<5, T>;
 
+use crate::element::{self, Element};
 use crate::scratch::{self, Scratch};
-use crate::simd::{MAX_LANES, Real, Simd};
+use crate::simd::{Kernel, MAX_LANES, Real, Simd};
 
 /// Vector steps taken in lockstep before the f32 lane state is folded into f64. Bounds the f32
 /// accumulation length, and so its rounding error, independently of the tensor size: a recursive
@@ -145,6 +146,72 @@ impl<const F: usize, T: Real> PeriodicLanes<F, T> {
             fields: lanes,
         }
     }
+
+    /// The same lanes for a backend whose bfloat16 pairs interleave
+    /// ([`Simd::BF16_PAIRS_INTERLEAVED`], `lanes` per vector): in each block of `2·lanes`
+    /// positions, position `h·lanes + j` takes the parameter of position `2·j + h`, so that a
+    /// pair loaded at a block's start meets its own channels' parameters. `None` if the period
+    /// is not whole blocks.
+    pub(crate) fn interleaved(&self, lanes: usize) -> Option<Self> {
+        let block = 2 * lanes;
+        if lanes == 0 || !self.period.is_multiple_of(block) {
+            return None;
+        }
+        let fields = std::array::from_fn(|k| {
+            let plain = &self.fields[k];
+            let mut out = zeroed(plain.len());
+            for (o, p) in out.chunks_exact_mut(block).zip(plain.chunks_exact(block)) {
+                let (even, odd) = o.split_at_mut(lanes);
+                for ((e, o), p) in even.iter_mut().zip(odd).zip(p.chunks_exact(2)) {
+                    (*e, *o) = (p[0], p[1]);
+                }
+            }
+            out
+        });
+        Some(PeriodicLanes {
+            period: self.period,
+            fields,
+        })
+    }
+}
+
+/// The lane count of the backend's bfloat16 pairs where they interleave
+/// ([`Simd::BF16_PAIRS_INTERLEAVED`]), else `None`: whether periodic maps on bfloat16 data want
+/// [`PeriodicLanes::interleaved`] lanes.
+pub(crate) struct InterleavedBf16Pairs;
+
+impl Kernel for InterleavedBf16Pairs {
+    type T = f32;
+    type Output = Option<usize>;
+
+    #[inline(always)]
+    fn run<S: Simd<T = f32>>(self, _: S) -> Option<usize> {
+        S::BF16_PAIRS_INTERLEAVED.then_some(S::LANES)
+    }
+}
+
+/// Fewest periods per parameter field for which a periodic stream of bfloat16 data builds
+/// [`paired_lanes`]: the copy costs about as much per lane as streaming a few dozen values
+/// gains.
+const PAIRED_PERIODS_PER_FIELD: usize = 32;
+
+/// The interleaved copy of `lanes` for a stream of `len` values of `E` on `backend`, where its
+/// bfloat16 pairs interleave, the rows go whole (no strips for `read` fields) and the stream is
+/// long enough to repay the copy.
+pub(crate) fn paired_lanes<E: Element, const F: usize, T: Real>(
+    backend: crate::simd::Backend,
+    lanes: &PeriodicLanes<F, T>,
+    len: usize,
+    read: usize,
+) -> Option<PeriodicLanes<F, T>> {
+    let period = lanes.period;
+    if !element::is_bf16::<E>()
+        || stream::strip_width::<T, E>(period, read).is_some()
+        || len < PAIRED_PERIODS_PER_FIELD * F * period
+    {
+        return None;
+    }
+    lanes.interleaved(backend.dispatch(InterleavedBf16Pairs)?)
 }
 
 /// `len` zeroed lanes.

@@ -10,8 +10,8 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_alike, stream_columns, stream_periods, stream_run, stream_strips, strip_width,
-    use_columns,
+    stream_alike, stream_columns, stream_paired, stream_periods, stream_run, stream_strips,
+    strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -125,6 +125,28 @@ macro_rules! with_fuse {
                     },
                     Some(z),
                 );
+                $body
+            }
+        }
+    }};
+    // Two maps (plain and paired lanes) with the same epilogue.
+    ($fuse:expr, ($op:expr, $op2:expr), |$m:ident, $m2:ident, $second:ident| $body:expr) => {{
+        let (op, op2) = (&$op, &$op2);
+        match ($fuse.z, $fuse.relu) {
+            (None, false) => {
+                let ($m, $m2, $second) = (op, op2, None::<&[_]>);
+                $body
+            }
+            (None, true) => {
+                let finish = Relu;
+                let ($m, $m2) = (&Then { op, finish }, &Then { op: op2, finish });
+                let $second = None::<&[_]>;
+                $body
+            }
+            (Some(z), _) => {
+                let finish = AddRelu;
+                let ($m, $m2) = (&Then { op, finish }, &Then { op: op2, finish });
+                let $second = Some(z);
                 $body
             }
         }
@@ -324,6 +346,9 @@ pub(crate) struct AffineRows<'a, IO: InOut> {
     pub io: IO,
     pub params: &'a [ChannelAffine<Param<IO>>],
     pub lanes: &'a AffineLanes<Param<IO>>,
+    /// `lanes` in the order of interleaved bfloat16 pairs ([`super::paired_lanes`]), where the
+    /// data and backend want them.
+    pub paired: Option<&'a AffineLanes<Param<IO>>>,
     /// Whether any channel's shift is other than +0 ([`any_shifted`]; false: the maps skip the
     /// subtract).
     pub shifted: bool,
@@ -386,6 +411,14 @@ impl<IO: InOut> AffineRows<'_, IO> {
         // 2): f32 1x1024x14x14 28.7 → 24.6 µs, 256x2048x1x1 79.6 → 73.6; bf16 1x1024x14x14
         // 18.5 → 16.2, 256x2048x1x1 49.9 → 48.0; 64x8192x1x1 unchanged.
         let read = if SHIFT { 3 } else { 2 };
+        if let (None, Some(paired)) = (strip_width::<S::T, IO::Elem>(period, read), self.paired) {
+            let [shift, scale, bias] = &paired.fields;
+            let paired = Periodic::<_, SHIFT> { shift, scale, bias };
+            with_fuse!(self.fuse, (op, paired), |op, paired, z| {
+                stream_paired(s, self.io, z, period, (op, paired))
+            });
+            return;
+        }
         with_fuse!(self.fuse, op, |op, z| {
             match strip_width::<S::T, IO::Elem>(period, read) {
                 Some(strip) => stream_strips(s, self.io, z, (c, period, strip), op),

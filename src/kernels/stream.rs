@@ -171,6 +171,53 @@ pub(crate) fn stream_alike<S: Simd<T = Param<IO>>, IO: InOut>(
     unsafe { stream_alike_raw(s, (src, x2, dst), n, op) }
 }
 
+/// [`stream`] of a periodic map on bfloat16 data whose pairs interleave: each whole period goes
+/// as pairs through `paired`, the same map on [`PeriodicLanes::interleaved`] lanes, the rest
+/// (less than a period) through `plain` as [`stream`] does. `period` must be a multiple of
+/// `2·LANES`.
+///
+/// [`PeriodicLanes::interleaved`]: super::PeriodicLanes::interleaved
+#[inline(always)]
+pub(crate) fn stream_paired<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
+    s: S,
+    mut io: IO,
+    second: Option<&[IO::Elem]>,
+    period: usize,
+    (plain, paired): (&M, &M),
+) {
+    let l = S::LANES;
+    debug_assert!(period > 0 && period.is_multiple_of(2 * l));
+    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    let (src, dst) = io.ptrs();
+    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
+    let g = GROUP_LOADS * l;
+    let mut i = 0;
+    while i + period <= n {
+        let mut o = 0;
+        while o + g <= period {
+            // SAFETY: `i + o + GROUP_LOADS·LANES <= i + period <= n`, inside `io` and `second`.
+            unsafe {
+                map_pairs::<S, M, IO::Elem, { GROUP_LOADS / 2 }>(
+                    s,
+                    paired,
+                    (src, x2, dst),
+                    i + o,
+                    o,
+                )
+            };
+            o += g;
+        }
+        while o < period {
+            // SAFETY: `i + o + 2·LANES <= i + period <= n` (the period is whole pairs).
+            unsafe { map_pairs::<S, M, IO::Elem, 1>(s, paired, (src, x2, dst), i + o, o) };
+            o += 2 * l;
+        }
+        i += period;
+    }
+    // SAFETY: `i <= n`: the rest of the range, starting at phase 0.
+    unsafe { stream_raw(s, (src.add(i), x2.add(i), dst.add(i)), n - i, period, plain) };
+}
+
 /// [`stream`] of the elements from `start` on, `op`'s phase counted from `start`.
 #[inline(always)]
 fn stream_from<S: Simd<T = Param<IO>>, IO: InOut>(
@@ -335,14 +382,19 @@ unsafe fn stream_alike_raw<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
     let mut i = 0;
     while i + g <= n {
         // SAFETY: `i + GROUP_LOADS·LANES <= n` (loop condition), inside the caller's range.
-        unsafe { map_pairs::<S, M, E, { GROUP_LOADS / 2 }>(s, op, (src, x2, dst), i) };
+        unsafe { map_pairs::<S, M, E, { GROUP_LOADS / 2 }>(s, op, (src, x2, dst), i, 0) };
         i += g;
     }
     // SAFETY: `i <= n`: the rest of the caller's range.
     unsafe { stream_raw(s, (src.add(i), x2.add(i), dst.add(i)), n - i, g, op) };
 }
 
-/// `K` pairs of vectors of a lane-alike map, all loaded, then all stored (as [`map_group`]).
+/// `K` pairs of vectors in [`element::load_pair`]'s order, all loaded, then all stored (as
+/// [`map_group`]); vector `h` of pair `k` goes to `op` at phase `phase + (2·k + h)·LANES`, so a
+/// periodic map must read its lanes in the same order ([`PeriodicLanes::interleaved`] for
+/// bfloat16).
+///
+/// [`PeriodicLanes::interleaved`]: super::PeriodicLanes::interleaved
 ///
 /// # Safety
 /// As [`map_vector`], for `i + 2·K·LANES` elements.
@@ -352,7 +404,9 @@ unsafe fn map_pairs<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K:
     op: &M,
     (src, x2, dst): Ptrs<E>,
     i: usize,
+    phase: usize,
 ) {
+    let l = S::LANES;
     let w = 2 * S::LANES;
     let zero = [s.zero(); 2];
     let (mut a, mut b) = ([zero; K], [zero; K]);
@@ -369,9 +423,10 @@ unsafe fn map_pairs<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K:
     }
     let mut y = [zero; K];
     for k in 0..K {
+        let at = phase + k * w;
         y[k] = [
-            op.apply(s, 0, a[k][0], b[k][0]),
-            op.apply(s, 0, a[k][1], b[k][1]),
+            op.apply(s, at, a[k][0], b[k][0]),
+            op.apply(s, at + l, a[k][1], b[k][1]),
         ];
     }
     for (k, y) in y.into_iter().enumerate() {

@@ -162,6 +162,11 @@ pub trait Simd: Copy + Send + Sync + 'static {
             unsafe { self.store_bf16_ptr(p.add(k * Self::LANES), v) }
         }
     }
+    /// Whether [`Simd::load_bf16_pair`] interleaves: lane `j` of vector `h` (0 or 1) holds value
+    /// `2·j + h` of the pair. Otherwise the pair is in the plain order (value `h·LANES + j`).
+    /// Periodic maps read their parameter lanes permuted the same way for such pairs
+    /// ([`crate::kernels`]' paired lanes).
+    const BF16_PAIRS_INTERLEAVED: bool = false;
     /// Loads `2·LANES` bfloat16 values (their bits) from `p`, widened to f32 (exact), as two
     /// vectors whose lanes hold them in an order of the backend's choosing, which
     /// [`Simd::store_bf16_pair`] undoes: for maps that treat every lane alike (one channel's
@@ -732,6 +737,17 @@ mod tests {
             s.store_partial(&mut order[h * lanes..][..lanes], v);
         }
         let order: Vec<usize> = order.iter().map(|&i| i as usize).collect();
+        let declared: Vec<usize> = (0..2 * lanes)
+            .map(|i| {
+                let (h, j) = (i / lanes, i % lanes);
+                if S::BF16_PAIRS_INTERLEAVED {
+                    2 * j + h
+                } else {
+                    i
+                }
+            })
+            .collect();
+        assert_eq!(order, declared, "pair order against BF16_PAIRS_INTERLEAVED");
         let mut sorted = order.clone();
         sorted.sort_unstable();
         assert!(

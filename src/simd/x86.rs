@@ -41,6 +41,7 @@ impl Avx2Fma {
 impl Simd for Avx2Fma {
     const LANES: usize = 8;
     const REGISTERS: usize = 16;
+    const BF16_PAIRS_INTERLEAVED: bool = true;
     type T = f32;
     type V = __m256;
 
