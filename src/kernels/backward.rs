@@ -497,14 +497,22 @@ const CHUNKED_GROUPS: usize = 16;
 /// lose little): 1x1024x7x7 44.0 → 27.7 µs (26.6 at 1040 channels), 1x2048x7x7 93.3 → 58.4,
 /// 1x512x14x14 50.1 → 42.7 (44.8 at 528). Wider groups (AVX-512: four
 /// lines per row) and half or f64 data showed no such loss there and measured 2–20% slower in
-/// chunks, so they walk whole columns.
+/// chunks, so they walk whole columns, except half data on rows a multiple of 4 KiB apart (2048
+/// channels), whose 16-row walks keep 32 half-used lines in one set: on AMD EPYC family 25 model 1
+/// (Zen 3), AVX2, one thread, NHWC backward, the builds alternated, bf16 256x2048x1x1 386.8 →
+/// 294.4 µs, f16 376.8 → 248.4, bf16 1x2048x7x7 85.5 → 67.9, f16 82.3 → 62.2 (chunked at 2 KiB
+/// too, bf16 1x1024x7x7 went 29.3 → 31.3, so not there).
 #[inline(always)]
 fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
     let size = std::mem::size_of::<E>();
-    if size != 4 || G * S::LANES * size != 64 {
+    let sets = l1_sets_walked(c * size);
+    let f32_line = size == 4 && G * S::LANES * size == 64;
+    // Half data, half a line per row: chunked only where every row starts in one set.
+    let half_line = size == 2 && G * S::LANES * size == 32 && sets == 1;
+    if !(f32_line || half_line) {
         return KMAX;
     }
-    (4 * l1_sets_walked(c * size)).min(KMAX)
+    (4 * sets).min(KMAX)
 }
 
 /// As [`grad_sums_strided`] for up to [`CHUNKED_GROUPS`] register groups side by side (channels

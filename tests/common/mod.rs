@@ -216,7 +216,8 @@ pub const SWEEP_N: &[usize] = &[1, 2, 5];
 /// rows of three whole vectors (c = 48 on AVX-512, 24 on AVX2), which the column streams store
 /// as a group of 3; and rows of 2 and 4 KiB in f32 (c = 512, 1024), which the NHWC backward sums
 /// of the AVX2 and portable backends walk in chunks of rows, all the groups of a strip per chunk
-/// (a partial chunk and a partial band of 16 rows here: 21 and 18 rows).
+/// (a partial chunk and a partial band of 16 rows here: 21 and 18 rows); and rows of 4 KiB in
+/// half data (c = 2048), walked in chunks there too.
 pub const WIDE: &[(usize, usize, usize)] = &[
     (2, 24, 9),
     (3, 48, 5),
@@ -229,6 +230,7 @@ pub const WIDE: &[(usize, usize, usize)] = &[
     (1, 2049, 2),
     (3, 512, 7),
     (2, 1024, 9),
+    (1, 2048, 18),
 ];
 
 /// Long channels `(n, c, hw)` of several samples: more values per channel than the NCHW driver
