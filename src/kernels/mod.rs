@@ -191,8 +191,9 @@ impl Kernel for InterleavedBf16Pairs {
 }
 
 /// Fewest periods per parameter field for which a periodic stream of bfloat16 data builds
-/// [`paired_lanes`]: the copy costs about as much per lane as streaming a few dozen values
-/// gains.
+/// [`paired_lanes`], so that the copy (one per call) pays. Built on every call, on AMD EPYC family
+/// 25 model 1 (Zen 3), one thread, NHWC bf16 inference of 1x1024x7x7 (49 periods of 1024
+/// channels) went 11.0 → 15.5 µs, while 1x1024x14x14 (196 periods) went 33.3 → 30.1 µs.
 const PAIRED_PERIODS_PER_FIELD: usize = 32;
 
 /// The interleaved copy of `lanes` for a stream of `len` values of `E` on `backend`, where its
