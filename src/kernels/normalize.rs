@@ -105,31 +105,11 @@ impl<S: Simd, M: VectorMap<S>, F: Finish> VectorMap<S> for Then<'_, M, F> {
 /// Evaluates `$body` with `$m` bound to `$op` followed by the epilogue `$fuse` asks for, and
 /// `$second` to the residual to stream beside the input (one monomorphized loop per epilogue).
 macro_rules! with_fuse {
-    ($fuse:expr, $op:expr, |$m:ident, $second:ident| $body:expr) => {{
-        let op = &$op;
-        match ($fuse.z, $fuse.relu) {
-            (None, false) => {
-                let ($m, $second) = (op, None::<&[_]>);
-                $body
-            }
-            (None, true) => {
-                let ($m, $second) = (&Then { op, finish: Relu }, None::<&[_]>);
-                $body
-            }
-            (Some(z), _) => {
-                // A residual is only fused with ReLU (`relu(bn(x) + z)`).
-                let ($m, $second) = (
-                    &Then {
-                        op,
-                        finish: AddRelu,
-                    },
-                    Some(z),
-                );
-                $body
-            }
-        }
-    }};
-    // Two maps (plain and paired lanes) with the same epilogue.
+    ($fuse:expr, $op:expr, |$m:ident, $second:ident| $body:expr) => {
+        with_fuse!($fuse, ($op, ()), |$m, _unused, $second| $body)
+    };
+    // Two maps (plain and paired lanes) with the same epilogue; the one-map form passes `()` as
+    // the second.
     ($fuse:expr, ($op:expr, $op2:expr), |$m:ident, $m2:ident, $second:ident| $body:expr) => {{
         let (op, op2) = (&$op, &$op2);
         match ($fuse.z, $fuse.relu) {
@@ -144,6 +124,7 @@ macro_rules! with_fuse {
                 $body
             }
             (Some(z), _) => {
+                // A residual is only fused with ReLU (`relu(bn(x) + z)`).
                 let finish = AddRelu;
                 let ($m, $m2) = (&Then { op, finish }, &Then { op: op2, finish });
                 let $second = Some(z);

@@ -76,6 +76,15 @@ pub(crate) trait VectorMap<S: Simd> {
 /// The three pointers of a stream: input, second input, output.
 type Ptrs<E> = (*const E, *const E, *mut E);
 
+/// The pointers of a stream over `io` beside `second` (the input again where there is none) and
+/// the length they are all valid for, the shorter of the two.
+#[inline(always)]
+fn stream_ptrs<IO: InOut>(io: &mut IO, second: Option<&[IO::Elem]>) -> (Ptrs<IO::Elem>, usize) {
+    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    let (src, dst) = io.ptrs();
+    ((src, second.map_or(src, <[IO::Elem]>::as_ptr), dst), n)
+}
+
 /// One vector of [`stream`]: `dst[i..] = op(src[i..], x2[i..])`.
 ///
 /// # Safety
@@ -164,11 +173,9 @@ pub(crate) fn stream_alike<S: Simd<T = Param<IO>>, IO: InOut>(
     second: Option<&[IO::Elem]>,
     op: &impl VectorMap<S>,
 ) {
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
-    // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length.
-    unsafe { stream_alike_raw(s, (src, x2, dst), n, op) }
+    let (ptrs, n) = stream_ptrs(&mut io, second);
+    // SAFETY: the pointers are valid for `n` elements (`stream_ptrs`).
+    unsafe { stream_alike_raw(s, ptrs, n, op) }
 }
 
 /// [`stream`] of a periodic map on bfloat16 data whose pairs interleave: each whole period goes
@@ -185,33 +192,12 @@ pub(crate) fn stream_paired<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
     period: usize,
     (plain, paired): (&M, &M),
 ) {
-    let l = S::LANES;
-    debug_assert!(period > 0 && period.is_multiple_of(2 * l));
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
-    let g = GROUP_LOADS * l;
+    debug_assert!(period > 0 && period.is_multiple_of(2 * S::LANES));
+    let ((src, x2, dst), n) = stream_ptrs(&mut io, second);
     let mut i = 0;
     while i + period <= n {
-        let mut o = 0;
-        while o + g <= period {
-            // SAFETY: `i + o + GROUP_LOADS·LANES <= i + period <= n`, inside `io` and `second`.
-            unsafe {
-                map_pairs::<S, M, IO::Elem, { GROUP_LOADS / 2 }>(
-                    s,
-                    paired,
-                    (src, x2, dst),
-                    i + o,
-                    o,
-                )
-            };
-            o += g;
-        }
-        while o < period {
-            // SAFETY: `i + o + 2·LANES <= i + period <= n` (the period is whole pairs).
-            unsafe { map_pairs::<S, M, IO::Elem, 1>(s, paired, (src, x2, dst), i + o, o) };
-            o += 2 * l;
-        }
+        // SAFETY: `i + period <= n`, inside the pointers' range; the period is whole pairs.
+        unsafe { map_pair_run(s, paired, (src.add(i), x2.add(i), dst.add(i)), period) };
         i += period;
     }
     // SAFETY: `i <= n`: the rest of the range, starting at phase 0.
@@ -228,14 +214,12 @@ fn stream_from<S: Simd<T = Param<IO>>, IO: InOut>(
     period: usize,
     op: &impl VectorMap<S>,
 ) {
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    let ((src, x2, dst), n) = stream_ptrs(&mut io, second);
     if start >= n {
         return;
     }
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
-    // SAFETY: `InOut::ptrs` are valid for `io.len() >= n` elements, `second` for its length, so
-    // from `start < n` on for `n − start`; `stream_raw` stays inside that range.
+    // SAFETY: the pointers are valid for `n` elements (`stream_ptrs`), so from `start < n` on
+    // for `n − start`; `stream_raw` stays inside that range.
     unsafe {
         let at = (src.add(start), x2.add(start), dst.add(start));
         stream_raw(s, at, n - start, period, op)
@@ -377,16 +361,39 @@ unsafe fn stream_alike_raw<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
     n: usize,
     op: &M,
 ) {
-    let l = S::LANES;
-    let g = GROUP_LOADS * l;
+    let pairs = n / (2 * S::LANES) * (2 * S::LANES);
+    // SAFETY: `pairs <= n`, inside the caller's range, and whole pairs.
+    unsafe { map_pair_run(s, op, (src, x2, dst), pairs) };
+    // SAFETY: `pairs <= n`: the rest of the caller's range (less than a pair).
+    let rest = unsafe { (src.add(pairs), x2.add(pairs), dst.add(pairs)) };
+    // SAFETY: forwarded to the caller.
+    unsafe { stream_raw(s, rest, n - pairs, GROUP_LOADS * S::LANES, op) };
+}
+
+/// `n` elements (whole pairs of vectors) through [`map_pairs`], in groups of [`GROUP_LOADS`]
+/// vectors and a last pair, the phases counted from 0.
+///
+/// # Safety
+/// As [`stream_raw`]; `n` must be a multiple of `2·LANES`.
+#[inline(always)]
+unsafe fn map_pair_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
+    s: S,
+    op: &M,
+    ptrs: Ptrs<E>,
+    n: usize,
+) {
+    let (w, g) = (2 * S::LANES, GROUP_LOADS * S::LANES);
+    debug_assert!(n.is_multiple_of(w));
     let mut i = 0;
     while i + g <= n {
-        // SAFETY: `i + GROUP_LOADS·LANES <= n` (loop condition), inside the caller's range.
-        unsafe { map_pairs::<S, M, E, { GROUP_LOADS / 2 }>(s, op, (src, x2, dst), i, 0) };
+        // SAFETY: `i + GROUP_LOADS·LANES <= n` (loop condition).
+        unsafe { map_pairs::<S, M, E, { GROUP_LOADS / 2 }>(s, op, ptrs, i, i) };
         i += g;
     }
-    // SAFETY: `i <= n`: the rest of the caller's range.
-    unsafe { stream_raw(s, (src.add(i), x2.add(i), dst.add(i)), n - i, g, op) };
+    if i + w <= n {
+        // SAFETY: `i + 2·LANES <= n` (condition).
+        unsafe { map_pairs::<S, M, E, 1>(s, op, ptrs, i, i) };
+    }
 }
 
 /// `K` pairs of vectors in [`element::load_pair`]'s order, all loaded, then all stored (as
@@ -485,13 +492,11 @@ pub(crate) fn stream_strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
     op: &M,
 ) {
     let l = S::LANES;
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    let ((src, x2, dst), n) = stream_ptrs(&mut io, second);
     if c == 0 || strip == 0 {
         return;
     }
     let rows = n / c;
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
     for k in (0..c).step_by(strip) {
         let w = strip.min(c - k);
         // Larger than the segment: `stream_raw` then takes whole vectors and one partial one,
@@ -544,7 +549,7 @@ pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     op: &impl VectorMap<S>,
 ) {
     let l = S::LANES;
-    let n = second.map_or(io.len(), |x| x.len().min(io.len()));
+    let ((src, x2, dst), n) = stream_ptrs(&mut io, second);
     if c == 0 || first >= c {
         return;
     }
@@ -552,8 +557,6 @@ pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     let rows = n / c;
     let full = width / l;
     let rem = width - full * l;
-    let (src, dst) = io.ptrs();
-    let x2 = second.map_or(src, <[IO::Elem]>::as_ptr);
     for r in 0..rows {
         let base = r * c + first;
         // The whole vectors as one group (stored together: half data converts them in pairs).
