@@ -502,14 +502,26 @@ const CHUNKED_GROUPS: usize = 16;
 /// (Zen 3), AVX2, one thread, NHWC backward, the builds alternated, bf16 256x2048x1x1 386.8 →
 /// 294.4 µs, f16 376.8 → 248.4, bf16 1x2048x7x7 85.5 → 67.9, f16 82.3 → 62.2 (chunked at 2 KiB
 /// too, bf16 1x1024x7x7 went 29.3 → 31.3, so not there).
+///
+/// Half data on rows of 128 to 512 bytes (64 to 256 channels) walk in chunks of 8 rows: there
+/// two register groups share each line of a row, and a tile of such rows outgrows L1, so a
+/// group's walk down the whole tile reads from L2 the lines its neighbour had read. Same host
+/// and method, min of 7 alternated processes, NHWC backward: bf16 1x64x112x112 332.6 → 315.3
+/// µs, 8x64x56x56 664.1 → 623.6, 4x128x56x56 696.1 → 589.3, 1x256x56x56 344.0 → 317.2,
+/// 32x256x14x14 715.0 → 638.5; f16 8x64x56x56 626.0 → 586.3, 1x256x56x56 311.7 → 281.8
+/// (chunks of 4 rows gained less: 3–7%). Not on narrower rows: 8x32x56x56 (64-byte rows) went
+/// 268.6 → 350.6 µs.
 #[inline(always)]
 fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
     let size = std::mem::size_of::<E>();
     let sets = l1_sets_walked(c * size);
     let f32_line = size == 4 && G * S::LANES * size == 64;
-    // Half data, half a line per row: chunked only where every row starts in one set.
-    let half_line = size == 2 && G * S::LANES * size == 32 && sets == 1;
-    if !(f32_line || half_line) {
+    let half_line = size == 2 && G * S::LANES * size == 32;
+    if half_line && (128..=512).contains(&(c * size)) {
+        return 8;
+    }
+    // Otherwise half data is chunked only where every row starts in one set.
+    if !(f32_line || half_line && sets == 1) {
         return KMAX;
     }
     (4 * sets).min(KMAX)

@@ -217,7 +217,8 @@ pub const SWEEP_N: &[usize] = &[1, 2, 5];
 /// as a group of 3; and rows of 2 and 4 KiB in f32 (c = 512, 1024), which the NHWC backward sums
 /// of the AVX2 and portable backends walk in chunks of rows, all the groups of a strip per chunk
 /// (a partial chunk and a partial band of 16 rows here: 21 and 18 rows); and rows of 4 KiB in
-/// half data (c = 2048), walked in chunks there too.
+/// half data (c = 2048), walked in chunks there too, as are half data's rows of 128 to 512 bytes
+/// (chunks of 8 rows: the sweep's c = 64 and 67, and c = 250 here).
 pub const WIDE: &[(usize, usize, usize)] = &[
     (2, 24, 9),
     (3, 48, 5),
