@@ -510,7 +510,7 @@ const CHUNKED_GROUPS: usize = 16;
 /// µs, 8x64x56x56 664.1 → 623.6, 4x128x56x56 696.1 → 589.3, 1x256x56x56 344.0 → 317.2,
 /// 32x256x14x14 715.0 → 638.5; f16 8x64x56x56 626.0 → 586.3, 1x256x56x56 311.7 → 281.8
 /// (chunks of 4 rows gained less: 3–7%). Not on narrower rows: 8x32x56x56 (64-byte rows) went
-/// 268.6 → 350.6 µs.
+/// 268.6 → 350.6 µs; 1 KiB rows gained nothing (1x512x14x14 45.9 → 46.0 µs).
 #[inline(always)]
 fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
     let size = std::mem::size_of::<E>();
