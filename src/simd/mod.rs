@@ -774,5 +774,37 @@ mod tests {
                 assert_eq!(out[i], want, "pair: {b:#010x}");
             }
         }
+        // Every low half (the bits rounded away) under high halves at the rounding's edges (both
+        // parities of the last kept bit, ±0, the largest subnormal and finite values, 1), and no
+        // NaN, so that the pair and group stores take their fast paths throughout.
+        let highs = [
+            0x0000, 0x8000, 0x007F, 0x3F80, 0x3F81, 0x7F7F, 0xFF7E, 0xFF7F,
+        ];
+        let values: Vec<f32> = highs
+            .iter()
+            .flat_map(|&h| (0..=0xFFFFu32).map(move |l| f32::from_bits(h << 16 | l)))
+            .collect();
+        for chunk in values.chunks_exact(2 * lanes) {
+            let v: [S::V; 2] = std::array::from_fn(|h| {
+                let values: Vec<f32> = order[h * lanes..][..lanes]
+                    .iter()
+                    .map(|&i| chunk[i])
+                    .collect();
+                s.load_partial(&values, 0.0)
+            });
+            let plain: [S::V; 2] =
+                std::array::from_fn(|h| s.load_partial(&chunk[h * lanes..], 0.0));
+            let (mut paired, mut grouped) = (vec![0u16; 2 * lanes], vec![0u16; 2 * lanes]);
+            // SAFETY: both buffers hold 2·LANES values.
+            unsafe {
+                s.store_bf16_pair(paired.as_mut_ptr(), v);
+                s.store_bf16_group(grouped.as_mut_ptr(), plain);
+            }
+            for (i, &x) in chunk.iter().enumerate() {
+                let want = half::bf16::from_f32(x).to_bits();
+                assert_eq!(paired[i], want, "pair: {:#010x}", x.to_bits());
+                assert_eq!(grouped[i], want, "group: {:#010x}", x.to_bits());
+            }
+        }
     }
 }
