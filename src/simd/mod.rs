@@ -786,11 +786,11 @@ mod tests {
             .collect();
         for chunk in values.chunks_exact(2 * lanes) {
             let v: [S::V; 2] = std::array::from_fn(|h| {
-                let values: Vec<f32> = order[h * lanes..][..lanes]
+                let in_pair_order: Vec<f32> = order[h * lanes..][..lanes]
                     .iter()
                     .map(|&i| chunk[i])
                     .collect();
-                s.load_partial(&values, 0.0)
+                s.load_partial(&in_pair_order, 0.0)
             });
             let plain: [S::V; 2] =
                 std::array::from_fn(|h| s.load_partial(&chunk[h * lanes..], 0.0));

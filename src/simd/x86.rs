@@ -136,8 +136,7 @@ impl Simd for Avx2Fma {
         unsafe {
             let unordered = _mm256_cmp_ps::<_CMP_UNORD_Q>(even, odd);
             let words = if _mm256_testz_ps(unordered, unordered) == 0 {
-                let (e, o) = (avx2_bf16_high(even), avx2_bf16_high(odd));
-                _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(e), o)
+                avx2_join_high_halves(avx2_bf16_high(even), avx2_bf16_high(odd))
             } else {
                 avx2_bf16_rounded_words(even, odd)
             };
@@ -418,6 +417,14 @@ fn avx2_bf16_rounded_high(v: __m256) -> __m256i {
     }
 }
 
+/// The high 16 bits of each 32-bit lane of `even` in the low half of that lane and those of `odd`
+/// in its high half (a shift and a word blend).
+#[inline(always)]
+fn avx2_join_high_halves(even: __m256i, odd: __m256i) -> __m256i {
+    // SAFETY: AVX2 available (callers hold the token).
+    unsafe { _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(even), odd) }
+}
+
 /// [`avx2_bf16_rounded_high`] of `even` and `odd` (no NaN in either), merged into one vector of
 /// 16-bit lanes, `even`'s value in the low half of each 32-bit lane and `odd`'s in the high half.
 /// The rounding runs once on the merged halves, in 16-bit lanes: the kept high halves `h` and the
@@ -435,7 +442,7 @@ fn avx2_bf16_rounded_words(even: __m256, odd: __m256) -> __m256i {
     // SAFETY: AVX2 available (callers hold the token).
     unsafe {
         let (e, o) = (_mm256_castps_si256(even), _mm256_castps_si256(odd));
-        let high = _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(e), o);
+        let high = avx2_join_high_halves(e, o);
         let low = _mm256_blend_epi16::<0b1010_1010>(e, _mm256_slli_epi32::<16>(o));
         let lsb = _mm256_and_si256(high, _mm256_set1_epi16(1));
         let sum = _mm256_adds_epu16(low, _mm256_add_epi16(lsb, _mm256_set1_epi16(0x7FFE)));
