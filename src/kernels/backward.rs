@@ -511,13 +511,21 @@ const CHUNKED_GROUPS: usize = 16;
 /// 32x256x14x14 715.0 → 638.5; f16 8x64x56x56 626.0 → 586.3, 1x256x56x56 311.7 → 281.8
 /// (chunks of 4 rows gained less: 3–7%). Not on narrower rows: 8x32x56x56 (64-byte rows) went
 /// 268.6 → 350.6 µs; 1 KiB rows gained nothing (1x512x14x14 45.9 → 46.0 µs).
+///
+/// f32 data on rows of 256 bytes to 1 KiB (64 to 256 channels) walk in chunks of 8 rows too: the
+/// x and dy of a tile of such rows (64 Ki values) take 512 KiB, Zen 3's whole L2, so a group's
+/// walk down the whole tile has evicted, by its end, lines its neighbours' walks still read. Same host, min of 9 alternated processes, NHWC f32 backward: 1x64x112x112
+/// 430.4 → 380.9 µs, 8x64x56x56 1027.6 → 897.9, 1x128x56x56 209.3 → 184.7, 1x192x28x28 70.4 →
+/// 63.9, 1x256x56x56 446.0 → 364.3, 32x256x14x14 1098.8 → 966.9 (chunks of 4 rows: 0–4% slower
+/// than 8). Not on 128-byte rows: 1x32x112x112 went 172.7 → 194.5 µs.
 #[inline(always)]
 fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
     let size = std::mem::size_of::<E>();
     let sets = l1_sets_walked(c * size);
     let f32_line = size == 4 && G * S::LANES * size == 64;
     let half_line = size == 2 && G * S::LANES * size == 32;
-    if half_line && (128..=512).contains(&(c * size)) {
+    let row = c * size;
+    if half_line && (128..=512).contains(&row) || f32_line && (256..=1024).contains(&row) {
         return 8;
     }
     // Otherwise half data is chunked only where every row starts in one set.
