@@ -518,14 +518,25 @@ const CHUNKED_GROUPS: usize = 16;
 /// 430.4 → 380.9 µs, 8x64x56x56 1027.6 → 897.9, 1x128x56x56 209.3 → 184.7, 1x192x28x28 70.4 →
 /// 63.9, 1x256x56x56 446.0 → 364.3, 32x256x14x14 1098.8 → 966.9 (chunks of 4 rows: 0–4% slower
 /// than 8). Not on 128-byte rows: 1x32x112x112 went 172.7 → 194.5 µs.
+///
+/// f64 data whose register group's row is two lines (AVX2: 16 channels) walk in chunks of 8 rows
+/// on rows of 512 bytes to 2 KiB (64 to 256 channels), for the same reason. Same host and method
+/// (min of 9): NHWC f64 backward 1x64x112x112 916.9 → 789.4 µs, 8x64x56x56 3100 → 2835,
+/// 1x256x56x56 1149 → 1029, 32x256x14x14 4902 → 3918, 1x128x56x56 349.6 → 355.3 (and 404.6 →
+/// 378.5 in a run of 7). Not on 256-byte rows (1x32x112x112 343.2 → 384.1 µs) nor on rows of 4
+/// and 8 KiB (1x512x14x14 133.9 → 137.8, 2x1024x7x7 140.7 → 143.6).
 #[inline(always)]
 fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
     let size = std::mem::size_of::<E>();
     let sets = l1_sets_walked(c * size);
     let f32_line = size == 4 && G * S::LANES * size == 64;
     let half_line = size == 2 && G * S::LANES * size == 32;
+    let f64_lines = size == 8 && G * S::LANES * size == 128;
     let row = c * size;
-    if half_line && (128..=512).contains(&row) || f32_line && (256..=1024).contains(&row) {
+    if half_line && (128..=512).contains(&row)
+        || f32_line && (256..=1024).contains(&row)
+        || f64_lines && (512..=2048).contains(&row)
+    {
         return 8;
     }
     // Otherwise half data is chunked only where every row starts in one set.
