@@ -514,10 +514,11 @@ const CHUNKED_GROUPS: usize = 16;
 ///
 /// f32 data on rows of 256 bytes to 1 KiB (64 to 256 channels) walk in chunks of 8 rows too: the
 /// x and dy of a tile of such rows (64 Ki values) take 512 KiB, Zen 3's whole L2, so a group's
-/// walk down the whole tile has evicted, by its end, lines its neighbours' walks still read. Same host, min of 9 alternated processes, NHWC f32 backward: 1x64x112x112
-/// 430.4 → 380.9 µs, 8x64x56x56 1027.6 → 897.9, 1x128x56x56 209.3 → 184.7, 1x192x28x28 70.4 →
-/// 63.9, 1x256x56x56 446.0 → 364.3, 32x256x14x14 1098.8 → 966.9 (chunks of 4 rows: 0–4% slower
-/// than 8). Not on 128-byte rows: 1x32x112x112 went 172.7 → 194.5 µs.
+/// walk down the whole tile has evicted, by its end, lines its neighbours' walks still read. Same
+/// host, min of 9 alternated processes, NHWC f32 backward: 1x64x112x112 430.4 → 380.9 µs,
+/// 8x64x56x56 1027.6 → 897.9, 1x128x56x56 209.3 → 184.7, 1x192x28x28 70.4 → 63.9, 1x256x56x56
+/// 446.0 → 364.3, 32x256x14x14 1098.8 → 966.9 (chunks of 4 rows: 0–4% slower than 8). Not on
+/// 128-byte rows: 1x32x112x112 went 172.7 → 194.5 µs.
 ///
 /// f64 data whose register group's row is two lines (AVX2: 16 channels) walk in chunks of 8 rows
 /// on rows of 512 bytes to 2 KiB (64 to 256 channels), for the same reason. Same host and method
@@ -575,8 +576,9 @@ fn grad_sums_chunked<S: Simd<T = E::Param>, E: Element, const G: usize>(
     }
     let (whole, sums) = (width / w, &mut sums[..groups]);
     // The groups' f32 sums since the last fold. Zeroed once here, then group by group as each is
-    // folded: zeroing the whole array every band (a 3 KiB `rep stosb` on AVX2, whose stores the
-    // next loads could not forward from) had cost about a fifth of the walk.
+    // folded: zeroing the whole array every band (on AVX2 a 3 KiB `rep stosb` every 16 rows) made
+    // the sums of an L2-sized f32 NHWC 1x64x16x32 backward take 6.3–7.1 µs instead of 5.2–5.3
+    // (AMD EPYC family 25 model 1, Zen 3, one thread).
     let mut acc = [[[s.zero(); 3]; G]; CHUNKED_GROUPS];
     for band in (0..rows).step_by(KMAX) {
         for rows in (band..(band + KMAX).min(rows)).step_by(chunk) {

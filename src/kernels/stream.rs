@@ -261,10 +261,10 @@ pub(crate) unsafe fn stream_raw<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
     // Periods of at most 512 bytes (NHWC rows of up to 128 f32 channels) go two at a time, each
     // vector of the first beside the same vector of the second, so each parameter lane vector is
     // loaded once for two data vectors (callgrind: 15% fewer instructions on f32 NHWC inference of
-    // 64 channels, 10% on 256). Measured on AMD EPYC family 25 model 1 (Zen 3, AVX2), one thread,
-    // min of 7 alternated processes: NHWC 1x64x112x112 inference 102.9 → 93.9 µs (f32; 0.91–0.94
-    // in three runs), 88.1 → 76.6 (f16), 272.6 → 254.8 (f64), backward 0.96–1.00; on periods of
-    // 1 KiB (256 f32 channels) backward was 8–9% slower, so those keep one period at a time.
+    // 64 channels). Measured on AMD EPYC family 25 model 1 (Zen 3, AVX2), one thread, min of 7
+    // alternated processes: NHWC 1x64x112x112 inference 106.1 → 96.1 µs (f32; 0.91–0.94 in four
+    // runs), 83.0 → 74.3 (f16), 272.6 → 254.8 (f64), backward 0.96–1.00; on periods of 1 KiB
+    // (256 f32 channels) backward was 8–9% slower, so those keep one period at a time.
     let pairs = period * size_of::<E>() <= 512;
     while pairs && i + 2 * period <= n {
         let mut o = 0;
