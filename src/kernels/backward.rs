@@ -533,11 +533,9 @@ fn conflict_free_rows<S: Simd, E: Element, const G: usize>(c: usize) -> usize {
     let f32_line = size == 4 && G * S::LANES * size == 64;
     let half_line = size == 2 && G * S::LANES * size == 32;
     let f64_lines = size == 8 && G * S::LANES * size == 128;
-    let row = c * size;
-    if half_line && (128..=512).contains(&row)
-        || f32_line && (256..=1024).contains(&row)
-        || f64_lines && (512..=2048).contains(&row)
-    {
+    // The three measured rules above (half rows of 128–512 bytes, f32 of 256 bytes–1 KiB, f64 of
+    // 512 bytes–2 KiB) are one: 64 to 256 channels, groups of at most two lines per row.
+    if (half_line || f32_line || f64_lines) && (64..=256).contains(&c) {
         return 8;
     }
     // Otherwise half data is chunked only where every row starts in one set.
