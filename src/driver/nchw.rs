@@ -18,7 +18,7 @@ use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
     AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns,
-    MomentsChannel, MomentsRun, MomentsRuns,
+    MomentsChannel, MomentsRun, MomentsRuns, any_shifted,
 };
 use crate::par::{Parallelism, SharedMut};
 use crate::scratch::{self, Zeroable};
@@ -246,6 +246,7 @@ pub(super) fn normalize<E: Element>(
     // Short runs: tasks of whole consecutive runs (about BLOCK elements), one kernel call each.
     let runs = ctx.shape.n() * ctx.shape.c();
     let per_task = (BLOCK / hw).max(1);
+    let shifted = any_shifted(params);
     ctx.par
         .for_each(runs.div_ceil(per_task), per_task * hw, |t| {
             let first = t * per_task;
@@ -258,6 +259,7 @@ pub(super) fn normalize<E: Element>(
                 run: hw,
                 first,
                 params,
+                shifted,
                 fuse: fuse.range(start, len),
             });
         });
@@ -406,6 +408,7 @@ fn short_runs<E: Element>(
             return;
         };
         let params = make_all(make, first, stats);
+        let shifted = any_shifted(&params);
         for sample in 0..n {
             let (start, len) = ((sample * c + first) * hw, k * hw);
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
@@ -415,6 +418,7 @@ fn short_runs<E: Element>(
                 run: hw,
                 first: 0,
                 params: &params,
+                shifted,
                 fuse: fuse.range(start, len),
             });
         }

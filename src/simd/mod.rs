@@ -116,6 +116,13 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// The vector type.
     type V: Copy;
 
+    /// Runs `k` on this token in an entry point of its own ([`Wide64::vectorize`]): a kernel
+    /// that picks one of several compile-time variants at run time enters the one it picked, so
+    /// that an unoptimized build, which keeps every inlined local in the frame of the function it
+    /// was inlined into, holds one variant's locals on the stack instead of all of them.
+    /// Optimized builds lose nothing but a call per kernel call.
+    fn enter<K: Kernel<T = Self::T>>(self, k: K) -> K::Output;
+
     fn splat(self, x: Self::T) -> Self::V;
     /// Loads `LANES` values from `p`.
     ///
@@ -474,9 +481,9 @@ impl Backend {
             }
             _ => {}
         }
-        // One call site of the portable kernel, so that it is inlined once (three sites
+        // One call site of the portable kernel, so that it is compiled once (three inlined sites
         // tripled the library's code: 6.5 of its 10 MB of text).
-        k.run(K::T::on(Portable))
+        Portable.vectorize(k)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use wide::{f32x8, f64x4};
 
-use super::{Simd, Wide64};
+use super::{Kernel, Real, Simd, Wide64};
 
 /// Token for the portable backend; always available.
 #[derive(Clone, Copy, Debug)]
@@ -13,6 +13,11 @@ impl Simd for Portable {
     const REGISTERS: usize = 16;
     type T = f32;
     type V = f32x8;
+
+    #[inline(always)]
+    fn enter<K: Kernel<T = f32>>(self, k: K) -> K::Output {
+        self.vectorize(k)
+    }
 
     #[inline(always)]
     fn splat(self, x: f32) -> f32x8 {
@@ -177,6 +182,13 @@ impl Simd for Portable {
 }
 
 impl Wide64 for Portable {
+    /// Not inlined: the one instance of each portable kernel, in a frame of its own (an
+    /// unoptimized build would otherwise keep the portable kernel's locals, 0.75 MB for the
+    /// NHWC normalize, in [`super::Backend::dispatch`]'s frame, under every x86 entry point's).
+    #[inline(never)]
+    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
+        k.run(K::T::on(self))
+    }
     #[inline(always)]
     fn sub_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
         [a[0] - b[0], a[1] - b[1]]

@@ -1,11 +1,17 @@
 //! f64 lanes: [`F64`] runs the kernels on a backend's f64 vectors ([`Simd::W`], `LANES` values in
 //! two native vectors on x86), so f64 data goes through the same kernel bodies as f32 data.
 
-use super::{MAX_LANES, Simd};
+#[cfg(doc)]
+use super::Real;
+use super::{Kernel, MAX_LANES, Simd};
 
 /// The operations on a backend's f64 vectors ([`Simd::W`]) that [`F64`] needs beyond those of
 /// [`Simd`] itself.
 pub trait Wide64: Simd<T = f32> {
+    /// Runs `k` in its lane type on this token ([`Real::on`]), in a function compiled for the
+    /// token's instruction set (its `#[target_feature]` entry point; the portable backend's is
+    /// a plain function) and never inlined into an unoptimized caller.
+    fn vectorize<K: Kernel>(self, k: K) -> K::Output;
     fn sub_w(self, a: Self::W, b: Self::W) -> Self::W;
     fn mul_w(self, a: Self::W, b: Self::W) -> Self::W;
     /// `a * b + c`, fused where the backend has FMA.
@@ -44,6 +50,11 @@ impl<B: Wide64> Simd for F64<B> {
     const REGISTERS: usize = B::REGISTERS / 2;
     type T = f64;
     type V = B::W;
+
+    #[inline(always)]
+    fn enter<K: Kernel<T = f64>>(self, k: K) -> K::Output {
+        self.0.vectorize(k)
+    }
 
     #[inline(always)]
     fn splat(self, x: f64) -> B::W {

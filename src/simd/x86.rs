@@ -24,18 +24,6 @@ impl Avx2Fma {
             && is_x86_feature_detected!("f16c"))
         .then_some(Self { _proof: () })
     }
-
-    /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
-    /// compiled for AVX2 + FMA + F16C.
-    #[inline]
-    pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn entry<K: Kernel>(t: Avx2Fma, k: K) -> K::Output {
-            k.run(K::T::on(t))
-        }
-        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
-        unsafe { entry(self, k) }
-    }
 }
 
 impl Simd for Avx2Fma {
@@ -44,6 +32,11 @@ impl Simd for Avx2Fma {
     const BF16_PAIRS_INTERLEAVED: bool = true;
     type T = f32;
     type V = __m256;
+
+    #[inline(always)]
+    fn enter<K: Kernel<T = f32>>(self, k: K) -> K::Output {
+        self.vectorize(k)
+    }
 
     #[inline(always)]
     fn splat(self, x: f32) -> __m256 {
@@ -573,18 +566,6 @@ impl Avx512 {
     pub(crate) fn without_bf16_instructions(self) -> Self {
         Self { bf16: false }
     }
-
-    /// Runs `k` in its lane type on this token ([`Real::on`]), with the whole kernel body
-    /// compiled for AVX-512F/BW/VL.
-    #[inline]
-    pub(crate) fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn entry<K: Kernel>(t: Avx512, k: K) -> K::Output {
-            k.run(K::T::on(t))
-        }
-        // SAFETY: `self` exists, so AVX-512F, BW and VL were detected on this CPU.
-        unsafe { entry(self, k) }
-    }
 }
 
 /// 16 bfloat16 values (bits) widened to f32 (exact): each word moved to the high half of its
@@ -742,6 +723,11 @@ impl Simd for Avx512 {
     const REGISTERS: usize = 32;
     type T = f32;
     type V = __m512;
+
+    #[inline(always)]
+    fn enter<K: Kernel<T = f32>>(self, k: K) -> K::Output {
+        self.vectorize(k)
+    }
 
     #[inline(always)]
     fn splat(self, x: f32) -> __m512 {
@@ -1070,6 +1056,16 @@ impl Simd for Avx512 {
 }
 
 impl Wide64 for Avx2Fma {
+    /// The whole kernel body compiled for AVX2, FMA and F16C.
+    #[inline]
+    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn entry<K: Kernel>(t: Avx2Fma, k: K) -> K::Output {
+            k.run(K::T::on(t))
+        }
+        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
+        unsafe { entry(self, k) }
+    }
     #[inline(always)]
     fn sub_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
         // SAFETY: the token proves AVX is available.
@@ -1146,6 +1142,16 @@ fn avx2_low_mask_pd(n: usize) -> __m256i {
 }
 
 impl Wide64 for Avx512 {
+    /// The whole kernel body compiled for AVX-512F, BW and VL.
+    #[inline]
+    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        fn entry<K: Kernel>(t: Avx512, k: K) -> K::Output {
+            k.run(K::T::on(t))
+        }
+        // SAFETY: `self` exists, so AVX-512F, BW and VL were detected on this CPU.
+        unsafe { entry(self, k) }
+    }
     #[inline(always)]
     fn sub_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
         // SAFETY: the token proves AVX-512F is available.
