@@ -684,49 +684,19 @@ fn column_groups<S: Simd<T = E::Param>, E: Element>(
     out: &mut [GradSums],
 ) {
     if sum_group::<S>() > SUM_GROUP {
-        s.enter(GroupsOf::<E, { 2 * SUM_GROUP }> {
-            xs,
-            c,
-            cols,
-            pivots,
-            out,
-        });
+        s.enter(GroupsOf::<_, _, { 2 * SUM_GROUP }>(
+            s, xs, c, cols, pivots, out,
+        ));
     } else {
-        s.enter(GroupsOf::<E, SUM_GROUP> {
-            xs,
-            c,
-            cols,
-            pivots,
-            out,
-        });
+        s.enter(GroupsOf::<_, _, SUM_GROUP>(s, xs, c, cols, pivots, out));
     }
 }
 
-/// [`groups_of`] as a kernel, entered by [`column_groups`].
-struct GroupsOf<'a, E: Element, const G: usize> {
-    xs: (&'a [E], &'a [E]),
-    c: usize,
-    cols: std::ops::Range<usize>,
-    pivots: &'a [E::Param],
-    out: &'a mut [GradSums],
-}
-
-impl<E: Element, const G: usize> Kernel for GroupsOf<'_, E, G> {
-    type T = E::Param;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = E::Param>>(self, s: S) {
-        let GroupsOf {
-            xs,
-            c,
-            cols,
-            pivots,
-            out,
-        } = self;
-        groups_of::<S, E, G>(s, xs, c, cols, pivots, out)
-    }
-}
+thunk!(GroupsOf['a, S, E: Element, const G: usize] for ['a, S, E, G]
+    (s: S, xs: (&'a [E], &'a [E]), c: usize, cols: std::ops::Range<usize>,
+        pivots: &'a [E::Param], out: &'a mut [GradSums])
+    where [S: Simd<T = E::Param>]
+    -> () => groups_of::<S, E, G>(s, xs, c, cols, pivots, out));
 
 /// [`column_groups`] with `G` vectors per register group.
 #[inline(always)]

@@ -83,7 +83,7 @@ impl<E: Element> Kernel for MomentsRuns<'_, E> {
         }
         if len > SUB_RUN {
             for (slot, run) in self.out.iter_mut().zip(self.x.chunks(len)) {
-                *slot = moments_run(s, run);
+                *slot = s.enter(Run(s, run));
             }
             return;
         }
@@ -129,6 +129,10 @@ impl<E: Element> Kernel for MomentsRuns<'_, E> {
 /// Runs per group of [`MomentsRuns`] (at most [`SUB_RUN`] values in all): as many as
 /// [`Simd::reduce_add_w_each`] reduces at once.
 const GROUP_RUNS: usize = MAX_LANES;
+
+thunk!(Run['a, S, E] for ['a, S, E] (s: S, x: &'a [E])
+    where [S: Simd<T = E::Param>, E: Element]
+    -> ChannelStats => moments_run(s, x));
 
 /// Values per sub-run of [`moments_run`]: 16 KiB, so the second pass reads from L1. A multiple of
 /// every backend's `KMAX · ACCUMULATORS · LANES`.
@@ -222,11 +226,16 @@ fn overlapped_passes<S: Simd<T = E::Param>, E: Element>(
     (stats, (n, mean_of(n, s.reduce_add_w(lane_sums(s, &acc)))))
 }
 
-/// The two passes over one contiguous run: [`strided_two_pass`] with a single run.
+/// The two passes over one contiguous run: [`strided_two_pass`] with a single run, in an entry
+/// point of its own (one call per sub-run of [`moments_run`], which takes it at three places).
 #[inline(always)]
 fn two_pass<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> ChannelStats {
-    strided_two_pass(s, x, x.len(), x.len(), 1)
+    s.enter(TwoPass(s, x))
 }
+
+thunk!(TwoPass['a, S, E] for ['a, S, E] (s: S, x: &'a [E])
+    where [S: Simd<T = E::Param>, E: Element]
+    -> ChannelStats => strided_two_pass(s, x, x.len(), x.len(), 1));
 
 /// Statistics of one whole channel stored as `count` runs of `run` values, run `i` starting at
 /// `i·stride` in `x` (NCHW: one run per sample). Both passes sweep all the runs, so no run is

@@ -167,18 +167,10 @@ trait AffineKernel: Sized {
     fn run_pinned<S: Simd<T = Self::T>, const SHIFT: bool, F: Finish>(self, s: S);
 }
 
-/// `K` pinned to one variant of its map: the kernel [`enter_pinned`] enters.
-struct Pinned<K, const SHIFT: bool, F>(K, F);
-
-impl<K: AffineKernel, const SHIFT: bool, F: Finish> Kernel for Pinned<K, SHIFT, F> {
-    type T = K::T;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = K::T>>(self, s: S) {
-        self.0.run_pinned::<S, SHIFT, F>(s)
-    }
-}
+// `K` pinned to one variant of its map, on token `S`: what `enter_pinned` enters.
+thunk!(Pinned[K, S, const SHIFT: bool, F] for [K, S, SHIFT, F] (k: K, s: S, _finish: F)
+    where [K: AffineKernel, S: Simd<T = K::T>, F: Finish]
+    -> () => k.run_pinned::<S, SHIFT, F>(s));
 
 /// Runs `k` in the variant its parameters and epilogue ask for, each variant (one monomorphized
 /// loop per subtract and epilogue) in an entry point of its own ([`Simd::enter`]). Measured in
@@ -187,10 +179,10 @@ impl<K: AffineKernel, const SHIFT: bool, F: Finish> Kernel for Pinned<K, SHIFT, 
 #[inline(always)]
 fn enter_pinned<S: Simd<T = K::T>, K: AffineKernel>(s: S, k: K) {
     with_shift!(k.shifted(), |SHIFT| match k.epilogue() {
-        (false, false) => s.enter(Pinned::<K, SHIFT, _>(k, Plain)),
-        (false, true) => s.enter(Pinned::<K, SHIFT, _>(k, Relu)),
+        (false, false) => s.enter(Pinned::<_, _, SHIFT, _>(k, s, Plain)),
+        (false, true) => s.enter(Pinned::<_, _, SHIFT, _>(k, s, Relu)),
         // A residual is only fused with ReLU (`relu(bn(x) + z)`).
-        (true, _) => s.enter(Pinned::<K, SHIFT, _>(k, AddRelu)),
+        (true, _) => s.enter(Pinned::<_, _, SHIFT, _>(k, s, AddRelu)),
     })
 }
 

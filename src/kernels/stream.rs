@@ -160,8 +160,13 @@ pub(crate) fn stream<S: Simd<T = Param<IO>>, IO: InOut>(
     period: usize,
     op: &impl VectorMap<S>,
 ) {
-    stream_from(s, io, second, 0, period, op);
+    s.enter(From(s, io, second, 0, period, op));
 }
+
+thunk!(From['a, S, IO: InOut, M] for ['a, S, IO, M]
+    (s: S, io: IO, second: Option<&'a [IO::Elem]>, start: usize, period: usize, op: &'a M)
+    where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
+    -> () => stream_from(s, io, second, start, period, op));
 
 /// [`stream`] for a map that ignores its phase and treats every lane alike (one channel's splat
 /// parameters, or none): its groups go as pairs in [`element::load_pair`]'s order
@@ -186,6 +191,23 @@ pub(crate) fn stream_alike<S: Simd<T = Param<IO>>, IO: InOut>(
 /// [`PeriodicLanes::interleaved`]: super::PeriodicLanes::interleaved
 #[inline(always)]
 pub(crate) fn stream_paired<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
+    s: S,
+    io: IO,
+    second: Option<&[IO::Elem]>,
+    period: usize,
+    ops: (&M, &M),
+) {
+    s.enter(Paired(s, io, second, period, ops));
+}
+
+thunk!(Paired['a, S, IO: InOut, M] for ['a, S, IO, M]
+    (s: S, io: IO, second: Option<&'a [IO::Elem]>, period: usize, ops: (&'a M, &'a M))
+    where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
+    -> () => paired(s, io, second, period, ops));
+
+/// [`stream_paired`]'s walk.
+#[inline(always)]
+fn paired<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
     s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
@@ -486,6 +508,23 @@ pub(crate) fn strip_width<T, E>(period: usize, fields: usize) -> Option<usize> {
 #[inline(always)]
 pub(crate) fn stream_strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
     s: S,
+    io: IO,
+    second: Option<&[IO::Elem]>,
+    cols: (usize, usize, usize),
+    op: &M,
+) {
+    s.enter(Strips(s, io, second, cols, op));
+}
+
+thunk!(Strips['a, S, IO: InOut, M] for ['a, S, IO, M]
+    (s: S, io: IO, second: Option<&'a [IO::Elem]>, cols: (usize, usize, usize), op: &'a M)
+    where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
+    -> () => strips(s, io, second, cols, op));
+
+/// [`stream_strips`]' walk.
+#[inline(always)]
+fn strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
+    s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
     (c, period, strip): (usize, usize, usize),
@@ -543,10 +582,27 @@ pub(crate) fn use_columns<S: Simd>(c: usize, g: usize) -> bool {
 #[inline(always)]
 pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
     s: S,
+    io: IO,
+    second: Option<&[IO::Elem]>,
+    cols: (usize, usize, usize),
+    op: &impl VectorMap<S>,
+) {
+    s.enter(Columns::<_, _, _, G>(s, io, second, cols, op));
+}
+
+thunk!(Columns['a, S, IO: InOut, M, const G: usize] for ['a, S, IO, M, G]
+    (s: S, io: IO, second: Option<&'a [IO::Elem]>, cols: (usize, usize, usize), op: &'a M)
+    where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
+    -> () => columns::<S, IO, M, G>(s, io, second, cols, op));
+
+/// [`stream_columns`]' walk.
+#[inline(always)]
+fn columns<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>, const G: usize>(
+    s: S,
     mut io: IO,
     second: Option<&[IO::Elem]>,
     (c, first, width): (usize, usize, usize),
-    op: &impl VectorMap<S>,
+    op: &M,
 ) {
     let l = S::LANES;
     let ((src, x2, dst), n) = stream_ptrs(&mut io, second);
@@ -623,7 +679,7 @@ pub(crate) fn stream_periods<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
         return;
     }
     stream_columns::<S, _, G>(s, &mut io, second, (period, 0, period), op);
-    stream_from(s, io, second, n / period * period, period, op);
+    s.enter(From(s, io, second, n / period * period, period, op));
 }
 
 /// [`VectorMap::BINARY`] of a map value's type.

@@ -116,12 +116,14 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// The vector type.
     type V: Copy;
 
-    /// Runs `k` on this token in an entry point of its own ([`Wide64::vectorize`]): a kernel
-    /// that picks one of several compile-time variants at run time enters the one it picked, so
+    /// Runs `k` in an entry point of its own, compiled for this token's instruction set (its
+    /// `#[target_feature]` function; the portable backend's is a plain one), never inlined into
+    /// an unoptimized caller. [`Wide64::vectorize`] runs kernels this way, and a kernel that picks
+    /// one of several compile-time variants or paths at run time enters the one it picked, so
     /// that an unoptimized build, which keeps every inlined local in the frame of the function it
     /// was inlined into, holds one variant's locals on the stack instead of all of them.
-    /// Optimized builds lose nothing but a call per kernel call.
-    fn enter<K: Kernel<T = Self::T>>(self, k: K) -> K::Output;
+    /// Optimized builds lose at most a call per entry.
+    fn enter<K: Thunk>(self, k: K) -> K::Output;
 
     fn splat(self, x: Self::T) -> Self::V;
     /// Loads `LANES` values from `p`.
@@ -367,6 +369,14 @@ pub trait Kernel {
     type T: Real;
     type Output;
     fn run<S: Simd<T = Self::T>>(self, s: S) -> Self::Output;
+}
+
+/// A call with its arguments, run by [`Simd::enter`]. `call` must be `#[inline(always)]` and
+/// call only `#[inline(always)]` code (never a closure, which is compiled apart, without the entry
+/// point's instruction set), so that all of it is compiled into the entry point.
+pub trait Thunk {
+    type Output;
+    fn call(self) -> Self::Output;
 }
 
 /// The SIMD instruction set the kernels run on.

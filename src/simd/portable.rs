@@ -2,7 +2,7 @@
 
 use wide::{f32x8, f64x4};
 
-use super::{Kernel, Real, Simd, Wide64};
+use super::{Simd, Thunk, Wide64};
 
 /// Token for the portable backend; always available.
 #[derive(Clone, Copy, Debug)]
@@ -14,9 +14,12 @@ impl Simd for Portable {
     type T = f32;
     type V = f32x8;
 
-    #[inline(always)]
-    fn enter<K: Kernel<T = f32>>(self, k: K) -> K::Output {
-        self.vectorize(k)
+    /// Not inlined: the one instance of each portable kernel, in a frame of its own (an
+    /// unoptimized build would otherwise keep the portable kernel's locals, 0.75 MB for the
+    /// NHWC normalize, in [`super::Backend::dispatch`]'s frame, under every x86 entry point's).
+    #[inline(never)]
+    fn enter<K: Thunk>(self, k: K) -> K::Output {
+        k.call()
     }
 
     #[inline(always)]
@@ -182,13 +185,6 @@ impl Simd for Portable {
 }
 
 impl Wide64 for Portable {
-    /// Not inlined: the one instance of each portable kernel, in a frame of its own (an
-    /// unoptimized build would otherwise keep the portable kernel's locals, 0.75 MB for the
-    /// NHWC normalize, in [`super::Backend::dispatch`]'s frame, under every x86 entry point's).
-    #[inline(never)]
-    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        k.run(K::T::on(self))
-    }
     #[inline(always)]
     fn sub_w(self, a: [f64x4; 2], b: [f64x4; 2]) -> [f64x4; 2] {
         [a[0] - b[0], a[1] - b[1]]

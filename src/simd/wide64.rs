@@ -1,17 +1,17 @@
 //! f64 lanes: [`F64`] runs the kernels on a backend's f64 vectors ([`Simd::W`], `LANES` values in
 //! two native vectors on x86), so f64 data goes through the same kernel bodies as f32 data.
 
-#[cfg(doc)]
-use super::Real;
-use super::{Kernel, MAX_LANES, Simd};
+use super::{Kernel, MAX_LANES, Real, Simd, Thunk};
 
 /// The operations on a backend's f64 vectors ([`Simd::W`]) that [`F64`] needs beyond those of
 /// [`Simd`] itself.
 pub trait Wide64: Simd<T = f32> {
-    /// Runs `k` in its lane type on this token ([`Real::on`]), in a function compiled for the
-    /// token's instruction set (its `#[target_feature]` entry point; the portable backend's is
-    /// a plain function) and never inlined into an unoptimized caller.
-    fn vectorize<K: Kernel>(self, k: K) -> K::Output;
+    /// Runs `k` in its lane type on this token ([`Real::on`]), in an entry point of its own
+    /// ([`Simd::enter`]).
+    #[inline(always)]
+    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
+        self.enter(Vectorize(k, self))
+    }
     fn sub_w(self, a: Self::W, b: Self::W) -> Self::W;
     fn mul_w(self, a: Self::W, b: Self::W) -> Self::W;
     /// `a * b + c`, fused where the backend has FMA.
@@ -24,6 +24,17 @@ pub trait Wide64: Simd<T = f32> {
     fn load_partial_w(self, s: &[f64], fill: f64) -> Self::W;
     /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.
     fn store_partial_w(self, s: &mut [f64], v: Self::W);
+}
+
+/// [`Wide64::vectorize`]'s call: kernel `0` on token `1`, in its lane type.
+struct Vectorize<K, B>(K, B);
+
+impl<K: Kernel, B: Wide64> Thunk for Vectorize<K, B> {
+    type Output = K::Output;
+    #[inline(always)]
+    fn call(self) -> K::Output {
+        self.0.run(K::T::on(self.1))
+    }
 }
 
 /// A backend token computing in f64 lanes: `LANES` f64 values per vector (the backend's
@@ -52,8 +63,8 @@ impl<B: Wide64> Simd for F64<B> {
     type V = B::W;
 
     #[inline(always)]
-    fn enter<K: Kernel<T = f64>>(self, k: K) -> K::Output {
-        self.0.vectorize(k)
+    fn enter<K: Thunk>(self, k: K) -> K::Output {
+        self.0.enter(k)
     }
 
     #[inline(always)]

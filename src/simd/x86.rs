@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Kernel, MAX_LANES, Real, Simd, Wide64};
+use super::{MAX_LANES, Simd, Thunk, Wide64};
 
 /// Rounding of the f32 → binary16 conversions: to nearest, ties to even (the immediate's rounding
 /// field, not MXCSR's).
@@ -33,9 +33,15 @@ impl Simd for Avx2Fma {
     type T = f32;
     type V = __m256;
 
-    #[inline(always)]
-    fn enter<K: Kernel<T = f32>>(self, k: K) -> K::Output {
-        self.vectorize(k)
+    /// `k` compiled for AVX2, FMA and F16C.
+    #[inline]
+    fn enter<K: Thunk>(self, k: K) -> K::Output {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn entry<K: Thunk>(k: K) -> K::Output {
+            k.call()
+        }
+        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
+        unsafe { entry(k) }
     }
 
     #[inline(always)]
@@ -724,9 +730,15 @@ impl Simd for Avx512 {
     type T = f32;
     type V = __m512;
 
-    #[inline(always)]
-    fn enter<K: Kernel<T = f32>>(self, k: K) -> K::Output {
-        self.vectorize(k)
+    /// `k` compiled for AVX-512F, BW and VL.
+    #[inline]
+    fn enter<K: Thunk>(self, k: K) -> K::Output {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        fn entry<K: Thunk>(k: K) -> K::Output {
+            k.call()
+        }
+        // SAFETY: `self` exists, so AVX-512F, BW and VL were detected on this CPU.
+        unsafe { entry(k) }
     }
 
     #[inline(always)]
@@ -1056,16 +1068,6 @@ impl Simd for Avx512 {
 }
 
 impl Wide64 for Avx2Fma {
-    /// The whole kernel body compiled for AVX2, FMA and F16C.
-    #[inline]
-    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn entry<K: Kernel>(t: Avx2Fma, k: K) -> K::Output {
-            k.run(K::T::on(t))
-        }
-        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
-        unsafe { entry(self, k) }
-    }
     #[inline(always)]
     fn sub_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
         // SAFETY: the token proves AVX is available.
@@ -1142,16 +1144,6 @@ fn avx2_low_mask_pd(n: usize) -> __m256i {
 }
 
 impl Wide64 for Avx512 {
-    /// The whole kernel body compiled for AVX-512F, BW and VL.
-    #[inline]
-    fn vectorize<K: Kernel>(self, k: K) -> K::Output {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn entry<K: Kernel>(t: Avx512, k: K) -> K::Output {
-            k.run(K::T::on(t))
-        }
-        // SAFETY: `self` exists, so AVX-512F, BW and VL were detected on this CPU.
-        unsafe { entry(self, k) }
-    }
     #[inline(always)]
     fn sub_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
         // SAFETY: the token proves AVX-512F is available.
