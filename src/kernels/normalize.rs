@@ -26,8 +26,9 @@ pub(crate) struct ChannelAffine<T = f32> {
 
 /// What a fused normalize does after the affine map, on the kernel's range: add a residual `z`
 /// (the same range of a tensor of the output's shape), then ReLU.
+/// (Public only in name, like the traits below: this module is private.)
 #[derive(Debug)]
-pub(crate) struct Fuse<'a, E = f32> {
+pub struct Fuse<'a, E = f32> {
     pub z: Option<&'a [E]>,
     pub relu: bool,
 }
@@ -60,8 +61,9 @@ impl<'a, E> Fuse<'a, E> {
     }
 }
 
-/// The last step of a fused map, applied to its result `y` and the second input `z`.
-trait Finish: Copy + Default {
+/// The last step of a fused map, applied to its result `y` and the second input `z`. (Public
+/// only in name: a bound of [`AffineKernel`], whose kernels implement the crate's [`Kernel`].)
+pub trait Finish: Copy + Default {
     /// Whether `z` is read.
     const BINARY: bool;
     fn finish<S: Simd>(self, s: S, y: S::V, z: S::V) -> S::V;
@@ -156,15 +158,30 @@ impl<'a, E> Fuse<'a, E> {
 }
 
 /// An affine kernel whose map comes in compile-time variants: with or without the subtract
-/// (`SHIFT`), and one epilogue ([`Finish`]) each.
-trait AffineKernel: Sized {
+/// (`SHIFT`), and one epilogue ([`Finish`]) each. Its [`Kernel::run`] ([`enter_pinned`]) runs
+/// the variant it asks for.
+pub trait AffineKernel: Sized {
     type T: Real;
+    type Elem;
+    /// Whether there is nothing to do.
+    fn is_empty(&self) -> bool;
     /// Whether the map subtracts: a shift other than +0 in some channel it reads.
     fn shifted(&self) -> bool;
-    /// Its epilogue's residual if any, and whether it applies ReLU (as [`Fuse`]).
-    fn epilogue(&self) -> (bool, bool);
-    /// The kernel in the variant `SHIFT`, `F` (`F` as [`AffineKernel::epilogue`] asks for).
+    fn fuse(&self) -> Fuse<'_, Self::Elem>;
+    /// The kernel in the variant `SHIFT`, `F` (`F` as [`AffineKernel::fuse`] asks for).
     fn run_pinned<S: Simd<T = Self::T>, const SHIFT: bool, F: Finish>(self, s: S);
+}
+
+impl<K: AffineKernel> Kernel for K {
+    type T = K::T;
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd<T = K::T>>(self, s: S) {
+        if !self.is_empty() {
+            enter_pinned(s, self)
+        }
+    }
 }
 
 // `K` pinned to one variant of its map, on token `S`: what `enter_pinned` enters.
@@ -178,7 +195,8 @@ thunk!(Pinned[K, S, const SHIFT: bool, F] for [K, S, SHIFT, F] (k: K, s: S, _fin
 /// frame took 0.9 MB of stack, 1.5 MB on AVX-512.
 #[inline(always)]
 fn enter_pinned<S: Simd<T = K::T>, K: AffineKernel>(s: S, k: K) {
-    with_shift!(k.shifted(), |SHIFT| match k.epilogue() {
+    let fuse = k.fuse();
+    with_shift!(k.shifted(), |SHIFT| match (fuse.z.is_some(), fuse.relu) {
         (false, false) => s.enter(Pinned::<_, _, SHIFT, _>(k, s, Plain)),
         (false, true) => s.enter(Pinned::<_, _, SHIFT, _>(k, s, Relu)),
         // A residual is only fused with ReLU (`relu(bn(x) + z)`).
@@ -278,23 +296,17 @@ pub(crate) struct AffineRun<'a, IO: InOut> {
     pub fuse: Fuse<'a, IO::Elem>,
 }
 
-impl<IO: InOut> Kernel for AffineRun<'_, IO> {
-    type T = Param<IO>;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        enter_pinned(s, self)
-    }
-}
-
 impl<IO: InOut> AffineKernel for AffineRun<'_, IO> {
     type T = Param<IO>;
+    type Elem = IO::Elem;
+    fn is_empty(&self) -> bool {
+        false
+    }
     fn shifted(&self) -> bool {
         !unshifted(self.p.shift)
     }
-    fn epilogue(&self) -> (bool, bool) {
-        (self.fuse.z.is_some(), self.fuse.relu)
+    fn fuse(&self) -> Fuse<'_, IO::Elem> {
+        self.fuse
     }
     #[inline(always)]
     fn run_pinned<S: Simd<T = Param<IO>>, const SHIFT: bool, F: Finish>(self, s: S) {
@@ -319,26 +331,17 @@ pub(crate) struct AffineRuns<'a, IO: InOut> {
     pub fuse: Fuse<'a, IO::Elem>,
 }
 
-impl<IO: InOut> Kernel for AffineRuns<'_, IO> {
-    type T = Param<IO>;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        if self.params.is_empty() || self.run == 0 {
-            return;
-        }
-        enter_pinned(s, self)
-    }
-}
-
 impl<IO: InOut> AffineKernel for AffineRuns<'_, IO> {
     type T = Param<IO>;
+    type Elem = IO::Elem;
+    fn is_empty(&self) -> bool {
+        self.params.is_empty() || self.run == 0
+    }
     fn shifted(&self) -> bool {
         self.shifted
     }
-    fn epilogue(&self) -> (bool, bool) {
-        (self.fuse.z.is_some(), self.fuse.relu)
+    fn fuse(&self) -> Fuse<'_, IO::Elem> {
+        self.fuse
     }
     #[inline(always)]
     fn run_pinned<S: Simd<T = Param<IO>>, const SHIFT: bool, F: Finish>(mut self, s: S) {
@@ -389,26 +392,17 @@ impl<T: Real> AffineLanes<T> {
     }
 }
 
-impl<IO: InOut> Kernel for AffineRows<'_, IO> {
-    type T = Param<IO>;
-    type Output = ();
-
-    #[inline(always)]
-    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        if self.params.is_empty() {
-            return;
-        }
-        enter_pinned(s, self)
-    }
-}
-
 impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
     type T = Param<IO>;
+    type Elem = IO::Elem;
+    fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
     fn shifted(&self) -> bool {
         self.shifted
     }
-    fn epilogue(&self) -> (bool, bool) {
-        (self.fuse.z.is_some(), self.fuse.relu)
+    fn fuse(&self) -> Fuse<'_, IO::Elem> {
+        self.fuse
     }
     /// The rows, with (`SHIFT`) or without the subtract, then the epilogue `F`.
     #[inline(always)]
