@@ -741,6 +741,7 @@ pub(crate) struct DxParams<T = f32> {
 }
 
 /// [`DxParams`] splat across the lanes.
+#[derive(Clone, Copy)]
 struct SplatDx<V> {
     shift: V,
     r: V,
@@ -773,6 +774,7 @@ impl<S: Simd> VectorMap<S> for SplatDx<S::V> {
 }
 
 /// [`DxParams`] per position of the period.
+#[derive(Clone, Copy)]
 struct PeriodicDx<'a, T> {
     shift: &'a [T],
     r: &'a [T],
@@ -904,6 +906,7 @@ impl<IO: InOut> DxRows<'_, IO> {
 }
 
 /// [`DxParams`] with one parameter vector per vector of a register group.
+#[derive(Clone, Copy)]
 struct GroupDx<V, const G: usize> {
     shift: [V; G],
     r: [V; G],
@@ -972,6 +975,7 @@ pub(crate) struct ReluGrad<'a, IO: InOut> {
     pub y: &'a [IO::Elem],
 }
 
+#[derive(Clone, Copy)]
 struct WherePositive;
 
 impl<S: Simd> VectorMap<S> for WherePositive {

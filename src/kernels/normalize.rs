@@ -102,12 +102,13 @@ impl Finish for AddRelu {
 }
 
 /// `finish(op(x), z)`: a unary map followed by an epilogue, in the same register pass.
-struct Then<'a, M, F> {
-    op: &'a M,
+#[derive(Clone, Copy)]
+struct Then<M, F> {
+    op: M,
     finish: F,
 }
 
-impl<S: Simd, M: VectorMap<S>, F: Finish> VectorMap<S> for Then<'_, M, F> {
+impl<S: Simd, M: VectorMap<S>, F: Finish> VectorMap<S> for Then<M, F> {
     const BINARY: bool = F::BINARY;
     #[inline(always)]
     fn apply(&self, s: S, phase: usize, x: S::V, z: S::V) -> S::V {
@@ -151,9 +152,12 @@ impl<'a, E> Fuse<'a, E> {
     /// `op` followed by the epilogue `F`, and the residual to stream beside the input (none
     /// unless `F` reads one). [`enter_pinned`] picks `F` from this `Fuse`.
     #[inline(always)]
-    fn then<M, F: Finish>(self, op: &M) -> (Then<'_, M, F>, Option<&'a [E]>) {
+    fn then<M: Copy, F: Finish>(self, op: &M) -> (Then<M, F>, Option<&'a [E]>) {
         let finish = F::default();
-        (Then { op, finish }, if F::BINARY { self.z } else { None })
+        (
+            Then { op: *op, finish },
+            if F::BINARY { self.z } else { None },
+        )
     }
 }
 
@@ -205,6 +209,7 @@ fn enter_pinned<S: Simd<T = K::T>, K: AffineKernel>(s: S, k: K) {
 }
 
 /// `scale·(x − shift) + bias` with the same parameters in every lane.
+#[derive(Clone, Copy)]
 struct Splat<V, const SHIFT: bool> {
     shift: V,
     scale: V,
@@ -231,6 +236,7 @@ impl<S: Simd, const SHIFT: bool> VectorMap<S> for Splat<S::V, SHIFT> {
 }
 
 /// `scale[p]·(x − shift[p]) + bias[p]` with parameters per position of the period.
+#[derive(Clone, Copy)]
 struct Periodic<'a, T, const SHIFT: bool> {
     shift: &'a [T],
     scale: &'a [T],
@@ -252,6 +258,7 @@ impl<S: Simd, const SHIFT: bool> VectorMap<S> for Periodic<'_, S::T, SHIFT> {
 }
 
 /// `scale·(x − shift) + bias` with one parameter vector per vector of a register group.
+#[derive(Clone, Copy)]
 struct GroupAffine<V, const G: usize, const SHIFT: bool> {
     shift: [V; G],
     scale: [V; G],

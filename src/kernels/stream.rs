@@ -65,7 +65,12 @@ impl<E: Element> InOut for Io<'_, E> {
 /// A lane-wise map applied by [`stream`]. A trait with `#[inline(always)]` methods rather than a
 /// closure: a closure may be compiled out of line, outside the target-feature entry point, where its
 /// intrinsics would become calls.
-pub(crate) trait VectorMap<S: Simd> {
+///
+/// `Copy`, so that each walk entered through [`Simd::enter`] works on a copy of its own (the
+/// thunks below copy it): a map reached through a reference that crossed the entry point stays in memory,
+/// since the walk's stores through raw pointers might alias it, and its parameter vectors are
+/// then reloaded for every vector.
+pub(crate) trait VectorMap<S: Simd>: Copy {
     /// Whether `apply` reads its second input (else the second load is skipped).
     const BINARY: bool = false;
     /// The output for input vectors `x` (and `x2` for two-input maps) at `phase`, the offset of the
@@ -181,7 +186,7 @@ pub(crate) fn stream<S: Simd<T = Param<IO>>, IO: InOut>(
 thunk!(From['a, S, IO: InOut, M] for ['a, S, IO, M]
     (s: S, io: IO, second: Option<&'a [IO::Elem]>, start: usize, period: usize, op: &'a M)
     where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
-    -> () => stream_from(s, io, second, start, period, op));
+    -> () => stream_from(s, io, second, start, period, &{ *op }));
 
 /// [`stream`] for a map that ignores its phase and treats every lane alike (one channel's splat
 /// parameters, or none): its groups go as pairs in [`element::load_pair`]'s order
@@ -218,7 +223,7 @@ pub(crate) fn stream_paired<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
 thunk!(Paired['a, S, IO: InOut, M] for ['a, S, IO, M]
     (s: S, io: IO, second: Option<&'a [IO::Elem]>, period: usize, ops: (&'a M, &'a M))
     where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
-    -> () => paired(s, io, second, period, ops));
+    -> () => paired(s, io, second, period, (&{ *ops.0 }, &{ *ops.1 })));
 
 /// [`stream_paired`]'s walk.
 #[inline(always)]
@@ -507,12 +512,13 @@ unsafe fn map_pairs<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K:
 }
 
 /// `op` with its phases offset by `phase0`: a segment of a period streamed on its own.
-struct Offset<'a, M> {
-    op: &'a M,
+#[derive(Clone, Copy)]
+struct Offset<M> {
+    op: M,
     phase0: usize,
 }
 
-impl<S: Simd, M: VectorMap<S>> VectorMap<S> for Offset<'_, M> {
+impl<S: Simd, M: VectorMap<S>> VectorMap<S> for Offset<M> {
     const BINARY: bool = M::BINARY;
     #[inline(always)]
     fn apply(&self, s: S, phase: usize, x: S::V, x2: S::V) -> S::V {
@@ -561,7 +567,7 @@ pub(crate) fn stream_strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
 thunk!(Strips['a, S, IO: InOut, M] for ['a, S, IO, M]
     (s: S, io: IO, second: Option<&'a [IO::Elem]>, cols: (usize, usize, usize), op: &'a M)
     where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
-    -> () => strips(s, io, second, cols, op));
+    -> () => strips(s, io, second, cols, &{ *op }));
 
 /// [`stream_strips`]' walk.
 #[inline(always)]
@@ -586,7 +592,7 @@ fn strips<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>>(
         for r in 0..rows {
             let e = r * c + k;
             let seg = Offset {
-                op,
+                op: *op,
                 phase0: e % period,
             };
             // SAFETY: `e + w ≤ rows·c ≤ n`, and the pointers are valid for `n` elements (as in
@@ -635,7 +641,7 @@ pub(crate) fn stream_columns<S: Simd<T = Param<IO>>, IO: InOut, const G: usize>(
 thunk!(Columns['a, S, IO: InOut, M, const G: usize] for ['a, S, IO, M, G]
     (s: S, io: IO, second: Option<&'a [IO::Elem]>, cols: (usize, usize, usize), op: &'a M)
     where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
-    -> () => columns::<S, IO, M, G>(s, io, second, cols, op));
+    -> () => columns::<S, IO, M, G>(s, io, second, cols, &{ *op }));
 
 /// [`stream_columns`]' walk.
 #[inline(always)]
