@@ -212,6 +212,13 @@ pub(crate) fn is_bf16<E: Element>() -> bool {
     E::KIND == Kind::Bf16
 }
 
+/// Whether [`load_pair`] of `E` on `S` loads in another order than two [`load`]s: bfloat16 on a
+/// backend whose pairs interleave ([`Simd::BF16_PAIRS_INTERLEAVED`]).
+#[inline(always)]
+pub(crate) fn pairs_reordered<S: Simd, E: Element>() -> bool {
+    S::BF16_PAIRS_INTERLEAVED && matches!(E::KIND, Kind::Bf16)
+}
+
 /// `2·LANES` values of type `E` at `p` as two vectors, in [`Simd::load_bf16_pair`]'s order for
 /// bfloat16 and in order otherwise: for maps that treat every lane alike, whose results
 /// [`store_pair`] puts back in place.

@@ -453,15 +453,31 @@ unsafe fn map_pair_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
 ) {
     let (w, g) = (2 * S::LANES, GROUP_LOADS * S::LANES);
     debug_assert!(n.is_multiple_of(w));
+    // Pairs in the plain order are the vectors of a group: stored as one group, half data is
+    // converted and checked once per group (AVX512-BF16: one output check per four vectors, not
+    // per pair). Zen 4, bf16 NCHW 1x64x112x112: inference 40.8 → 38.7 µs, backward 133.6 → 130.9.
+    let reordered = element::pairs_reordered::<S, E>();
     let mut i = 0;
     while i + g <= n {
         // SAFETY: `i + GROUP_LOADS·LANES <= n` (loop condition).
-        unsafe { map_pairs::<S, M, E, { GROUP_LOADS / 2 }>(s, op, ptrs, i, i) };
+        unsafe {
+            if reordered {
+                map_pairs::<S, M, E, { GROUP_LOADS / 2 }>(s, op, ptrs, i, i);
+            } else {
+                map_group::<S, M, E, 1, GROUP_LOADS>(s, op, ptrs, [i], i);
+            }
+        }
         i += g;
     }
     if i + w <= n {
         // SAFETY: `i + 2·LANES <= n` (condition).
-        unsafe { map_pairs::<S, M, E, 1>(s, op, ptrs, i, i) };
+        unsafe {
+            if reordered {
+                map_pairs::<S, M, E, 1>(s, op, ptrs, i, i);
+            } else {
+                map_group::<S, M, E, 1, 2>(s, op, ptrs, [i], i);
+            }
+        }
     }
 }
 
