@@ -206,6 +206,28 @@ pub(crate) unsafe fn store<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v
     }
 }
 
+/// Stores the lanes of `v` at `p` as [`store`] does, past the caches for f32 data
+/// ([`Simd::store_stream_ptr`]); other types store as [`store`].
+///
+/// # Safety
+/// As [`store`]; for f32 data `p` must also be aligned to `LANES` values.
+#[inline(always)]
+pub(crate) unsafe fn store_stream<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v: S::V) {
+    // SAFETY: forwarded to the caller; `KIND` names `E`'s layout.
+    unsafe {
+        match E::KIND {
+            Kind::F32 => s.store_stream_ptr(p.cast(), v),
+            _ => store(s, p, v),
+        }
+    }
+}
+
+/// Whether [`store_stream`] bypasses the caches for `E` (f32 data).
+#[inline(always)]
+pub(crate) fn streams<E: Element>() -> bool {
+    E::KIND == Kind::F32
+}
+
 /// Whether `E` is bfloat16 (whose pairs may load in another order, [`load_pair`]).
 #[inline(always)]
 pub(crate) fn is_bf16<E: Element>() -> bool {

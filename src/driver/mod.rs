@@ -21,6 +21,21 @@ use crate::{ChannelStats, Layout, Parallelism, Shape};
 /// Large enough to amortize task and fold overheads, small enough to stay in L2 with its output.
 pub(crate) const BLOCK: usize = 16 * 1024;
 
+/// Whether a pass that reads `x` and writes a separate output of `len` elements of `E` stores
+/// the output past the caches: the two tensors together exceed the last-level cache
+/// ([`crate::simd::llc_bytes`]), so plain stores would first read each output line from memory
+/// and evict data a later pass could reuse. In place, the lines are read anyway: plain stores.
+/// f32 data only (the kernels' streaming stores are f32 vectors).
+///
+/// Measured on AMD EPYC family 25 model 17 (Zen 4, 32 MiB L3), one thread, y = a·x + b over f32
+/// in a standalone loop: 6 422 528 values (51 MB in all) 1577 µs plain, 1210 µs past the caches;
+/// 1 605 632 values (13 MB, in L3) 170 µs plain, 235 µs past the caches.
+pub(crate) fn streaming_output<E: Element>(src: Src<'_, E>, len: usize) -> bool {
+    let separate = matches!(src, Src::Separate(_)) && crate::element::streams::<E>();
+    let bytes = len.saturating_mul(2 * size_of::<E>());
+    separate && crate::simd::llc_bytes().is_some_and(|llc| bytes > llc)
+}
+
 /// What a driver needs to know about a call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ctx {
@@ -367,4 +382,61 @@ fn stage_blocks<E: Element>(ctx: &Ctx, grad: Grad<'_, E>, out: &mut [E]) {
         // SAFETY: each block is visited once and blocks are disjoint.
         unsafe { grad.stage(ctx, &out, start, len) };
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BatchNorm, Epilogue, RunningStats};
+
+    /// Inference of a tensor larger than the last-level cache, whose output is stored past the
+    /// caches, equals the same inference in place (plain stores) bit for bit, on every backend,
+    /// NCHW with long runs (pieces) and short ones (runs), with and without a fused residual.
+    /// Skipped where the cache size is unknown (not x86-64) or over 128 MiB (the tensors would
+    /// take over 1 GiB).
+    #[test]
+    fn inference_past_the_caches_matches_in_place() {
+        let Some(llc) = crate::simd::llc_bytes().filter(|&b| b <= 128 << 20) else {
+            return;
+        };
+        let len = llc / 4 + 4096;
+        for (c, hw) in [(3, len.div_ceil(3 * 2) + 17), (64, 3137)] {
+            let n = len.div_ceil(c * hw);
+            let shape = Shape::new(n, c, hw).unwrap();
+            let x: Vec<f32> = (0..shape.len())
+                .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
+                .collect();
+            assert!(streaming_output(Src::Separate(&x), shape.len()));
+            assert!(!streaming_output(Src::<f32>::InPlace, shape.len()));
+            let mean: Vec<f32> = (0..c).map(|k| k as f32 * 0.1).collect();
+            let var: Vec<f32> = (0..c).map(|k| 1.0 + k as f32).collect();
+            let running = RunningStats {
+                mean: &mean,
+                var: &var,
+            };
+            let z: Vec<f32> = x.iter().map(|v| -v * 0.5).collect();
+            for backend in crate::Backend::available() {
+                let bn = BatchNorm::on_backend(shape, Layout::Nchw, backend).unwrap();
+                for residual in [false, true] {
+                    let epilogue = if residual {
+                        Epilogue::AddRelu(&z)
+                    } else {
+                        Epilogue::None
+                    };
+                    let mut y = vec![0.0f32; shape.len()];
+                    bn.inference_fused(&x, &mut y, None, running, epilogue)
+                        .unwrap();
+                    let mut in_place = x.clone();
+                    bn.inference_fused_in_place(&mut in_place, None, running, epilogue)
+                        .unwrap();
+                    assert!(
+                        y.iter()
+                            .zip(&in_place)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{backend:?} C {c} HW {hw} residual {residual}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@
 
 use super::{
     BLOCK, ChannelAffine, Ctx, Fuse, Grad, Make, MakeAffine, MakeDx, Src, check_stats, check_sums,
-    exact_sums, make_all, make_one,
+    exact_sums, make_all, make_one, streaming_output,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -221,12 +221,18 @@ fn affine_piece<E: Element>(
     out: &SharedMut<'_, E>,
     piece: Piece,
     p: &ChannelAffine<E::Param>,
+    streaming: bool,
 ) {
     // SAFETY: every piece is applied exactly once and pieces are disjoint, so no other live slice
     // overlaps this one.
     let io = unsafe { src.io(out, piece.offset, piece.len) };
     let fuse = fuse.range(piece.offset, piece.len);
-    ctx.backend.dispatch(AffineRun { io, p: *p, fuse });
+    ctx.backend.dispatch(AffineRun {
+        io,
+        p: *p,
+        fuse,
+        streaming,
+    });
 }
 
 pub(super) fn normalize<E: Element>(
@@ -236,11 +242,12 @@ pub(super) fn normalize<E: Element>(
     params: &[ChannelAffine<E::Param>],
 ) {
     let hw = ctx.shape.hw();
+    let streaming = streaming_output(src, dst.len());
     let out = SharedMut::new(dst);
     if hw > BLOCK {
         let pieces = Pieces::new(ctx);
         return pieces.for_each_in_memory_order(ctx, |p| {
-            affine_piece(ctx, (src, fuse), &out, p, &params[p.c])
+            affine_piece(ctx, (src, fuse), &out, p, &params[p.c], streaming)
         });
     }
     // Short runs: tasks of whole consecutive runs (about BLOCK elements), one kernel call each.
@@ -261,6 +268,7 @@ pub(super) fn normalize<E: Element>(
                 params,
                 shifted,
                 fuse: fuse.range(start, len),
+                streaming,
             });
         });
 }
@@ -284,7 +292,7 @@ pub(super) fn training<E: Element>(
         return short_runs(ctx, x, Some((&out, make, fuse)), stats);
     }
     let src = (Src::Separate(x), fuse);
-    let apply = |p: Piece, a: &ChannelAffine<E::Param>| affine_piece(ctx, src, &out, p, a);
+    let apply = |p: Piece, a: &ChannelAffine<E::Param>| affine_piece(ctx, src, &out, p, a, false);
     pipeline(
         ctx,
         |p| piece_stats(ctx, x, p),
@@ -420,6 +428,7 @@ fn short_runs<E: Element>(
                 params: &params,
                 shifted,
                 fuse: fuse.range(start, len),
+                streaming: false,
             });
         }
     });

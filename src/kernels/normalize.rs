@@ -10,8 +10,8 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_alike, stream_columns, stream_paired, stream_periods, stream_run, stream_strips,
-    strip_width, use_columns,
+    stream_alike, stream_alike_nt, stream_columns, stream_paired, stream_periods, stream_run,
+    stream_run_nt, stream_strips, strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -301,6 +301,9 @@ pub(crate) struct AffineRun<'a, IO: InOut> {
     pub p: ChannelAffine<Param<IO>>,
     /// On the same range as `io`.
     pub fuse: Fuse<'a, IO::Elem>,
+    /// Store the output past the caches ([`stream_run_nt`]): the tensors are larger than the
+    /// last-level cache.
+    pub streaming: bool,
 }
 
 impl<IO: InOut> AffineKernel for AffineRun<'_, IO> {
@@ -317,11 +320,61 @@ impl<IO: InOut> AffineKernel for AffineRun<'_, IO> {
     }
     #[inline(always)]
     fn run_pinned<S: Simd<T = Param<IO>>, const SHIFT: bool, F: Finish>(self, s: S) {
+        if self.streaming {
+            return s.enter(RunPastCaches::<_, _, SHIFT, _>(s, self, F::default()));
+        }
         let op = Splat::<S::V, SHIFT>::new(s, &self.p);
         let (op, z) = self.fuse.then::<_, F>(&op);
         stream_alike(s, self.io, z, &op)
     }
 }
+
+thunk!(RunPastCaches['a, S, IO: InOut, const SHIFT: bool, F]
+for ['a, S, IO, SHIFT, F] (s: S, k: AffineRun<'a, IO>, _finish: F)
+where [S: Simd<T = Param<IO>>, F: Finish]
+-> () => {
+    let op = Splat::<S::V, SHIFT>::new(s, &k.p);
+    let (op, z) = k.fuse.then::<_, F>(&op);
+    stream_alike_nt(s, k.io, z, &op);
+    s.stream_fence();
+});
+
+impl<IO: InOut> AffineRuns<'_, IO> {
+    /// The runs' channels and ranges: `(channel, start, len)` for each run, `n` elements in all.
+    #[inline(always)]
+    fn runs(&self, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (c, run) = (self.params.len(), self.run);
+        (0..n.div_ceil(run)).map(move |r| ((self.first + r) % c, r * run, run.min(n - r * run)))
+    }
+
+    /// Elements the kernel covers: the stream's, or its residual's if shorter.
+    #[inline(always)]
+    fn covered(&self) -> usize {
+        self.fuse
+            .z
+            .map_or(self.io.len(), |z| z.len().min(self.io.len()))
+    }
+}
+
+thunk!(RunsPastCaches['a, S, IO: InOut, const SHIFT: bool, F]
+for ['a, S, IO, SHIFT, F] (s: S, k: AffineRuns<'a, IO>, _finish: F)
+where [S: Simd<T = Param<IO>>, F: Finish]
+-> () => {
+    let mut k = k;
+    let n = k.covered();
+    let (src, dst) = k.io.ptrs();
+    for (ch, start, len) in k.runs(n) {
+        let op = Splat::<S::V, SHIFT>::new(s, &k.params[ch]);
+        let (op, z) = k.fuse.then::<_, F>(&op);
+        let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
+        // SAFETY: `start + len <= n`, the length `ptrs` (and the residual) are valid for.
+        unsafe {
+            let p = (src.add(start), x2.add(start), dst.add(start));
+            stream_run_nt(s, p, len, &op);
+        }
+    }
+    s.stream_fence();
+});
 
 /// `y = scale[c]·(x − shift[c]) + bias[c]` over consecutive runs of `run` elements, one channel per
 /// run, channels cycling through `0..shift.len()` starting at `first` (NCHW memory order), then
@@ -336,6 +389,9 @@ pub(crate) struct AffineRuns<'a, IO: InOut> {
     pub shifted: bool,
     /// On the same range as `io` (its residual at least `io.len()` long).
     pub fuse: Fuse<'a, IO::Elem>,
+    /// Store the output past the caches ([`stream_run_nt`]): the tensors are larger than the
+    /// last-level cache.
+    pub streaming: bool,
 }
 
 impl<IO: InOut> AffineKernel for AffineRuns<'_, IO> {
@@ -352,11 +408,11 @@ impl<IO: InOut> AffineKernel for AffineRuns<'_, IO> {
     }
     #[inline(always)]
     fn run_pinned<S: Simd<T = Param<IO>>, const SHIFT: bool, F: Finish>(mut self, s: S) {
+        if self.streaming {
+            return s.enter(RunsPastCaches::<_, _, SHIFT, _>(s, self, F::default()));
+        }
         let c = self.params.len();
-        let n = self
-            .fuse
-            .z
-            .map_or(self.io.len(), |z| z.len().min(self.io.len()));
+        let n = self.covered();
         let (src, dst) = self.io.ptrs();
         let (mut ch, mut start) = (self.first % c, 0);
         while start < n {
@@ -457,3 +513,120 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
 }
 // SAFETY: plain f32/f64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
 unsafe impl<T: Real> crate::scratch::Zeroable for ChannelAffine<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::stream::Io;
+    use crate::simd::Backend;
+
+    /// Values with every kind of f32 bit pattern the map meets: ordinary ones of both signs,
+    /// ±0, subnormals, NaN and ±Inf.
+    fn values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 23 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -0.0,
+                3 => f32::from_bits(0x0000_0031),
+                4 => f32::NEG_INFINITY,
+                _ => (i as f32 * 0.37 - 40.0) * if i % 2 == 0 { 1.0 } else { -1.5 },
+            })
+            .collect()
+    }
+
+    /// The kernels that store past the caches (`streaming`) write exactly what the plain ones
+    /// write, bit for bit, and nothing outside their range: on every backend, every start of the
+    /// output within a 64-byte line (the peeled head), lengths around the group size and primes,
+    /// separate and in place, each epilogue, one run and consecutive runs of three channels.
+    #[test]
+    fn streaming_stores_match_plain_stores() {
+        let params = [
+            ChannelAffine {
+                shift: 1.5,
+                scale: 0.75,
+                bias: -2.0,
+            },
+            ChannelAffine {
+                shift: 0.0,
+                scale: -3.0,
+                bias: 0.5,
+            },
+            ChannelAffine {
+                shift: -7.0,
+                scale: 1e-3,
+                bias: 1e3,
+            },
+        ];
+        let lengths = [0, 1, 15, 16, 17, 63, 64, 65, 97, 191, 257, 1031];
+        for backend in Backend::available() {
+            for &n in &lengths {
+                // 16 guard values on either side; `off` moves the output's start within a line.
+                for off in 0..16 {
+                    let x = values(n + 32);
+                    let z = values(n + 32).into_iter().rev().collect::<Vec<_>>();
+                    for relu in [false, true] {
+                        for residual in [false, true] {
+                            let run = |streaming: bool, in_place: bool| {
+                                let mut out = vec![f32::from_bits(0x7FC0_1234); n + 32];
+                                let range = off..off + n;
+                                if in_place {
+                                    out[range.clone()].copy_from_slice(&x[range.clone()]);
+                                }
+                                let dst = &mut out[range.clone()];
+                                let io = if in_place {
+                                    Io::InPlace(dst)
+                                } else {
+                                    Io::Separate(&x[range.clone()], dst)
+                                };
+                                let fz = Fuse {
+                                    z: residual.then_some(&z[range.clone()]),
+                                    relu: relu || residual,
+                                };
+                                if n % 2 == 0 {
+                                    backend.dispatch(AffineRun {
+                                        io,
+                                        p: params[0],
+                                        fuse: fz,
+                                        streaming,
+                                    });
+                                } else {
+                                    backend.dispatch(AffineRuns {
+                                        io,
+                                        run: n.div_ceil(3).max(1),
+                                        first: 1,
+                                        params: &params,
+                                        shifted: true,
+                                        fuse: fz,
+                                        streaming,
+                                    });
+                                }
+                                out
+                            };
+                            for in_place in [false, true] {
+                                let plain = run(false, in_place);
+                                let streamed = run(true, in_place);
+                                let bits =
+                                    |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(
+                                    bits(&plain),
+                                    bits(&streamed),
+                                    "{backend:?} n {n} offset {off} relu {relu} residual \
+                                     {residual} in place {in_place}"
+                                );
+                                let guard = 0x7FC0_1234;
+                                assert!(
+                                    streamed[..off]
+                                        .iter()
+                                        .chain(&streamed[off + n..])
+                                        .all(|v| v.to_bits() == guard),
+                                    "{backend:?} n {n} offset {off}: wrote outside its range"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -203,6 +203,20 @@ pub(crate) fn stream_alike<S: Simd<T = Param<IO>>, IO: InOut>(
     unsafe { stream_alike_raw(s, ptrs, n, op) }
 }
 
+/// [`stream_alike`] with the output stored past the caches ([`stream_run_nt`]). The caller calls
+/// [`Simd::stream_fence`] after its last such walk.
+#[inline(always)]
+pub(crate) fn stream_alike_nt<S: Simd<T = Param<IO>>, IO: InOut>(
+    s: S,
+    mut io: IO,
+    second: Option<&[IO::Elem]>,
+    op: &impl VectorMap<S>,
+) {
+    let (ptrs, n) = stream_ptrs(&mut io, second);
+    // SAFETY: the pointers are valid for `n` elements (`stream_ptrs`).
+    unsafe { stream_run_nt(s, ptrs, n, op) }
+}
+
 /// [`stream`] of a periodic map on bfloat16 data whose pairs interleave: each whole period goes
 /// as pairs through `paired`, the same map on [`PeriodicLanes::interleaved`] lanes, the rest
 /// (less than a period) through `plain` as [`stream`] does. `period` must be a multiple of
@@ -412,6 +426,60 @@ pub(crate) unsafe fn stream_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
     unsafe { stream_alike_raw(s, (src, x2, dst), whole, op) };
     // SAFETY: as the loads above.
     unsafe { element::store(s, dst.add(n - l), op.apply(s, 0, a, b)) };
+}
+
+/// [`stream_run`] with the output stored past the caches where the data is f32
+/// ([`element::store_stream`]): for outputs too large to stay in the last-level cache, whose
+/// plain stores would first read every output line from memory. The elements before the first
+/// output vector aligned to its size, and the rest after the last whole group of
+/// [`GROUP_LOADS`] vectors, go through [`stream_raw`]; other data goes through it whole. The
+/// caller calls [`Simd::stream_fence`] after its last such walk, and runs this walk in an entry
+/// point of its own (the kernels' plain walks inlined beside it would double an unoptimized
+/// build's frame).
+///
+/// # Safety
+/// As [`stream_raw`].
+#[inline(always)]
+pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
+    s: S,
+    (src, x2, dst): Ptrs<E>,
+    n: usize,
+    op: &M,
+) {
+    let l = S::LANES;
+    let g = GROUP_LOADS * l;
+    let (head, end) = if element::streams::<E>() {
+        let size = std::mem::size_of::<E>();
+        let vector = l * size;
+        // `dst` is aligned to `size` (a slice's pointer), so the head is whole elements.
+        let head = ((vector - dst as usize % vector) % vector / size).min(n);
+        (head, head + (n - head) / g * g)
+    } else {
+        (n, n)
+    };
+    // SAFETY: `head <= n`: inside the caller's range.
+    unsafe { stream_raw(s, (src, x2, dst), head, g, op) };
+    let mut i = head;
+    while i < end {
+        // SAFETY: `i + GROUP_LOADS·LANES <= end <= n`; every vector of the group is read before
+        // any is written (in place stays exact); `dst + i` is aligned to a vector, since `dst +
+        // head` is and `i − head` is whole vectors.
+        unsafe {
+            let a: [S::V; GROUP_LOADS] =
+                std::array::from_fn(|k| element::load(s, src.add(i + k * l)));
+            let b: [S::V; GROUP_LOADS] = if M::BINARY {
+                std::array::from_fn(|k| element::load(s, x2.add(i + k * l)))
+            } else {
+                a
+            };
+            for k in 0..GROUP_LOADS {
+                element::store_stream(s, dst.add(i + k * l), op.apply(s, 0, a[k], b[k]));
+            }
+        }
+        i += g;
+    }
+    // SAFETY: `end <= n`: the rest of the caller's range.
+    unsafe { stream_raw(s, (src.add(end), x2.add(end), dst.add(end)), n - end, g, op) };
 }
 
 /// [`stream_raw`] for a map that treats every lane alike (see [`stream_run`]): groups of

@@ -36,6 +36,20 @@ pub(crate) fn l1d_bytes() -> usize {
     })
 }
 
+/// Size of the last-level cache of the CPU running the process, read once from CPUID's cache
+/// descriptors as [`l1d_bytes`] reads L1 (the host's whole L3 where a virtual machine reports
+/// it; between 256 KiB and 1 GiB, else `None`); `None` on other architectures. Outputs of
+/// tensors larger than it are stored past the caches.
+pub(crate) fn llc_bytes() -> Option<usize> {
+    static LLC: OnceLock<Option<usize>> = OnceLock::new();
+    *LLC.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        return x86::llc_bytes().filter(|b| (256 << 10..=1 << 30).contains(b));
+        #[allow(unreachable_code)]
+        None
+    })
+}
+
 /// Largest lane count of any backend (AVX-512: 16 × f32).
 pub(crate) const MAX_LANES: usize = 16;
 
@@ -136,6 +150,22 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for writing `LANES` consecutive values.
     unsafe fn store_ptr(self, p: *mut Self::T, v: Self::V);
+    /// Stores `LANES` values to `p` past the caches where the backend can (a non-temporal
+    /// store: the line is not read before it is written, nor kept), for outputs too large to stay
+    /// in the last-level cache. Such stores are weakly ordered: the writer calls
+    /// [`Simd::stream_fence`] after its last one. The default is [`Simd::store_ptr`].
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive values and aligned to `LANES` values.
+    #[inline(always)]
+    unsafe fn store_stream_ptr(self, p: *mut Self::T, v: Self::V) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.store_ptr(p, v) }
+    }
+    /// Orders the [`Simd::store_stream_ptr`] stores before any later store (`sfence` on x86),
+    /// so that another thread that sees a later store sees them too. The default does nothing.
+    #[inline(always)]
+    fn stream_fence(self) {}
     /// Loads `LANES` IEEE binary16 values (their bits) from `p`, widened to f32 (exact).
     ///
     /// # Safety

@@ -60,6 +60,17 @@ impl Simd for Avx2Fma {
         unsafe { _mm256_storeu_ps(p, v) }
     }
     #[inline(always)]
+    unsafe fn store_stream_ptr(self, p: *mut f32, v: __m256) {
+        // SAFETY: AVX available (token); the caller guarantees 8 writable f32 at `p`, 32-byte
+        // aligned.
+        unsafe { _mm256_stream_ps(p, v) }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        // SAFETY: SSE is part of x86-64.
+        unsafe { _mm_sfence() }
+    }
+    #[inline(always)]
     unsafe fn load_f16_ptr(self, p: *const u16) -> __m256 {
         // SAFETY: F16C available (token); the caller guarantees 8 readable u16 (16 bytes) at `p`.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
@@ -549,6 +560,20 @@ fn avx2_low_mask(n: usize) -> __m256i {
 /// 0x8000001D on AMD and Hygon, same layout): ways × partitions × line size × sets of the first
 /// level-1 data (or unified) cache listed. `None` where the leaf is missing.
 pub(super) fn l1d_bytes() -> Option<usize> {
+    data_caches().find_map(|(level, bytes)| (level == 1).then_some(bytes))
+}
+
+/// Size of the last-level data or unified cache (the highest level CPUID describes), as
+/// [`l1d_bytes`] reads it.
+pub(super) fn llc_bytes() -> Option<usize> {
+    data_caches()
+        .max_by_key(|&(level, _)| level)
+        .map(|(_, bytes)| bytes)
+}
+
+/// The data and unified caches CPUID describes (leaf 4 on Intel, 0x8000001D on AMD), as
+/// `(level, bytes)`.
+fn data_caches() -> impl Iterator<Item = (u32, usize)> {
     #[allow(unused_unsafe)] // `__cpuid` is an unsafe fn before Rust 1.94 (our MSRV is older).
     // SAFETY: CPUID exists on every x86-64 CPU; leaves above the reported maximum are not read.
     let cpuid = |leaf: u32, sub: u32| unsafe { __cpuid_count(leaf, sub) };
@@ -556,19 +581,21 @@ pub(super) fn l1d_bytes() -> Option<usize> {
     // "AuthenticAMD" and "HygonGenuine" start with "Auth" and "Hygo" in EBX.
     let amd = matches!(vendor.ebx, 0x6874_7541 | 0x6F67_7948);
     let leaf = if amd { 0x8000_001D } else { 4 };
-    if cpuid(leaf & 0x8000_0000, 0).eax < leaf {
-        return None;
-    }
-    (0..16)
-        .map(|sub| cpuid(leaf, sub))
+    let subleaves = if cpuid(leaf & 0x8000_0000, 0).eax < leaf {
+        0
+    } else {
+        16
+    };
+    (0..subleaves)
+        .map(move |sub| cpuid(leaf, sub))
         .take_while(|r| r.eax & 0x1F != 0)
-        .find_map(|r| {
+        .filter_map(|r| {
             let (kind, level) = (r.eax & 0x1F, (r.eax >> 5) & 0x7);
-            (level == 1 && (kind == 1 || kind == 3)).then(|| {
+            (kind == 1 || kind == 3).then(|| {
                 let ways = (r.ebx >> 22) as usize + 1;
                 let partitions = ((r.ebx >> 12) & 0x3FF) as usize + 1;
                 let line = (r.ebx & 0xFFF) as usize + 1;
-                ways * partitions * line * (r.ecx as usize + 1)
+                (level, ways * partitions * line * (r.ecx as usize + 1))
             })
         })
 }
@@ -780,6 +807,17 @@ impl Simd for Avx512 {
     unsafe fn store_ptr(self, p: *mut f32, v: __m512) {
         // SAFETY: AVX-512F available (token); the caller guarantees 16 writable f32 at `p`.
         unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn store_stream_ptr(self, p: *mut f32, v: __m512) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable f32 at `p`,
+        // 64-byte aligned.
+        unsafe { _mm512_stream_ps(p, v) }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        // SAFETY: SSE is part of x86-64.
+        unsafe { _mm_sfence() }
     }
     #[inline(always)]
     unsafe fn load_f16_ptr(self, p: *const u16) -> __m512 {
