@@ -238,7 +238,7 @@ pub(crate) fn is_bf16<E: Element>() -> bool {
 /// backend whose pairs interleave ([`Simd::BF16_PAIRS_INTERLEAVED`]).
 #[inline(always)]
 pub(crate) fn pairs_reordered<S: Simd, E: Element>() -> bool {
-    S::BF16_PAIRS_INTERLEAVED && matches!(E::KIND, Kind::Bf16)
+    S::BF16_PAIRS_INTERLEAVED && is_bf16::<E>()
 }
 
 /// `2·LANES` values of type `E` at `p` as two vectors, in [`Simd::load_bf16_pair`]'s order for

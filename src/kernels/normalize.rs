@@ -340,11 +340,17 @@ where [S: Simd<T = Param<IO>>, F: Finish]
 });
 
 impl<IO: InOut> AffineRuns<'_, IO> {
-    /// The runs' channels and ranges: `(channel, start, len)` for each run, `n` elements in all.
+    /// The runs of the first `n` elements in memory order ([`Runs`]).
     #[inline(always)]
-    fn runs(&self, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-        let (c, run) = (self.params.len(), self.run);
-        (0..n.div_ceil(run)).map(move |r| ((self.first + r) % c, r * run, run.min(n - r * run)))
+    fn runs(&self, n: usize) -> Runs {
+        let c = self.params.len();
+        Runs {
+            c,
+            run: self.run,
+            n,
+            ch: self.first % c,
+            start: 0,
+        }
     }
 
     /// Elements the kernel covers: the stream's, or its residual's if shorter.
@@ -353,6 +359,34 @@ impl<IO: InOut> AffineRuns<'_, IO> {
         self.fuse
             .z
             .map_or(self.io.len(), |z| z.len().min(self.io.len()))
+    }
+}
+
+/// The runs of an [`AffineRuns`] call: `(channel, start, len)` for each, the channel counted up
+/// and wrapped at `c` (no division per run: runs may be a few dozen elements).
+struct Runs {
+    c: usize,
+    run: usize,
+    n: usize,
+    ch: usize,
+    start: usize,
+}
+
+impl Iterator for Runs {
+    type Item = (usize, usize, usize);
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.start >= self.n || self.run == 0 {
+            return None;
+        }
+        let item = (self.ch, self.start, self.run.min(self.n - self.start));
+        self.start += item.2;
+        self.ch = if self.ch + 1 == self.c {
+            0
+        } else {
+            self.ch + 1
+        };
+        Some(item)
     }
 }
 
@@ -411,12 +445,9 @@ impl<IO: InOut> AffineKernel for AffineRuns<'_, IO> {
         if self.streaming {
             return s.enter(RunsPastCaches::<_, _, SHIFT, _>(s, self, F::default()));
         }
-        let c = self.params.len();
         let n = self.covered();
         let (src, dst) = self.io.ptrs();
-        let (mut ch, mut start) = (self.first % c, 0);
-        while start < n {
-            let len = self.run.min(n - start);
+        for (ch, start, len) in self.runs(n) {
             let op = Splat::<S::V, SHIFT>::new(s, &self.params[ch]);
             let (op, z) = self.fuse.then::<_, F>(&op);
             let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
@@ -425,8 +456,6 @@ impl<IO: InOut> AffineKernel for AffineRuns<'_, IO> {
                 let p = (src.add(start), x2.add(start), dst.add(start));
                 stream_run(s, p, len, &op);
             }
-            start += len;
-            ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
     }
 }
