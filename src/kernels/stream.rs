@@ -727,7 +727,10 @@ thunk!(Columns['a, S, IO: InOut, M, const G: usize] for ['a, S, IO, M, G]
     where [S: Simd<T = Param<IO>>, M: VectorMap<S>]
     -> () => columns::<S, IO, M, G>(s, io, second, cols, &{ *op }));
 
-/// [`stream_columns`]' walk.
+/// [`stream_columns`]' walk: [`column_rows`] for the group's number of whole vectors, chosen
+/// once, not per row: a `match` inside the row loop compiled to an indirect jump per row
+/// (measured, AMD EPYC family 25 model 17 (Zen 4), one thread, min of 5 alternated processes:
+/// bf16 NHWC 1x64x112x112 inference 43.8 → 41.7 µs, f16 51.6 → 50.2, f32 within noise).
 #[inline(always)]
 fn columns<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>, const G: usize>(
     s: S,
@@ -737,59 +740,68 @@ fn columns<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>, const G: usize>(
     op: &M,
 ) {
     let l = S::LANES;
-    let ((src, x2, dst), n) = stream_ptrs(&mut io, second);
+    let (ptrs, n) = stream_ptrs(&mut io, second);
     if c == 0 || first >= c {
         return;
     }
     let width = width.min(G * l).min(c - first);
-    let rows = n / c;
-    let full = width / l;
-    let rem = width - full * l;
+    let cols = (n / c, c, first, width - width / l * l);
+    match width / l {
+        4 => column_rows::<S, IO::Elem, M, 4>(s, op, ptrs, cols),
+        3 => column_rows::<S, IO::Elem, M, 3>(s, op, ptrs, cols),
+        2 => column_rows::<S, IO::Elem, M, 2>(s, op, ptrs, cols),
+        1 => column_rows::<S, IO::Elem, M, 1>(s, op, ptrs, cols),
+        _ => column_rows::<S, IO::Elem, M, 0>(s, op, ptrs, cols),
+    }
+}
+
+/// The rows of [`columns`]: in each of `rows` rows of `c` elements, `F` whole vectors from
+/// column `first` as one group (stored together: half data converts them in pairs), then `rem`
+/// (< LANES) more elements as one partial vector.
+#[inline(always)]
+fn column_rows<S: Simd<T = E::Param>, E: Element, M: VectorMap<S>, const F: usize>(
+    s: S,
+    op: &M,
+    (src, x2, dst): Ptrs<E>,
+    (rows, c, first, rem): (usize, usize, usize, usize),
+) {
+    let l = S::LANES;
     for r in 0..rows {
         let base = r * c + first;
-        // The whole vectors as one group (stored together: half data converts them in pairs).
-        // SAFETY: `base + full·LANES ≤ r·c + first + width ≤ (r + 1)·c ≤ n`, the length the
-        // pointers are valid for.
+        // SAFETY: `base + F·LANES + rem ≤ r·c + first + width ≤ (r + 1)·c ≤ n`, the length the
+        // pointers are valid for (`stream_ptrs`).
         unsafe {
             let ptrs = (src, x2, dst);
-            match full {
-                4 => map_group::<S, _, _, 1, 4>(s, op, ptrs, [base], 0),
-                3 => map_group::<S, _, _, 1, 3>(s, op, ptrs, [base], 0),
-                2 => map_group::<S, _, _, 1, 2>(s, op, ptrs, [base], 0),
+            match F {
+                0 => {}
                 1 => map_vector(s, op, ptrs, base, 0),
-                _ => {}
+                _ => map_group::<S, _, _, 1, F>(s, op, ptrs, [base], 0),
             }
         }
-        for g in 0..G {
-            if g == full && rem > 0 {
-                let i = base + g * l;
-                // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
-                // output slice is made (in place they alias).
-                let (a, b) = unsafe {
-                    let a = element::load_partial(
-                        s,
-                        std::slice::from_raw_parts(src.add(i), rem),
-                        S::T::ZERO,
-                    );
-                    let b = if op_binary(op) {
-                        element::load_partial(
-                            s,
-                            std::slice::from_raw_parts(x2.add(i), rem),
-                            S::T::ZERO,
-                        )
-                    } else {
-                        a
-                    };
-                    (a, b)
-                };
-                let v = op.apply(s, g * l, a, b);
-                // SAFETY: as above.
-                element::store_partial(
+        if rem > 0 {
+            let i = base + F * l;
+            // SAFETY: `i + rem ≤ (r + 1)·c ≤ n`; the input slices are dropped before the
+            // output slice is made (in place they alias).
+            let (a, b) = unsafe {
+                let a = element::load_partial(
                     s,
-                    unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) },
-                    v,
+                    std::slice::from_raw_parts(src.add(i), rem),
+                    S::T::ZERO,
                 );
-            }
+                let b = if op_binary(op) {
+                    element::load_partial(s, std::slice::from_raw_parts(x2.add(i), rem), S::T::ZERO)
+                } else {
+                    a
+                };
+                (a, b)
+            };
+            let v = op.apply(s, F * l, a, b);
+            // SAFETY: as above.
+            element::store_partial(
+                s,
+                unsafe { std::slice::from_raw_parts_mut(dst.add(i), rem) },
+                v,
+            );
         }
     }
 }
