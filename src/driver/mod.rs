@@ -391,7 +391,8 @@ mod tests {
 
     /// Inference of a tensor larger than the last-level cache, whose output is stored past the
     /// caches, equals the same inference in place (plain stores) bit for bit, on every backend,
-    /// NCHW with long runs (pieces) and short ones (runs), with and without a fused residual.
+    /// NCHW with long runs (pieces) and short ones (runs), NHWC rows of one register group, with
+    /// and without a fused residual.
     /// Skipped where the cache size is unknown (not x86-64) or over 128 MiB (the tensors would
     /// take over 1 GiB).
     #[test]
@@ -400,7 +401,15 @@ mod tests {
             return;
         };
         let len = llc / 4 + 4096;
-        for (c, hw) in [(3, len.div_ceil(3 * 2) + 17), (64, 3137)] {
+        let cases = [
+            (Layout::Nchw, 3, len.div_ceil(3 * 2) + 17),
+            (Layout::Nchw, 64, 3137),
+            // NHWC rows of one register group (a period of 64, rows as they are of 48 on
+            // AVX-512) stored past the caches.
+            (Layout::Nhwc, 64, 3137),
+            (Layout::Nhwc, 48, 3137),
+        ];
+        for (layout, c, hw) in cases {
             let n = len.div_ceil(c * hw);
             let shape = Shape::new(n, c, hw).unwrap();
             let x: Vec<f32> = (0..shape.len())
@@ -416,7 +425,7 @@ mod tests {
             };
             let z: Vec<f32> = x.iter().map(|v| -v * 0.5).collect();
             for backend in crate::Backend::available() {
-                let bn = BatchNorm::on_backend(shape, Layout::Nchw, backend).unwrap();
+                let bn = BatchNorm::on_backend(shape, layout, backend).unwrap();
                 for residual in [false, true] {
                     let epilogue = if residual {
                         Epilogue::AddRelu(&z)
@@ -433,7 +442,7 @@ mod tests {
                         y.iter()
                             .zip(&in_place)
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{backend:?} C {c} HW {hw} residual {residual}"
+                        "{backend:?} {layout:?} C {c} HW {hw} residual {residual}"
                     );
                 }
             }

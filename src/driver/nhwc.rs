@@ -8,7 +8,7 @@
 
 use super::{
     BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, check_stats, check_sums,
-    exact_sums, make_all,
+    exact_sums, make_all, streaming_output,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -184,6 +184,7 @@ pub(super) fn normalize<E: Element>(
     // The maps read 3 lanes with the subtract, 2 without (as `AffineRows` counts them).
     let read = if shifted { 3 } else { 2 };
     let paired = paired_lanes::<E, 3, _>(ctx.backend, lanes, dst.len(), read);
+    let streaming = streaming_output(src, dst.len());
     let out = SharedMut::new(dst);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
@@ -198,6 +199,7 @@ pub(super) fn normalize<E: Element>(
                 paired: paired.as_ref(),
                 shifted,
                 fuse,
+                streaming,
             });
         });
 }

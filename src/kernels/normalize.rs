@@ -10,10 +10,11 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_alike, stream_alike_nt, stream_columns, stream_paired, stream_periods, stream_run,
-    stream_run_nt, stream_strips, strip_width, use_columns,
+    stream_alike, stream_alike_nt, stream_columns, stream_head, stream_paired, stream_periods,
+    stream_raw, stream_rows_nt, stream_run, stream_run_nt, stream_strips, strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
+use crate::scratch;
 use crate::simd::{Kernel, Real, Simd};
 
 /// `y = scale·(x − shift) + bias` for one channel.
@@ -475,6 +476,9 @@ pub(crate) struct AffineRows<'a, IO: InOut> {
     pub shifted: bool,
     /// On the same range as `io`.
     pub fuse: Fuse<'a, IO::Elem>,
+    /// Store the output past the caches where the rows go by register groups in memory order
+    /// ([`stream_rows_nt`]): the tensors are larger than the last-level cache.
+    pub streaming: bool,
 }
 
 impl<T: Real> AffineLanes<T> {
@@ -503,6 +507,13 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         const G: usize = MAX_GROUP;
         let [shift, scale, bias] = &self.lanes.fields;
         let period = self.lanes.period;
+        if self.streaming && column_group::<S>(3) >= G {
+            // Rows of a period or of `c` that fit a register group, as below, stored past the caches.
+            let w = if period <= G * S::LANES { period } else { c };
+            if use_columns::<S>(w, G) {
+                return s.enter(RowsPastCaches::<_, _, SHIFT, _>(s, self, w, F::default()));
+            }
+        }
         if period <= G * S::LANES && column_group::<S>(3) >= G {
             // Narrow rows whose period fits a register group (C = 16 or 32 on AVX-512, 8 or 16 on
             // AVX2): the period's parameters in registers, whole groups per row of one period.
@@ -540,6 +551,35 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         }
     }
 }
+thunk!(RowsPastCaches['a, S, IO: InOut, const SHIFT: bool, F]
+for ['a, S, IO, SHIFT, F] (s: S, k: AffineRows<'a, IO>, w: usize, _finish: F)
+where [S: Simd<T = Param<IO>>, F: Finish]
+-> () => {
+    // Rows of `w` elements (a multiple of `c`, whole vectors, one register group): the elements
+    // before the first vector-aligned output through the plain walk with the row's parameters,
+    // then rows from there with the parameters rotated to start at that channel.
+    const G: usize = MAX_GROUP;
+    let mut k = k;
+    let c = k.params.len();
+    let (src, dst) = k.io.ptrs();
+    let n = k.fuse.z.map_or(k.io.len(), |z| z.len().min(k.io.len()));
+    let head = stream_head::<S, IO::Elem>(dst, n);
+    let row_from = |first: usize| scratch::from_fn(w, |j| k.params[(first + j) % c]);
+    let op = GroupAffine::<S::V, G, SHIFT>::new(s, &row_from(0));
+    let (op, z) = k.fuse.then::<_, F>(&op);
+    let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
+    // SAFETY: `head <= n`, the length `ptrs` (and the residual) are valid for.
+    unsafe { stream_raw(s, (src, x2, dst), head, w, &op) };
+    let op = GroupAffine::<S::V, G, SHIFT>::new(s, &row_from(head));
+    let (op, _) = k.fuse.then::<_, F>(&op);
+    // SAFETY: as above, from `head` on; `dst + head` is aligned to a vector (`stream_head`).
+    unsafe {
+        let p = (src.add(head), x2.add(head), dst.add(head));
+        stream_rows_nt(s, p, n - head, w, &op);
+    }
+    s.stream_fence();
+});
+
 // SAFETY: plain f32/f64 fields: all-zero is a valid value, no drop glue, alignment ≤ 8.
 unsafe impl<T: Real> crate::scratch::Zeroable for ChannelAffine<T> {}
 
@@ -562,6 +602,107 @@ mod tests {
                 _ => (i as f32 * 0.37 - 40.0) * if i % 2 == 0 { 1.0 } else { -1.5 },
             })
             .collect()
+    }
+
+    /// Bits of the guard values around a kernel's output range: a quiet NaN no kernel writes.
+    const GUARD: u32 = 0x7FC0_1234;
+
+    /// Runs `kernel` on elements `off..off + n` of a buffer of `n + 32` guard values, reading `x`
+    /// at the same positions (copied into the buffer first for `in_place`); the whole buffer.
+    fn guarded(
+        x: &[f32],
+        off: usize,
+        n: usize,
+        in_place: bool,
+        kernel: impl FnOnce(Io<'_, f32>),
+    ) -> Vec<f32> {
+        let mut out = vec![f32::from_bits(GUARD); n + 32];
+        let range = off..off + n;
+        if in_place {
+            out[range.clone()].copy_from_slice(&x[range.clone()]);
+        }
+        let dst = &mut out[range.clone()];
+        kernel(if in_place {
+            Io::InPlace(dst)
+        } else {
+            Io::Separate(&x[range], dst)
+        });
+        out
+    }
+
+    /// NHWC rows stored past the caches ([`AffineRows`] with `streaming`) write exactly what the
+    /// plain rows write, on every backend: channel counts whose rows fit a register group as a
+    /// period (16, 32) or as they are (48, 64 on AVX-512; 8 to 32 on AVX2), and others that keep
+    /// the plain walk (7, 80); every output start within a line (so every rotation of the
+    /// parameters), whole and partial last rows, in place, with and without the subtract, ReLU
+    /// and a residual; nothing written outside the range.
+    #[test]
+    fn streaming_rows_match_plain_rows() {
+        for backend in Backend::available() {
+            for c in [7usize, 8, 16, 24, 32, 48, 64, 80] {
+                let params: Vec<ChannelAffine> = (0..c)
+                    .map(|k| ChannelAffine {
+                        shift: k as f32 * 0.25 - 1.0,
+                        scale: 1.0 + k as f32 * 0.125,
+                        bias: 0.5 - k as f32,
+                    })
+                    .collect();
+                let unshifted: Vec<ChannelAffine> = params
+                    .iter()
+                    .map(|p| ChannelAffine { shift: 0.0, ..*p })
+                    .collect();
+                for rows in [0usize, 1, 2, 5, 9] {
+                    let n = rows * c;
+                    for off in 0..16 {
+                        let x = values(n + 32);
+                        let z = values(n + 32).into_iter().rev().collect::<Vec<_>>();
+                        for (shifted, params) in [(true, &params), (false, &unshifted)] {
+                            let lanes = AffineLanes::affine(params);
+                            for (relu, residual) in [(false, false), (true, false), (true, true)] {
+                                let run = |streaming: bool, in_place: bool| {
+                                    guarded(&x, off, n, in_place, |io| {
+                                        backend.dispatch(AffineRows {
+                                            io,
+                                            params,
+                                            lanes: &lanes,
+                                            paired: None,
+                                            shifted,
+                                            fuse: Fuse {
+                                                z: residual.then_some(&z[off..off + n]),
+                                                relu,
+                                            },
+                                            streaming,
+                                        })
+                                    })
+                                };
+                                for in_place in [false, true] {
+                                    let bits = |v: &[f32]| {
+                                        v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                                    };
+                                    let (plain, streamed) =
+                                        (run(false, in_place), run(true, in_place));
+                                    assert_eq!(
+                                        bits(&plain),
+                                        bits(&streamed),
+                                        "{backend:?} c {c} rows {rows} offset {off} shifted \
+                                         {shifted} relu {relu} residual {residual} in place \
+                                         {in_place}"
+                                    );
+                                    assert!(
+                                        streamed[..off]
+                                            .iter()
+                                            .chain(&streamed[off + n..])
+                                            .all(|v| v.to_bits() == GUARD),
+                                        "{backend:?} c {c} rows {rows} offset {off}: wrote \
+                                         outside its range"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The kernels that store past the caches (`streaming`) write exactly what the plain ones
@@ -597,40 +738,30 @@ mod tests {
                     for relu in [false, true] {
                         for residual in [false, true] {
                             let run = |streaming: bool, in_place: bool| {
-                                let mut out = vec![f32::from_bits(0x7FC0_1234); n + 32];
-                                let range = off..off + n;
-                                if in_place {
-                                    out[range.clone()].copy_from_slice(&x[range.clone()]);
-                                }
-                                let dst = &mut out[range.clone()];
-                                let io = if in_place {
-                                    Io::InPlace(dst)
-                                } else {
-                                    Io::Separate(&x[range.clone()], dst)
-                                };
-                                let fz = Fuse {
-                                    z: residual.then_some(&z[range.clone()]),
-                                    relu: relu || residual,
-                                };
-                                if n % 2 == 0 {
-                                    backend.dispatch(AffineRun {
-                                        io,
-                                        p: params[0],
-                                        fuse: fz,
-                                        streaming,
-                                    });
-                                } else {
-                                    backend.dispatch(AffineRuns {
-                                        io,
-                                        run: n.div_ceil(3).max(1),
-                                        first: 1,
-                                        params: &params,
-                                        shifted: true,
-                                        fuse: fz,
-                                        streaming,
-                                    });
-                                }
-                                out
+                                guarded(&x, off, n, in_place, |io| {
+                                    let fz = Fuse {
+                                        z: residual.then_some(&z[off..off + n]),
+                                        relu: relu || residual,
+                                    };
+                                    if n % 2 == 0 {
+                                        backend.dispatch(AffineRun {
+                                            io,
+                                            p: params[0],
+                                            fuse: fz,
+                                            streaming,
+                                        });
+                                    } else {
+                                        backend.dispatch(AffineRuns {
+                                            io,
+                                            run: n.div_ceil(3).max(1),
+                                            first: 1,
+                                            params: &params,
+                                            shifted: true,
+                                            fuse: fz,
+                                            streaming,
+                                        });
+                                    }
+                                })
                             };
                             for in_place in [false, true] {
                                 let plain = run(false, in_place);
@@ -643,12 +774,11 @@ mod tests {
                                     "{backend:?} n {n} offset {off} relu {relu} residual \
                                      {residual} in place {in_place}"
                                 );
-                                let guard = 0x7FC0_1234;
                                 assert!(
                                     streamed[..off]
                                         .iter()
                                         .chain(&streamed[off + n..])
-                                        .all(|v| v.to_bits() == guard),
+                                        .all(|v| v.to_bits() == GUARD),
                                     "{backend:?} n {n} offset {off}: wrote outside its range"
                                 );
                             }

@@ -448,15 +448,8 @@ pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: El
 ) {
     let l = S::LANES;
     let g = GROUP_LOADS * l;
-    let (head, end) = if element::streams::<E>() {
-        let size = std::mem::size_of::<E>();
-        let vector = l * size;
-        // `dst` is aligned to `size` (a slice's pointer), so the head is whole elements.
-        let head = ((vector - dst as usize % vector) % vector / size).min(n);
-        (head, head + (n - head) / g * g)
-    } else {
-        (n, n)
-    };
+    let head = stream_head::<S, E>(dst, n);
+    let end = head + (n - head) / g * g;
     // SAFETY: `head <= n`: inside the caller's range.
     unsafe { stream_raw(s, (src, x2, dst), head, g, op) };
     let mut i = head;
@@ -480,6 +473,84 @@ pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: El
     }
     // SAFETY: `end <= n`: the rest of the caller's range.
     unsafe { stream_raw(s, (src.add(end), x2.add(end), dst.add(end)), n - end, g, op) };
+}
+
+/// Elements of a walk of `n` elements before its output `dst` is aligned to a vector, for data
+/// whose stores go past the caches ([`element::streams`]); for other data all `n`.
+#[inline(always)]
+pub(crate) fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize {
+    if !element::streams::<E>() {
+        return n;
+    }
+    let size = std::mem::size_of::<E>();
+    let vector = S::LANES * size;
+    // `dst` is aligned to `size` (a slice's pointer), so the head is whole elements.
+    ((vector - dst as usize % vector) % vector / size).min(n)
+}
+
+/// [`stream_raw`] of rows of `c` elements (whole vectors, at most [`MAX_GROUP`] of them; `op`'s
+/// phase = the offset in the row) from an output aligned to a vector ([`stream_head`]), each
+/// whole row's output stored past the caches ([`element::store_stream`]), the last partial row
+/// plainly: the NHWC counterpart of [`stream_run_nt`], with the same caller duties.
+///
+/// # Safety
+/// As [`stream_raw`]; `dst` aligned to a vector where [`element::streams`] holds.
+#[inline(always)]
+pub(crate) unsafe fn stream_rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
+    s: S,
+    (src, x2, dst): Ptrs<E>,
+    n: usize,
+    c: usize,
+    op: &M,
+) {
+    let l = S::LANES;
+    debug_assert!(c > 0 && c.is_multiple_of(l) && c <= MAX_GROUP * l);
+    let rows = if element::streams::<E>() { n / c } else { 0 };
+    // SAFETY: `rows·c ≤ n`, forwarded to the caller.
+    unsafe {
+        let ptrs = (src, x2, dst);
+        match c / l {
+            4 => rows_nt::<S, M, E, 4>(s, op, ptrs, rows),
+            3 => rows_nt::<S, M, E, 3>(s, op, ptrs, rows),
+            2 => rows_nt::<S, M, E, 2>(s, op, ptrs, rows),
+            _ => rows_nt::<S, M, E, 1>(s, op, ptrs, rows),
+        }
+    }
+    let end = rows * c;
+    // SAFETY: `end ≤ n`: the rest of the caller's range.
+    unsafe { stream_raw(s, (src.add(end), x2.add(end), dst.add(end)), n - end, c, op) };
+}
+
+/// The whole rows of [`stream_rows_nt`]: `rows` rows of `K` vectors, each row's vectors all
+/// loaded, then mapped and stored past the caches.
+///
+/// # Safety
+/// As [`stream_rows_nt`], for `rows·K·LANES` elements.
+#[inline(always)]
+unsafe fn rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
+    s: S,
+    op: &M,
+    (src, x2, dst): Ptrs<E>,
+    rows: usize,
+) {
+    let l = S::LANES;
+    for r in 0..rows {
+        let i = r * K * l;
+        // SAFETY: `i + K·LANES ≤ rows·K·LANES`, inside the caller's range; every vector of the
+        // row is read before any is written; `dst + i` is aligned to a vector, since `dst` is
+        // and `i` is whole vectors.
+        unsafe {
+            let a: [S::V; K] = std::array::from_fn(|k| element::load(s, src.add(i + k * l)));
+            let b: [S::V; K] = if M::BINARY {
+                std::array::from_fn(|k| element::load(s, x2.add(i + k * l)))
+            } else {
+                a
+            };
+            for k in 0..K {
+                element::store_stream(s, dst.add(i + k * l), op.apply(s, k * l, a[k], b[k]));
+            }
+        }
+    }
 }
 
 /// [`stream_raw`] for a map that treats every lane alike (see [`stream_run`]): groups of
