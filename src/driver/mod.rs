@@ -391,8 +391,8 @@ mod tests {
 
     /// Inference of a tensor larger than the last-level cache, whose output is stored past the
     /// caches, equals the same inference in place (plain stores) bit for bit, on every backend,
-    /// NCHW with long runs (pieces) and short ones (runs), NHWC rows of one register group, with
-    /// and without a fused residual.
+    /// NCHW with long runs (pieces) and short ones (runs), NHWC rows of one register group and
+    /// wider ones (periodic lanes), with and without a fused residual.
     /// Skipped where the cache size is unknown (not x86-64) or over 128 MiB (the tensors would
     /// take over 1 GiB).
     #[test]
@@ -408,6 +408,8 @@ mod tests {
             // AVX-512) stored past the caches.
             (Layout::Nhwc, 64, 3137),
             (Layout::Nhwc, 48, 3137),
+            // Wider rows: periodic lanes stored past the caches.
+            (Layout::Nhwc, 256, 785),
         ];
         for (layout, c, hw) in cases {
             let n = len.div_ceil(c * hw);

@@ -10,8 +10,9 @@
 
 use super::stream::{
     InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_alike, stream_alike_nt, stream_columns, stream_head, stream_paired, stream_periods,
-    stream_raw, stream_rows_nt, stream_run, stream_run_nt, stream_strips, strip_width, use_columns,
+    stream_alike, stream_alike_nt, stream_columns, stream_head, stream_paired, stream_periodic_nt,
+    stream_periods, stream_raw, stream_rows_nt, stream_run, stream_run_nt, stream_strips,
+    strip_width, use_columns,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::scratch;
@@ -507,11 +508,16 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         const G: usize = MAX_GROUP;
         let [shift, scale, bias] = &self.lanes.fields;
         let period = self.lanes.period;
-        if self.streaming && column_group::<S>(3) >= G {
-            // Rows of a period or of `c` that fit a register group, as below, stored past the caches.
+        if self.streaming {
+            // As below, stored past the caches: rows of a period or of `c` that fit a register
+            // group, or periodic lanes that fit their share of L1 (wider rows keep the strips).
             let w = if period <= G * S::LANES { period } else { c };
-            if use_columns::<S>(w, G) {
+            if column_group::<S>(3) >= G && use_columns::<S>(w, G) {
                 return s.enter(RowsPastCaches::<_, _, SHIFT, _>(s, self, w, F::default()));
+            }
+            let read = if SHIFT { 3 } else { 2 };
+            if strip_width::<S::T, IO::Elem>(period, read).is_none() {
+                return s.enter(PeriodsPastCaches::<_, _, SHIFT, _>(s, self, F::default()));
             }
         }
         if period <= G * S::LANES && column_group::<S>(3) >= G {
@@ -551,6 +557,23 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         }
     }
 }
+thunk!(PeriodsPastCaches['a, S, IO: InOut, const SHIFT: bool, F]
+for ['a, S, IO, SHIFT, F] (s: S, k: AffineRows<'a, IO>, _finish: F)
+where [S: Simd<T = Param<IO>>, F: Finish]
+-> () => {
+    let mut k = k;
+    let [shift, scale, bias] = &k.lanes.fields;
+    let op = Periodic::<_, SHIFT> { shift, scale, bias };
+    let (op, z) = k.fuse.then::<_, F>(&op);
+    let (src, dst) = k.io.ptrs();
+    let n = z.map_or(k.io.len(), |z| z.len().min(k.io.len()));
+    let x2 = z.map_or(src, <[IO::Elem]>::as_ptr);
+    // SAFETY: the pointers are valid for `n` elements (`io` and the residual); the lanes hold
+    // the period plus `MAX_LANES` values (`PeriodicLanes::new`).
+    unsafe { stream_periodic_nt(s, (src, x2, dst), n, k.lanes.period, &op) };
+    s.stream_fence();
+});
+
 thunk!(RowsPastCaches['a, S, IO: InOut, const SHIFT: bool, F]
 for ['a, S, IO, SHIFT, F] (s: S, k: AffineRows<'a, IO>, w: usize, _finish: F)
 where [S: Simd<T = Param<IO>>, F: Finish]
@@ -632,10 +655,11 @@ mod tests {
 
     /// NHWC rows stored past the caches ([`AffineRows`] with `streaming`) write exactly what the
     /// plain rows write, on every backend: channel counts whose rows fit a register group as a
-    /// period (16, 32) or as they are (48, 64 on AVX-512; 8 to 32 on AVX2), and others that keep
-    /// the plain walk (7, 80); every output start within a line (so every rotation of the
-    /// parameters), whole and partial last rows, in place, with and without the subtract, ReLU
-    /// and a residual; nothing written outside the range.
+    /// period (16, 32) or as they are (48, 64 on AVX-512; 8 to 32 on AVX2), and others that go
+    /// by periodic lanes (7, 80; 64 on AVX2); every output start within a line (so every rotation
+    /// of the parameters, every phase offset of the lanes), whole and partial last rows and
+    /// periods, in place, with and without the subtract, ReLU and a residual; nothing written
+    /// outside the range.
     #[test]
     fn streaming_rows_match_plain_rows() {
         for backend in Backend::available() {

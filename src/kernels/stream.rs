@@ -521,8 +521,7 @@ pub(crate) unsafe fn stream_rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: E
     unsafe { stream_raw(s, (src.add(end), x2.add(end), dst.add(end)), n - end, c, op) };
 }
 
-/// The whole rows of [`stream_rows_nt`]: `rows` rows of `K` vectors, each row's vectors all
-/// loaded, then mapped and stored past the caches.
+/// The whole rows of [`stream_rows_nt`]: `rows` rows of `K` vectors ([`map_group_nt`]).
 ///
 /// # Safety
 /// As [`stream_rows_nt`], for `rows·K·LANES` elements.
@@ -530,27 +529,101 @@ pub(crate) unsafe fn stream_rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: E
 unsafe fn rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
     s: S,
     op: &M,
-    (src, x2, dst): Ptrs<E>,
+    ptrs: Ptrs<E>,
     rows: usize,
 ) {
-    let l = S::LANES;
     for r in 0..rows {
-        let i = r * K * l;
-        // SAFETY: `i + K·LANES ≤ rows·K·LANES`, inside the caller's range; every vector of the
-        // row is read before any is written; `dst + i` is aligned to a vector, since `dst` is
-        // and `i` is whole vectors.
+        // SAFETY: row `r` lies inside the caller's range; its output is aligned to a vector
+        // (the rows are whole vectors from an aligned start).
+        unsafe { map_group_nt::<S, M, E, K>(s, op, ptrs, r * K * S::LANES, 0) };
+    }
+}
+
+/// [`map_group`] of `K` vectors at `i` (phases `phase`, `phase + LANES`, ...) with the output
+/// stored past the caches ([`element::store_stream`]).
+///
+/// # Safety
+/// As [`map_vector`], for `i + K·LANES` elements; `dst + i` aligned to a vector where
+/// [`element::streams`] holds.
+#[inline(always)]
+unsafe fn map_group_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
+    s: S,
+    op: &M,
+    (src, x2, dst): Ptrs<E>,
+    i: usize,
+    phase: usize,
+) {
+    let l = S::LANES;
+    // SAFETY: forwarded to the caller; every vector is read before any is written.
+    unsafe {
+        let a: [S::V; K] = std::array::from_fn(|k| element::load(s, src.add(i + k * l)));
+        let b: [S::V; K] = if M::BINARY {
+            std::array::from_fn(|k| element::load(s, x2.add(i + k * l)))
+        } else {
+            a
+        };
+        for k in 0..K {
+            let y = op.apply(s, phase + k * l, a[k], b[k]);
+            element::store_stream(s, dst.add(i + k * l), y);
+        }
+    }
+}
+
+/// [`stream_raw`] of a periodic map with the output stored past the caches where the data is
+/// f32: the elements before the first vector-aligned output plainly, then whole periods from
+/// there with the phases offset by that head (a periodic map's lanes hold the period plus
+/// [`MAX_LANES`](crate::simd::MAX_LANES) values continuing the pattern, so loads at the offset
+/// phases stay in bounds), groups of [`GROUP_LOADS`] vectors and single vectors stored past the
+/// caches, the last partial period plainly. The NHWC counterpart of [`stream_run_nt`] for rows
+/// wider than a register group, with the same caller duties.
+///
+/// # Safety
+/// As [`stream_raw`]; `op`'s lanes readable at phases up to `period + LANES` past the head.
+#[inline(always)]
+pub(crate) unsafe fn stream_periodic_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
+    s: S,
+    (src, x2, dst): Ptrs<E>,
+    n: usize,
+    period: usize,
+    op: &M,
+) {
+    let l = S::LANES;
+    let g = GROUP_LOADS * l;
+    let head = stream_head::<S, E>(dst, n);
+    // SAFETY: `head <= n`: inside the caller's range.
+    unsafe { stream_raw(s, (src, x2, dst), head, period, op) };
+    let seg = Offset {
+        op: *op,
+        phase0: head,
+    };
+    let periods = (n - head) / period;
+    for r in 0..periods {
+        let i = head + r * period;
+        let mut o = 0;
+        // SAFETY: `i + period <= n`; `dst + i + o` is aligned to a vector (`dst + head` is, and
+        // the period and `o` are whole vectors).
         unsafe {
-            let a: [S::V; K] = std::array::from_fn(|k| element::load(s, src.add(i + k * l)));
-            let b: [S::V; K] = if M::BINARY {
-                std::array::from_fn(|k| element::load(s, x2.add(i + k * l)))
-            } else {
-                a
-            };
-            for k in 0..K {
-                element::store_stream(s, dst.add(i + k * l), op.apply(s, k * l, a[k], b[k]));
+            while o + g <= period {
+                map_group_nt::<S, _, E, GROUP_LOADS>(s, &seg, (src, x2, dst), i + o, o);
+                o += g;
+            }
+            while o < period {
+                map_group_nt::<S, _, E, 1>(s, &seg, (src, x2, dst), i + o, o);
+                o += l;
             }
         }
     }
+    let end = head + periods * period;
+    // SAFETY: `end <= n`: the rest of the caller's range, starting at phase `head`.
+    unsafe {
+        stream_raw(
+            s,
+            (src.add(end), x2.add(end), dst.add(end)),
+            n - end,
+            period,
+            &seg,
+        )
+    };
 }
 
 /// [`stream_raw`] for a map that treats every lane alike (see [`stream_run`]): groups of
