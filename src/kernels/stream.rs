@@ -454,21 +454,9 @@ pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: El
     unsafe { stream_raw(s, (src, x2, dst), head, g, op) };
     let mut i = head;
     while i < end {
-        // SAFETY: `i + GROUP_LOADS·LANES <= end <= n`; every vector of the group is read before
-        // any is written (in place stays exact); `dst + i` is aligned to a vector, since `dst +
-        // head` is and `i − head` is whole vectors.
-        unsafe {
-            let a: [S::V; GROUP_LOADS] =
-                std::array::from_fn(|k| element::load(s, src.add(i + k * l)));
-            let b: [S::V; GROUP_LOADS] = if M::BINARY {
-                std::array::from_fn(|k| element::load(s, x2.add(i + k * l)))
-            } else {
-                a
-            };
-            for k in 0..GROUP_LOADS {
-                element::store_stream(s, dst.add(i + k * l), op.apply(s, 0, a[k], b[k]));
-            }
-        }
+        // SAFETY: `i + GROUP_LOADS·LANES <= end <= n`; `dst + i` is aligned to a vector, since
+        // `dst + head` is and `i − head` is whole vectors. (`op` ignores its phase.)
+        unsafe { map_group_nt::<S, M, E, GROUP_LOADS>(s, op, (src, x2, dst), i, 0) };
         i += g;
     }
     // SAFETY: `end <= n`: the rest of the caller's range.
