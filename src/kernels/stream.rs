@@ -466,7 +466,7 @@ pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: El
 /// Elements of a walk of `n` elements before its output `dst` is aligned to a vector, for data
 /// whose stores go past the caches ([`element::streams`]); for other data all `n`.
 #[inline(always)]
-pub(crate) fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize {
+fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize {
     if !element::streams::<E>() {
         return n;
     }
@@ -474,57 +474,6 @@ pub(crate) fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize
     let vector = S::LANES * size;
     // `dst` is aligned to `size` (a slice's pointer), so the head is whole elements.
     ((vector - dst as usize % vector) % vector / size).min(n)
-}
-
-/// [`stream_raw`] of rows of `c` elements (whole vectors, at most [`MAX_GROUP`] of them; `op`'s
-/// phase = the offset in the row) from an output aligned to a vector ([`stream_head`]), each
-/// whole row's output stored past the caches ([`element::store_stream`]), the last partial row
-/// plainly: the NHWC counterpart of [`stream_run_nt`], with the same caller duties.
-///
-/// # Safety
-/// As [`stream_raw`]; `dst` aligned to a vector where [`element::streams`] holds.
-#[inline(always)]
-pub(crate) unsafe fn stream_rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element>(
-    s: S,
-    (src, x2, dst): Ptrs<E>,
-    n: usize,
-    c: usize,
-    op: &M,
-) {
-    let l = S::LANES;
-    debug_assert!(c > 0 && c.is_multiple_of(l) && c <= MAX_GROUP * l);
-    let rows = if element::streams::<E>() { n / c } else { 0 };
-    // SAFETY: `rows·c ≤ n`, forwarded to the caller.
-    unsafe {
-        let ptrs = (src, x2, dst);
-        match c / l {
-            4 => rows_nt::<S, M, E, 4>(s, op, ptrs, rows),
-            3 => rows_nt::<S, M, E, 3>(s, op, ptrs, rows),
-            2 => rows_nt::<S, M, E, 2>(s, op, ptrs, rows),
-            _ => rows_nt::<S, M, E, 1>(s, op, ptrs, rows),
-        }
-    }
-    let end = rows * c;
-    // SAFETY: `end ≤ n`: the rest of the caller's range.
-    unsafe { stream_raw(s, (src.add(end), x2.add(end), dst.add(end)), n - end, c, op) };
-}
-
-/// The whole rows of [`stream_rows_nt`]: `rows` rows of `K` vectors ([`map_group_nt`]).
-///
-/// # Safety
-/// As [`stream_rows_nt`], for `rows·K·LANES` elements.
-#[inline(always)]
-unsafe fn rows_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
-    s: S,
-    op: &M,
-    ptrs: Ptrs<E>,
-    rows: usize,
-) {
-    for r in 0..rows {
-        // SAFETY: row `r` lies inside the caller's range; its output is aligned to a vector
-        // (the rows are whole vectors from an aligned start).
-        unsafe { map_group_nt::<S, M, E, K>(s, op, ptrs, r * K * S::LANES, 0) };
-    }
 }
 
 /// [`map_group`] of `K` vectors at `i` (phases `phase`, `phase + LANES`, ...) with the output
