@@ -391,8 +391,9 @@ mod tests {
 
     /// Inference of a tensor larger than the last-level cache, whose output is stored past the
     /// caches, equals the same inference in place (plain stores) bit for bit, on every backend,
-    /// NCHW with long runs (pieces) and short ones (runs), NHWC rows of one register group and
-    /// wider ones (periodic lanes), with and without a fused residual.
+    /// NCHW with long runs (pieces) and short ones (runs), NHWC rows whose plain walks differ (a
+    /// register group per period or row, periodic lanes; stored past the caches by the lanes),
+    /// with and without a fused residual.
     /// Skipped where the cache size is unknown (not x86-64) or over 128 MiB (the tensors would
     /// take over 1 GiB).
     #[test]
@@ -404,11 +405,10 @@ mod tests {
         let cases = [
             (Layout::Nchw, 3, len.div_ceil(3 * 2) + 17),
             (Layout::Nchw, 64, 3137),
-            // NHWC rows of one register group (a period of 64, rows as they are of 48 on
-            // AVX-512) stored past the caches.
+            // NHWC rows whose plain walk is a register group (a period of 64, rows as they are
+            // of 48 on AVX-512) or periodic lanes (256).
             (Layout::Nhwc, 64, 3137),
             (Layout::Nhwc, 48, 3137),
-            // Wider rows: periodic lanes stored past the caches.
             (Layout::Nhwc, 256, 785),
         ];
         for (layout, c, hw) in cases {

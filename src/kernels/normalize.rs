@@ -513,6 +513,7 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         // in registers, took 1451–1491 µs this way against 1786–2108 µs with a register-group
         // walk stored past the caches (one thread, Zen 4, two runs of 5 and 7 alternated rounds
         // on a noisy host; 32 and 48 channels within 0.79–1.11 either way).
+        // The lanes the map reads: without the subtract, scale and bias only (see below).
         let read = if SHIFT { 3 } else { 2 };
         if self.streaming && strip_width::<S::T, IO::Elem>(period, read).is_none() {
             return s.enter(PeriodsPastCaches::<_, _, SHIFT, _>(s, self, F::default()));
@@ -539,7 +540,6 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         // Measured (one thread, AMD EPYC family 25 model 17, NHWC inference, counting 3 lanes →
         // 2): f32 1x1024x14x14 28.7 → 24.6 µs, 256x2048x1x1 79.6 → 73.6; bf16 1x1024x14x14
         // 18.5 → 16.2, 256x2048x1x1 49.9 → 48.0; 64x8192x1x1 unchanged.
-        let read = if SHIFT { 3 } else { 2 };
         let (op, z) = self.fuse.then::<_, F>(&op);
         if let (None, Some(paired)) = (strip_width::<S::T, IO::Elem>(period, read), self.paired) {
             let [shift, scale, bias] = &paired.fields;
