@@ -450,4 +450,80 @@ mod tests {
             }
         }
     }
+
+    /// Backward of a tensor larger than the last-level cache, whose dx is stored past the
+    /// caches, equals the same backward in place (dx over dy, plain stores) bit for bit, dγ and
+    /// dβ too, on every backend, in training and frozen mode: NCHW with one sample (the fused
+    /// schedule, pieces), several samples with long runs (pieces) and short ones (runs).
+    /// Skipped as [`inference_past_the_caches_matches_in_place`].
+    #[test]
+    fn backward_past_the_caches_matches_in_place() {
+        use crate::{BackwardMode, ParamGrads, SavedStats};
+        let Some(llc) = crate::simd::llc_bytes().filter(|&b| b <= 128 << 20) else {
+            return;
+        };
+        let len = llc / 4 + 4096;
+        let cases = [
+            (1, 2, len.div_ceil(2)),
+            (2, 3, len.div_ceil(3 * 2) + 17),
+            (len.div_ceil(64 * 3137), 64, 3137),
+        ];
+        for (n, c, hw) in cases {
+            let shape = Shape::new(n, c, hw).unwrap();
+            let x: Vec<f32> = (0..shape.len())
+                .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
+                .collect();
+            let dy: Vec<f32> = (0..shape.len())
+                .map(|i| ((i * 104_729) % 997) as f32 * 0.002 - 1.0)
+                .collect();
+            assert!(streaming_output(Src::Separate(&dy), shape.len()));
+            let mean: Vec<f32> = (0..c).map(|k| k as f32 * 0.1 - 0.3).collect();
+            let inv: Vec<f32> = (0..c).map(|k| 0.5 + k as f32).collect();
+            let gamma: Vec<f32> = (0..c).map(|k| 1.0 - 0.25 * k as f32).collect();
+            let beta = vec![0.0f32; c];
+            let affine = Some(crate::Affine {
+                gamma: &gamma,
+                beta: &beta,
+            });
+            for backend in crate::Backend::available() {
+                let bn = BatchNorm::on_backend(shape, Layout::Nchw, backend).unwrap();
+                for frozen in [false, true] {
+                    let mode = if frozen {
+                        BackwardMode::Frozen(RunningStats {
+                            mean: &mean,
+                            var: &inv,
+                        })
+                    } else {
+                        BackwardMode::Training(SavedStats {
+                            mean: &mean,
+                            inv_std: &inv,
+                        })
+                    };
+                    let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+                    let mut dx = vec![0.0f32; shape.len()];
+                    let grads = ParamGrads {
+                        dgamma: &mut dg,
+                        dbeta: &mut db,
+                        mode: crate::GradMode::Overwrite,
+                    };
+                    bn.backward(&x, &dy, &mut dx, affine, mode, Some(grads))
+                        .unwrap();
+                    let (mut dg2, mut db2) = (vec![0.0f32; c], vec![0.0f32; c]);
+                    let mut in_place = dy.clone();
+                    let grads = ParamGrads {
+                        dgamma: &mut dg2,
+                        dbeta: &mut db2,
+                        mode: crate::GradMode::Overwrite,
+                    };
+                    bn.backward_in_place(&x, &mut in_place, affine, mode, Some(grads))
+                        .unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    let at = format!("{backend:?} N {n} C {c} HW {hw} frozen {frozen}");
+                    assert!(bits(&dx) == bits(&in_place), "{at}");
+                    assert_eq!((bits(&dg), bits(&db)), (bits(&dg2), bits(&db2)), "{at}");
+                    assert!(dx.iter().any(|v| *v != 0.0), "{at}: dx all zero");
+                }
+            }
+        }
+    }
 }

@@ -473,11 +473,17 @@ pub(super) fn backward<E: Element>(
         });
         sums
     };
+    let dx_streaming = streaming_output(dy, ctx.shape.len());
     let apply = |p: Piece, dp: &DxParams<E::Param>| {
         // SAFETY: every piece is applied exactly once and pieces are disjoint.
         let io = unsafe { dy.io(&out, p.offset, p.len) };
         let x = &x[p.offset..p.offset + p.len];
-        ctx.backend.dispatch(DxRun { x, io, p: *dp })
+        ctx.backend.dispatch(DxRun {
+            x,
+            io,
+            p: *dp,
+            streaming: dx_streaming,
+        })
     };
     let apply: Option<Apply<'_, DxParams<E::Param>>> = make.map(|_| &apply as _);
     // Without `make` there is no `apply`, and the pipeline makes no parameters.
@@ -505,6 +511,7 @@ fn backward_short_runs<E: Element>(
 ) {
     let dy = grad.src();
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
+    let streaming = streaming_output(dy, ctx.shape.len());
     let group = channel_group(ctx);
     let elems = group * ctx.shape.per_channel() * SHORT_RUN_COST;
     ctx.par.for_chunks(sums, group, elems, |g, sums| {
@@ -552,6 +559,7 @@ fn backward_short_runs<E: Element>(
                 io,
                 run: hw,
                 params: &params,
+                streaming,
             });
         }
     });
@@ -568,6 +576,7 @@ pub(super) fn dx<E: Element>(
     params: &[DxParams<E::Param>],
 ) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
+    let streaming = streaming_output(dy, dx.len());
     let out = SharedMut::new(dx);
     if hw > BLOCK {
         let pieces = Pieces::new(ctx);
@@ -579,6 +588,7 @@ pub(super) fn dx<E: Element>(
                 x,
                 io,
                 p: params[p.c],
+                streaming,
             })
         });
     }
@@ -595,6 +605,7 @@ pub(super) fn dx<E: Element>(
             io,
             run: hw,
             params: &params[first..first + k],
+            streaming,
         });
     });
 }

@@ -2,8 +2,9 @@
 //! fused pass writing `dx = a·dy + b·(x − K) + c`.
 
 use super::stream::{
-    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_alike, stream_columns,
-    stream_paired, stream_run, stream_strips, strip_width, use_columns,
+    InOut, Param, VectorMap, column_group, group_vectors, stream, stream_alike, stream_alike_nt,
+    stream_columns, stream_paired, stream_run, stream_run_nt, stream_strips, strip_width,
+    use_columns,
 };
 use super::{
     ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, l1_sets_walked, period,
@@ -805,6 +806,9 @@ pub(crate) struct DxRun<'a, IO: InOut> {
     pub x: &'a [IO::Elem],
     pub io: IO,
     pub p: DxParams<Param<IO>>,
+    /// Store dx past the caches ([`stream_alike_nt`]): the tensors are larger than the
+    /// last-level cache.
+    pub streaming: bool,
 }
 
 impl<IO: InOut> Kernel for DxRun<'_, IO> {
@@ -813,11 +817,21 @@ impl<IO: InOut> Kernel for DxRun<'_, IO> {
 
     #[inline(always)]
     fn run<S: Simd<T = Param<IO>>>(self, s: S) {
-        let p = self.p;
-        let op = SplatDx::new(s, &p);
+        if self.streaming {
+            return s.enter(DxPastCaches(s, self));
+        }
+        let op = SplatDx::new(s, &self.p);
         stream_alike(s, self.io, Some(self.x), &op);
     }
 }
+
+thunk!(DxPastCaches['a, S, IO: InOut] for ['a, S, IO] (s: S, k: DxRun<'a, IO>)
+where [S: Simd<T = Param<IO>>]
+-> () => {
+    let op = SplatDx::new(s, &k.p);
+    stream_alike_nt(s, k.io, Some(k.x), &op);
+    s.stream_fence();
+});
 
 /// `dx = a·dy + b·(x − shift) + c` over consecutive runs of `run` elements, run `i` with
 /// `params[i]` (one call for many short runs; `io` carries dy → dx).
@@ -826,6 +840,8 @@ pub(crate) struct DxRuns<'a, IO: InOut> {
     pub io: IO,
     pub run: usize,
     pub params: &'a [DxParams<Param<IO>>],
+    /// Store dx past the caches, as [`DxRun`]'s `streaming`.
+    pub streaming: bool,
 }
 
 impl<IO: InOut> Kernel for DxRuns<'_, IO> {
@@ -833,10 +849,28 @@ impl<IO: InOut> Kernel for DxRuns<'_, IO> {
     type Output = ();
 
     #[inline(always)]
-    fn run<S: Simd<T = Param<IO>>>(mut self, s: S) {
+    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         if self.run == 0 {
             return;
         }
+        if self.streaming {
+            return s.enter(DxRunsPastCaches(s, self));
+        }
+        self.runs(s, false);
+    }
+}
+
+thunk!(DxRunsPastCaches['a, S, IO: InOut] for ['a, S, IO] (s: S, k: DxRuns<'a, IO>)
+where [S: Simd<T = Param<IO>>]
+-> () => {
+    k.runs(s, true);
+    s.stream_fence();
+});
+
+impl<IO: InOut> DxRuns<'_, IO> {
+    /// The runs, their dx stored past the caches where `nt` ([`stream_run_nt`]).
+    #[inline(always)]
+    fn runs<S: Simd<T = Param<IO>>>(mut self, s: S, nt: bool) {
         let n = self
             .io
             .len()
@@ -854,7 +888,11 @@ impl<IO: InOut> Kernel for DxRuns<'_, IO> {
             // within `x`.
             unsafe {
                 let ptrs = (src.add(start), self.x.as_ptr().add(start), dst.add(start));
-                stream_run(s, ptrs, len, &op);
+                if nt {
+                    stream_run_nt(s, ptrs, len, &op);
+                } else {
+                    stream_run(s, ptrs, len, &op);
+                }
             }
         }
     }
@@ -993,5 +1031,87 @@ impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
     #[inline(always)]
     fn run<S: Simd<T = Param<IO>>>(self, s: S) {
         stream_alike(s, self.io, Some(self.y), &WherePositive);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::normalize::tests::{GUARD, guarded, values};
+    use crate::simd::Backend;
+
+    /// dx stored past the caches (`streaming`) is exactly the plain stores' dx, bit for bit, and
+    /// nothing outside the range is written: every backend, every start of the output within a
+    /// 64-byte line, lengths around the group size and primes, dy separate and in place (dx over
+    /// dy), one run ([`DxRun`]) and consecutive runs of three channels ([`DxRuns`]).
+    #[test]
+    fn streaming_dx_matches_plain_dx() {
+        let params = [
+            DxParams {
+                shift: 1.5,
+                r: 0.75,
+                a: -2.0,
+                b: 0.5,
+                c: 3.0,
+            },
+            DxParams {
+                shift: 0.0,
+                r: -3.0,
+                a: 0.5,
+                b: 1e-3,
+                c: 0.0,
+            },
+            DxParams {
+                shift: -7.0,
+                r: 1e3,
+                a: 1e-3,
+                b: -1.0,
+                c: -0.25,
+            },
+        ];
+        let lengths = [0, 1, 15, 16, 17, 63, 64, 65, 97, 191, 257, 1031];
+        for backend in Backend::available() {
+            for &n in &lengths {
+                let dy = values(n + 32);
+                let x: Vec<f32> = values(n + 32).into_iter().rev().collect();
+                for off in 0..16 {
+                    let x = &x[off..off + n];
+                    let run = |streaming: bool, in_place: bool| {
+                        guarded(&dy, off, n, in_place, |io| {
+                            if n % 2 == 0 {
+                                backend.dispatch(DxRun {
+                                    x,
+                                    io,
+                                    p: params[0],
+                                    streaming,
+                                });
+                            } else {
+                                backend.dispatch(DxRuns {
+                                    x,
+                                    io,
+                                    run: n.div_ceil(3).max(1),
+                                    params: &params,
+                                    streaming,
+                                });
+                            }
+                        })
+                    };
+                    for in_place in [false, true] {
+                        let plain = run(false, in_place);
+                        let streamed = run(true, in_place);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        let at = format!("{backend:?} n {n} offset {off} in place {in_place}");
+                        assert_eq!(bits(&plain), bits(&streamed), "{at}");
+                        assert!(
+                            (streamed[..off].iter().chain(&streamed[off + n..]))
+                                .all(|v| v.to_bits() == GUARD),
+                            "{at}: wrote outside its range"
+                        );
+                        // The plain walk wrote every value of its range (a check of the check).
+                        assert!(plain[off..off + n].iter().all(|v| v.to_bits() != GUARD));
+                    }
+                }
+            }
+        }
     }
 }

@@ -576,14 +576,14 @@ where [S: Simd<T = Param<IO>>, F: Finish]
 unsafe impl<T: Real> crate::scratch::Zeroable for ChannelAffine<T> {}
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::stream::Io;
     use crate::simd::Backend;
 
     /// Values with every kind of f32 bit pattern the map meets: ordinary ones of both signs,
     /// ±0, subnormals, NaN and ±Inf.
-    fn values(n: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn values(n: usize) -> Vec<f32> {
         (0..n)
             .map(|i| match i % 23 {
                 0 => f32::NAN,
@@ -597,11 +597,11 @@ mod tests {
     }
 
     /// Bits of the guard values around a kernel's output range: a quiet NaN no kernel writes.
-    const GUARD: u32 = 0x7FC0_1234;
+    pub(in crate::kernels) const GUARD: u32 = 0x7FC0_1234;
 
     /// Runs `kernel` on elements `off..off + n` of a buffer of `n + 32` guard values, reading `x`
     /// at the same positions (copied into the buffer first for `in_place`); the whole buffer.
-    fn guarded(
+    pub(in crate::kernels) fn guarded(
         x: &[f32],
         off: usize,
         n: usize,
