@@ -454,7 +454,8 @@ mod tests {
     /// Backward of a tensor larger than the last-level cache, whose dx is stored past the
     /// caches, equals the same backward in place (dx over dy, plain stores) bit for bit, dγ and
     /// dβ too, on every backend, in training and frozen mode: NCHW with one sample (the fused
-    /// schedule, pieces), several samples with long runs (pieces) and short ones (runs).
+    /// schedule, pieces), several samples with long runs (pieces) and short ones (runs); NHWC
+    /// rows of 64, 48 and 256 channels.
     /// Skipped as [`inference_past_the_caches_matches_in_place`].
     #[test]
     fn backward_past_the_caches_matches_in_place() {
@@ -463,12 +464,17 @@ mod tests {
             return;
         };
         let len = llc / 4 + 4096;
-        let cases = [
+        let nchw = [
             (1, 2, len.div_ceil(2)),
             (2, 3, len.div_ceil(3 * 2) + 17),
             (len.div_ceil(64 * 3137), 64, 3137),
         ];
-        for (n, c, hw) in cases {
+        // NHWC rows whose plain dx walks a register group down the columns (64 channels on
+        // AVX-512) or the periodic lanes (48, 256); all stored past the caches by the lanes.
+        let nhwc = [64, 48, 256].map(|c| (len.div_ceil(c * 785), c, 785));
+        let cases = (nchw.map(|case| (Layout::Nchw, case)).into_iter())
+            .chain(nhwc.map(|case| (Layout::Nhwc, case)));
+        for (layout, (n, c, hw)) in cases {
             let shape = Shape::new(n, c, hw).unwrap();
             let x: Vec<f32> = (0..shape.len())
                 .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
@@ -486,7 +492,7 @@ mod tests {
                 beta: &beta,
             });
             for backend in crate::Backend::available() {
-                let bn = BatchNorm::on_backend(shape, Layout::Nchw, backend).unwrap();
+                let bn = BatchNorm::on_backend(shape, layout, backend).unwrap();
                 for frozen in [false, true] {
                     let mode = if frozen {
                         BackwardMode::Frozen(RunningStats {
@@ -518,7 +524,7 @@ mod tests {
                     bn.backward_in_place(&x, &mut in_place, affine, mode, Some(grads))
                         .unwrap();
                     let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    let at = format!("{backend:?} N {n} C {c} HW {hw} frozen {frozen}");
+                    let at = format!("{backend:?} {layout:?} N {n} C {c} HW {hw} frozen {frozen}");
                     assert!(bits(&dx) == bits(&in_place), "{at}");
                     assert_eq!((bits(&dg), bits(&db)), (bits(&dg2), bits(&db2)), "{at}");
                     assert!(dx.iter().any(|v| *v != 0.0), "{at}: dx all zero");

@@ -315,6 +315,7 @@ fn dx_blocks<E: Element>(
     let lanes = &DxLanes::dx(params);
     let paired = paired_lanes::<E, 5, _>(ctx.backend, lanes, x.len(), 5);
     let blocks = Blocks::new(ctx);
+    let streaming = streaming_output(dy, x.len());
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
             let (offset, len) = blocks.range(b);
@@ -327,6 +328,7 @@ fn dx_blocks<E: Element>(
                 params,
                 lanes,
                 paired: paired.as_ref(),
+                streaming,
             });
         });
 }
