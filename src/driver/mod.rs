@@ -32,8 +32,14 @@ pub(crate) const BLOCK: usize = 16 * 1024;
 /// 1 605 632 values (13 MB, in L3) 170 µs plain, 235 µs past the caches.
 pub(crate) fn streaming_output<E: Element>(src: Src<'_, E>, len: usize) -> bool {
     let separate = matches!(src, Src::Separate(_)) && crate::element::streams::<E>();
-    let bytes = len.saturating_mul(2 * size_of::<E>());
-    separate && crate::simd::llc_bytes().is_some_and(|llc| bytes > llc)
+    separate && beyond_llc::<E>(2 * len)
+}
+
+/// Whether `len` elements of `E` exceed the last-level cache ([`crate::simd::llc_bytes`]; false
+/// where its size is unknown).
+pub(crate) fn beyond_llc<E>(len: usize) -> bool {
+    let bytes = len.saturating_mul(size_of::<E>());
+    crate::simd::llc_bytes().is_some_and(|llc| bytes > llc)
 }
 
 /// What a driver needs to know about a call.

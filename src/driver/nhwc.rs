@@ -7,8 +7,8 @@
 //! tensor has few rows). Tile results are folded per channel in row-block order.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, check_stats, check_sums,
-    exact_sums, make_all, streaming_output,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, beyond_llc, check_stats,
+    check_sums, exact_sums, make_all, streaming_output,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -229,6 +229,7 @@ pub(super) fn backward<E: Element>(
     // blocks.
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
+    let from_memory = beyond_llc::<E>(2 * x.len());
     let out = SharedMut::new(dx);
     let dy = grad.src();
     let reduce = |t: usize, part: &mut [GradSums]| {
@@ -255,6 +256,7 @@ pub(super) fn backward<E: Element>(
             pivots,
             first: tile.first,
             out: part,
+            from_memory,
         });
         for (i, s) in part.iter_mut().enumerate() {
             check_sums(s, || {
