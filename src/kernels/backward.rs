@@ -1126,6 +1126,7 @@ impl<IO: InOut> Kernel for ReluGrad<'_, IO> {
 mod tests {
     use super::*;
     use crate::kernels::normalize::tests::{GUARD, guarded, values};
+    use crate::kernels::stream::Io;
     use crate::simd::Backend;
     use std::ops::Range;
 
@@ -1147,6 +1148,78 @@ mod tests {
             "{at}: wrote outside its range"
         );
         assert!(plain[range].iter().all(|v| v.to_bits() != GUARD), "{at}");
+    }
+
+    /// f64 dx stored past the caches is exactly the plain stores' dx, on every backend: one run
+    /// ([`DxRun`]), runs of three channels ([`DxRuns`]) and NHWC rows of 7 and 24 channels
+    /// ([`DxRows`]), every output start within 128 bytes; nothing written outside the range.
+    #[test]
+    fn streaming_f64_dx_matches_plain_dx() {
+        const GUARD64: u64 = 0x7FF8_0000_DEAD_BEEF;
+        let p = DxParams {
+            shift: 1.5f64,
+            r: 0.75,
+            a: -2.0,
+            b: 0.5,
+            c: 3.0,
+        };
+        let params = [p, DxParams { r: -3.0, ..p }, DxParams { shift: -7.0, ..p }];
+        for backend in Backend::available() {
+            for n in [0usize, 1, 17, 64, 65, 257, 1031] {
+                let dy: Vec<f64> = values(n + 32).iter().map(|&v| f64::from(v) / 3.0).collect();
+                let x: Vec<f64> = dy.iter().rev().map(|v| v * 0.5 + 1.0).collect();
+                for off in 0..16 {
+                    for kind in 0..4 {
+                        let c = [1, 3, 7, 24][kind];
+                        let n = n / c * c;
+                        let row: Vec<DxParams<f64>> = (0..c).map(|k| params[k % 3]).collect();
+                        let lanes = DxLanes::dx(&row);
+                        let run = |streaming: bool| {
+                            let mut out = vec![f64::from_bits(GUARD64); n + 32];
+                            let (x, dst) = (&x[off..off + n], &mut out[off..off + n]);
+                            let io = Io::Separate(&dy[off..off + n], dst);
+                            match kind {
+                                0 => backend.dispatch(DxRun {
+                                    x,
+                                    io,
+                                    p,
+                                    streaming,
+                                }),
+                                1 => backend.dispatch(DxRuns {
+                                    x,
+                                    io,
+                                    run: n / 3,
+                                    params: &params,
+                                    streaming,
+                                }),
+                                _ => backend.dispatch(DxRows {
+                                    x,
+                                    io,
+                                    params: &row,
+                                    lanes: &lanes,
+                                    paired: None,
+                                    streaming,
+                                }),
+                            }
+                            // NaNs as one value (see `assert_same_writes`); the guard,
+                            // a NaN too, keeps its bits.
+                            let bits = |v: &f64| match v.to_bits() {
+                                GUARD64 => GUARD64,
+                                _ if v.is_nan() => 1,
+                                b => b,
+                            };
+                            out.iter().map(bits).collect::<Vec<_>>()
+                        };
+                        let (plain, streamed) = (run(false), run(true));
+                        let at = format!("{backend:?} n {n} offset {off} kind {kind}");
+                        assert_eq!(plain, streamed, "{at}");
+                        let outside = streamed[..off].iter().chain(&streamed[off + n..]);
+                        assert!(outside.into_iter().all(|&b| b == GUARD64), "{at}");
+                        assert!(plain[off..off + n].iter().all(|&b| b != GUARD64), "{at}");
+                    }
+                }
+            }
+        }
     }
 
     /// The NHWC reduction that asks for its lines ahead (`from_memory`: every group of the strip

@@ -697,6 +697,63 @@ pub(super) mod tests {
         }
     }
 
+    /// f64 data stored past the caches (two native vectors per lane vector, aligned to the whole
+    /// lane vector: 128 bytes on AVX-512) write exactly what the plain stores write, on every
+    /// backend: one run ([`AffineRun`]) and NHWC rows of 7 and 24 channels ([`AffineRows`]),
+    /// every output start within 128 bytes, lengths around the group size; nothing written
+    /// outside the range.
+    #[test]
+    fn streaming_f64_matches_plain_f64() {
+        const GUARD64: u64 = 0x7FF8_0000_DEAD_BEEF;
+        let p = ChannelAffine {
+            shift: 1.5f64,
+            scale: -0.75,
+            bias: 2.0,
+        };
+        for backend in Backend::available() {
+            for n in [0usize, 1, 17, 63, 64, 65, 255, 257, 1031] {
+                let x: Vec<f64> = values(n + 32).iter().map(|&v| f64::from(v) / 3.0).collect();
+                for off in 0..16 {
+                    for c in [0usize, 7, 24] {
+                        let n = n.checked_div(c).map_or(n, |rows| rows * c);
+                        let params = vec![p; c.max(1)];
+                        let lanes = AffineLanes::affine(&params);
+                        let run = |streaming: bool| {
+                            let mut out = vec![f64::from_bits(GUARD64); n + 32];
+                            let io = Io::Separate(&x[off..off + n], &mut out[off..off + n]);
+                            let fuse = Fuse::default();
+                            if c == 0 {
+                                backend.dispatch(AffineRun {
+                                    io,
+                                    p,
+                                    fuse,
+                                    streaming,
+                                });
+                            } else {
+                                backend.dispatch(AffineRows {
+                                    io,
+                                    params: &params,
+                                    lanes: &lanes,
+                                    paired: None,
+                                    shifted: true,
+                                    fuse,
+                                    streaming,
+                                });
+                            }
+                            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        };
+                        let (plain, streamed) = (run(false), run(true));
+                        let at = format!("{backend:?} n {n} offset {off} c {c}");
+                        assert_eq!(plain, streamed, "{at}");
+                        let outside = streamed[..off].iter().chain(&streamed[off + n..]);
+                        assert!(outside.into_iter().all(|&b| b == GUARD64), "{at}");
+                        assert!(plain[off..off + n].iter().all(|&b| b != GUARD64), "{at}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The kernels that store past the caches (`streaming`) write exactly what the plain ones
     /// write, bit for bit, and nothing outside their range: on every backend, every start of the
     /// output within a 64-byte line (the peeled head), lengths around the group size and primes,

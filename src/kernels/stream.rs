@@ -428,7 +428,7 @@ pub(crate) unsafe fn stream_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
     unsafe { element::store(s, dst.add(n - l), op.apply(s, 0, a, b)) };
 }
 
-/// [`stream_run`] with the output stored past the caches where the data is f32
+/// [`stream_run`] with the output stored past the caches where the data is f32 or f64
 /// ([`element::store_stream`]): for outputs too large to stay in the last-level cache, whose
 /// plain stores would first read every output line from memory. The elements before the first
 /// output vector aligned to its size, and the rest after the last whole group of
@@ -507,7 +507,7 @@ unsafe fn map_group_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const
 }
 
 /// [`stream_raw`] of a periodic map with the output stored past the caches where the data is
-/// f32: the elements before the first vector-aligned output plainly, then whole periods from
+/// f32 or f64: the elements before the first vector-aligned output plainly, then whole periods from
 /// there with the phases offset by that head (a periodic map's lanes hold the period plus
 /// [`MAX_LANES`](crate::simd::MAX_LANES) values continuing the pattern, so loads at the offset
 /// phases stay in bounds), groups of [`GROUP_LOADS`] vectors and single vectors stored past the

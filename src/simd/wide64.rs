@@ -24,6 +24,16 @@ pub trait Wide64: Simd<T = f32> {
     fn load_partial_w(self, s: &[f64], fill: f64) -> Self::W;
     /// Stores the low `min(s.len(), LANES)` lanes of `v` into `s`.
     fn store_partial_w(self, s: &mut [f64], v: Self::W);
+    /// Stores `LANES` f64 values past the caches where the backend can ([`Simd::store_stream_ptr`]
+    /// for f64 lanes); the default stores them plainly.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive f64 and aligned to `LANES` f64.
+    #[inline(always)]
+    unsafe fn store_stream_w_ptr(self, p: *mut f64, v: Self::W) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.store_w_ptr(p, v) }
+    }
 }
 
 /// [`Wide64::vectorize`]'s call: kernel `0` on token `1`, in its lane type.
@@ -80,6 +90,15 @@ impl<B: Wide64> Simd for F64<B> {
     unsafe fn store_ptr(self, p: *mut f64, v: B::W) {
         // SAFETY: forwarded to the caller (LANES writable f64).
         unsafe { self.0.store_w_ptr(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn store_stream_ptr(self, p: *mut f64, v: B::W) {
+        // SAFETY: forwarded to the caller (LANES writable f64, aligned to LANES f64).
+        unsafe { self.0.store_stream_w_ptr(p, v) }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        self.0.stream_fence()
     }
     #[inline(always)]
     unsafe fn load_f16_ptr(self, p: *const u16) -> B::W {

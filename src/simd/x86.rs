@@ -1185,6 +1185,15 @@ impl Wide64 for Avx2Fma {
         }
     }
     #[inline(always)]
+    unsafe fn store_stream_w_ptr(self, p: *mut f64, v: [__m256d; 2]) {
+        // SAFETY: AVX available (token); the caller guarantees 8 writable f64 at `p`, 64-byte
+        // aligned (so both halves are 32-byte aligned).
+        unsafe {
+            _mm256_stream_pd(p, v[0]);
+            _mm256_stream_pd(p.add(4), v[1]);
+        }
+    }
+    #[inline(always)]
     fn store_partial_w(self, s: &mut [f64], v: [__m256d; 2]) {
         let n = s.len().min(8);
         let (lo, hi) = (avx2_low_mask_pd(n), avx2_low_mask_pd(n.saturating_sub(4)));
@@ -1255,6 +1264,15 @@ impl Wide64 for Avx512 {
                 _mm512_mask_loadu_pd(f, lo, s.as_ptr()),
                 _mm512_mask_loadu_pd(f, hi, s.as_ptr().wrapping_add(8)),
             ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_stream_w_ptr(self, p: *mut f64, v: [__m512d; 2]) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable f64 at `p`,
+        // 128-byte aligned (so both halves are 64-byte aligned).
+        unsafe {
+            _mm512_stream_pd(p, v[0]);
+            _mm512_stream_pd(p.add(8), v[1]);
         }
     }
     #[inline(always)]
