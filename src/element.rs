@@ -206,26 +206,21 @@ pub(crate) unsafe fn store<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v
     }
 }
 
-/// Stores the lanes of `v` at `p` as [`store`] does, past the caches for f32 and f64 data
-/// ([`Simd::store_stream_ptr`]); half data stores as [`store`].
+/// Stores the lanes of `v` at `p` as [`store`] does, past the caches where the backend can
+/// ([`Simd::store_stream_ptr`], [`Simd::store_f16_stream_ptr`], [`Simd::store_bf16_stream_ptr`]).
 ///
 /// # Safety
-/// As [`store`]; for f32 and f64 data `p` must also be aligned to `LANES` values.
+/// As [`store`]; `p` must also be aligned to `LANES` values.
 #[inline(always)]
 pub(crate) unsafe fn store_stream<S: Simd<T = E::Param>, E: Element>(s: S, p: *mut E, v: S::V) {
     // SAFETY: forwarded to the caller; `KIND` names `E`'s layout.
     unsafe {
         match E::KIND {
             Kind::F32 | Kind::F64 => s.store_stream_ptr(p.cast(), v),
-            _ => store(s, p, v),
+            Kind::F16 => s.store_f16_stream_ptr(p.cast(), v),
+            Kind::Bf16 => s.store_bf16_stream_ptr(p.cast(), v),
         }
     }
-}
-
-/// Whether [`store_stream`] bypasses the caches for `E` (f32 and f64 data).
-#[inline(always)]
-pub(crate) fn streams<E: Element>() -> bool {
-    matches!(E::KIND, Kind::F32 | Kind::F64)
 }
 
 /// Whether `E` is bfloat16 (whose pairs may load in another order, [`load_pair`]).

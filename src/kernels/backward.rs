@@ -1222,6 +1222,119 @@ mod tests {
         }
     }
 
+    /// Half data stored past the caches (the conversion into a register, then a streaming store
+    /// of its 16 or 32 bytes) writes exactly what the plain stores write, for f16 and bf16, on
+    /// every backend: the affine map and dx on one run, on runs of 7 channels and on NHWC rows
+    /// of 7 and 24 channels; every output start within 32 bytes; nothing written outside the
+    /// range.
+    #[test]
+    fn streaming_half_matches_plain_half() {
+        streaming_half(crate::f16::from_bits, crate::f16::to_bits);
+        streaming_half(crate::bf16::from_bits, crate::bf16::to_bits);
+    }
+
+    /// [`streaming_half_matches_plain_half`] for the storage type whose bits convert by `from`
+    /// and `to`.
+    fn streaming_half<E: Element<Param = f32>>(from: fn(u16) -> E, to: fn(E) -> u16) {
+        use crate::kernels::{AffineLanes, AffineRows, AffineRun, AffineRuns, ChannelAffine, Fuse};
+        let guard = from(0x7E5A);
+        let dxp = DxParams {
+            shift: 1.5,
+            r: 0.75,
+            a: -2.0,
+            b: 0.5,
+            c: 3.0,
+        };
+        let ap = ChannelAffine {
+            shift: -0.5,
+            scale: 1.25,
+            bias: 0.125,
+        };
+        for backend in Backend::available() {
+            for n in [0usize, 1, 17, 64, 65, 257, 1031] {
+                let dy: Vec<E> = values(n + 32).iter().map(|&v| E::from_param(v)).collect();
+                let x: Vec<E> = dy.iter().rev().copied().collect();
+                for off in 0..16 {
+                    for kind in 0..8 {
+                        let c = [1, 7, 24][kind % 3];
+                        let n = n / c * c;
+                        let dxs = vec![dxp; c];
+                        let affines = vec![ap; c];
+                        let (dx_lanes, affine_lanes) =
+                            (DxLanes::dx(&dxs), AffineLanes::affine(&affines));
+                        let run = |streaming: bool| {
+                            let mut out = vec![guard; n + 32];
+                            let (x, dst) = (&x[off..off + n], &mut out[off..off + n]);
+                            let io = Io::Separate(&dy[off..off + n], dst);
+                            let fuse = Fuse::default();
+                            match kind {
+                                0 => backend.dispatch(DxRun {
+                                    x,
+                                    io,
+                                    p: dxp,
+                                    streaming,
+                                }),
+                                1 | 2 => backend.dispatch(DxRows {
+                                    x,
+                                    io,
+                                    params: &dxs,
+                                    lanes: &dx_lanes,
+                                    paired: None,
+                                    streaming,
+                                }),
+                                3 => backend.dispatch(AffineRun {
+                                    io,
+                                    p: ap,
+                                    fuse,
+                                    streaming,
+                                }),
+                                6 => backend.dispatch(DxRuns {
+                                    x,
+                                    io,
+                                    run: n.div_ceil(7).max(1),
+                                    params: &[dxp; 7],
+                                    streaming,
+                                }),
+                                7 => backend.dispatch(AffineRuns {
+                                    io,
+                                    run: n.div_ceil(7).max(1),
+                                    first: 0,
+                                    params: &[ap; 7],
+                                    shifted: true,
+                                    fuse,
+                                    streaming,
+                                }),
+                                _ => backend.dispatch(AffineRows {
+                                    io,
+                                    params: &affines,
+                                    lanes: &affine_lanes,
+                                    paired: None,
+                                    shifted: true,
+                                    fuse,
+                                    streaming,
+                                }),
+                            }
+                            // NaNs as one value (see `assert_same_writes`); the guard, a NaN
+                            // too, keeps its bits.
+                            let bits = |v: &E| match to(*v) {
+                                0x7E5A => 0x7E5A,
+                                _ if v.to_param().is_nan() => 1,
+                                b => b,
+                            };
+                            out.iter().map(bits).collect::<Vec<_>>()
+                        };
+                        let (plain, streamed) = (run(false), run(true));
+                        let at = format!("{backend:?} n {n} offset {off} kind {kind}");
+                        assert_eq!(plain, streamed, "{at}");
+                        let outside = streamed[..off].iter().chain(&streamed[off + n..]);
+                        assert!(outside.into_iter().all(|&b| b == 0x7E5A), "{at}");
+                        assert!(plain[off..off + n].iter().all(|&b| b != 0x7E5A), "{at}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The NHWC reduction that asks for its lines ahead (`from_memory`: every group of the strip
     /// in chunks of rows) gives the sums of the plain walk bit for bit, on every backend: strips
     /// of several groups, whole and partial, from channel 0 and from a later one, row counts

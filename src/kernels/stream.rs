@@ -428,11 +428,11 @@ pub(crate) unsafe fn stream_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
     unsafe { element::store(s, dst.add(n - l), op.apply(s, 0, a, b)) };
 }
 
-/// [`stream_run`] with the output stored past the caches where the data is f32 or f64
-/// ([`element::store_stream`]): for outputs too large to stay in the last-level cache, whose
-/// plain stores would first read every output line from memory. The elements before the first
-/// output vector aligned to its size, and the rest after the last whole group of
-/// [`GROUP_LOADS`] vectors, go through [`stream_raw`]; other data goes through it whole. The
+/// [`stream_run`] with the output stored past the caches ([`element::store_stream`]): for
+/// outputs too large to stay in the last-level cache, whose plain stores would first read every
+/// output line from memory. The elements before the first output vector aligned to its size,
+/// and the rest after the last whole group of [`GROUP_LOADS`] vectors, go through
+/// [`stream_raw`]. The
 /// caller calls [`Simd::stream_fence`] after its last such walk, and runs this walk in an entry
 /// point of its own (the kernels' plain walks inlined beside it would double an unoptimized
 /// build's frame).
@@ -463,13 +463,10 @@ pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: El
     unsafe { stream_raw(s, (src.add(end), x2.add(end), dst.add(end)), n - end, g, op) };
 }
 
-/// Elements of a walk of `n` elements before its output `dst` is aligned to a vector, for data
-/// whose stores go past the caches ([`element::streams`]); for other data all `n`.
+/// Elements of a walk of `n` elements before its output `dst` is aligned to a vector (of
+/// `LANES` values of `E`, as [`element::store_stream`] needs).
 #[inline(always)]
 fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize {
-    if !element::streams::<E>() {
-        return n;
-    }
     let size = std::mem::size_of::<E>();
     let vector = S::LANES * size;
     // `dst` is aligned to `size` (a slice's pointer), so the head is whole elements.
@@ -480,8 +477,7 @@ fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize {
 /// stored past the caches ([`element::store_stream`]).
 ///
 /// # Safety
-/// As [`map_vector`], for `i + K·LANES` elements; `dst + i` aligned to a vector where
-/// [`element::streams`] holds.
+/// As [`map_vector`], for `i + K·LANES` elements; `dst + i` aligned to a vector.
 #[inline(always)]
 unsafe fn map_group_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
     s: S,
@@ -506,9 +502,9 @@ unsafe fn map_group_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const
     }
 }
 
-/// [`stream_raw`] of a periodic map with the output stored past the caches where the data is
-/// f32 or f64: the elements before the first vector-aligned output plainly, then whole periods from
-/// there with the phases offset by that head (a periodic map's lanes hold the period plus
+/// [`stream_raw`] of a periodic map with the output stored past the caches: the elements
+/// before the first vector-aligned output plainly, then whole periods from there with the
+/// phases offset by that head (a periodic map's lanes hold the period plus
 /// [`MAX_LANES`](crate::simd::MAX_LANES) values continuing the pattern, so loads at the offset
 /// phases stay in bounds), groups of [`GROUP_LOADS`] vectors and single vectors stored past the
 /// caches, the last partial period plainly. The NHWC counterpart of [`stream_run_nt`] for rows

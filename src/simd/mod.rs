@@ -176,6 +176,26 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for writing `LANES` consecutive `u16`.
     unsafe fn store_f16_ptr(self, p: *mut u16, v: Self::V);
+    /// [`Simd::store_f16_ptr`] past the caches where the backend can (as
+    /// [`Simd::store_stream_ptr`]); the default stores through the caches.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive `u16` and aligned to `LANES` of them.
+    #[inline(always)]
+    unsafe fn store_f16_stream_ptr(self, p: *mut u16, v: Self::V) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.store_f16_ptr(p, v) }
+    }
+    /// [`Simd::store_bf16_ptr`] past the caches where the backend can (as
+    /// [`Simd::store_stream_ptr`]); the default stores through the caches.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` consecutive `u16` and aligned to `LANES` of them.
+    #[inline(always)]
+    unsafe fn store_bf16_stream_ptr(self, p: *mut u16, v: Self::V) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.store_bf16_ptr(p, v) }
+    }
     /// Loads `LANES` bfloat16 values (their bits) from `p`, widened to f32 (exact).
     ///
     /// # Safety

@@ -81,6 +81,12 @@ impl Simd for Avx2Fma {
         unsafe { _mm_storeu_si128(p.cast(), avx2_f16(v)) }
     }
     #[inline(always)]
+    unsafe fn store_f16_stream_ptr(self, p: *mut u16, v: __m256) {
+        // SAFETY: AVX and F16C available (token); the caller guarantees 8 writable u16 at `p`,
+        // 16-byte aligned.
+        unsafe { _mm_stream_si128(p.cast(), avx2_f16(v)) }
+    }
+    #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> __m256 {
         // SAFETY: AVX2 available (token); the caller guarantees 8 readable u16 at `p`.
         unsafe { avx2_from_bf16(_mm_loadu_si128(p.cast())) }
@@ -89,6 +95,12 @@ impl Simd for Avx2Fma {
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m256) {
         // SAFETY: AVX2 available (token); the caller guarantees 8 writable u16 at `p`.
         unsafe { _mm_storeu_si128(p.cast(), avx2_bf16(v)) }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16_stream_ptr(self, p: *mut u16, v: __m256) {
+        // SAFETY: AVX2 available (token); the caller guarantees 8 writable u16 at `p`, 16-byte
+        // aligned.
+        unsafe { _mm_stream_si128(p.cast(), avx2_bf16(v)) }
     }
     #[inline(always)]
     unsafe fn store_bf16_group<const K: usize>(self, p: *mut u16, v: [__m256; K]) {
@@ -830,6 +842,12 @@ impl Simd for Avx512 {
         unsafe { _mm256_storeu_si256(p.cast(), _mm512_cvtps_ph::<ROUND_NEAREST>(v)) }
     }
     #[inline(always)]
+    unsafe fn store_f16_stream_ptr(self, p: *mut u16, v: __m512) {
+        // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`,
+        // 32-byte aligned.
+        unsafe { _mm256_stream_si256(p.cast(), _mm512_cvtps_ph::<ROUND_NEAREST>(v)) }
+    }
+    #[inline(always)]
     unsafe fn load_bf16_ptr(self, p: *const u16) -> __m512 {
         // SAFETY: AVX-512F/BW available (token); the caller guarantees 16 readable u16 at `p`.
         unsafe { avx512_from_bf16(_mm256_loadu_si256(p.cast())) }
@@ -838,6 +856,12 @@ impl Simd for Avx512 {
     unsafe fn store_bf16_ptr(self, p: *mut u16, v: __m512) {
         // SAFETY: AVX-512F available (token); the caller guarantees 16 writable u16 at `p`.
         unsafe { _mm256_storeu_si256(p.cast(), avx512_bf16(v)) }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16_stream_ptr(self, p: *mut u16, v: __m512) {
+        // SAFETY: AVX-512F/BW available (token); the caller guarantees 16 writable u16 at `p`,
+        // 32-byte aligned.
+        unsafe { _mm256_stream_si256(p.cast(), avx512_bf16(v)) }
     }
     #[inline(always)]
     unsafe fn store_bf16_group<const K: usize>(self, p: *mut u16, v: [__m512; K]) {
