@@ -1212,10 +1212,7 @@ mod tests {
                         };
                         let (plain, streamed) = (run(false), run(true));
                         let at = format!("{backend:?} n {n} offset {off} kind {kind}");
-                        assert_eq!(plain, streamed, "{at}");
-                        let outside = streamed[..off].iter().chain(&streamed[off + n..]);
-                        assert!(outside.into_iter().all(|&b| b == GUARD64), "{at}");
-                        assert!(plain[off..off + n].iter().all(|&b| b != GUARD64), "{at}");
+                        assert_streamed_bits(&plain, &streamed, off..off + n, GUARD64, &at);
                     }
                 }
             }
@@ -1325,10 +1322,7 @@ mod tests {
                         };
                         let (plain, streamed) = (run(false), run(true));
                         let at = format!("{backend:?} n {n} offset {off} kind {kind}");
-                        assert_eq!(plain, streamed, "{at}");
-                        let outside = streamed[..off].iter().chain(&streamed[off + n..]);
-                        assert!(outside.into_iter().all(|&b| b == 0x7E5A), "{at}");
-                        assert!(plain[off..off + n].iter().all(|&b| b != 0x7E5A), "{at}");
+                        assert_streamed_bits(&plain, &streamed, off..off + n, 0x7E5A, &at);
                     }
                 }
             }
@@ -1381,6 +1375,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bits of a streamed buffer equal the plain one's (NaNs already mapped to one value by
+    /// the caller), the guard `guard` stands outside `range` in the streamed buffer, and the
+    /// plain walk wrote every value of `range`.
+    fn assert_streamed_bits<B: PartialEq + Copy + std::fmt::Debug>(
+        plain: &[B],
+        streamed: &[B],
+        range: Range<usize>,
+        guard: B,
+        at: &str,
+    ) {
+        assert_eq!(plain, streamed, "{at}");
+        let outside = streamed[..range.start].iter().chain(&streamed[range.end..]);
+        assert!(outside.into_iter().all(|&b| b == guard), "{at}");
+        assert!(plain[range].iter().all(|&b| b != guard), "{at}");
     }
 
     /// NHWC rows of dx stored past the caches ([`DxRows`] with `streaming`, by the periodic
