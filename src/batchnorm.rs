@@ -14,7 +14,9 @@ use crate::params::{
 };
 use crate::scratch::{self, Scratch};
 use crate::simd::Real;
-use crate::{BatchStats, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance};
+use crate::{
+    BatchStats, ChannelStats, Element, Error, Layout, Parallelism, Residency, Shape, Variance,
+};
 
 /// Default ε (PyTorch, ONNX): `1e-5`.
 pub const DEFAULT_EPS: f64 = 1e-5;
@@ -98,6 +100,7 @@ impl BatchNorm {
             layout,
             par: Parallelism::Rayon,
             backend,
+            residency: Residency::Auto,
         };
         BatchNorm {
             ctx,
@@ -121,6 +124,14 @@ impl BatchNorm {
     /// Sets how the operations use threads. Results do not depend on it.
     pub fn with_parallelism(mut self, par: Parallelism) -> BatchNorm {
         self.ctx.par = par;
+        self
+    }
+
+    /// Sets where the operations take their tensors to live, which decides whether outputs are
+    /// stored past the caches ([`Residency`]; [`Residency::Auto`] by default). Results do not
+    /// depend on it.
+    pub fn with_residency(mut self, residency: Residency) -> BatchNorm {
+        self.ctx.residency = residency;
         self
     }
 

@@ -5,8 +5,8 @@
 use crate::error::check_len;
 use crate::{
     Affine, Backend, BackwardMode, BatchNorm, Element, Epilogue, Error, GradMode, Layout, Momentum,
-    Parallelism, Param, ParamGrads, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape,
-    Variance,
+    Parallelism, Param, ParamGrads, Residency, RunningStats, RunningUpdate, SavedStats,
+    SavedStatsMut, Shape, Variance,
 };
 use crate::{Communicator, SyncBatchNorm};
 
@@ -57,6 +57,7 @@ pub struct BatchNormLayer<P = f32> {
     var_estimator: Variance,
     training: bool,
     parallelism: Parallelism,
+    residency: Residency,
     /// Resolved when the layer is built (forced by `BATCHNORM_BACKEND`, or the best available).
     backend: Backend,
     gamma: Vec<P>,
@@ -154,6 +155,7 @@ impl<P: Param> BatchNormLayer<P> {
             var_estimator,
             training: true,
             parallelism: Parallelism::Rayon,
+            residency: Residency::Auto,
             backend,
             gamma: c(1.0),
             beta: c(0.0),
@@ -203,6 +205,12 @@ impl<P: Param> BatchNormLayer<P> {
         self
     }
 
+    /// Sets where the operations take their tensors to live (see [`BatchNorm::with_residency`]).
+    pub fn with_residency(mut self, residency: Residency) -> Self {
+        self.residency = residency;
+        self
+    }
+
     /// Forces a SIMD backend (see [`BatchNorm::with_backend`]).
     ///
     /// # Errors
@@ -228,7 +236,7 @@ impl<P: Param> BatchNormLayer<P> {
         self.training
     }
 
-    /// The operator for `shape`, with the layer's ε, parallelism and backend.
+    /// The operator for `shape`, with the layer's ε, parallelism, residency and backend.
     fn operator(&self, shape: Shape) -> Result<BatchNorm, Error> {
         if shape.c() != self.channels {
             return Err(Error::ChannelMismatch {
@@ -237,7 +245,10 @@ impl<P: Param> BatchNormLayer<P> {
             });
         }
         let op = BatchNorm::on_backend(shape, self.layout, self.backend)?;
-        Ok(op.with_eps(self.eps)?.with_parallelism(self.parallelism))
+        Ok(op
+            .with_eps(self.eps)?
+            .with_parallelism(self.parallelism)
+            .with_residency(self.residency))
     }
 
     /// `y = BN(x)` for a tensor of `shape` (its C must be the layer's). In training mode: batch
@@ -461,6 +472,10 @@ impl<P: Param> BatchNormLayer<P> {
     /// How the layer's operations use threads.
     pub fn parallelism(&self) -> Parallelism {
         self.parallelism
+    }
+    /// Where the layer's operations take their tensors to live.
+    pub fn residency(&self) -> Residency {
+        self.residency
     }
     /// The running-update rule ([`Momentum::CumulativeAverage`] counts with
     /// [`batches_tracked`](BatchNormLayer::batches_tracked)).

@@ -23,7 +23,7 @@ pub use batchnorm::{BatchNorm, DEFAULT_EPS};
 pub use element::{Element, Param, bf16, f16};
 pub use error::Error;
 pub use layer::{BatchNormLayer, Preset};
-pub use par::Parallelism;
+pub use par::{Parallelism, Residency};
 pub use params::{
     Affine, BackwardEpilogue, BackwardMode, Epilogue, GradMode, Momentum, ParamGrads, RunningStats,
     RunningUpdate, SavedStats, SavedStatsMut,

@@ -1,5 +1,6 @@
-//! Explicit parallelism: sequential, or rayon's current pool. Work is always split the same way,
-//! whatever the thread count, so results are bit-identical.
+//! Explicit execution settings: threads (sequential, or rayon's current pool) and where the
+//! tensors are taken to live (cache or memory). Work is always split the same way, whatever the
+//! thread count or residency, so results are bit-identical.
 
 use std::marker::PhantomData;
 
@@ -20,6 +21,35 @@ pub enum Parallelism {
     /// once for all of its passes.
     #[default]
     Rayon,
+}
+
+/// Where an operation takes its tensors to live, which decides how it moves them: outputs that
+/// would only pass through the caches on their way to memory are stored past them (their lines
+/// are then not read from memory first, nor do they evict other data), and the NHWC backward
+/// reduction asks for rows ahead of its walk.
+///
+/// Results are bit-identical for every setting: only the kind and order of memory accesses change.
+///
+/// ```
+/// use batchnorm::{BatchNorm, Layout, Residency, Shape};
+/// // An engine whose next layer reads this output at once keeps it in cache.
+/// let bn = BatchNorm::new(Shape::new(32, 64, 3136)?, Layout::Nchw)?.with_residency(Residency::Cache);
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Residency {
+    /// Decided per call: in memory when the tensors a pass reads and writes exceed the last-level
+    /// cache the CPU reports (its whole size; on a virtual machine that shares it, the part that
+    /// stays ours can be smaller, and [`Residency::Memory`] then pays off on smaller tensors).
+    #[default]
+    Auto,
+    /// In cache: outputs are stored through the caches and reductions walk without asking ahead,
+    /// whatever the size (for an engine whose next layer reads the output at once).
+    Cache,
+    /// In memory: outputs written to a buffer of their own (not in place) are stored past the
+    /// caches on the `avx512` and `avx2` backends (the `portable` backend stores plainly), and the
+    /// NHWC backward reduction asks for rows ahead, whatever the size.
+    Memory,
 }
 
 impl Parallelism {

@@ -20,7 +20,8 @@
 //! - **Every element written.** Outputs are pre-filled with a signaling NaN ([`SENTINEL_BITS`];
 //!   [`SENTINEL64_BITS`] for f64 outputs, and the half types' own) that no arithmetic produces (an operation on a NaN returns a quiet one), and must not contain it
 //!   afterwards. In-place variants must equal the out-of-place ones bit for bit.
-//! - **Determinism.** Sequential and rayon execution give bit-identical results.
+//! - **Determinism.** Sequential and rayon execution give bit-identical results, and so do outputs
+//!   stored past the caches (`Residency::Memory`) and through them.
 //! - **Storage type.** For f16 and bf16 cases ([`Storage`]) the checks run on f32 tensors holding
 //!   the up-converted data, then on the half tensors, whose outputs must be the f32 op's rounded
 //!   once to the type (bit for bit) and whose parameter and statistics outputs must be the f32

@@ -15,27 +15,29 @@ use crate::par::SharedMut;
 use crate::scratch::{self, Scratch, Zeroable};
 use crate::simd::Backend;
 use crate::simd::Real;
-use crate::{ChannelStats, Layout, Parallelism, Shape};
+use crate::{ChannelStats, Layout, Parallelism, Residency, Shape};
 
 /// Elements per unit of work: an NCHW piece of a run, or the target size of an NHWC row block.
 /// Large enough to amortize task and fold overheads, small enough to stay in L2 with its output.
 pub(crate) const BLOCK: usize = 16 * 1024;
 
 /// Whether a pass that reads `x` and writes a separate output of `len` elements of `E` stores
-/// the output past the caches: the two tensors together exceed the last-level cache
+/// the output past the caches: with [`Residency::Auto`], where the two tensors together exceed the last-level cache
 /// ([`crate::simd::llc_bytes`]), so plain stores would first read each output line from memory
 /// and evict data a later pass could reuse. In place, the lines are read anyway: plain stores.
 ///
 /// Measured on AMD EPYC family 25 model 17 (Zen 4, 32 MiB L3), one thread, y = a·x + b over f32
 /// in a standalone loop: 6 422 528 values (51 MB in all) 1577 µs plain, 1210 µs past the caches;
 /// 1 605 632 values (13 MB, in L3) 170 µs plain, 235 µs past the caches.
-pub(crate) fn streaming_output<E: Element>(src: Src<'_, E>, len: usize) -> bool {
-    matches!(src, Src::Separate(_)) && beyond_llc::<E>(2 * len)
+/// With [`Residency::Auto`]; [`Residency::Cache`] and [`Residency::Memory`] decide it outright
+/// (for separate outputs).
+pub(crate) fn streaming_output<E: Element>(ctx: &Ctx, src: Src<'_, E>, len: usize) -> bool {
+    matches!(src, Src::Separate(_)) && ctx.in_memory::<E>(2 * len)
 }
 
 /// Whether `len` elements of `E` exceed the last-level cache ([`crate::simd::llc_bytes`]; false
 /// where its size is unknown).
-pub(crate) fn beyond_llc<E>(len: usize) -> bool {
+fn beyond_llc<E>(len: usize) -> bool {
     let bytes = len.saturating_mul(size_of::<E>());
     crate::simd::llc_bytes().is_some_and(|llc| bytes > llc)
 }
@@ -47,9 +49,20 @@ pub(crate) struct Ctx {
     pub layout: Layout,
     pub par: Parallelism,
     pub backend: Backend,
+    pub residency: Residency,
 }
 
 impl Ctx {
+    /// Whether a pass over `len` elements of `E` (all the tensors it reads and writes) takes them
+    /// to live in memory rather than in cache ([`Residency`]).
+    pub(crate) fn in_memory<E>(&self, len: usize) -> bool {
+        match self.residency {
+            Residency::Auto => beyond_llc::<E>(len),
+            Residency::Cache => false,
+            Residency::Memory => true,
+        }
+    }
+
     /// Runs one operation (see [`Parallelism::run_op`]) with the context it should use.
     fn run_op<R: Send>(&self, op: impl FnOnce(&Ctx) -> R + Send) -> R {
         self.par
@@ -393,6 +406,44 @@ mod tests {
     use super::*;
     use crate::{BatchNorm, Epilogue, RunningStats};
 
+    /// The context of an operator for `shape` in `layout` on this CPU's best backend, with the
+    /// default residency ([`Residency::Auto`]).
+    fn auto(shape: Shape, layout: Layout) -> Ctx {
+        *BatchNorm::on_backend(shape, layout, Backend::detect())
+            .unwrap()
+            .ctx()
+    }
+
+    /// [`Residency::Cache`] and [`Residency::Memory`] decide where a pass takes its tensors to
+    /// live whatever their size; [`Residency::Auto`] compares the size with the last-level cache
+    /// (in memory only where that size is known). Outputs in place are never streamed.
+    #[test]
+    fn residency_decides_in_memory() {
+        let shape = Shape::new(2, 3, 5).unwrap();
+        let x = vec![0.0f32; shape.len()];
+        let huge = usize::MAX / 16;
+        let auto = auto(shape, Layout::Nchw);
+        assert!(!auto.in_memory::<f32>(shape.len()));
+        assert_eq!(
+            auto.in_memory::<f32>(huge),
+            crate::simd::llc_bytes().is_some()
+        );
+        assert!(!streaming_output(&auto, Src::Separate(&x), shape.len()));
+        let cache = Ctx {
+            residency: Residency::Cache,
+            ..auto
+        };
+        assert!(!cache.in_memory::<f32>(huge));
+        assert!(!streaming_output(&cache, Src::Separate(&x), huge));
+        let memory = Ctx {
+            residency: Residency::Memory,
+            ..auto
+        };
+        assert!(memory.in_memory::<f64>(1));
+        assert!(streaming_output(&memory, Src::Separate(&x), shape.len()));
+        assert!(!streaming_output(&memory, Src::<f32>::InPlace, shape.len()));
+    }
+
     /// Inference of a tensor larger than the last-level cache, whose output is stored past the
     /// caches, equals the same inference in place (plain stores) bit for bit, on every backend,
     /// NCHW with long runs (pieces) and short ones (runs), NHWC rows whose plain walks differ (a
@@ -421,8 +472,9 @@ mod tests {
             let x: Vec<f32> = (0..shape.len())
                 .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
                 .collect();
-            assert!(streaming_output(Src::Separate(&x), shape.len()));
-            assert!(!streaming_output(Src::<f32>::InPlace, shape.len()));
+            let ctx = auto(shape, layout);
+            assert!(streaming_output(&ctx, Src::Separate(&x), shape.len()));
+            assert!(!streaming_output(&ctx, Src::<f32>::InPlace, shape.len()));
             let mean: Vec<f32> = (0..c).map(|k| k as f32 * 0.1).collect();
             let var: Vec<f32> = (0..c).map(|k| 1.0 + k as f32).collect();
             let running = RunningStats {
@@ -469,7 +521,11 @@ mod tests {
             let x: Vec<f64> = (0..shape.len())
                 .map(|i| ((i * 7919) % 1000) as f64 * 0.01 - 5.0)
                 .collect();
-            assert!(streaming_output(Src::Separate(&x), shape.len()));
+            assert!(streaming_output(
+                &auto(shape, layout),
+                Src::Separate(&x),
+                shape.len()
+            ));
             let mean: Vec<f64> = (0..c).map(|k| k as f64 * 0.1).collect();
             let var: Vec<f64> = (0..c).map(|k| 1.0 + k as f64).collect();
             let running = RunningStats {
@@ -521,7 +577,11 @@ mod tests {
             let dy: Vec<f32> = (0..shape.len())
                 .map(|i| ((i * 104_729) % 997) as f32 * 0.002 - 1.0)
                 .collect();
-            assert!(streaming_output(Src::Separate(&dy), shape.len()));
+            assert!(streaming_output(
+                &auto(shape, layout),
+                Src::Separate(&dy),
+                shape.len()
+            ));
             let mean: Vec<f32> = (0..c).map(|k| k as f32 * 0.1 - 0.3).collect();
             let inv: Vec<f32> = (0..c).map(|k| 0.5 + k as f32).collect();
             let gamma: Vec<f32> = (0..c).map(|k| 1.0 - 0.25 * k as f32).collect();

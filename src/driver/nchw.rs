@@ -242,7 +242,7 @@ pub(super) fn normalize<E: Element>(
     params: &[ChannelAffine<E::Param>],
 ) {
     let hw = ctx.shape.hw();
-    let streaming = streaming_output(src, dst.len());
+    let streaming = streaming_output(ctx, src, dst.len());
     let out = SharedMut::new(dst);
     if hw > BLOCK {
         let pieces = Pieces::new(ctx);
@@ -473,7 +473,7 @@ pub(super) fn backward<E: Element>(
         });
         sums
     };
-    let dx_streaming = streaming_output(dy, ctx.shape.len());
+    let dx_streaming = streaming_output(ctx, dy, ctx.shape.len());
     let apply = |p: Piece, dp: &DxParams<E::Param>| {
         // SAFETY: every piece is applied exactly once and pieces are disjoint.
         let io = unsafe { dy.io(&out, p.offset, p.len) };
@@ -511,7 +511,7 @@ fn backward_short_runs<E: Element>(
 ) {
     let dy = grad.src();
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
-    let streaming = streaming_output(dy, ctx.shape.len());
+    let streaming = streaming_output(ctx, dy, ctx.shape.len());
     let group = channel_group(ctx);
     let elems = group * ctx.shape.per_channel() * SHORT_RUN_COST;
     ctx.par.for_chunks(sums, group, elems, |g, sums| {
@@ -576,7 +576,7 @@ pub(super) fn dx<E: Element>(
     params: &[DxParams<E::Param>],
 ) {
     let (n, c, hw) = (ctx.shape.n(), ctx.shape.c(), ctx.shape.hw());
-    let streaming = streaming_output(dy, dx.len());
+    let streaming = streaming_output(ctx, dy, dx.len());
     let out = SharedMut::new(dx);
     if hw > BLOCK {
         let pieces = Pieces::new(ctx);

@@ -7,8 +7,8 @@
 //! tensor has few rows). Tile results are folded per channel in row-block order.
 
 use super::{
-    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, beyond_llc, check_stats,
-    check_sums, exact_sums, make_all, streaming_output,
+    BLOCK, ChannelAffine, Ctx, Fuse, Grad, MakeAffine, MakeDx, Src, check_stats, check_sums,
+    exact_sums, make_all, streaming_output,
 };
 use crate::ChannelStats;
 use crate::element::Element;
@@ -184,7 +184,7 @@ pub(super) fn normalize<E: Element>(
     // The maps read 3 lanes with the subtract, 2 without (as `AffineRows` counts them).
     let read = if shifted { 3 } else { 2 };
     let paired = paired_lanes::<E, 3, _>(ctx.backend, lanes, dst.len(), read);
-    let streaming = streaming_output(src, dst.len());
+    let streaming = streaming_output(ctx, src, dst.len());
     let out = SharedMut::new(dst);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
@@ -229,7 +229,7 @@ pub(super) fn backward<E: Element>(
     // blocks.
     let tiles = Tiles::new(ctx);
     let c = tiles.c;
-    let from_memory = beyond_llc::<E>(2 * x.len());
+    let from_memory = ctx.in_memory::<E>(2 * x.len());
     let out = SharedMut::new(dx);
     let dy = grad.src();
     let reduce = |t: usize, part: &mut [GradSums]| {
@@ -317,7 +317,7 @@ fn dx_blocks<E: Element>(
     let lanes = &DxLanes::dx(params);
     let paired = paired_lanes::<E, 5, _>(ctx.backend, lanes, x.len(), 5);
     let blocks = Blocks::new(ctx);
-    let streaming = streaming_output(dy, x.len());
+    let streaming = streaming_output(ctx, dy, x.len());
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
             let (offset, len) = blocks.range(b);

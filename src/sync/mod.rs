@@ -34,7 +34,8 @@ use crate::params::{Affine, GradMode, Momentum, ParamGrads, RunningUpdate, Saved
 use crate::params::{BackwardMode, SavedStatsMut};
 use crate::scratch;
 use crate::{
-    Backend, BatchNorm, ChannelStats, Element, Error, Layout, Parallelism, Shape, Variance,
+    Backend, BatchNorm, ChannelStats, Element, Error, Layout, Parallelism, Residency, Shape,
+    Variance,
 };
 
 #[cfg(feature = "mpi")]
@@ -225,6 +226,14 @@ impl SyncBatchNorm {
     pub fn with_parallelism(self, par: Parallelism) -> SyncBatchNorm {
         SyncBatchNorm {
             template: self.template.with_parallelism(par),
+        }
+    }
+
+    /// Sets where each rank's passes take their tensors to live (see
+    /// [`BatchNorm::with_residency`]).
+    pub fn with_residency(self, residency: Residency) -> SyncBatchNorm {
+        SyncBatchNorm {
+            template: self.template.with_residency(residency),
         }
     }
 

@@ -273,7 +273,7 @@ pub(crate) fn backward(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
         ctx.fail("backward_in_place differs from backward".into());
     }
     if !out.same(&run_backward(&s.other, s, inp, case, Call::Plain)) {
-        ctx.fail("backward differs between parallelism settings".into());
+        ctx.fail("backward differs between parallelism and residency settings".into());
     }
 
     let gamma = affine.then_some(&inp.gamma[..]);

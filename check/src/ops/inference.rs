@@ -290,7 +290,7 @@ pub(crate) fn inference(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>)
     }
     let (_, y2, _, _) = run(&s.other, inp);
     if !y.iter().zip(&y2).all(|(&a, &b)| same_bits(a, b)) {
-        ctx.fail("inference differs between parallelism settings".into());
+        ctx.fail("inference differs between parallelism and residency settings".into());
     }
 
     let gamma = affine.then_some(&inp.gamma[..]);

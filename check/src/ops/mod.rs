@@ -1,6 +1,6 @@
 //! The differential checker: each operation run on a case and compared with the f64 reference.
 
-use batchnorm::{Backend, BatchNorm, ChannelStats, Error, Layout, Parallelism, Shape};
+use batchnorm::{Backend, BatchNorm, ChannelStats, Error, Layout, Parallelism, Residency, Shape};
 
 use crate::precise::Moments;
 use crate::storage::{
@@ -113,7 +113,9 @@ pub(crate) struct Setup {
     pub(crate) layout: Layout,
     /// The spatial dimensions (for the split batch's shapes).
     pub(crate) spatial: Vec<usize>,
-    /// The operator with the case's parallelism, and with the other one.
+    /// The operator with the case's parallelism, and with the other one and
+    /// [`batchnorm::Residency::Memory`] (outputs of their own stored past the caches, which the
+    /// case's small tensors never are by default).
     pub(crate) bn: BatchNorm,
     pub(crate) other: BatchNorm,
     pub(crate) eps: f64,
@@ -290,7 +292,7 @@ pub(crate) fn prepare(case: &Case, ctx: &mut Ctx<'_>) -> Option<(Setup, Inputs)>
         layout,
         spatial,
         bn: bn.with_parallelism(par),
-        other: bn.with_parallelism(other),
+        other: bn.with_parallelism(other).with_residency(Residency::Memory),
         eps: bn.eps(),
         giant,
         indices: Vec::new(),

@@ -79,7 +79,7 @@ pub(crate) fn statistics(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>
     match statistics_as(s.storage, &s.other, &inp.x) {
         Ok(again) if same(&again, &got) => {}
         other => ctx.fail(format!(
-            "statistics differ between parallelism settings: {other:?}"
+            "statistics differ between parallelism and residency settings: {other:?}"
         )),
     }
     let bad = s.nonfinite_channels(&inp.x);

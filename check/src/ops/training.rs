@@ -248,10 +248,14 @@ pub(crate) fn training(case: &Case, s: &Setup, inp: &Inputs, ctx: &mut Ctx<'_>) 
             ctx.fail(format!("training did not write {name}[{i}]"));
         }
     }
-    // The other parallelism setting, without saved statistics: the same bits otherwise.
+    // The other parallelism setting and residency Memory, without saved statistics: the same
+    // bits otherwise.
     let again = run_training(s.storage, &s.other, inp, affine, case.update, false);
     if (0..c).any(|ch| out.channel_bits(s, ch, false) != again.channel_bits(s, ch, false)) {
-        ctx.fail("training differs between parallelism settings (or with saved = None)".into());
+        ctx.fail(
+            "training differs between parallelism and residency settings (or with saved = None)"
+                .into(),
+        );
     }
     if !(untouched(&again.mean) && untouched(&again.inv_std)) {
         ctx.fail("training wrote saved statistics that were not asked for".into());
