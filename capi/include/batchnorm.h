@@ -25,6 +25,18 @@
 // buffer of the call, passed through the same `BnTensor` / `BnTensorMut` cast to `float *`).
 #define BN_DTYPE_F64 3
 
+// `bn_set_residency`: decided per call from the tensors' size against the last-level cache (the
+// default).
+#define BN_RESIDENCY_AUTO 0
+
+// `bn_set_residency`: outputs stored through the caches whatever the size (the next layer reads
+// them at once).
+#define BN_RESIDENCY_CACHE 1
+
+// `bn_set_residency`: tensors taken to live in memory whatever the size (separate outputs
+// stored past the caches).
+#define BN_RESIDENCY_MEMORY 2
+
 // `BnEpilogue::kind`: plain batch norm.
 #define BN_EPILOGUE_NONE 0
 
@@ -280,6 +292,15 @@ extern "C" {
 // # Safety
 // `desc` must point to a valid `BnDesc` and `out` to writable storage for a pointer.
 enum BnStatus bn_create(const struct BnDesc *desc, struct BnOp **out);
+
+// Sets where `op`'s operations take their tensors to live: `BN_RESIDENCY_AUTO` (the default),
+// `BN_RESIDENCY_CACHE` or `BN_RESIDENCY_MEMORY` (Rust: `BatchNorm::with_residency`). Results
+// are the same bits for every setting; only how outputs are stored changes. On an error `op` is
+// unchanged.
+//
+// # Safety
+// `op` must be null (an error) or a live operator not used by another thread during the call.
+enum BnStatus bn_set_residency(struct BnOp *op, uint32_t residency);
 
 // Frees an operator from `bn_create` (null is ignored).
 //

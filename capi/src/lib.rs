@@ -55,8 +55,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use batchnorm::fold::{self, ConvWeights, WeightLayout};
 use batchnorm::{
     Affine, BackwardEpilogue, BackwardMode, BatchNorm, ChannelStats, Element, Epilogue, Error,
-    GradMode, Layout, Momentum, Parallelism, ParamGrads, RunningStats, RunningUpdate, SavedStats,
-    SavedStatsMut, Shape, Variance, bf16, f16,
+    GradMode, Layout, Momentum, Parallelism, ParamGrads, Residency, RunningStats, RunningUpdate,
+    SavedStats, SavedStatsMut, Shape, Variance, bf16, f16,
 };
 
 /// The outcome of a call: one code per error of the Rust API, plus the C ABI's own.
@@ -127,6 +127,16 @@ pub const BN_DTYPE_BF16: u32 = 2;
 /// `BnDesc::dtype`: `double` data, and `double` parameters and statistics (every per-channel
 /// buffer of the call, passed through the same `BnTensor` / `BnTensorMut` cast to `float *`).
 pub const BN_DTYPE_F64: u32 = 3;
+
+/// `bn_set_residency`: decided per call from the tensors' size against the last-level cache (the
+/// default).
+pub const BN_RESIDENCY_AUTO: u32 = 0;
+/// `bn_set_residency`: outputs stored through the caches whatever the size (the next layer reads
+/// them at once).
+pub const BN_RESIDENCY_CACHE: u32 = 1;
+/// `bn_set_residency`: tensors taken to live in memory whatever the size (separate outputs
+/// stored past the caches).
+pub const BN_RESIDENCY_MEMORY: u32 = 2;
 
 /// `BnEpilogue::kind`: plain batch norm.
 pub const BN_EPILOGUE_NONE: u32 = 0;
@@ -711,6 +721,34 @@ pub unsafe extern "C" fn bn_create(desc: *const BnDesc, out: *mut *mut BnOp) -> 
         let op = Box::new(BnOp { bn, pool, dtype });
         // SAFETY: as above.
         unsafe { *out = Box::into_raw(op) };
+        Ok(())
+    })
+}
+
+/// Sets where `op`'s operations take their tensors to live: `BN_RESIDENCY_AUTO` (the default),
+/// `BN_RESIDENCY_CACHE` or `BN_RESIDENCY_MEMORY` (Rust: `BatchNorm::with_residency`). Results
+/// are the same bits for every setting; only how outputs are stored changes. On an error `op` is
+/// unchanged.
+///
+/// # Safety
+/// `op` must be null (an error) or a live operator not used by another thread during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bn_set_residency(op: *mut BnOp, residency: u32) -> BnStatus {
+    guard(|| {
+        // SAFETY: null or live and not shared during the call (contract).
+        let op = unsafe { op.as_mut() }.ok_or_else(|| null("op"))?;
+        let residency = match residency {
+            BN_RESIDENCY_AUTO => Residency::Auto,
+            BN_RESIDENCY_CACHE => Residency::Cache,
+            BN_RESIDENCY_MEMORY => Residency::Memory,
+            k => {
+                return Err(invalid(format!(
+                    "unknown residency {k} (expected BN_RESIDENCY_AUTO = 0, \
+                     BN_RESIDENCY_CACHE = 1 or BN_RESIDENCY_MEMORY = 2)"
+                )));
+            }
+        };
+        op.bn = op.bn.with_residency(residency);
         Ok(())
     })
 }

@@ -8,7 +8,7 @@ use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
 use batchnorm_capi::*;
-use common::{Op, create, desc, message, t, tm};
+use common::{Op, create, desc, message, t, td, tdm, tm};
 
 #[test]
 fn every_function_reports_bad_arguments_and_writes_nothing() {
@@ -258,6 +258,101 @@ fn every_function_reports_bad_arguments_and_writes_nothing() {
         let name = CStr::from_ptr(bn_backend_name(op.0)).to_str().unwrap();
         assert!(["avx512", "avx2", "portable"].contains(&name));
         assert!(bn_backend_name(null()).is_null());
+    }
+}
+
+/// `bn_set_residency`: a null operator and an unknown code are errors that leave the operator
+/// as it was; every residency gives the same bits (f32 and bf16 data, both layouts, training
+/// then backward), the streamed outputs included.
+#[test]
+fn residency_changes_no_result() {
+    // SAFETY: null operator (an error, nothing dereferenced).
+    assert_eq!(
+        unsafe { bn_set_residency(null_mut(), BN_RESIDENCY_MEMORY) },
+        BnStatus::NullPointer
+    );
+    assert!(message().contains("`op`"), "{}", message());
+    let (n, c, hw) = (3, 5, 37);
+    let len = n * c * hw;
+    let x: Vec<f32> = (0..len).map(|i| ((i * 37) % 101) as f32 / 16.0).collect();
+    let dy: Vec<f32> = (0..len)
+        .map(|i| ((i * 53) % 97) as f32 / 32.0 - 1.5)
+        .collect();
+    let to_bf16 = |v: &[f32]| {
+        v.iter()
+            .map(|&a| (a.to_bits() >> 16) as u16)
+            .collect::<Vec<_>>()
+    };
+    for layout in [BN_LAYOUT_NCHW, BN_LAYOUT_NHWC] {
+        for dtype in [BN_DTYPE_F32, BN_DTYPE_BF16] {
+            let mut results = Vec::new();
+            for residency in [BN_RESIDENCY_AUTO, BN_RESIDENCY_MEMORY, BN_RESIDENCY_CACHE] {
+                let op = create(&desc(n, c, hw, layout, 0, dtype));
+                // SAFETY: a live operator, not shared.
+                unsafe {
+                    assert_eq!(bn_set_residency(op.0, 9), BnStatus::InvalidArgument);
+                    assert!(message().contains("unknown residency 9"), "{}", message());
+                    assert_eq!(bn_set_residency(op.0, residency), BnStatus::Ok);
+                }
+                // The bytes of y and dx (f32 or bf16 bits), through the same calls.
+                let (y, dx) = if dtype == BN_DTYPE_F32 {
+                    let (mut y, mut dx) = (vec![0.0f32; len], vec![0.0f32; len]);
+                    run_training_backward(&op, (t(&x), t(&dy)), (tm(&mut y), tm(&mut dx)));
+                    (bits(&y), bits(&dx))
+                } else {
+                    let (xb, dyb) = (to_bf16(&x), to_bf16(&dy));
+                    let (mut y, mut dx) = (vec![0u16; len], vec![0u16; len]);
+                    run_training_backward(&op, (td(&xb), td(&dyb)), (tdm(&mut y), tdm(&mut dx)));
+                    (
+                        y.iter().map(|&b| u32::from(b)).collect(),
+                        dx.iter().map(|&b| u32::from(b)).collect(),
+                    )
+                };
+                results.push((y, dx));
+            }
+            assert!(
+                results.windows(2).all(|w| w[0] == w[1]),
+                "layout {layout} dtype {dtype}"
+            );
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|a| a.to_bits()).collect()
+}
+
+/// Training (batch statistics, saved) then backward from the saved statistics, through `op`.
+fn run_training_backward(
+    op: &Op,
+    (x, dy): (BnTensor, BnTensor),
+    (y, dx): (BnTensorMut, BnTensorMut),
+) {
+    let c = 5;
+    let (mut mean, mut inv_std) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let saved = BnSavedMut {
+        mean: tm(&mut mean),
+        inv_std: tm(&mut inv_std),
+    };
+    // SAFETY: valid arguments for a live operator.
+    unsafe {
+        assert_eq!(
+            bn_training(op.0, x, y, null(), &saved, null(), null()),
+            BnStatus::Ok,
+            "{}",
+            message()
+        );
+        let stats = BnBackwardStats {
+            mode: BN_BACKWARD_TRAINING,
+            mean: t(&mean),
+            second: t(&inv_std),
+        };
+        assert_eq!(
+            bn_backward(op.0, x, dy, dx, null(), &stats, null(), null()),
+            BnStatus::Ok,
+            "{}",
+            message()
+        );
     }
 }
 
