@@ -33,14 +33,15 @@ pub enum Parallelism {
 /// ```
 /// use batchnorm::{BatchNorm, Layout, Residency, Shape};
 /// // An engine whose next layer reads this output at once keeps it in cache.
-/// let bn = BatchNorm::new(Shape::new(32, 64, 3136)?, Layout::Nchw)?.with_residency(Residency::Cache);
+/// let shape = Shape::new(32, 64, 3136)?;
+/// let bn = BatchNorm::new(shape, Layout::Nchw)?.with_residency(Residency::Cache);
 /// # Ok::<(), batchnorm::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Residency {
     /// Decided per call: in memory when the tensors a pass reads and writes exceed the last-level
-    /// cache the CPU reports (its whole size; on a virtual machine that shares it, the part that
-    /// stays ours can be smaller, and [`Residency::Memory`] then pays off on smaller tensors).
+    /// cache the CPU reports (its whole size: on a virtual machine that shares it with other
+    /// guests, the part that stays ours can be smaller).
     #[default]
     Auto,
     /// In cache: outputs are stored through the caches and reductions walk without asking ahead,

@@ -22,15 +22,15 @@ use crate::{ChannelStats, Layout, Parallelism, Residency, Shape};
 pub(crate) const BLOCK: usize = 16 * 1024;
 
 /// Whether a pass that reads `x` and writes a separate output of `len` elements of `E` stores
-/// the output past the caches: with [`Residency::Auto`], where the two tensors together exceed the last-level cache
-/// ([`crate::simd::llc_bytes`]), so plain stores would first read each output line from memory
-/// and evict data a later pass could reuse. In place, the lines are read anyway: plain stores.
+/// the output past the caches: where the pass takes its tensors to live in memory
+/// ([`Ctx::in_memory`]; with [`Residency::Auto`], where the two tensors together exceed the
+/// last-level cache, [`crate::simd::llc_bytes`]), since plain stores would then first read each
+/// output line from memory and evict data a later pass could reuse. In place, the lines are read
+/// anyway: plain stores.
 ///
 /// Measured on AMD EPYC family 25 model 17 (Zen 4, 32 MiB L3), one thread, y = a·x + b over f32
 /// in a standalone loop: 6 422 528 values (51 MB in all) 1577 µs plain, 1210 µs past the caches;
 /// 1 605 632 values (13 MB, in L3) 170 µs plain, 235 µs past the caches.
-/// With [`Residency::Auto`]; [`Residency::Cache`] and [`Residency::Memory`] decide it outright
-/// (for separate outputs).
 pub(crate) fn streaming_output<E: Element>(ctx: &Ctx, src: Src<'_, E>, len: usize) -> bool {
     matches!(src, Src::Separate(_)) && ctx.in_memory::<E>(2 * len)
 }
