@@ -261,9 +261,9 @@ fn every_function_reports_bad_arguments_and_writes_nothing() {
     }
 }
 
-/// `bn_set_residency`: a null operator and an unknown code are errors that leave the operator
-/// as it was; every residency gives the same bits (f32 and bf16 data, both layouts, training
-/// then backward), the streamed outputs included.
+/// `bn_set_residency`: a null operator and an unknown code are errors; every residency gives
+/// the same bits (f32 and bf16 data, both layouts, training then backward), the streamed outputs
+/// included.
 #[test]
 fn residency_changes_no_result() {
     // SAFETY: null operator (an error, nothing dereferenced).
@@ -278,6 +278,7 @@ fn residency_changes_no_result() {
     let dy: Vec<f32> = (0..len)
         .map(|i| ((i * 53) % 97) as f32 / 32.0 - 1.5)
         .collect();
+    // Truncated to bf16 (any bf16 values serve).
     let to_bf16 = |v: &[f32]| {
         v.iter()
             .map(|&a| (a.to_bits() >> 16) as u16)
@@ -297,12 +298,12 @@ fn residency_changes_no_result() {
                 // The bytes of y and dx (f32 or bf16 bits), through the same calls.
                 let (y, dx) = if dtype == BN_DTYPE_F32 {
                     let (mut y, mut dx) = (vec![0.0f32; len], vec![0.0f32; len]);
-                    run_training_backward(&op, (t(&x), t(&dy)), (tm(&mut y), tm(&mut dx)));
+                    run_training_backward(&op, c, (t(&x), t(&dy)), (tm(&mut y), tm(&mut dx)));
                     (bits(&y), bits(&dx))
                 } else {
                     let (xb, dyb) = (to_bf16(&x), to_bf16(&dy));
                     let (mut y, mut dx) = (vec![0u16; len], vec![0u16; len]);
-                    run_training_backward(&op, (td(&xb), td(&dyb)), (tdm(&mut y), tdm(&mut dx)));
+                    run_training_backward(&op, c, (td(&xb), td(&dyb)), (tdm(&mut y), tdm(&mut dx)));
                     (
                         y.iter().map(|&b| u32::from(b)).collect(),
                         dx.iter().map(|&b| u32::from(b)).collect(),
@@ -322,13 +323,14 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|a| a.to_bits()).collect()
 }
 
-/// Training (batch statistics, saved) then backward from the saved statistics, through `op`.
+/// Training (batch statistics, saved) then backward from the saved statistics, through `op` (of
+/// `c` channels).
 fn run_training_backward(
     op: &Op,
+    c: usize,
     (x, dy): (BnTensor, BnTensor),
     (y, dx): (BnTensorMut, BnTensorMut),
 ) {
-    let c = 5;
     let (mut mean, mut inv_std) = (vec![0.0f32; c], vec![0.0f32; c]);
     let saved = BnSavedMut {
         mean: tm(&mut mean),
