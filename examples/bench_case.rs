@@ -1,11 +1,13 @@
 //! Times one case of the crate against its memory roofs, case by case, so that a driver
 //! (`benches/compare.py`) can alternate the crate with other frameworks in one run.
 //!
-//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS [DTYPE]` on standard input (OP
-//! one of `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw` or `nhwc`; OFFSET the
-//! byte offset modulo 4096 of the output tensors relative to x, dy at twice that; DTYPE the data
-//! tensors' element type, `f32` (the default when the field is absent), `bf16` or `f16`, the
-//! parameters and statistics being f32 in every case) and answers each with one JSON line
+//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS [DTYPE [RESIDENCY]]` on standard
+//! input (OP one of `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw` or `nhwc`;
+//! OFFSET the byte offset modulo 4096 of the output tensors relative to x, dy at twice that; DTYPE
+//! the data tensors' element type, `f32` (the default when the field is absent), `bf16` or `f16`,
+//! the parameters and statistics being f32 in every case; RESIDENCY the operator's
+//! [`batchnorm::Residency`], `auto` (the default), `cache` or `memory`) and answers each with one
+//! JSON line
 //! `{"crate": ns, "copy": ns, "sum": ns, "copy_kind": "memcpy" | "simd", "dtype": "..."}`:
 //! medians over REPEATS samples of at least SAMPLE_MS each, the crate's call, the copy roof (the
 //! better of memcpy and a SIMD load/store loop, copying x's bytes into y's: half the f32 bytes for
@@ -25,7 +27,7 @@ use std::marker::PhantomData;
 use std::time::Instant;
 
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, Element, GradMode, Layout, Parallelism, ParamGrads,
+    Affine, BackwardMode, BatchNorm, Element, GradMode, Layout, Parallelism, ParamGrads, Residency,
     RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, bf16, f16,
 };
 use roofs::{Buffer, CopyRoof, fill};
@@ -102,18 +104,25 @@ struct Case {
     repeats: usize,
     sample_s: f64,
     dtype: Dtype,
+    residency: Residency,
 }
 
 fn parse(line: &str) -> Result<Case, String> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    if f.len() != 7 && f.len() != 8 {
-        return Err(format!("expected 7 or 8 fields, got {}", f.len()));
+    if !(7..=9).contains(&f.len()) {
+        return Err(format!("expected 7 to 9 fields, got {}", f.len()));
     }
     let dtype = match f.get(7).copied().unwrap_or("f32") {
         "f32" => Dtype::F32,
         "bf16" => Dtype::Bf16,
         "f16" => Dtype::F16,
         other => return Err(format!("dtype {other}")),
+    };
+    let residency = match f.get(8).copied().unwrap_or("auto") {
+        "auto" => Residency::Auto,
+        "cache" => Residency::Cache,
+        "memory" => Residency::Memory,
+        other => return Err(format!("residency {other}")),
     };
     let layout = match f[1] {
         "nchw" => Layout::Nchw,
@@ -132,6 +141,7 @@ fn parse(line: &str) -> Result<Case, String> {
         repeats: num(f[5])?,
         sample_s: f[6].parse::<f64>().map_err(|e| e.to_string())? / 1e3,
         dtype,
+        residency,
     })
 }
 
@@ -152,7 +162,8 @@ fn run_typed<E: Element<Param = f32>>(
     let shape = Shape::with_spatial(n, c, &[h, w]).map_err(|e| e.to_string())?;
     let bn = BatchNorm::new(shape, case.layout)
         .unwrap()
-        .with_parallelism(Parallelism::Rayon);
+        .with_parallelism(Parallelism::Rayon)
+        .with_residency(case.residency);
     let len = shape.len();
     let xt = Tensor::<E>::from_f32(&fill(len, 1, -1.0, 3.0), 0);
     let dyt = Tensor::<E>::from_f32(&fill(len, 2, -1.0, 1.0), 2 * case.offset % 4096);

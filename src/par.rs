@@ -25,8 +25,8 @@ pub enum Parallelism {
 
 /// Where an operation takes its tensors to live, which decides how it moves them: outputs that
 /// would only pass through the caches on their way to memory are stored past them (their lines
-/// are then not read from memory first, nor do they evict other data), and the NHWC backward
-/// reduction asks for rows ahead of its walk.
+/// are then not read from memory first, nor do they evict other data), and the NHWC reductions
+/// (the statistics' first pass, the backward's sums) ask for rows ahead of their walk.
 ///
 /// Results are bit-identical for every setting: only the kind and order of memory accesses change.
 ///
@@ -49,7 +49,7 @@ pub enum Residency {
     Cache,
     /// In memory: outputs written to a buffer of their own (not in place) are stored past the
     /// caches on the `avx512` and `avx2` backends (the `portable` backend stores plainly), and the
-    /// NHWC backward reduction asks for rows ahead, whatever the size.
+    /// NHWC reductions ask for rows ahead, whatever the size.
     Memory,
 }
 

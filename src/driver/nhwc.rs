@@ -130,6 +130,7 @@ pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], total: &mut [ChannelSta
     let c = tiles.c;
     // Tile t's statistics in `parts[t·strip..][..width]`.
     let mut parts = scratch::zeroed::<ChannelStats>(tiles.count() * tiles.strip);
+    let from_memory = ctx.in_memory::<E>(x.len());
     ctx.par
         .for_chunks(&mut parts, tiles.strip, tiles.unit(), |t, out| {
             let tile = tiles.tile(t);
@@ -140,6 +141,7 @@ pub(super) fn statistics<E: Element>(ctx: &Ctx, x: &[E], total: &mut [ChannelSta
                 c,
                 first: tile.first,
                 out,
+                from_memory,
             });
             for (i, s) in out.iter_mut().enumerate() {
                 check_stats(s, || {
