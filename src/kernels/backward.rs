@@ -8,7 +8,7 @@ use super::stream::{
 };
 use super::{
     ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, l1_sets_walked, period,
-    reduce_f64, rows_as_they_are,
+    prefetch_rows, reduce_f64, rows_as_they_are,
 };
 use crate::element::{self, Element};
 use crate::scratch;
@@ -498,28 +498,6 @@ fn write_sums<S: Simd, const G: usize>(
 /// ahead; 256 channels 8808, 8282 and 4522; a sequential read of the same bytes 4300–4600.
 const PREFETCH_ROWS: usize = 8;
 
-/// Asks for the lines of channels `first..first + width` of rows `rows` of `x` and `dy` (rows of
-/// `c` values) to be brought into L2. Addresses past the slices are only prefetched, never read.
-#[inline(always)]
-fn prefetch_rows<E>(
-    (x, dy): (&[E], &[E]),
-    (c, first, width): (usize, usize, usize),
-    rows: std::ops::Range<usize>,
-) {
-    let size = std::mem::size_of::<E>();
-    for r in rows {
-        let start = r * c + first;
-        let (px, pd) = (
-            x.as_ptr().wrapping_add(start),
-            dy.as_ptr().wrapping_add(start),
-        );
-        for line in (0..width * size).step_by(64) {
-            crate::simd::prefetch_l2(px.cast::<u8>().wrapping_add(line));
-            crate::simd::prefetch_l2(pd.cast::<u8>().wrapping_add(line));
-        }
-    }
-}
-
 /// Register groups walked together in [`grad_sums_chunked`] (their sums kept in memory between
 /// chunks of rows): a strip of 256 f32 channels on any backend.
 const CHUNKED_GROUPS: usize = 16;
@@ -623,7 +601,9 @@ fn grad_sums_chunked<S: Simd<T = E::Param>, E: Element, const G: usize>(
                 if prefetch {
                     let ahead = rows + PREFETCH_ROWS;
                     let cols = (c, group.first, group.width);
-                    prefetch_rows(xs, cols, ahead..(ahead + chunk).min(group.rows));
+                    let rows = ahead..(ahead + chunk).min(group.rows);
+                    prefetch_rows(xs.0, cols, rows.clone());
+                    prefetch_rows(xs.1, cols, rows);
                 }
                 if g < whole {
                     group.add_rows::<E, true>(s, xs, c, rows..rows + chunk, acc);

@@ -72,6 +72,24 @@ pub(crate) fn l1_sets_walked(row_bytes: usize) -> usize {
     SET_SPAN / a
 }
 
+/// Asks for the lines of channels `first..first + width` of rows `rows` of `x` (rows of `c`
+/// values) to be brought into L2: the NHWC reductions' walks from memory, a few lines of every
+/// row, which the hardware prefetchers do not follow. Addresses past the slice are only
+/// prefetched, never read.
+#[inline(always)]
+pub(crate) fn prefetch_rows<E>(
+    x: &[E],
+    (c, first, width): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+) {
+    for r in rows {
+        let p = x.as_ptr().wrapping_add(r * c + first).cast::<u8>();
+        for line in (0..width * size_of::<E>()).step_by(64) {
+            crate::simd::prefetch_l2(p.wrapping_add(line));
+        }
+    }
+}
+
 /// Independent accumulators per contiguous run, for instruction-level parallelism.
 pub(crate) const ACCUMULATORS: usize = 4;
 

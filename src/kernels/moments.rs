@@ -16,7 +16,9 @@
 //! more than Welford's dependent updates.
 
 use super::stream::lane_group;
-use super::{ACCUMULATORS, KMAX, expand_periodic, period, rows_as_they_are, zeroed_f64};
+use super::{
+    ACCUMULATORS, KMAX, expand_periodic, period, prefetch_rows, rows_as_they_are, zeroed_f64,
+};
 use crate::ChannelStats;
 use crate::element::{self, Element};
 use crate::scratch;
@@ -631,13 +633,11 @@ fn strip_sums_ahead<S: Simd<T = E::Param>, E: Element, const G: usize>(
         for (g, acc) in acc.iter_mut().enumerate().take(groups) {
             let at = first + g * w;
             let width = w.min(end - at);
-            let ahead = x.as_ptr().wrapping_add((chunk.start + AHEAD_ROWS) * c + at);
-            for r in 0..chunk.len() {
-                let p = ahead.wrapping_add(r * c).cast::<u8>();
-                for line in (0..width * size_of::<E>()).step_by(64) {
-                    crate::simd::prefetch_l2(p.wrapping_add(line));
-                }
-            }
+            prefetch_rows(
+                x,
+                (c, at, width),
+                chunk.start + AHEAD_ROWS..chunk.end + AHEAD_ROWS,
+            );
             if width == w {
                 column_sums::<S, E, G, true>(s, x, (c, at, width), chunk.clone(), acc);
             } else {
