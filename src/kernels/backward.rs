@@ -7,8 +7,8 @@ use super::stream::{
     strip_width, use_columns,
 };
 use super::{
-    ACCUMULATORS, DxLanes, KMAX, PeriodicLanes, expand_periodic, l1_sets_walked, period,
-    prefetch_rows, reduce_f64, rows_as_they_are,
+    ACCUMULATORS, DxLanes, KMAX, PREFETCH_ROWS, PeriodicLanes, expand_periodic, l1_sets_walked,
+    period, prefetch_rows, reduce_f64, rows_as_they_are,
 };
 use crate::element::{self, Element};
 use crate::scratch;
@@ -486,17 +486,6 @@ fn write_sums<S: Simd, const G: usize>(
         }
     }
 }
-
-/// Rows per chunk, and rows ahead that each group asks for its lines, where a reduction reads
-/// its data from memory ([`GradSumsRows::from_memory`]). The hardware prefetchers do not follow
-/// a register group's walk down rows (a few lines of each row, C values apart), and a walk of
-/// one group at a time over a tile then the next fetches each group's lines separately, so the
-/// strided walk ran at about half the rate of a sequential read. Measured (one thread, AMD EPYC
-/// family 25 model 17, Zen 4, a standalone loop of this reduction over x and dy of 12.8 M f32
-/// values each, 64 channels per group, best of 5): 128 channels 5647 µs one group at a time
-/// over tiles of 64 Ki values, 5172 in chunks of 8 rows, 4077 in chunks of 8 rows asking 8 rows
-/// ahead; 256 channels 8808, 8282 and 4522; a sequential read of the same bytes 4300–4600.
-const PREFETCH_ROWS: usize = 8;
 
 /// Register groups walked together in [`grad_sums_chunked`] (their sums kept in memory between
 /// chunks of rows): a strip of 256 f32 channels on any backend.

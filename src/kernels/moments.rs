@@ -17,7 +17,8 @@
 
 use super::stream::lane_group;
 use super::{
-    ACCUMULATORS, KMAX, expand_periodic, period, prefetch_rows, rows_as_they_are, zeroed_f64,
+    ACCUMULATORS, KMAX, PREFETCH_ROWS, expand_periodic, period, prefetch_rows, rows_as_they_are,
+    zeroed_f64,
 };
 use crate::ChannelStats;
 use crate::element::{self, Element};
@@ -592,27 +593,26 @@ fn column_sums<S: Simd<T = E::Param>, E: Element, const G: usize, const FULL: bo
     }
 }
 
-/// Rows per chunk of [`strip_sums_ahead`], and rows ahead that it asks for.
-const AHEAD_ROWS: usize = 8;
-
 /// Column groups of [`strip_sums_ahead`]: a strip of 256 channels on any backend (16 groups of
 /// 4 vectors of 4 f64 lanes at the narrowest).
 const AHEAD_GROUPS: usize = 16;
 
 // An entry point of its own: inlined into `MomentsRows`, this walk slowed the plain one (NHWC
-// 1x1024x14x14 f32 statistics 24.3 → 25.4 µs, min of 10 alternated; Zen 4, one thread).
+// 1x1024x14x14 f32 statistics 24.3 → 25.4 µs, min of 10 alternated; AMD EPYC family 25 model 17
+// (Zen 4, AVX-512, 1 MiB L2 per core), one thread).
 thunk!(StripAhead['a, S, E] for ['a, S, E] (s: S, x: &'a [E], cols: (usize, usize, usize))
     where [S: Simd<T = E::Param>, E: Element]
     -> [[S::W; GROUP]; AHEAD_GROUPS] => strip_sums_ahead::<S, E, GROUP>(s, x, cols));
 
 /// Pass 1 of every column group of channels `first..end` (at most [`AHEAD_GROUPS`] groups of
 /// `G` vectors) of rows of `c` values that come from memory: the groups walk the rows together,
-/// [`AHEAD_ROWS`] at a time, each asking for its lines that many rows ahead. The same sums in the
-/// same order as [`column_sums`] group by group. Returns group `g`'s sums in entry `g`.
+/// [`PREFETCH_ROWS`] at a time, each asking for its lines that many rows ahead. The same sums in
+/// the same order as [`column_sums`] group by group. Returns group `g`'s sums in entry `g`.
 ///
 /// One group at a time, each walk down the rows reads a few lines of every row, C values apart,
 /// which the hardware prefetchers do not follow (as in the backward's sums, see
-/// `PREFETCH_ROWS` there). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4), NHWC
+/// [`PREFETCH_ROWS`]). Measured (one thread, AMD EPYC family 25 model 17 (Zen 4, AVX-512, 1 MiB
+/// L2 per core), NHWC
 /// statistics, `bench_case` with `Residency::Cache` and `Memory` alternated, min of 3):
 /// 64x256x28x28 f32 (51 MB) 5.50 → 3.10 ms (a sequential sum of the same bytes: 2.3–2.9 ms),
 /// bf16 3.33 → 2.10 ms, 64x128x28x28 f32 1.58 → 1.24 ms; from the caches, this walk cost
@@ -628,15 +628,15 @@ fn strip_sums_ahead<S: Simd<T = E::Param>, E: Element, const G: usize>(
     let groups = (end - first).div_ceil(w).min(AHEAD_GROUPS);
     let rows = x.len() / c;
     let mut acc = [[s.splat_w(0.0); G]; AHEAD_GROUPS];
-    for chunk in (0..rows).step_by(AHEAD_ROWS) {
-        let chunk = chunk..(chunk + AHEAD_ROWS).min(rows);
+    for chunk in (0..rows).step_by(PREFETCH_ROWS) {
+        let chunk = chunk..(chunk + PREFETCH_ROWS).min(rows);
         for (g, acc) in acc.iter_mut().enumerate().take(groups) {
             let at = first + g * w;
             let width = w.min(end - at);
             prefetch_rows(
                 x,
                 (c, at, width),
-                chunk.start + AHEAD_ROWS..chunk.end + AHEAD_ROWS,
+                chunk.start + PREFETCH_ROWS..chunk.end + PREFETCH_ROWS,
             );
             if width == w {
                 column_sums::<S, E, G, true>(s, x, (c, at, width), chunk.clone(), acc);
