@@ -599,7 +599,7 @@ unsafe fn req<'a, T>(arg: &str, p: *const T) -> Result<&'a T, Failure> {
 /// The affine parameters, registered as read buffers.
 ///
 /// # Safety
-/// As [`opt`] and [`slice`].
+/// As [`opt`] and [`slice()`].
 unsafe fn read_affine<'a, P>(
     p: *const BnAffine,
     bufs: &mut Buffers,
@@ -620,7 +620,7 @@ unsafe fn read_affine<'a, P>(
 }
 
 /// # Safety
-/// As [`req`] and [`slice`].
+/// As [`req`] and [`slice()`].
 unsafe fn read_running<'a, P>(
     p: *const BnRunning,
     bufs: &mut Buffers,
@@ -641,7 +641,7 @@ unsafe fn read_running<'a, P>(
 /// The forward epilogue, its residual `z` registered as a read buffer of `E`.
 ///
 /// # Safety
-/// As [`opt`] and [`slice`].
+/// As [`opt`] and [`slice()`].
 unsafe fn read_epilogue<'a, E: Element>(
     p: *const BnEpilogue,
     bufs: &mut Buffers,
@@ -1069,7 +1069,7 @@ unsafe fn training_as<E: Element>(
 }
 
 /// # Safety
-/// As [`req`] and [`slice`].
+/// As [`req`] and [`slice()`].
 unsafe fn backward_mode<'a, P>(
     p: *const BnBackwardStats,
     bufs: &mut Buffers,

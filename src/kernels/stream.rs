@@ -505,7 +505,7 @@ unsafe fn map_group_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const
 /// [`stream_raw`] of a periodic map with the output stored past the caches: the elements
 /// before the first vector-aligned output plainly, then whole periods from there with the
 /// phases offset by that head (a periodic map's lanes hold the period plus
-/// [`MAX_LANES`](crate::simd::MAX_LANES) values continuing the pattern, so loads at the offset
+/// [`MAX_LANES`] values continuing the pattern, so loads at the offset
 /// phases stay in bounds), groups of [`GROUP_LOADS`] vectors and single vectors stored past the
 /// caches, the last partial period plainly. The NHWC counterpart of [`stream_run_nt`] for rows
 /// wider than a register group, with the same caller duties.

@@ -519,7 +519,7 @@ impl Backend {
         })
     }
 
-    /// Runs `k` on this backend. Callers only hold a `Backend` that passed [`is_available`]
+    /// Runs `k` on this backend. Callers only hold a `Backend` that passed [`Backend::is_available`]
     /// (checked when a [`crate::BatchNorm`] is configured), and the token constructors re-check.
     ///
     /// Not `#[inline]`: an inline function is compiled once in every codegen unit that calls it,

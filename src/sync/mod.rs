@@ -3,7 +3,7 @@
 //!
 //! A [`Communicator`] exchanges small per-channel `f64` buffers between the ranks; two implement
 //! it: [`ThreadComm`] (ranks are threads of one process: tests, and micro-batch accumulation on
-//! one machine) and, with the cargo feature `mpi`, [`MpiComm`] (ranks are MPI processes, through
+//! one machine) and, with the cargo feature `mpi`, `MpiComm` (ranks are MPI processes, through
 //! the `mpi` crate). [`SyncBatchNorm`] runs the operator's own passes with one exchange between
 //! them:
 //!
