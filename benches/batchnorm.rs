@@ -739,6 +739,36 @@ impl HalfTensor {
     }
 }
 
+/// An f64 tensor in a page-aligned [`Buffer`] (two f32 words per value), as every other tensor of
+/// the group: a `Vec<f64>` starts 16 bytes past a page, so every 64-byte vector straddled two
+/// cache lines where its copy baseline's did not.
+struct DoubleTensor {
+    words: Buffer,
+    len: usize,
+}
+
+impl DoubleTensor {
+    fn new(values: &[f32]) -> DoubleTensor {
+        let mut t = DoubleTensor {
+            words: Buffer::new(2 * values.len(), 0),
+            len: values.len(),
+        };
+        for (o, &v) in t.as_mut().iter_mut().zip(values) {
+            *o = f64::from(v);
+        }
+        t
+    }
+    fn as_ref(&self) -> &[f64] {
+        // SAFETY: the buffer holds `2·len` f32, so `8·len` bytes, starting at a page boundary
+        // (offset 0), which satisfies f64's alignment; any bits are an f64.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<f64>(), self.len) }
+    }
+    fn as_mut(&mut self) -> &mut [f64] {
+        // SAFETY: as in `as_ref`, through the unique borrow of the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<f64>(), self.len) }
+    }
+}
+
 /// The per-channel arguments of the `storage` group's ops, of the data's parameter type.
 struct StorageParams<P> {
     gamma: Vec<P>,
@@ -843,9 +873,13 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
             Buffer::from_slice(&grads, 0),
         );
         let mut y32 = Buffer::new(values.len(), 0);
-        // The f64 tensors, and two f32 buffers of their byte size for the copy.
-        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-        let (x64, dy64, mut y64) = (to64(&values), to64(&grads), to64(&values));
+        // The f64 tensors (page-aligned as the others), and two f32 buffers of their byte size for
+        // the copy.
+        let (x64, dy64, mut y64) = (
+            DoubleTensor::new(&values),
+            DoubleTensor::new(&grads),
+            DoubleTensor::new(&values),
+        );
         let (c64x, mut c64y) = (
             Buffer::new(2 * values.len(), 0),
             Buffer::new(2 * values.len(), 0),
@@ -869,7 +903,12 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                 (&x32[..], &dy32[..], &mut y32[..]),
                 &mut p32,
             );
-            run_storage(Op::Training, &bn, (&x64, &dy64, &mut y64), &mut p64);
+            run_storage(
+                Op::Training,
+                &bn,
+                (x64.as_ref(), dy64.as_ref(), y64.as_mut()),
+                &mut p64,
+            );
             for (&t, pool) in cfg.threads.iter().zip(pools) {
                 let base = format!("{}/{}/t{t}", layout_name(layout), shape_name(dims));
                 let (bn, b, p32, p64) = (&bn, &mut b, &mut p32, &mut p64);
@@ -920,7 +959,7 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                     });
                     group.throughput(Throughput::Bytes(2 * bytes * elements));
                     group.bench_function(format!("{base}/{name}_f64"), |bench| {
-                        let io = (&x64[..], &dy64[..], &mut y64[..]);
+                        let io = (x64.as_ref(), dy64.as_ref(), y64.as_mut());
                         pool.install(|| {
                             bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p64))
                         })
