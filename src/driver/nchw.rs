@@ -227,7 +227,7 @@ fn affine_piece<E: Element>(
     // overlaps this one.
     let io = unsafe { src.io(out, piece.offset, piece.len) };
     let fuse = fuse.range(piece.offset, piece.len);
-    ctx.backend.dispatch(AffineRun {
+    ctx.backend.for_splat_f16::<E>().dispatch(AffineRun {
         io,
         p: *p,
         fuse,
@@ -261,7 +261,7 @@ pub(super) fn normalize<E: Element>(
             // SAFETY: tasks cover disjoint ranges of runs.
             let io = unsafe { src.io(&out, start, len) };
             let first = first % params.len();
-            ctx.backend.dispatch(AffineRuns {
+            ctx.backend.for_splat_f16::<E>().dispatch(AffineRuns {
                 io,
                 run: hw,
                 first,
@@ -421,7 +421,7 @@ fn short_runs<E: Element>(
             let (start, len) = ((sample * c + first) * hw, k * hw);
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
             let io = unsafe { Src::Separate(x).io(out, start, len) };
-            ctx.backend.dispatch(AffineRuns {
+            ctx.backend.for_splat_f16::<E>().dispatch(AffineRuns {
                 io,
                 run: hw,
                 first: 0,
@@ -478,7 +478,7 @@ pub(super) fn backward<E: Element>(
         // SAFETY: every piece is applied exactly once and pieces are disjoint.
         let io = unsafe { dy.io(&out, p.offset, p.len) };
         let x = &x[p.offset..p.offset + p.len];
-        ctx.backend.dispatch(DxRun {
+        ctx.backend.for_splat_f16::<E>().dispatch(DxRun {
             x,
             io,
             p: *dp,
@@ -554,7 +554,7 @@ fn backward_short_runs<E: Element>(
             let xs = &x[offset..offset + len];
             // SAFETY: groups are disjoint ranges of channels, so these ranges are disjoint.
             let io = unsafe { dy.io(out, offset, len) };
-            ctx.backend.dispatch(DxRuns {
+            ctx.backend.for_splat_f16::<E>().dispatch(DxRuns {
                 x: xs,
                 io,
                 run: hw,
@@ -584,7 +584,7 @@ pub(super) fn dx<E: Element>(
             // SAFETY: every piece is applied exactly once and pieces are disjoint.
             let io = unsafe { dy.io(&out, p.offset, p.len) };
             let x = &x[p.offset..p.offset + p.len];
-            ctx.backend.dispatch(DxRun {
+            ctx.backend.for_splat_f16::<E>().dispatch(DxRun {
                 x,
                 io,
                 p: params[p.c],
@@ -600,7 +600,7 @@ pub(super) fn dx<E: Element>(
         let (offset, len) = ((sample * c + first) * hw, k * hw);
         // SAFETY: tasks cover disjoint ranges (one sample, disjoint groups of channels).
         let io = unsafe { dy.io(&out, offset, len) };
-        ctx.backend.dispatch(DxRuns {
+        ctx.backend.for_splat_f16::<E>().dispatch(DxRuns {
             x: &x[offset..offset + len],
             io,
             run: hw,

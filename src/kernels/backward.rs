@@ -1199,6 +1199,117 @@ mod tests {
         streaming_half(crate::bf16::from_bits, crate::bf16::to_bits);
     }
 
+    /// The one-channel passes over half data (NCHW normalize and dx: [`AffineRun`],
+    /// [`AffineRuns`], [`DxRun`], [`DxRuns`]) write the same bits on every backend whose
+    /// multiply-add is fused, which [`Backend::for_splat_f16`] relies on to run f16 data's on
+    /// `avx2` under the `avx512` backend: f16 and bf16, lengths around the vector widths and
+    /// primes, every output start within 32 bytes, with ReLU and a residual, NaN, ±∞, ±0 and
+    /// subnormal values (NaNs compared as one value, as in [`streaming_half_matches_plain_half`]).
+    ///
+    /// [`AffineRun`]: crate::kernels::AffineRun
+    /// [`AffineRuns`]: crate::kernels::AffineRuns
+    #[test]
+    fn half_splat_passes_are_the_same_bits_on_every_fused_backend() {
+        splat_half(crate::f16::from_bits, crate::f16::to_bits);
+        splat_half(crate::bf16::from_bits, crate::bf16::to_bits);
+    }
+
+    /// [`half_splat_passes_are_the_same_bits_on_every_fused_backend`] for the storage type whose
+    /// bits convert by `from` and `to`.
+    fn splat_half<E: Element<Param = f32>>(from: fn(u16) -> E, to: fn(E) -> u16) {
+        use crate::kernels::{AffineRun, AffineRuns, ChannelAffine, Fuse};
+        let dxp = [1.5f32, -0.25, 0.0].map(|shift| DxParams {
+            shift,
+            r: 0.75,
+            a: -2.0,
+            b: 0.5,
+            c: 3.0,
+        });
+        let ap = [-0.5f32, 0.0, 2.0].map(|shift| ChannelAffine {
+            shift,
+            scale: 1.25,
+            bias: 0.125,
+        });
+        let fused: Vec<Backend> = Backend::available()
+            .into_iter()
+            .filter(|b| b.fused_mul_add())
+            .collect();
+        for n in [0usize, 1, 7, 8, 17, 64, 65, 257, 1031] {
+            let dy: Vec<E> = values(n + 32).iter().map(|&v| E::from_param(v)).collect();
+            let x: Vec<E> = dy.iter().rev().copied().collect();
+            for off in 0..16 {
+                for kind in 0..6 {
+                    let run = |backend: Backend| {
+                        let mut out = vec![from(0x7E5A); n + 32];
+                        let (x, dst) = (&x[off..off + n], &mut out[off..off + n]);
+                        let io = Io::Separate(&dy[off..off + n], dst);
+                        let fuse = Fuse {
+                            z: (kind == 5).then_some(x),
+                            relu: kind >= 4,
+                        };
+                        let streaming = false;
+                        let per = n.div_ceil(3).max(1);
+                        match kind {
+                            0 => backend.dispatch(DxRun {
+                                x,
+                                io,
+                                p: dxp[0],
+                                streaming,
+                            }),
+                            1 => backend.dispatch(DxRuns {
+                                x,
+                                io,
+                                run: per,
+                                params: &dxp,
+                                streaming,
+                            }),
+                            2 => backend.dispatch(AffineRun {
+                                io,
+                                p: ap[0],
+                                fuse,
+                                streaming,
+                            }),
+                            _ => backend.dispatch(AffineRuns {
+                                io,
+                                run: per,
+                                first: 0,
+                                params: &ap,
+                                shifted: true,
+                                fuse,
+                                streaming,
+                            }),
+                        }
+                        let bits = |v: &E| match to(*v) {
+                            0x7E5A => 0x7E5A,
+                            _ if v.to_param().is_nan() => 1,
+                            b => b,
+                        };
+                        out.iter().map(bits).collect::<Vec<_>>()
+                    };
+                    let Some((&first, rest)) = fused.split_first() else {
+                        return;
+                    };
+                    let want = run(first);
+                    assert!(
+                        want[..off]
+                            .iter()
+                            .chain(&want[off + n..])
+                            .all(|&b| b == 0x7E5A),
+                        "{first:?} n {n} offset {off} kind {kind}: wrote outside its range"
+                    );
+                    for &backend in rest {
+                        assert_eq!(
+                            run(backend),
+                            want,
+                            "{} {backend:?} against {first:?}: n {n} offset {off} kind {kind}",
+                            E::NAME
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// [`streaming_half_matches_plain_half`] for the storage type whose bits convert by `from`
     /// and `to`.
     fn streaming_half<E: Element<Param = f32>>(from: fn(u16) -> E, to: fn(E) -> u16) {
