@@ -1214,6 +1214,17 @@ mod tests {
         splat_half(crate::bf16::from_bits, crate::bf16::to_bits);
     }
 
+    /// The bits of half values (by `to`), NaNs as one value (see `assert_same_writes`); the
+    /// guard 0x7E5A, a NaN too, keeps its bits.
+    fn half_bits<E: Element<Param = f32>>(out: &[E], to: fn(E) -> u16) -> Vec<u16> {
+        let bits = |v: &E| match to(*v) {
+            0x7E5A => 0x7E5A,
+            _ if v.to_param().is_nan() => 1,
+            b => b,
+        };
+        out.iter().map(bits).collect()
+    }
+
     /// [`half_splat_passes_are_the_same_bits_on_every_fused_backend`] for the storage type whose
     /// bits convert by `from` and `to`.
     fn splat_half<E: Element<Param = f32>>(from: fn(u16) -> E, to: fn(E) -> u16) {
@@ -1279,12 +1290,7 @@ mod tests {
                                 streaming,
                             }),
                         }
-                        let bits = |v: &E| match to(*v) {
-                            0x7E5A => 0x7E5A,
-                            _ if v.to_param().is_nan() => 1,
-                            b => b,
-                        };
-                        out.iter().map(bits).collect::<Vec<_>>()
+                        half_bits(&out, to)
                     };
                     let Some((&first, rest)) = fused.split_first() else {
                         return;
@@ -1391,14 +1397,7 @@ mod tests {
                                     streaming,
                                 }),
                             }
-                            // NaNs as one value (see `assert_same_writes`); the guard, a NaN
-                            // too, keeps its bits.
-                            let bits = |v: &E| match to(*v) {
-                                0x7E5A => 0x7E5A,
-                                _ if v.to_param().is_nan() => 1,
-                                b => b,
-                            };
-                            out.iter().map(bits).collect::<Vec<_>>()
+                            half_bits(&out, to)
                         };
                         let (plain, streamed) = (run(false), run(true));
                         let at = format!("{backend:?} n {n} offset {off} kind {kind}");
