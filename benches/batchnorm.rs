@@ -20,6 +20,7 @@ mod roofs;
 mod summary;
 
 use std::hint::black_box;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use batchnorm::{
@@ -707,65 +708,40 @@ fn bench_fused(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
     group.finish();
 }
 
-/// A half-precision tensor of `len` values (`E` of 2 bytes) in a page-aligned [`Buffer`], so the
-/// copy roof can move the same bytes as f32 pairs.
-struct HalfTensor {
-    bytes: Buffer,
-    len: usize,
-}
-
-impl HalfTensor {
-    fn new<E: Element<Param = f32>>(values: &[f32]) -> HalfTensor {
-        let mut t = HalfTensor {
-            bytes: Buffer::new(values.len().div_ceil(2), 0),
-            len: values.len(),
-        };
-        for (o, &v) in t.as_mut::<E>().iter_mut().zip(values) {
-            *o = E::from_param(v);
-        }
-        t
-    }
-    fn as_ref<E: Element<Param = f32>>(&self) -> &[E] {
-        assert_eq!(std::mem::size_of::<E>(), 2);
-        // SAFETY: `E` is a 2-byte value type (`half`'s f16 / bf16, transparent over u16: any bits
-        // are a value); the buffer holds `len.div_ceil(2)` f32, so at least `2·len` bytes, and
-        // its 4-byte alignment satisfies E's 2.
-        unsafe { std::slice::from_raw_parts(self.bytes.as_ptr().cast::<E>(), self.len) }
-    }
-    fn as_mut<E: Element<Param = f32>>(&mut self) -> &mut [E] {
-        assert_eq!(std::mem::size_of::<E>(), 2);
-        // SAFETY: as in `as_ref`, through the unique borrow of the buffer.
-        unsafe { std::slice::from_raw_parts_mut(self.bytes.as_mut_ptr().cast::<E>(), self.len) }
-    }
-}
-
-/// An f64 tensor in a page-aligned [`Buffer`] (two f32 words per value), as every other tensor of
-/// the group: a `Vec<f64>` starts 16 bytes past a page, so every 64-byte vector straddled two
-/// cache lines where its copy baseline's did not.
-struct DoubleTensor {
+/// A data tensor of `len` values of `E` (f16, bf16 or f64) in a page-aligned [`Buffer`], as every
+/// tensor of the group, so that the copy roof moves the same bytes (as f32 words) from the same
+/// alignment. (A `Vec<f64>` starts 16 bytes past a page: every 64-byte vector of the f64 rows
+/// straddled two cache lines where its copy baseline's did not.)
+struct Stored<E> {
     words: Buffer,
     len: usize,
+    _element: PhantomData<E>,
 }
 
-impl DoubleTensor {
-    fn new(values: &[f32]) -> DoubleTensor {
-        let mut t = DoubleTensor {
-            words: Buffer::new(2 * values.len(), 0),
+impl<E: Element> Stored<E>
+where
+    E::Param: From<f32>,
+{
+    fn new(values: &[f32]) -> Self {
+        let mut t = Stored {
+            words: Buffer::new((values.len() * size_of::<E>()).div_ceil(4), 0),
             len: values.len(),
+            _element: PhantomData,
         };
         for (o, &v) in t.as_mut().iter_mut().zip(values) {
-            *o = f64::from(v);
+            *o = E::from_param(v.into());
         }
         t
     }
-    fn as_ref(&self) -> &[f64] {
-        // SAFETY: the buffer holds `2·len` f32, so `8·len` bytes, starting at a page boundary
-        // (offset 0), which satisfies f64's alignment; any bits are an f64.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<f64>(), self.len) }
+    fn as_ref(&self) -> &[E] {
+        // SAFETY: `E` is a plain value type (f16, bf16, f32 or f64: any bits are a value); the
+        // buffer holds at least `len·size_of::<E>()` bytes from a page boundary (offset 0), which
+        // satisfies E's alignment (at most 8).
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<E>(), self.len) }
     }
-    fn as_mut(&mut self) -> &mut [f64] {
+    fn as_mut(&mut self) -> &mut [E] {
         // SAFETY: as in `as_ref`, through the unique borrow of the buffer.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<f64>(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<E>(), self.len) }
     }
 }
 
@@ -855,18 +831,9 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
         let mut b = Buffers::new(shape);
         let values = fill(shape.len(), 1, -1.0, 3.0);
         let grads = fill(shape.len(), 2, -1.0, 1.0);
-        let (x16, mut y16) = (
-            HalfTensor::new::<f16>(&values),
-            HalfTensor::new::<f16>(&values),
-        );
-        let (xb, mut yb) = (
-            HalfTensor::new::<bf16>(&values),
-            HalfTensor::new::<bf16>(&values),
-        );
-        let (dy16, dyb) = (
-            HalfTensor::new::<f16>(&grads),
-            HalfTensor::new::<bf16>(&grads),
-        );
+        let (x16, mut y16) = (Stored::<f16>::new(&values), Stored::<f16>::new(&values));
+        let (xb, mut yb) = (Stored::<bf16>::new(&values), Stored::<bf16>::new(&values));
+        let (dy16, dyb) = (Stored::<f16>::new(&grads), Stored::<bf16>::new(&grads));
         // The f32 tensors of the same values, page-aligned as the half ones.
         let (x32, dy32) = (
             Buffer::from_slice(&values, 0),
@@ -876,9 +843,9 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
         // The f64 tensors (page-aligned as the others), and two f32 buffers of their byte size for
         // the copy.
         let (x64, dy64, mut y64) = (
-            DoubleTensor::new(&values),
-            DoubleTensor::new(&grads),
-            DoubleTensor::new(&values),
+            Stored::<f64>::new(&values),
+            Stored::<f64>::new(&grads),
+            Stored::<f64>::new(&values),
         );
         let (c64x, mut c64y) = (
             Buffer::new(2 * values.len(), 0),
@@ -886,7 +853,7 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
         );
         let elements = shape.len() as u64;
         let kind = CopyRoof::choose(&b.x, &mut b.y);
-        let half_kind = CopyRoof::choose(&x16.bytes, &mut y16.bytes);
+        let half_kind = CopyRoof::choose(&x16.words, &mut y16.words);
         let kind64 = CopyRoof::choose(&c64x, &mut c64y);
         let (mut p32, mut p64) = (
             StorageParams::<f32>::new(shape.c()),
@@ -918,7 +885,7 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                 });
                 group.throughput(Throughput::Bytes(4 * elements));
                 group.bench_function(format!("{base}/copy_half"), |bench| {
-                    let (x, y) = (&x16.bytes, &mut y16.bytes);
+                    let (x, y) = (&x16.words, &mut y16.words);
                     pool.install(|| bench.iter(|| copy(half_kind, x, y)))
                 });
                 group.throughput(Throughput::Bytes(16 * elements));
@@ -938,21 +905,13 @@ fn bench_storage(c: &mut Criterion, cfg: &Config, pools: &[rayon::ThreadPool]) {
                     });
                     group.throughput(Throughput::Bytes(bytes / 2 * elements));
                     group.bench_function(format!("{base}/{name}_f16"), |bench| {
-                        let io = (
-                            x16.as_ref::<f16>(),
-                            dy16.as_ref::<f16>(),
-                            y16.as_mut::<f16>(),
-                        );
+                        let io = (x16.as_ref(), dy16.as_ref(), y16.as_mut());
                         pool.install(|| {
                             bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p32))
                         })
                     });
                     group.bench_function(format!("{base}/{name}_bf16"), |bench| {
-                        let io = (
-                            xb.as_ref::<bf16>(),
-                            dyb.as_ref::<bf16>(),
-                            yb.as_mut::<bf16>(),
-                        );
+                        let io = (xb.as_ref(), dyb.as_ref(), yb.as_mut());
                         pool.install(|| {
                             bench.iter(|| run_storage(op, bn, (io.0, io.1, &mut *io.2), p32))
                         })

@@ -593,12 +593,20 @@ pub(super) fn llc_bytes() -> Option<usize> {
 pub(super) fn half_width_avx512() -> bool {
     #[allow(unused_unsafe)] // `__cpuid` is an unsafe fn before Rust 1.94 (our MSRV is older).
     // SAFETY: CPUID exists on every x86-64 CPU; leaf 1 is always implemented.
-    let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1)) };
-    // "AuthenticAMD" starts with "Auth" in EBX.
-    let amd = vendor.ebx == 0x6874_7541;
+    let signature = unsafe { __cpuid(1) };
     let (base, extended) = ((signature.eax >> 8) & 0xF, (signature.eax >> 20) & 0xFF);
     let family = if base == 0xF { base + extended } else { base };
-    amd && family == 0x19 && is_x86_feature_detected!("avx512f")
+    // Hygon's CPUs, which `amd_or_hygon` also names, are family 18h.
+    amd_or_hygon() && family == 0x19 && is_x86_feature_detected!("avx512f")
+}
+
+/// Whether CPUID's vendor is AMD or Hygon ("AuthenticAMD" and "HygonGenuine" start with "Auth"
+/// and "Hygo" in EBX of leaf 0), whose cache leaf is 0x8000001D.
+fn amd_or_hygon() -> bool {
+    #[allow(unused_unsafe)] // `__cpuid` is an unsafe fn before Rust 1.94 (our MSRV is older).
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 0 is always implemented.
+    let vendor = unsafe { __cpuid(0) };
+    matches!(vendor.ebx, 0x6874_7541 | 0x6F67_7948)
 }
 
 /// The data and unified caches CPUID describes (leaf 4 on Intel, 0x8000001D on AMD), as
@@ -607,10 +615,7 @@ fn data_caches() -> impl Iterator<Item = (u32, usize)> {
     #[allow(unused_unsafe)] // `__cpuid` is an unsafe fn before Rust 1.94 (our MSRV is older).
     // SAFETY: CPUID exists on every x86-64 CPU; leaves above the reported maximum are not read.
     let cpuid = |leaf: u32, sub: u32| unsafe { __cpuid_count(leaf, sub) };
-    let vendor = cpuid(0, 0);
-    // "AuthenticAMD" and "HygonGenuine" start with "Auth" and "Hygo" in EBX.
-    let amd = matches!(vendor.ebx, 0x6874_7541 | 0x6F67_7948);
-    let leaf = if amd { 0x8000_001D } else { 4 };
+    let leaf = if amd_or_hygon() { 0x8000_001D } else { 4 };
     let subleaves = if cpuid(leaf & 0x8000_0000, 0).eax < leaf {
         0
     } else {
