@@ -460,8 +460,9 @@ pub enum Backend {
     ///
     /// On AMD Zen 4, which converts 512-bit vectors to binary16 more slowly than two 256-bit
     /// halves, the NCHW normalize and dx passes of f16 data run on the [`Backend::Avx2Fma`] code
-    /// (the same bits: each lane takes the same operations; one thread, f16 NCHW 1x64x112x112
-    /// inference 47.9 → 40.7 µs, backward 167.9 → 149.1 µs).
+    /// (the same bits: each lane takes the same operations; AMD EPYC family 25 model 17, 1 MiB L2
+    /// per core, one thread, f16 NCHW 1x64x112x112 inference 47.9 → 40.7 µs, backward 167.9 →
+    /// 149.1 µs).
     Avx512,
 }
 
@@ -481,10 +482,11 @@ impl Backend {
     /// ([`half_width_avx512`]: AMD Zen 4), where [`Backend::Avx2Fma`] runs them, 256 bits wide.
     /// The results are the same bits: each lane takes the same IEEE operations (one fused
     /// multiply-add, the same rounding to f16) on either backend, from parameters computed on
-    /// this one. Measured on AMD EPYC family 25 model 17 (Zen 4), one thread, f16 NCHW, the
-    /// whole operation forced to `avx2` against `avx512` (min of 3 alternated processes):
-    /// inference 1x64x112x112 48.1 → 41.4 µs, 8x64x56x56 95.3 → 80.9; backward 1x64x112x112
-    /// 168.6 → 151.0, 8x64x56x56 350.2 → 313.7; statistics on `avx2` 11–14% slower, so they stay.
+    /// this one. Measured on AMD EPYC family 25 model 17 (Zen 4, 1 MiB L2 per core), one
+    /// thread, f16 NCHW, the whole operation forced to `avx2` against `avx512` (min of 3
+    /// alternated processes): inference 1x64x112x112 48.1 → 41.4 µs, 8x64x56x56 95.3 → 80.9;
+    /// backward 1x64x112x112 168.6 → 151.0, 8x64x56x56 350.2 → 313.7; statistics on `avx2`
+    /// 11–14% slower, so they stay.
     pub(crate) fn for_splat_f16<E: crate::Element>(self) -> Backend {
         if self == Backend::Avx512
             && E::NAME == "f16"
@@ -559,8 +561,9 @@ impl Backend {
         })
     }
 
-    /// Runs `k` on this backend. Callers only hold a `Backend` that passed [`Backend::is_available`]
-    /// (checked when a [`crate::BatchNorm`] is configured), and the token constructors re-check.
+    /// Runs `k` on this backend. Callers only hold a `Backend` that passed
+    /// [`Backend::is_available`] (checked when a [`crate::BatchNorm`] is configured), and the
+    /// token constructors re-check.
     ///
     /// Not `#[inline]`: an inline function is compiled once in every codegen unit that calls it,
     /// and this one holds the portable kernel; with the hint, 1.8 of the library's 9.3 MB of
