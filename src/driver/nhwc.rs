@@ -194,7 +194,7 @@ pub(super) fn normalize<E: Element>(
             // SAFETY: each block is visited once and blocks are disjoint.
             let io = unsafe { src.io(&out, offset, len) };
             let fuse = fuse.range(offset, len);
-            ctx.backend.dispatch(AffineRows {
+            let rows = AffineRows {
                 io,
                 params,
                 lanes,
@@ -202,7 +202,9 @@ pub(super) fn normalize<E: Element>(
                 shifted,
                 fuse,
                 streaming,
-            });
+            };
+            // f16 rows of at most 64 lanes' period run 256 bits wide on Zen 4 (same bits).
+            ctx.backend.dispatch_f16_rows::<E, _>(lanes.period(), rows);
         });
 }
 

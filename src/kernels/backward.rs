@@ -1214,6 +1214,105 @@ mod tests {
         splat_half(crate::bf16::from_bits, crate::bf16::to_bits);
     }
 
+    /// NHWC rows of half data ([`AffineRows`]) write the same bits on every backend whose
+    /// multiply-add is fused and on the AVX2 code with AVX-512VL's registers, where the CPU has
+    /// it ([`crate::simd::Avx2Vl`], on which [`Backend::dispatch_f16_rows`] runs f16 rows of a
+    /// 64-value lane period: register groups of 8 vectors): f16 and bf16, channel counts whose
+    /// period is 64 (1, 8, 16, 32, 64) and others (3, 24, 33, 48, 65, 96), row
+    /// counts 0 to 5 and 17, every output start within 32 bytes, with and without the subtract,
+    /// with ReLU and a residual, NaN, ±∞, ±0 and subnormal values; nothing written outside the
+    /// range.
+    ///
+    /// [`AffineRows`]: crate::kernels::AffineRows
+    #[test]
+    fn half_rows_are_the_same_bits_on_every_fused_backend() {
+        rows_half(crate::f16::from_bits, crate::f16::to_bits);
+        rows_half(crate::bf16::from_bits, crate::bf16::to_bits);
+    }
+
+    /// [`half_rows_are_the_same_bits_on_every_fused_backend`] for the storage type whose bits
+    /// convert by `from` and `to`.
+    fn rows_half<E: Element<Param = f32>>(from: fn(u16) -> E, to: fn(E) -> u16) {
+        use crate::kernels::{AffineLanes, AffineRows, ChannelAffine, Fuse};
+        let fused: Vec<Backend> = Backend::available()
+            .into_iter()
+            .filter(|b| b.fused_mul_add())
+            .collect();
+        let Some((&first, rest)) = fused.split_first() else {
+            return;
+        };
+        type Run<'a, E> = &'a dyn Fn(AffineRows<'_, Io<'_, E>>) -> bool;
+        for c in [1usize, 3, 8, 16, 24, 32, 33, 48, 64, 65, 96] {
+            // Kind 0: every shift +0 and the subtract left out (`shifted: false`, as the drivers
+            // set it); the other kinds: shifts of both signs and zero.
+            let params = |shifts: [f32; 4]| -> Vec<ChannelAffine> {
+                (0..c)
+                    .map(|k| ChannelAffine {
+                        shift: shifts[k % 4],
+                        scale: 1.25 - k as f32 * 0.0625,
+                        bias: 0.125 * k as f32 - 1.0,
+                    })
+                    .collect()
+            };
+            let (unshifted, shifted) = (params([0.0; 4]), params([-0.5, 0.0, 2.0, 0.25]));
+            let lanes = [&unshifted, &shifted].map(|p| AffineLanes::affine(p));
+            for rows in [0usize, 1, 2, 3, 5, 17] {
+                let n = rows * c;
+                let dy: Vec<E> = values(n + 32).iter().map(|&v| E::from_param(v)).collect();
+                let x: Vec<E> = dy.iter().rev().copied().collect();
+                for off in 0..16 {
+                    for kind in 0..4 {
+                        let at = format!("{} c {c} rows {rows} offset {off} kind {kind}", E::NAME);
+                        let s = usize::from(kind != 0);
+                        let run = |on: Run<'_, E>| {
+                            let mut out = vec![from(0x7E5A); n + 32];
+                            let (x, dst) = (&x[off..off + n], &mut out[off..off + n]);
+                            let ran = on(AffineRows {
+                                io: Io::Separate(&dy[off..off + n], dst),
+                                params: [&unshifted, &shifted][s],
+                                lanes: &lanes[s],
+                                paired: None,
+                                shifted: kind != 0,
+                                fuse: Fuse {
+                                    z: (kind == 3).then_some(x),
+                                    relu: kind >= 2,
+                                },
+                                streaming: false,
+                            });
+                            ran.then(|| half_bits(&out, to))
+                        };
+                        let want = run(&|k| {
+                            first.dispatch(k);
+                            true
+                        })
+                        .unwrap_or_default();
+                        assert_half_guards(&want, off..off + n, &format!("{first:?} {at}"));
+                        for &backend in rest {
+                            let got = run(&|k| {
+                                backend.dispatch(k);
+                                true
+                            });
+                            assert_eq!(got, Some(want.clone()), "{backend:?} / {first:?}: {at}");
+                        }
+                        if let Some(got) = run(&|k| crate::simd::on_avx2_vl(k).is_some()) {
+                            assert_eq!(got, want, "Avx2Vl against {first:?}: {at}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every bit pattern of `bits` outside `range` is the guard 0x7E5A (nothing was written
+    /// there).
+    fn assert_half_guards(bits: &[u16], range: Range<usize>, at: &str) {
+        let (before, after) = (&bits[..range.start], &bits[range.end..]);
+        assert!(
+            before.iter().chain(after).all(|&b| b == 0x7E5A),
+            "{at}: wrote outside its range"
+        );
+    }
+
     /// The bits of half values (by `to`), NaNs as one value (see `assert_same_writes`); the
     /// guard 0x7E5A, a NaN too, keeps its bits.
     fn half_bits<E: Element<Param = f32>>(out: &[E], to: fn(E) -> u16) -> Vec<u16> {
@@ -1296,13 +1395,8 @@ mod tests {
                         return;
                     };
                     let want = run(first);
-                    assert!(
-                        want[..off]
-                            .iter()
-                            .chain(&want[off + n..])
-                            .all(|&b| b == 0x7E5A),
-                        "{first:?} n {n} offset {off} kind {kind}: wrote outside its range"
-                    );
+                    let at = format!("{first:?} n {n} offset {off} kind {kind}");
+                    assert_half_guards(&want, off..off + n, &at);
                     for &backend in rest {
                         assert_eq!(
                             run(backend),

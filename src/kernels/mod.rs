@@ -177,6 +177,11 @@ pub(crate) struct PeriodicLanes<const F: usize, T: Real = f32> {
 }
 
 impl<const F: usize, T: Real> PeriodicLanes<F, T> {
+    /// The number of values after which the lanes repeat ([`period`] at [`MAX_LANES`]).
+    pub(crate) fn period(&self) -> usize {
+        self.period
+    }
+
     /// Expands field `k` of `params` (as returned by `fields`) into `fields[k]`.
     pub(crate) fn new<P>(params: &[P], fields: impl Fn(&P) -> [T; F]) -> Self {
         let c = params.len();

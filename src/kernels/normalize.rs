@@ -9,9 +9,9 @@
 //! maps skip the subtract: one FMA per element, the same results.
 
 use super::stream::{
-    InOut, MAX_GROUP, Param, VectorMap, column_group, group_vectors, lane_group, stream,
-    stream_alike, stream_alike_nt, stream_columns, stream_paired, stream_periodic_nt,
-    stream_periods, stream_run, stream_run_nt, stream_strips, strip_width, use_columns,
+    InOut, MAX_GROUP, Param, VectorMap, WIDE_GROUP, column_group, group_vectors, lane_group,
+    stream, stream_alike, stream_alike_nt, stream_columns, stream_paired, stream_periodic_nt,
+    stream_periods, stream_run, stream_run_nt, stream_strips, strip_width, use_columns, wide_group,
 };
 use super::{AffineLanes, PeriodicLanes};
 use crate::simd::{Kernel, Real, Simd};
@@ -517,6 +517,14 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         let read = if SHIFT { 3 } else { 2 };
         if self.streaming && strip_width::<S::T, IO::Elem>(period, read).is_none() {
             return s.enter(PeriodsPastCaches::<_, _, SHIFT, _>(s, self, F::default()));
+        }
+        if wide_group::<S>(period, 3) {
+            // The same on 256-bit vectors with 32 registers (`Avx2Vl`): groups of 8 vectors.
+            const W: usize = WIDE_GROUP;
+            let op = GroupAffine::<S::V, W, SHIFT>::from_lanes(s, [shift, scale, bias]);
+            let (op, z) = self.fuse.then::<_, F>(&op);
+            stream_periods::<S, _, W>(s, self.io, z, period, &op);
+            return;
         }
         if period <= G * S::LANES && column_group::<S>(3) >= G {
             // Narrow rows whose period fits a register group (C = 16 or 32 on AVX-512, 8 or 16 on

@@ -774,6 +774,22 @@ pub(crate) fn column_group<S: Simd>(params_per_vector: usize) -> usize {
 /// Largest register group of [`stream_columns`].
 pub(crate) const MAX_GROUP: usize = 4;
 
+/// Register group of narrow rows on 256-bit vectors with 32 registers ([`wide_group`]).
+pub(crate) const WIDE_GROUP: usize = 8;
+
+/// Whether `S` holds a lane period of `period` values in one register group of [`WIDE_GROUP`]
+/// vectors (with `params_per_vector` parameters each, and 4 registers left) where
+/// [`MAX_GROUP`] vectors hold less: 256-bit vectors with 32 registers
+/// ([`crate::simd::Avx2Vl`]), up to the 64 values that AVX-512's group of [`MAX_GROUP`] holds.
+/// False for every other backend, on which the groups stay as measured there.
+#[inline(always)]
+pub(crate) fn wide_group<S: Simd>(period: usize, params_per_vector: usize) -> bool {
+    WIDE_GROUP * S::LANES <= MAX_GROUP * MAX_LANES
+        && WIDE_GROUP * params_per_vector + 4 <= S::REGISTERS
+        && MAX_GROUP * S::LANES < period
+        && period <= WIDE_GROUP * S::LANES
+}
+
 /// Whether rows of `c` channels go through [`stream_columns`] with groups of `g` vectors: when a
 /// row is whole vectors and fits one register group, each row is streamed in memory order with
 /// the parameters in registers. Measured (AMD Zen 4, AVX-512 and AVX2): 1.25× faster than the
@@ -824,6 +840,10 @@ fn columns<S: Simd<T = Param<IO>>, IO: InOut, M: VectorMap<S>, const G: usize>(
     let width = width.min(G * l).min(c - first);
     let cols = (n / c, c, first, width - width / l * l);
     match width / l {
+        8 if G >= 8 => column_rows::<S, IO::Elem, M, 8>(s, op, ptrs, cols),
+        7 if G >= 7 => column_rows::<S, IO::Elem, M, 7>(s, op, ptrs, cols),
+        6 if G >= 6 => column_rows::<S, IO::Elem, M, 6>(s, op, ptrs, cols),
+        5 if G >= 5 => column_rows::<S, IO::Elem, M, 5>(s, op, ptrs, cols),
         4 => column_rows::<S, IO::Elem, M, 4>(s, op, ptrs, cols),
         3 => column_rows::<S, IO::Elem, M, 3>(s, op, ptrs, cols),
         2 => column_rows::<S, IO::Elem, M, 2>(s, op, ptrs, cols),

@@ -19,7 +19,7 @@ use crate::Error;
 pub(crate) use portable::Portable;
 pub(crate) use wide64::{F64, Wide64};
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2Fma, Avx512};
+pub(crate) use x86::{Avx2Fma, Avx2Vl, Avx512};
 
 /// Size of the L1 data cache of the CPU running the process (of its first core), read once
 /// from CPUID's cache descriptors (leaf 4 on Intel, 0x8000001D on AMD); 32 KiB where they are
@@ -52,7 +52,8 @@ pub(crate) fn llc_bytes() -> Option<usize> {
 
 /// Whether the CPU running the process executes AVX-512 in 256-bit halves with a slow 512-bit
 /// conversion to binary16 (AMD Zen 4, read once from CPUID; `false` on other architectures):
-/// there [`Backend::for_splat_f16`] runs f16 data's one-channel elementwise passes 256 bits wide.
+/// there [`Backend::for_splat_f16`] runs f16 data's one-channel elementwise passes 256 bits wide,
+/// and [`Backend::dispatch_f16_rows`] its NHWC normalize over rows of up to 64 channels.
 pub(crate) fn half_width_avx512() -> bool {
     static HALF: OnceLock<bool> = OnceLock::new();
     *HALF.get_or_init(|| {
@@ -62,6 +63,10 @@ pub(crate) fn half_width_avx512() -> bool {
         false
     })
 }
+
+/// Longest lane period of NHWC rows that [`Backend::dispatch_f16_rows`] runs on [`Avx2Vl`]: the
+/// 64 values that AVX-512 holds in a register group of 4 vectors, 8 vectors there.
+pub(crate) const HALF_WIDTH_PERIOD: usize = 64;
 
 /// Largest lane count of any backend (AVX-512: 16 × f32).
 pub(crate) const MAX_LANES: usize = 16;
@@ -459,10 +464,11 @@ pub enum Backend {
     /// Skylake-SP has all three; one without BW/VL (Xeon Phi) gets [`Backend::Avx2Fma`].
     ///
     /// On AMD Zen 4, which converts 512-bit vectors to binary16 more slowly than two 256-bit
-    /// halves, the NCHW normalize and dx passes of f16 data run on the [`Backend::Avx2Fma`] code
-    /// (the same bits: each lane takes the same operations; AMD EPYC family 25 model 17, 1 MiB L2
-    /// per core, one thread, f16 NCHW 1x64x112x112 inference 47.9 → 40.7 µs, backward 167.9 →
-    /// 149.1 µs).
+    /// halves, the NCHW normalize and dx passes of f16 data run on the [`Backend::Avx2Fma`] code,
+    /// and the NHWC normalize of f16 rows of up to 64 channels on the same code with AVX-512VL's
+    /// 32 registers (the same bits: each lane takes the same operations; AMD EPYC family 25
+    /// model 17, 1 MiB L2 per core, one thread, f16 1x64x112x112 inference NCHW 47.9 → 40.7 µs,
+    /// NHWC 50.6 → 41.8 µs, backward NCHW 167.9 → 149.1 µs).
     Avx512,
 }
 
@@ -499,6 +505,33 @@ impl Backend {
         }
     }
 
+    /// Runs `k`, the NHWC normalize pass over rows of data of type `E` whose parameter lanes
+    /// repeat every `period` values: on [`Avx2Vl`] (the `avx2` code with AVX-512VL's 32
+    /// registers) where [`Backend::for_splat_f16`] moves f16 data to 256-bit vectors and the
+    /// period is at most [`HALF_WIDTH_PERIOD`] values, whose parameters 8 such vectors hold in
+    /// registers; else on this backend. The same bits either way (each lane takes the same
+    /// operations). Measured on AMD EPYC family 25 model 17 (Zen 4, 1 MiB L2 per core), one
+    /// thread, f16 NHWC inference, min of 5 alternated processes: 1x64x112x112 50.6 → 41.8 µs,
+    /// 8x64x56x56 100.0 → 83.8, 32x32x28x28 50.0 → 42.2, 16x16x28x28 12.5 → 10.4; every period
+    /// forced onto [`Avx2Vl`] lost on wider rows (1x256x56x56 51.7 → 64.6, 256x2048x1x1 39.5
+    /// → 45.1; 8x24x56x56, period 96, 40.0 → 39.2), so they stay. The dx pass stays too: its 5
+    /// parameters per vector fill 32 registers at 4 vectors, and two such column walks per
+    /// 64-channel row were slower (f16 backward 1x64x112x112 187.8 → 211.7 µs).
+    pub(crate) fn dispatch_f16_rows<E: crate::Element, K: Kernel>(
+        self,
+        period: usize,
+        k: K,
+    ) -> K::Output {
+        #[cfg(target_arch = "x86_64")]
+        if period <= HALF_WIDTH_PERIOD
+            && self.for_splat_f16::<E>() != self
+            && let Some(t) = Avx2Vl::try_new()
+        {
+            return t.vectorize(k);
+        }
+        self.dispatch(k)
+    }
+
     /// Every backend, best first.
     pub const ALL: [Backend; 3] = [Backend::Avx512, Backend::Avx2Fma, Backend::Portable];
 
@@ -507,7 +540,7 @@ impl Backend {
         match self {
             Backend::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2Fma => Avx2Fma::try_new().is_some(),
+            Backend::Avx2Fma => Avx2Fma::<false>::try_new().is_some(),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => Avx512::try_new().is_some(),
             #[cfg(not(target_arch = "x86_64"))]
@@ -572,7 +605,7 @@ impl Backend {
         match self {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2Fma => {
-                if let Some(t) = Avx2Fma::try_new() {
+                if let Some(t) = Avx2Fma::<false>::try_new() {
                     return t.vectorize(k);
                 }
             }
@@ -587,6 +620,18 @@ impl Backend {
         // One call site of the portable kernel, so that it is compiled once (three inlined sites
         // tripled the library's code: 6.5 of its 10 MB of text).
         Portable.vectorize(k)
+    }
+}
+
+/// Runs `k` on [`Avx2Vl`] where the CPU has it (for tests comparing it with the backends).
+#[cfg(test)]
+pub(crate) fn on_avx2_vl<K: Kernel>(k: K) -> Option<K::Output> {
+    #[cfg(target_arch = "x86_64")]
+    return Avx2Vl::try_new().map(|t| t.vectorize(k));
+    #[allow(unreachable_code)]
+    {
+        let _ = k;
+        None
     }
 }
 
@@ -673,8 +718,37 @@ mod tests {
         }
     }
 
-    /// Half tails ([`half_tails`]) and bfloat16 groups ([`bf16_groups`]) on every backend, and on
-    /// AVX-512's integer conversion also where the CPU has `vcvtne2ps2bf16`.
+    /// The lane count and register count of the code a kernel runs on.
+    struct Shape;
+
+    impl Kernel for Shape {
+        type T = f32;
+        type Output = (usize, usize);
+        #[inline(always)]
+        fn run<S: Simd<T = f32>>(self, _: S) -> (usize, usize) {
+            (S::LANES, S::REGISTERS)
+        }
+    }
+
+    /// Only f16 rows of at most a 64-value lane period on the `avx512` backend of a CPU with slow
+    /// 512-bit binary16 conversions run on [`Avx2Vl`] (8 lanes, 32 registers); wider periods,
+    /// other types and other backends run on their backend.
+    #[test]
+    fn rows_move_only_f16_of_short_periods_on_half_width_avx512() {
+        for backend in Backend::available() {
+            let own = backend.dispatch(Shape);
+            let moved = backend == Backend::Avx512 && half_width_avx512();
+            let want = if moved { (8, 32) } else { own };
+            assert_eq!(backend.dispatch_f16_rows::<crate::f16, _>(64, Shape), want);
+            assert_eq!(backend.dispatch_f16_rows::<crate::f16, _>(96, Shape), own);
+            assert_eq!(backend.dispatch_f16_rows::<crate::bf16, _>(64, Shape), own);
+            assert_eq!(backend.dispatch_f16_rows::<f32, _>(64, Shape), own);
+        }
+    }
+
+    /// Half tails ([`half_tails`]) and bfloat16 groups ([`bf16_groups`]) on every backend, on
+    /// AVX-512's integer conversion also where the CPU has `vcvtne2ps2bf16`, and on the AVX2 code
+    /// with AVX-512VL's registers ([`Avx2Vl`]).
     #[test]
     fn half_conversions_on_every_backend() {
         for backend in Backend::available() {
@@ -684,6 +758,7 @@ mod tests {
         if let Some(t) = Avx512::try_new() {
             t.without_bf16_instructions().vectorize(HalfConversions);
         }
+        let _ = on_avx2_vl(HalfConversions);
     }
 
     /// [`Simd::reduce_add_each`] against [`Simd::reduce_add`] of each vector, bit for bit, on

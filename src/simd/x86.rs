@@ -11,13 +11,29 @@ use super::{MAX_LANES, Simd, Thunk, Wide64};
 /// field, not MXCSR's).
 const ROUND_NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
-/// Token proving the CPU supports AVX2, FMA and F16C (every AVX2 CPU has F16C).
+/// Token proving the CPU supports AVX2, FMA and F16C (every AVX2 CPU has F16C); with `R32`
+/// ([`Avx2Vl`]), also AVX-512F and AVX-512VL, whose 32 vector registers the same 256-bit code
+/// then has (`Simd::REGISTERS`), compiled in an entry point of its own.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Avx2Fma {
+pub(crate) struct Avx2Fma<const R32: bool = false> {
     _proof: (),
 }
 
-impl Avx2Fma {
+/// The AVX2 code with AVX-512VL's 32 registers: 256-bit vectors, 8 f32 lanes, for AVX-512 CPUs
+/// whose 512-bit binary16 conversions are slow ([`super::half_width_avx512`]), where register
+/// groups of 8 vectors keep 64 channels' parameters in registers.
+pub(crate) type Avx2Vl = Avx2Fma<true>;
+
+impl Avx2Vl {
+    pub(crate) fn try_new() -> Option<Self> {
+        (Avx2Fma::<false>::try_new().is_some()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl"))
+        .then_some(Self { _proof: () })
+    }
+}
+
+impl Avx2Fma<false> {
     pub(crate) fn try_new() -> Option<Self> {
         (is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
@@ -26,9 +42,9 @@ impl Avx2Fma {
     }
 }
 
-impl Simd for Avx2Fma {
+impl<const R32: bool> Simd for Avx2Fma<R32> {
     const LANES: usize = 8;
-    const REGISTERS: usize = 16;
+    const REGISTERS: usize = if R32 { 32 } else { 16 };
     const BF16_PAIRS_INTERLEAVED: bool = true;
     type T = f32;
     type V = __m256;
@@ -40,8 +56,18 @@ impl Simd for Avx2Fma {
         fn entry<K: Thunk>(k: K) -> K::Output {
             k.call()
         }
-        // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
-        unsafe { entry(k) }
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+        fn entry_vl<K: Thunk>(k: K) -> K::Output {
+            k.call()
+        }
+        if R32 {
+            // SAFETY: `self` exists with `R32`, so AVX2, FMA, F16C, AVX-512F and AVX-512VL were
+            // detected on this CPU (`Avx2Vl::try_new`).
+            unsafe { entry_vl(k) }
+        } else {
+            // SAFETY: `self` exists, so AVX2, FMA and F16C were detected on this CPU.
+            unsafe { entry(k) }
+        }
     }
 
     #[inline(always)]
@@ -1177,7 +1203,7 @@ impl Simd for Avx512 {
     }
 }
 
-impl Wide64 for Avx2Fma {
+impl<const R32: bool> Wide64 for Avx2Fma<R32> {
     #[inline(always)]
     fn sub_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
         // SAFETY: the token proves AVX is available.
