@@ -49,7 +49,8 @@ impl<const R32: bool> Simd for Avx2Fma<R32> {
     type T = f32;
     type V = __m256;
 
-    /// `k` compiled for AVX2, FMA and F16C.
+    /// `k` compiled for AVX2, FMA and F16C; with `R32`, also for AVX-512F and AVX-512VL (the
+    /// compiler may then use ymm16–31 and EVEX encodings of the same 256-bit operations).
     #[inline]
     fn enter<K: Thunk>(self, k: K) -> K::Output {
         #[target_feature(enable = "avx2,fma,f16c")]
