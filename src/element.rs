@@ -223,6 +223,14 @@ pub(crate) unsafe fn store_stream<S: Simd<T = E::Param>, E: Element>(s: S, p: *m
     }
 }
 
+/// Whether `E` is IEEE binary16 (whose conversions some CPUs run faster 256 bits wide:
+/// [`crate::simd::Backend::for_splat_f16`]). A `const fn`, so that a `const` block of it leaves the
+/// other types' instantiations out of the f16-only code paths.
+#[inline(always)]
+pub(crate) const fn is_f16<E: Element>() -> bool {
+    matches!(E::KIND, Kind::F16)
+}
+
 /// Whether `E` is bfloat16 (whose pairs may load in another order, [`load_pair`]).
 #[inline(always)]
 pub(crate) fn is_bf16<E: Element>() -> bool {

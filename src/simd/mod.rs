@@ -495,7 +495,7 @@ impl Backend {
     /// 11–14% slower, so they stay.
     pub(crate) fn for_splat_f16<E: crate::Element>(self) -> Backend {
         if self == Backend::Avx512
-            && E::NAME == "f16"
+            && crate::element::is_f16::<E>()
             && half_width_avx512()
             && Backend::Avx2Fma.is_available()
         {
@@ -523,7 +523,9 @@ impl Backend {
         k: K,
     ) -> K::Output {
         #[cfg(target_arch = "x86_64")]
-        if period <= HALF_WIDTH_PERIOD
+        // `const`: f32, f64 and bf16 rows are never compiled for `Avx2Vl`.
+        if const { crate::element::is_f16::<E>() }
+            && period <= HALF_WIDTH_PERIOD
             && self.for_splat_f16::<E>() != self
             && let Some(t) = Avx2Vl::try_new()
         {
