@@ -1,12 +1,15 @@
 //! Times one case of the crate against its memory roofs, case by case, so that a driver
 //! (`benches/compare.py`) can alternate the crate with other frameworks in one run.
 //!
-//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS [DTYPE [RESIDENCY]]` on standard
-//! input (OP one of `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw` or `nhwc`;
-//! OFFSET the byte offset modulo 4096 of the output tensors relative to x, dy at twice that; DTYPE
-//! the data tensors' element type, `f32` (the default when the field is absent), `bf16` or `f16`,
-//! the parameters and statistics being f32 in every case; RESIDENCY the operator's
-//! [`batchnorm::Residency`], `auto` (the default), `cache` or `memory`) and answers each with one
+//! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS [DTYPE [RESIDENCY [XOFFSET]]]`
+//! on standard input (OP one of `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw`
+//! or `nhwc`; OFFSET the byte offset modulo 4096 of the output tensors relative to x, dy at twice
+//! that; DTYPE the data tensors' element type, `f32` (the default when the field is absent),
+//! `bf16` or `f16`, the parameters and statistics being f32 in every case; RESIDENCY the
+//! operator's [`batchnorm::Residency`], `auto` (the default), `cache` or `memory`; XOFFSET the
+//! byte offset of x from a page boundary, 0 by default, the other tensors keeping their offsets
+//! relative to x: 16 is where glibc's `malloc` starts a large allocation, such as a `Vec`'s) and
+//! answers each with one
 //! JSON line
 //! `{"crate": ns, "copy": ns, "sum": ns, "copy_kind": "memcpy" | "simd", "dtype": "..."}`:
 //! medians over REPEATS samples of at least SAMPLE_MS each, the crate's call, the copy roof (the
@@ -101,6 +104,8 @@ struct Case {
     dims: [usize; 4],
     threads: usize,
     offset: usize,
+    /// x's byte offset from a page boundary.
+    x_offset: usize,
     repeats: usize,
     sample_s: f64,
     dtype: Dtype,
@@ -109,8 +114,8 @@ struct Case {
 
 fn parse(line: &str) -> Result<Case, String> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    if !(7..=9).contains(&f.len()) {
-        return Err(format!("expected 7 to 9 fields, got {}", f.len()));
+    if !(7..=10).contains(&f.len()) {
+        return Err(format!("expected 7 to 10 fields, got {}", f.len()));
     }
     let dtype = match f.get(7).copied().unwrap_or("f32") {
         "f32" => Dtype::F32,
@@ -138,6 +143,7 @@ fn parse(line: &str) -> Result<Case, String> {
         dims,
         threads: num(f[3])?,
         offset: num(f[4])? % 4096 / 4 * 4,
+        x_offset: f.get(9).map_or(Ok(0), |v| num(v))? % 4096 / 4 * 4,
         repeats: num(f[5])?,
         sample_s: f[6].parse::<f64>().map_err(|e| e.to_string())? / 1e3,
         dtype,
@@ -165,9 +171,10 @@ fn run_typed<E: Element<Param = f32>>(
         .with_parallelism(Parallelism::Rayon)
         .with_residency(case.residency);
     let len = shape.len();
-    let xt = Tensor::<E>::from_f32(&fill(len, 1, -1.0, 3.0), 0);
-    let dyt = Tensor::<E>::from_f32(&fill(len, 2, -1.0, 1.0), 2 * case.offset % 4096);
-    let mut y = Tensor::<E>::new(len, case.offset);
+    let at = |offset: usize| (case.x_offset + offset) % 4096;
+    let xt = Tensor::<E>::from_f32(&fill(len, 1, -1.0, 3.0), at(0));
+    let dyt = Tensor::<E>::from_f32(&fill(len, 2, -1.0, 1.0), at(2 * case.offset));
+    let mut y = Tensor::<E>::new(len, at(case.offset));
     let (x, dy) = (xt.as_ref(), dyt.as_ref());
     let (gamma, beta) = (fill(c, 3, 0.5, 1.5), fill(c, 4, -0.5, 0.5));
     let (mut rmean, mut rvar) = (fill(c, 5, 0.5, 1.5), fill(c, 6, 1.0, 2.0));
