@@ -630,6 +630,17 @@ pub(super) mod tests {
         out
     }
 
+    /// Asserts that a [`guarded`] buffer kept its guard values outside `off..off + n`.
+    fn assert_guards_kept(out: &[f32], off: usize, n: usize, what: &str) {
+        assert!(
+            out[..off]
+                .iter()
+                .chain(&out[off + n..])
+                .all(|v| v.to_bits() == GUARD),
+            "{what} n {n} offset {off}: wrote outside its range"
+        );
+    }
+
     /// NHWC rows stored past the caches ([`AffineRows`] with `streaming`) write exactly what the
     /// plain rows write (whose walks differ: a register group per period or row, or periodic
     /// lanes), on every backend: 7, 8, 16, 24, 32, 48, 64 and 80 channels; every output start
@@ -762,6 +773,81 @@ pub(super) mod tests {
         }
     }
 
+    /// The plain walks of one channel's runs peel a long run's head up to its first aligned output
+    /// vector (`peel_head`): from every start of the output within a 64-byte line, on every
+    /// backend, separate and in place, one run and consecutive runs, lengths around the peel's
+    /// threshold (16 vectors of every backend) and primes, each output is its element's own map
+    /// `scale·(x − shift) + bias`, rounded as the backend rounds it, and nothing outside the
+    /// range is written.
+    #[test]
+    fn plain_runs_from_every_start_are_the_elementwise_map() {
+        let params = [
+            ChannelAffine {
+                shift: 1.5f32,
+                scale: 0.75,
+                bias: -2.0,
+            },
+            ChannelAffine {
+                shift: -7.0,
+                scale: 1e-3,
+                bias: 1e3,
+            },
+        ];
+        for backend in Backend::available() {
+            let map = |x: f32, p: &ChannelAffine<f32>| {
+                if backend.fused_mul_add() {
+                    (x - p.shift).mul_add(p.scale, p.bias)
+                } else {
+                    (x - p.shift) * p.scale + p.bias
+                }
+            };
+            for n in [1usize, 17, 127, 128, 129, 255, 256, 257, 521, 1031] {
+                let x = values(n + 32);
+                for off in 0..16 {
+                    for in_place in [false, true] {
+                        // One run (channel 0), and two runs of about n/2 (channels 0 and 1).
+                        for runs in [1, 2] {
+                            let run = n.div_ceil(runs);
+                            let out = guarded(&x, off, n, in_place, |io| {
+                                let fuse = Fuse::default();
+                                if runs == 1 {
+                                    backend.dispatch(AffineRun {
+                                        io,
+                                        p: params[0],
+                                        fuse,
+                                        streaming: false,
+                                    });
+                                } else {
+                                    backend.dispatch(AffineRuns {
+                                        io,
+                                        run,
+                                        first: 0,
+                                        params: &params,
+                                        shifted: true,
+                                        fuse,
+                                        streaming: false,
+                                    });
+                                }
+                            });
+                            for (i, (&got, &x)) in
+                                out[off..off + n].iter().zip(&x[off..]).enumerate()
+                            {
+                                let want = map(x, &params[i / run]);
+                                assert!(
+                                    got.to_bits() == want.to_bits()
+                                        || (got.is_nan() && want.is_nan()),
+                                    "{backend:?} n {n} offset {off} in place {in_place} runs {runs} \
+                                     element {i}: {got} against {want}"
+                                );
+                            }
+                            assert_guards_kept(&out, off, n, &format!("{backend:?}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The kernels that store past the caches (`streaming`) write exactly what the plain ones
     /// write, bit for bit, and nothing outside their range: on every backend, every start of the
     /// output within a 64-byte line (the peeled head), lengths around the group size and primes,
@@ -831,13 +917,7 @@ pub(super) mod tests {
                                     "{backend:?} n {n} offset {off} relu {relu} residual \
                                      {residual} in place {in_place}"
                                 );
-                                assert!(
-                                    streamed[..off]
-                                        .iter()
-                                        .chain(&streamed[off + n..])
-                                        .all(|v| v.to_bits() == GUARD),
-                                    "{backend:?} n {n} offset {off}: wrote outside its range"
-                                );
+                                assert_guards_kept(&streamed, off, n, &format!("{backend:?}"));
                             }
                         }
                     }
