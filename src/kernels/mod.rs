@@ -38,7 +38,9 @@ pub(crate) use backward::{
     DxParams, DxRows, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns, ReluGrad,
 };
 pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
-pub(crate) use normalize::{AffineRows, AffineRun, AffineRuns, ChannelAffine, Fuse, any_shifted};
+pub(crate) use normalize::{
+    AffineRowPart, AffineRows, AffineRun, AffineRuns, ChannelAffine, Fuse, any_shifted,
+};
 pub(crate) use stream::Io;
 
 /// The periodic lanes of [`AffineRows`]'s parameters (shift, scale, bias).

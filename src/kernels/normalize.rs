@@ -562,6 +562,40 @@ impl<IO: InOut> AffineKernel for AffineRows<'_, IO> {
         }
     }
 }
+/// `y = scale·(x − shift) + bias` over part of one row of interleaved channels, from the channel
+/// of `lanes`' first lane on (the head and tail of NHWC rows peeled to aligned outputs, see the
+/// NHWC driver's `normalize`), then the epilogue: the periodic lanes' plain walk, which takes
+/// any length.
+pub(crate) struct AffineRowPart<'a, IO: InOut> {
+    pub io: IO,
+    pub lanes: &'a AffineLanes<Param<IO>>,
+    /// As [`AffineRows::shifted`].
+    pub shifted: bool,
+    /// On the same range as `io`.
+    pub fuse: Fuse<'a, IO::Elem>,
+}
+
+impl<IO: InOut> AffineKernel for AffineRowPart<'_, IO> {
+    type T = Param<IO>;
+    type Elem = IO::Elem;
+    fn is_empty(&self) -> bool {
+        self.io.len() == 0 || self.lanes.period == 0
+    }
+    fn shifted(&self) -> bool {
+        self.shifted
+    }
+    fn fuse(&self) -> Fuse<'_, IO::Elem> {
+        self.fuse
+    }
+    #[inline(always)]
+    fn run_pinned<S: Simd<T = Param<IO>>, const SHIFT: bool, F: Finish>(self, s: S) {
+        let [shift, scale, bias] = &self.lanes.fields;
+        let op = Periodic::<_, SHIFT> { shift, scale, bias };
+        let (op, z) = self.fuse.then::<_, F>(&op);
+        stream(s, self.io, z, self.lanes.period, &op);
+    }
+}
+
 thunk!(PeriodsPastCaches['a, S, IO: InOut, const SHIFT: bool, F]
 for ['a, S, IO, SHIFT, F] (s: S, k: AffineRows<'a, IO>, _finish: F)
 where [S: Simd<T = Param<IO>>, F: Finish]
