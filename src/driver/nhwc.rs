@@ -14,7 +14,7 @@ use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
     AffineLanes, AffineRowPart, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows,
-    MomentsRows, any_shifted, paired_lanes,
+    MomentsRows, any_shifted, elements_to_boundary, paired_lanes,
 };
 use crate::par::SharedMut;
 use crate::scratch;
@@ -266,9 +266,8 @@ fn aligning_head<E>(dst: &[E], c: usize) -> usize {
     if dst.len() < BLOCK || !(c * size).is_multiple_of(LINE) {
         return 0;
     }
-    // `dst` is aligned to its element size, so the head is whole elements, fewer than a line's:
-    // less than `c`.
-    (LINE - dst.as_ptr() as usize % LINE) % LINE / size
+    // Fewer than a line's elements: less than `c`.
+    elements_to_boundary(dst.as_ptr(), LINE)
 }
 
 pub(super) fn training<E: Element>(

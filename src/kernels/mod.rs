@@ -41,7 +41,7 @@ pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
 pub(crate) use normalize::{
     AffineRowPart, AffineRows, AffineRun, AffineRuns, ChannelAffine, Fuse, any_shifted,
 };
-pub(crate) use stream::Io;
+pub(crate) use stream::{Io, elements_to_boundary};
 
 /// The periodic lanes of [`AffineRows`]'s parameters (shift, scale, bias).
 pub(crate) type AffineLanes<T = f32> = PeriodicLanes<3, T>;

@@ -511,10 +511,16 @@ pub(crate) unsafe fn stream_run_nt<S: Simd<T = E::Param>, M: VectorMap<S>, E: El
 /// `LANES` values of `E`, as [`element::store_stream`] needs).
 #[inline(always)]
 fn stream_head<S: Simd, E: Element>(dst: *const E, n: usize) -> usize {
-    let size = std::mem::size_of::<E>();
-    let vector = S::LANES * size;
-    // `dst` is aligned to `size` (a slice's pointer), so the head is whole elements.
-    ((vector - dst as usize % vector) % vector / size).min(n)
+    elements_to_boundary(dst, S::LANES * size_of::<E>()).min(n)
+}
+
+/// Elements of type `E` from `p` to the next multiple of `bytes` (a power of two at least the
+/// element size; 0 if `p` is one).
+#[inline(always)]
+pub(crate) fn elements_to_boundary<E>(p: *const E, bytes: usize) -> usize {
+    let size = size_of::<E>();
+    // `p` is aligned to `size` (a slice's pointer), so the distance is whole elements.
+    (bytes - p as usize % bytes) % bytes / size
 }
 
 /// [`map_group`] of `K` vectors at `i` (phases `phase`, `phase + LANES`, ...) with the output
