@@ -222,6 +222,10 @@ impl<B: Wide64> Simd for F64<B> {
         self.0.add_w(a, b)
     }
     #[inline(always)]
+    fn add_w_fma(self, a: B::W, one: B::W, b: B::W) -> B::W {
+        self.0.add_w_fma(a, one, b)
+    }
+    #[inline(always)]
     fn reduce_add_w(self, v: B::W) -> f64 {
         self.0.reduce_add_w(v)
     }

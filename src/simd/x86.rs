@@ -329,6 +329,10 @@ impl<const R32: bool> Simd for Avx2Fma<R32> {
         }
     }
     #[inline(always)]
+    fn add_w_fma(self, a: Self::W, one: Self::W, b: Self::W) -> Self::W {
+        self.mul_add_w(a, one, b)
+    }
+    #[inline(always)]
     fn add_w(self, a: [__m256d; 2], b: [__m256d; 2]) -> [__m256d; 2] {
         // SAFETY: the token proves AVX is available.
         unsafe { [_mm256_add_pd(a[0], b[0]), _mm256_add_pd(a[1], b[1])] }
@@ -1131,6 +1135,10 @@ impl Simd for Avx512 {
             _mm512_storeu_pd(p, v[0]);
             _mm512_storeu_pd(p.add(8), v[1]);
         }
+    }
+    #[inline(always)]
+    fn add_w_fma(self, a: Self::W, one: Self::W, b: Self::W) -> Self::W {
+        self.mul_add_w(a, one, b)
     }
     #[inline(always)]
     fn add_w(self, a: [__m512d; 2], b: [__m512d; 2]) -> [__m512d; 2] {
