@@ -155,7 +155,7 @@ fn moments_run<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> ChannelStats
     let mut total = ChannelStats::default();
     let mut pending = None;
     for sub in x.chunks(SUB_RUN) {
-        let whole = overlap::<E>() && sub.len() == SUB_RUN;
+        let whole = overlap::<S, E>() && sub.len() == SUB_RUN;
         match pending.take() {
             Some((cur, mean)) if whole => {
                 let (stats, next) = overlapped_passes(s, cur, mean, sub);
@@ -176,14 +176,21 @@ fn moments_run<S: Simd<T = E::Param>, E: Element>(s: S, x: &[E]) -> ChannelStats
     total
 }
 
-/// Whether [`moments_run`] overlaps the passes of consecutive sub-runs: for 2-byte (half) data,
-/// whose first pass converts twice per vector and so is bound by arithmetic, and whose two
-/// sub-runs take 16 KiB of L1. Measured (one thread, AMD EPYC family 26, 48 KiB L1, NCHW
-/// 1x64x112x112 statistics, min of 5 alternated): bf16 65.8 → 60.3 µs, but f32 56.8 → 58.4 µs and
-/// f64 90.6 → 110.7 µs (two sub-runs of 32 or 64 KiB push the second pass out of L1).
+/// Whether [`moments_run`] overlaps the passes of consecutive sub-runs: for half data, and for
+/// f32 data on 512-bit vectors, whose first pass converts every value to f64 and so is bound by
+/// arithmetic, and whose two sub-runs take at most 32 KiB of L1. Measured (one thread, AMD EPYC
+/// family 26, 48 KiB L1, NCHW 1x64x112x112 statistics, min of 5 alternated): bf16 65.8 → 60.3 µs,
+/// f32 56.8 → 58.4 µs (within the noise), f64 90.6 → 110.7 µs (two sub-runs of 64 KiB push the
+/// second pass out of L1). With the first pass's adds on the multiply-add units
+/// ([`Simd::add_w_fma`]), f32 gained on AMD EPYC family 25 model 17 (Zen 4, 32 KiB L1; min of 5
+/// alternated processes): 1x64x112x112 79.1 → 72.4 µs, 1x16x256x256 102.0 → 91.6, 16x64x112x112
+/// (from memory) 2837 → 2607, training 1x32x224x224 331.6 → 298.9; 2x64x112x112 178.9 → 178.3
+/// and two threads 42.0 → 41.3 (bound by the L3 there). The `avx2` code on the same CPU reads
+/// f32 at the speed of a copy without it (its 256-bit conversions cost less) and lost 2–3%
+/// with it (1x64x112x112 67.5 → 69.5 µs), so f32 overlaps on 512-bit vectors only.
 #[inline(always)]
-fn overlap<E>() -> bool {
-    size_of::<E>() == 2
+fn overlap<S: Simd, E>() -> bool {
+    size_of::<E>() == 2 || (size_of::<E>() == 4 && S::LANES >= 16)
 }
 
 /// Pass 2 of the whole sub-run `cur` (from its pass 1's count and mean) in one loop with pass 1
