@@ -371,7 +371,8 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// compiler from turning the product back into an add. Measured (one thread, AMD EPYC family
     /// 25 model 17 (Zen 4), a standalone loop widening 4096 f32 values from L1 into f64 sums):
     /// 512-bit conversions 4.0 → 3.8 cycles per 16 values, 256-bit ones 4.0 → 2.5; for the
-    /// statistics, see `kernels::moments::first_pass_lanes`.
+    /// statistics, see `kernels::moments::first_pass_lanes`. Not measured on Intel cores, whose
+    /// 512-bit adds and multiply-adds issue to the same ports.
     #[inline(always)]
     fn add_w_fma(self, a: Self::W, one: Self::W, b: Self::W) -> Self::W {
         let _ = one;
@@ -856,8 +857,9 @@ mod tests {
     }
 
     /// [`Simd::add_w_fma`] gives [`Simd::add_w`]'s bits (every NaN as one value: an FMA may
-    /// pick another operand's NaN) on every backend, for f32 and f64 lanes: values spread over
-    /// many decades (so a product rounded on its own, or a reordered sum, would show), ±0,
+    /// pick another operand's NaN) on every backend, on its f32 token and its f64 one ([`F64`],
+    /// whose lanes are the same f64 vectors): values spread over many decades (so operands in the
+    /// wrong places, `a·b + 1`, show: checked by making the x86 backends do that), ±0,
     /// subnormals, the largest finite values (whose sums overflow) and ±∞.
     struct AddFma<T>(std::marker::PhantomData<T>);
 
