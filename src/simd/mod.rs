@@ -366,8 +366,9 @@ pub trait Simd: Copy + Send + Sync + 'static {
     }
     /// `a + b`, the same bits as [`Simd::add_w`] (`one` from [`Simd::ones_w`]; `a·1` is exact,
     /// so one rounding of `a·1 + b` is the sum's), computed as a multiply-add where the backend
-    /// fuses them: on AMD Zen the conversions to f64 and the adds both queue on the two add
-    /// pipes, the multiply-add pipes idle, and this moves the adds there. The opaque ones keep the
+    /// fuses them: on AMD Zen 4 the conversions to f64 and the adds appear to share the add
+    /// pipes while the multiply-add pipes idle (inferred from the timings below; no hardware
+    /// counters here), and this moves the adds to the latter. The opaque ones keep the
     /// compiler from turning the product back into an add. Measured (one thread, AMD EPYC family
     /// 25 model 17 (Zen 4), a standalone loop widening 4096 f32 values from L1 into f64 sums):
     /// 512-bit conversions 4.0 → 3.8 cycles per 16 values, 256-bit ones 4.0 → 2.5; for the
