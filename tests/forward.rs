@@ -821,70 +821,68 @@ fn presets_take_another_momentum_and_estimator() {
 /// one by one; NHWC rows of whole lines by rotating the channels), which must neither move nor
 /// change a value. On every backend, sequential and parallel, f32, f64, bf16 and f16 data, rows
 /// of whole lines (16, 48 and 80 f32 channels) and not (24), x as misaligned as y (a `Vec` from
-/// `malloc`) and x aligned.
-#[test]
-fn outputs_from_every_start_of_a_line_are_the_same_bits() {
-    fn check<E: Store>() {
-        let size = size_of::<E>();
-        let line = 64 / size;
-        for layout in LAYOUTS {
-            for (c, hw) in [(16, 1100), (48, 353), (80, 211), (24, 700)] {
-                let shape = Shape::new(2, c, hw).unwrap();
-                let len = shape.len();
-                let mut rng = Rng::new(c as u64);
-                let values = rng.normals(len, 0.5, 2.0);
-                let params = |k: u64| -> Vec<E::Param> {
-                    Rng::new(k)
-                        .normals(c, 0.0, 1.0)
-                        .iter()
-                        .map(|&v| E::param(v as f64))
-                        .collect()
-                };
-                let (gamma, beta, rmean) = (params(1), params(2), params(3));
-                let rvar: Vec<E::Param> = (0..c).map(|i| E::param(1.0 + i as f64 / 8.0)).collect();
-                // Buffers with room to start anywhere in a line past the first aligned element.
-                let aligned = |buf: &[E]| (64 - buf.as_ptr() as usize % 64) % 64 / size;
-                let mut xbuf = vec![E::round(0.0); len + 2 * line];
-                let mut ybuf = vec![E::round(0.0); len + 2 * line];
-                let run = |bn: &BatchNorm, x: &[E], y: &mut [E], training: bool| {
-                    let affine = Some(Affine {
-                        gamma: &gamma,
-                        beta: &beta,
-                    });
-                    if training {
-                        bn.training(x, y, affine, None, None).unwrap();
-                    } else {
-                        let running = RunningStats {
-                            mean: &rmean,
-                            var: &rvar,
-                        };
-                        bn.inference(x, y, affine, running).unwrap();
-                    }
-                };
-                for bn in operators(shape, layout, 1e-5) {
-                    for training in [false, true] {
-                        let mut want = Vec::new();
-                        for start in 0..line {
-                            for x_moves in [true, false] {
-                                let (xa, ya) = (aligned(&xbuf), aligned(&ybuf));
-                                let xs = xa + if x_moves { start } else { 0 };
-                                for (to, &v) in xbuf[xs..xs + len].iter_mut().zip(&values) {
-                                    *to = E::round(v as f64);
-                                }
-                                let y = &mut ybuf[ya + start..ya + start + len];
-                                run(&bn, &xbuf[xs..xs + len], y, training);
-                                let bits: Vec<u64> = y.iter().map(|v| bits_of(v)).collect();
-                                if want.is_empty() {
-                                    want = bits;
-                                } else {
-                                    assert!(
-                                        want == bits,
-                                        "{} {layout:?} c {c} {:?} training {training} start \
-                                         {start} x moves {x_moves}",
-                                        E::NAME,
-                                        bn.backend()
-                                    );
-                                }
+/// `malloc`) and x aligned. One test per storage type, each its own process under valgrind in
+/// .ci/run (all four in one took 87 s there, the longest test by far).
+fn same_bits_from_every_start<E: Store>() {
+    let size = size_of::<E>();
+    let line = 64 / size;
+    for layout in LAYOUTS {
+        for (c, hw) in [(16, 1100), (48, 353), (80, 211), (24, 700)] {
+            let shape = Shape::new(2, c, hw).unwrap();
+            let len = shape.len();
+            let mut rng = Rng::new(c as u64);
+            let values = rng.normals(len, 0.5, 2.0);
+            let params = |k: u64| -> Vec<E::Param> {
+                Rng::new(k)
+                    .normals(c, 0.0, 1.0)
+                    .iter()
+                    .map(|&v| E::param(v as f64))
+                    .collect()
+            };
+            let (gamma, beta, rmean) = (params(1), params(2), params(3));
+            let rvar: Vec<E::Param> = (0..c).map(|i| E::param(1.0 + i as f64 / 8.0)).collect();
+            // Buffers with room to start anywhere in a line past the first aligned element.
+            let aligned = |buf: &[E]| (64 - buf.as_ptr() as usize % 64) % 64 / size;
+            let mut xbuf = vec![E::round(0.0); len + 2 * line];
+            let mut ybuf = vec![E::round(0.0); len + 2 * line];
+            let run = |bn: &BatchNorm, x: &[E], y: &mut [E], training: bool| {
+                let affine = Some(Affine {
+                    gamma: &gamma,
+                    beta: &beta,
+                });
+                if training {
+                    bn.training(x, y, affine, None, None).unwrap();
+                } else {
+                    let running = RunningStats {
+                        mean: &rmean,
+                        var: &rvar,
+                    };
+                    bn.inference(x, y, affine, running).unwrap();
+                }
+            };
+            for bn in operators(shape, layout, 1e-5) {
+                for training in [false, true] {
+                    let mut want = Vec::new();
+                    for start in 0..line {
+                        for x_moves in [true, false] {
+                            let (xa, ya) = (aligned(&xbuf), aligned(&ybuf));
+                            let xs = xa + if x_moves { start } else { 0 };
+                            for (to, &v) in xbuf[xs..xs + len].iter_mut().zip(&values) {
+                                *to = E::round(v as f64);
+                            }
+                            let y = &mut ybuf[ya + start..ya + start + len];
+                            run(&bn, &xbuf[xs..xs + len], y, training);
+                            let bits: Vec<u64> = y.iter().map(|v| bits_of(v)).collect();
+                            if want.is_empty() {
+                                want = bits;
+                            } else {
+                                assert!(
+                                    want == bits,
+                                    "{} {layout:?} c {c} {:?} training {training} start \
+                                     {start} x moves {x_moves}",
+                                    E::NAME,
+                                    bn.backend()
+                                );
                             }
                         }
                     }
@@ -892,21 +890,38 @@ fn outputs_from_every_start_of_a_line_are_the_same_bits() {
             }
         }
     }
-    /// The bits of a value of any storage type.
-    fn bits_of<E>(v: &E) -> u64 {
-        let mut b = [0u8; 8];
-        // SAFETY: `E` is a plain float of at most 8 bytes (f16, bf16, f32, f64).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (v as *const E).cast::<u8>(),
-                b.as_mut_ptr(),
-                size_of::<E>(),
-            )
-        };
-        u64::from_le_bytes(b)
-    }
-    check::<f32>();
-    check::<f64>();
-    check::<batchnorm::bf16>();
-    check::<batchnorm::f16>();
+}
+
+/// The bits of a value of any storage type.
+fn bits_of<E>(v: &E) -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `E` is a plain float of at most 8 bytes (f16, bf16, f32, f64).
+    unsafe {
+        std::ptr::copy_nonoverlapping((v as *const E).cast::<u8>(), b.as_mut_ptr(), size_of::<E>())
+    };
+    u64::from_le_bytes(b)
+}
+
+/// [`same_bits_from_every_start`] for f32 data.
+#[test]
+fn outputs_from_every_start_of_a_line_are_the_same_bits_f32() {
+    same_bits_from_every_start::<f32>();
+}
+
+/// [`same_bits_from_every_start`] for f64 data.
+#[test]
+fn outputs_from_every_start_of_a_line_are_the_same_bits_f64() {
+    same_bits_from_every_start::<f64>();
+}
+
+/// [`same_bits_from_every_start`] for bf16 data.
+#[test]
+fn outputs_from_every_start_of_a_line_are_the_same_bits_bf16() {
+    same_bits_from_every_start::<batchnorm::bf16>();
+}
+
+/// [`same_bits_from_every_start`] for f16 data.
+#[test]
+fn outputs_from_every_start_of_a_line_are_the_same_bits_f16() {
+    same_bits_from_every_start::<batchnorm::f16>();
 }
