@@ -2,7 +2,8 @@
 //! (`benches/compare.py`) can alternate the crate with other frameworks in one run.
 //!
 //! Reads lines `OP LAYOUT NxCxHxW THREADS OFFSET REPEATS SAMPLE_MS [DTYPE [RESIDENCY [XOFFSET]]]`
-//! on standard input (OP one of `inference`, `training`, `backward`, `statistics`; LAYOUT `nchw`
+//! on standard input (OP one of `inference`, `inference_relu`, `inference_add_relu` (the
+//! residual: dy's tensor), `training`, `backward`, `statistics`; LAYOUT `nchw`
 //! or `nhwc`; OFFSET the byte offset modulo 4096 of the output tensors relative to x, dy at twice
 //! that; DTYPE the data tensors' element type, `f32` (the default when the field is absent),
 //! `bf16` or `f16`, the parameters and statistics being f32 in every case; RESIDENCY the
@@ -30,8 +31,8 @@ use std::marker::PhantomData;
 use std::time::Instant;
 
 use batchnorm::{
-    Affine, BackwardMode, BatchNorm, Element, GradMode, Layout, Parallelism, ParamGrads, Residency,
-    RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, bf16, f16,
+    Affine, BackwardMode, BatchNorm, Element, Epilogue, GradMode, Layout, Parallelism, ParamGrads,
+    Residency, RunningStats, RunningUpdate, SavedStats, SavedStatsMut, Shape, bf16, f16,
 };
 use roofs::{Buffer, CopyRoof, fill};
 
@@ -187,13 +188,18 @@ fn run_typed<E: Element<Param = f32>>(
     let (reps, sample) = (case.repeats, case.sample_s);
     let crate_s = pool.install(|| -> Result<f64, String> {
         Ok(match case.op.as_str() {
-            "inference" => {
+            "inference" | "inference_relu" | "inference_add_relu" => {
                 let running = RunningStats {
                     mean: &rmean,
                     var: &rvar,
                 };
+                let epilogue = match case.op.as_str() {
+                    "inference" => Epilogue::None,
+                    "inference_relu" => Epilogue::Relu,
+                    _ => Epilogue::AddRelu(dy),
+                };
                 time(reps, sample, || {
-                    bn.inference(x, y.as_mut(), Some(affine()), running)
+                    bn.inference_fused(x, y.as_mut(), Some(affine()), running, epilogue)
                         .unwrap()
                 })
             }
