@@ -163,6 +163,12 @@ impl<'a, T> SharedMut<'a, T> {
         }
     }
 
+    /// The buffer's first element's address and its length (for alignment decisions; never
+    /// dereferenced through this).
+    pub(crate) fn span(&self) -> (*const T, usize) {
+        (self.ptr, self.len)
+    }
+
     /// The sub-slice `start..start + len` (clamped to the buffer, so never out of bounds).
     ///
     /// # Safety

@@ -6,8 +6,8 @@ mod common;
 use approx::assert_relative_eq;
 
 use batchnorm::{
-    Affine, BatchNorm, ChannelStats, Layout, Momentum, RunningStats, RunningUpdate, SavedStatsMut,
-    Shape, Variance,
+    Affine, BackwardMode, BatchNorm, ChannelStats, Layout, Momentum, RunningStats, RunningUpdate,
+    SavedStats, SavedStatsMut, Shape, Variance,
 };
 use batchnorm_check::reference;
 use common::*;
@@ -816,18 +816,20 @@ fn presets_take_another_momentum_and_estimator() {
     }
 }
 
-/// Inference and training write the same bits from every start of x and y within a cache line
-/// as from line-aligned tensors: the elementwise passes peel a head to aligned outputs (NCHW runs
+/// Inference, training and the backward (dx, in training mode, dy aligned) write the same bits
+/// from every start of x and y (dx) within a cache line as from line-aligned tensors: the
+/// elementwise passes peel a head to aligned outputs (NCHW runs
 /// one by one; NHWC rows of whole lines by rotating the channels), which must neither move nor
 /// change a value. On every backend, sequential and parallel, f32, f64, bf16 and f16 data, rows
-/// of whole lines (16, 48 and 80 f32 channels) and not (24), x as misaligned as y (a `Vec` from
+/// of whole lines (16, 48 and 80 f32 channels, 64 of every type) and not (24), x as misaligned
+/// as y (a `Vec` from
 /// `malloc`) and x aligned. One test per storage type, each its own process under valgrind in
 /// .ci/run (all four in one took 87 s there, the longest test by far).
 fn same_bits_from_every_start<E: Store>() {
     let size = size_of::<E>();
     let line = 64 / size;
     for layout in LAYOUTS {
-        for (c, hw) in [(16, 1100), (48, 353), (80, 211), (24, 700)] {
+        for (c, hw) in [(16, 1100), (48, 353), (80, 211), (24, 700), (64, 260)] {
             let shape = Shape::new(2, c, hw).unwrap();
             let len = shape.len();
             let mut rng = Rng::new(c as u64);
@@ -841,27 +843,45 @@ fn same_bits_from_every_start<E: Store>() {
             };
             let (gamma, beta, rmean) = (params(1), params(2), params(3));
             let rvar: Vec<E::Param> = (0..c).map(|i| E::param(1.0 + i as f64 / 8.0)).collect();
+            let inv_std: Vec<E::Param> = (0..c)
+                .map(|i| E::param(1.0 / (1.0 + i as f64 / 8.0).sqrt()))
+                .collect();
+            let dy: Vec<E> = rng
+                .normals(len, 0.0, 1.0)
+                .iter()
+                .map(|&v| E::round(v as f64))
+                .collect();
             // Buffers with room to start anywhere in a line past the first aligned element.
             let aligned = |buf: &[E]| (64 - buf.as_ptr() as usize % 64) % 64 / size;
             let mut xbuf = vec![E::round(0.0); len + 2 * line];
             let mut ybuf = vec![E::round(0.0); len + 2 * line];
-            let run = |bn: &BatchNorm, x: &[E], y: &mut [E], training: bool| {
+            // y (dx for the backward) of the operation `op`.
+            let run = |bn: &BatchNorm, x: &[E], y: &mut [E], op: &str| {
                 let affine = Some(Affine {
                     gamma: &gamma,
                     beta: &beta,
                 });
-                if training {
-                    bn.training(x, y, affine, None, None).unwrap();
-                } else {
-                    let running = RunningStats {
-                        mean: &rmean,
-                        var: &rvar,
-                    };
-                    bn.inference(x, y, affine, running).unwrap();
+                let running = RunningStats {
+                    mean: &rmean,
+                    var: &rvar,
+                };
+                match op {
+                    "training" => {
+                        bn.training(x, y, affine, None, None).unwrap();
+                    }
+                    "inference" => bn.inference(x, y, affine, running).unwrap(),
+                    _ => {
+                        let saved = SavedStats {
+                            mean: &rmean,
+                            inv_std: &inv_std,
+                        };
+                        let mode = BackwardMode::Training(saved);
+                        bn.backward(x, &dy, y, affine, mode, None).unwrap()
+                    }
                 }
             };
             for bn in operators(shape, layout, 1e-5) {
-                for training in [false, true] {
+                for op in ["inference", "training", "backward"] {
                     let mut want = Vec::new();
                     for start in 0..line {
                         for x_moves in [true, false] {
@@ -871,15 +891,15 @@ fn same_bits_from_every_start<E: Store>() {
                                 *to = E::round(v as f64);
                             }
                             let y = &mut ybuf[ya + start..ya + start + len];
-                            run(&bn, &xbuf[xs..xs + len], y, training);
+                            run(&bn, &xbuf[xs..xs + len], y, op);
                             let bits: Vec<u64> = y.iter().map(|v| bits_of(v)).collect();
                             if want.is_empty() {
                                 want = bits;
                             } else {
                                 assert!(
                                     want == bits,
-                                    "{} {layout:?} c {c} {:?} training {training} start \
-                                     {start} x moves {x_moves}",
+                                    "{} {layout:?} c {c} {:?} {op} start {start} x \
+                                     moves {x_moves}",
                                     E::NAME,
                                     bn.backend()
                                 );

@@ -13,8 +13,8 @@ use super::{
 use crate::ChannelStats;
 use crate::element::Element;
 use crate::kernels::{
-    AffineLanes, AffineRowPart, AffineRows, DxLanes, DxParams, DxRows, GradSums, GradSumsRows,
-    MomentsRows, any_shifted, elements_to_boundary, paired_lanes,
+    AffineLanes, AffineRowPart, AffineRows, DxLanes, DxParams, DxRowPart, DxRows, GradSums,
+    GradSumsRows, MomentsRows, any_shifted, elements_to_boundary, paired_lanes,
 };
 use crate::par::SharedMut;
 use crate::scratch;
@@ -61,6 +61,27 @@ impl Blocks {
         let first = b * self.rows_per_block;
         let rows = self.rows_per_block.min(self.rows - first);
         (first * self.c, rows * self.c)
+    }
+    /// [`Blocks::range`] of a walk peeled by `head` elements ([`aligning_head`]): every block
+    /// starts `head` later, and the last one ends a row early (its rest is the tail of
+    /// [`Blocks::row_parts`]).
+    fn peeled_range(&self, b: usize, head: usize) -> (usize, usize) {
+        let (offset, len) = self.range(b);
+        if head == 0 {
+            return (offset, len);
+        }
+        let total = self.rows * self.c;
+        (offset + head, len.min(total - self.c - offset))
+    }
+    /// The parts of a walk peeled by `head > 0` elements that the blocks leave: the first row's
+    /// channels `0..head` (with `plain`, lanes of those channels) and the last row's channels
+    /// `head..` (with `rotated`, the lanes of the rotated channels), as (offset, len, lanes).
+    fn row_parts<L>(&self, head: usize, plain: L, rotated: L) -> [(usize, usize, L); 2] {
+        let total = self.rows * self.c;
+        [
+            (0, head, plain),
+            (total - self.c + head, self.c - head, rotated),
+        ]
     }
 }
 
@@ -189,13 +210,7 @@ pub(super) fn normalize<E: Element>(
     };
     let total = blocks.rows * blocks.c;
     // With a head, the rows walked are those of the channels rotated by it, from `head` on.
-    let rotated = (head > 0).then(|| {
-        let mut r = scratch::zeroed::<ChannelAffine<E::Param>>(params.len());
-        let (front, back) = params.split_at(head);
-        r[..back.len()].copy_from_slice(back);
-        r[back.len()..].copy_from_slice(front);
-        r
-    });
+    let rotated = (head > 0).then(|| rotated(params, head));
     let (plain, params) = (params, rotated.as_deref().unwrap_or(params));
     let lanes = &AffineLanes::affine(params);
     let shifted = any_shifted(params);
@@ -205,14 +220,7 @@ pub(super) fn normalize<E: Element>(
     let out = SharedMut::new(dst);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
-            let (offset, len) = blocks.range(b);
-            // Every block starts `head` later; the last one ends a row early (the tail below).
-            let offset = offset + head;
-            let len = if head > 0 {
-                len.min(total - blocks.c - (offset - head))
-            } else {
-                len
-            };
+            let (offset, len) = blocks.peeled_range(b, head);
             // SAFETY: each block is visited once and blocks are disjoint.
             let io = unsafe { src.io(&out, offset, len) };
             let fuse = fuse.range(offset, len);
@@ -234,10 +242,7 @@ pub(super) fn normalize<E: Element>(
     // The head (channels 0..head of the first row: the lanes of those channels alone) and the
     // tail (channels head.. of the last row, the rotated channels from 0).
     let plain_lanes = &AffineLanes::affine(&plain[..head]);
-    for (offset, len, lanes) in [
-        (0, head, plain_lanes),
-        (total - blocks.c + head, blocks.c - head, lanes),
-    ] {
+    for (offset, len, lanes) in blocks.row_parts(head, plain_lanes, lanes) {
         // SAFETY: the blocks above are done; head and tail are disjoint from them and each other.
         let io = unsafe { src.io(&out, offset, len) };
         ctx.backend.dispatch(AffineRowPart {
@@ -253,21 +258,26 @@ pub(super) fn normalize<E: Element>(
 /// vector), when rows of `c` channels are whole lines, so that every row starts as misaligned as
 /// the first: the normalize then walks the rows of the channels rotated by that many, every row
 /// aligned, with the first row's head and the last row's tail on their own. 0 for an aligned or
-/// small output (under one streaming block), or rows that are not whole lines. A `Vec` from
-/// glibc's `malloc` large enough for its own mapping starts 16 bytes past a page. Measured (one
-/// thread, AMD EPYC family 25 model 17 (Zen 4), x and y 16 bytes past a page, min of 5
-/// alternated processes): NHWC inference 1x64x112x112 f32 78.4 → 74.9 µs, bf16 45.5 → 42.5,
+/// small output (under one streaming block), or rows that are not whole lines. The backward's
+/// dx pass ([`dx_blocks`]) peels the same way. A `Vec` from glibc's `malloc` large enough for
+/// its own mapping starts 16 bytes past a page. Measured (one thread, AMD EPYC family 25 model
+/// 17 (Zen 4), x and y 16 bytes past a page, min of 5 alternated processes): NHWC inference 1x64x112x112 f32 78.4 → 74.9 µs, bf16 45.5 → 42.5,
 /// 1x256x56x56 f32 88.8 → 74.7, 1x256x14x14 f32 5.5 → 4.7; training 8x64x56x56 bf16 309.6 →
 /// 302.0; aligned tensors unchanged (f32 1x64x112x112 74.4 / 74.3 µs, bf16 41.6 / 41.8), bf16
 /// 1x1024x7x7 (49 rows) 6.9 / 7.0 µs at 16 bytes past a page.
 fn aligning_head<E>(dst: &[E], c: usize) -> usize {
+    aligning_head_at(dst.as_ptr(), dst.len(), c)
+}
+
+/// [`aligning_head`] of the `len` elements at `ptr`.
+fn aligning_head_at<E>(ptr: *const E, len: usize, c: usize) -> usize {
     const LINE: usize = 64;
     let size = size_of::<E>();
-    if dst.len() < BLOCK || !(c * size).is_multiple_of(LINE) {
+    if len < BLOCK || !(c * size).is_multiple_of(LINE) {
         return 0;
     }
     // Fewer than a line's elements: less than `c`.
-    elements_to_boundary(dst.as_ptr(), LINE)
+    elements_to_boundary(ptr, LINE)
 }
 
 pub(super) fn training<E: Element>(
@@ -373,6 +383,11 @@ pub(super) fn dx<E: Element>(
     dx_blocks(ctx, x, dy, &SharedMut::new(dx), params);
 }
 
+/// The dx pass of [`backward`] and [`dx`], block by block; rows aligned to dx's cache lines as
+/// in [`normalize`] ([`aligning_head`]). Measured (one thread, AMD EPYC family 25 model 17
+/// (Zen 4), x, dy and dx 16 bytes past a page, min of 5 alternated processes): backward f32
+/// 1x256x56x56 274.8 → 253.1 µs, 1x256x14x14 16.3 → 15.3, 1x64x112x112 213.4 → 208.7 (196 when
+/// aligned), bf16 157.4 → 155.0; 8x64x56x56 within the noise (0.97–1.03 over three runs).
 fn dx_blocks<E: Element>(
     ctx: &Ctx,
     x: &[E],
@@ -380,13 +395,25 @@ fn dx_blocks<E: Element>(
     out: &SharedMut<'_, E>,
     params: &[DxParams<E::Param>],
 ) {
-    let lanes = &DxLanes::dx(params);
-    let paired = paired_lanes::<E, 5, _>(ctx.backend, lanes, x.len(), 5);
     let blocks = Blocks::new(ctx);
     let streaming = streaming_output(ctx, dy, x.len());
+    // As in `normalize`: with a head, the rows walked are those of the channels rotated by it.
+    let head = if streaming {
+        0
+    } else {
+        let (ptr, len) = out.span();
+        aligning_head_at(ptr, len, blocks.c)
+    };
+    let rotated = (head > 0).then(|| rotated(params, head));
+    let (plain, params) = (params, rotated.as_deref().unwrap_or(params));
+    let lanes = &DxLanes::dx(params);
+    let paired = paired_lanes::<E, 5, _>(ctx.backend, lanes, x.len(), 5);
     ctx.par
         .for_each(blocks.count(), blocks.rows_per_block * blocks.c, |b| {
-            let (offset, len) = blocks.range(b);
+            let (offset, len) = blocks.peeled_range(b, head);
+            if len == 0 {
+                return;
+            }
             let xs = &x[offset..offset + len];
             // SAFETY: each block is visited once and blocks are disjoint.
             let io = unsafe { dy.io(out, offset, len) };
@@ -399,4 +426,25 @@ fn dx_blocks<E: Element>(
                 streaming,
             });
         });
+    if head == 0 {
+        return;
+    }
+    // The head (channels 0..head of the first row) and the tail (channels head.. of the last
+    // row, the rotated channels from 0).
+    let plain_lanes = &DxLanes::dx(&plain[..head]);
+    for (offset, len, lanes) in blocks.row_parts(head, plain_lanes, lanes) {
+        // SAFETY: the blocks above are done; head and tail are disjoint from them and each other.
+        let io = unsafe { dy.io(out, offset, len) };
+        let x = &x[offset..offset + len];
+        ctx.backend.dispatch(DxRowPart { x, io, lanes });
+    }
+}
+
+/// `params` rotated left by `head` channels: entry `i` is channel `(i + head) mod C`'s.
+fn rotated<T: scratch::Zeroable + Copy>(params: &[T], head: usize) -> scratch::Scratch<T> {
+    let mut r = scratch::zeroed::<T>(params.len());
+    let (front, back) = params.split_at(head);
+    r[..back.len()].copy_from_slice(back);
+    r[back.len()..].copy_from_slice(front);
+    r
 }

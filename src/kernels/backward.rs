@@ -1043,6 +1043,31 @@ impl<IO: InOut> Kernel for DxRows<'_, IO> {
     }
 }
 
+/// `dx = a·dy + b·(x − shift) + c` over part of one row of interleaved channels, from the
+/// channel of `lanes`' first lane on (the head and tail of NHWC rows peeled to aligned outputs,
+/// see the NHWC driver's `dx_blocks`): the periodic lanes' plain walk, which takes any length.
+/// The same arithmetic as [`DxRows`]'s maps, so the same bits.
+pub(crate) struct DxRowPart<'a, IO: InOut> {
+    pub x: &'a [IO::Elem],
+    pub io: IO,
+    pub lanes: &'a DxLanes<Param<IO>>,
+}
+
+impl<IO: InOut> Kernel for DxRowPart<'_, IO> {
+    type T = Param<IO>;
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Simd<T = Param<IO>>>(self, s: S) {
+        if self.io.len() == 0 || self.lanes.period == 0 {
+            return;
+        }
+        let [shift, r, a, b, c] = &self.lanes.fields;
+        let op = PeriodicDx { shift, r, a, b, c };
+        stream(s, self.io, Some(self.x), self.lanes.period, &op)
+    }
+}
+
 thunk!(DxPeriodsPastCaches['a, S, IO: InOut] for ['a, S, IO] (s: S, k: DxRows<'a, IO>)
 where [S: Simd<T = Param<IO>>]
 -> () => {

@@ -35,7 +35,8 @@ mod normalize;
 mod stream;
 
 pub(crate) use backward::{
-    DxParams, DxRows, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns, ReluGrad,
+    DxParams, DxRowPart, DxRows, DxRun, DxRuns, GradSums, GradSumsRows, GradSumsRun, GradSumsRuns,
+    ReluGrad,
 };
 pub(crate) use moments::{MomentsChannel, MomentsRows, MomentsRun, MomentsRuns};
 pub(crate) use normalize::{
