@@ -210,7 +210,7 @@ pub(super) fn normalize<E: Element>(
     };
     let total = blocks.rows * blocks.c;
     // With a head, the rows walked are those of the channels rotated by it, from `head` on.
-    let rotated = (head > 0).then(|| rotated(params, head));
+    let rotated = (head > 0).then(|| rotate_left(params, head));
     let (plain, params) = (params, rotated.as_deref().unwrap_or(params));
     let lanes = &AffineLanes::affine(params);
     let shifted = any_shifted(params);
@@ -261,10 +261,11 @@ pub(super) fn normalize<E: Element>(
 /// small output (under one streaming block), or rows that are not whole lines. The backward's
 /// dx pass ([`dx_blocks`]) peels the same way. A `Vec` from glibc's `malloc` large enough for
 /// its own mapping starts 16 bytes past a page. Measured (one thread, AMD EPYC family 25 model
-/// 17 (Zen 4), x and y 16 bytes past a page, min of 5 alternated processes): NHWC inference 1x64x112x112 f32 78.4 → 74.9 µs, bf16 45.5 → 42.5,
-/// 1x256x56x56 f32 88.8 → 74.7, 1x256x14x14 f32 5.5 → 4.7; training 8x64x56x56 bf16 309.6 →
-/// 302.0; aligned tensors unchanged (f32 1x64x112x112 74.4 / 74.3 µs, bf16 41.6 / 41.8), bf16
-/// 1x1024x7x7 (49 rows) 6.9 / 7.0 µs at 16 bytes past a page.
+/// 17 (Zen 4), x and y 16 bytes past a page, min of 5 alternated processes): NHWC inference
+/// 1x64x112x112 f32 78.4 → 74.9 µs, bf16 45.5 → 42.5, 1x256x56x56 f32 88.8 → 74.7, 1x256x14x14
+/// f32 5.5 → 4.7; training 8x64x56x56 bf16 309.6 → 302.0; aligned tensors unchanged (f32
+/// 1x64x112x112 74.4 / 74.3 µs, bf16 41.6 / 41.8), bf16 1x1024x7x7 (49 rows) 6.9 / 7.0 µs at 16
+/// bytes past a page.
 fn aligning_head<E>(dst: &[E], c: usize) -> usize {
     aligning_head_at(dst.as_ptr(), dst.len(), c)
 }
@@ -404,7 +405,7 @@ fn dx_blocks<E: Element>(
         let (ptr, len) = out.span();
         aligning_head_at(ptr, len, blocks.c)
     };
-    let rotated = (head > 0).then(|| rotated(params, head));
+    let rotated = (head > 0).then(|| rotate_left(params, head));
     let (plain, params) = (params, rotated.as_deref().unwrap_or(params));
     let lanes = &DxLanes::dx(params);
     let paired = paired_lanes::<E, 5, _>(ctx.backend, lanes, x.len(), 5);
@@ -441,7 +442,7 @@ fn dx_blocks<E: Element>(
 }
 
 /// `params` rotated left by `head` channels: entry `i` is channel `(i + head) mod C`'s.
-fn rotated<T: scratch::Zeroable + Copy>(params: &[T], head: usize) -> scratch::Scratch<T> {
+fn rotate_left<T: scratch::Zeroable + Copy>(params: &[T], head: usize) -> scratch::Scratch<T> {
     let mut r = scratch::zeroed::<T>(params.len());
     let (front, back) = params.split_at(head);
     r[..back.len()].copy_from_slice(back);
