@@ -57,8 +57,8 @@ fn decoding_is_the_same_with_and_without_arbitrary_and_round_trips() {
 
 /// Pseudo-random structured cases of `op` from a fixed seed (`FUZZ_REPLAY_CASES`, default 6000),
 /// decoded from random bytes as the fuzz targets decode theirs, each run with the f32 pass and
-/// another storage type in turn. `keys` are the quantities the operation compares: each must have been
-/// compared with the reference at least 100 times, so the test is not vacuous.
+/// another storage type in turn. `keys` are the quantities the operation compares: each must
+/// have been compared with the reference at least 100 times, so the test is not vacuous.
 ///
 /// One test per operation, so the test harness runs them on every core (one test for all four
 /// took 99 s of the suite's time, serially, on a 2-vCPU AMD EPYC family 25 model 1).
@@ -74,9 +74,9 @@ fn random_structured_cases(op: Op, keys: &[&str]) {
     let others = [Storage::F16, Storage::Bf16, Storage::F64];
     for i in 0..cases {
         let case = decode(&random_bytes(&mut rng, 400));
-        // The case as decoded, where its storage type is not f32: a check of another storage
-        // type runs the f32 pass first (the half outputs are checked against it), so for f32
-        // cases the run below covers the case as decoded too.
+        // The case as decoded, where its storage type is not f32: every check runs the f32
+        // pass on the case's values before the pass of its storage type, so for an f32 case the
+        // check below covers the case as decoded too.
         if case.storage != Storage::F32
             && let Err(e) = check::check_with(op, &case, &mut report)
         {
