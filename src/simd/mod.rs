@@ -296,6 +296,20 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused where the backend has FMA.
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane ones that the optimizer cannot see through, for [`Simd::add_fma`] (made once,
+    /// outside the loop that adds).
+    #[inline(always)]
+    fn ones(self) -> Self::V {
+        self.splat(Self::T::from_f64(std::hint::black_box(1.0)))
+    }
+    /// `a + b`, the same bits as [`Simd::add`], as the multiply-add `a·1 + b` where the backend
+    /// fuses them: [`Simd::add_w_fma`] for the lanes of the data, so that a loop whose adds and
+    /// conversions crowd the add pipes can move adds to the multiply-add pipes.
+    #[inline(always)]
+    fn add_fma(self, a: Self::V, one: Self::V, b: Self::V) -> Self::V {
+        let _ = one;
+        self.add(a, b)
+    }
     /// ReLU with x86's `max(0, v)` semantics on every backend: `if 0 > v { 0 } else { v }`, so a
     /// NaN stays NaN (as in PyTorch) and −0 stays −0.
     fn relu(self, v: Self::V) -> Self::V;
@@ -857,8 +871,8 @@ mod tests {
         }
     }
 
-    /// [`Simd::add_w_fma`] gives [`Simd::add_w`]'s bits (every NaN as one value: an FMA may
-    /// pick another operand's NaN) on every backend, on its f32 token and its f64 one ([`F64`],
+    /// [`Simd::add_w_fma`] gives [`Simd::add_w`]'s bits, and [`Simd::add_fma`] [`Simd::add`]'s
+    /// (every NaN as one value: an FMA may pick another operand's NaN), on every backend, on its f32 token and its f64 one ([`F64`],
     /// whose lanes are the same f64 vectors): values spread over many decades (so operands in the
     /// wrong places, `a·b + 1`, show: checked by making the x86 backends do that), ±0,
     /// subnormals, the largest finite values (whose sums overflow) and ±∞.
@@ -917,12 +931,27 @@ mod tests {
                         lanes[1][lane]
                     );
                 }
+                // The same in the lanes of `T` ([`Simd::add_fma`]), the values rounded to `T`.
+                let [a, b] = lanes.map(|v| v.map(T::from_f64));
+                let (a, b) = (s.load_partial(&a, T::ZERO), s.load_partial(&b, T::ZERO));
+                let (mut got, mut want) = ([T::ZERO; MAX_LANES], [T::ZERO; MAX_LANES]);
+                s.store_partial(&mut got, s.add_fma(a, s.ones(), b));
+                s.store_partial(&mut want, s.add(a, b));
+                for lane in 0..S::LANES {
+                    let (g, w): (f64, f64) = (got[lane].into(), want[lane].into());
+                    assert_eq!(
+                        bits(g),
+                        bits(w),
+                        "round {round} lane {lane} in {}",
+                        std::any::type_name::<T>()
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn add_w_fma_matches_add_w_on_every_backend() {
+    fn fma_adds_match_adds_on_every_backend() {
         for backend in Backend::available() {
             backend.dispatch(AddFma::<f32>(std::marker::PhantomData));
             backend.dispatch(AddFma::<f64>(std::marker::PhantomData));

@@ -181,6 +181,10 @@ impl<B: Wide64> Simd for F64<B> {
         self.0.mul_add_w(a, b, c)
     }
     #[inline(always)]
+    fn add_fma(self, a: B::W, one: B::W, b: B::W) -> B::W {
+        self.0.add_w_fma(a, one, b)
+    }
+    #[inline(always)]
     fn relu(self, v: B::W) -> B::W {
         self.0.relu_w(v)
     }

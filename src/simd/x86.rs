@@ -231,6 +231,10 @@ impl<const R32: bool> Simd for Avx2Fma<R32> {
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
+    fn add_fma(self, a: __m256, one: __m256, b: __m256) -> __m256 {
+        self.mul_add(a, one, b)
+    }
+    #[inline(always)]
     fn relu(self, v: __m256) -> __m256 {
         // SAFETY: the token proves AVX is available. MAXPS returns its second operand unless the
         // first is greater: 0 for v < 0, v otherwise (NaN and −0 included).
@@ -1028,6 +1032,10 @@ impl Simd for Avx512 {
     fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
         // SAFETY: the token proves AVX-512F is available.
         unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn add_fma(self, a: __m512, one: __m512, b: __m512) -> __m512 {
+        self.mul_add(a, one, b)
     }
     #[inline(always)]
     fn relu(self, v: __m512) -> __m512 {
