@@ -208,8 +208,12 @@ fn backward<E: Element<Param = f32>>(
 }
 
 /// Statistics, training (every epilogue) and backward (both modes, every epilogue, and in
-/// place) on `E` data against the f32 path on the up-converted data.
-fn check_training_against_f32_path<E: Element<Param = f32>>(special: bool, seed: u64) {
+/// place) on `E` data in `layout` against the f32 path on the up-converted data.
+fn check_training_against_f32_path<E: Element<Param = f32>>(
+    special: bool,
+    seed: u64,
+    layout: Layout,
+) {
     let mut rng = Rng::new(seed);
     // `sweep_shapes` includes the wide rows (`WIDE`).
     let mut shapes = sweep_shapes();
@@ -228,69 +232,67 @@ fn check_training_against_f32_path<E: Element<Param = f32>>(special: bool, seed:
             beta: &beta,
         };
         let rvar = vec![1.3f32; c];
-        for layout in LAYOUTS {
-            for bn in operators(shape, layout, 1e-5) {
-                let ctx = format!(
-                    "{} {shape:?} {layout:?} {:?} {:?}",
-                    E::NAME,
-                    bn.backend(),
-                    bn.parallelism()
-                );
-                let stats = bn.statistics(&x).unwrap();
-                let want = bn.statistics(&x32).unwrap();
-                assert!(
-                    same_stats(stats.channels(), want.channels()),
-                    "statistics {ctx}"
-                );
+        for bn in operators(shape, layout, 1e-5) {
+            let ctx = format!(
+                "{} {shape:?} {layout:?} {:?} {:?}",
+                E::NAME,
+                bn.backend(),
+                bn.parallelism()
+            );
+            let stats = bn.statistics(&x).unwrap();
+            let want = bn.statistics(&x32).unwrap();
+            assert!(
+                same_stats(stats.channels(), want.channels()),
+                "statistics {ctx}"
+            );
 
-                let epilogues: [(Epilogue<'_, E>, Epilogue<'_, f32>); 3] = [
-                    (Epilogue::None, Epilogue::None),
-                    (Epilogue::Relu, Epilogue::Relu),
-                    (Epilogue::AddRelu(&z), Epilogue::AddRelu(&z32)),
+            let epilogues: [(Epilogue<'_, E>, Epilogue<'_, f32>); 3] = [
+                (Epilogue::None, Epilogue::None),
+                (Epilogue::Relu, Epilogue::Relu),
+                (Epilogue::AddRelu(&z), Epilogue::AddRelu(&z32)),
+            ];
+            for (k, (epi, epi32)) in epilogues.into_iter().enumerate() {
+                let got = train(&bn, &x, affine, epi);
+                let want = train(&bn, &x32, affine, epi32);
+                if let Some(i) = same(&got.y, &from_f32::<E>(&want.y)) {
+                    panic!("training y[{i}] {epi:?} {ctx}");
+                }
+                for (g, w) in got.per_channel.iter().zip(&want.per_channel) {
+                    assert!(same_f32(g, w), "training per-channel outputs {epi:?} {ctx}");
+                }
+                let (s, w) = (got.stats.channels(), want.stats.channels());
+                assert!(same_stats(s, w), "training statistics {epi:?} {ctx}");
+
+                let [m, r, ..] = &got.per_channel;
+                let modes = [
+                    BackwardMode::Training(SavedStats {
+                        mean: m,
+                        inv_std: r,
+                    }),
+                    BackwardMode::Frozen(RunningStats {
+                        mean: m,
+                        var: &rvar,
+                    }),
                 ];
-                for (k, (epi, epi32)) in epilogues.into_iter().enumerate() {
-                    let got = train(&bn, &x, affine, epi);
-                    let want = train(&bn, &x32, affine, epi32);
-                    if let Some(i) = same(&got.y, &from_f32::<E>(&want.y)) {
-                        panic!("training y[{i}] {epi:?} {ctx}");
+                let y32 = to_f32(&got.y);
+                for mode in modes {
+                    let (dx, dg, db, dz) = backward(&bn, (&x, &dy, &got.y), affine, mode, k);
+                    let (dx32, dg32, db32, dz32) =
+                        backward(&bn, (&x32, &dy32, &y32), affine, mode, k);
+                    if let Some(i) = same(&dx, &from_f32::<E>(&dx32)) {
+                        panic!("backward dx[{i}] epilogue {k} {mode:?} {ctx}");
                     }
-                    for (g, w) in got.per_channel.iter().zip(&want.per_channel) {
-                        assert!(same_f32(g, w), "training per-channel outputs {epi:?} {ctx}");
+                    assert!(same_f32(&dg, &dg32), "dgamma epilogue {k} {mode:?} {ctx}");
+                    assert!(same_f32(&db, &db32), "dbeta epilogue {k} {mode:?} {ctx}");
+                    if k == 2 && same(&dz, &from_f32::<E>(&dz32)).is_some() {
+                        panic!("dz {mode:?} {ctx}");
                     }
-                    let (s, w) = (got.stats.channels(), want.stats.channels());
-                    assert!(same_stats(s, w), "training statistics {epi:?} {ctx}");
-
-                    let [m, r, ..] = &got.per_channel;
-                    let modes = [
-                        BackwardMode::Training(SavedStats {
-                            mean: m,
-                            inv_std: r,
-                        }),
-                        BackwardMode::Frozen(RunningStats {
-                            mean: m,
-                            var: &rvar,
-                        }),
-                    ];
-                    let y32 = to_f32(&got.y);
-                    for mode in modes {
-                        let (dx, dg, db, dz) = backward(&bn, (&x, &dy, &got.y), affine, mode, k);
-                        let (dx32, dg32, db32, dz32) =
-                            backward(&bn, (&x32, &dy32, &y32), affine, mode, k);
-                        if let Some(i) = same(&dx, &from_f32::<E>(&dx32)) {
-                            panic!("backward dx[{i}] epilogue {k} {mode:?} {ctx}");
-                        }
-                        assert!(same_f32(&dg, &dg32), "dgamma epilogue {k} {mode:?} {ctx}");
-                        assert!(same_f32(&db, &db32), "dbeta epilogue {k} {mode:?} {ctx}");
-                        if k == 2 && same(&dz, &from_f32::<E>(&dz32)).is_some() {
-                            panic!("dz {mode:?} {ctx}");
-                        }
-                        if k == 0 {
-                            let mut inout = dy.clone();
-                            bn.backward_in_place(&x, &mut inout, Some(affine), mode, None)
-                                .unwrap();
-                            if let Some(i) = same(&inout, &dx) {
-                                panic!("backward in place dx[{i}] {mode:?} {ctx}");
-                            }
+                    if k == 0 {
+                        let mut inout = dy.clone();
+                        bn.backward_in_place(&x, &mut inout, Some(affine), mode, None)
+                            .unwrap();
+                        if let Some(i) = same(&inout, &dx) {
+                            panic!("backward in place dx[{i}] {mode:?} {ctx}");
                         }
                     }
                 }
@@ -299,26 +301,46 @@ fn check_training_against_f32_path<E: Element<Param = f32>>(special: bool, seed:
     }
 }
 
+// One test per type, kind of values and layout, so the harness spreads them over the cores
+// (per type and kind they took 27–34 s each under AddressSanitizer, the suite's longest there).
 #[test]
-fn f16_training_statistics_and_backward_are_the_f32_path_rounded_once() {
-    check_training_against_f32_path::<f16>(false, 75);
+fn f16_training_statistics_and_backward_are_the_f32_path_rounded_once_nchw() {
+    check_training_against_f32_path::<f16>(false, 75, Layout::Nchw);
 }
 
 #[test]
-fn bf16_training_statistics_and_backward_are_the_f32_path_rounded_once() {
-    check_training_against_f32_path::<bf16>(false, 76);
-}
-
-// One test per type, so the harness runs them on separate cores (together they took 28 s, the
-// longest test of the suite after the fuzz replay).
-#[test]
-fn f16_training_with_special_values_is_the_f32_path_rounded_once() {
-    check_training_against_f32_path::<f16>(true, 77);
+fn f16_training_statistics_and_backward_are_the_f32_path_rounded_once_nhwc() {
+    check_training_against_f32_path::<f16>(false, 75, Layout::Nhwc);
 }
 
 #[test]
-fn bf16_training_with_special_values_is_the_f32_path_rounded_once() {
-    check_training_against_f32_path::<bf16>(true, 78);
+fn bf16_training_statistics_and_backward_are_the_f32_path_rounded_once_nchw() {
+    check_training_against_f32_path::<bf16>(false, 76, Layout::Nchw);
+}
+
+#[test]
+fn bf16_training_statistics_and_backward_are_the_f32_path_rounded_once_nhwc() {
+    check_training_against_f32_path::<bf16>(false, 76, Layout::Nhwc);
+}
+
+#[test]
+fn f16_training_with_special_values_is_the_f32_path_rounded_once_nchw() {
+    check_training_against_f32_path::<f16>(true, 77, Layout::Nchw);
+}
+
+#[test]
+fn f16_training_with_special_values_is_the_f32_path_rounded_once_nhwc() {
+    check_training_against_f32_path::<f16>(true, 77, Layout::Nhwc);
+}
+
+#[test]
+fn bf16_training_with_special_values_is_the_f32_path_rounded_once_nchw() {
+    check_training_against_f32_path::<bf16>(true, 78, Layout::Nchw);
+}
+
+#[test]
+fn bf16_training_with_special_values_is_the_f32_path_rounded_once_nhwc() {
+    check_training_against_f32_path::<bf16>(true, 78, Layout::Nhwc);
 }
 
 #[test]
