@@ -178,13 +178,13 @@ fn grad_sums_chains<S: Simd<T = E::Param>, E: Element, const A: usize>(
 /// `a + b` for the sums Σdy and Σ(x − K) (`one` from [`Simd::ones`]): as a multiply-add for half
 /// data ([`Simd::add_fma`], the same bits), plain for f32 and f64. On AMD Zen 4 the widening of
 /// half data appears to share the add pipes with the adds while the multiply-add pipes have room
-/// (inferred from timings; no hardware counters here). Measured, AMD EPYC family 25 model 17, one thread, `bench_case`,
-/// min of 5 alternated processes: backward 1x64x112x112 f16 NCHW 149.1 → 143.5 µs, NHWC 185.4 →
-/// 178.4, bf16 NCHW 131.9 → 128.4, NHWC 153.9 → 151.8, f16 NHWC 8x64x56x56 372.8 → 359.6 (min
-/// of 7); f32 data in the same form 0.91–1.02 (noisy, no clear gain), so it keeps its adds. A standalone loop of the
-/// sums over two f16 tensors of 802 816 values in L3 took 67–69 µs with either form, against 32
-/// µs to read the same bytes: the pass is bound by `vcvtph2ps` (1.4 TSC ticks per 16 values from
-/// L1 here), two per 16 values.
+/// (inferred from timings; no hardware counters here). Measured, AMD EPYC family 25 model 17, one
+/// thread, `bench_case`, min of 5 alternated processes: backward 1x64x112x112 f16 NCHW 149.1 →
+/// 143.5 µs, NHWC 185.4 → 178.4, bf16 NCHW 131.9 → 128.4, NHWC 153.9 → 151.8, f16 NHWC 8x64x56x56
+/// 372.8 → 359.6 (min of 7); f32 data in the same form 0.91–1.02 (noisy, no clear gain), so it
+/// keeps its adds. A standalone loop of the sums over two f16 tensors of 802 816 values in L3 took
+/// 67–69 µs with either form, against 32 µs to read the same bytes: the pass is bound by
+/// `vcvtph2ps` (1.4 TSC ticks per 16 values from L1 here), two per 16 values.
 #[inline(always)]
 fn sum_add<S: Simd<T = E::Param>, E: Element>(s: S, a: S::V, one: S::V, b: S::V) -> S::V {
     if size_of::<E>() == 2 {

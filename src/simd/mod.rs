@@ -872,10 +872,11 @@ mod tests {
     }
 
     /// [`Simd::add_w_fma`] gives [`Simd::add_w`]'s bits, and [`Simd::add_fma`] [`Simd::add`]'s
-    /// (every NaN as one value: an FMA may pick another operand's NaN), on every backend, on its f32 token and its f64 one ([`F64`],
-    /// whose lanes are the same f64 vectors): values spread over many decades (so operands in the
-    /// wrong places, `a·b + 1`, show: checked by making the x86 backends do that), ±0,
-    /// subnormals, the largest finite values (whose sums overflow) and ±∞.
+    /// (every NaN as one value: an FMA may pick another operand's NaN), on every backend, on its
+    /// f32 token and its f64 one ([`F64`], whose lanes are the same f64 vectors): values spread
+    /// over many decades (so operands in the wrong places, `a·b + 1`, show: checked by making the
+    /// x86 backends do that), ±0, subnormals, the largest finite values (whose sums overflow) and
+    /// ±∞.
     struct AddFma<T>(std::marker::PhantomData<T>);
 
     impl<T: Real> Kernel for AddFma<T> {
