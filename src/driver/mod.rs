@@ -63,6 +63,14 @@ impl Ctx {
         }
     }
 
+    /// The threads the operation's tasks share: one when sequential, else the rayon pool's.
+    pub(crate) fn threads(&self) -> usize {
+        match self.par {
+            Parallelism::Sequential => 1,
+            Parallelism::Rayon => rayon::current_num_threads(),
+        }
+    }
+
     /// Runs one operation (see [`Parallelism::run_op`]) with the context it should use.
     fn run_op<R: Send>(&self, op: impl FnOnce(&Ctx) -> R + Send) -> R {
         self.par

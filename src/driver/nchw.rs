@@ -20,7 +20,7 @@ use crate::kernels::{
     AffineRun, AffineRuns, DxParams, DxRun, DxRuns, GradSums, GradSumsRun, GradSumsRuns,
     MomentsChannel, MomentsRun, MomentsRuns, any_shifted,
 };
-use crate::par::{Parallelism, SharedMut};
+use crate::par::SharedMut;
 use crate::scratch::{self, Zeroable};
 
 /// Applies per-channel parameters to one piece.
@@ -330,10 +330,7 @@ fn short_runs_fused(ctx: &Ctx) -> bool {
 /// is one task: reduced, then (with one sample) normalized while its data is in cache. Otherwise
 /// the pieces are reduced in parallel first. Both schedules fold in the same order.
 fn fused(ctx: &Ctx) -> bool {
-    let threads = match ctx.par {
-        Parallelism::Sequential => 1,
-        Parallelism::Rayon => rayon::current_num_threads(),
-    };
+    let threads = ctx.threads();
     threads == 1 || ctx.shape.c() >= 4 * threads
 }
 

@@ -19,7 +19,7 @@ use crate::kernels::{
 use crate::par::SharedMut;
 use crate::scratch;
 
-/// Fewest rows per streaming block: fewer rows would spend more on the block's per-channel
+/// Fewest rows per block of an elementwise pass: fewer rows would spend more on the block's per-channel
 /// parameter lanes than on the rows.
 const MIN_STREAM_ROWS: usize = 8;
 
@@ -36,7 +36,11 @@ const STRIP: usize = 256;
 /// passes only need one register group's columns of the tile in cache, not the whole tile.
 const STATS_BLOCK: usize = 4 * BLOCK;
 
-/// The fixed split of the rows into streaming blocks.
+/// Fewest blocks per thread of an elementwise pass ([`Blocks::elementwise`]), so that its rows
+/// still spread evenly over many threads.
+const BLOCKS_PER_THREAD: usize = 4;
+
+/// The split of an elementwise pass's rows into blocks, one task each.
 #[derive(Clone, Copy)]
 struct Blocks {
     c: usize,
@@ -45,27 +49,31 @@ struct Blocks {
 }
 
 impl Blocks {
-    fn new(ctx: &Ctx) -> Blocks {
+    /// Blocks of a pass that maps each element once and keeps nothing for later (the normalize,
+    /// the backward's dx): up to four times [`BLOCK`] elements, so that the per-block work (a
+    /// task, a kernel entry, its setup) is spread over more rows, but no fewer than
+    /// [`BLOCKS_PER_THREAD`] per thread of the operation, down to [`BLOCK`] (one thread: blocks
+    /// of 4·BLOCK from tensors of 16·BLOCK on; sixteen threads: of [`BLOCK`] up to 64·BLOCK, of
+    /// 4·BLOCK from 256·BLOCK on). The block size changes no bits: each element takes the same
+    /// map.
+    ///
+    /// Measured against blocks of [`BLOCK`] (AMD EPYC family 25 model 17 (Zen 4, 1 MiB L2),
+    /// `bench_case`, min of 5–7 alternated processes), one thread unless said: NHWC inference
+    /// 1x64x112x112 bf16 42.2 → 38.9 µs, f16 42.1 → 38.9, f32 75.0 → 70.1; bf16 8x64x56x56
+    /// 83.6 → 77.1, 1x256x56x56 42.9 → 40.8, two threads 1x64x112x112 24.1 → 22.4; backward
+    /// (the dx pass) 1x64x112x112 f32 197.1 → 191.3, f16 178.8 → 172.1, bf16 151.2 → 144.5,
+    /// bf16 8x64x56x56 305.7 → 290.9, two threads bf16 83.0 → 78.5, f32 102.6 → 98.8. Tensors
+    /// near the size of the L3 (16x64x56x56 f32) moved 0.91–1.11 either way from run to run.
+    fn elementwise(ctx: &Ctx) -> Blocks {
         let c = ctx.shape.c();
+        let rows = ctx.shape.per_channel();
+        let fewest = (BLOCK / c).max(MIN_STREAM_ROWS);
+        let most = (4 * BLOCK / c).max(MIN_STREAM_ROWS);
+        let even = rows.div_ceil(BLOCKS_PER_THREAD * ctx.threads());
         Blocks {
             c,
-            rows: ctx.shape.per_channel(),
-            rows_per_block: (BLOCK / c).max(MIN_STREAM_ROWS),
-        }
-    }
-    /// Blocks of a pass that reads and writes each element once (no reuse to keep in L2): four
-    /// times [`BLOCK`], so that the per-block work (a task, a kernel entry, its setup) is spread
-    /// over more rows. Measured, AMD EPYC family 25 model 17 (Zen 4, 1 MiB L2), `bench_case`,
-    /// min of 5 alternated processes, NHWC inference: 1x64x112x112 bf16 42.2 → 38.9 µs, f16
-    /// 42.1 → 38.9, f32 75.0 → 70.1; bf16 8x64x56x56 83.6 → 77.1, 1x256x56x56 42.9 → 40.8, two
-    /// threads 1x64x112x112 24.1 → 22.4; training (whose second sweep this is) bf16 146.1 →
-    /// 143.0. The same for the dx pass was mixed (bf16 backward 0.91, f16 0.97, f32 0.99–1.05),
-    /// so it keeps [`Blocks::new`]. The same bits either way: each element takes the same map.
-    fn streaming(ctx: &Ctx) -> Blocks {
-        let blocks = Blocks::new(ctx);
-        Blocks {
-            rows_per_block: (4 * BLOCK / blocks.c).max(MIN_STREAM_ROWS),
-            ..blocks
+            rows,
+            rows_per_block: even.clamp(fewest, most),
         }
     }
     fn count(&self) -> usize {
@@ -216,7 +224,7 @@ pub(super) fn normalize<E: Element>(
     dst: &mut [E],
     params: &[ChannelAffine<E::Param>],
 ) {
-    let blocks = Blocks::streaming(ctx);
+    let blocks = Blocks::elementwise(ctx);
     let streaming = streaming_output(ctx, src, dst.len());
     let head = if streaming {
         0
@@ -411,7 +419,7 @@ fn dx_blocks<E: Element>(
     out: &SharedMut<'_, E>,
     params: &[DxParams<E::Param>],
 ) {
-    let blocks = Blocks::new(ctx);
+    let blocks = Blocks::elementwise(ctx);
     let streaming = streaming_output(ctx, dy, x.len());
     // As in `normalize`: with a head, the rows walked are those of the channels rotated by it.
     let head = if streaming {
