@@ -94,6 +94,10 @@ fn bit_identical_for_any_thread_count() {
         Shape::new(1, 1024, 49).unwrap(),  // many short runs
         Shape::new(300, 67, 1).unwrap(),   // HW = 1
         Shape::new(16, 5, 3000).unwrap(),  // several NHWC row blocks
+        // NHWC rows of whole cache lines (peeled to aligned outputs) in elementwise blocks whose
+        // size depends on the thread count: 1024 rows on one thread, 648 on two, 432 on three,
+        // 256 on eight.
+        Shape::new(1, 64, 5184).unwrap(),
     ];
     for shape in shapes {
         for layout in [Layout::Nchw, Layout::Nhwc] {
