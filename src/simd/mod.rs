@@ -239,6 +239,11 @@ pub trait Simd: Copy + Send + Sync + 'static {
             unsafe { self.store_bf16_ptr(p.add(k * Self::LANES), v) }
         }
     }
+    /// Whether [`Simd::store_bf16_group`] stores a pair of vectors for less than two lone
+    /// [`Simd::store_bf16_ptr`]s (`Avx512`: one `vcvtne2ps2bf16` with AVX512-BF16, else one word
+    /// permutation per pair), so that runs end on a pair rather than a lone vector
+    /// ([`crate::kernels`]' `stream_run`).
+    const BF16_PAIR_STORES: bool = false;
     /// Whether [`Simd::load_bf16_pair`] interleaves: lane `j` of vector `h` (0 or 1) holds value
     /// `2·j + h` of the pair. Otherwise the pair is in the plain order (value `h·LANES + j`).
     /// Periodic maps read their parameter lanes permuted the same way for such pairs

@@ -865,6 +865,7 @@ fn low_mask(n: usize) -> __mmask16 {
 
 impl Simd for Avx512 {
     const LANES: usize = 16;
+    const BF16_PAIR_STORES: bool = true;
     const REGISTERS: usize = 32;
     type T = f32;
     type V = __m512;
