@@ -19,8 +19,8 @@ use crate::kernels::{
 use crate::par::SharedMut;
 use crate::scratch;
 
-/// Fewest rows per block of an elementwise pass: fewer rows would spend more on the block's per-channel
-/// parameter lanes than on the rows.
+/// Fewest rows per block of an elementwise pass: fewer rows would spend more on the block's
+/// per-channel parameter lanes than on the rows.
 const MIN_STREAM_ROWS: usize = 8;
 
 /// Fewest rows per reduction tile: each tile costs a few f64 operations and one merge per
@@ -61,8 +61,8 @@ impl Blocks {
     /// `bench_case`, min of 5–7 alternated processes), one thread unless said: NHWC inference
     /// 1x64x112x112 bf16 42.2 → 38.9 µs, f16 42.1 → 38.9, f32 75.0 → 70.1; bf16 8x64x56x56
     /// 83.6 → 77.1, 1x256x56x56 42.9 → 40.8, two threads 1x64x112x112 24.1 → 22.4; backward
-    /// (the dx pass) 1x64x112x112 f32 197.1 → 191.3, f16 178.8 → 172.1, bf16 151.2 → 144.5,
-    /// bf16 8x64x56x56 305.7 → 290.9, two threads bf16 83.0 → 78.5, f32 102.6 → 98.8. Tensors
+    /// (the dx pass) 1x64x112x112 f32 200.2 → 190.5, f16 178.7 → 172.4, bf16 152.0 → 145.6,
+    /// bf16 8x64x56x56 306.2 → 292.6, two threads bf16 83.4 → 78.0, f32 103.2 → 99.1. Tensors
     /// near the size of the L3 (16x64x56x56 f32) moved 0.91–1.11 either way from run to run.
     fn elementwise(ctx: &Ctx) -> Blocks {
         let c = ctx.shape.c();

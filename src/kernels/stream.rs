@@ -461,11 +461,11 @@ pub(crate) unsafe fn stream_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
         // go as the pair of vectors ending at `n`, so every vector is stored in a pair
         // ([`Simd::BF16_PAIR_STORES`]): 49 values, two pairs. Measured (one thread, AMD EPYC
         // family 25 model 17 (Zen 4), AVX512-BF16, min of 7 alternated processes, NCHW):
-        // inference 1x1024x7x7 6.9 → 5.8 µs, 8x512x7x7 21.9 → 17.5, with ReLU 8.0 → 7.2;
-        // training 26.0 → 24.9, backward 23.8 → 22.1. f16 and f32 keep the lone last vector (f16
+        // inference 1x1024x7x7 6.9 → 5.8 µs, 8x512x7x7 22.0 → 17.7, with ReLU 8.0 → 7.2;
+        // training 26.4 → 25.1, backward 23.8 → 22.2. f16 and f32 keep the lone last vector (f16
         // 1x1024x7x7 5.6 → 5.9 this way), and so does AVX2, which rounds bfloat16 vector by
         // vector (the `avx2` code on the same CPU, inference 1x1024x7x7 8.3 → 8.6 µs).
-        // SAFETY: `n − 2·LANES ≥ whole − LANES ≥ 0`: the pair lies inside the run.
+        // SAFETY: `n > whole ≥ 2·LANES`: the pair `n − 2·LANES..n` lies inside the run.
         let (a, b) = unsafe {
             let a = [
                 element::load(s, src.add(n - 2 * l)),
