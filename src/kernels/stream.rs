@@ -465,42 +465,47 @@ pub(crate) unsafe fn stream_run<S: Simd<T = E::Param>, M: VectorMap<S>, E: Eleme
         // training 26.4 → 25.1, backward 23.8 → 22.2. f16 and f32 keep the lone last vector (f16
         // 1x1024x7x7 5.6 → 5.9 this way), and so does AVX2, which rounds bfloat16 vector by
         // vector (the `avx2` code on the same CPU, inference 1x1024x7x7 8.3 → 8.6 µs).
-        // SAFETY: `n > whole ≥ 2·LANES`: the pair `n − 2·LANES..n` lies inside the run.
-        let (a, b) = unsafe {
-            let a = [
-                element::load(s, src.add(n - 2 * l)),
-                element::load(s, src.add(n - l)),
-            ];
-            let b = if M::BINARY {
-                [
-                    element::load(s, x2.add(n - 2 * l)),
-                    element::load(s, x2.add(n - l)),
-                ]
-            } else {
-                a
-            };
-            (a, b)
-        };
-        // SAFETY: forwarded to the caller (`whole − LANES < n`).
-        unsafe { stream_alike_raw(s, (src, x2, dst), whole - l, op) };
-        let y = [op.apply(s, 0, a[0], b[0]), op.apply(s, 0, a[1], b[1])];
-        // SAFETY: as the loads above.
-        return unsafe { element::store_group(s, dst.add(n - 2 * l), y) };
+        // SAFETY: forwarded to the caller; `n > whole ≥ 2·LANES` and `whole − LANES ≤ n`.
+        return unsafe { stream_run_end::<S, M, E, 2>(s, (src, x2, dst), (n, whole - l), op) };
     }
-    // SAFETY: `n − LANES + LANES = n`: the last vector lies inside the run.
-    let (a, b) = unsafe {
-        let a = element::load(s, src.add(n - l));
-        let b = if M::BINARY {
-            element::load(s, x2.add(n - l))
-        } else {
-            a
-        };
-        (a, b)
-    };
-    // SAFETY: forwarded to the caller (`whole < n`).
-    unsafe { stream_alike_raw(s, (src, x2, dst), whole, op) };
+    // SAFETY: forwarded to the caller; `n > whole ≥ LANES`.
+    unsafe { stream_run_end::<S, M, E, 1>(s, (src, x2, dst), (n, whole), op) };
+}
+
+/// The end of [`stream_run`]: the `K` vectors ending at `n` loaded first (so that an in-place
+/// run reads its inputs), then the first `walk` elements walked, then those `K` vectors mapped
+/// and stored as a group over the end (where they overlap the walk, the same values twice).
+///
+/// # Safety
+/// As [`stream_raw`] for `n` elements; `K·LANES ≤ n`, `walk ≤ n` and `walk ≥ n − K·LANES`.
+#[inline(always)]
+unsafe fn stream_run_end<S: Simd<T = E::Param>, M: VectorMap<S>, E: Element, const K: usize>(
+    s: S,
+    (src, x2, dst): Ptrs<E>,
+    (n, walk): (usize, usize),
+    op: &M,
+) {
+    let end = n - K * S::LANES;
+    let (mut a, mut b) = ([s.zero(); K], [s.zero(); K]);
+    for k in 0..K {
+        // SAFETY: `end + (k + 1)·LANES ≤ n`: the vector lies inside the run.
+        unsafe {
+            a[k] = element::load(s, src.add(end + k * S::LANES));
+            b[k] = if M::BINARY {
+                element::load(s, x2.add(end + k * S::LANES))
+            } else {
+                a[k]
+            };
+        }
+    }
+    // SAFETY: forwarded to the caller (`walk ≤ n`).
+    unsafe { stream_alike_raw(s, (src, x2, dst), walk, op) };
+    let mut y = [s.zero(); K];
+    for k in 0..K {
+        y[k] = op.apply(s, 0, a[k], b[k]);
+    }
     // SAFETY: as the loads above.
-    unsafe { element::store(s, dst.add(n - l), op.apply(s, 0, a, b)) };
+    unsafe { element::store_group(s, dst.add(end), y) };
 }
 
 /// [`stream_run`] with the output stored past the caches ([`element::store_stream`]): for
